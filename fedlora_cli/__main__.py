@@ -1,0 +1,3 @@
+from fedlora_cli.cli import main
+
+main()

@@ -1,0 +1,343 @@
+"""On-disk formats: global checkpoints, client updates and client state.
+
+Three kinds of folder travel between the coordinator and the sites::
+
+    global checkpoint   written by init/aggregate, read by every client. A folder vanilla PEFT loads
+                        (adapter_config.json + adapter_model.safetensors) plus fedlora.json.
+    client update       written by train-client, read by aggregate: only the tensors the method sends
+                        (update.safetensors) plus update.json.
+    client state        the client's private folder, never sent: one round-NNN/ sub-folder per trained round
+                        holding the tensors that stay home (local.safetensors) plus state.json.
+
+Tensors are read and written only as safetensors: nothing a client sends is ever unpickled. Every folder is
+written to a temporary sibling and renamed into place, so an interrupted or failed command leaves either
+the complete folder or nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli.errors import FedloraError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT_VERSION = 1
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GLOBAL_MANIFEST = "fedlora.json"
+UPDATE_TENSORS = "update.safetensors"
+UPDATE_MANIFEST = "update.json"
+STATE_TENSORS = "local.safetensors"
+STATE_MANIFEST = "state.json"
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_client_id(client_id: str) -> str:
+    if not _CLIENT_ID.match(client_id):
+        raise FedloraError(
+            f"client id '{client_id}' must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return client_id
+
+
+def round_dirname(round_: int) -> str:
+    return f"round-{round_:03d}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Atomic folders and JSON
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; on success rename it to ``final``, on failure remove it."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise FedloraError(f"{final} already exists (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FedloraError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FedloraError(f"{what} {path} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise FedloraError(f"{what} {path} is not a JSON object")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tensors
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Write tensors as safetensors; returns the file size in bytes."""
+    from safetensors.torch import save_file
+
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(path))
+    return path.stat().st_size
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or corrupted file is a :class:`FedloraError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FedloraError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FedloraError(f"{what} {path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def tensor_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Names, dtypes and shapes from a safetensors header, without reading the data."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FedloraError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = {}
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                header[name] = (str(piece.get_dtype()), tuple(piece.get_shape()))
+            return header
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FedloraError(f"{what} {path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of dtype, shape and raw bytes: equal digests mean bit-identical tensors."""
+    import torch
+
+    t = tensor.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def combined_digest(digests: Mapping[str, str]) -> str:
+    """One digest for a set of named tensors, independent of dict order."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(f"{name}={digests[name]};".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Manifests
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: Path, what: str) -> Any:
+    names = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if data.get("format_version") != FORMAT_VERSION:
+        raise FedloraError(
+            f"{what} {path} has format version {data.get('format_version')!r}; this fedlora reads {FORMAT_VERSION}"
+        )
+    if missing:
+        raise FedloraError(f"{what} {path} is missing field(s): {', '.join(missing)}")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class GlobalManifest:
+    """fedlora.json beside a global checkpoint's PEFT files."""
+
+    round: int
+    method: str
+    head: str
+    adapter_kind: str
+    base_model: str
+    base_fingerprint: str
+    recipe: dict[str, Any]
+    recipe_digest: str
+    seed: int
+    num_labels: int
+    tensor_digests: dict[str, str]
+    digest: str
+    frozen_digest: str | None
+    label_names: list[str] | None = None
+    clients: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class UpdateManifest:
+    """update.json beside a client update's tensors."""
+
+    client_id: str
+    round: int
+    parent_digest: str
+    method: str
+    recipe_digest: str
+    base_fingerprint: str
+    frozen_digest: str | None
+    num_examples: int
+    shard_examples: int
+    steps: int
+    loss: float
+    seconds: float
+    bytes: int
+    tensor_digests: dict[str, str]
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class StateManifest:
+    """state.json in one round of a client's private state."""
+
+    client_id: str
+    round: int
+    parent_digest: str
+    recipe_digest: str
+    tensor_digests: dict[str, str]
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class GlobalCheckpoint:
+    path: Path
+    manifest: GlobalManifest
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / ADAPTER_WEIGHTS
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.weights_path, "global checkpoint weights")
+
+
+def read_global(path: Path) -> GlobalCheckpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise FedloraError(f"global checkpoint not found: {path}")
+    data = read_json(path / GLOBAL_MANIFEST, "global checkpoint manifest")
+    manifest = _from_dict(GlobalManifest, data, path / GLOBAL_MANIFEST, "global checkpoint manifest")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise FedloraError(f"global checkpoint {path} has no {ADAPTER_CONFIG}")
+    return GlobalCheckpoint(path, manifest)
+
+
+def write_global(
+    final: Path, manifest: GlobalManifest, tensors: Mapping[str, torch.Tensor], adapter_config: dict[str, Any],
+    overwrite: bool = False,
+) -> GlobalCheckpoint:
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        save_tensors(tmp / ADAPTER_WEIGHTS, tensors)
+        write_json(tmp / ADAPTER_CONFIG, adapter_config)
+        write_json(tmp / GLOBAL_MANIFEST, asdict(manifest))
+    return GlobalCheckpoint(Path(final), manifest)
+
+
+@dataclass
+class ClientUpdate:
+    path: Path
+    manifest: UpdateManifest
+
+    @property
+    def tensors_path(self) -> Path:
+        return self.path / UPDATE_TENSORS
+
+
+def read_update(path: Path) -> ClientUpdate:
+    path = Path(path)
+    if not path.is_dir():
+        raise FedloraError(f"client update not found: {path}")
+    data = read_json(path / UPDATE_MANIFEST, "client update manifest")
+    manifest = _from_dict(UpdateManifest, data, path / UPDATE_MANIFEST, "client update manifest")
+    return ClientUpdate(path, manifest)
+
+
+def write_update(
+    final: Path, manifest: UpdateManifest, tensors: Mapping[str, torch.Tensor], overwrite: bool = False
+) -> ClientUpdate:
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        manifest.bytes = save_tensors(tmp / UPDATE_TENSORS, tensors)
+        write_json(tmp / UPDATE_MANIFEST, asdict(manifest))
+    return ClientUpdate(Path(final), manifest)
+
+
+@dataclass
+class ClientState:
+    """One round of a client's private state (the round-NNN folder)."""
+
+    path: Path
+    manifest: StateManifest
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.path / STATE_TENSORS, "client state")
+
+
+def latest_state(state_dir: Path, before_round: int) -> ClientState | None:
+    """The client's state from the latest round before ``before_round``, or None for a new client."""
+    state_dir = Path(state_dir)
+    if not state_dir.exists():
+        return None
+    if not state_dir.is_dir():
+        raise FedloraError(f"client state {state_dir} is not a folder")
+    rounds = sorted(
+        int(p.name[6:]) for p in state_dir.iterdir() if p.is_dir() and re.fullmatch(r"round-\d+", p.name)
+    )
+    rounds = [r for r in rounds if r < before_round]
+    if not rounds:
+        return None
+    path = state_dir / round_dirname(rounds[-1])
+    data = read_json(path / STATE_MANIFEST, "client state manifest")
+    return ClientState(path, _from_dict(StateManifest, data, path / STATE_MANIFEST, "client state manifest"))
+
+
+def write_state(
+    state_dir: Path, manifest: StateManifest, tensors: Mapping[str, torch.Tensor]
+) -> ClientState:
+    final = Path(state_dir) / round_dirname(manifest.round)
+    # Re-training a round (a resumed simulation) replaces that round's state; earlier rounds stay untouched.
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_tensors(tmp / STATE_TENSORS, tensors)
+        write_json(tmp / STATE_MANIFEST, asdict(manifest))
+    return ClientState(final, manifest)

@@ -1,0 +1,406 @@
+"""The ``fedlora`` command: thin wiring from options to :mod:`fedlora_cli.federation` and friends.
+
+Commands import the core inside their bodies, so ``fedlora --help`` never loads torch or transformers.
+A :class:`~fedlora_cli.errors.FedloraError` becomes one red line on stderr and exit code 1; set
+``FEDLORA_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from fedlora_cli import __version__
+from fedlora_cli.errors import FedloraError
+
+app = typer.Typer(
+    name="fedlora",
+    help="Federated LoRA fine-tuning (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA) on on-disk checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+def _fail(message: str) -> None:
+    from fedlora_cli import ui
+
+    ui.err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def command(target: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command whose user errors print one line and exit 1 instead of a traceback."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if os.environ.get("FEDLORA_DEBUG"):
+                return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except FedloraError as exc:
+                _fail(str(exc))
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt:
+                _fail("interrupted; completed folders are kept, partial ones were removed")
+                raise typer.Exit(130) from None
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except Exception as exc:  # an unexpected failure still gets one line; FEDLORA_DEBUG=1 shows where
+                _fail(f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+                      "(internal error; rerun with FEDLORA_DEBUG=1 for the traceback)")
+                raise typer.Exit(1) from None
+
+        return target.command(name)(wrapper)
+
+    return decorate
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"fedlora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Federated LoRA fine-tuning on on-disk checkpoints.
+
+    A round: every client runs [bold]train-client[/] on the current global checkpoint and its own data shard;
+    the coordinator runs [bold]aggregate[/] on their client updates to write the next global checkpoint.
+    [bold]simulate[/] runs a whole federation on one machine with the same folders.
+    """
+
+
+# Shared option types -------------------------------------------------------------------------------------
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe value, e.g. --set training.lr=0.01 (repeatable)."),
+]
+BaseModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--base-model", help="Where this site keeps the base model, if not where the recipe says."),
+]
+
+
+def _load_recipe(path: Path, sets: list[str] | None, extra: dict[str, Any] | None = None):
+    from fedlora_cli import recipe as recipes
+
+    overrides = dict(recipes.parse_override(s) for s in sets or [])
+    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return recipes.load(_recipe_path(path), overrides)
+
+
+def _recipe_path(path: Path) -> Path:
+    """A recipe file, or the name of a shipped recipe (``quickstart`` for recipes/quickstart.yaml)."""
+    from fedlora_cli.recipes_catalog import find
+
+    return path if path.exists() or path.suffix in (".yaml", ".yml") else find(str(path))
+
+
+# partition -----------------------------------------------------------------------------------------------
+
+
+@command(app, "partition")
+def partition_cmd(
+    source: Annotated[Optional[str], typer.Argument(help="Hub dataset, CSV/JSON/Parquet file, or save_to_disk folder.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the shards and manifest to.")] = Path("data"),
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take data settings from this recipe.")] = None,
+    clients: Annotated[Optional[int], typer.Option("--clients", "-n", help="Number of clients.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="iid, dirichlet or natural.")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration (0.5 default, 0.1 severe).")] = None,
+    by: Annotated[Optional[str], typer.Option(help="Column defining clients for --strategy natural.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label values to keep, in id order.")] = None,
+    test_fraction: Annotated[Optional[float], typer.Option(help="Held-out test fraction.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Partition seed.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a Hub dataset or DatasetDict.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the label distribution here.")] = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split a labelled dataset across clients and hold out a test split.
+
+    Example: [cyan]fedlora partition reviews.csv --label-column sentiment -n 4 --strategy dirichlet --alpha 0.5 -o data[/]
+    """
+    from fedlora_cli import partition as partitions, recipe as recipes, ui
+
+    overrides = {
+        "data.source": source, "data.strategy": strategy, "data.alpha": alpha, "data.by": by,
+        "data.text_column": text_column, "data.label_column": label_column, "data.labels": labels,
+        "data.test_fraction": test_fraction, "data.seed": seed, "data.split": split,
+    }
+    if recipe is not None:
+        r = _load_recipe(recipe, None, overrides)
+        spec, n = r.data, clients or r.federation.clients
+    else:
+        raw = recipes.apply_overrides({"model": {"base": "-"}}, {k: v for k, v in overrides.items() if v is not None})
+        spec, n = recipes.from_dict(raw).data, clients or 2
+    with ui.err.status("partitioning"):
+        result = partitions.partition(spec, n, out, overwrite=overwrite)
+    m = result.manifest
+    if plot is not None:
+        partitions.plot(m, plot)
+    if as_json:
+        ui.print_json(m)
+        return
+    names = [str(x) for x in m["label_names"]]
+    rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
+    rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])
+    title = f"{m['strategy']} partition of {m['source']} (seed {m['seed']})"
+    ui.out.print(ui.table(title, ["client", "examples", *names], rows))
+    ui.err.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+
+
+# init ----------------------------------------------------------------------------------------------------
+
+
+@command(app, "init")
+def init_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file or shipped recipe name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the round-0 global checkpoint.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Partition folder (gives the label names).")] = None,
+    sets: SetOpt = None,
+    base_model: BaseModelOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the round-0 global checkpoint: the adapter with its seeded random A, a folder PEFT loads."""
+    from fedlora_cli import federation, partition as partitions, ui
+
+    r = _load_recipe(recipe, sets)
+    label_names = partitions.read_manifest(data)["label_names"] if data is not None else None
+    with ui.err.status(f"loading {r.model.base}"):
+        ckpt = federation.init(r, out, label_names=label_names, base_override=base_model, overwrite=overwrite)
+    _show_global(ckpt, as_json)
+
+
+def _show_global(ckpt, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from fedlora_cli import ui
+
+    m = ckpt.manifest
+    if as_json:
+        ui.print_json({"path": str(ckpt.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"}})
+        return
+    rows = [
+        ["round", m.round], ["method", m.method], ["head", m.head], ["base model", m.base_model],
+        ["tensors", len(m.tensor_digests)], ["digest", m.digest[:16]],
+        ["frozen digest", (m.frozen_digest or "-")[:16]], ["clients", ", ".join(m.clients) or "-"],
+    ]
+    ui.out.print(ui.table(f"global checkpoint {ckpt.path}", ["field", "value"], rows))
+
+
+# train-client --------------------------------------------------------------------------------------------
+
+
+@command(app, "train-client")
+def train_client_cmd(
+    global_checkpoint: Annotated[Path, typer.Argument(help="The current global checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="This client's shard (Parquet, from fedlora partition).")],
+    state: Annotated[Path, typer.Option("--state", help="This client's private state folder (created if new).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the client update to send.")],
+    client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id; default: the state folder's name.")] = None,
+    base_model: BaseModelOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train this client for one round; write the client update (sent) and the client state (kept)."""
+    from dataclasses import asdict
+
+    from fedlora_cli import federation, ui
+
+    cid = client_id or state.resolve().name
+    with ui.step_progress(f"training {cid}") as progress:
+        update = federation.train_client(
+            global_checkpoint, data, state, out, cid, base_override=base_model, progress=progress, overwrite=overwrite
+        )
+    m = update.manifest
+    if as_json:
+        ui.print_json({"path": str(update.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"}})
+        return
+    rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(m.loss), f"{m.seconds:.1f}", ui.fmt_bytes(m.bytes)]]
+    ui.out.print(ui.table(f"client update {update.path}", ["client", "round", "examples", "steps", "loss", "seconds", "upload"], rows))
+
+
+# aggregate -----------------------------------------------------------------------------------------------
+
+
+@command(app, "aggregate")
+def aggregate_cmd(
+    global_checkpoint: Annotated[Path, typer.Argument(help="The global checkpoint the clients trained from.")],
+    updates: Annotated[list[Path], typer.Argument(help="Client update folders of this round.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the next global checkpoint.")],
+    uniform: Annotated[bool, typer.Option("--uniform", help="Weight clients equally instead of by examples.")] = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate the client updates and average them into the next global checkpoint."""
+    from dataclasses import asdict
+
+    from fedlora_cli import federation, ui
+
+    with ui.err.status("aggregating"):
+        result = federation.aggregate_round(global_checkpoint, updates, out, uniform=uniform, overwrite=overwrite)
+    if as_json:
+        ui.print_json({"path": str(result.checkpoint.path), "round": result.checkpoint.manifest.round,
+                       "digest": result.checkpoint.manifest.digest, "clients": [asdict(r) for r in result.clients]})
+        return
+    rows = [[r.client_id, r.num_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
+            for r in result.clients]
+    title = f"round {result.checkpoint.manifest.round} -> {result.checkpoint.path}"
+    ui.out.print(ui.table(title, ["client", "examples", "weight", "update norm", "bytes", "train loss"], rows))
+
+
+# evaluate ------------------------------------------------------------------------------------------------
+
+
+@command(app, "evaluate")
+def evaluate_cmd(
+    global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Test Parquet file, or a partition folder (its test split).")],
+    state: Annotated[Optional[Path], typer.Option("--state", help="Evaluate personalised: this client's state folder.")] = None,
+    client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id of --state (checked).")] = None,
+    base_model: BaseModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Accuracy, macro-F1 and loss of the global model, or personalised for one client (global + its state)."""
+    from fedlora_cli import federation, ui
+
+    with ui.step_progress("evaluating") as progress:
+        metrics = federation.evaluate(
+            global_checkpoint, data, state_dir=state, client_id=client_id, base_override=base_model,
+            progress=lambda done, total: progress(done, total),
+        )
+    if as_json:
+        ui.print_json(metrics)
+        return
+    who = f"personalised ({state})" if state else "global"
+    rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["accuracy"]), ui.fmt(metrics["macro_f1"]), ui.fmt(metrics["loss"])]]
+    ui.out.print(ui.table(f"evaluation of {global_checkpoint}", ["model", "round", "examples", "accuracy", "macro-F1", "loss"], rows))
+
+
+# simulate ------------------------------------------------------------------------------------------------
+
+
+@command(app, "simulate")
+def simulate_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file or shipped recipe name (see fedlora recipes list).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder; default runs/<recipe name>.")] = None,
+    sets: SetOpt = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Override federation.rounds.")] = None,
+    clients: Annotated[Optional[int], typer.Option(help="Override federation.clients.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="Override federation.method (fedavg, ffa, fedsa).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run folder and start again.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a whole federation on this machine; re-running resumes after the last completed step."""
+    from fedlora_cli import simulate as sim, ui
+
+    r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method})
+    run_dir = out or Path("runs") / r.name
+    rows = sim.simulate(r, run_dir, ui.SimulationReporter(quiet=as_json), overwrite=overwrite)
+    if as_json:
+        ui.print_json({"run": str(run_dir), "rounds": rows})
+        return
+    table_rows = [
+        [row["round"], ui.fmt(row["train_loss"]), ui.fmt(row["global_accuracy"]), ui.fmt(row["global_macro_f1"]),
+         ui.fmt(row["personalised_accuracy"]), ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
+        for row in rows
+    ]
+    columns = ["round", "train loss", "global acc", "global F1", "personalised acc", "upload/client", "train s"]
+    ui.out.print(ui.table(f"{r.name}: {r.federation.method}, {r.federation.clients} clients -> {run_dir}", columns, table_rows))
+
+
+# inspect -------------------------------------------------------------------------------------------------
+
+
+@command(app, "inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="A global checkpoint, client update, client state or partition folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the manifest of any fedlora folder."""
+    from fedlora_cli import checkpoint, partition as partitions, ui
+
+    for name, what in ((checkpoint.GLOBAL_MANIFEST, "global checkpoint"), (checkpoint.UPDATE_MANIFEST, "client update"),
+                       (checkpoint.STATE_MANIFEST, "client state"), (partitions.PARTITION_MANIFEST, "partition")):
+        if (path / name).is_file():
+            data = checkpoint.read_json(path / name, f"{what} manifest")
+            break
+    else:
+        raise FedloraError(f"{path} is not a fedlora folder (no manifest found)")
+    if as_json:
+        ui.print_json(data)
+        return
+    rows = [[k, v if not isinstance(v, (dict, list)) else f"{len(v)} entries"] for k, v in data.items() if k != "recipe"]
+    ui.out.print(ui.table(f"{what} {path}", ["field", "value"], rows))
+
+
+# recipes -------------------------------------------------------------------------------------------------
+
+
+@command(recipes_app, "list")
+def recipes_list() -> None:
+    """List the shipped recipes."""
+    from fedlora_cli import recipes_catalog, ui
+
+    rows = [[name, summary] for name, summary in recipes_catalog.catalog()]
+    ui.out.print(ui.table("shipped recipes (use a name wherever a recipe file is expected)", ["name", "what it runs"], rows))
+
+
+@command(recipes_app, "show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Shipped recipe name or recipe file.")]) -> None:
+    """Print a recipe's YAML."""
+    print(_recipe_path(Path(name)).read_text(), end="")
+
+
+@command(recipes_app, "copy")
+def recipes_copy(
+    name: Annotated[str, typer.Argument(help="Shipped recipe name.")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the copy.")],
+) -> None:
+    """Copy a shipped recipe to edit it."""
+    from fedlora_cli import ui
+
+    if dest.exists():
+        raise FedloraError(f"{dest} already exists")
+    dest.write_text(_recipe_path(Path(name)).read_text())
+    ui.err.print(f"wrote {dest}")
+
+
+@command(recipes_app, "validate")
+def recipes_validate(
+    paths: Annotated[list[Path], typer.Argument(help="Recipe files or shipped names.")],
+    sets: SetOpt = None,
+) -> None:
+    """Check recipes without building anything; exit 1 on the first invalid one."""
+    from fedlora_cli import ui
+
+    for path in paths:
+        r = _load_recipe(path, sets)
+        ui.out.print(f"[green]ok[/] {path}: {r.federation.method}, {r.federation.clients} clients, {r.federation.rounds} rounds")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The federated workflow as importable functions: init, train a client, aggregate a round, evaluate.
+
+Each function reads and writes the on-disk folders of :mod:`fedlora_cli.checkpoint`, so the same calls serve
+a federation run by hand across machines and one scripted on a single machine (:mod:`fedlora_cli.simulate`).
+A round ``t`` takes global checkpoint ``t-1`` to client updates of round ``t`` to global checkpoint ``t``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli import aggregation, checkpoint, recipe as recipes
+from fedlora_cli.checkpoint import GlobalCheckpoint, GlobalManifest, StateManifest, UpdateManifest
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.methods import Plan, plan as make_plan, role_of
+from fedlora_cli.modeling import Workbench, build
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedlora_cli.data import Examples
+
+
+def plan_of(manifest: GlobalManifest) -> Plan:
+    return make_plan(manifest.method, manifest.head)
+
+
+def recipe_of(manifest: GlobalManifest) -> recipes.Recipe:
+    return recipes.from_dict(manifest.recipe)
+
+
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: checkpoint.tensor_digest(t) for name, t in tensors.items()}
+
+
+def frozen_digest(plan: Plan, tensor_digests: dict[str, str]) -> str | None:
+    """One digest over every tensor no client may change (FFA's A, a frozen head); None if there are none."""
+    frozen = {name: d for name, d in tensor_digests.items() if role_of(name) in plan.frozen}
+    return checkpoint.combined_digest(frozen) if frozen else None
+
+
+def _bench_for(manifest: GlobalManifest, base_override: str | None, bench: Workbench | None) -> Workbench:
+    if bench is None:
+        bench = build(recipe_of(manifest), manifest.num_labels, base_override)
+    if bench.fingerprint != manifest.base_fingerprint:
+        raise FedloraError(
+            f"base model '{bench.base_location}' is not the one this federation started from "
+            f"(fingerprint {bench.fingerprint}, global checkpoint expects {manifest.base_fingerprint})"
+        )
+    return bench
+
+
+def _verified_tensors(ckpt: GlobalCheckpoint) -> dict[str, torch.Tensor]:
+    tensors = ckpt.tensors()
+    if digests(tensors) != ckpt.manifest.tensor_digests:
+        raise FedloraError(f"global checkpoint {ckpt.path}: tensors do not match the digests in its manifest")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------------
+# init
+
+
+def init(
+    recipe: recipes.Recipe,
+    out: Path,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+    overwrite: bool = False,
+) -> GlobalCheckpoint:
+    """Write the round-0 global checkpoint: the adapter with its seeded random A and zero B."""
+    num_labels = recipe.model.num_labels or num_labels or (len(label_names) if label_names else None)
+    if num_labels is None:
+        raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
+    if label_names is not None and len(label_names) != num_labels:
+        raise FedloraError(f"model.num_labels is {num_labels} but the partition has {len(label_names)} labels")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    if bench is None:
+        bench = build(recipe, num_labels, base_override)
+    plan = make_plan(recipe.federation.method, recipe.federation.head)
+    tensors = bench.adapter_tensors()
+    tensor_digests = digests(tensors)
+    manifest = GlobalManifest(
+        round=0,
+        method=recipe.federation.method,
+        head=recipe.federation.head,
+        adapter_kind=recipe.adapter.kind,
+        base_model=recipe.model.base,
+        base_fingerprint=bench.fingerprint,
+        recipe=recipe.to_dict(),
+        recipe_digest=recipe.digest(),
+        seed=recipe.training.seed,
+        num_labels=num_labels,
+        label_names=label_names,
+        tensor_digests=tensor_digests,
+        digest=checkpoint.combined_digest(tensor_digests),
+        frozen_digest=frozen_digest(plan, tensor_digests),
+    )
+    return checkpoint.write_global(out, manifest, tensors, bench.adapter_config(), overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------------------
+# train-client
+
+
+def _check_state(state: checkpoint.ClientState | None, client_id: str, manifest: GlobalManifest) -> None:
+    if state is None:
+        return
+    if state.manifest.client_id != client_id:
+        raise FedloraError(
+            f"client state {state.path.parent} belongs to client '{state.manifest.client_id}', not '{client_id}'"
+        )
+    if state.manifest.recipe_digest != manifest.recipe_digest:
+        raise FedloraError(f"client state {state.path.parent} was written for a different recipe")
+
+
+def train_client(
+    global_dir: Path,
+    shard: Path,
+    state_dir: Path,
+    out: Path,
+    client_id: str,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    overwrite: bool = False,
+) -> checkpoint.ClientUpdate:
+    """Train one client for one round; write its client update (sent tensors) and its state (kept tensors)."""
+    from fedlora_cli.data import read_shard
+    from fedlora_cli.training import local_train, round_seed
+
+    checkpoint.check_client_id(client_id)
+    ckpt = checkpoint.read_global(global_dir)
+    manifest = ckpt.manifest
+    recipe = recipe_of(manifest)
+    plan = plan_of(manifest)
+    round_ = manifest.round + 1
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    examples = read_shard(shard, recipe.data.text_column, recipe.data.label_column, manifest.num_labels)
+    state = checkpoint.latest_state(state_dir, before_round=round_)
+    _check_state(state, client_id, manifest)
+    global_tensors = _verified_tensors(ckpt)
+    bench = _bench_for(manifest, base_override, bench)
+
+    bench.load_adapter_tensors(global_tensors)
+    if state is not None:
+        kept = state.tensors()
+        if any(not plan.keeps(name) for name in kept):
+            raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
+        bench.load_adapter_tensors(kept, partial=True)
+    result = local_train(bench, plan, examples, round_seed(recipe.training.seed, client_id, round_), progress)
+
+    tensors = bench.adapter_tensors()
+    tensor_digests = digests(tensors)
+    if frozen_digest(plan, tensor_digests) != manifest.frozen_digest:
+        raise FedloraError("a frozen adapter tensor changed during training; nothing written")
+    sent = {name: t for name, t in tensors.items() if plan.sends(name)}
+    kept = {name: t for name, t in tensors.items() if plan.keeps(name)}
+    bad = aggregation.nonfinite(sent) or aggregation.nonfinite(kept)
+    if bad is not None:
+        raise FedloraError(f"training diverged: tensor '{bad}' holds NaN or Inf (lower training.lr); nothing written")
+    update_manifest = UpdateManifest(
+        client_id=client_id,
+        round=round_,
+        parent_digest=manifest.digest,
+        method=manifest.method,
+        recipe_digest=manifest.recipe_digest,
+        base_fingerprint=manifest.base_fingerprint,
+        frozen_digest=manifest.frozen_digest,
+        num_examples=result.num_examples,
+        shard_examples=len(examples),
+        steps=result.steps,
+        loss=result.loss,
+        seconds=round(result.seconds, 3),
+        bytes=0,
+        tensor_digests={name: tensor_digests[name] for name in sent},
+    )
+    update = checkpoint.write_update(out, update_manifest, sent, overwrite=overwrite)
+    state_manifest = StateManifest(
+        client_id=client_id,
+        round=round_,
+        parent_digest=manifest.digest,
+        recipe_digest=manifest.recipe_digest,
+        tensor_digests={name: tensor_digests[name] for name in kept},
+    )
+    checkpoint.write_state(Path(state_dir), state_manifest, kept)
+    return update
+
+
+# --------------------------------------------------------------------------------------------------------
+# aggregate
+
+
+@dataclass
+class ClientRow:
+    client_id: str
+    num_examples: int
+    weight: float
+    update_norm: float
+    bytes: int
+    loss: float
+
+
+@dataclass
+class AggregateResult:
+    checkpoint: GlobalCheckpoint
+    clients: list[ClientRow] = field(default_factory=list)
+
+
+def _validate_update(update: checkpoint.ClientUpdate, manifest: GlobalManifest, expected: dict[str, Any]) -> None:
+    m, where = update.manifest, update.path
+    if m.round != manifest.round + 1:
+        raise FedloraError(f"client update {where} is for round {m.round}; this aggregation makes round {manifest.round + 1}")
+    if m.method != manifest.method:
+        raise FedloraError(f"client update {where} was trained with method '{m.method}', the federation uses '{manifest.method}'")
+    if m.base_fingerprint != manifest.base_fingerprint:
+        raise FedloraError(f"client update {where} was trained on a different base model")
+    if m.recipe_digest != manifest.recipe_digest:
+        raise FedloraError(f"client update {where} was trained with a different recipe")
+    if m.parent_digest != manifest.digest:
+        raise FedloraError(f"client update {where} was not trained from this global checkpoint (parent digest differs)")
+    if m.frozen_digest != manifest.frozen_digest:
+        raise FedloraError(f"client update {where} was trained with a different frozen A (frozen digest differs)")
+    header = checkpoint.tensor_header(update.tensors_path, "client update tensors")
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise FedloraError(f"client update {where} carries tensor '{extra[0]}', which method '{manifest.method}' does not send")
+    if missing:
+        raise FedloraError(f"client update {where} lacks tensor '{missing[0]}'")
+    for name, (dtype, shape) in header.items():
+        if (dtype, shape) != expected[name]:
+            raise FedloraError(
+                f"client update {where}: tensor '{name}' is {dtype}{list(shape)}, expected {expected[name][0]}{list(expected[name][1])}"
+            )
+    if set(m.tensor_digests) != set(header):
+        raise FedloraError(f"client update {where}: manifest digests do not cover its tensors")
+
+
+def aggregate_round(
+    global_dir: Path,
+    update_dirs: Sequence[Path],
+    out: Path,
+    uniform: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> AggregateResult:
+    """Validate every client update against the global checkpoint, average the sent tensors, write round t."""
+    ckpt = checkpoint.read_global(global_dir)
+    manifest = ckpt.manifest
+    plan = plan_of(manifest)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    if not update_dirs:
+        raise FedloraError("no client updates given")
+    global_header = checkpoint.tensor_header(ckpt.weights_path, "global checkpoint weights")
+    expected = {name: spec for name, spec in global_header.items() if plan.sends(name)}
+    updates = [checkpoint.read_update(Path(p)) for p in update_dirs]
+    seen: dict[str, Path] = {}
+    for update in updates:
+        if update.manifest.client_id in seen:
+            raise FedloraError(
+                f"client '{update.manifest.client_id}' appears twice ({seen[update.manifest.client_id]} and {update.path})"
+            )
+        seen[update.manifest.client_id] = update.path
+        _validate_update(update, manifest, expected)
+    weights = aggregation.client_weights([u.manifest.num_examples for u in updates], uniform=uniform)
+    global_tensors = _verified_tensors(ckpt)
+    rows: list[ClientRow] = []
+
+    def stream() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+        # One client update in memory at a time, checked before it touches the running sum.
+        for i, (update, weight) in enumerate(zip(updates, weights), start=1):
+            tensors = checkpoint.load_tensors(update.tensors_path, "client update tensors")
+            bad = aggregation.nonfinite(tensors)
+            if bad is not None:
+                raise FedloraError(f"client update {update.path}: tensor '{bad}' holds NaN or Inf")
+            if digests(tensors) != update.manifest.tensor_digests:
+                raise FedloraError(f"client update {update.path}: tensors do not match the digests in its manifest")
+            rows.append(
+                ClientRow(
+                    update.manifest.client_id,
+                    update.manifest.num_examples,
+                    weight,
+                    aggregation.update_norm(tensors, global_tensors),
+                    update.tensors_path.stat().st_size,
+                    update.manifest.loss,
+                )
+            )
+            yield tensors, weight
+            if progress is not None:
+                progress(i, len(updates))
+
+    averaged = aggregation.weighted_mean(stream())
+    new_tensors = {**global_tensors, **averaged}
+    tensor_digests = digests(new_tensors)
+    new_manifest = GlobalManifest(
+        **{
+            **{k: getattr(manifest, k) for k in GlobalManifest.__dataclass_fields__},
+            "round": manifest.round + 1,
+            "tensor_digests": tensor_digests,
+            "digest": checkpoint.combined_digest(tensor_digests),
+            "frozen_digest": frozen_digest(plan, tensor_digests),
+            "clients": [u.manifest.client_id for u in updates],
+            "created": time.time(),
+        }
+    )
+    if new_manifest.frozen_digest != manifest.frozen_digest:
+        raise FedloraError("aggregation changed a frozen tensor; nothing written")
+    adapter_config = checkpoint.read_json(ckpt.path / checkpoint.ADAPTER_CONFIG, "adapter config")
+    written = checkpoint.write_global(out, new_manifest, new_tensors, adapter_config, overwrite=overwrite)
+    return AggregateResult(written, rows)
+
+
+# --------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def load_for_evaluation(
+    global_dir: Path,
+    state_dir: Path | None = None,
+    client_id: str | None = None,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+) -> tuple[Workbench, GlobalManifest]:
+    """A workbench holding the global adapter, plus one client's kept tensors when ``state_dir`` is given."""
+    ckpt = checkpoint.read_global(global_dir)
+    manifest = ckpt.manifest
+    plan = plan_of(manifest)
+    tensors = _verified_tensors(ckpt)
+    state = None
+    if state_dir is not None:
+        if not Path(state_dir).is_dir():
+            raise FedloraError(f"client state not found: {state_dir}")
+        state = checkpoint.latest_state(state_dir, before_round=manifest.round + 1)
+        if state is None:
+            raise FedloraError(f"client state {state_dir} holds no trained round up to round {manifest.round}")
+        _check_state(state, client_id or state.manifest.client_id, manifest)
+    bench = _bench_for(manifest, base_override, bench)
+    bench.load_adapter_tensors(tensors)
+    if state is not None:
+        kept = state.tensors()
+        if any(not plan.keeps(name) for name in kept):
+            raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
+        bench.load_adapter_tensors(kept, partial=True)
+    return bench, manifest
+
+
+def evaluate(
+    global_dir: Path,
+    test: Path | None = None,
+    state_dir: Path | None = None,
+    client_id: str | None = None,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+    examples: Examples | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy, macro-F1 and loss of the global model, or of one client's personalised model."""
+    from fedlora_cli import evaluation
+    from fedlora_cli.data import read_shard
+
+    bench, manifest = load_for_evaluation(global_dir, state_dir, client_id, base_override, bench)
+    if examples is None:
+        if test is None:
+            raise FedloraError("no test data given")
+        recipe = bench.recipe
+        examples = read_shard(test_path(test), recipe.data.text_column, recipe.data.label_column, manifest.num_labels)
+    metrics = evaluation.evaluate(bench, examples, progress)
+    return {"round": manifest.round, "personalised": state_dir is not None, **metrics}
+
+
+def test_path(path: Path) -> Path:
+    """A test Parquet file, or a partition folder (whose test split is used)."""
+    from fedlora_cli.partition import TEST_SHARD
+
+    path = Path(path)
+    return path / TEST_SHARD if path.is_dir() else path

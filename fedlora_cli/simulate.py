@@ -1,0 +1,204 @@
+"""A whole federation on one machine, through the same functions a manual run calls.
+
+It writes the folder tree a person running the federation by hand would write, so the run can be inspected
+or continued with the individual subcommands::
+
+    RUN/
+      recipe.yaml                     the validated recipe (its digest pins the run)
+      data/                           fedlora partition output: partition.json, client-*.parquet, test.parquet
+      global/round-000/ ...           global checkpoints (PEFT folder + fedlora.json)
+      updates/round-001/client-0/     client updates of round 1
+      clients/client-0/round-001/     client state (never sent)
+      metrics/round-001.json          evaluation of each round
+
+Every folder is written atomically, and a re-run skips whatever is already complete: an interrupted run
+resumes at the first client update or global checkpoint that is missing, and redoes nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedlora_cli import checkpoint, federation, partition as partitions, recipe as recipes
+from fedlora_cli.checkpoint import read_json, round_dirname, write_json
+from fedlora_cli.errors import FedloraError
+
+RECIPE_FILE = "recipe.yaml"
+DATA_DIR = "data"
+GLOBAL_DIR = "global"
+UPDATES_DIR = "updates"
+CLIENTS_DIR = "clients"
+METRICS_DIR = "metrics"
+
+
+@dataclass
+class RunLayout:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / DATA_DIR
+
+    def global_checkpoint(self, round_: int) -> Path:
+        return self.root / GLOBAL_DIR / round_dirname(round_)
+
+    def update(self, round_: int, client_id: str) -> Path:
+        return self.root / UPDATES_DIR / round_dirname(round_) / client_id
+
+    def state(self, client_id: str) -> Path:
+        return self.root / CLIENTS_DIR / client_id
+
+    def metrics(self, round_: int) -> Path:
+        return self.root / METRICS_DIR / f"{round_dirname(round_)}.json"
+
+
+class Reporter(Protocol):
+    """What the simulation tells its caller; the CLI renders it with rich."""
+
+    def stage(self, text: str) -> None: ...
+
+    def training(self, round_: int, client_id: str) -> Callable[[int, int, float], None]: ...
+
+    def done_training(self) -> None: ...
+
+    def round_done(self, row: dict[str, Any]) -> None: ...
+
+
+def _prepare(recipe: recipes.Recipe, layout: RunLayout) -> None:
+    """Pin the run folder to this recipe: a resumed run must be the same federation."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    recipe_file = layout.root / RECIPE_FILE
+    if recipe_file.exists():
+        previous = recipes.load(recipe_file)
+        if previous.digest() != recipe.digest():
+            raise FedloraError(
+                f"{layout.root} holds a run of a different recipe ({recipe_file}); use another --out or --overwrite"
+            )
+        return
+    tmp = recipe_file.with_name(f".{RECIPE_FILE}.tmp")
+    tmp.write_text(recipes.dump(recipe))
+    tmp.replace(recipe_file)
+
+
+def _update_is_current(layout: RunLayout, round_: int, client_id: str, parent_digest: str) -> bool:
+    path = layout.update(round_, client_id)
+    if not path.is_dir():
+        return False
+    try:
+        update = checkpoint.read_update(path)
+    except FedloraError:
+        return False
+    state_round = layout.state(client_id) / round_dirname(round_)
+    return update.manifest.parent_digest == parent_digest and state_round.is_dir()
+
+
+def _evaluate_round(
+    layout: RunLayout, round_: int, clients: list[str], bench: Any, test_examples: Any, personalised: bool
+) -> dict[str, Any]:
+    path = layout.metrics(round_)
+    if path.is_file():
+        return read_json(path, "round metrics")
+    g = layout.global_checkpoint(round_)
+    result: dict[str, Any] = {"round": round_, "global": federation.evaluate(g, bench=bench, examples=test_examples)}
+    if personalised:
+        per_client = {
+            cid: federation.evaluate(g, state_dir=layout.state(cid), client_id=cid, bench=bench, examples=test_examples)
+            for cid in clients
+            if checkpoint.latest_state(layout.state(cid), round_ + 1) is not None
+        }
+        result["personalised"] = per_client
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write_json(tmp, result)
+    tmp.replace(path)
+    return result
+
+
+def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) every round of the recipe's federation under ``out``; returns one row per round."""
+    from fedlora_cli.data import read_shard
+    from fedlora_cli.modeling import build
+
+    layout = RunLayout(Path(out))
+    if overwrite and layout.root.exists():
+        import shutil
+
+        shutil.rmtree(layout.root)
+    if recipe.data.source is None:
+        raise FedloraError("recipe key 'data.source' is required by simulate")
+    _prepare(recipe, layout)
+
+    if not (layout.data / partitions.PARTITION_MANIFEST).is_file():
+        reporter.stage(f"partitioning {recipe.data.source} across {recipe.federation.clients} clients")
+        partitions.partition(recipe.data, recipe.federation.clients, layout.data)
+    part = partitions.read_manifest(layout.data)
+    clients = [c["id"] for c in part["clients"]]
+    if len(clients) != recipe.federation.clients:
+        raise FedloraError(
+            f"the partition has {len(clients)} clients but recipe key 'federation.clients' is {recipe.federation.clients}"
+        )
+    label_names = part["label_names"]
+    num_labels = recipe.model.num_labels or len(label_names)
+
+    reporter.stage(f"loading base model {recipe.model.base}")
+    bench = build(recipe, num_labels)
+    if not layout.global_checkpoint(0).is_dir():
+        federation.init(recipe, layout.global_checkpoint(0), label_names=label_names, bench=bench)
+    plan = federation.plan_of(checkpoint.read_global(layout.global_checkpoint(0)).manifest)
+    test_examples = read_shard(
+        layout.data / partitions.TEST_SHARD, recipe.data.text_column, recipe.data.label_column, num_labels
+    )
+    rows = []
+    for round_ in range(1, recipe.federation.rounds + 1):
+        target = layout.global_checkpoint(round_)
+        if not target.is_dir():
+            parent = checkpoint.read_global(layout.global_checkpoint(round_ - 1))
+            for cid in clients:
+                if _update_is_current(layout, round_, cid, parent.manifest.digest):
+                    continue
+                federation.train_client(
+                    parent.path,
+                    layout.data / partitions.shard_name(cid),
+                    layout.state(cid),
+                    layout.update(round_, cid),
+                    cid,
+                    bench=bench,
+                    progress=reporter.training(round_, cid),
+                    overwrite=True,
+                )
+                reporter.done_training()
+            reporter.stage(f"round {round_}: aggregating {len(clients)} client updates")
+            federation.aggregate_round(
+                parent.path,
+                [layout.update(round_, cid) for cid in clients],
+                target,
+                uniform=recipe.federation.weighting == "uniform",
+            )
+        reporter.stage(f"round {round_}: evaluating")
+        metrics = _evaluate_round(layout, round_, clients, bench, test_examples, personalised=bool(plan.local))
+        row = round_row(layout, round_, clients, metrics)
+        rows.append(row)
+        reporter.round_done(row)
+    return rows
+
+
+def round_row(layout: RunLayout, round_: int, clients: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+    updates = [checkpoint.read_update(layout.update(round_, cid)).manifest for cid in clients]
+    total = sum(u.num_examples for u in updates)
+    personal = metrics.get("personalised") or {}
+    return {
+        "round": round_,
+        "train_loss": sum(u.loss * u.num_examples for u in updates) / total,
+        "global_accuracy": metrics["global"]["accuracy"],
+        "global_macro_f1": metrics["global"]["macro_f1"],
+        "personalised_accuracy": (
+            sum(m["accuracy"] for m in personal.values()) / len(personal) if personal else None
+        ),
+        "upload_bytes": sum(u.bytes for u in updates),
+        "upload_bytes_per_client": sum(u.bytes for u in updates) // len(updates),
+        "seconds": sum(u.seconds for u in updates),
+    }
+
