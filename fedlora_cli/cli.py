@@ -247,7 +247,10 @@ def aggregate_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="The global checkpoint the clients trained from.")],
     updates: Annotated[list[Path], typer.Argument(help="Client update folders of this round.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the next global checkpoint.")],
-    uniform: Annotated[bool, typer.Option("--uniform", help="Weight clients equally instead of by examples.")] = False,
+    weighting: Annotated[
+        Optional[str],
+        typer.Option(help="examples (trained this round), shard (shard size) or uniform; default: the recipe's."),
+    ] = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -257,15 +260,15 @@ def aggregate_cmd(
     from fedlora_cli import federation, ui
 
     with ui.err.status("aggregating"):
-        result = federation.aggregate_round(global_checkpoint, updates, out, uniform=uniform, overwrite=overwrite)
+        result = federation.aggregate_round(global_checkpoint, updates, out, weighting=weighting, overwrite=overwrite)
     if as_json:
         ui.print_json({"path": str(result.checkpoint.path), "round": result.checkpoint.manifest.round,
                        "digest": result.checkpoint.manifest.digest, "clients": [asdict(r) for r in result.clients]})
         return
-    rows = [[r.client_id, r.num_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
+    rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
             for r in result.clients]
     title = f"round {result.checkpoint.manifest.round} -> {result.checkpoint.path}"
-    ui.out.print(ui.table(title, ["client", "examples", "weight", "update norm", "bytes", "train loss"], rows))
+    ui.out.print(ui.table(title, ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"], rows))
 
 
 # evaluate ------------------------------------------------------------------------------------------------

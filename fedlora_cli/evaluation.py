@@ -36,18 +36,20 @@ def evaluate(
     model = bench.model
     model.eval()
     size = bench.recipe.training.eval_batch_size
-    predictions, total_loss = [], 0.0
+    # Batches of similar length pad less: sorting by text length makes evaluation about twice as fast.
+    order = np.argsort([len(text) for text in examples.texts], kind="stable")
+    predicted = np.empty(len(examples), dtype=np.int64)
+    total_loss = 0.0
     starts = list(range(0, len(examples), size))
     with torch.no_grad():
         for i, start in enumerate(starts, start=1):
-            rows = np.arange(start, min(start + size, len(examples)))
+            rows = order[start : start + size]
             batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            predictions.append(logits.argmax(dim=-1).numpy())
+            predicted[rows] = logits.argmax(dim=-1).numpy()
             if progress is not None:
                 progress(i, len(starts))
-    predicted = np.concatenate(predictions)
     num_labels = int(model.config.num_labels) if hasattr(model, "config") else int(predicted.max()) + 1
     return {
         "accuracy": float(np.mean(predicted == examples.labels)),

@@ -205,6 +205,7 @@ def train_client(
 class ClientRow:
     client_id: str
     num_examples: int
+    shard_examples: int
     weight: float
     update_norm: float
     bytes: int
@@ -251,11 +252,14 @@ def aggregate_round(
     global_dir: Path,
     update_dirs: Sequence[Path],
     out: Path,
-    uniform: bool = False,
+    weighting: str | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> AggregateResult:
-    """Validate every client update against the global checkpoint, average the sent tensors, write round t."""
+    """Validate every client update against the global checkpoint, average the sent tensors, write round t.
+
+    ``weighting`` (default: the recipe's ``federation.weighting``) is 'examples', 'shard' or 'uniform'.
+    """
     ckpt = checkpoint.read_global(global_dir)
     manifest = ckpt.manifest
     plan = plan_of(manifest)
@@ -275,7 +279,11 @@ def aggregate_round(
             )
         seen[update.manifest.client_id] = update.path
         _validate_update(update, manifest, expected)
-    weights = aggregation.client_weights([u.manifest.num_examples for u in updates], uniform=uniform)
+    weighting = weighting or recipe_of(manifest).federation.weighting
+    if weighting not in recipes.WEIGHTINGS:
+        raise FedloraError(f"weighting must be one of {', '.join(recipes.WEIGHTINGS)}; got '{weighting}'")
+    counts = [u.manifest.shard_examples if weighting == "shard" else u.manifest.num_examples for u in updates]
+    weights = aggregation.client_weights(counts, uniform=weighting == "uniform")
     global_tensors = _verified_tensors(ckpt)
     rows: list[ClientRow] = []
 
@@ -292,6 +300,7 @@ def aggregate_round(
                 ClientRow(
                     update.manifest.client_id,
                     update.manifest.num_examples,
+                    update.manifest.shard_examples,
                     weight,
                     aggregation.update_norm(tensors, global_tensors),
                     update.tensors_path.stat().st_size,

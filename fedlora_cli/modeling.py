@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,9 @@ class Workbench:
         for name, t in tensors.items():
             if tuple(t.shape) != shapes[name]:
                 raise FedloraError(f"tensor '{name}' has shape {tuple(t.shape)}, the adapter has {shapes[name]}")
-        result = set_peft_model_state_dict(self.model, dict(tensors))
+        # PEFT expects every head tensor at once, so a partial load goes through a full adapter state.
+        full = {**self.adapter_tensors(), **tensors} if partial else dict(tensors)
+        result = set_peft_model_state_dict(self.model, full)
         if result.unexpected_keys:
             raise FedloraError(f"PEFT did not accept tensor '{result.unexpected_keys[0]}'")
 
@@ -92,6 +95,8 @@ def build(recipe: Recipe, num_labels: int, base_override: str | None = None) -> 
 
     location = resolve_location(base_override or recipe.model.base)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     torch.manual_seed(recipe.training.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=recipe.model.revision)

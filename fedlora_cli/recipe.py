@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from fedlora_cli.errors import FedloraError
 
@@ -31,7 +32,7 @@ ADAPTER_KINDS = ("lora",)
 TASKS = ("sequence-classification",)
 OPTIMIZERS = ("sgd", "adamw")
 STRATEGIES = ("iid", "dirichlet", "natural")
-WEIGHTINGS = ("examples", "uniform")
+WEIGHTINGS = ("examples", "shard", "uniform")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -98,7 +99,11 @@ class FederationSection:
     )
     rounds: int = _help("Number of federated rounds.", 3)
     clients: int = _help("Number of clients (sites).", 4)
-    weighting: str = _help("Client weights: 'examples' (n_k / sum n) or 'uniform'.", "examples")
+    weighting: str = _help(
+        "Client weight p_k = n_k / sum(n), with n_k the distinct examples the client trained on this round "
+        "('examples'), or the size of its shard ('shard', classic FedAvg); or 1/K each ('uniform').",
+        "examples",
+    )
 
 
 @dataclass
@@ -144,7 +149,8 @@ _SECTIONS = {
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check a YAML value against a field's type; ints are accepted where floats are expected."""
-    options = get_args(annotation) if get_origin(annotation) is not None else (annotation,)
+    is_union = get_origin(annotation) in (Union, types.UnionType)
+    options = get_args(annotation) if is_union else (annotation,)
     if value is None:
         if type(None) in options:
             return None
@@ -160,6 +166,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             continue
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what any person means by it.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -175,7 +175,6 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
                 parent.path,
                 [layout.update(round_, cid) for cid in clients],
                 target,
-                uniform=recipe.federation.weighting == "uniform",
             )
         reporter.stage(f"round {round_}: evaluating")
         metrics = _evaluate_round(layout, round_, clients, bench, test_examples, personalised=bool(plan.local))
