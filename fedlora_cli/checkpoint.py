@@ -203,6 +203,8 @@ class GlobalManifest:
     frozen_digest: str | None
     label_names: list[str] | None = None
     clients: list[str] = field(default_factory=list)
+    # DP-FedAvg spending at the coordinator: [noise multiplier, sample rate, steps] per aggregated round.
+    server_privacy_ledger: list[list[float]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
@@ -225,6 +227,8 @@ class UpdateManifest:
     seconds: float
     bytes: int
     tensor_digests: dict[str, str]
+    # Cumulative DP-SGD spending after this round (epsilon, delta, budget, remaining), if the recipe has privacy.
+    privacy: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
 
@@ -237,6 +241,8 @@ class StateManifest:
     parent_digest: str
     recipe_digest: str
     tensor_digests: dict[str, str]
+    # The client's privacy ledger (see fedlora_cli.privacy.Ledger), carried from round to round.
+    privacy: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
 

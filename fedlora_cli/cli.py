@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+privacy_app = typer.Typer(help="Differential privacy: spending reports and noise planning.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 
 
 def _fail(message: str) -> None:
@@ -184,9 +186,9 @@ def init_cmd(
     from fedlora_cli import federation, partition as partitions, ui
 
     r = _load_recipe(recipe, sets)
-    label_names = partitions.read_manifest(data)["label_names"] if data is not None else None
+    part = partitions.read_manifest(data) if data is not None else None
     with ui.err.status(f"loading {r.model.base}"):
-        ckpt = federation.init(r, out, label_names=label_names, base_override=base_model, overwrite=overwrite)
+        ckpt = federation.init(r, out, partition=part, base_override=base_model, overwrite=overwrite)
     _show_global(ckpt, as_json)
 
 
@@ -237,6 +239,10 @@ def train_client_cmd(
         return
     rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(m.loss), f"{m.seconds:.1f}", ui.fmt_bytes(m.bytes)]]
     ui.out.print(ui.table(f"client update {update.path}", ["client", "round", "examples", "steps", "loss", "seconds", "upload"], rows))
+    if m.privacy is not None:
+        p = m.privacy
+        budget = f" of {p['budget']:g} (remaining {p['remaining']:.3f})" if p["budget"] is not None else ""
+        ui.out.print(f"privacy: epsilon {p['epsilon']:.3f}{budget} at delta {p['delta']:g}, {p['accountant']} accountant")
 
 
 # aggregate -----------------------------------------------------------------------------------------------
@@ -251,24 +257,45 @@ def aggregate_cmd(
         Optional[str],
         typer.Option(help="examples (trained this round), shard (shard size) or uniform; default: the recipe's."),
     ] = None,
+    dp_clip: Annotated[
+        Optional[float], typer.Option(help="DP-FedAvg: clip each client's update to this L2 norm (with --dp-noise).")
+    ] = None,
+    dp_noise: Annotated[Optional[float], typer.Option(help="DP-FedAvg: noise multiplier (std = noise * clip / clients).")] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP-FedAvg: delta of the client-level guarantee.")] = 1e-5,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate the client updates and average them into the next global checkpoint."""
+    """Validate the client updates and average them into the next global checkpoint.
+
+    With --dp-clip and --dp-noise (or a server_privacy recipe section) it runs DP-FedAvg and reports the
+    client-level epsilon spent so far.
+    """
     from dataclasses import asdict
 
-    from fedlora_cli import federation, ui
+    from fedlora_cli import federation, recipe as recipes, ui
 
+    server_privacy = None
+    if (dp_clip is None) != (dp_noise is None):
+        raise FedloraError("--dp-clip and --dp-noise go together")
+    if dp_clip is not None:
+        server_privacy = recipes.ServerPrivacySection(clip_norm=dp_clip, noise_multiplier=dp_noise, delta=dp_delta)
+        if dp_clip <= 0 or dp_noise < 0 or not 0 < dp_delta < 1:
+            raise FedloraError("--dp-clip must be > 0, --dp-noise >= 0 and --dp-delta in (0, 1)")
     with ui.err.status("aggregating"):
-        result = federation.aggregate_round(global_checkpoint, updates, out, weighting=weighting, overwrite=overwrite)
+        result = federation.aggregate_round(
+            global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite
+        )
     if as_json:
         ui.print_json({"path": str(result.checkpoint.path), "round": result.checkpoint.manifest.round,
-                       "digest": result.checkpoint.manifest.digest, "clients": [asdict(r) for r in result.clients]})
+                       "digest": result.checkpoint.manifest.digest, "server_epsilon": result.server_epsilon,
+                       "clients": [asdict(r) for r in result.clients]})
         return
     rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
             for r in result.clients]
     title = f"round {result.checkpoint.manifest.round} -> {result.checkpoint.path}"
     ui.out.print(ui.table(title, ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"], rows))
+    if result.server_epsilon is not None:
+        ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f}")
 
 
 # evaluate ------------------------------------------------------------------------------------------------
@@ -327,7 +354,7 @@ def simulate_cmd(
          ui.fmt(row["personalised_accuracy"]), ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
         for row in rows
     ]
-    columns = ["round", "train loss", "global acc", "global F1", "personalised acc", "upload/client", "train s"]
+    columns = ["round", "loss", "global acc", "global F1", "pers. acc", "upload", "train s"]
     ui.out.print(ui.table(f"{r.name}: {r.federation.method}, {r.federation.clients} clients -> {run_dir}", columns, table_rows))
 
 
@@ -399,6 +426,59 @@ def recipes_validate(
     for path in paths:
         r = _load_recipe(path, sets)
         ui.out.print(f"[green]ok[/] {path}: {r.federation.method}, {r.federation.clients} clients, {r.federation.rounds} rounds")
+
+
+# privacy ---------------------------------------------------------------------------------------------------
+
+
+@command(privacy_app, "report")
+def privacy_report(
+    path: Annotated[Path, typer.Argument(help="A client state folder, a simulate run folder, or a global checkpoint.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Privacy spent: each round's (noise, sample rate, steps) and the cumulative (epsilon, delta)."""
+    from fedlora_cli import privacy_report as report, ui
+
+    entries = report.collect(path)
+    if as_json:
+        ui.print_json(entries)
+        return
+    for entry in entries:
+        rows = [[i + 1, f"{s:.4f}", f"{q:.5f}", n, f"{eps:.3f}"] for i, ((s, q, n), eps) in enumerate(zip(entry["history"], entry["epsilon_after"]))]
+        budget = f", budget {entry['budget']:g}" if entry.get("budget") is not None else ""
+        title = f"{entry['who']}: epsilon {entry['epsilon']:.3f} at delta {entry['delta']:g}{budget} ({entry['accountant']})"
+        ui.out.print(ui.table(title, ["entry", "noise", "sample rate", "steps", "epsilon after"], rows))
+
+
+@command(privacy_app, "plan")
+def privacy_plan(
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Target epsilon over the whole federation.")],
+    examples: Annotated[int, typer.Option("--examples", help="The (smallest) client's number of examples.")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Expected batch size (Poisson sampling).")],
+    steps: Annotated[int, typer.Option("--steps", help="Local steps per round.")],
+    rounds: Annotated[int, typer.Option("--rounds", help="Rounds the client takes part in.")],
+    delta: Annotated[float, typer.Option("--delta", help="Target delta.")] = 1e-5,
+    accountant: Annotated[str, typer.Option("--accountant", help="prv or rdp.")] = "prv",
+    as_json: JsonOpt = False,
+) -> None:
+    """The noise multiplier a budget needs for a plan (what init calibrates from a recipe)."""
+    from fedlora_cli import privacy, ui
+
+    if epsilon <= 0 or not 0 < delta < 1 or examples < 1 or batch_size < 1 or steps < 1 or rounds < 1:
+        raise FedloraError("--epsilon must be > 0, --delta in (0, 1), and the counts at least 1")
+    if accountant not in ("prv", "rdp"):
+        raise FedloraError("--accountant must be prv or rdp")
+    privacy.check_delta(delta, examples, "this client")
+    q = min(1.0, batch_size / examples)
+    sigma = privacy.calibrate(epsilon, delta, q, steps * rounds, accountant)
+    result = {"noise_multiplier": sigma, "sample_rate": q, "total_steps": steps * rounds, "epsilon": epsilon,
+              "delta": delta, "accountant": accountant,
+              "epsilon_check": privacy.epsilon([(sigma, q, steps * rounds)], delta, accountant)}
+    if as_json:
+        ui.print_json(result)
+        return
+    rows = [[k.replace("_", " "), ui.fmt(v)] for k, v in result.items()]
+    ui.out.print(ui.table("DP-SGD noise for this plan", ["quantity", "value"], rows))
 
 
 def main() -> None:

@@ -7,13 +7,14 @@ A round ``t`` takes global checkpoint ``t-1`` to client updates of round ``t`` t
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora_cli import aggregation, checkpoint, recipe as recipes
+from fedlora_cli import aggregation, checkpoint, privacy, recipe as recipes
 from fedlora_cli.checkpoint import GlobalCheckpoint, GlobalManifest, StateManifest, UpdateManifest
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.methods import Plan, plan as make_plan, role_of
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from fedlora_cli.data import Examples
+    from fedlora_cli.training import DPSettings
 
 
 def plan_of(manifest: GlobalManifest) -> Plan:
@@ -51,6 +53,8 @@ def _bench_for(manifest: GlobalManifest, base_override: str | None, bench: Workb
             f"base model '{bench.base_location}' is not the one this federation started from "
             f"(fingerprint {bench.fingerprint}, global checkpoint expects {manifest.base_fingerprint})"
         )
+    # The global checkpoint's recipe governs (it carries the calibrated DP noise, for one).
+    bench.recipe = recipe_of(manifest)
     return bench
 
 
@@ -68,14 +72,18 @@ def _verified_tensors(ckpt: GlobalCheckpoint) -> dict[str, torch.Tensor]:
 def init(
     recipe: recipes.Recipe,
     out: Path,
-    num_labels: int | None = None,
-    label_names: list[str] | None = None,
+    partition: dict[str, Any] | None = None,
     base_override: str | None = None,
     bench: Workbench | None = None,
     overwrite: bool = False,
 ) -> GlobalCheckpoint:
-    """Write the round-0 global checkpoint: the adapter with its seeded random A and zero B."""
-    num_labels = recipe.model.num_labels or num_labels or (len(label_names) if label_names else None)
+    """Write the round-0 global checkpoint: the adapter with its seeded random A and zero B.
+
+    ``partition`` (a partition manifest) gives the label names and, for a recipe with a privacy budget, the
+    client dataset sizes the DP-SGD noise is calibrated for.
+    """
+    label_names = partition["label_names"] if partition is not None else None
+    num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
     if num_labels is None:
         raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
     if label_names is not None and len(label_names) != num_labels:
@@ -83,6 +91,7 @@ def init(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    recipe = calibrated(recipe, partition)
     if bench is None:
         bench = build(recipe, num_labels, base_override)
     plan = make_plan(recipe.federation.method, recipe.federation.head)
@@ -105,6 +114,30 @@ def init(
         frozen_digest=frozen_digest(plan, tensor_digests),
     )
     return checkpoint.write_global(out, manifest, tensors, bench.adapter_config(), overwrite=overwrite)
+
+
+def calibrated(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> recipes.Recipe:
+    """The recipe with ``privacy.noise_multiplier`` filled in from ``privacy.target_epsilon`` when unset."""
+    import dataclasses
+
+    p = recipe.privacy
+    if p is None or p.noise_multiplier is not None:
+        return recipe
+    if partition is None:
+        raise FedloraError(
+            "privacy.target_epsilon needs the clients' dataset sizes to calibrate the noise: "
+            "pass the partition folder (--data) or set privacy.noise_multiplier"
+        )
+    t = recipe.training
+    plans = [privacy.client_plan(c["examples"], t.batch_size, t.local_steps, t.local_epochs) for c in partition["clients"]]
+    # Calibrate a hair under the budget so that the per-round ledger, composed round by round, stays within it.
+    target = dataclasses.replace(p, target_epsilon=p.target_epsilon * (1 - CALIBRATION_MARGIN))
+    sigma = privacy.calibrate_federation(target, plans, recipe.federation.rounds)
+    return dataclasses.replace(recipe, privacy=dataclasses.replace(p, noise_multiplier=round(sigma, 6)))
+
+
+CALIBRATION_MARGIN = 0.005
+NO_ROUND_LIMIT = 1 << 62
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -148,9 +181,22 @@ def train_client(
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
     examples = read_shard(shard, recipe.data.text_column, recipe.data.label_column, manifest.num_labels)
     state = checkpoint.latest_state(state_dir, before_round=round_)
-    _check_state(state, client_id, manifest)
+    # The newest state of all carries the privacy ledger: retraining a round must not forget its spending.
+    newest = checkpoint.latest_state(state_dir, before_round=NO_ROUND_LIMIT)
+    _check_state(newest, client_id, manifest)
+    if newest is not None and newest.manifest.round > round_:
+        raise FedloraError(
+            f"client state {state_dir} is at round {newest.manifest.round}, ahead of this global checkpoint "
+            f"(round {manifest.round}): wrong global checkpoint or wrong state folder"
+        )
+    if newest is not None and newest.manifest.round == round_ and not overwrite:
+        raise FedloraError(
+            f"client '{client_id}' already trained round {round_} (state {newest.path}); pass --overwrite to train it again"
+        )
     global_tensors = _verified_tensors(ckpt)
     bench = _bench_for(manifest, base_override, bench)
+
+    ledger, dp = _privacy_for_round(recipe, newest, len(examples), client_id)
 
     bench.load_adapter_tensors(global_tensors)
     if state is not None:
@@ -158,7 +204,9 @@ def train_client(
         if any(not plan.keeps(name) for name in kept):
             raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
         bench.load_adapter_tensors(kept, partial=True)
-    result = local_train(bench, plan, examples, round_seed(recipe.training.seed, client_id, round_), progress)
+    result = local_train(bench, plan, examples, round_seed(recipe.training.seed, client_id, round_), progress, dp)
+    if ledger is not None:
+        ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
 
     tensors = bench.adapter_tensors()
     tensor_digests = digests(tensors)
@@ -184,6 +232,7 @@ def train_client(
         seconds=round(result.seconds, 3),
         bytes=0,
         tensor_digests={name: tensor_digests[name] for name in sent},
+        privacy=None if ledger is None else {k: v for k, v in ledger.to_dict().items() if k != "history"},
     )
     update = checkpoint.write_update(out, update_manifest, sent, overwrite=overwrite)
     state_manifest = StateManifest(
@@ -192,9 +241,42 @@ def train_client(
         parent_digest=manifest.digest,
         recipe_digest=manifest.recipe_digest,
         tensor_digests={name: tensor_digests[name] for name in kept},
+        privacy=None if ledger is None else ledger.to_dict(),
     )
     checkpoint.write_state(Path(state_dir), state_manifest, kept)
     return update
+
+
+def _privacy_for_round(
+    recipe: recipes.Recipe, state: checkpoint.ClientState | None, examples: int, client_id: str
+) -> tuple[privacy.Ledger | None, DPSettings | None]:
+    """The client's ledger so far and this round's DP-SGD settings; refuses a round that would break the budget."""
+    from fedlora_cli.training import DPSettings
+
+    p = recipe.privacy
+    if p is None:
+        return None, None
+    if p.noise_multiplier is None:
+        raise FedloraError("the global checkpoint's recipe has no calibrated privacy.noise_multiplier")
+    privacy.check_delta(p.delta, examples, f"client '{client_id}'")
+    if state is None:
+        ledger = privacy.Ledger(p.accountant, p.delta, p.target_epsilon, [])
+    elif state.manifest.privacy is None:
+        raise FedloraError(f"client state {state.path} has no privacy ledger; refusing to start a new one")
+    else:
+        ledger = privacy.Ledger.from_dict(state.manifest.privacy)
+    t = recipe.training
+    plan = privacy.client_plan(examples, t.batch_size, t.local_steps, t.local_epochs)
+    dp = DPSettings(p.noise_multiplier, p.max_grad_norm, plan.sample_rate)
+    if p.target_epsilon is not None:
+        spent = ledger.epsilon()
+        after = ledger.epsilon([(dp.noise_multiplier, dp.sample_rate, plan.steps_per_round)])
+        if after > p.target_epsilon:
+            raise FedloraError(
+                f"privacy budget: client '{client_id}' has spent epsilon {spent:.3f} of {p.target_epsilon:g}; "
+                f"this round would bring it to {after:.3f}. Nothing was trained or written"
+            )
+    return ledger, dp
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -216,6 +298,7 @@ class ClientRow:
 class AggregateResult:
     checkpoint: GlobalCheckpoint
     clients: list[ClientRow] = field(default_factory=list)
+    server_epsilon: float | None = None  # DP-FedAvg: client-level epsilon after this round
 
 
 def _validate_update(update: checkpoint.ClientUpdate, manifest: GlobalManifest, expected: dict[str, Any]) -> None:
@@ -253,12 +336,15 @@ def aggregate_round(
     update_dirs: Sequence[Path],
     out: Path,
     weighting: str | None = None,
+    server_privacy: recipes.ServerPrivacySection | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    noise_seed: int | None = None,
 ) -> AggregateResult:
     """Validate every client update against the global checkpoint, average the sent tensors, write round t.
 
     ``weighting`` (default: the recipe's ``federation.weighting``) is 'examples', 'shard' or 'uniform'.
+    ``server_privacy`` (default: the recipe's) turns on DP-FedAvg: clipped, equally weighted, noised.
     """
     ckpt = checkpoint.read_global(global_dir)
     manifest = ckpt.manifest
@@ -311,7 +397,23 @@ def aggregate_round(
             if progress is not None:
                 progress(i, len(updates))
 
-    averaged = aggregation.weighted_mean(stream())
+    server_privacy = server_privacy or recipe_of(manifest).server_privacy
+    server_ledger = [list(e) for e in manifest.server_privacy_ledger]
+    if server_privacy is None:
+        averaged = aggregation.weighted_mean(stream())
+    else:
+        sp = server_privacy
+        # Every client takes part in every round: sample rate 1 over the federation's clients.
+        server_ledger.append([sp.noise_multiplier, 1.0, 1])
+        spent = privacy.epsilon([tuple(e) for e in server_ledger], sp.delta, "rdp")
+        if sp.target_epsilon is not None and spent > sp.target_epsilon:
+            raise FedloraError(
+                f"server privacy budget: this round would bring client-level epsilon to {spent:.3f}, "
+                f"over server_privacy.target_epsilon {sp.target_epsilon:g}; nothing written"
+            )
+        reference = {name: global_tensors[name] for name in expected}
+        seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+        averaged = privacy.dp_fedavg(stream(), reference, sp.clip_norm, sp.noise_multiplier, len(updates), seed)
     new_tensors = {**global_tensors, **averaged}
     tensor_digests = digests(new_tensors)
     new_manifest = GlobalManifest(
@@ -322,6 +424,7 @@ def aggregate_round(
             "digest": checkpoint.combined_digest(tensor_digests),
             "frozen_digest": frozen_digest(plan, tensor_digests),
             "clients": [u.manifest.client_id for u in updates],
+            "server_privacy_ledger": server_ledger,
             "created": time.time(),
         }
     )
@@ -329,7 +432,8 @@ def aggregate_round(
         raise FedloraError("aggregation changed a frozen tensor; nothing written")
     adapter_config = checkpoint.read_json(ckpt.path / checkpoint.ADAPTER_CONFIG, "adapter config")
     written = checkpoint.write_global(out, new_manifest, new_tensors, adapter_config, overwrite=overwrite)
-    return AggregateResult(written, rows)
+    server_epsilon = None if server_privacy is None else spent
+    return AggregateResult(written, rows, server_epsilon)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -363,6 +467,7 @@ def load_for_evaluation(
         if any(not plan.keeps(name) for name in kept):
             raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
         bench.load_adapter_tensors(kept, partial=True)
+    bench.model.eval()
     return bench, manifest
 
 

@@ -122,6 +122,7 @@ def build(recipe: Recipe, num_labels: int, base_override: str | None = None) -> 
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise FedloraError(f"adapter.target_modules: {str(exc).strip().splitlines()[0]}") from None
+    peft_model.eval()  # training switches to train mode for its steps and back
     return Workbench(recipe, peft_model, tokenizer, fingerprint, location)
 
 

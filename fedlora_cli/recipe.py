@@ -121,12 +121,39 @@ class TrainingSection:
 
 
 @dataclass
+class PrivacySection:
+    """Sample-level DP-SGD at every client (see :mod:`fedlora_cli.privacy`)."""
+
+    target_epsilon: float | None = _help(
+        "Privacy budget per client over the whole federation; the noise is calibrated to it at init.", None
+    )
+    delta: float = _help("DP delta; must be below 1/n for every client's n examples.", 1e-5)
+    max_grad_norm: float = _help("Per-example gradient clipping norm C.", 1.0)
+    noise_multiplier: float | None = _help(
+        "Noise standard deviation as a multiple of C; default: calibrated at init from target_epsilon.", None
+    )
+    accountant: str = _help("Privacy accountant: 'prv' (tight, default) or 'rdp'.", "prv")
+
+
+@dataclass
+class ServerPrivacySection:
+    """Client-level DP at the coordinator (DP-FedAvg, see :mod:`fedlora_cli.privacy`)."""
+
+    clip_norm: float = _help("Each client update's difference from the global is clipped to this L2 norm.")
+    noise_multiplier: float = _help("Noise standard deviation as a multiple of clip_norm / clients.")
+    delta: float = _help("DP delta for the client-level guarantee.", 1e-5)
+    target_epsilon: float | None = _help("Refuse to aggregate a round that would exceed this epsilon.", None)
+
+
+@dataclass
 class Recipe:
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
     federation: FederationSection = field(default_factory=FederationSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    privacy: PrivacySection | None = None
+    server_privacy: ServerPrivacySection | None = None
     name: str = "federation"
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,7 +171,12 @@ _SECTIONS = {
     "adapter": AdapterSection,
     "federation": FederationSection,
     "training": TrainingSection,
+    "privacy": PrivacySection,
+    "server_privacy": ServerPrivacySection,
 }
+# Sections that are absent (None) unless the recipe writes them.
+_OPTIONAL_SECTIONS = ("privacy", "server_privacy")
+ACCOUNTANTS = ("prv", "rdp")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -247,6 +279,25 @@ def validate(recipe: Recipe) -> Recipe:
     _require(t.batch_size >= 1, "training.batch_size", "must be at least 1")
     _require(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
     _require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
+    p = recipe.privacy
+    if p is not None:
+        _require(
+            p.target_epsilon is not None or p.noise_multiplier is not None,
+            "privacy.target_epsilon",
+            "or 'privacy.noise_multiplier' must be set",
+        )
+        _require(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+        _require(0 < p.delta < 1, "privacy.delta", "must be between 0 and 1")
+        _require(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+        _require(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+        _one_of(p.accountant, "privacy.accountant", ACCOUNTANTS)
+        _require(t.max_grad_norm is None, "training.max_grad_norm", "must be unset under privacy (DP-SGD clips per example)")
+    sp = recipe.server_privacy
+    if sp is not None:
+        _require(sp.clip_norm > 0, "server_privacy.clip_norm", "must be > 0")
+        _require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")
+        _require(0 < sp.delta < 1, "server_privacy.delta", "must be between 0 and 1")
+        _require(sp.target_epsilon is None or sp.target_epsilon > 0, "server_privacy.target_epsilon", "must be > 0")
     return recipe
 
 
@@ -260,7 +311,11 @@ def from_dict(raw: Any) -> Recipe:
             raise FedloraError(f"unknown recipe key '{key}' (known: {', '.join(sorted(allowed))})")
     if "model" not in raw:
         raise FedloraError("recipe key 'model' is required")
-    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in _SECTIONS.items()}
+    sections = {
+        name: _build_section(name, cls, raw.get(name))
+        for name, cls in _SECTIONS.items()
+        if not (name in _OPTIONAL_SECTIONS and raw.get(name) is None)
+    }
     name = raw.get("name", "federation")
     if not isinstance(name, str) or not name:
         raise FedloraError("recipe key 'name' must be a non-empty string")

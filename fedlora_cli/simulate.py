@@ -146,7 +146,7 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
     reporter.stage(f"loading base model {recipe.model.base}")
     bench = build(recipe, num_labels)
     if not layout.global_checkpoint(0).is_dir():
-        federation.init(recipe, layout.global_checkpoint(0), label_names=label_names, bench=bench)
+        federation.init(recipe, layout.global_checkpoint(0), partition=part, bench=bench)
     plan = federation.plan_of(checkpoint.read_global(layout.global_checkpoint(0)).manifest)
     test_examples = read_shard(
         layout.data / partitions.TEST_SHARD, recipe.data.text_column, recipe.data.label_column, num_labels

@@ -1,8 +1,15 @@
-"""One client's local training in one round: a fresh optimizer, a fixed number of seeded steps."""
+"""One client's local training in one round: a fresh optimizer, a fixed number of seeded steps.
+
+Without privacy, each step takes the next batch of a seeded shuffle. With DP-SGD (``dp`` given), each step
+takes a Poisson sample of the shard and the optimizer clips per-example gradients and adds noise
+(:class:`fedlora_cli.privacy.DPSGD`); everything else is the same loop.
+"""
 
 from __future__ import annotations
 
+import secrets
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +29,16 @@ class TrainResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    # Noise and Poisson sampling an attacker can regenerate protect nothing, so by default both draw from the
+    # operating system's secure random source; a fixed seed is for tests only.
+    secret_seed: int | None = None
+
+
 def round_seed(seed: int, client_id: str, round_: int) -> int:
     """A seed for one client's round: reproducible, and different across clients and rounds."""
     import hashlib
@@ -30,38 +47,68 @@ def round_seed(seed: int, client_id: str, round_: int) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
+def make_optimizer(bench: Workbench, params: list):
+    import torch
+
+    t = bench.recipe.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
 def local_train(
-    bench: Workbench, plan: Plan, examples: Examples, seed: int, progress: Progress | None = None
+    bench: Workbench,
+    plan: Plan,
+    examples: Examples,
+    seed: int,
+    progress: Progress | None = None,
+    dp: DPSettings | None = None,
 ) -> TrainResult:
     import numpy as np
     import torch
 
+    from fedlora_cli.privacy import DPSGD, poisson_batches
+
     t = bench.recipe.training
     started = time.perf_counter()
     params = bench.set_trainable(plan)
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(bench, params)
     steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    batches = batch_schedule(len(examples), t.batch_size, steps, rng)
-    seen = np.unique(np.concatenate(batches))
     model = bench.model
+    engine = None
+    if dp is None:
+        batches = batch_schedule(len(examples), t.batch_size, steps, np.random.default_rng(seed))
+    else:
+        secret = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
+        batches = list(poisson_batches(len(examples), dp.sample_rate, steps, np.random.default_rng(secret)))
+        expected = max(1, round(dp.sample_rate * len(examples)))
+        engine = DPSGD(model, optimizer, dp.noise_multiplier, dp.max_grad_norm, expected, secret + 1)
+        model, optimizer = engine.module, engine.optimizer
+    seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
     # from_pretrained leaves models in eval mode; dropout (and Opacus' hooks) need train mode.
     model.train()
     losses = []
-    for step, rows in enumerate(batches, start=1):
-        batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
-        loss = model(**batch).loss
-        loss.backward()
-        if t.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(step, steps, losses[-1])
-    model.eval()
-    return TrainResult(steps, float(np.mean(losses)), int(seen.size), time.perf_counter() - started)
+    try:
+        # Opacus' hooks fire on modules whose inputs need no gradient (frozen layers below the adapter): harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        for step, rows in enumerate(batches, start=1):
+            if len(rows) == 0:
+                # An empty Poisson sample (probability (1-q)^n): the accountant still counts the step.
+                continue
+            batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
+            loss = model(**batch).loss
+            loss.backward()
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step, steps, losses[-1])
+    finally:
+        if engine is not None:
+            engine.close()
+        bench.model.eval()
+    mean_loss = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult(steps, mean_loss, int(seen.size), time.perf_counter() - started)

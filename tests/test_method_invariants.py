@@ -90,11 +90,11 @@ def test_fedsa_round_starts_from_the_clients_own_b(make_recipe, tmp_path, monkey
     real = training.local_train
     calls = []
 
-    def spy(bench, plan, examples, seed, progress=None):
+    def spy(bench, plan, examples, seed, progress=None, dp=None):
         calls.append(1)
         tensors = bench.adapter_tensors()
         seen[len(calls)] = {n: t.clone() for n, t in tensors.items() if role_of(n) == "lora_B"}
-        return real(bench, plan, examples, seed, progress)
+        return real(bench, plan, examples, seed, progress, dp)
 
     monkeypatch.setattr(training, "local_train", spy)
     layout = simulate.RunLayout(tmp_path / "run")
@@ -108,7 +108,7 @@ def test_fedsa_round_starts_from_the_clients_own_b(make_recipe, tmp_path, monkey
             assert torch.equal(start_round_2[name], t), f"{client} did not resume from its own B"
 
 
-def test_personalised_evaluation_uses_the_clients_b(make_recipe, run_federation, partition_dir):
+def test_personalised_evaluation_uses_the_clients_b(make_recipe, run_federation):
     layout = run_federation(make_recipe("fedsa"))
     g = layout.global_checkpoint(2)
     test = layout.data

@@ -1,0 +1,267 @@
+"""Differential privacy: DP-SGD correctness with PEFT, ledgers across processes, DP-FedAvg, budget refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from opacus.accountants import create_accountant
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedlora_cli import aggregation, checkpoint, federation, privacy, recipe as recipes
+from fedlora_cli.cli import app
+from fedlora_cli.data import encode, read_shard
+from fedlora_cli.methods import plan, role_of
+from fedlora_cli.modeling import build
+from fedlora_cli.training import DPSettings, local_train
+
+from conftest import recipe_dict
+
+runner = CliRunner()
+
+
+def private_recipe(model_dir, data, method="ffa", head="shared", **privacy_section):
+    raw = recipe_dict(model_dir, data, method, head, optimizer="sgd", lr=0.5)
+    raw["privacy"] = {"max_grad_norm": 1.0, "delta": 1e-3, **privacy_section}
+    return raw
+
+
+def one_step_delta(bench, p, batch, dp_engine=None):
+    """Parameter change of one optimizer step on ``batch``, plainly or through a DP engine."""
+    from fedlora_cli.privacy import DPSGD
+    from fedlora_cli.training import make_optimizer
+
+    params = bench.set_trainable(p)
+    before = [q.detach().clone() for q in params]
+    optimizer = make_optimizer(bench, params)
+    model = bench.model
+    engine = None
+    if dp_engine is not None:
+        engine = DPSGD(model, optimizer, *dp_engine, expected_batch=len(batch["labels"]), seed=0)
+        model, optimizer = engine.module, engine.optimizer
+    model.train()
+    torch.manual_seed(0)
+    model(**batch).loss.backward()
+    grads = [q.grad.detach().clone() if q.grad is not None else torch.zeros_like(q) for q in params]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if engine is not None:
+        engine.close()
+    after = [q.detach().clone() for q in params]
+    with torch.no_grad():
+        for q, b in zip(params, before):
+            q.copy_(b)
+    return [a - b for a, b in zip(after, before)], grads
+
+
+@pytest.fixture
+def bench_and_batch(make_recipe, partition_dir):
+    r = make_recipe("fedavg", optimizer="sgd", lr=0.1)
+    bench = build(r, 2)
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+    batch = encode(bench.tokenizer, examples, np.arange(16), 16)
+    return bench, batch
+
+
+def test_dp_with_zero_noise_and_loose_clipping_equals_plain_training(bench_and_batch):
+    """Guards against the PEFT/Opacus corruption reported upstream (opacus #820)."""
+    bench, batch = bench_and_batch
+    p = plan("fedavg", "shared")
+    plain, _ = one_step_delta(bench, p, batch)
+    dp, _ = one_step_delta(bench, p, batch, dp_engine=(0.0, 1e6))
+    assert any(float(d.abs().max()) > 0 for d in plain)
+    for a, b in zip(plain, dp):
+        rel = float((a - b).norm() / (a.norm() + 1e-12))
+        assert rel < 1e-5, rel
+
+
+def test_small_clipping_bounds_the_gradient(bench_and_batch):
+    """With noise 0, the DP gradient is a mean of per-example gradients clipped to C: its norm is at most C."""
+    bench, batch = bench_and_batch
+    p = plan("fedavg", "shared")
+    lr = bench.recipe.training.lr
+    _, plain_grads = one_step_delta(bench, p, batch)
+    plain_norm = float(torch.sqrt(sum((g**2).sum() for g in plain_grads)))
+    clip = plain_norm / 20
+    delta, _ = one_step_delta(bench, p, batch, dp_engine=(0.0, clip))
+    dp_grad_norm = float(torch.sqrt(sum((d**2).sum() for d in delta))) / lr
+    assert plain_norm > clip
+    assert dp_grad_norm <= clip * (1 + 1e-4)
+    assert dp_grad_norm > 0
+
+
+def test_model_in_eval_mode_trains_under_dp(bench_and_batch, partition_dir):
+    bench, _ = bench_and_batch
+    bench.model.eval()  # as from_pretrained leaves it
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+    before = bench.adapter_tensors()
+    result = local_train(bench, plan("ffa", "shared"), examples, seed=0, dp=DPSettings(1.0, 1.0, 0.1, secret_seed=3))
+    after = bench.adapter_tensors()
+    assert result.steps == bench.recipe.training.local_steps
+    moved = [n for n in before if not torch.equal(before[n], after[n])]
+    assert moved and all(role_of(n) != "lora_A" for n in moved)
+    assert any(role_of(n) == "lora_B" for n in moved)
+
+
+def test_dp_federation_moves_b_keeps_a_and_accumulates_epsilon(tmp_path, tiny_model_dir, reviews_csv, run_federation):
+    r = recipes.from_dict(private_recipe(tiny_model_dir, reviews_csv, target_epsilon=8.0))
+    layout = run_federation(r)
+    g0 = load_file(str(layout.global_checkpoint(0) / checkpoint.ADAPTER_WEIGHTS))
+    g2 = load_file(str(layout.global_checkpoint(2) / checkpoint.ADAPTER_WEIGHTS))
+    assert all(torch.equal(g2[n], t) for n, t in g0.items() if role_of(n) == "lora_A")
+    assert any(not torch.equal(g2[n], t) for n, t in g0.items() if role_of(n) == "lora_B")
+    sigma = checkpoint.read_global(layout.global_checkpoint(0)).manifest.recipe["privacy"]["noise_multiplier"]
+    assert sigma > 0
+    for client in ("client-0", "client-1", "client-2"):
+        m1 = checkpoint.read_update(layout.update(1, client)).manifest.privacy
+        m2 = checkpoint.read_update(layout.update(2, client)).manifest.privacy
+        assert 0 < m1["epsilon"] < m2["epsilon"] <= 8.0
+        assert m2["remaining"] == pytest.approx(8.0 - m2["epsilon"])
+    # The noise was calibrated so that the planned federation spends (almost exactly) the budget.
+    largest = max(checkpoint.read_update(layout.update(2, c)).manifest.privacy["epsilon"] for c in ("client-0", "client-1", "client-2"))
+    assert largest == pytest.approx(8.0, rel=0.02)
+
+
+def test_epsilon_across_processes_matches_an_independent_accountant(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.1, accountant="rdp")
+    raw["federation"]["rounds"] = 3
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "fedlora_cli", *map(str, args)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    cli("init", recipe_path, "--data", partition_dir, "--out", tmp_path / "g0")
+    shard = partition_dir / "client-0.parquet"
+    for round_ in (1, 2, 3):
+        info = json.loads(cli("train-client", tmp_path / f"g{round_ - 1}", "--data", shard, "--state", tmp_path / "client-0",
+                              "--out", tmp_path / f"u{round_}", "--json"))
+        cli("aggregate", tmp_path / f"g{round_ - 1}", tmp_path / f"u{round_}", "--out", tmp_path / f"g{round_}")
+    n = len(read_shard(shard, "text", "sentiment", 2))
+    accountant = create_accountant(mechanism="rdp")
+    for _ in range(3):
+        for _ in range(raw["training"]["local_steps"]):
+            accountant.step(noise_multiplier=1.1, sample_rate=raw["training"]["batch_size"] / n)
+    independent = accountant.get_epsilon(delta=1e-3)
+    assert info["privacy"]["epsilon"] == pytest.approx(independent, rel=0.01)
+    report = json.loads(cli("privacy", "report", tmp_path / "client-0", "--json"))
+    assert len(report[0]["history"]) == 3 and report[0]["epsilon"] == pytest.approx(independent, rel=0.01)
+
+
+def test_round_over_budget_is_refused_and_writes_nothing(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=0.8, target_epsilon=3.0)
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["init", str(recipe_path), "--data", str(partition_dir), "--out", str(tmp_path / "g0")]).exit_code == 0
+    state = tmp_path / "state"
+    for round_ in range(1, 20):
+        out = tmp_path / f"u{round_}"
+        result = runner.invoke(app, ["train-client", str(tmp_path / f"g{round_ - 1}"), "--data",
+                                     str(partition_dir / "client-0.parquet"), "--state", str(state), "--out", str(out)])
+        if result.exit_code != 0:
+            break
+        runner.invoke(app, ["aggregate", str(tmp_path / f"g{round_ - 1}"), str(out), "--out", str(tmp_path / f"g{round_}")])
+    assert result.exit_code == 1 and "privacy budget" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    assert not (state / checkpoint.round_dirname(round_)).exists()
+    spent = checkpoint.latest_state(state, 10**6).manifest.privacy["epsilon"]
+    assert round_ > 1 and spent <= 3.0
+
+
+def test_delta_too_large_for_the_client(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = private_recipe(tiny_model_dir, reviews_csv, target_epsilon=3.0)
+    raw["privacy"]["delta"] = 0.05
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["init", str(recipe_path), "--data", str(partition_dir), "--out", str(tmp_path / "g0")])
+    assert result.exit_code == 1 and "privacy.delta" in result.output and "1/n" in result.output
+    assert not (tmp_path / "g0").exists()
+
+
+def test_ledger_from_another_recipe_is_refused(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    for k, eps in enumerate((3.0, 4.0)):
+        raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0, target_epsilon=eps)
+        (tmp_path / f"r{k}.yaml").write_text(yaml.safe_dump(raw))
+        result = runner.invoke(app, ["init", str(tmp_path / f"r{k}.yaml"), "--data", str(partition_dir), "--out", str(tmp_path / f"g{k}")])
+        assert result.exit_code == 0, result.output
+    args = ["--data", str(partition_dir / "client-0.parquet"), "--state", str(tmp_path / "state")]
+    assert runner.invoke(app, ["train-client", str(tmp_path / "g0"), *args, "--out", str(tmp_path / "u0")]).exit_code == 0
+    result = runner.invoke(app, ["train-client", str(tmp_path / "g1"), *args, "--out", str(tmp_path / "u1")])
+    assert result.exit_code == 1 and "different recipe" in result.output
+    assert not (tmp_path / "u1").exists()
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [({"target_epsilon": -1.0}, "privacy.target_epsilon"), ({"target_epsilon": 1.0, "delta": 1.5}, "privacy.delta"),
+     ({}, "privacy.target_epsilon"), ({"noise_multiplier": 1.0, "accountant": "gdp"}, "privacy.accountant")],
+)
+def test_bad_privacy_settings_name_the_key(section, key):
+    raw = {"model": {"base": "m"}, "privacy": section}
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        recipes.from_dict(raw)
+
+
+def test_privacy_plan_command():
+    result = runner.invoke(app, ["privacy", "plan", "--epsilon", "3", "--examples", "2500", "--batch-size", "32",
+                                 "--steps", "40", "--rounds", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["noise_multiplier"] > 0
+    assert data["epsilon_check"] <= 3.0 and data["epsilon_check"] == pytest.approx(3.0, rel=0.02)
+
+
+# DP-FedAvg -----------------------------------------------------------------------------------------------
+
+
+def test_dp_fedavg_with_zero_noise_is_the_mean_of_clipped_updates():
+    ref = {"w": torch.zeros(3)}
+    updates = [{"w": torch.tensor([3.0, 4.0, 0.0])}, {"w": torch.tensor([0.1, 0.0, 0.0])}]
+    result = privacy.dp_fedavg(((u, 0.9 if i == 0 else 0.1) for i, u in enumerate(updates)), ref, 1.0, 0.0, 2, seed=0)
+    clipped = [privacy.clip_to_norm(u, ref, 1.0) for u in updates]
+    torch.testing.assert_close(result["w"], (clipped[0]["w"] + clipped[1]["w"]) / 2)
+    torch.testing.assert_close(clipped[0]["w"], torch.tensor([0.6, 0.8, 0.0]))
+    torch.testing.assert_close(clipped[1]["w"], updates[1]["w"])  # already within the bound
+    for c in clipped:
+        assert aggregation.update_norm(c, ref) <= 1.0 + 1e-6
+
+
+def test_dp_fedavg_noise_has_the_promised_scale():
+    ref = {"w": torch.zeros(20000)}
+    updates = [({"w": torch.zeros(20000)}, 0.25)] * 4
+    result = privacy.dp_fedavg(iter(updates), ref, clip=2.0, noise_multiplier=1.5, num_clients=4, seed=1)
+    assert float(result["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
+
+
+def test_server_dp_aggregation_through_the_cli(make_recipe, run_federation, tmp_path):
+    layout = run_federation(make_recipe("fedavg"))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g"),
+                                 "--dp-clip", "0.5", "--dp-noise", "1.0", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    expected = privacy.epsilon([(1.0, 1.0, 1)], 1e-5, "rdp")
+    assert data["server_epsilon"] == pytest.approx(expected)
+    m = checkpoint.read_global(tmp_path / "g").manifest
+    assert m.server_privacy_ledger == [[1.0, 1.0, 1]]
+    # Noise 0 equals the plain mean of clipped deltas, computed here by hand.
+    result = federation.aggregate_round(
+        layout.global_checkpoint(0), [Path(u) for u in updates], tmp_path / "g0noise",
+        server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.0),
+    )
+    g0 = load_file(str(layout.global_checkpoint(0) / checkpoint.ADAPTER_WEIGHTS))
+    sent = [load_file(str(Path(u) / checkpoint.UPDATE_TENSORS)) for u in updates]
+    ref = {n: g0[n] for n in sent[0]}
+    by_hand = aggregation.weighted_mean((privacy.clip_to_norm(s, ref, 0.5), 1 / 3) for s in sent)
+    got = load_file(str(tmp_path / "g0noise" / checkpoint.ADAPTER_WEIGHTS))
+    for n, t in by_hand.items():
+        torch.testing.assert_close(got[n], t)
