@@ -61,15 +61,24 @@ def _progress() -> Progress:
 
 
 @contextmanager
-def step_progress(description: str) -> Iterator[Callable[[int, int, float], None]]:
-    """A progress bar fed by ``callback(done, total, loss)``."""
-    with _progress() as bar:
-        task = bar.add_task(description, total=None, info="")
+def step_progress(description: str) -> Iterator[Callable[..., None]]:
+    """A progress bar fed by ``callback(done, total, loss)``; it appears with the first step, not before."""
+    bar: Progress | None = None
+    task = None
 
-        def callback(done: int, total: int, loss: float = float("nan")) -> None:
-            bar.update(task, completed=done, total=total, info=f"loss {loss:.4f}" if loss == loss else "")
+    def callback(done: int, total: int, loss: float = float("nan")) -> None:
+        nonlocal bar, task
+        if bar is None:
+            bar = _progress()
+            bar.start()
+            task = bar.add_task(description, total=total, info="")
+        bar.update(task, completed=done, total=total, info=f"loss {loss:.4f}" if loss == loss else "")
 
+    try:
         yield callback
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 class SimulationReporter:

@@ -265,3 +265,18 @@ def test_server_dp_aggregation_through_the_cli(make_recipe, run_federation, tmp_
     got = load_file(str(tmp_path / "g0noise" / checkpoint.ADAPTER_WEIGHTS))
     for n, t in by_hand.items():
         torch.testing.assert_close(got[n], t)
+
+
+def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["init", str(tmp_path / "r.yaml"), "--data", str(partition_dir), "--out", str(tmp_path / "g0")]).exit_code == 0
+    args = ["train-client", str(tmp_path / "g0"), "--data", str(partition_dir / "client-0.parquet"),
+            "--state", str(tmp_path / "state"), "--out", str(tmp_path / "u")]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, [*args[:-1], str(tmp_path / "u-again")])
+    assert again.exit_code == 1 and "already trained round 1" in again.output
+    assert not (tmp_path / "u-again").exists()
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    ledger = checkpoint.latest_state(tmp_path / "state", 10**6).manifest.privacy
+    assert len(ledger["history"]) == 2, "the first attempt's spending is still counted"
