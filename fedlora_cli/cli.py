@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from fedlora_cli import __version__
+from fedlora_cli.cli_options import BaseModelOpt, JsonOpt, OverwriteOpt, SetOpt
 from fedlora_cli.errors import FedloraError
 
 app = typer.Typer(
@@ -84,19 +85,6 @@ def _main(
     the coordinator runs [bold]aggregate[/] on their client updates to write the next global checkpoint.
     [bold]simulate[/] runs a whole federation on one machine with the same folders.
     """
-
-
-# Shared option types -------------------------------------------------------------------------------------
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="Override a recipe value, e.g. --set training.lr=0.01 (repeatable)."),
-]
-BaseModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--base-model", help="Where this site keeps the base model, if not where the recipe says."),
-]
 
 
 def _load_recipe(path: Path, sets: list[str] | None, extra: dict[str, Any] | None = None):
@@ -479,6 +467,11 @@ def privacy_plan(
         return
     rows = [[k.replace("_", " "), ui.fmt(v)] for k, v in result.items()]
     ui.out.print(ui.table("DP-SGD noise for this plan", ["quantity", "value"], rows))
+
+
+from fedlora_cli import cli_export  # noqa: E402  (registers on the app defined above)
+
+cli_export.register(app, command)
 
 
 def main() -> None:

@@ -58,6 +58,18 @@ def _bench_for(manifest: GlobalManifest, base_override: str | None, bench: Workb
     return bench
 
 
+def _load_client_model(
+    bench: Workbench, plan: Plan, global_tensors: dict[str, torch.Tensor], state: checkpoint.ClientState | None
+) -> None:
+    """The client's model: the global adapter, overlaid with the tensors the client keeps (FedSA's B, a local head)."""
+    bench.load_adapter_tensors(global_tensors)
+    if state is not None:
+        kept = state.tensors()
+        if any(not plan.keeps(name) for name in kept):
+            raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
+        bench.load_adapter_tensors(kept, partial=True)
+
+
 def _verified_tensors(ckpt: GlobalCheckpoint) -> dict[str, torch.Tensor]:
     tensors = ckpt.tensors()
     if digests(tensors) != ckpt.manifest.tensor_digests:
@@ -198,12 +210,7 @@ def train_client(
 
     ledger, dp = _privacy_for_round(recipe, newest, len(examples), client_id)
 
-    bench.load_adapter_tensors(global_tensors)
-    if state is not None:
-        kept = state.tensors()
-        if any(not plan.keeps(name) for name in kept):
-            raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
-        bench.load_adapter_tensors(kept, partial=True)
+    _load_client_model(bench, plan, global_tensors, state)
     result = local_train(bench, plan, examples, round_seed(recipe.training.seed, client_id, round_), progress, dp)
     if ledger is not None:
         ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
@@ -461,12 +468,7 @@ def load_for_evaluation(
             raise FedloraError(f"client state {state_dir} holds no trained round up to round {manifest.round}")
         _check_state(state, client_id or state.manifest.client_id, manifest)
     bench = _bench_for(manifest, base_override, bench)
-    bench.load_adapter_tensors(tensors)
-    if state is not None:
-        kept = state.tensors()
-        if any(not plan.keeps(name) for name in kept):
-            raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
-        bench.load_adapter_tensors(kept, partial=True)
+    _load_client_model(bench, plan, tensors, state)
     bench.model.eval()
     return bench, manifest
 
