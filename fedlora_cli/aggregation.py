@@ -70,8 +70,8 @@ def update_norm(update: Tensors, reference: Tensors) -> float:
 
     squared = 0.0
     for name, t in update.items():
-        diff = t.to(torch.float64) - reference[name].to(torch.float64)
-        squared += float(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+        # Per-tensor norms in float32 (torch sums them pairwise); squares are combined in Python's float64.
+        squared += float(torch.linalg.vector_norm(t.float() - reference[name].float())) ** 2
     return squared**0.5
 
 

@@ -62,7 +62,6 @@ def encode(tokenizer: Any, examples: Examples, rows: Any, max_length: int) -> di
 
 def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``steps`` batches drawn from seeded shuffled passes over ``n`` examples (a pass restarts when used up)."""
-    import numpy as np
 
     batches: list[np.ndarray] = []
     order = rng.permutation(n)

@@ -559,7 +559,7 @@ def model_card(
             'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")',
         ]
     lines += [
-        f'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
+        'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
         f"labels = {labels!r}",
         "```",
     ]

@@ -1,0 +1,180 @@
+"""Coordinator cost: `fedlora aggregate` against the memory-bandwidth limit and the common load-everything baseline.
+
+    python benchmarks/aggregate.py [--clients 8,32,64] [--repeats 3] [--dir /tmp/fedlora-bench-agg] [--json f]
+
+Client updates are LLaMA-7B shaped LoRA adapters (32 layers, q/k/v/o projections 4096x4096, r = 16,
+float32: 67 MB each), written to disk exactly as `train-client` writes them. Three ways to average them, each
+in a fresh process, measured side by side over the same files:
+
+    fedlora    `fedlora aggregate GLOBAL UPDATES... --out NEXT` end to end: validation, digests, streaming mean
+    limit      read each file's bytes into memory and add them into one float32 sum with numpy, one pass
+    baseline   load every update into a dict (safetensors), then average key by key (what most projects do)
+
+Throughput is update bytes per second; peak memory is the process's maximum RSS. Files are read from the page
+cache after the first pass (they were just written), so this measures compute and memory traffic, not disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAYERS, HIDDEN, RANK = 32, 4096, 16
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tensor_names() -> list[tuple[str, tuple[int, int]]]:
+    names = []
+    for layer in range(LAYERS):
+        for proj in PROJECTIONS:
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            names.append((f"{prefix}.lora_A.weight", (RANK, HIDDEN)))
+            names.append((f"{prefix}.lora_B.weight", (HIDDEN, RANK)))
+    return names
+
+
+def make_federation(root: Path, clients: int) -> tuple[Path, list[Path]]:
+    """A round-0 global checkpoint and ``clients`` round-1 updates, through fedlora's own writers."""
+    import torch
+
+    from fedlora_cli import checkpoint, federation, recipe as recipes
+    from fedlora_cli.methods import plan
+
+    recipe = recipes.from_dict({
+        "name": "bench", "model": {"base": "synthetic/llama-7b-shaped", "num_labels": 2},
+        "adapter": {"r": RANK, "alpha": 32, "target_modules": list(PROJECTIONS)},
+        "federation": {"method": "fedavg", "head": "frozen", "clients": clients},
+    })
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(shape, generator=generator) * 0.01 for name, shape in tensor_names()}
+    digests = federation.digests(tensors)
+    manifest = checkpoint.GlobalManifest(
+        round=0, method="fedavg", head="frozen", adapter_kind="lora", base_model=recipe.model.base,
+        base_fingerprint="bench", recipe=recipe.to_dict(), recipe_digest=recipe.digest(), seed=0, num_labels=2,
+        tensor_digests=digests, digest=checkpoint.combined_digest(digests),
+        frozen_digest=federation.frozen_digest(plan("fedavg", "frozen"), digests),
+    )
+    global_dir = root / "global-000"
+    checkpoint.write_global(global_dir, manifest, tensors, {"peft_type": "LORA"}, overwrite=True)
+    updates = []
+    for k in range(clients):
+        update = {name: t + torch.randn(t.shape, generator=generator) * 0.001 for name, t in tensors.items()}
+        m = checkpoint.UpdateManifest(
+            client_id=f"client-{k}", round=1, parent_digest=manifest.digest, method="fedavg",
+            recipe_digest=manifest.recipe_digest, base_fingerprint="bench", frozen_digest=manifest.frozen_digest,
+            num_examples=100 + k, shard_examples=100 + k, steps=10, loss=0.5, seconds=1.0, bytes=0,
+            tensor_digests=federation.digests(update),
+        )
+        path = root / "updates" / f"client-{k}"
+        checkpoint.write_update(path, m, update, overwrite=True)
+        updates.append(path)
+    return global_dir, updates
+
+
+def run_limit(files: list[str]) -> None:
+    import numpy as np
+
+    total = None
+    for f in files:
+        with open(f, "rb") as handle:
+            data = handle.read()
+        header = int.from_bytes(data[:8], "little")
+        values = np.frombuffer(data, dtype=np.float32, offset=8 + header)
+        if total is None:
+            total = values.copy()
+        else:
+            total += values
+    assert total is not None
+
+
+def run_baseline(files: list[str]) -> None:
+    from safetensors.torch import load_file
+
+    updates = [load_file(f) for f in files]
+    n = len(updates)
+    _ = {name: sum(u[name] for u in updates) / n for name in updates[0]}
+
+
+def worker(kind: str, global_dir: str, update_dirs: list[str], out: str) -> None:
+    from fedlora_cli import checkpoint
+
+    files = [str(Path(d) / checkpoint.UPDATE_TENSORS) for d in update_dirs]
+    if kind == "limit":
+        run_limit(files)
+    elif kind == "baseline":
+        run_baseline(files)
+    else:
+        from fedlora_cli import federation
+
+        federation.aggregate_round(Path(global_dir), [Path(d) for d in update_dirs], Path(out), overwrite=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's high-water resident set (VmHWM): unlike ru_maxrss it does not inherit the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="8,32,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/fedlora-bench-agg")
+    parser.add_argument("--json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, global_dir, update_dirs, out = json.loads(args.worker)
+        start = time.perf_counter()
+        worker(kind, global_dir, update_dirs, out)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
+        return
+
+    root = Path(args.dir)
+    rows = []
+    for n in [int(x) for x in args.clients.split(",")]:
+        shutil.rmtree(root, ignore_errors=True)
+        global_dir, updates = make_federation(root, n)
+        update_bytes = sum((u / "update.safetensors").stat().st_size for u in updates)
+        results: dict[str, list[dict]] = {"fedlora": [], "limit": [], "baseline": []}
+        for _ in range(args.repeats):
+            for kind in results:
+                payload = json.dumps([kind, str(global_dir), [str(u) for u in updates], str(root / "global-001")])
+                proc = subprocess.run([sys.executable, __file__, "--worker", payload], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{kind} failed: {proc.stderr.strip().splitlines()[-1]}")
+                results[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = {"clients": n, "update_mb": update_bytes / n / 1e6}
+        for kind, runs in results.items():
+            seconds = statistics.median(r["seconds"] for r in runs)
+            row[kind] = {"seconds": seconds, "mb_per_s": update_bytes / seconds / 1e6,
+                         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}
+        rows.append(row)
+        print(f"N={n} done", file=sys.stderr, flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+    print(f"# Aggregation of LLaMA-7B-shaped LoRA updates (r={RANK}, {rows[0]['update_mb']:.0f} MB each), "
+          f"median of {args.repeats}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, python {platform.python_version()}")
+    print("| N | fedlora s | limit s | baseline s | fedlora / limit throughput | fedlora RSS MB | limit RSS MB | baseline RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, l, b = r["fedlora"], r["limit"], r["baseline"]
+        print(f"| {r['clients']} | {f['seconds']:.2f} | {l['seconds']:.2f} | {b['seconds']:.2f} | "
+              f"{f['mb_per_s'] / l['mb_per_s']:.2f} | {f['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
