@@ -343,6 +343,10 @@ def simulate_cmd(
         for row in rows
     ]
     columns = ["round", "loss", "global acc", "global F1", "pers. acc", "upload", "train s"]
+    if rows and rows[-1]["epsilon"] is not None:
+        columns.append("max eps")
+        for table_row, row in zip(table_rows, rows):
+            table_row.append(ui.fmt(row["epsilon"], 3))
     ui.out.print(ui.table(f"{r.name}: {r.federation.method}, {r.federation.clients} clients -> {run_dir}", columns, table_rows))
 
 

@@ -199,5 +199,7 @@ def round_row(layout: RunLayout, round_: int, clients: list[str], metrics: dict[
         "upload_bytes": sum(u.bytes for u in updates),
         "upload_bytes_per_client": sum(u.bytes for u in updates) // len(updates),
         "seconds": sum(u.seconds for u in updates),
+        # DP-SGD: the largest cumulative epsilon any client has spent so far.
+        "epsilon": max(u.privacy["epsilon"] for u in updates) if updates[0].privacy else None,
     }
 

@@ -120,4 +120,5 @@ class SimulationReporter:
                     if row["personalised_accuracy"] is not None
                     else ""
                 )
+                + (f", epsilon spent {row['epsilon']:.3f}" if row.get("epsilon") is not None else "")
             )

@@ -280,3 +280,30 @@ def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     ledger = checkpoint.latest_state(tmp_path / "state", 10**6).manifest.privacy
     assert len(ledger["history"]) == 2, "the first attempt's spending is still counted"
+
+
+@pytest.mark.parametrize("method, head", [("fedavg", "shared"), ("fedsa", "local"), ("ffa", "frozen"), ("fedsa", "shared")])
+def test_dp_sgd_trains_exactly_the_planned_roles(method, head, make_recipe, partition_dir):
+    bench = build(make_recipe(method, head), 2)
+    p = plan(method, head)
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+    before = bench.adapter_tensors()
+    local_train(bench, p, examples, seed=0, dp=DPSettings(0.5, 1.0, 0.1, secret_seed=1))
+    after = bench.adapter_tensors()
+    for role in ("lora_A", "lora_B", "head"):
+        moved = [not torch.equal(before[n], after[n]) for n in before if role_of(n) == role]
+        if role in p.trained:
+            assert any(moved), f"{role} should train under {method}/{head}"
+        else:
+            assert not any(moved), f"{role} must stay frozen under {method}/{head}"
+
+
+def test_simulate_reports_the_epsilon_spent(tmp_path, tiny_model_dir, reviews_csv):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    raw["federation"]["rounds"] = 1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["simulate", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["rounds"][0]
+    updates = [checkpoint.read_update(tmp_path / "run" / "updates" / "round-001" / f"client-{k}").manifest for k in range(3)]
+    assert row["epsilon"] == max(u.privacy["epsilon"] for u in updates) > 0
