@@ -6,11 +6,13 @@ Client updates are LLaMA-7B shaped LoRA adapters (32 layers, q/k/v/o projections
 float32: 67 MB each), written to disk exactly as `train-client` writes them. Three ways to average them, each
 in a fresh process, measured side by side over the same files:
 
-    fedlora    `fedlora aggregate GLOBAL UPDATES... --out NEXT` end to end: validation, digests, streaming mean
+    fedlora    `fedlora aggregate GLOBAL UPDATES... --out NEXT --json` end to end (the CLI's own entry point, run
+               in the worker process): validation, digests, streaming mean, the per-client table, writing
     limit      read each file's bytes into memory and add them into one float32 sum with numpy, one pass
     baseline   load every update into a dict (safetensors), then average key by key (what most projects do)
 
-Throughput is update bytes per second; peak memory is the process's maximum RSS. Files are read from the page
+Each worker's time runs from before its first import (torch or numpy) to the end, so start-up is included
+for all three alike. Throughput is update bytes per second; peak memory is the process's maximum RSS. Files are read from the page
 cache after the first pass (they were just written), so this measures compute and memory traffic, not disk.
 """
 
@@ -112,9 +114,18 @@ def worker(kind: str, global_dir: str, update_dirs: list[str], out: str) -> None
     elif kind == "baseline":
         run_baseline(files)
     else:
-        from fedlora_cli import federation
+        import contextlib
+        import io
 
-        federation.aggregate_round(Path(global_dir), [Path(d) for d in update_dirs], Path(out), overwrite=True)
+        from fedlora_cli import cli
+
+        sys.argv = ["fedlora", "aggregate", global_dir, *update_dirs, "--out", out, "--overwrite", "--json"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                if exc.code:
+                    raise
 
 
 def peak_rss_mb() -> float:

@@ -156,7 +156,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
     t = tensor.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # hashes in place, no copy
     return h.hexdigest()
 
 

@@ -338,6 +338,36 @@ def _validate_update(update: checkpoint.ClientUpdate, manifest: GlobalManifest, 
         raise FedloraError(f"client update {where}: manifest digests do not cover its tensors")
 
 
+def _load_checked(update: checkpoint.ClientUpdate) -> dict[str, torch.Tensor]:
+    tensors = checkpoint.load_tensors(update.tensors_path, "client update tensors")
+    bad = aggregation.nonfinite(tensors)
+    if bad is not None:
+        raise FedloraError(f"client update {update.path}: tensor '{bad}' holds NaN or Inf")
+    if digests(tensors) != update.manifest.tensor_digests:
+        raise FedloraError(f"client update {update.path}: tensors do not match the digests in its manifest")
+    return tensors
+
+
+def _checked_updates(
+    updates: Sequence[checkpoint.ClientUpdate], weights: Sequence[float]
+) -> Iterator[tuple[checkpoint.ClientUpdate, dict[str, torch.Tensor], float]]:
+    """Each update's tensors, read and checked (finite, digests) before they are yielded.
+
+    The next update is read and checked on a second thread while the caller works on this one (hashing and
+    file reads release the GIL), so at most two client updates are in memory at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_checked, updates[0])
+        for i, (update, weight) in enumerate(zip(updates, weights)):
+            tensors = pending.result()
+            if i + 1 < len(updates):
+                pending = pool.submit(_load_checked, updates[i + 1])
+            yield update, tensors, weight
+            del tensors
+
+
 def aggregate_round(
     global_dir: Path,
     update_dirs: Sequence[Path],
@@ -381,14 +411,7 @@ def aggregate_round(
     rows: list[ClientRow] = []
 
     def stream() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-        # One client update in memory at a time, checked before it touches the running sum.
-        for i, (update, weight) in enumerate(zip(updates, weights), start=1):
-            tensors = checkpoint.load_tensors(update.tensors_path, "client update tensors")
-            bad = aggregation.nonfinite(tensors)
-            if bad is not None:
-                raise FedloraError(f"client update {update.path}: tensor '{bad}' holds NaN or Inf")
-            if digests(tensors) != update.manifest.tensor_digests:
-                raise FedloraError(f"client update {update.path}: tensors do not match the digests in its manifest")
+        for i, (update, tensors, weight) in enumerate(_checked_updates(updates, weights), start=1):
             rows.append(
                 ClientRow(
                     update.manifest.client_id,

@@ -83,3 +83,6 @@ def test_update_norm_and_nonfinite():
     assert aggregation.nonfinite({"w": torch.tensor([1.0, float("nan")])}) == "w"
     assert aggregation.nonfinite({"w": torch.tensor([1.0, float("-inf")])}) == "w"
     assert aggregation.nonfinite(ref) is None
+    # Finite values whose float32 sum overflows are still finite.
+    assert aggregation.nonfinite({"w": torch.tensor([3e38, 3e38, -1.0])}) is None
+    assert aggregation.nonfinite({"w": torch.tensor([3e38, 3e38, float("inf")])}) == "w"
