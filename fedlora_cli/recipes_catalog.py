@@ -6,7 +6,9 @@ from pathlib import Path
 
 from fedlora_cli.errors import FedloraError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_PACKAGE = Path(__file__).resolve().parent
+# An installed wheel carries the recipes inside the package; a source checkout has them at the top level.
+RECIPES_DIR = next((d for d in (_PACKAGE / "recipes", _PACKAGE.parent / "recipes") if d.is_dir()), _PACKAGE / "recipes")
 
 
 def names() -> list[str]:
