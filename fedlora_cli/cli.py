@@ -245,6 +245,18 @@ def aggregate_cmd(
         Optional[str],
         typer.Option(help="examples (trained this round), shard (shard size) or uniform; default: the recipe's."),
     ] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option(help="mean, svd, exact, median or trimmed-mean; default: the recipe's federation.aggregation."),
+    ] = None,
+    trim_fraction: Annotated[
+        Optional[float], typer.Option(help="trimmed-mean: fraction of clients dropped at each end of every coordinate.")
+    ] = None,
+    norm_bound: Annotated[
+        Optional[float],
+        typer.Option(help="Clip or reject client updates whose difference from the global is larger than this L2 norm."),
+    ] = None,
+    norm_bound_action: Annotated[Optional[str], typer.Option(help="clip or reject (with --norm-bound).")] = None,
     dp_clip: Annotated[
         Optional[float], typer.Option(help="DP-FedAvg: clip each client's update to this L2 norm (with --dp-noise).")
     ] = None,
@@ -253,10 +265,13 @@ def aggregate_cmd(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate the client updates and average them into the next global checkpoint.
+    """Validate the client updates and combine them into the next global checkpoint.
 
-    With --dp-clip and --dp-noise (or a server_privacy recipe section) it runs DP-FedAvg and reports the
-    client-level epsilon spent so far.
+    --strategy svd or exact also reports, per layer, how far averaging A and B apart would have been from
+    the weighted mean of the products B_k A_k. With --dp-clip and --dp-noise (or a server_privacy recipe
+    section) it runs DP-FedAvg and reports the client-level epsilon spent so far.
+
+    Example: [cyan]fedlora aggregate global/round-002 updates/round-003/* --out global/round-003 --strategy median[/]
     """
     from dataclasses import asdict
 
@@ -271,17 +286,35 @@ def aggregate_cmd(
             raise FedloraError("--dp-clip must be > 0, --dp-noise >= 0 and --dp-delta in (0, 1)")
     with ui.err.status("aggregating"):
         result = federation.aggregate_round(
-            global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite
+            global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
+            strategy=strategy, norm_bound=norm_bound, norm_bound_action=norm_bound_action, trim_fraction=trim_fraction,
         )
+    m = result.checkpoint.manifest
     if as_json:
-        ui.print_json({"path": str(result.checkpoint.path), "round": result.checkpoint.manifest.round,
-                       "digest": result.checkpoint.manifest.digest, "server_epsilon": result.server_epsilon,
+        ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
+                       "server_epsilon": result.server_epsilon, "aggregation": m.aggregation,
                        "clients": [asdict(r) for r in result.clients]})
         return
+    columns = ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"]
     rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
             for r in result.clients]
-    title = f"round {result.checkpoint.manifest.round} -> {result.checkpoint.path}"
-    ui.out.print(ui.table(title, ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"], rows))
+    if any(r.rank is not None for r in result.clients) and len({r.rank for r in result.clients}) > 1:
+        columns.append("rank")
+        for row, r in zip(rows, result.clients):
+            row.append(r.rank)
+    if m.aggregation and m.aggregation.get("norm_bound") is not None:
+        columns.append("norm bound")
+        for row, r in zip(rows, result.clients):
+            row.append(r.bound or "kept")
+    title = f"round {m.round} ({result.strategy}) -> {result.checkpoint.path}"
+    ui.out.print(ui.table(title, columns, rows))
+    if result.layers:
+        layer_rows = [[layer, ui.fmt(r.mean_error), ui.fmt(r.truncation_error), ui.fmt(r.rank)]
+                      for layer, r in result.layers.items()]
+        ui.out.print(ui.table(
+            "per layer: relative error of averaging A and B apart, ||avg(B) avg(A) - avg(BA)|| / ||avg(BA)||",
+            ["layer", "plain-mean error", "svd truncation error", "rank of avg(BA)"], layer_rows,
+        ))
     if result.server_epsilon is not None:
         ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f}")
 

@@ -575,6 +575,8 @@ def aggregate_round(
             )
         seen[update.manifest.client_id] = update.path
         _validate_update(update, manifest, _expected_tensors(global_header, plan, recipe, update.manifest.client_id), plan)
+    if settings.strategy == "trimmed-mean":
+        recipes.check_trim(settings.trim_fraction, len(updates), "trim fraction")
     weighting = weighting or recipe.federation.weighting
     if weighting not in recipes.WEIGHTINGS:
         raise FedloraError(f"weighting must be one of {', '.join(recipes.WEIGHTINGS)}; got '{weighting}'")

@@ -116,7 +116,7 @@ ADAPTER_KINDS = {
 
 # What a person calls each role (model cards, messages).
 ROLE_LABELS = {ROLE_A: "A", ROLE_B: "B", ROLE_LAMBDA_D: "lambda_d", ROLE_LAMBDA_B: "lambda_b",
-               ROLE_PROJECTION: "the VeRA projections", ROLE_HEAD: "the classifier head"}
+               ROLE_PROJECTION: "VeRA projections", ROLE_HEAD: "classifier head"}
 
 
 def adapter_kind(name: str) -> AdapterKind:

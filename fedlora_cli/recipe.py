@@ -364,6 +364,11 @@ def validate(recipe: Recipe) -> Recipe:
     p = recipe.privacy
     if p is not None:
         _require(
+            a.kind != "vera",
+            "privacy",
+            "(DP-SGD) does not support adapter.kind 'vera': Opacus computes no per-example gradients for VeRA's vectors",
+        )
+        _require(
             p.target_epsilon is not None or p.noise_multiplier is not None,
             "privacy.target_epsilon",
             "or 'privacy.noise_multiplier' must be set",
