@@ -309,11 +309,14 @@ def aggregate_cmd(
     title = f"round {m.round} ({result.strategy}) -> {result.checkpoint.path}"
     ui.out.print(ui.table(title, columns, rows))
     if result.layers:
-        layer_rows = [[layer, ui.fmt(r.mean_error), ui.fmt(r.truncation_error), ui.fmt(r.rank)]
-                      for layer, r in result.layers.items()]
+        prefix, names = ui.common_prefix(list(result.layers))
+        svd = result.strategy == "svd"
+        layer_rows = [[name, ui.fmt(r.mean_error), *([ui.fmt(r.truncation_error), ui.fmt(r.rank)] if svd else [])]
+                      for name, r in zip(names, result.layers.values())]
         ui.out.print(ui.table(
-            "per layer: relative error of averaging A and B apart, ||avg(B) avg(A) - avg(BA)|| / ||avg(BA)||",
-            ["layer", "plain-mean error", "svd truncation error", "rank of avg(BA)"], layer_rows,
+            f"per layer ({prefix}.*): error of plain averaging ||avg(B) avg(A) - avg(BA)|| / ||avg(BA)||"
+            + ("; svd error of the rank-r result; rank of avg(BA)" if svd else ""),
+            ["layer", "mean error", *(["svd error", "rank"] if svd else [])], layer_rows,
         ))
     if result.server_epsilon is not None:
         ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f}")
