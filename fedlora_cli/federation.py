@@ -511,8 +511,8 @@ class _Accepted:
 
     update: checkpoint.ClientUpdate
     weight: float
-    reference: dict[str, torch.Tensor]  # what the client received, for the tensors it sends
     clip: float  # the norm bound's scale of its difference from ``reference`` (1: untouched)
+    reference: dict[str, torch.Tensor] | None  # what the client received, kept only when clipping needs it
 
     def get(self, name: str) -> torch.Tensor:
         t = checkpoint.read_tensor(self.update.tensors_path, name, "client update tensors")
@@ -608,7 +608,7 @@ def aggregate_round(
         if bound == "rejected":
             return None
         clip = settings.norm_bound / norm if bound == "clipped" else 1.0
-        accepted.append(_Accepted(update, weight, reference, clip))
+        accepted.append(_Accepted(update, weight, clip, reference if clip != 1.0 else None))
         return tensors if clip == 1.0 else aggregation.clip_to_norm(tensors, reference, settings.norm_bound)
 
     def stream() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
