@@ -21,7 +21,7 @@ from fedlora_cli.errors import FedloraError
 
 app = typer.Typer(
     name="fedlora",
-    help="Federated LoRA fine-tuning (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA) on on-disk checkpoints.",
+    help="Federated LoRA fine-tuning (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA; LoRA, rsLoRA, VeRA) on on-disk checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -190,7 +190,8 @@ def _show_global(ckpt, as_json: bool) -> None:
         ui.print_json({"path": str(ckpt.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"}})
         return
     rows = [
-        ["round", m.round], ["method", m.method], ["head", m.head], ["base model", m.base_model],
+        ["round", m.round], ["method", m.method], ["adapter", f"{m.adapter_kind} r={m.recipe['adapter']['r']}"],
+        ["aggregation", m.recipe["federation"].get("aggregation", "mean")], ["head", m.head], ["base model", m.base_model],
         ["tensors", len(m.tensor_digests)], ["digest", m.digest[:16]],
         ["frozen digest", (m.frozen_digest or "-")[:16]], ["clients", ", ".join(m.clients) or "-"],
     ]
@@ -383,7 +384,9 @@ def simulate_cmd(
         columns.append("max eps")
         for table_row, row in zip(table_rows, rows):
             table_row.append(ui.fmt(row["epsilon"], 3))
-    ui.out.print(ui.table(f"{r.name}: {r.federation.method}, {r.federation.clients} clients -> {run_dir}", columns, table_rows))
+    f = r.federation
+    what = f"{f.method} with {r.adapter.kind}" + (f", {f.aggregation} aggregation" if f.aggregation != "mean" else "")
+    ui.out.print(ui.table(f"{r.name}: {what}, {f.clients} clients -> {run_dir}", columns, table_rows))
 
 
 # inspect -------------------------------------------------------------------------------------------------
@@ -453,7 +456,11 @@ def recipes_validate(
 
     for path in paths:
         r = _load_recipe(path, sets)
-        ui.out.print(f"[green]ok[/] {path}: {r.federation.method}, {r.federation.clients} clients, {r.federation.rounds} rounds")
+        f = r.federation
+        ui.out.print(
+            f"[green]ok[/] {path}: {f.method} with {r.adapter.kind}, {f.aggregation} aggregation, "
+            f"{f.clients} clients, {f.rounds} rounds"
+        )
 
 
 # privacy ---------------------------------------------------------------------------------------------------
