@@ -19,7 +19,7 @@ its PEFT name:
 The kinds (``adapter.kind``)::
 
     lora     W0 + (alpha / r) B A                               Hu et al. 2021
-    rslora   W0 + (alpha / sqrt(r)) B A                         Kalajdzievski 2023 (rank-stabilised LoRA)
+    rslora   W0 + (alpha / sqrt(r)) B A                         Kalajdzievski 2023, arXiv 2312.03732 (rsLoRA)
     vera     W0 + diag(lambda_b) B_p diag(lambda_d) A_p         Kopiczko et al., ICLR 2024 (arXiv 2310.11454)
 
 Each kind has an *A side* (lora_A, or VeRA's lambda_d) and a *B side* (lora_B, or lambda_b). A method maps
