@@ -455,9 +455,9 @@ def _validate_update(
     if m.parent_digest != manifest.digest:
         raise FedloraError(f"client update {where} was not trained from this global checkpoint (parent digest differs)")
     if m.frozen_digest != manifest.frozen_digest:
-        raise FedloraError(
-            f"client update {where} was trained with a different frozen {frozen_labels(plan)} (frozen digest differs)"
-        )
+        labels = frozen_labels(plan)
+        what = f"different frozen {labels}" if "/" in labels or ROLE_PROJECTION in plan.frozen else f"a different frozen {labels}"
+        raise FedloraError(f"client update {where} was trained with {what} (frozen digest differs)")
     header = checkpoint.tensor_header(update.tensors_path, "client update tensors")
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
