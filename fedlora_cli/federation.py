@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli import aggregation, checkpoint, privacy, recipe as recipes
 from fedlora_cli.checkpoint import GlobalCheckpoint, GlobalManifest, StateManifest, UpdateManifest
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.methods import ROLE_LABELS, ROLE_PROJECTION, Plan, adapter_kind, plan as make_plan, role_of
+from fedlora_cli.methods import (
+    ROLE_A, ROLE_B, ROLE_LABELS, ROLE_PROJECTION, Plan, adapter_kind, plan as make_plan, role_of,
+)
 from fedlora_cli.modeling import Workbench, build
 
 if TYPE_CHECKING:
@@ -424,8 +426,6 @@ def _expected_tensors(
     global_header: dict[str, tuple[str, tuple[int, ...]]], plan: Plan, recipe: recipes.Recipe, client_id: str
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """dtype and shape of every tensor this client must send: the global's, at the client's LoRA rank."""
-    from fedlora_cli.methods import ROLE_A, ROLE_B
-
     rank = recipe.adapter.rank_for(client_id)
     expected = {}
     for name, (dtype, shape) in global_header.items():
