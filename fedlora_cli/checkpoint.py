@@ -3,7 +3,9 @@
 Three kinds of folder travel between the coordinator and the sites::
 
     global checkpoint   written by init/aggregate, read by every client. A folder vanilla PEFT loads
-                        (adapter_config.json + adapter_model.safetensors) plus fedlora.json.
+                        (adapter_config.json + adapter_model.safetensors) plus fedlora.json; after an
+                        ``exact`` aggregation also correction.safetensors, the dense per-layer residual
+                        added to the base weights (vanilla PEFT does not know it: export with --merge).
     client update       written by train-client, read by aggregate: only the tensors the method sends
                         (update.safetensors) plus update.json.
     client state        the client's private folder, never sent: one round-NNN/ sub-folder per trained round
@@ -38,6 +40,7 @@ FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GLOBAL_MANIFEST = "fedlora.json"
+CORRECTION_TENSORS = "correction.safetensors"
 UPDATE_TENSORS = "update.safetensors"
 UPDATE_MANIFEST = "update.json"
 STATE_TENSORS = "local.safetensors"
@@ -46,8 +49,12 @@ STATE_MANIFEST = "state.json"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def valid_client_id(client_id: str) -> bool:
+    return bool(_CLIENT_ID.match(client_id))
+
+
 def check_client_id(client_id: str) -> str:
-    if not _CLIENT_ID.match(client_id):
+    if not valid_client_id(client_id):
         raise FedloraError(
             f"client id '{client_id}' must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -128,6 +135,21 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         raise FedloraError(f"{what} {path} is not a readable safetensors file ({_first_line(exc)})") from None
 
 
+def read_tensor(path: Path, name: str, what: str) -> torch.Tensor:
+    """One tensor of a safetensors file, without reading the others."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FedloraError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if name not in handle.keys():
+                raise FedloraError(f"{what} {path} has no tensor '{name}'")
+            return handle.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FedloraError(f"{what} {path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
 def tensor_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Names, dtypes and shapes from a safetensors header, without reading the data."""
     from safetensors import SafetensorError, safe_open
@@ -168,6 +190,12 @@ def combined_digest(digests: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
+def global_digest(tensor_digests: Mapping[str, str], correction_digests: Mapping[str, str] | None = None) -> str:
+    """The identity of a global checkpoint: its adapter tensors and its base-weight correction, if any."""
+    extra = {f"correction:{layer}": d for layer, d in (correction_digests or {}).items()}
+    return combined_digest({**tensor_digests, **extra})
+
+
 # --------------------------------------------------------------------------------------------------------
 # Manifests
 
@@ -205,6 +233,11 @@ class GlobalManifest:
     clients: list[str] = field(default_factory=list)
     # DP-FedAvg spending at the coordinator: [noise multiplier, sample rate, steps] per aggregated round.
     server_privacy_ledger: list[list[float]] = field(default_factory=list)
+    # Digests of correction.safetensors' tensors (layer -> digest): present after an 'exact' aggregation.
+    correction_digests: dict[str, str] = field(default_factory=dict)
+    # How the round that wrote this checkpoint aggregated: strategy, norm bound, clipped and rejected clients,
+    # and for svd/exact the per-layer error plain averaging would have made (see aggregation.LayerReport).
+    aggregation: dict[str, Any] | None = None
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 
@@ -258,6 +291,12 @@ class GlobalCheckpoint:
     def tensors(self) -> dict[str, torch.Tensor]:
         return load_tensors(self.weights_path, "global checkpoint weights")
 
+    def correction(self) -> dict[str, torch.Tensor]:
+        """The dense per-layer base-weight correction of ``exact`` aggregation; empty if there is none."""
+        if not self.manifest.correction_digests:
+            return {}
+        return load_tensors(self.path / CORRECTION_TENSORS, "global checkpoint correction")
+
 
 def read_global(path: Path) -> GlobalCheckpoint:
     path = Path(path)
@@ -272,10 +311,12 @@ def read_global(path: Path) -> GlobalCheckpoint:
 
 def write_global(
     final: Path, manifest: GlobalManifest, tensors: Mapping[str, torch.Tensor], adapter_config: dict[str, Any],
-    overwrite: bool = False,
+    overwrite: bool = False, correction: Mapping[str, torch.Tensor] | None = None,
 ) -> GlobalCheckpoint:
     with atomic_dir(final, overwrite=overwrite) as tmp:
         save_tensors(tmp / ADAPTER_WEIGHTS, tensors)
+        if correction:
+            save_tensors(tmp / CORRECTION_TENSORS, correction)
         write_json(tmp / ADAPTER_CONFIG, adapter_config)
         write_json(tmp / GLOBAL_MANIFEST, asdict(manifest))
     return GlobalCheckpoint(Path(final), manifest)

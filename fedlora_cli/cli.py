@@ -21,7 +21,7 @@ from fedlora_cli.errors import FedloraError
 
 app = typer.Typer(
     name="fedlora",
-    help="Federated LoRA fine-tuning (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA) on on-disk checkpoints.",
+    help="Federated LoRA fine-tuning (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA; LoRA, rsLoRA, VeRA) on on-disk checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -190,7 +190,8 @@ def _show_global(ckpt, as_json: bool) -> None:
         ui.print_json({"path": str(ckpt.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"}})
         return
     rows = [
-        ["round", m.round], ["method", m.method], ["head", m.head], ["base model", m.base_model],
+        ["round", m.round], ["method", m.method], ["adapter", f"{m.adapter_kind} r={m.recipe['adapter']['r']}"],
+        ["aggregation", m.recipe["federation"].get("aggregation", "mean")], ["head", m.head], ["base model", m.base_model],
         ["tensors", len(m.tensor_digests)], ["digest", m.digest[:16]],
         ["frozen digest", (m.frozen_digest or "-")[:16]], ["clients", ", ".join(m.clients) or "-"],
     ]
@@ -245,6 +246,18 @@ def aggregate_cmd(
         Optional[str],
         typer.Option(help="examples (trained this round), shard (shard size) or uniform; default: the recipe's."),
     ] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option(help="mean, svd, exact, median or trimmed-mean; default: the recipe's federation.aggregation."),
+    ] = None,
+    trim_fraction: Annotated[
+        Optional[float], typer.Option(help="trimmed-mean: fraction of clients dropped at each end of every coordinate.")
+    ] = None,
+    norm_bound: Annotated[
+        Optional[float],
+        typer.Option(help="Clip or reject client updates whose difference from the global is larger than this L2 norm."),
+    ] = None,
+    norm_bound_action: Annotated[Optional[str], typer.Option(help="clip or reject (with --norm-bound).")] = None,
     dp_clip: Annotated[
         Optional[float], typer.Option(help="DP-FedAvg: clip each client's update to this L2 norm (with --dp-noise).")
     ] = None,
@@ -253,10 +266,13 @@ def aggregate_cmd(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate the client updates and average them into the next global checkpoint.
+    """Validate the client updates and combine them into the next global checkpoint.
 
-    With --dp-clip and --dp-noise (or a server_privacy recipe section) it runs DP-FedAvg and reports the
-    client-level epsilon spent so far.
+    --strategy svd or exact also reports, per layer, how far averaging A and B apart would have been from
+    the weighted mean of the products B_k A_k. With --dp-clip and --dp-noise (or a server_privacy recipe
+    section) it runs DP-FedAvg and reports the client-level epsilon spent so far.
+
+    Example: [cyan]fedlora aggregate global/round-002 updates/round-003/* --out global/round-003 --strategy median[/]
     """
     from dataclasses import asdict
 
@@ -271,17 +287,38 @@ def aggregate_cmd(
             raise FedloraError("--dp-clip must be > 0, --dp-noise >= 0 and --dp-delta in (0, 1)")
     with ui.err.status("aggregating"):
         result = federation.aggregate_round(
-            global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite
+            global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
+            strategy=strategy, norm_bound=norm_bound, norm_bound_action=norm_bound_action, trim_fraction=trim_fraction,
         )
+    m = result.checkpoint.manifest
     if as_json:
-        ui.print_json({"path": str(result.checkpoint.path), "round": result.checkpoint.manifest.round,
-                       "digest": result.checkpoint.manifest.digest, "server_epsilon": result.server_epsilon,
+        ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
+                       "server_epsilon": result.server_epsilon, "aggregation": m.aggregation,
                        "clients": [asdict(r) for r in result.clients]})
         return
+    columns = ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"]
     rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
             for r in result.clients]
-    title = f"round {result.checkpoint.manifest.round} -> {result.checkpoint.path}"
-    ui.out.print(ui.table(title, ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"], rows))
+    if any(r.rank is not None for r in result.clients) and len({r.rank for r in result.clients}) > 1:
+        columns.append("rank")
+        for row, r in zip(rows, result.clients):
+            row.append(r.rank)
+    if m.aggregation and m.aggregation.get("norm_bound") is not None:
+        columns.append("norm bound")
+        for row, r in zip(rows, result.clients):
+            row.append(r.bound or "kept")
+    title = f"round {m.round} ({result.strategy}) -> {result.checkpoint.path}"
+    ui.out.print(ui.table(title, columns, rows))
+    if result.layers:
+        prefix, names = ui.common_prefix(list(result.layers))
+        svd = result.strategy == "svd"
+        layer_rows = [[name, ui.fmt(r.mean_error), *([ui.fmt(r.truncation_error), ui.fmt(r.rank)] if svd else [])]
+                      for name, r in zip(names, result.layers.values())]
+        ui.out.print(ui.table(
+            f"per layer ({prefix}.*): error of plain averaging ||avg(B) avg(A) - avg(BA)|| / ||avg(BA)||"
+            + ("; svd error of the rank-r result; rank of avg(BA)" if svd else ""),
+            ["layer", "mean error", *(["svd error", "rank"] if svd else [])], layer_rows,
+        ))
     if result.server_epsilon is not None:
         ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f}")
 
@@ -347,7 +384,9 @@ def simulate_cmd(
         columns.append("max eps")
         for table_row, row in zip(table_rows, rows):
             table_row.append(ui.fmt(row["epsilon"], 3))
-    ui.out.print(ui.table(f"{r.name}: {r.federation.method}, {r.federation.clients} clients -> {run_dir}", columns, table_rows))
+    f = r.federation
+    what = f"{f.method} with {r.adapter.kind}" + (f", {f.aggregation} aggregation" if f.aggregation != "mean" else "")
+    ui.out.print(ui.table(f"{r.name}: {what}, {f.clients} clients -> {run_dir}", columns, table_rows))
 
 
 # inspect -------------------------------------------------------------------------------------------------
@@ -417,7 +456,11 @@ def recipes_validate(
 
     for path in paths:
         r = _load_recipe(path, sets)
-        ui.out.print(f"[green]ok[/] {path}: {r.federation.method}, {r.federation.clients} clients, {r.federation.rounds} rounds")
+        f = r.federation
+        ui.out.print(
+            f"[green]ok[/] {path}: {f.method} with {r.adapter.kind}, {f.aggregation} aggregation, "
+            f"{f.clients} clients, {f.rounds} rounds"
+        )
 
 
 # privacy ---------------------------------------------------------------------------------------------------

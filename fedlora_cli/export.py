@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli import checkpoint, federation, privacy
 from fedlora_cli.checkpoint import GlobalManifest
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.methods import ROLE_HEAD, ROLE_LABELS
 from fedlora_cli.recipe import resolve_location
 
 if TYPE_CHECKING:
@@ -125,6 +126,11 @@ def export(
     if hub is not None:
         check_hub_access(hub)
     ckpt = checkpoint.read_global(global_dir)
+    if ckpt.manifest.correction_digests and not merge:
+        raise FedloraError(
+            f"{global_dir} carries a dense base-weight correction ('exact' aggregation) that a PEFT adapter cannot "
+            "hold: export it with --merge"
+        )
     replace = _check_out(out, overwrite, [global_dir, *([Path(state_dir)] if state_dir is not None else [])])
     if client_id is not None:
         checkpoint.check_client_id(client_id)
@@ -243,11 +249,22 @@ def _write_merged(bench: Workbench, folder: Path, dtype: str, manifest: GlobalMa
     merged.save_pretrained(str(folder))
 
 
+def _adapter_text(adapter: dict[str, Any]) -> str:
+    kind = adapter.get("kind", "lora")
+    targets = f"target modules {', '.join(adapter['target_modules'])}"
+    if kind == "vera":
+        return f"VeRA r={adapter['r']}, dropout={_num(adapter['dropout'], 2)}, {targets}"
+    name = {"lora": "LoRA", "rslora": "rsLoRA"}.get(kind, kind)
+    ranks = adapter.get("client_ranks") or {}
+    hetero = f" (client ranks {', '.join(f'{c}: {r}' for c, r in ranks.items())})" if ranks else ""
+    return f"{name} r={adapter['r']}{hetero}, alpha={_num(adapter['alpha'], 1)}, dropout={_num(adapter['dropout'], 2)}, {targets}"
+
+
 def _notes(manifest: GlobalManifest, client_id: str | None) -> list[str]:
     kept = federation.plan_of(manifest).local
     if client_id is not None or not kept:
         return []
-    what = " and ".join(sorted("B" if r == "lora_B" else "the classifier head" if r == "head" else "A" for r in kept))
+    what = " and ".join(sorted("the classifier head" if r == ROLE_HEAD else ROLE_LABELS[r] for r in kept))
     return [
         f"{METHOD_NAMES.get(manifest.method, manifest.method)} clients keep {what} at home: in the global model "
         f"{'they are' if len(kept) > 1 else 'it is'} still at the round-0 initialisation. "
@@ -489,8 +506,7 @@ def model_card(
         ("client weighting", str(fed.get("weighting", "-"))),
         ("partition", _partition_text(data)),
         ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(labels))),
-        ("adapter", f"LoRA r={adapter['r']}, alpha={_num(adapter['alpha'], 1)}, dropout={_num(adapter['dropout'], 2)}, "
-                    f"target modules {', '.join(adapter['target_modules'])}"),
+        ("adapter", _adapter_text(adapter)),
         ("local training", _training_text(training)),
         ("base model", f"`{base_model}`"),
         ("recipe digest", f"`{manifest.recipe_digest[:16]}`"),

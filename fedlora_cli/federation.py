@@ -7,6 +7,7 @@ A round ``t`` takes global checkpoint ``t-1`` to client updates of round ``t`` t
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli import aggregation, checkpoint, privacy, recipe as recipes
 from fedlora_cli.checkpoint import GlobalCheckpoint, GlobalManifest, StateManifest, UpdateManifest
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.methods import Plan, plan as make_plan, role_of
+from fedlora_cli.methods import (
+    ROLE_A, ROLE_B, ROLE_LABELS, ROLE_PROJECTION, Plan, adapter_kind, plan as make_plan, role_of,
+)
 from fedlora_cli.modeling import Workbench, build
 
 if TYPE_CHECKING:
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 
 
 def plan_of(manifest: GlobalManifest) -> Plan:
-    return make_plan(manifest.method, manifest.head)
+    return make_plan(manifest.method, manifest.head, manifest.adapter_kind)
 
 
 def recipe_of(manifest: GlobalManifest) -> recipes.Recipe:
@@ -45,24 +48,80 @@ def frozen_digest(plan: Plan, tensor_digests: dict[str, str]) -> str | None:
     return checkpoint.combined_digest(frozen) if frozen else None
 
 
-def _bench_for(manifest: GlobalManifest, base_override: str | None, bench: Workbench | None) -> Workbench:
+def frozen_labels(plan: Plan) -> str:
+    """What a plan's frozen roles are called, e.g. 'A' (FFA-LoRA) or 'lambda_d / VeRA projections' (FFA-VeRA)."""
+    order = list(ROLE_LABELS)
+    return " / ".join(ROLE_LABELS[r] for r in sorted(plan.frozen, key=order.index)) or "tensors"
+
+
+def _bench_for(
+    manifest: GlobalManifest, base_override: str | None, bench: Workbench | None, rank: int | None = None
+) -> Workbench:
+    """A workbench for this federation with a LoRA adapter of ``rank`` (default: the global rank)."""
+    recipe = recipe_of(manifest)
+    rank = rank or recipe.adapter.r
     if bench is None:
-        bench = build(recipe_of(manifest), manifest.num_labels, base_override)
+        bench = build(recipe, manifest.num_labels, base_override, rank=rank)
     if bench.fingerprint != manifest.base_fingerprint:
         raise FedloraError(
             f"base model '{bench.base_location}' is not the one this federation started from "
             f"(fingerprint {bench.fingerprint}, global checkpoint expects {manifest.base_fingerprint})"
         )
+    if bench.rank != rank:
+        raise FedloraError(f"the model was built with adapter rank {bench.rank}, this client trains rank {rank}")
+    _check_projections(bench, manifest)
     # The global checkpoint's recipe governs (it carries the calibrated DP noise, for one).
-    bench.recipe = recipe_of(manifest)
+    bench.recipe = recipe
     return bench
 
 
+def _check_projections(bench: Workbench, manifest: GlobalManifest) -> None:
+    """VeRA: the projections this site derived from the seed must be bit-identical to the global checkpoint's.
+
+    They are never sent: every client regenerates them from ``training.seed`` (PEFT's projection_prng_key),
+    so a site whose random number generator differs would silently train a different model.
+    """
+    derived = {n: t for n, t in bench.adapter_tensors().items() if role_of(n) == ROLE_PROJECTION}
+    for name, t in sorted(derived.items()):
+        expected = manifest.tensor_digests.get(name)
+        if expected is None:
+            raise FedloraError(f"the global checkpoint has no VeRA projection '{name}'")
+        got = checkpoint.tensor_digest(t)
+        if got != expected:
+            raise FedloraError(
+                f"VeRA projection '{name}' derived on this site from seed {manifest.seed} differs from the global "
+                f"checkpoint's (digest {got[:12]}, expected {expected[:12]}): every client must derive identical "
+                "projections; refusing to go on"
+            )
+
+
+def received_tensors(
+    recipe: recipes.Recipe, global_tensors: dict[str, torch.Tensor], rank: int
+) -> dict[str, torch.Tensor]:
+    """The global adapter as a client of LoRA rank ``rank`` receives it: truncated to its rank (svd orders the
+    factors by singular value) and rescaled to its LoRA scale. Unchanged for a client of the global rank."""
+    a = recipe.adapter
+    if rank == a.r:
+        return global_tensors
+    kind = adapter_kind(a.kind)
+    ratio = kind.scale(a.alpha, a.r) / kind.scale(a.alpha, rank)
+    result = dict(global_tensors)
+    for a_name, b_name in aggregation.lora_layers(global_tensors).values():
+        result[a_name], result[b_name] = aggregation.to_rank(global_tensors[a_name], global_tensors[b_name], rank, ratio)
+    return result
+
+
 def _load_client_model(
-    bench: Workbench, plan: Plan, global_tensors: dict[str, torch.Tensor], state: checkpoint.ClientState | None
+    bench: Workbench,
+    plan: Plan,
+    global_tensors: dict[str, torch.Tensor],
+    state: checkpoint.ClientState | None,
+    correction: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """The client's model: the global adapter, overlaid with the tensors the client keeps (FedSA's B, a local head)."""
-    bench.load_adapter_tensors(global_tensors)
+    """The client's model: the global's base-weight correction (exact aggregation), the global adapter at the
+    client's rank, overlaid with the tensors the client keeps (FedSA's B, a local head)."""
+    bench.apply_correction(correction)
+    bench.load_adapter_tensors(received_tensors(bench.recipe, global_tensors, bench.rank))
     if state is not None:
         kept = state.tensors()
         if any(not plan.keeps(name) for name in kept):
@@ -75,6 +134,13 @@ def _verified_tensors(ckpt: GlobalCheckpoint) -> dict[str, torch.Tensor]:
     if digests(tensors) != ckpt.manifest.tensor_digests:
         raise FedloraError(f"global checkpoint {ckpt.path}: tensors do not match the digests in its manifest")
     return tensors
+
+
+def _verified_correction(ckpt: GlobalCheckpoint) -> dict[str, torch.Tensor]:
+    correction = ckpt.correction()
+    if digests(correction) != ckpt.manifest.correction_digests:
+        raise FedloraError(f"global checkpoint {ckpt.path}: its correction does not match the digests in its manifest")
+    return correction
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -106,7 +172,7 @@ def init(
     recipe = calibrated(recipe, partition)
     if bench is None:
         bench = build(recipe, num_labels, base_override)
-    plan = make_plan(recipe.federation.method, recipe.federation.head)
+    plan = make_plan(recipe.federation.method, recipe.federation.head, recipe.adapter.kind)
     tensors = bench.adapter_tensors()
     tensor_digests = digests(tensors)
     manifest = GlobalManifest(
@@ -122,7 +188,7 @@ def init(
         num_labels=num_labels,
         label_names=label_names,
         tensor_digests=tensor_digests,
-        digest=checkpoint.combined_digest(tensor_digests),
+        digest=checkpoint.global_digest(tensor_digests),
         frozen_digest=frozen_digest(plan, tensor_digests),
     )
     return checkpoint.write_global(out, manifest, tensors, bench.adapter_config(), overwrite=overwrite)
@@ -206,11 +272,12 @@ def train_client(
             f"client '{client_id}' already trained round {round_} (state {newest.path}); pass --overwrite to train it again"
         )
     global_tensors = _verified_tensors(ckpt)
-    bench = _bench_for(manifest, base_override, bench)
+    correction = _verified_correction(ckpt)
+    bench = _bench_for(manifest, base_override, bench, recipe.adapter.rank_for(client_id))
 
     ledger, dp = _privacy_for_round(recipe, newest, len(examples), client_id)
 
-    _load_client_model(bench, plan, global_tensors, state)
+    _load_client_model(bench, plan, global_tensors, state, correction)
     result = local_train(bench, plan, examples, round_seed(recipe.training.seed, client_id, round_), progress, dp)
     if ledger is not None:
         ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
@@ -218,7 +285,7 @@ def train_client(
     tensors = bench.adapter_tensors()
     tensor_digests = digests(tensors)
     if frozen_digest(plan, tensor_digests) != manifest.frozen_digest:
-        raise FedloraError("a frozen adapter tensor changed during training; nothing written")
+        raise FedloraError(f"a frozen adapter tensor ({frozen_labels(plan)}) changed during training; nothing written")
     sent = {name: t for name, t in tensors.items() if plan.sends(name)}
     kept = {name: t for name, t in tensors.items() if plan.keeps(name)}
     bad = aggregation.nonfinite(sent) or aggregation.nonfinite(kept)
@@ -296,9 +363,21 @@ class ClientRow:
     num_examples: int
     shard_examples: int
     weight: float
-    update_norm: float
+    update_norm: float  # L2 norm of the update's difference from the tensors the client received
     bytes: int
     loss: float
+    rank: int | None = None  # the LoRA rank the client trained (None for VeRA)
+    bound: str | None = None  # 'clipped' or 'rejected' by the norm bound
+
+
+@dataclass
+class AggregationSettings:
+    """How one round is aggregated: the recipe's federation.aggregation settings, or their overrides."""
+
+    strategy: str
+    trim_fraction: float
+    norm_bound: float | None
+    norm_bound_action: str
 
 
 @dataclass
@@ -306,9 +385,64 @@ class AggregateResult:
     checkpoint: GlobalCheckpoint
     clients: list[ClientRow] = field(default_factory=list)
     server_epsilon: float | None = None  # DP-FedAvg: client-level epsilon after this round
+    strategy: str = "mean"
+    # svd / exact: per adapted layer, how far plain averaging of A and B would have been from the exact product.
+    layers: dict[str, aggregation.LayerReport] = field(default_factory=dict)
 
 
-def _validate_update(update: checkpoint.ClientUpdate, manifest: GlobalManifest, expected: dict[str, Any]) -> None:
+def aggregation_settings(
+    recipe: recipes.Recipe,
+    strategy: str | None = None,
+    norm_bound: float | None = None,
+    norm_bound_action: str | None = None,
+    trim_fraction: float | None = None,
+) -> AggregationSettings:
+    """The recipe's aggregation settings with any overrides, checked against the method and adapter kind."""
+    f = recipe.federation
+    settings = AggregationSettings(
+        strategy=strategy or f.aggregation,
+        trim_fraction=f.trim_fraction if trim_fraction is None else trim_fraction,
+        norm_bound=f.norm_bound if norm_bound is None else norm_bound,
+        norm_bound_action=norm_bound_action or f.norm_bound_action,
+    )
+    recipes.check_aggregation(settings.strategy, f.method, recipe.adapter.kind, "aggregation strategy")
+    if recipe.adapter.client_ranks and settings.strategy != "svd":
+        raise FedloraError(
+            f"adapter.client_ranks gives clients different ranks, which only aggregation strategy 'svd' combines; "
+            f"got '{settings.strategy}'"
+        )
+    if not 0 < settings.trim_fraction < 0.5:
+        raise FedloraError(f"trim fraction must be between 0 and 0.5; got {settings.trim_fraction:g}")
+    if settings.norm_bound is not None and not settings.norm_bound > 0:
+        raise FedloraError(f"norm bound must be > 0; got {settings.norm_bound:g}")
+    if settings.norm_bound_action not in recipes.NORM_BOUND_ACTIONS:
+        raise FedloraError(
+            f"norm bound action must be one of {', '.join(recipes.NORM_BOUND_ACTIONS)}; got '{settings.norm_bound_action}'"
+        )
+    return settings
+
+
+def _expected_tensors(
+    global_header: dict[str, tuple[str, tuple[int, ...]]], plan: Plan, recipe: recipes.Recipe, client_id: str
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """dtype and shape of every tensor this client must send: the global's, at the client's LoRA rank."""
+    rank = recipe.adapter.rank_for(client_id)
+    expected = {}
+    for name, (dtype, shape) in global_header.items():
+        if not plan.sends(name):
+            continue
+        role = role_of(name)
+        if role == ROLE_A:
+            shape = (rank, *shape[1:])
+        elif role == ROLE_B:
+            shape = (shape[0], rank, *shape[2:])
+        expected[name] = (dtype, shape)
+    return expected
+
+
+def _validate_update(
+    update: checkpoint.ClientUpdate, manifest: GlobalManifest, expected: dict[str, Any], plan: Plan
+) -> None:
     m, where = update.manifest, update.path
     if m.round != manifest.round + 1:
         raise FedloraError(f"client update {where} is for round {m.round}; this aggregation makes round {manifest.round + 1}")
@@ -321,7 +455,9 @@ def _validate_update(update: checkpoint.ClientUpdate, manifest: GlobalManifest, 
     if m.parent_digest != manifest.digest:
         raise FedloraError(f"client update {where} was not trained from this global checkpoint (parent digest differs)")
     if m.frozen_digest != manifest.frozen_digest:
-        raise FedloraError(f"client update {where} was trained with a different frozen A (frozen digest differs)")
+        labels = frozen_labels(plan)
+        what = f"different frozen {labels}" if "/" in labels or ROLE_PROJECTION in plan.frozen else f"a different frozen {labels}"
+        raise FedloraError(f"client update {where} was trained with {what} (frozen digest differs)")
     header = checkpoint.tensor_header(update.tensors_path, "client update tensors")
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
@@ -339,6 +475,7 @@ def _validate_update(update: checkpoint.ClientUpdate, manifest: GlobalManifest, 
 
 
 def _load_checked(update: checkpoint.ClientUpdate) -> dict[str, torch.Tensor]:
+    """A client update's tensors, refused if any is not finite or does not match its manifest's digest."""
     tensors = checkpoint.load_tensors(update.tensors_path, "client update tensors")
     bad = aggregation.nonfinite(tensors)
     if bad is not None:
@@ -368,6 +505,26 @@ def _checked_updates(
             del tensors
 
 
+@dataclass
+class _Accepted:
+    """A client update that passed the norm bound, read back one tensor at a time (layer-wise strategies)."""
+
+    update: checkpoint.ClientUpdate
+    weight: float
+    clip: float  # the norm bound's scale of its difference from ``reference`` (1: untouched)
+    reference: dict[str, torch.Tensor] | None  # what the client received, kept only when clipping needs it
+
+    def get(self, name: str) -> torch.Tensor:
+        t = checkpoint.read_tensor(self.update.tensors_path, name, "client update tensors")
+        # Checked again as it is read: the file must still be the one screened in the first pass.
+        if checkpoint.tensor_digest(t) != self.update.manifest.tensor_digests[name]:
+            raise FedloraError(f"client update {self.update.path}: tensor '{name}' changed while aggregating")
+        if self.clip != 1.0:
+            ref = self.reference[name]
+            t = (ref + (t - ref) * self.clip).to(t.dtype)
+        return t
+
+
 def aggregate_round(
     global_dir: Path,
     update_dirs: Sequence[Path],
@@ -377,22 +534,38 @@ def aggregate_round(
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     noise_seed: int | None = None,
+    strategy: str | None = None,
+    norm_bound: float | None = None,
+    norm_bound_action: str | None = None,
+    trim_fraction: float | None = None,
 ) -> AggregateResult:
-    """Validate every client update against the global checkpoint, average the sent tensors, write round t.
+    """Validate every client update against the global checkpoint, combine the sent tensors, write round t.
 
     ``weighting`` (default: the recipe's ``federation.weighting``) is 'examples', 'shard' or 'uniform'.
+    ``strategy``, ``norm_bound``, ``norm_bound_action`` and ``trim_fraction`` override the recipe's
+    ``federation`` settings of the same names (``strategy`` is ``federation.aggregation``).
     ``server_privacy`` (default: the recipe's) turns on DP-FedAvg: clipped, equally weighted, noised.
+
+    'mean' streams one client update at a time. The layer-wise strategies (svd, exact, median, trimmed-mean)
+    first check every update in full, one at a time, then read the tensors back one layer (svd, exact) or
+    one tensor name (median, trimmed-mean) at a time, re-checking each tensor's digest as it is read.
     """
     ckpt = checkpoint.read_global(global_dir)
     manifest = ckpt.manifest
     plan = plan_of(manifest)
+    recipe = recipe_of(manifest)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
     if not update_dirs:
         raise FedloraError("no client updates given")
+    settings = aggregation_settings(recipe, strategy, norm_bound, norm_bound_action, trim_fraction)
+    server_privacy = server_privacy or recipe.server_privacy
+    if server_privacy is not None and settings.strategy != "mean":
+        raise FedloraError(f"DP-FedAvg (server privacy) averages: it needs aggregation strategy 'mean', not '{settings.strategy}'")
+    if server_privacy is not None and settings.norm_bound is not None:
+        raise FedloraError("a norm bound and DP-FedAvg (server privacy) do not go together: DP-FedAvg clips every update")
     global_header = checkpoint.tensor_header(ckpt.weights_path, "global checkpoint weights")
-    expected = {name: spec for name, spec in global_header.items() if plan.sends(name)}
     updates = [checkpoint.read_update(Path(p)) for p in update_dirs]
     seen: dict[str, Path] = {}
     for update in updates:
@@ -401,37 +574,58 @@ def aggregate_round(
                 f"client '{update.manifest.client_id}' appears twice ({seen[update.manifest.client_id]} and {update.path})"
             )
         seen[update.manifest.client_id] = update.path
-        _validate_update(update, manifest, expected)
-    weighting = weighting or recipe_of(manifest).federation.weighting
+        _validate_update(update, manifest, _expected_tensors(global_header, plan, recipe, update.manifest.client_id), plan)
+    if settings.strategy == "trimmed-mean":
+        recipes.check_trim(settings.trim_fraction, len(updates), "trim fraction")
+    weighting = weighting or recipe.federation.weighting
     if weighting not in recipes.WEIGHTINGS:
         raise FedloraError(f"weighting must be one of {', '.join(recipes.WEIGHTINGS)}; got '{weighting}'")
     counts = [u.manifest.shard_examples if weighting == "shard" else u.manifest.num_examples for u in updates]
     weights = aggregation.client_weights(counts, uniform=weighting == "uniform")
     global_tensors = _verified_tensors(ckpt)
+    correction = _verified_correction(ckpt)
+    has_factors = adapter_kind(manifest.adapter_kind).has_factors
     rows: list[ClientRow] = []
+    accepted: list[_Accepted] = []
+
+    def reference_of(update: checkpoint.ClientUpdate) -> dict[str, torch.Tensor]:
+        received = received_tensors(recipe, global_tensors, recipe.adapter.rank_for(update.manifest.client_id))
+        return {name: received[name] for name in update.manifest.tensor_digests}
+
+    def screen(
+        update: checkpoint.ClientUpdate, tensors: dict[str, torch.Tensor], weight: float
+    ) -> dict[str, torch.Tensor] | None:
+        """Apply the norm bound to one checked update; None if it is rejected."""
+        reference = reference_of(update)
+        norm = aggregation.update_norm(tensors, reference)
+        bound = None
+        if settings.norm_bound is not None and norm > settings.norm_bound:
+            bound = "rejected" if settings.norm_bound_action == "reject" else "clipped"
+        m = update.manifest
+        rank = recipe.adapter.rank_for(m.client_id) if has_factors else None
+        rows.append(ClientRow(m.client_id, m.num_examples, m.shard_examples, weight, norm,
+                              update.tensors_path.stat().st_size, m.loss, rank, bound))
+        if bound == "rejected":
+            return None
+        clip = settings.norm_bound / norm if bound == "clipped" else 1.0
+        accepted.append(_Accepted(update, weight, clip, reference if clip != 1.0 else None))
+        return tensors if clip == 1.0 else aggregation.clip_to_norm(tensors, reference, settings.norm_bound)
 
     def stream() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+        # Client updates in turn, each checked in full before it touches the running sum.
         for i, (update, tensors, weight) in enumerate(_checked_updates(updates, weights), start=1):
-            rows.append(
-                ClientRow(
-                    update.manifest.client_id,
-                    update.manifest.num_examples,
-                    update.manifest.shard_examples,
-                    weight,
-                    aggregation.update_norm(tensors, global_tensors),
-                    update.tensors_path.stat().st_size,
-                    update.manifest.loss,
-                )
-            )
-            yield tensors, weight
+            tensors = screen(update, tensors, weight)
+            if tensors is not None:
+                yield tensors, weight
             if progress is not None:
                 progress(i, len(updates))
+        if not accepted:
+            raise FedloraError(_all_rejected(settings, len(updates)))
 
-    server_privacy = server_privacy or recipe_of(manifest).server_privacy
     server_ledger = [list(e) for e in manifest.server_privacy_ledger]
-    if server_privacy is None:
-        averaged = aggregation.weighted_mean(stream())
-    else:
+    layers: dict[str, aggregation.LayerReport] = {}
+    new_correction = dict(correction)
+    if server_privacy is not None:
         sp = server_privacy
         # Every client takes part in every round: sample rate 1 over the federation's clients.
         server_ledger.append([sp.noise_multiplier, 1.0, 1])
@@ -441,29 +635,108 @@ def aggregate_round(
                 f"server privacy budget: this round would bring client-level epsilon to {spent:.3f}, "
                 f"over server_privacy.target_epsilon {sp.target_epsilon:g}; nothing written"
             )
-        reference = {name: global_tensors[name] for name in expected}
+        reference = {name: global_tensors[name] for name in global_header if plan.sends(name)}
         seed = noise_seed if noise_seed is not None else secrets.randbits(63)
         averaged = privacy.dp_fedavg(stream(), reference, sp.clip_norm, sp.noise_multiplier, len(updates), seed)
+    elif settings.strategy == "mean":
+        averaged = aggregation.weighted_mean(stream())
+        kept = sum(a.weight for a in accepted)
+        if len(accepted) < len(updates):
+            # Rejected clients leave the mean: renormalise over the weights of those that stayed.
+            averaged = {n: (t.to(aggregation.accumulator_dtype(t.dtype)) / kept).to(t.dtype) for n, t in averaged.items()}
+    else:
+        for _ in stream():
+            pass  # the first pass: every update checked in full and screened, one at a time
+        averaged, layers, residuals = _layerwise(settings, recipe, accepted, global_header, plan)
+        for layer, residual in residuals.items():
+            previous = new_correction.get(layer)
+            new_correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
     new_tensors = {**global_tensors, **averaged}
     tensor_digests = digests(new_tensors)
+    correction_digests = digests(new_correction)
+    report = {
+        "strategy": settings.strategy if server_privacy is None else "dp-fedavg",
+        "norm_bound": settings.norm_bound,
+        "norm_bound_action": settings.norm_bound_action if settings.norm_bound is not None else None,
+        "clipped": [r.client_id for r in rows if r.bound == "clipped"],
+        "rejected": [r.client_id for r in rows if r.bound == "rejected"],
+    }
+    if settings.strategy == "trimmed-mean":
+        report["trim_fraction"] = settings.trim_fraction
+    if layers:
+        report["layers"] = {layer: dataclasses.asdict(r) for layer, r in layers.items()}
     new_manifest = GlobalManifest(
         **{
             **{k: getattr(manifest, k) for k in GlobalManifest.__dataclass_fields__},
             "round": manifest.round + 1,
             "tensor_digests": tensor_digests,
-            "digest": checkpoint.combined_digest(tensor_digests),
+            "correction_digests": correction_digests,
+            "digest": checkpoint.global_digest(tensor_digests, correction_digests),
             "frozen_digest": frozen_digest(plan, tensor_digests),
             "clients": [u.manifest.client_id for u in updates],
             "server_privacy_ledger": server_ledger,
+            "aggregation": report,
             "created": time.time(),
         }
     )
     if new_manifest.frozen_digest != manifest.frozen_digest:
         raise FedloraError("aggregation changed a frozen tensor; nothing written")
     adapter_config = checkpoint.read_json(ckpt.path / checkpoint.ADAPTER_CONFIG, "adapter config")
-    written = checkpoint.write_global(out, new_manifest, new_tensors, adapter_config, overwrite=overwrite)
+    written = checkpoint.write_global(
+        out, new_manifest, new_tensors, adapter_config, overwrite=overwrite, correction=new_correction
+    )
     server_epsilon = None if server_privacy is None else spent
-    return AggregateResult(written, rows, server_epsilon)
+    return AggregateResult(written, rows, server_epsilon, report["strategy"], layers)
+
+
+def _all_rejected(settings: AggregationSettings, count: int) -> str:
+    return (
+        f"all {count} client updates exceed the norm bound {settings.norm_bound:g} and were rejected; nothing written"
+    )
+
+
+def _layerwise(
+    settings: AggregationSettings,
+    recipe: recipes.Recipe,
+    accepted: list[_Accepted],
+    global_header: dict[str, tuple[str, tuple[int, ...]]],
+    plan: Plan,
+) -> tuple[dict[str, torch.Tensor], dict[str, aggregation.LayerReport], dict[str, torch.Tensor]]:
+    """svd, exact, median, trimmed-mean over the accepted updates, one layer or tensor name at a time.
+
+    Returns the new sent tensors, the per-layer reports (svd, exact) and the per-layer residuals (exact).
+    """
+    sent = sorted(name for name in global_header if plan.sends(name))
+    total = sum(a.weight for a in accepted)
+    weights = [a.weight / total for a in accepted]
+    result: dict[str, torch.Tensor] = {}
+    reports: dict[str, aggregation.LayerReport] = {}
+    residuals: dict[str, torch.Tensor] = {}
+    if settings.strategy in ("median", "trimmed-mean"):
+        trim = aggregation.trim_count(settings.trim_fraction, len(accepted)) if settings.strategy == "trimmed-mean" else 0
+        for name in sent:
+            values = [a.get(name) for a in accepted]
+            result[name] = (
+                aggregation.coordinate_median(values) if settings.strategy == "median"
+                else aggregation.trimmed_mean(values, trim)
+            )
+        return result, reports, residuals
+    a_cfg = recipe.adapter
+    kind = adapter_kind(a_cfg.kind)
+    scale = kind.scale(a_cfg.alpha, a_cfg.r)
+    scales = [kind.scale(a_cfg.alpha, a_cfg.rank_for(a.update.manifest.client_id)) for a in accepted]
+    layers = aggregation.lora_layers(sent)
+    in_layers = {name for pair in layers.values() for name in pair}
+    for layer, (a_name, b_name) in layers.items():
+        factors = ((a.get(a_name), a.get(b_name), w, s) for a, w, s in zip(accepted, weights, scales))
+        if settings.strategy == "svd":
+            result[a_name], result[b_name], reports[layer] = aggregation.svd_layer(factors, a_cfg.r, scale)
+        else:
+            result[a_name], result[b_name], residuals[layer], reports[layer] = aggregation.exact_layer(factors, scale)
+    for name in sent:
+        if name not in in_layers:  # the head, when it is shared: a plain weighted mean
+            result[name] = aggregation.weighted_mean(({name: a.get(name)}, w) for a, w in zip(accepted, weights))[name]
+    return result, reports, residuals
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -477,12 +750,15 @@ def load_for_evaluation(
     base_override: str | None = None,
     bench: Workbench | None = None,
 ) -> tuple[Workbench, GlobalManifest]:
-    """A workbench holding the global adapter, plus one client's kept tensors when ``state_dir`` is given."""
+    """A workbench holding the global model, or one client's: the global at the client's rank plus its kept
+    tensors, when ``state_dir`` is given."""
     ckpt = checkpoint.read_global(global_dir)
     manifest = ckpt.manifest
     plan = plan_of(manifest)
     tensors = _verified_tensors(ckpt)
+    correction = _verified_correction(ckpt)
     state = None
+    rank = None
     if state_dir is not None:
         if not Path(state_dir).is_dir():
             raise FedloraError(f"client state not found: {state_dir}")
@@ -490,8 +766,9 @@ def load_for_evaluation(
         if state is None:
             raise FedloraError(f"client state {state_dir} holds no trained round up to round {manifest.round}")
         _check_state(state, client_id or state.manifest.client_id, manifest)
-    bench = _bench_for(manifest, base_override, bench)
-    _load_client_model(bench, plan, tensors, state)
+        rank = recipe_of(manifest).adapter.rank_for(state.manifest.client_id)
+    bench = _bench_for(manifest, base_override, bench, rank)
+    _load_client_model(bench, plan, tensors, state, correction)
     bench.model.eval()
     return bench, manifest
 

@@ -10,11 +10,11 @@ import hashlib
 import json
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.methods import Plan
+from fedlora_cli.methods import ADAPTER_PARAMETER_MARKERS, Plan
 from fedlora_cli.recipe import Recipe, resolve_location
 
 if TYPE_CHECKING:
@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 class Workbench:
     """A base model wrapped with the recipe's adapter, its tokenizer, and the base model's fingerprint.
 
-    Built once per process and reused across clients in ``simulate``: every round loads the global tensors
-    and the client's own state into it, so nothing leaks from one client to the next.
+    Built once per process and reused across clients in ``simulate``: every round loads the global tensors,
+    the global's base-weight correction (``exact`` aggregation) and the client's own state into it, so nothing
+    leaks from one client to the next. ``rank`` is the rank of its LoRA adapter (clients may train a lower
+    rank than the global's, see ``adapter.client_ranks``).
     """
 
     recipe: Recipe
@@ -34,6 +36,9 @@ class Workbench:
     tokenizer: Any
     fingerprint: str
     base_location: str
+    rank: int = 0
+    # The original base weights of the layers a correction has touched, to restore them (layer name -> W0).
+    _base_weights: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
@@ -70,11 +75,45 @@ class Workbench:
         """Freeze everything but the roles the plan trains; returns the trainable parameters."""
         trainable = []
         for name, param in self.model.named_parameters():
-            is_adapter = "lora_" in name or "modules_to_save" in name
+            is_adapter = any(marker in name for marker in ADAPTER_PARAMETER_MARKERS)
             param.requires_grad = is_adapter and plan.trains(name)
             if param.requires_grad:
                 trainable.append(param)
         return trainable
+
+    def apply_correction(self, correction: Mapping[str, torch.Tensor] | None) -> None:
+        """Set each adapted layer's base weight to W0 + correction[layer]; layers not in ``correction`` get W0.
+
+        ``correction`` maps an adapted layer's name (its PEFT module path, e.g.
+        ``base_model.model.bert.encoder.layer.0.attention.self.query``) to a dense (out x in) tensor: the
+        residual that ``exact`` aggregation folds into the base model. ``None`` restores every base weight.
+        """
+        import torch
+
+        correction = dict(correction or {})
+        with torch.no_grad():
+            for layer in sorted(set(self._base_weights) | set(correction)):
+                try:
+                    module = self.model.get_submodule(layer)
+                except AttributeError:
+                    raise FedloraError(f"correction for '{layer}', which is not an adapted layer of this model") from None
+                base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+                if base is None or base is module:
+                    raise FedloraError(f"correction for '{layer}', which is not an adapted layer of this model")
+                if layer not in self._base_weights:
+                    self._base_weights[layer] = base.weight.detach().clone()
+                original = self._base_weights[layer]
+                if layer not in correction:
+                    base.weight.copy_(original)
+                    continue
+                delta = correction[layer]
+                if getattr(module, "fan_in_fan_out", False):
+                    delta = delta.T  # Conv1D-style layers store (in x out)
+                if tuple(delta.shape) != tuple(original.shape):
+                    raise FedloraError(
+                        f"correction for '{layer}' has shape {tuple(delta.shape)}, the layer {tuple(original.shape)}"
+                    )
+                base.weight.copy_((original.float() + delta.float()).to(original.dtype))
 
     def adapter_config(self) -> dict[str, Any]:
         config = self.model.peft_config["default"].to_dict()
@@ -86,10 +125,16 @@ def _task_type(task: str) -> str:
     return {"sequence-classification": "SEQ_CLS"}[task]
 
 
-def build(recipe: Recipe, num_labels: int, base_override: str | None = None) -> Workbench:
-    """Load the base model and tokenizer, attach a freshly initialised adapter (seeded by ``training.seed``)."""
+def build(recipe: Recipe, num_labels: int, base_override: str | None = None, rank: int | None = None) -> Workbench:
+    """Load the base model and tokenizer, attach a freshly initialised adapter (seeded by ``training.seed``).
+
+    ``rank`` (default ``adapter.r``) builds a LoRA adapter of another rank, for a client that trains a lower
+    rank than the global's. VeRA's projections are derived from ``training.seed`` (PEFT's
+    ``projection_prng_key``) and saved with the adapter (``save_projection``), so a global checkpoint loads in
+    vanilla PEFT on any machine.
+    """
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -110,20 +155,42 @@ def build(recipe: Recipe, num_labels: int, base_override: str | None = None) -> 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     fingerprint = base_fingerprint(model)
-    adapter = recipe.adapter
-    config = LoraConfig(
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=list(adapter.target_modules),
-        task_type=_task_type(recipe.model.task),
-    )
+    rank = rank or recipe.adapter.r
+    config = adapter_config(recipe, rank)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise FedloraError(f"adapter.target_modules: {str(exc).strip().splitlines()[0]}") from None
     peft_model.eval()  # training switches to train mode for its steps and back
-    return Workbench(recipe, peft_model, tokenizer, fingerprint, location)
+    return Workbench(recipe, peft_model, tokenizer, fingerprint, location, rank)
+
+
+def adapter_config(recipe: Recipe, rank: int) -> Any:
+    """The PEFT config of the recipe's adapter kind."""
+    from peft import LoraConfig, VeraConfig
+
+    adapter = recipe.adapter
+    task_type = _task_type(recipe.model.task)
+    if adapter.kind == "vera":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return VeraConfig(
+                r=rank,
+                target_modules=list(adapter.target_modules),
+                projection_prng_key=recipe.training.seed,
+                save_projection=True,
+                vera_dropout=adapter.dropout,
+                d_initial=adapter.vera_d_initial,
+                task_type=task_type,
+            )
+    return LoraConfig(
+        r=rank,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=list(adapter.target_modules),
+        use_rslora=adapter.kind == "rslora",
+        task_type=task_type,
+    )
 
 
 def base_fingerprint(model: Any) -> str:

@@ -170,13 +170,6 @@ def poisson_batches(n: int, sample_rate: float, steps: int, rng: Any) -> Iterato
 # DP-FedAvg at the server
 
 
-def clip_to_norm(update: aggregation.Tensors, reference: aggregation.Tensors, clip: float) -> dict[str, torch.Tensor]:
-    """reference + (update - reference) scaled to norm at most ``clip`` (over all tensors together)."""
-    norm = aggregation.update_norm(update, reference)
-    scale = min(1.0, clip / norm) if norm > 0 else 1.0
-    return {name: reference[name] + (t - reference[name]) * scale for name, t in update.items()}
-
-
 def dp_fedavg(
     updates: Iterable[tuple[aggregation.Tensors, float]],
     reference: aggregation.Tensors,
@@ -191,7 +184,7 @@ def dp_fedavg(
     """
     import torch
 
-    clipped = ((clip_to_norm(tensors, reference, clip), 1.0 / num_clients) for tensors, _ in updates)
+    clipped = ((aggregation.clip_to_norm(tensors, reference, clip), 1.0 / num_clients) for tensors, _ in updates)
     mean = aggregation.weighted_mean(clipped)
     if noise_multiplier == 0:
         return mean

@@ -4,8 +4,8 @@ A recipe has five sections, read top to bottom in the order the work happens::
 
     model:      which base model and which task head
     data:       where the examples come from and how they are split across clients
-    adapter:    the LoRA adapter every client trains
-    federation: the federated method, the head policy, rounds and clients
+    adapter:    the adapter every client trains: its kind (lora, rslora, vera), rank and targets
+    federation: the federated method, the head policy, the aggregation strategy, rounds and clients
     training:   the local optimisation each client runs in a round
 
 Validation builds nothing (no model, no data): it checks every key and value and rejects unknown keys and
@@ -24,15 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from fedlora_cli.checkpoint import valid_client_id
 from fedlora_cli.errors import FedloraError
 
 METHODS = ("fedavg", "ffa", "fedsa")
 HEAD_POLICIES = ("shared", "local", "frozen")
-ADAPTER_KINDS = ("lora",)
+ADAPTER_KINDS = ("lora", "rslora", "vera")
 TASKS = ("sequence-classification",)
 OPTIMIZERS = ("sgd", "adamw")
 STRATEGIES = ("iid", "dirichlet", "natural")
 WEIGHTINGS = ("examples", "shard", "uniform")
+AGGREGATIONS = ("mean", "svd", "exact", "median", "trimmed-mean")
+# Strategies that work on the product B A, so every client must send both factors of a LoRA-type adapter.
+PRODUCT_AGGREGATIONS = ("svd", "exact")
+NORM_BOUND_ACTIONS = ("clip", "reject")
+VERA_D_INITIAL = 0.1
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -78,13 +84,33 @@ class DataSection:
 
 @dataclass
 class AdapterSection:
-    kind: str = _help("Adapter kind: 'lora'.", "lora")
-    r: int = _help("LoRA rank.", 8)
-    alpha: float = _help("LoRA alpha; the scale is alpha / r.", 16.0)
-    dropout: float = _help("Dropout on the LoRA input.", 0.05)
+    kind: str = _help(
+        "Adapter kind: 'lora' (scale alpha / r), 'rslora' (rank-stabilised, scale alpha / sqrt(r)) or 'vera' "
+        "(shared random projections derived from training.seed, trained scaling vectors lambda_d and lambda_b).",
+        "lora",
+    )
+    r: int = _help(
+        "Rank: of A and B for lora/rslora (the global rank when clients' ranks differ); the projections' inner "
+        "dimension for vera, which wants far larger values (VeRA's paper uses 256 and more).",
+        8,
+    )
+    alpha: float = _help("LoRA alpha; the scale is alpha / r (rslora: alpha / sqrt(r)). Not used by vera.", 16.0)
+    dropout: float = _help("Dropout on the adapter's input.", 0.05)
     target_modules: list[str] = _help(
         "Module names to adapt (PEFT target_modules).", default_factory=lambda: ["query", "value"]
     )
+    vera_d_initial: float = _help("Initial value of every entry of VeRA's lambda_d (PEFT d_initial).", VERA_D_INITIAL)
+    client_ranks: dict[str, int] | None = _help(
+        "Heterogeneous ranks: client id -> the rank that client trains (at most r); clients not listed train r. "
+        "Needs federation.aggregation 'svd': each client receives the global truncated to its own rank.",
+        None,
+    )
+
+    def rank_for(self, client_id: str | None) -> int:
+        """The rank ``client_id`` trains; ``None`` (the global adapter) has rank ``r``."""
+        if client_id is None or not self.client_ranks:
+            return self.r
+        return self.client_ranks.get(client_id, self.r)
 
 
 @dataclass
@@ -104,6 +130,25 @@ class FederationSection:
         "('examples'), or the size of its shard ('shard', classic FedAvg); or 1/K each ('uniform').",
         "examples",
     )
+    aggregation: str = _help(
+        "How the coordinator combines the sent tensors: 'mean' (weighted mean of each tensor), 'svd' "
+        "(FlexLoRA: weighted mean of the products B_k A_k, truncated SVD back to rank r; allows "
+        "adapter.client_ranks), 'exact' (FedEx-LoRA: mean of A and B plus a dense per-layer correction so the "
+        "global update is exactly the weighted mean of B_k A_k), 'median' or 'trimmed-mean' (coordinate-wise, "
+        "equal client weights, robust to faulty or malicious clients). svd and exact need method 'fedavg'.",
+        "mean",
+    )
+    trim_fraction: float = _help(
+        "trimmed-mean: the fraction of clients dropped at each end of every coordinate (floor(fraction x "
+        "clients) each side, at least one).",
+        0.25,
+    )
+    norm_bound: float | None = _help(
+        "Bound on the L2 norm of each client update's difference from the tensors it received; an update "
+        "beyond it is clipped to the bound or rejected (norm_bound_action). Default: no bound.",
+        None,
+    )
+    norm_bound_action: str = _help("'clip' (scale the difference down to norm_bound) or 'reject' (leave the client out).", "clip")
 
 
 @dataclass
@@ -190,6 +235,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     for option in options:
         if option is type(None):
             continue
+        if get_origin(option) is dict:
+            if isinstance(value, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+            ):
+                return {str(k): v for k, v in value.items()}
+            continue
         if get_origin(option) is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
@@ -208,7 +259,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             return value
         if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    names = " or ".join("list" if get_origin(o) is list else o.__name__ for o in options if o is not type(None))
+    names = " or ".join(
+        {list: "list", dict: "a mapping of names to integers"}.get(get_origin(o), getattr(o, "__name__", str(o)))
+        for o in options
+        if o is not type(None)
+    )
     raise FedloraError(f"recipe key '{key}' must be {names}, got {value!r}")
 
 
@@ -257,11 +312,38 @@ def validate(recipe: Recipe) -> Recipe:
     _require(a.alpha > 0, "adapter.alpha", "must be > 0")
     _require(0 <= a.dropout < 1, "adapter.dropout", "must be in [0, 1)")
     _require(len(a.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+    _require(a.vera_d_initial != 0, "adapter.vera_d_initial", "must not be 0 (lambda_b and lambda_d would never move)")
+    _require(
+        a.kind == "vera" or a.vera_d_initial == VERA_D_INITIAL,
+        "adapter.vera_d_initial",
+        f"applies only to adapter.kind 'vera'; got kind '{a.kind}'",
+    )
     _one_of(f.method, "federation.method", METHODS)
     _one_of(f.head, "federation.head", HEAD_POLICIES)
     _one_of(f.weighting, "federation.weighting", WEIGHTINGS)
     _require(f.rounds >= 1, "federation.rounds", "must be at least 1")
     _require(f.clients >= 1, "federation.clients", "must be at least 1")
+    check_aggregation(f.aggregation, f.method, a.kind)
+    _require(0 < f.trim_fraction < 0.5, "federation.trim_fraction", "must be between 0 and 0.5")
+    if f.aggregation == "trimmed-mean":
+        check_trim(f.trim_fraction, f.clients)
+    _require(f.norm_bound is None or f.norm_bound > 0, "federation.norm_bound", "must be > 0")
+    _one_of(f.norm_bound_action, "federation.norm_bound_action", NORM_BOUND_ACTIONS)
+    if a.client_ranks:
+        _require(
+            f.aggregation == "svd",
+            "adapter.client_ranks",
+            f"needs federation.aggregation 'svd' (only svd combines different ranks); got '{f.aggregation}'",
+        )
+        for client_id, rank in a.client_ranks.items():
+            _require(
+                valid_client_id(client_id), "adapter.client_ranks", f"names an invalid client id '{client_id}'"
+            )
+            _require(
+                1 <= rank <= a.r,
+                "adapter.client_ranks",
+                f"gives '{client_id}' rank {rank}, which must lie between 1 and adapter.r ({a.r})",
+            )
     _one_of(t.optimizer, "training.optimizer", OPTIMIZERS)
     _require(t.lr > 0, "training.lr", "must be > 0")
     _require(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
@@ -282,6 +364,11 @@ def validate(recipe: Recipe) -> Recipe:
     p = recipe.privacy
     if p is not None:
         _require(
+            a.kind != "vera",
+            "privacy",
+            "(DP-SGD) does not support adapter.kind 'vera': Opacus computes no per-example gradients for VeRA's vectors",
+        )
+        _require(
             p.target_epsilon is not None or p.noise_multiplier is not None,
             "privacy.target_epsilon",
             "or 'privacy.noise_multiplier' must be set",
@@ -294,11 +381,45 @@ def validate(recipe: Recipe) -> Recipe:
         _require(t.max_grad_norm is None, "training.max_grad_norm", "must be unset under privacy (DP-SGD clips per example)")
     sp = recipe.server_privacy
     if sp is not None:
+        _require(
+            f.aggregation == "mean",
+            "server_privacy",
+            f"(DP-FedAvg) needs federation.aggregation 'mean'; got '{f.aggregation}'",
+        )
+        _require(f.norm_bound is None, "federation.norm_bound", "must be unset under server_privacy (DP-FedAvg clips every update)")
         _require(sp.clip_norm > 0, "server_privacy.clip_norm", "must be > 0")
         _require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")
         _require(0 < sp.delta < 1, "server_privacy.delta", "must be between 0 and 1")
         _require(sp.target_epsilon is None or sp.target_epsilon > 0, "server_privacy.target_epsilon", "must be > 0")
     return recipe
+
+
+def check_aggregation(strategy: str, method: str, kind: str, label: str = "recipe key 'federation.aggregation'") -> None:
+    """Reject an aggregation strategy that does not fit the method and adapter kind; ``label`` names the setting."""
+    if strategy not in AGGREGATIONS:
+        raise FedloraError(f"{label} must be one of {', '.join(AGGREGATIONS)}; got '{strategy}'")
+    if strategy in PRODUCT_AGGREGATIONS and method != "fedavg":
+        raise FedloraError(
+            f"{label} is '{strategy}', which combines the products B_k A_k and so needs federation.method 'fedavg' "
+            f"(the only method that sends both A and B); the federation uses '{method}'"
+        )
+    if strategy in PRODUCT_AGGREGATIONS and kind not in ("lora", "rslora"):
+        raise FedloraError(
+            f"{label} is '{strategy}', which needs adapter.kind 'lora' or 'rslora' (VeRA has no A and B to "
+            f"multiply); the federation uses '{kind}'"
+        )
+
+
+def check_trim(fraction: float, clients: int, label: str = "recipe key 'federation.trim_fraction'") -> None:
+    """A trimmed mean must drop at least one client at each end and keep at least one."""
+    trimmed = int(fraction * clients)
+    if trimmed < 1:
+        raise FedloraError(
+            f"{label} is {fraction:g}, which trims no client out of {clients} (floor({fraction:g} x {clients}) = 0); "
+            f"use at least {1 / clients:.3g}, or aggregation 'median'"
+        )
+    if clients - 2 * trimmed < 1:
+        raise FedloraError(f"{label} is {fraction:g}, which trims every one of {clients} clients")
 
 
 def from_dict(raw: Any) -> Recipe:

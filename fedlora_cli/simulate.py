@@ -96,16 +96,20 @@ def _update_is_current(layout: RunLayout, round_: int, client_id: str, parent_di
 
 
 def _evaluate_round(
-    layout: RunLayout, round_: int, clients: list[str], bench: Any, test_examples: Any, personalised: bool
+    layout: RunLayout, round_: int, clients: list[str], benches: Benches, test_examples: Any, personalised: bool
 ) -> dict[str, Any]:
     path = layout.metrics(round_)
     if path.is_file():
         return read_json(path, "round metrics")
     g = layout.global_checkpoint(round_)
-    result: dict[str, Any] = {"round": round_, "global": federation.evaluate(g, bench=bench, examples=test_examples)}
+    result: dict[str, Any] = {
+        "round": round_, "global": federation.evaluate(g, bench=benches.get(None), examples=test_examples)
+    }
     if personalised:
         per_client = {
-            cid: federation.evaluate(g, state_dir=layout.state(cid), client_id=cid, bench=bench, examples=test_examples)
+            cid: federation.evaluate(
+                g, state_dir=layout.state(cid), client_id=cid, bench=benches.get(cid), examples=test_examples
+            )
             for cid in clients
             if checkpoint.latest_state(layout.state(cid), round_ + 1) is not None
         }
@@ -117,10 +121,26 @@ def _evaluate_round(
     return result
 
 
+class Benches:
+    """One workbench per LoRA rank in use: clients of different ranks (adapter.client_ranks) need different
+    adapters on the same base model. Each holds its own copy of the base model."""
+
+    def __init__(self, recipe: recipes.Recipe, num_labels: int) -> None:
+        self.recipe, self.num_labels = recipe, num_labels
+        self._by_rank: dict[int, Any] = {}
+
+    def get(self, client_id: str | None) -> Any:
+        from fedlora_cli.modeling import build
+
+        rank = self.recipe.adapter.rank_for(client_id)
+        if rank not in self._by_rank:
+            self._by_rank[rank] = build(self.recipe, self.num_labels, rank=rank)
+        return self._by_rank[rank]
+
+
 def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) every round of the recipe's federation under ``out``; returns one row per round."""
     from fedlora_cli.data import read_shard
-    from fedlora_cli.modeling import build
 
     layout = RunLayout(Path(out))
     if overwrite and layout.root.exists():
@@ -144,9 +164,9 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
     num_labels = recipe.model.num_labels or len(label_names)
 
     reporter.stage(f"loading base model {recipe.model.base}")
-    bench = build(recipe, num_labels)
+    benches = Benches(recipe, num_labels)
     if not layout.global_checkpoint(0).is_dir():
-        federation.init(recipe, layout.global_checkpoint(0), partition=part, bench=bench)
+        federation.init(recipe, layout.global_checkpoint(0), partition=part, bench=benches.get(None))
     plan = federation.plan_of(checkpoint.read_global(layout.global_checkpoint(0)).manifest)
     test_examples = read_shard(
         layout.data / partitions.TEST_SHARD, recipe.data.text_column, recipe.data.label_column, num_labels
@@ -165,7 +185,7 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
                     layout.state(cid),
                     layout.update(round_, cid),
                     cid,
-                    bench=bench,
+                    bench=benches.get(cid),
                     progress=reporter.training(round_, cid),
                     overwrite=True,
                 )
@@ -177,7 +197,9 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
                 target,
             )
         reporter.stage(f"round {round_}: evaluating")
-        metrics = _evaluate_round(layout, round_, clients, bench, test_examples, personalised=bool(plan.local))
+        # Clients of another rank than the global's use the global truncated to their rank: evaluate that too.
+        personalised = bool(plan.local) or bool(recipe.adapter.client_ranks)
+        metrics = _evaluate_round(layout, round_, clients, benches, test_examples, personalised)
         row = round_row(layout, round_, clients, metrics)
         rows.append(row)
         reporter.round_done(row)

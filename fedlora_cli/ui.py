@@ -38,6 +38,17 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def common_prefix(names: Sequence[str]) -> tuple[str, list[str]]:
+    """The dotted prefix all names share, and the names without it (long PEFT module paths, shortened)."""
+    if not names:
+        return "", []
+    parts = [n.split(".") for n in names]
+    k = 0
+    while all(len(p) > k + 1 and p[k] == parts[0][k] for p in parts):
+        k += 1
+    return ".".join(parts[0][:k]), [".".join(p[k:]) for p in parts]
+
+
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
     t = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):

@@ -86,3 +86,181 @@ def test_update_norm_and_nonfinite():
     # Finite values whose float32 sum overflows are still finite.
     assert aggregation.nonfinite({"w": torch.tensor([3e38, 3e38, -1.0])}) is None
     assert aggregation.nonfinite({"w": torch.tensor([3e38, 3e38, float("inf")])}) == "w"
+
+
+# Robust statistics -----------------------------------------------------------------------------------------
+
+
+def test_median_matches_hand_computation():
+    values = [torch.tensor([1.0, 9.0, -2.0]), torch.tensor([3.0, 5.0, 0.0]), torch.tensor([2.0, 7.0, 4.0])]
+
+    odd = aggregation.coordinate_median(values)
+    even = aggregation.coordinate_median([*values, torch.tensor([10.0, 6.0, 1.0])])
+
+    torch.testing.assert_close(odd, torch.tensor([2.0, 7.0, 0.0]))
+    # Four values: the mean of the two middle ones, coordinate by coordinate.
+    torch.testing.assert_close(even, torch.tensor([(2.0 + 3.0) / 2, (6.0 + 7.0) / 2, (0.0 + 1.0) / 2]))
+
+
+def test_trimmed_mean_matches_hand_computation():
+    values = [torch.tensor([1.0, 100.0]), torch.tensor([2.0, -50.0]), torch.tensor([3.0, 4.0]),
+              torch.tensor([4.0, 6.0]), torch.tensor([50.0, 5.0])]
+
+    result = aggregation.trimmed_mean(values, trim=1)
+
+    # Drop the smallest and largest per coordinate: [2, 3, 4] and [4, 5, 6].
+    torch.testing.assert_close(result, torch.tensor([3.0, 5.0]))
+    assert aggregation.trim_count(0.2, 5) == 1
+    assert aggregation.trim_count(0.25, 8) == 2
+    with pytest.raises(FedloraError, match="drops none"):
+        aggregation.trim_count(0.1, 4)
+
+
+@pytest.mark.parametrize("statistic", ["median", "trimmed-mean"])
+def test_one_poisoned_client_stays_within_the_honest_range(statistic):
+    generator = torch.Generator().manual_seed(3)
+    honest = [torch.randn(6, 5, generator=generator) * 0.1 for _ in range(4)]
+    poisoned = torch.full((6, 5), 1e6)
+    values = [honest[0], honest[1], poisoned, honest[2], honest[3]]
+
+    if statistic == "median":
+        result = aggregation.coordinate_median(values)
+    else:
+        result = aggregation.trimmed_mean(values, aggregation.trim_count(0.2, len(values)))
+
+    low = torch.stack(honest).min(dim=0).values
+    high = torch.stack(honest).max(dim=0).values
+    assert bool(((result >= low) & (result <= high)).all())
+    # The plain mean is dragged far out: the test would fail without a robust statistic.
+    mean = aggregation.weighted_mean(({"w": v}, 0.2) for v in values)["w"]
+    assert not bool(((mean >= low) & (mean <= high)).all())
+
+
+def test_clip_to_norm_scales_the_difference_only():
+    ref = {"w": torch.tensor([1.0, 1.0]), "v": torch.tensor([0.0])}
+    update = {"w": torch.tensor([4.0, 5.0]), "v": torch.tensor([0.0])}  # difference (3, 4, 0): norm 5
+
+    clipped = aggregation.clip_to_norm(update, ref, 1.0)
+    untouched = aggregation.clip_to_norm(update, ref, 10.0)
+
+    torch.testing.assert_close(clipped["w"], torch.tensor([1.6, 1.8]))
+    assert aggregation.update_norm(clipped, ref) == pytest.approx(1.0)
+    assert all(torch.equal(untouched[n], update[n]) for n in update)
+
+
+# Products B A: svd (FlexLoRA) and exact (FedEx-LoRA) ---------------------------------------------------------
+
+
+def factors(seed: int, rank: int, d: int = 7, k: int = 5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, k, generator=g, dtype=dtype), torch.randn(d, rank, generator=g, dtype=dtype)
+
+
+def weighted_product(clients, weights, scales):
+    """sum_k p_k s_k B_k A_k, computed directly."""
+    return sum(w * s * (b.double() @ a.double()) for (a, b), w, s in zip(clients, weights, scales))
+
+
+def test_svd_reproduces_a_weighted_sum_of_rank_at_most_r():
+    # Two clients of rank 2: the weighted sum has rank at most 4 = r.
+    clients = [factors(1, 2), factors(2, 2)]
+    weights, scale = [0.3, 0.7], 2.0
+
+    a, b, report = aggregation.svd_layer(((a, b, w, scale) for (a, b), w in zip(clients, weights)), rank=4, scale=scale)
+
+    torch.testing.assert_close(scale * (b @ a), weighted_product(clients, weights, [scale] * 2), rtol=1e-10, atol=1e-10)
+    assert a.shape == (4, 5) and b.shape == (7, 4)
+    assert report.truncation_error == pytest.approx(0.0, abs=1e-12)
+    assert report.rank == 4
+    assert report.mean_error > 0.01  # averaging A and B apart would have been off
+
+
+def test_svd_truncates_to_the_best_rank_r_approximation():
+    clients = [factors(k, 3) for k in range(3)]  # rank up to 9
+    weights = [0.2, 0.3, 0.5]
+
+    a, b, report = aggregation.svd_layer(((a, b, w, 1.0) for (a, b), w in zip(clients, weights)), rank=4, scale=1.0)
+
+    target = weighted_product(clients, weights, [1.0] * 3)
+    s = torch.linalg.svdvals(target)
+    best = float(torch.linalg.vector_norm(s[4:]) / torch.linalg.vector_norm(s))
+    assert report.truncation_error == pytest.approx(best)
+    assert float(torch.linalg.matrix_norm(b @ a - target) / torch.linalg.matrix_norm(target)) == pytest.approx(best)
+    # A has orthonormal rows; B carries the singular values, largest first.
+    torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(torch.linalg.vector_norm(b, dim=0), s[:4])
+
+
+def test_svd_heterogeneous_ranks_and_what_each_client_receives():
+    # LoRA scales differ with the rank (alpha / r): the global works in effective units.
+    alpha, global_rank = 8.0, 4
+    ranks = [1, 2, 4]
+    clients = [factors(10 + k, r) for k, r in enumerate(ranks)]
+    weights = [0.5, 0.25, 0.25]
+    scales = [alpha / r for r in ranks]
+
+    a, b, report = aggregation.svd_layer(
+        ((a, b, w, s) for (a, b), w, s in zip(clients, weights, scales)), rank=global_rank, scale=alpha / global_rank
+    )
+
+    # Rank 1 + 2 + 4 = 7 > 4: truncated; the global holds rank 4.
+    assert a.shape == (4, 5) and b.shape == (7, 4)
+    target = weighted_product(clients, weights, scales)
+    for r in ranks:
+        a_k, b_k = aggregation.to_rank(a, b, r, (alpha / global_rank) / (alpha / r))
+        assert a_k.shape == (r, 5) and b_k.shape == (7, r)
+        # What the client holds, at its own scale, is the best rank-r approximation of the global's update.
+        s = torch.linalg.svdvals(target)
+        err = torch.linalg.matrix_norm((alpha / r) * (b_k @ a_k) - target)
+        assert float(err) == pytest.approx(float(torch.linalg.vector_norm(s[r:])), rel=1e-9)
+
+
+def test_svd_of_identical_updates_is_a_fixed_point_of_the_product():
+    a0, b0 = factors(5, 3)
+    weights = aggregation.client_weights([7, 1, 100])
+
+    a, b, report = aggregation.svd_layer(((a0, b0, w, 2.0) for w in weights), rank=3, scale=2.0)
+
+    # Factors are re-expressed (A orthonormal), the update B A they make is the same.
+    torch.testing.assert_close(b @ a, b0 @ a0, rtol=1e-10, atol=1e-10)
+    assert report.mean_error == pytest.approx(0.0, abs=1e-12)
+    assert report.truncation_error == pytest.approx(0.0, abs=1e-12)
+    again_a, again_b, _ = aggregation.svd_layer(((a, b, w, 2.0) for w in weights), rank=3, scale=2.0)
+    torch.testing.assert_close(again_b @ again_a, b0 @ a0, rtol=1e-10, atol=1e-10)
+
+
+def test_svd_keeps_float32_inputs_float32():
+    clients = [factors(k, 2, dtype=torch.float32) for k in range(2)]
+    a, b, _ = aggregation.svd_layer(((a, b, 0.5, 1.0) for a, b in clients), rank=2, scale=1.0)
+    assert a.dtype == b.dtype == torch.float32
+
+
+def test_exact_equals_the_weighted_mean_of_the_products():
+    clients = [factors(20 + k, 3, dtype=torch.float32) for k in range(4)]
+    weights = aggregation.client_weights([10, 20, 30, 40])
+    scale = 16.0 / 3
+
+    a, b, residual, report = aggregation.exact_layer(((a, b, w, scale) for (a, b), w in zip(clients, weights)), scale)
+
+    expected = weighted_product(clients, weights, [scale] * 4)
+    torch.testing.assert_close((scale * (b.double() @ a.double()) + residual.double()), expected, rtol=1e-5, atol=1e-5)
+    # A and B are FedIT's averages; the residual is exactly FedIT's error.
+    torch.testing.assert_close(a, sum(w * x for (x, _), w in zip(clients, weights)))
+    torch.testing.assert_close(b, sum(w * y for (_, y), w in zip(clients, weights)))
+    fedit = scale * (b.double() @ a.double())
+    error = float(torch.linalg.matrix_norm(fedit - expected) / torch.linalg.matrix_norm(expected))
+    assert report.mean_error == pytest.approx(error, rel=1e-5)
+    assert error > 0.01
+
+
+def test_exact_refuses_different_ranks():
+    with pytest.raises(FedloraError, match="same rank"):
+        aggregation.exact_layer(iter([(*factors(1, 2), 0.5, 1.0), (*factors(2, 3), 0.5, 1.0)]), 1.0)
+
+
+def test_lora_layers_pairs_a_and_b():
+    names = ["base_model.model.x.query.lora_A.weight", "base_model.model.x.query.lora_B.weight",
+             "base_model.model.classifier.weight"]
+    assert aggregation.lora_layers(names) == {"base_model.model.x.query": (names[0], names[1])}
+    with pytest.raises(FedloraError, match="lacks"):
+        aggregation.lora_layers(names[:1])

@@ -221,3 +221,104 @@ def test_partition_missing_file(tmp_path):
     out = tmp_path / "p"
     fails(["partition", tmp_path / "none.csv", "--out", out], "not found")
     assert not out.exists()
+
+
+# Adapter kinds and aggregation strategies ---------------------------------------------------------------------
+
+
+def write_recipe(tmp_path, tiny_model_dir, reviews_csv, method="fedavg", adapter=None, federation=None, extra=None) -> Path:
+    raw = recipe_dict(tiny_model_dir, reviews_csv, method)
+    raw["adapter"].update(adapter or {})
+    raw["federation"].update(federation or {})
+    raw.update(extra or {})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    "method, adapter, federation, extra, needles",
+    [
+        ("ffa", {}, {"aggregation": "svd"}, {}, ["federation.aggregation", "'svd'", "fedavg"]),
+        ("fedsa", {}, {"aggregation": "exact"}, {}, ["federation.aggregation", "'exact'", "fedavg"]),
+        ("fedavg", {"kind": "vera"}, {"aggregation": "svd"}, {}, ["federation.aggregation", "vera"]),
+        ("fedavg", {"client_ranks": {"client-0": 2}}, {}, {}, ["adapter.client_ranks", "svd"]),
+        ("fedavg", {"client_ranks": {"client-0": 9}}, {"aggregation": "svd"}, {}, ["adapter.client_ranks", "adapter.r"]),
+        ("fedavg", {"kind": "dora"}, {}, {}, ["adapter.kind", "rslora", "vera"]),
+        ("fedavg", {"vera_d_initial": 0.5}, {}, {}, ["adapter.vera_d_initial", "vera"]),
+        ("fedavg", {}, {"aggregation": "trimmed-mean"}, {}, ["federation.trim_fraction", "trims no client"]),
+        ("fedavg", {}, {"norm_bound_action": "ignore"}, {}, ["federation.norm_bound_action"]),
+        ("fedavg", {"kind": "vera"}, {}, {"privacy": {"target_epsilon": 3.0}}, ["privacy", "vera"]),
+        ("fedavg", {}, {"aggregation": "median"}, {"server_privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}},
+         ["server_privacy", "mean"]),
+    ],
+)
+def test_invalid_combinations_are_named(tmp_path, tiny_model_dir, reviews_csv, method, adapter, federation, extra, needles):
+    path = write_recipe(tmp_path, tiny_model_dir, reviews_csv, method, adapter, federation, extra)
+    fails(["recipes", "validate", path], *needles)
+    out = tmp_path / "g"
+    fails(["init", path, "--out", out], *needles)
+    assert not out.exists()
+
+
+def test_strategy_override_that_does_not_fit_the_method(run, tmp_path):
+    # run is an FFA-LoRA federation: only B travels, so there is no product B A to combine.
+    out = tmp_path / "next"
+    fails(["aggregate", run.global_checkpoint(0), *good_updates(run), "--out", out, "--strategy", "svd"],
+          "'svd'", "fedavg", "ffa")
+    assert not out.exists()
+
+
+def test_trimmed_mean_that_trims_nothing(run, tmp_path):
+    out = tmp_path / "next"
+    fails(["aggregate", run.global_checkpoint(0), *good_updates(run), "--out", out, "--strategy", "trimmed-mean"],
+          "trims no client")
+    assert not out.exists()
+    fails(["aggregate", run.global_checkpoint(0), *good_updates(run), "--out", out, "--strategy", "mean",
+           "--norm-bound", "-1"], "norm bound")
+    assert not out.exists()
+
+
+def test_every_update_rejected_by_the_norm_bound(run, tmp_path):
+    out = tmp_path / "next"
+    fails(["aggregate", run.global_checkpoint(0), *good_updates(run), "--out", out, "--norm-bound", "1e-9",
+           "--norm-bound-action", "reject"], "all 3 client updates exceed the norm bound", "nothing written")
+    assert not out.exists()
+
+
+@pytest.fixture
+def vera_global(tmp_path, tiny_model_dir, reviews_csv, partition_dir) -> Path:
+    path = write_recipe(tmp_path, tiny_model_dir, reviews_csv, "fedsa", adapter={"kind": "vera", "r": 16})
+    out = tmp_path / "g0"
+    assert runner.invoke(app, ["init", str(path), "--data", str(partition_dir), "--out", str(out)]).exit_code == 0
+    return out
+
+
+def test_vera_projections_that_differ_on_a_site_are_refused(vera_global, tmp_path, partition_dir, monkeypatch):
+    """A site whose random generator derives other projections from the same seed must not train."""
+    import peft.tuners.vera.model as vera_model
+
+    real = vera_model._kaiming_init
+    monkeypatch.setattr(vera_model, "_kaiming_init", lambda shape, generator: real(shape, generator) * (1 + 1e-6))
+    out, state = tmp_path / "u", tmp_path / "state"
+    fails(["train-client", vera_global, "--data", partition_dir / "client-0.parquet", "--state", state,
+           "--client-id", "client-0", "--out", out], "VeRA projection", "differs from the global checkpoint")
+    assert not out.exists() and not state.exists()
+    monkeypatch.setattr(vera_model, "_kaiming_init", real)
+    result = runner.invoke(app, ["train-client", str(vera_global), "--data", str(partition_dir / "client-0.parquet"),
+                                 "--state", str(state), "--client-id", "client-0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+
+
+def test_vera_update_trained_with_other_projections_is_refused(vera_global, tmp_path, partition_dir):
+    updates = []
+    for k in range(2):
+        update = tmp_path / f"u{k}"
+        result = runner.invoke(app, ["train-client", str(vera_global), "--data", str(partition_dir / f"client-{k}.parquet"),
+                                     "--state", str(tmp_path / f"s{k}"), "--client-id", f"client-{k}", "--out", str(update)])
+        assert result.exit_code == 0, result.output
+        updates.append(update)
+    edit_manifest(updates[0], frozen_digest="d" * 64)
+    out = tmp_path / "g1"
+    fails(["aggregate", vera_global, *updates, "--out", out], "different frozen VeRA projections")
+    assert not out.exists()

@@ -31,3 +31,36 @@ def test_plan(method, head, trained, sent, local):
     assert p.sent == sent
     assert p.local == local
     assert p.frozen == {ROLE_A, ROLE_B, ROLE_HEAD} - trained
+
+
+def test_vera_roles_from_peft_names():
+    from fedlora_cli.methods import ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION
+
+    assert role_of("base_model.model.bert.encoder.layer.0.attention.self.query.vera_lambda_d") == ROLE_LAMBDA_D
+    assert role_of("base_model.model.bert.encoder.layer.0.attention.self.query.vera_lambda_b.default") == ROLE_LAMBDA_B
+    assert role_of("base_model.vera_A") == ROLE_PROJECTION
+    assert role_of("base_model.vera_B") == ROLE_PROJECTION
+
+
+@pytest.mark.parametrize(
+    "method, head, trained, sent, local, frozen",
+    [
+        ("fedavg", "shared", {"vera_lambda_d", "vera_lambda_b", ROLE_HEAD}, {"vera_lambda_d", "vera_lambda_b", ROLE_HEAD},
+         set(), {"vera_projection"}),
+        ("ffa", "shared", {"vera_lambda_b", ROLE_HEAD}, {"vera_lambda_b", ROLE_HEAD}, set(),
+         {"vera_lambda_d", "vera_projection"}),
+        ("fedsa", "local", {"vera_lambda_d", "vera_lambda_b", ROLE_HEAD}, {"vera_lambda_d"},
+         {"vera_lambda_b", ROLE_HEAD}, {"vera_projection"}),
+    ],
+)
+def test_vera_plan(method, head, trained, sent, local, frozen):
+    p = plan(method, head, "vera")
+    assert (p.trained, p.sent, p.local, p.frozen) == (trained, sent, local, frozen)
+
+
+def test_rslora_plan_is_lora_plan_and_scales_differ():
+    from fedlora_cli.methods import adapter_kind
+
+    assert plan("fedsa", "local", "rslora").sent == plan("fedsa", "local", "lora").sent == {ROLE_A}
+    assert adapter_kind("lora").scale(16, 4) == 4.0
+    assert adapter_kind("rslora").scale(16, 4) == 8.0

@@ -12,9 +12,19 @@ SHIPPED = recipes_catalog.names()
 
 
 def test_there_are_shipped_recipes_for_each_method():
-    methods = {recipes.load(recipes_catalog.find(n)).federation.method for n in SHIPPED}
+    loaded = [recipes.load(recipes_catalog.find(n)) for n in SHIPPED]
+    methods = {r.federation.method for r in loaded}
     assert {"quickstart", "fedavg-lora", "ffa-lora", "fedsa-lora"} <= set(SHIPPED)
     assert methods >= {"fedavg", "ffa", "fedsa"}
+
+
+def test_there_are_shipped_recipes_for_the_adapter_kinds_and_heterogeneous_ranks():
+    assert {"fedsa-rslora", "fedsa-vera", "ffa-vera", "fedavg-svd-hetero"} <= set(SHIPPED)
+    combos = {(r.federation.method, r.adapter.kind) for r in (recipes.load(recipes_catalog.find(n)) for n in SHIPPED)}
+    assert {("fedsa", "rslora"), ("fedsa", "vera"), ("ffa", "vera")} <= combos
+    hetero = recipes.load(recipes_catalog.find("fedavg-svd-hetero"))
+    assert hetero.federation.aggregation == "svd" and hetero.federation.method == "fedavg"
+    assert len({hetero.adapter.rank_for(f"client-{k}") for k in range(hetero.federation.clients)}) > 1
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -44,6 +54,21 @@ def base() -> dict:
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction"),
         ({"adapter": {"r": 0}}, "adapter.r"),
         ({"adapter": {"kind": "dora"}}, "adapter.kind"),
+        ({"federation": {"method": "ffa", "aggregation": "svd"}}, "federation.aggregation"),
+        ({"federation": {"method": "fedsa", "aggregation": "exact"}}, "federation.aggregation"),
+        ({"adapter": {"kind": "vera"}, "federation": {"aggregation": "exact"}}, "federation.aggregation"),
+        ({"federation": {"aggregation": "average"}}, "federation.aggregation"),
+        ({"adapter": {"client_ranks": {"client-0": 2}}}, "adapter.client_ranks"),
+        ({"adapter": {"client_ranks": {"client-0": 0}}, "federation": {"aggregation": "svd"}}, "adapter.client_ranks"),
+        ({"adapter": {"client_ranks": {"bad id!": 2}}, "federation": {"aggregation": "svd"}}, "adapter.client_ranks"),
+        ({"adapter": {"client_ranks": [2, 4]}}, "adapter.client_ranks"),
+        ({"adapter": {"vera_d_initial": 0.3}}, "adapter.vera_d_initial"),
+        ({"adapter": {"kind": "vera", "vera_d_initial": 0}}, "adapter.vera_d_initial"),
+        ({"federation": {"aggregation": "trimmed-mean", "clients": 3}}, "federation.trim_fraction"),
+        ({"federation": {"trim_fraction": 0.5}}, "federation.trim_fraction"),
+        ({"federation": {"norm_bound": 0}}, "federation.norm_bound"),
+        ({"federation": {"norm_bound_action": "drop"}}, "federation.norm_bound_action"),
+        ({"adapter": {"kind": "vera"}, "privacy": {"target_epsilon": 1.0}}, "privacy"),
         ({"model": {"base": "m", "task": "translation"}}, "model.task"),
         ({"federation": {"rounds": True}}, "federation.rounds"),
     ],
@@ -102,3 +127,17 @@ def test_pkg_locations(tmp_path):
     assert recipes.resolve_location("pkg:fedlora_cli/recipe.py").endswith("fedlora_cli/recipe.py")
     with pytest.raises(FedloraError, match="not installed"):
         recipes.resolve_location("pkg:no_such_package_xyz/model")
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora", "vera"])
+@pytest.mark.parametrize("method", ["fedavg", "ffa", "fedsa"])
+@pytest.mark.parametrize("aggregation", ["mean", "svd", "exact", "median", "trimmed-mean"])
+def test_the_combinations_that_mean_something_validate(kind, method, aggregation):
+    raw = {**base(), "adapter": {"kind": kind}, "federation": {"method": method, "aggregation": aggregation}}
+    meaningful = aggregation not in ("svd", "exact") or (method == "fedavg" and kind != "vera")
+    if meaningful:
+        r = recipes.from_dict(raw)
+        assert (r.adapter.kind, r.federation.method, r.federation.aggregation) == (kind, method, aggregation)
+    else:
+        with pytest.raises(FedloraError, match=r"federation\.aggregation"):
+            recipes.from_dict(raw)

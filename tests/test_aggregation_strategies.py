@@ -1,0 +1,291 @@
+"""Aggregation strategies on the files a tiny federation writes, checked against independent computations.
+
+svd: clients of different ranks each train and receive their own rank; exact: the global's effective update
+is the weighted mean of the clients' s B_k A_k; median, trimmed mean and the norm bound keep a poisoned
+client's update from moving the global beyond the honest clients' range.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedlora_cli import aggregation, checkpoint, federation, recipe as recipes
+from fedlora_cli.cli import app
+from fedlora_cli.methods import ROLE_A, ROLE_B, role_of
+
+from conftest import QuietReporter, recipe_dict
+
+CLIENTS = ["client-0", "client-1", "client-2"]
+ALPHA, RANK = 8.0, 4  # conftest's adapter: r = 4, alpha = 8
+runner = CliRunner()
+
+
+@pytest.fixture
+def strategy_recipe(tiny_model_dir, reviews_csv):
+    def make(method: str = "fedavg", kind: str = "lora", client_ranks=None, **federation_keys):
+        raw = recipe_dict(tiny_model_dir, reviews_csv, method)
+        raw["adapter"].update({"kind": kind, "client_ranks": client_ranks})
+        raw["federation"].update(federation_keys)
+        return recipes.from_dict(raw)
+
+    return make
+
+
+def weights_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / checkpoint.ADAPTER_WEIGHTS))
+
+
+def sent(layout, round_: int, client: str) -> dict[str, torch.Tensor]:
+    return load_file(str(layout.update(round_, client) / checkpoint.UPDATE_TENSORS))
+
+
+def example_weights(layout, round_: int, clients=CLIENTS) -> list[float]:
+    n = [checkpoint.read_update(layout.update(round_, c)).manifest.num_examples for c in clients]
+    return [k / sum(n) for k in n]
+
+
+def products(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """layer -> scale * B A, in float64."""
+    return {layer: scale * (tensors[b].double() @ tensors[a].double())
+            for layer, (a, b) in aggregation.lora_layers(tensors).items()}
+
+
+# svd -----------------------------------------------------------------------------------------------------------
+
+
+def test_heterogeneous_ranks_each_client_trains_and_receives_its_own_rank(strategy_recipe, tmp_path, monkeypatch):
+    from fedlora_cli import simulate, training
+
+    ranks = {"client-0": 1, "client-1": 2}  # client-2 trains the global rank 4
+    recipe = strategy_recipe(client_ranks=ranks, aggregation="svd")
+    received: list[dict[str, torch.Tensor]] = []
+    real = training.local_train
+
+    def spy(bench, plan, examples, seed, progress=None, dp=None):
+        received.append({n: t.clone() for n, t in bench.adapter_tensors().items()})
+        return real(bench, plan, examples, seed, progress, dp)
+
+    monkeypatch.setattr(training, "local_train", spy)
+    layout = simulate.RunLayout(tmp_path / "run")
+    rows = simulate.simulate(recipe, layout.root, QuietReporter())
+
+    rank_of = {c: ranks.get(c, RANK) for c in CLIENTS}
+    for round_ in (1, 2):
+        g = weights_of(layout.global_checkpoint(round_))
+        assert all(t.shape[0] == RANK for n, t in g.items() if role_of(n) == ROLE_A), "the global holds rank r"
+        for client in CLIENTS:
+            for name, t in sent(layout, round_, client).items():
+                if role_of(name) == ROLE_A:
+                    assert t.shape[0] == rank_of[client]
+                if role_of(name) == ROLE_B:
+                    assert t.shape[1] == rank_of[client]
+    # Round 2 starts (calls 4..6) from the round-1 global truncated to each client's rank, rescaled to its scale.
+    g1 = weights_of(layout.global_checkpoint(1))
+    for k, client in enumerate(CLIENTS):
+        r = rank_of[client]
+        start = received[3 + k]
+        for layer, (a, b) in aggregation.lora_layers(g1).items():
+            assert start[a].shape == (r, g1[a].shape[1]) and start[b].shape == (g1[b].shape[0], r)
+            torch.testing.assert_close(start[a], g1[a][:r])
+            torch.testing.assert_close(start[b], g1[b][:, :r] * (ALPHA / RANK) / (ALPHA / r))
+    # Every client's personalised model (the global at its rank) is evaluated.
+    assert rows[-1]["personalised_accuracy"] is not None
+
+
+def test_svd_global_is_the_truncated_weighted_mean_of_the_products(strategy_recipe, run_federation):
+    ranks = {"client-0": 1, "client-1": 2}
+    layout = run_federation(strategy_recipe(client_ranks=ranks, aggregation="svd"))
+    p = example_weights(layout, 2)
+    target: dict[str, torch.Tensor] = {}
+    for client, w in zip(CLIENTS, p):
+        for layer, prod in products(sent(layout, 2, client), ALPHA / ranks.get(client, RANK)).items():
+            target[layer] = target.get(layer, 0) + w * prod
+    got = products(weights_of(layout.global_checkpoint(2)), ALPHA / RANK)
+    report = checkpoint.read_global(layout.global_checkpoint(2)).manifest.aggregation
+    assert report["strategy"] == "svd" and set(report["layers"]) == set(target)
+    for layer, m in target.items():
+        s = torch.linalg.svdvals(m)
+        best = torch.linalg.vector_norm(s[RANK:]) / torch.linalg.vector_norm(s)
+        err = torch.linalg.matrix_norm(got[layer] - m) / torch.linalg.matrix_norm(m)
+        assert float(err) == pytest.approx(float(best), rel=1e-4, abs=1e-6)
+        assert report["layers"][layer]["truncation_error"] == pytest.approx(float(best), rel=1e-4, abs=1e-6)
+
+
+def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, run_federation, tmp_path):
+    layout = run_federation(strategy_recipe(aggregation="svd"))
+    source = layout.update(1, "client-0")
+    copies = []
+    for k, n in enumerate((5, 50, 500)):
+        m = checkpoint.read_update(source).manifest
+        m.client_id, m.num_examples = f"copy-{k}", n
+        copies.append(checkpoint.write_update(tmp_path / f"copy-{k}", m, sent(layout, 1, "client-0")).path)
+    federation.aggregate_round(layout.global_checkpoint(0), copies, tmp_path / "agg")
+    want = products(sent(layout, 1, "client-0"), ALPHA / RANK)
+    got = products(weights_of(tmp_path / "agg"), ALPHA / RANK)
+    for layer in want:
+        torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-6)
+
+
+# exact -------------------------------------------------------------------------------------------------------
+
+
+def test_exact_global_update_is_the_weighted_mean_of_the_products(strategy_recipe, run_federation, tiny_model_dir):
+    layout = run_federation(strategy_recipe(aggregation="exact"))
+    scale = ALPHA / RANK
+    corrections = {r: checkpoint.read_global(layout.global_checkpoint(r)).correction() for r in (0, 1, 2)}
+    assert corrections[0] == {} and corrections[1] and corrections[2]
+    for round_ in (1, 2):
+        p = example_weights(layout, round_)
+        mean: dict[str, torch.Tensor] = {}
+        for client, w in zip(CLIENTS, p):
+            for layer, prod in products(sent(layout, round_, client), scale).items():
+                mean[layer] = mean.get(layer, 0) + w * prod
+        g = products(weights_of(layout.global_checkpoint(round_)), scale)
+        for layer, m in mean.items():
+            before = corrections[round_ - 1].get(layer, torch.zeros(1)).double()
+            # This round's update of the effective weight: the correction added, plus s B A.
+            effective = corrections[round_][layer].double() - before + g[layer]
+            torch.testing.assert_close(effective, m, rtol=1e-5, atol=1e-6)
+        # A and B themselves are FedIT's plain weighted means.
+        for name in sent(layout, round_, "client-0"):
+            if role_of(name) in (ROLE_A, ROLE_B):
+                mean_t = sum(w * sent(layout, round_, c)[name].double() for c, w in zip(CLIENTS, p))
+                torch.testing.assert_close(weights_of(layout.global_checkpoint(round_))[name].double(), mean_t)
+
+
+def test_exact_correction_is_in_the_model_clients_and_evaluation_use(strategy_recipe, run_federation, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora_cli import export
+
+    layout = run_federation(strategy_recipe(aggregation="exact"))
+    g = layout.global_checkpoint(2)
+    correction = checkpoint.read_global(g).correction()
+    bench, _ = federation.load_for_evaluation(g)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    base_weights = dict(base.named_parameters())
+    for layer, c in correction.items():
+        module = bench.model.get_submodule(layer)
+        w0 = base_weights[layer.removeprefix("base_model.model.") + ".weight"]
+        torch.testing.assert_close(module.get_base_layer().weight, w0 + c)
+    # A merged export holds W0 + correction + s B A; an adapter export cannot hold the correction.
+    result = export.export(g, tmp_path / "merged", merge=True)
+    merged = dict(AutoModelForSequenceClassification.from_pretrained(result.path).named_parameters())
+    effective = products(weights_of(g), ALPHA / RANK)
+    for layer, c in correction.items():
+        key = layer.removeprefix("base_model.model.") + ".weight"
+        torch.testing.assert_close(merged[key].double(), base_weights[key].double() + c.double() + effective[layer],
+                                   rtol=1e-5, atol=1e-5)
+    out = runner.invoke(app, ["export", str(g), "--out", str(tmp_path / "adapter")])
+    assert out.exit_code == 1 and "--merge" in out.output and not (tmp_path / "adapter").exists()
+
+
+def test_a_later_mean_round_keeps_the_correction(strategy_recipe, run_federation, tmp_path):
+    layout = run_federation(strategy_recipe(aggregation="exact"))
+    # Retrain round 2 is not needed: re-aggregate the round-2 updates with mean instead of exact.
+    result = federation.aggregate_round(layout.global_checkpoint(1), [layout.update(2, c) for c in CLIENTS],
+                                        tmp_path / "mean", strategy="mean")
+    kept = checkpoint.read_global(tmp_path / "mean").correction()
+    parent = checkpoint.read_global(layout.global_checkpoint(1)).correction()
+    assert set(kept) == set(parent) and all(torch.equal(kept[n], parent[n]) for n in parent)
+    assert result.checkpoint.manifest.digest != checkpoint.read_global(layout.global_checkpoint(2)).manifest.digest
+
+
+# median, trimmed mean, norm bound ----------------------------------------------------------------------------
+
+
+def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: float = 1e4) -> Path:
+    """A well-formed update (valid digests) whose difference from the global is ``factor`` times client's."""
+    g0 = weights_of(layout.global_checkpoint(0))
+    tensors = {n: g0[n] + (t - g0[n]) * factor for n, t in sent(layout, 1, client).items()}
+    m = checkpoint.read_update(layout.update(1, client)).manifest
+    m.client_id = "mallory"
+    m.num_examples = 10**6  # and it claims a huge share of the data
+    m.tensor_digests = federation.digests(tensors)
+    return checkpoint.write_update(tmp_path / "mallory", m, tensors).path
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--strategy", "median"], ["--strategy", "trimmed-mean", "--trim-fraction", "0.25"],
+     ["--norm-bound", "NORM", "--norm-bound-action", "reject"]],
+)
+def test_a_poisoned_client_does_not_move_the_robust_aggregate(options, strategy_recipe, run_federation, tmp_path):
+    layout = run_federation(strategy_recipe("fedsa"))  # A and the head travel
+    honest = [sent(layout, 1, c) for c in CLIENTS]
+    updates = [layout.update(1, c) for c in CLIENTS] + [poisoned_copy(layout, tmp_path)]
+    if "NORM" in options:
+        g0 = weights_of(layout.global_checkpoint(0))
+        largest = max(aggregation.update_norm(h, g0) for h in honest)
+        options = [str(2 * largest) if o == "NORM" else o for o in options]
+    out = tmp_path / "g1"
+    result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *map(str, updates), "--out", str(out),
+                                 *options, "--json"])
+    assert result.exit_code == 0, result.output
+    got = weights_of(out)
+    for name in honest[0]:
+        stacked = torch.stack([h[name] for h in honest])
+        low, high = stacked.min(dim=0).values, stacked.max(dim=0).values
+        assert bool(((got[name] >= low - 1e-7) & (got[name] <= high + 1e-7)).all()), name
+    report = json.loads(result.stdout)["aggregation"]
+    if "reject" in options:
+        assert report["rejected"] == ["mallory"]
+    # Without the defence the poisoned client drags the mean far outside.
+    plain = federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "plain", strategy="mean")
+    name = next(n for n in honest[0] if role_of(n) == ROLE_A)
+    assert float((weights_of(plain.checkpoint.path)[name] - honest[0][name]).abs().max()) > 1.0
+
+
+def test_median_is_the_coordinate_median_of_the_updates(strategy_recipe, run_federation, tmp_path):
+    layout = run_federation(strategy_recipe("fedavg"))
+    federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "m",
+                               strategy="median")
+    got = weights_of(tmp_path / "m")
+    for name in sent(layout, 1, "client-0"):
+        values = torch.stack([sent(layout, 1, c)[name] for c in CLIENTS])
+        torch.testing.assert_close(got[name], values.median(dim=0).values)  # three clients: the middle value
+
+
+def test_norm_bound_clip_is_the_mean_of_clipped_updates(strategy_recipe, run_federation, tmp_path):
+    layout = run_federation(strategy_recipe("fedavg"))
+    g0 = weights_of(layout.global_checkpoint(0))
+    updates = [sent(layout, 1, c) for c in CLIENTS]
+    norms = [aggregation.update_norm(u, g0) for u in updates]
+    bound = sorted(norms)[1]  # clips the largest update only
+    result = federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS],
+                                        tmp_path / "c", norm_bound=bound)
+    p = example_weights(layout, 1)
+    for name in updates[0]:
+        by_hand = sum(w * (g0[name] + (u[name] - g0[name]) * min(1.0, bound / n)) for u, w, n in zip(updates, p, norms))
+        torch.testing.assert_close(weights_of(tmp_path / "c")[name], by_hand, rtol=1e-5, atol=1e-7)
+    assert [r.bound for r in result.clients].count("clipped") == 1
+    assert result.checkpoint.manifest.aggregation["clipped"] == [CLIENTS[norms.index(max(norms))]]
+
+
+def test_aggregate_cli_reports_the_error_of_plain_averaging(strategy_recipe, run_federation, tmp_path):
+    layout = run_federation(strategy_recipe("fedavg"))
+    updates = [str(layout.update(1, c)) for c in CLIENTS]
+    table = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "t"),
+                                "--strategy", "exact"])
+    assert table.exit_code == 0, table.output
+    assert "error of plain averaging" in table.stdout and "0.attention.self.query" in table.stdout
+    result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "j"),
+                                 "--strategy", "svd", "--json"])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.stdout)["aggregation"]["layers"]
+    assert len(layers) == 4 and all(0 < v["mean_error"] < 10 for v in layers.values())
+    # The same numbers an independent computation gives, and they are stored in the global manifest.
+    p = example_weights(layout, 1)
+    ups = [sent(layout, 1, c) for c in CLIENTS]
+    for layer, (a, b) in aggregation.lora_layers(ups[0]).items():
+        exact = sum(w * (u[b].double() @ u[a].double()) for u, w in zip(ups, p))
+        plain = sum(w * u[b].double() for u, w in zip(ups, p)) @ sum(w * u[a].double() for u, w in zip(ups, p))
+        error = float(torch.linalg.matrix_norm(plain - exact) / torch.linalg.matrix_norm(exact))
+        assert layers[layer]["mean_error"] == pytest.approx(error, rel=1e-4)
+    assert checkpoint.read_global(tmp_path / "j").manifest.aggregation["layers"] == layers
