@@ -18,7 +18,9 @@ copying it. Its ledger lives in the global checkpoint's manifest.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,7 +48,17 @@ def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> 
         return math.inf
     acc = create_accountant(mechanism=accountant)
     acc.history = steps
-    return float(acc.get_epsilon(delta=delta))
+    with _quiet_accountant():
+        return float(acc.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def _quiet_accountant() -> Iterator[None]:
+    """Silences Opacus' note that the best RDP order is the largest it tried: the epsilon is then still a valid
+    upper bound, only possibly a loose one (and the PRV accountant uses RDP only to size its domain)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
@@ -55,15 +67,16 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: in
 
     if not 0 < sample_rate <= 1:
         raise FedloraError(f"sample rate {sample_rate:.4g} must lie in (0, 1]: the batch is larger than the data")
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                accountant=accountant, epsilon_tolerance=0.005,
+    with _quiet_accountant():
+        try:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                    accountant=accountant, epsilon_tolerance=0.005,
+                )
             )
-        )
-    except ValueError as exc:
-        raise FedloraError(f"cannot reach epsilon {target_epsilon} with this plan: {exc}") from None
+        except ValueError as exc:
+            raise FedloraError(f"cannot reach epsilon {target_epsilon} with this plan: {exc}") from None
 
 
 def check_delta(delta: float, client_examples: int, who: str) -> None:
