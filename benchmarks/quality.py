@@ -1,0 +1,116 @@
+"""The quality table: every method and variant x partition x privacy, over seeds, beside a centralised reference.
+
+    python benchmarks/quality.py [--configs fedavg-lora,ffa-lora,fedsa-lora] [--partitions iid,dirichlet-0.5,dirichlet-0.1]
+                                 [--privacy none,3] [--seeds 0,1,2] [--no-centralised] [--set key=value ...] [--out runs/bench-quality] [--json f]
+
+Every cell is ``fedlora simulate`` on the quickstart recipe (real MiniLM, Rotten Tomatoes, 4 clients,
+3 rounds of 40 local steps of batch 32) with the configuration's overrides (the configurations of
+``variants_quality.py``), the partition, and a seed that sets both the partition and the training seed.
+Privacy ``3`` adds DP-SGD at epsilon 3 (delta 1e-5, C = 1, PRV; configurations that cannot run under DP,
+such as VeRA, are reported as refused). The centralised reference trains plain LoRA (FedAvg-LoRA's rate) on
+one client holding all the training data, IID, for the same compute: 4 x 40 steps a round for 3 rounds.
+Cells report the mean over seeds and, with more than one seed, the spread (max - min).
+
+This is hours of CPU on a 2-core machine (about 10 minutes a cell); pick a slice with the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from variants_quality import CONFIGS, Quiet  # noqa: E402
+
+PARTITIONS = {
+    "iid": {"data.strategy": "iid"},
+    "dirichlet-0.5": {"data.strategy": "dirichlet", "data.alpha": 0.5},
+    "dirichlet-0.1": {"data.strategy": "dirichlet", "data.alpha": 0.1},
+}
+PRIVACY = {"none": {}, "3": {"privacy.target_epsilon": 3.0, "privacy.delta": 1e-5, "privacy.max_grad_norm": 1.0}}
+CENTRALISED = {
+    "federation.method": "fedavg", "training.lr": 0.001, "federation.clients": 1, "data.strategy": "iid",
+    "training.local_steps": 160,
+}
+
+
+def run_cell(name: str, overrides: dict, out: Path) -> dict:
+    from fedlora_cli import recipe as recipes, recipes_catalog, simulate
+    from fedlora_cli.errors import FedloraError
+
+    print(f"{name} -> {out}", flush=True)
+    started = time.perf_counter()
+    try:
+        recipe = recipes.load(recipes_catalog.find("quickstart"), overrides)
+        rows = simulate.simulate(recipe, out, Quiet())
+    except FedloraError as exc:
+        print(f"  refused: {exc}", flush=True)
+        return {"refused": str(exc)}
+    return {
+        "global": rows[-1]["global_accuracy"], "personalised": rows[-1]["personalised_accuracy"],
+        "by_round": [r["global_accuracy"] for r in rows], "seconds": time.perf_counter() - started,
+    }
+
+
+def summary(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="fedavg-lora,ffa-lora,fedsa-lora")
+    parser.add_argument("--partitions", default="iid,dirichlet-0.5,dirichlet-0.1")
+    parser.add_argument("--privacy", default="none,3")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--no-centralised", action="store_true")
+    parser.add_argument("--set", action="append", default=[], dest="sets",
+                        help="recipe override applied last to every cell, e.g. federation.rounds=1 for a quick check")
+    parser.add_argument("--out", default="runs/bench-quality")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    from fedlora_cli import recipe as recipes
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = dict(recipes.parse_override(item) for item in args.sets)
+    cells: list[dict] = []
+    if not args.no_centralised:
+        runs = [run_cell("centralised", {**CENTRALISED, "data.seed": s, "training.seed": s, **extra},
+                         Path(args.out) / f"centralised-s{s}") for s in seeds]
+        cells.append({"config": "centralised LoRA", "partition": "-", "privacy": "none", "runs": runs})
+    for config in args.configs.split(","):
+        for partition in args.partitions.split(","):
+            for privacy in args.privacy.split(","):
+                runs = []
+                for s in seeds:
+                    overrides = {**CONFIGS[config], **PARTITIONS[partition], **PRIVACY[privacy],
+                                 "data.seed": s, "training.seed": s, **extra}
+                    runs.append(run_cell(f"{config} {partition} eps={privacy} seed={s}", overrides,
+                                         Path(args.out) / f"{config}-{partition}-eps{privacy}-s{s}"))
+                cells.append({"config": config, "partition": partition, "privacy": privacy, "runs": runs})
+
+    print(f"\n# Quality, {time.strftime('%Y-%m-%d')}, {platform.machine()} python {platform.python_version()}, "
+          f"seeds {args.seeds} (mean ± half-range)")
+    print("| configuration | partition | epsilon | global accuracy | personalised accuracy |")
+    print("|---|---|---|---|---|")
+    for c in cells:
+        refused = [r["refused"] for r in c["runs"] if "refused" in r]
+        if refused:
+            print(f"| {c['config']} | {c['partition']} | {c['privacy']} | refused: {refused[0][:80]} | |")
+            continue
+        print(f"| {c['config']} | {c['partition']} | {c['privacy']} | {summary([r['global'] for r in c['runs']])} "
+              f"| {summary([r['personalised'] for r in c['runs']])} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "cells": cells}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
