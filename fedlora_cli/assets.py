@@ -85,8 +85,8 @@ def convert_gguf(source: str, out: Path, overwrite: bool = False) -> ConvertResu
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
-    _require_package("gguf", "gguf", "converting a GGUF file")
     path = gguf_file(source)
+    _require_package("gguf", "gguf", "converting a GGUF file")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     folder, name = str(path.parent), path.name
