@@ -225,7 +225,7 @@ class GlobalManifest:
     recipe: dict[str, Any]
     recipe_digest: str
     seed: int
-    num_labels: int
+    num_labels: int | None  # None for a causal LM
     tensor_digests: dict[str, str]
     digest: str
     frozen_digest: str | None

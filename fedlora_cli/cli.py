@@ -104,6 +104,8 @@ def _recipe_path(path: Path) -> Path:
 
 # partition -----------------------------------------------------------------------------------------------
 
+MAX_COUNT_COLUMNS = 10  # label or category values shown as a column each in the partition table
+
 
 @command(app, "partition")
 def partition_cmd(
@@ -111,12 +113,24 @@ def partition_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the shards and manifest to.")] = Path("data"),
     recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take data settings from this recipe.")] = None,
     clients: Annotated[Optional[int], typer.Option("--clients", "-n", help="Number of clients.")] = None,
-    strategy: Annotated[Optional[str], typer.Option(help="iid, dirichlet or natural.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="iid, dirichlet, natural or size.")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration (0.5 default, 0.1 severe).")] = None,
-    by: Annotated[Optional[str], typer.Option(help="Column defining clients for --strategy natural.")] = None,
+    by: Annotated[
+        Optional[str],
+        typer.Option(help="Category column: the clients for --strategy natural; the skew for dirichlet on causal-lm data."),
+    ] = None,
+    sizes: Annotated[
+        Optional[str], typer.Option(help="--strategy size: comma-separated relative client sizes, e.g. 0.5,0.3,0.2.")
+    ] = None,
+    task: Annotated[
+        Optional[str], typer.Option(help="sequence-classification (labelled texts) or causal-lm (prompt/response pairs).")
+    ] = None,
     text_column: Annotated[Optional[str], typer.Option(help="Text column.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Label column.")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated label values to keep, in id order.")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help="causal-lm: prompt column.")] = None,
+    response_column: Annotated[Optional[str], typer.Option(help="causal-lm: response column.")] = None,
+    answer_column: Annotated[Optional[str], typer.Option(help="causal-lm: final-answer column (kept in the shards).")] = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Held-out test fraction.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Partition seed.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a Hub dataset or DatasetDict.")] = None,
@@ -124,25 +138,32 @@ def partition_cmd(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Split a labelled dataset across clients and hold out a test split.
+    """Split a dataset across clients and hold out a test split: labelled texts, or prompt/response pairs.
 
     Example: [cyan]fedlora partition reviews.csv --label-column sentiment -n 4 --strategy dirichlet --alpha 0.5 -o data[/]
+
+    Example: [cyan]fedlora partition gsm.jsonl --task causal-lm --prompt-column question -n 3 --strategy size --sizes 0.6,0.3,0.1[/]
     """
     from fedlora_cli import partition as partitions, recipe as recipes, ui
 
     overrides = {
-        "data.source": source, "data.strategy": strategy, "data.alpha": alpha, "data.by": by,
+        "data.source": source, "data.strategy": strategy, "data.alpha": alpha, "data.by": by, "data.sizes": sizes,
         "data.text_column": text_column, "data.label_column": label_column, "data.labels": labels,
-        "data.test_fraction": test_fraction, "data.seed": seed, "data.split": split,
+        "data.prompt_column": prompt_column, "data.response_column": response_column,
+        "data.answer_column": answer_column, "data.test_fraction": test_fraction, "data.seed": seed, "data.split": split,
     }
     if recipe is not None:
-        r = _load_recipe(recipe, None, overrides)
-        spec, n = r.data, clients or r.federation.clients
+        r = _load_recipe(recipe, None, {**overrides, "model.task": task})
+        spec, n, task = r.data, clients or r.federation.clients, r.model.task
     else:
-        raw = recipes.apply_overrides({"model": {"base": "-"}}, {k: v for k, v in overrides.items() if v is not None})
-        spec, n = recipes.from_dict(raw).data, clients or 2
+        n = clients or (len(sizes.split(",")) if sizes else 2)
+        model = {"base": "-", **({"task": task} if task else {})}
+        raw = {"model": model, "federation": {"clients": n}}
+        raw = recipes.apply_overrides(raw, {k: v for k, v in overrides.items() if v is not None})
+        r = recipes.from_dict(raw)
+        spec, task = r.data, r.model.task
     with ui.err.status("partitioning"):
-        result = partitions.partition(spec, n, out, overwrite=overwrite)
+        result = partitions.partition(spec, n, out, overwrite=overwrite, task=task)
     m = result.manifest
     if plot is not None:
         partitions.plot(m, plot)
@@ -150,10 +171,21 @@ def partition_cmd(
         ui.print_json(m)
         return
     names = [str(x) for x in m["label_names"]]
-    rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
-    rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])
     title = f"{m['strategy']} partition of {m['source']} (seed {m['seed']})"
-    ui.out.print(ui.table(title, ["client", "examples", *names], rows))
+    if len(names) <= MAX_COUNT_COLUMNS:
+        rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
+        rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])
+        ui.out.print(ui.table(title, ["client", "examples", *names], rows))
+    else:
+        # Too many categories for a column each: how many each client holds, and its largest share.
+        def summary(entry: dict) -> list:
+            counts = entry["label_counts"]
+            return [sum(1 for c in counts if c), f"{max(counts) / max(entry['examples'], 1):.2f}"]
+
+        rows = [[c["id"], c["examples"], *summary(c)] for c in m["clients"]]
+        rows.append(["test", m["test"]["examples"], *summary(m["test"])])
+        column = m["label_column"]
+        ui.out.print(ui.table(title, ["client", "examples", f"{column} values", f"largest {column} share"], rows))
     ui.err.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 
@@ -332,23 +364,54 @@ def evaluate_cmd(
     data: Annotated[Path, typer.Option("--data", "-d", help="Test Parquet file, or a partition folder (its test split).")],
     state: Annotated[Optional[Path], typer.Option("--state", help="Evaluate personalised: this client's state folder.")] = None,
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id of --state (checked).")] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option(help="causal-lm: cap on generated tokens; default: the recipe's evaluation.max_new_tokens.")
+    ] = None,
+    generate_examples: Annotated[
+        Optional[int], typer.Option(help="causal-lm: generate for the first N test examples only (loss uses all).")
+    ] = None,
+    answer: Annotated[
+        Optional[str], typer.Option(help="causal-lm: 'number' (exact match on the final number) or 'none' (loss only).")
+    ] = None,
     base_model: BaseModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Accuracy, macro-F1 and loss of the global model, or personalised for one client (global + its state)."""
-    from fedlora_cli import federation, ui
+    """Metrics of the global model, or personalised for one client (global + its state).
 
+    sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and perplexity per response token,
+    and with an answer extractor, exact match of greedy generations.
+    """
+    import dataclasses
+
+    from fedlora_cli import checkpoint, federation, recipe as recipes, ui
+
+    settings = None
+    if max_new_tokens is not None or generate_examples is not None or answer is not None:
+        recipe = federation.recipe_of(checkpoint.read_global(global_checkpoint).manifest)
+        if recipe.model.task != recipes.TASK_CAUSAL_LM:
+            raise FedloraError("--max-new-tokens, --generate-examples and --answer apply to a causal-lm federation")
+        overrides = {"max_new_tokens": max_new_tokens, "generate_examples": generate_examples, "answer": answer}
+        settings = dataclasses.replace(recipe.evaluation, **{k: v for k, v in overrides.items() if v is not None})
+        recipes.validate(dataclasses.replace(recipe, evaluation=settings))
     with ui.step_progress("evaluating") as progress:
         metrics = federation.evaluate(
             global_checkpoint, data, state_dir=state, client_id=client_id, base_override=base_model,
-            progress=lambda done, total: progress(done, total),
+            progress=lambda done, total: progress(done, total), settings=settings,
         )
     if as_json:
         ui.print_json(metrics)
         return
     who = f"personalised ({state})" if state else "global"
-    rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["accuracy"]), ui.fmt(metrics["macro_f1"]), ui.fmt(metrics["loss"])]]
-    ui.out.print(ui.table(f"evaluation of {global_checkpoint}", ["model", "round", "examples", "accuracy", "macro-F1", "loss"], rows))
+    if metrics["task"] == recipes.TASK_CAUSAL_LM:
+        em = "-" if metrics["exact_match"] is None else f"{ui.fmt(metrics['exact_match'])} ({metrics['scored']})"
+        rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["loss"]), ui.fmt(metrics["perplexity"], 2),
+                 em, metrics["hit_cap"] if metrics["generated"] else "-"]]
+        columns = ["model", "round", "examples", "loss/token", "perplexity", "exact match (n)", "hit token cap"]
+    else:
+        rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["accuracy"]), ui.fmt(metrics["macro_f1"]),
+                 ui.fmt(metrics["loss"])]]
+        columns = ["model", "round", "examples", "accuracy", "macro-F1", "loss"]
+    ui.out.print(ui.table(f"evaluation of {global_checkpoint}", columns, rows))
 
 
 # simulate ------------------------------------------------------------------------------------------------
@@ -366,7 +429,7 @@ def simulate_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Run a whole federation on this machine; re-running resumes after the last completed step."""
-    from fedlora_cli import simulate as sim, ui
+    from fedlora_cli import recipe as recipes, simulate as sim, ui
 
     r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method})
     run_dir = out or Path("runs") / r.name
@@ -374,12 +437,22 @@ def simulate_cmd(
     if as_json:
         ui.print_json({"run": str(run_dir), "rounds": rows})
         return
-    table_rows = [
-        [row["round"], ui.fmt(row["train_loss"]), ui.fmt(row["global_accuracy"]), ui.fmt(row["global_macro_f1"]),
-         ui.fmt(row["personalised_accuracy"]), ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
-        for row in rows
-    ]
-    columns = ["round", "loss", "global acc", "global F1", "pers. acc", "upload", "train s"]
+    if r.model.task == recipes.TASK_CAUSAL_LM:
+        # A causal LM: test loss (per response token) and exact match instead of accuracy and macro-F1.
+        table_rows = [
+            [row["round"], ui.fmt(row["train_loss"]), ui.fmt(row["global_loss"]), ui.fmt(row["global_accuracy"]),
+             ui.fmt(row["personalised_loss"]), ui.fmt(row["personalised_accuracy"]),
+             ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
+            for row in rows
+        ]
+        columns = ["round", "loss", "test loss", "exact match", "pers. loss", "pers. EM", "upload", "train s"]
+    else:
+        table_rows = [
+            [row["round"], ui.fmt(row["train_loss"]), ui.fmt(row["global_accuracy"]), ui.fmt(row["global_macro_f1"]),
+             ui.fmt(row["personalised_accuracy"]), ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
+            for row in rows
+        ]
+        columns = ["round", "loss", "global acc", "global F1", "pers. acc", "upload", "train s"]
     if rows and rows[-1]["epsilon"] is not None:
         columns.append("max eps")
         for table_row, row in zip(table_rows, rows):
@@ -519,6 +592,10 @@ def privacy_plan(
 from fedlora_cli import cli_export  # noqa: E402  (registers on the app defined above)
 
 cli_export.register(app, command)
+
+from fedlora_cli import cli_assets  # noqa: E402  (registers convert-gguf and datasets)
+
+cli_assets.register(app, command)
 
 
 def main() -> None:

@@ -95,7 +95,12 @@ def register(app: typer.Typer, command: Callable[..., Any]) -> None:
             ["kind", f"{result.kind} ({result.dtype})"],
             ["base model", result.base_model],
         ]
-        rows += [[f"{r['model']} accuracy", ui.fmt(r["accuracy"])] for r in result.evaluation]
+        for r in result.evaluation:
+            if "perplexity" in r:  # causal-lm
+                rows += [[f"{r['model']} loss per token", ui.fmt(r["loss"])],
+                         [f"{r['model']} exact match", ui.fmt(r["exact_match"])]]
+            else:
+                rows.append([f"{r['model']} accuracy", ui.fmt(r["accuracy"])])
         if result.hub_url:
             rows.append(["pushed to", result.hub_url])
         ui.out.print(ui.table(f"export -> {result.path}", ["field", "value"], rows))

@@ -36,7 +36,7 @@ from fedlora_cli import checkpoint, federation, privacy
 from fedlora_cli.checkpoint import GlobalManifest
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.methods import ROLE_HEAD, ROLE_LABELS
-from fedlora_cli.recipe import resolve_location
+from fedlora_cli.recipe import TASK_CAUSAL_LM, resolve_location
 
 if TYPE_CHECKING:
     from fedlora_cli.modeling import Workbench
@@ -333,10 +333,14 @@ def _model_label(client_id: str | None) -> str:
 
 
 def _eval_row(metrics: dict[str, Any], model: str, data: str) -> dict[str, Any]:
-    return {
+    row = {
         "model": model, "data": data, "examples": metrics.get("examples"), "accuracy": metrics.get("accuracy"),
         "macro_f1": metrics.get("macro_f1"), "loss": metrics.get("loss"),
     }
+    if "perplexity" in metrics:  # causal-lm
+        row.update(perplexity=metrics.get("perplexity"), exact_match=metrics.get("exact_match"),
+                   generated=metrics.get("generated"), max_new_tokens=metrics.get("max_new_tokens"))
+    return row
 
 
 def run_metrics(global_dir: Path, manifest: GlobalManifest, client_id: str | None) -> list[dict[str, Any]]:
@@ -457,7 +461,9 @@ def model_card(
     evaluation = evaluation or []
     privacy_facts = privacy_facts or {}
 
-    tags = ["fedlora", "federated-learning", "lora", f"{method_name.lower()}", "text-classification"]
+    causal = model.get("task") == TASK_CAUSAL_LM
+    pipeline_tag = "text-generation" if causal else "text-classification"
+    tags = ["fedlora", "federated-learning", "lora", f"{method_name.lower()}", pipeline_tag]
     if kind == "merged":
         tags.append("merged-lora")
     if privacy_facts:
@@ -468,7 +474,7 @@ def model_card(
     if hub_base_model:
         meta["base_model"] = hub_base_model
     meta["library_name"] = "peft" if kind == "adapter" else "transformers"
-    meta["pipeline_tag"] = "text-classification"
+    meta["pipeline_tag"] = pipeline_tag
     if license_id:
         meta["license"] = license_id
     dataset = _dataset_id(data.get("source"))
@@ -476,11 +482,13 @@ def model_card(
         meta["datasets"] = [dataset]
     meta["tags"] = tags
 
-    labels = [str(x) for x in manifest.label_names or [f"LABEL_{i}" for i in range(manifest.num_labels)]]
+    labels = [str(x) for x in manifest.label_names or [f"LABEL_{i}" for i in range(manifest.num_labels or 0)]]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", ""]
     lines.append(f"# {recipe.get('name', 'federation')}: {_title(manifest, client_id)}")
     lines.append("")
-    what = "A LoRA adapter for" if kind == "adapter" else "A sequence classifier fine-tuned from"
+    what = "A LoRA adapter for" if kind == "adapter" else (
+        "A causal language model fine-tuned from" if causal else "A sequence classifier fine-tuned from"
+    )
     lines.append(
         f"{what} `{base_model}`, trained with federated learning by fedlora: "
         f"{fed['clients']} clients each trained on their own data, which never left them; only adapter tensors "
@@ -500,12 +508,15 @@ def model_card(
     lines += ["", "## Federated training", "", "| | |", "|---|---|"]
     rows = [
         ("method", f"{method} ({method_name}): {METHOD_EXPLANATIONS.get(method, '')}"),
-        ("classifier head", f"{manifest.head}: {HEAD_EXPLANATIONS.get(manifest.head, '')}"),
+        ("classifier head", f"{manifest.head}: {HEAD_EXPLANATIONS.get(manifest.head, '')}") if not causal else
+        ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model"),
         ("rounds", f"{manifest.round} (of {fed['rounds']} planned)"),
         ("clients", f"{fed['clients']}" + aggregated),
         ("client weighting", str(fed.get("weighting", "-"))),
         ("partition", _partition_text(data)),
-        ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(labels))),
+        ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(labels))) if not causal else
+        ("data", f"prompt column '{data.get('prompt_column')}', response column '{data.get('response_column')}'"
+                 + (", chat template" if data.get("chat_template") else "") + f", max length {data.get('max_length')}"),
         ("adapter", _adapter_text(adapter)),
         ("local training", _training_text(training)),
         ("base model", f"`{base_model}`"),
@@ -547,7 +558,17 @@ def model_card(
             )
 
     lines += ["", "## Evaluation", ""]
-    if evaluation:
+    if evaluation and causal:
+        cap = next((r.get("max_new_tokens") for r in evaluation if r.get("max_new_tokens")), None)
+        lines += ["| model | data | examples | loss per response token | perplexity | exact match |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"| {r['model']} | {r['data']} | {_num(r['examples'])} | {_num(r['loss'])} | {_num(r.get('perplexity'), 2)} "
+            f"| {_num(r.get('exact_match'))} |"
+            for r in evaluation
+        ]
+        if cap:
+            lines += ["", f"Exact match: greedy generation of at most {cap} new tokens, final number compared."]
+    elif evaluation:
         lines += ["| model | data | examples | accuracy | macro-F1 | loss |", "|---|---|---|---|---|---|"]
         lines += [
             f"| {r['model']} | {r['data']} | {_num(r['examples'])} | {_num(r['accuracy'])} | {_num(r['macro_f1'])} "
@@ -558,7 +579,36 @@ def model_card(
         lines.append("Not evaluated at export (pass `--eval-data` to `fedlora export`).")
 
     lines += ["", "## Usage", "", "```python"]
-    if kind == "adapter":
+    if causal:
+        if kind == "adapter":
+            lines += [
+                "from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "",
+                f'base = AutoModelForCausalLM.from_pretrained("{base_model}")',
+                'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()',
+            ]
+        else:
+            lines += [
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "",
+                'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER").eval()',
+            ]
+        lines.append('tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")')
+        if data.get("chat_template"):
+            lines += [
+                'text = tokenizer.apply_chat_template([{"role": "user", "content": "A question"}],',
+                "                                     add_generation_prompt=True, tokenize=False)",
+                'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")',
+            ]
+        else:
+            lines.append('inputs = tokenizer("A prompt", return_tensors="pt")')
+        lines += [
+            "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
+            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+            "```",
+        ]
+    elif kind == "adapter":
         lines += [
             "from peft import PeftModel",
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
@@ -574,11 +624,12 @@ def model_card(
             'model = AutoModelForSequenceClassification.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER").eval()',
             'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")',
         ]
-    lines += [
-        'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
-        f"labels = {labels!r}",
-        "```",
-    ]
+    if not causal:
+        lines += [
+            'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
+            f"labels = {labels!r}",
+            "```",
+        ]
     if kind == "adapter" and hub_id_of(base_model) is None:
         lines += [
             "",
@@ -592,8 +643,11 @@ def _partition_text(data: dict[str, Any]) -> str:
     text = f"{data['strategy']}"
     if data["strategy"] == "dirichlet":
         text += f", alpha {_num(data['alpha'], 3)}"
-    if data["strategy"] == "natural" and data.get("by"):
+    if data["strategy"] in ("natural", "dirichlet") and data.get("by"):
         text += f", by column '{data['by']}'"
+    if data["strategy"] == "size":
+        sizes = data.get("sizes")
+        text += f", sizes {', '.join(_num(v, 3) for v in sizes)}" if sizes else f", Dirichlet({_num(data['alpha'], 3)}) sizes"
     return text + f", seed {data['seed']}, test fraction {_num(data['test_fraction'], 3)}"
 
 

@@ -26,7 +26,7 @@ from fedlora_cli.modeling import Workbench, build
 if TYPE_CHECKING:
     import torch
 
-    from fedlora_cli.data import Examples
+    from fedlora_cli.data import Examples, PromptResponses
     from fedlora_cli.training import DPSettings
 
 
@@ -160,12 +160,12 @@ def init(
     ``partition`` (a partition manifest) gives the label names and, for a recipe with a privacy budget, the
     client dataset sizes the DP-SGD noise is calibrated for.
     """
-    label_names = partition["label_names"] if partition is not None else None
-    num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
-    if num_labels is None:
-        raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
-    if label_names is not None and len(label_names) != num_labels:
-        raise FedloraError(f"model.num_labels is {num_labels} but the partition has {len(label_names)} labels")
+    if partition is not None and partition.get("task", recipes.TASK_CLASSIFICATION) != recipe.model.task:
+        raise FedloraError(
+            f"the partition was made for task '{partition.get('task', recipes.TASK_CLASSIFICATION)}' but recipe key "
+            f"'model.task' is '{recipe.model.task}': partition again with this recipe"
+        )
+    label_names, num_labels = task_labels(recipe, partition)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
@@ -192,6 +192,19 @@ def init(
         frozen_digest=frozen_digest(plan, tensor_digests),
     )
     return checkpoint.write_global(out, manifest, tensors, bench.adapter_config(), overwrite=overwrite)
+
+
+def task_labels(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> tuple[list[str] | None, int | None]:
+    """Label names and number of classes of a sequence-classification federation; (None, None) for causal-lm."""
+    if recipe.model.task == recipes.TASK_CAUSAL_LM:
+        return None, None
+    label_names = partition["label_names"] if partition is not None else None
+    num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
+    if num_labels is None:
+        raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
+    if label_names is not None and len(label_names) != num_labels:
+        raise FedloraError(f"model.num_labels is {num_labels} but the partition has {len(label_names)} labels")
+    return label_names, num_labels
 
 
 def calibrated(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> recipes.Recipe:
@@ -245,7 +258,7 @@ def train_client(
     overwrite: bool = False,
 ) -> checkpoint.ClientUpdate:
     """Train one client for one round; write its client update (sent tensors) and its state (kept tensors)."""
-    from fedlora_cli.data import read_shard
+    from fedlora_cli.data import read_examples
     from fedlora_cli.training import local_train, round_seed
 
     checkpoint.check_client_id(client_id)
@@ -257,7 +270,7 @@ def train_client(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
-    examples = read_shard(shard, recipe.data.text_column, recipe.data.label_column, manifest.num_labels)
+    examples = read_examples(shard, recipe.data, recipe.model.task, manifest.num_labels)
     state = checkpoint.latest_state(state_dir, before_round=round_)
     # The newest state of all carries the privacy ledger: retraining a round must not forget its spending.
     newest = checkpoint.latest_state(state_dir, before_round=NO_ROUND_LIMIT)
@@ -780,21 +793,25 @@ def evaluate(
     client_id: str | None = None,
     base_override: str | None = None,
     bench: Workbench | None = None,
-    examples: Examples | None = None,
+    examples: Examples | PromptResponses | None = None,
     progress: Callable[[int, int], None] | None = None,
+    settings: recipes.EvaluationSection | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1 and loss of the global model, or of one client's personalised model."""
+    """The task's metrics (:mod:`fedlora_cli.evaluation`) of the global model, or of one client's personalised
+    model. ``settings`` replaces the recipe's evaluation section (e.g. another ``max_new_tokens``)."""
     from fedlora_cli import evaluation
-    from fedlora_cli.data import read_shard
+    from fedlora_cli.data import read_examples
 
     bench, manifest = load_for_evaluation(global_dir, state_dir, client_id, base_override, bench)
+    if settings is not None:
+        bench.recipe = dataclasses.replace(bench.recipe, evaluation=settings)
+    recipe = bench.recipe
     if examples is None:
         if test is None:
             raise FedloraError("no test data given")
-        recipe = bench.recipe
-        examples = read_shard(test_path(test), recipe.data.text_column, recipe.data.label_column, manifest.num_labels)
+        examples = read_examples(test_path(test), recipe.data, recipe.model.task, manifest.num_labels)
     metrics = evaluation.evaluate(bench, examples, progress)
-    return {"round": manifest.round, "personalised": state_dir is not None, **metrics}
+    return {"round": manifest.round, "personalised": state_dir is not None, "task": recipe.model.task, **metrics}
 
 
 def test_path(path: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.methods import ADAPTER_PARAMETER_MARKERS, Plan
-from fedlora_cli.recipe import Recipe, resolve_location
+from fedlora_cli.recipe import TASK_CAUSAL_LM, TASK_CLASSIFICATION, Recipe, resolve_location
 
 if TYPE_CHECKING:
     import torch
@@ -121,12 +121,33 @@ class Workbench:
         return json.loads(json.dumps(config, default=sorted))
 
 
+# PEFT's task type for each recipe task: SEQ_CLS saves the classifier head with the adapter
+# (modules_to_save); CAUSAL_LM has no head to save (the LM head belongs to the frozen base model).
+PEFT_TASK_TYPES = {TASK_CLASSIFICATION: "SEQ_CLS", TASK_CAUSAL_LM: "CAUSAL_LM"}
+
+
 def _task_type(task: str) -> str:
-    return {"sequence-classification": "SEQ_CLS"}[task]
+    return PEFT_TASK_TYPES[task]
 
 
-def build(recipe: Recipe, num_labels: int, base_override: str | None = None, rank: int | None = None) -> Workbench:
+def _load_base(recipe: Recipe, location: str, num_labels: int | None) -> Any:
+    """The base model class of the recipe's task: a sequence classifier with ``num_labels``, or a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if recipe.model.task == TASK_CAUSAL_LM:
+        return AutoModelForCausalLM.from_pretrained(location, revision=recipe.model.revision)
+    if num_labels is None:
+        raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
+    return AutoModelForSequenceClassification.from_pretrained(location, num_labels=num_labels, revision=recipe.model.revision)
+
+
+def build(
+    recipe: Recipe, num_labels: int | None, base_override: str | None = None, rank: int | None = None
+) -> Workbench:
     """Load the base model and tokenizer, attach a freshly initialised adapter (seeded by ``training.seed``).
+
+    The model class follows ``model.task``: AutoModelForSequenceClassification with ``num_labels`` classes,
+    or AutoModelForCausalLM (``num_labels`` unused).
 
     ``rank`` (default ``adapter.r``) builds a LoRA adapter of another rank, for a client that trains a lower
     rank than the global's. VeRA's projections are derived from ``training.seed`` (PEFT's
@@ -135,7 +156,7 @@ def build(recipe: Recipe, num_labels: int, base_override: str | None = None, ran
     """
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     location = resolve_location(base_override or recipe.model.base)
@@ -145,15 +166,15 @@ def build(recipe: Recipe, num_labels: int, base_override: str | None = None, ran
     torch.manual_seed(recipe.training.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=recipe.model.revision)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            location, num_labels=num_labels, revision=recipe.model.revision
-        )
+        model = _load_base(recipe, location, num_labels)
     except (OSError, ValueError) as exc:
         raise FedloraError(f"cannot load base model '{location}': {str(exc).strip().splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.model.task == TASK_CAUSAL_LM and getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     fingerprint = base_fingerprint(model)
     rank = rank or recipe.adapter.r
     config = adapter_config(recipe, rank)

@@ -1,4 +1,4 @@
-"""Split a labelled dataset across clients, with a held-out test split for evaluation.
+"""Split a dataset across clients, with a held-out test split for evaluation.
 
 Strategies:
 
@@ -6,7 +6,11 @@ Strategies:
 - ``dirichlet``: label skew. For every class, client proportions are drawn from Dirichlet(alpha) and that
   class's examples are split accordingly (Hsu et al. 2019; the convention of FedSA-LoRA's Dir(0.5) split).
   Draws are repeated (up to 100 times) until every client holds at least ``min_examples`` examples.
+  Instruction data (``causal-lm``) has no labels: there the skew is over the values of a category column
+  (``data.by``), e.g. the template a math problem came from.
 - ``natural``: one client per distinct value of a column (a site, a user, a category).
+- ``size``: IID content, unequal sizes: the proportions ``data.sizes``, or proportions drawn from
+  Dirichlet(alpha) over the clients (retried until every client holds ``min_examples``).
 
 These are written here rather than taken from flwr-datasets: its partitioners are what we would use, but its
 0.6.1 release pins datasets<5 and rich<15, while fedlora needs datasets 5 and rich 15. The strategies are
@@ -14,10 +18,15 @@ small, seeded with numpy's PCG64 and tested directly.
 
 Output folder::
 
-    partition.json      strategy, seed, source, columns, label names, per-client and test label counts
-    client-0.parquet    one shard per client (text column and integer label column)
-    ...
+    partition.json      task, strategy, seed, source, columns, per-client and test counts
+    client-0.parquet    one shard per client: for sequence-classification the text column and an integer
+    ...                 label column; for causal-lm the prompt, response (and answer, category) columns
     test.parquet        the held-out test split, shared by every evaluation
+
+The manifest and the table are the same for both tasks: ``label_column`` names the column whose values are
+counted per client (``label_names``, ``label_counts``): the label for sequence-classification; for causal-lm
+the category column ``data.by`` when there is one, else nothing (``label_names`` is empty and only the
+example counts are shown).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.checkpoint import atomic_dir, read_json, write_json
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.recipe import DataSection, resolve_location
+from fedlora_cli.recipe import TASK_CAUSAL_LM, TASK_CLASSIFICATION, DataSection, resolve_location
 
 if TYPE_CHECKING:
     import numpy as np
@@ -147,6 +156,50 @@ def dirichlet(
     )
 
 
+def by_size(
+    n: int,
+    clients: int,
+    rng: np.random.Generator,
+    proportions: list[float] | None = None,
+    alpha: float = 0.5,
+    min_examples: int = MIN_EXAMPLES,
+) -> list[np.ndarray]:
+    """IID shards of unequal sizes: ``proportions`` (normalised), or drawn from Dirichlet(alpha) over clients.
+
+    Given proportions are honoured to the example (largest remainders); each client needs at least one.
+    Drawn proportions are redrawn (up to 100 times) until every client holds ``min_examples``.
+    """
+    import numpy as np
+
+    def counts_for(p: np.ndarray) -> np.ndarray:
+        exact = p / p.sum() * n
+        counts = np.floor(exact).astype(np.int64)
+        for k in np.argsort(-(exact - counts), kind="stable")[: n - int(counts.sum())]:
+            counts[k] += 1
+        return counts
+
+    if proportions is not None:
+        if len(proportions) != clients:
+            raise FedloraError(f"data.sizes gives {len(proportions)} sizes for {clients} clients")
+        counts = counts_for(np.asarray(proportions, dtype=np.float64))
+        if counts.min() < 1:
+            raise FedloraError(
+                f"data.sizes leaves client-{int(counts.argmin())} without an example out of {n}: use larger sizes"
+            )
+    else:
+        for _ in range(100):
+            counts = counts_for(rng.dirichlet(np.full(clients, alpha)))
+            if counts.min() >= min_examples:
+                break
+        else:
+            raise FedloraError(
+                f"Dirichlet(alpha={alpha}) sizes could not give each of {clients} clients at least {min_examples} "
+                "examples in 100 draws: use fewer clients, a larger alpha or explicit data.sizes"
+            )
+    order = rng.permutation(n)
+    return [np.sort(part) for part in np.split(order, np.cumsum(counts)[:-1])]
+
+
 def natural(values: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
     """One client per distinct value, in sorted order of the values."""
     import numpy as np
@@ -166,7 +219,9 @@ class PartitionResult:
     manifest: dict[str, Any]
 
 
-def partition(spec: DataSection, clients: int, out: Path, overwrite: bool = False) -> PartitionResult:
+def partition(
+    spec: DataSection, clients: int, out: Path, overwrite: bool = False, task: str = TASK_CLASSIFICATION
+) -> PartitionResult:
     """Read ``spec.source``, hold out a test split, split the rest across clients and write the folder."""
     import numpy as np
 
@@ -177,28 +232,47 @@ def partition(spec: DataSection, clients: int, out: Path, overwrite: bool = Fals
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    labelled = task != TASK_CAUSAL_LM
+    if not labelled and spec.strategy == "dirichlet" and spec.by is None:
+        raise FedloraError("a causal-lm dataset has no labels: strategy 'dirichlet' needs a category column (--by)")
+    if spec.strategy == "natural" and spec.by is None:
+        raise FedloraError("strategy 'natural' needs the column that defines the clients (--by)")
     frame = read_source(spec.source, spec.split)
-    needed = [spec.text_column, spec.label_column] + ([spec.by] if spec.strategy == "natural" and spec.by else [])
+    if labelled:
+        counted = spec.label_column
+        needed = [spec.text_column, spec.label_column] + ([spec.by] if spec.strategy == "natural" and spec.by else [])
+    else:
+        counted = spec.by
+        needed = [spec.prompt_column, spec.response_column] + [c for c in (spec.answer_column, spec.by) if c]
     for column in needed:
         if column not in frame.columns:
             raise FedloraError(f"column '{column}' not in the dataset (columns: {', '.join(map(str, frame.columns))})")
     frame = frame[list(dict.fromkeys(needed))].dropna()
-    raw_labels = frame[spec.label_column].astype(str)
-    if spec.labels is not None:
-        unknown = [v for v in spec.labels if v not in set(raw_labels)]
-        if unknown:
-            raise FedloraError(f"label value(s) {', '.join(unknown)} not found in column '{spec.label_column}'")
-        label_names = list(spec.labels)
-        keep = raw_labels.isin(label_names).to_numpy()
-        frame, raw_labels = frame[keep], raw_labels[keep]
+    if len(frame) == 0:
+        raise FedloraError(f"{spec.source} has no complete rows in columns {', '.join(dict.fromkeys(needed))}")
+    if labelled:
+        raw_labels = frame[spec.label_column].astype(str)
+        if spec.labels is not None:
+            unknown = [v for v in spec.labels if v not in set(raw_labels)]
+            if unknown:
+                raise FedloraError(f"label value(s) {', '.join(unknown)} not found in column '{spec.label_column}'")
+            label_names = list(spec.labels)
+            keep = raw_labels.isin(label_names).to_numpy()
+            frame, raw_labels = frame[keep], raw_labels[keep]
+        else:
+            label_names = sorted(set(raw_labels))
+        if len(label_names) < 2:
+            raise FedloraError(f"column '{spec.label_column}' must hold at least two label values")
+        index = {name: i for i, name in enumerate(label_names)}
+        frame = frame.reset_index(drop=True)
+        frame[spec.label_column] = np.asarray([index[v] for v in raw_labels], dtype=np.int64)
+        labels = frame[spec.label_column].to_numpy()
     else:
-        label_names = sorted(set(raw_labels))
-    if len(label_names) < 2:
-        raise FedloraError(f"column '{spec.label_column}' must hold at least two label values")
-    index = {name: i for i, name in enumerate(label_names)}
-    frame = frame.reset_index(drop=True)
-    frame[spec.label_column] = np.asarray([index[v] for v in raw_labels], dtype=np.int64)
-    labels = frame[spec.label_column].to_numpy()
+        frame = frame.reset_index(drop=True)
+        values = frame[counted].astype(str).to_numpy() if counted else np.asarray([], dtype=str)
+        label_names = sorted(set(values.tolist()))
+        index = {name: i for i, name in enumerate(label_names)}
+        labels = np.asarray([index[v] for v in values], dtype=np.int64) if counted else np.zeros(len(frame), np.int64)
 
     rng = np.random.default_rng(spec.seed)
     train_idx, test_idx = split_test(len(frame), spec.test_fraction, rng)
@@ -207,6 +281,8 @@ def partition(spec: DataSection, clients: int, out: Path, overwrite: bool = Fals
         ids, parts = client_ids(clients), iid(len(train_idx), clients, rng)
     elif spec.strategy == "dirichlet":
         ids, parts = client_ids(clients), dirichlet(train_labels, clients, spec.alpha, rng)
+    elif spec.strategy == "size":
+        ids, parts = client_ids(clients), by_size(len(train_idx), clients, rng, spec.sizes, spec.alpha)
     else:
         keys, parts = natural(frame[spec.by].to_numpy()[train_idx])
         ids = client_ids(len(keys))
@@ -214,18 +290,26 @@ def partition(spec: DataSection, clients: int, out: Path, overwrite: bool = Fals
         raise FedloraError(f"{len(train_idx)} training examples cannot give each of {len(parts)} clients one")
 
     def counts(idx: np.ndarray) -> list[int]:
-        return np.bincount(labels[idx], minlength=len(label_names)).tolist()
+        return np.bincount(labels[idx], minlength=len(label_names)).tolist() if label_names else []
 
+    columns = (
+        {"text_column": spec.text_column} if labelled
+        else {"prompt_column": spec.prompt_column, "response_column": spec.response_column,
+              "answer_column": spec.answer_column}
+    )
+    drawn = spec.strategy == "dirichlet" or (spec.strategy == "size" and spec.sizes is None)
     manifest: dict[str, Any] = {
         "format_version": 1,
+        "task": task,
         "source": spec.source,
         "split": spec.split,
-        "text_column": spec.text_column,
-        "label_column": spec.label_column,
+        **columns,
+        "label_column": counted,
         "label_names": label_names,
         "strategy": spec.strategy,
-        "alpha": spec.alpha if spec.strategy == "dirichlet" else None,
-        "by": spec.by if spec.strategy == "natural" else None,
+        "alpha": spec.alpha if drawn else None,
+        "by": spec.by if spec.strategy == "natural" or (not labelled and spec.by) else None,
+        "sizes": spec.sizes if spec.strategy == "size" else None,
         "seed": spec.seed,
         "test_fraction": spec.test_fraction,
         "test": {"file": TEST_SHARD, "examples": len(test_idx), "label_counts": counts(test_idx)},
@@ -257,16 +341,22 @@ def plot(manifest: dict[str, Any], png: Path) -> None:
     import numpy as np
 
     names = [c["id"] for c in manifest["clients"]] + ["test"]
-    counts = np.asarray([c["label_counts"] for c in manifest["clients"]] + [manifest["test"]["label_counts"]])
+    label_names = manifest["label_names"] or []
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 2), 3.6))
-    bottom = np.zeros(len(names))
-    for j, label in enumerate(manifest["label_names"]):
-        ax.bar(names, counts[:, j], bottom=bottom, label=str(label))
-        bottom += counts[:, j]
+    if label_names:
+        counts = np.asarray([c["label_counts"] for c in manifest["clients"]] + [manifest["test"]["label_counts"]])
+        bottom = np.zeros(len(names))
+        for j, label in enumerate(label_names):
+            ax.bar(names, counts[:, j], bottom=bottom, label=str(label))
+            bottom += counts[:, j]
+    else:
+        ax.bar(names, [c["examples"] for c in manifest["clients"]] + [manifest["test"]["examples"]])
     title = manifest["strategy"] + (f" (alpha={manifest['alpha']})" if manifest.get("alpha") else "")
-    ax.set_title(f"Label distribution per client: {title}, seed {manifest['seed']}")
+    what = manifest["label_column"] or "size"
+    ax.set_title(f"Distribution of {what} per client: {title}, seed {manifest['seed']}")
     ax.set_ylabel("examples")
-    ax.legend(title=manifest["label_column"], fontsize="small")
+    if label_names and len(label_names) <= 12:
+        ax.legend(title=manifest["label_column"], fontsize="small")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")

@@ -1,12 +1,17 @@
 """Recipes: one YAML file describes a whole federation.
 
-A recipe has five sections, read top to bottom in the order the work happens::
+A recipe has six sections, read top to bottom in the order the work happens::
 
-    model:      which base model and which task head
+    model:      which base model and which task ('sequence-classification' or 'causal-lm')
     data:       where the examples come from and how they are split across clients
     adapter:    the adapter every client trains: its kind (lora, rslora, vera), rank and targets
     federation: the federated method, the head policy, the aggregation strategy, rounds and clients
     training:   the local optimisation each client runs in a round
+    evaluation: what ``evaluate`` measures beyond loss (causal-lm: generation and exact match)
+
+The task is one axis the rest of fedlora dispatches on: how a shard is read and encoded (:mod:`data`), which
+model class is built (:mod:`modeling`), and which metrics are computed (:mod:`evaluation`). A few defaults
+depend on it (:data:`TASK_DEFAULTS`): a causal LM adapts the attention projections and has no task head.
 
 Validation builds nothing (no model, no data): it checks every key and value and rejects unknown keys and
 invalid combinations with a message that names the key, e.g. ``recipe key 'training.lr' must be > 0``.
@@ -30,9 +35,21 @@ from fedlora_cli.errors import FedloraError
 METHODS = ("fedavg", "ffa", "fedsa")
 HEAD_POLICIES = ("shared", "local", "frozen")
 ADAPTER_KINDS = ("lora", "rslora", "vera")
-TASKS = ("sequence-classification",)
+TASK_CLASSIFICATION = "sequence-classification"
+TASK_CAUSAL_LM = "causal-lm"
+TASKS = (TASK_CLASSIFICATION, TASK_CAUSAL_LM)
+# Defaults that depend on model.task, filled into the raw recipe before validation when the key is absent:
+# a causal LM adapts the attention projections (Llama naming) and has no task head (its LM head is part of
+# the frozen base model, so the only honest head policy is 'frozen').
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    TASK_CAUSAL_LM: {
+        "adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "federation.head": "frozen",
+    },
+}
+ANSWER_EXTRACTORS = ("none", "number")
 OPTIMIZERS = ("sgd", "adamw")
-STRATEGIES = ("iid", "dirichlet", "natural")
+STRATEGIES = ("iid", "dirichlet", "natural", "size")
 WEIGHTINGS = ("examples", "shard", "uniform")
 AGGREGATIONS = ("mean", "svd", "exact", "median", "trimmed-mean")
 # Strategies that work on the product B A, so every client must send both factors of a LoRA-type adapter.
@@ -54,9 +71,13 @@ class ModelSection:
         "Base model: a Hugging Face Hub id, a local folder, or 'pkg:PACKAGE/sub/path' for a folder inside an "
         "installed Python package (found without importing the package)."
     )
-    task: str = _help("Task head: 'sequence-classification'.", "sequence-classification")
+    task: str = _help(
+        "'sequence-classification' (a classifier head over text_column, labels from label_column) or "
+        "'causal-lm' (instruction tuning: prompt_column -> response_column, loss on the response tokens only).",
+        TASK_CLASSIFICATION,
+    )
     num_labels: int | None = _help(
-        "Number of classes; default: the number of labels in the partition manifest.", None
+        "Number of classes; default: the number of labels in the partition manifest. Not used by causal-lm.", None
     )
     revision: str | None = _help("Hub revision of the base model (branch, tag or commit).", None)
 
@@ -69,17 +90,54 @@ class DataSection:
         None,
     )
     split: str = _help("Split to read from a Hub dataset or a DatasetDict.", "train")
-    text_column: str = _help("Column holding the input text.", "text")
-    label_column: str = _help("Column holding the label (strings or integers).", "label")
+    text_column: str = _help("sequence-classification: column holding the input text.", "text")
+    label_column: str = _help("sequence-classification: column holding the label (strings or integers).", "label")
     labels: list[str] | None = _help(
-        "Keep only rows with these label values, numbered in this order; default: every value, sorted.", None
+        "sequence-classification: keep only rows with these label values, numbered in this order; default: every "
+        "value, sorted.",
+        None,
     )
-    strategy: str = _help("Partition strategy: 'iid', 'dirichlet' (label skew) or 'natural' (by column).", "iid")
-    alpha: float = _help("Dirichlet concentration; 0.5 is the field's default, 0.1 severe, >= 100 about IID.", 0.5)
-    by: str | None = _help("Column whose values define the clients, for strategy 'natural'.", None)
+    prompt_column: str = _help("causal-lm: column holding the prompt (the instruction or question).", "prompt")
+    response_column: str = _help(
+        "causal-lm: column holding the response the model learns to produce (the only tokens with a loss).",
+        "response",
+    )
+    answer_column: str | None = _help(
+        "causal-lm: column holding the checkable final answer for exact-match evaluation; default: the answer "
+        "extracted from response_column.",
+        None,
+    )
+    chat_template: bool = _help(
+        "causal-lm: wrap the prompt as a user turn with the tokenizer's chat template (generation prompt "
+        "included); the response is the assistant turn, ended by the EOS token. Off: prompt and response tokens "
+        "are simply concatenated.",
+        False,
+    )
+    strategy: str = _help(
+        "Partition strategy: 'iid', 'dirichlet' (skew over the label, or over the category column 'by' for "
+        "causal-lm), 'natural' (one client per value of 'by') or 'size' (IID content, unequal sizes).",
+        "iid",
+    )
+    alpha: float = _help(
+        "Dirichlet concentration; 0.5 is the field's default, 0.1 severe, >= 100 about IID. Strategy 'size' "
+        "without 'sizes' draws the client proportions from Dirichlet(alpha).",
+        0.5,
+    )
+    by: str | None = _help(
+        "Category column: its values define the clients for 'natural', and the skew for 'dirichlet' on a "
+        "causal-lm dataset (which has no labels).",
+        None,
+    )
+    sizes: list[float] | None = _help(
+        "Strategy 'size': relative client sizes (normalised; one per client), e.g. [0.5, 0.3, 0.2].", None
+    )
     test_fraction: float = _help("Fraction of rows held out as the shared test split.", 0.2)
     seed: int = _help("Seed of the test split and the partition.", 0)
-    max_length: int = _help("Tokens per example after truncation.", 128)
+    max_length: int = _help(
+        "Tokens per example after truncation. causal-lm: prompt plus response; a prompt too long to leave room "
+        "for one response token loses its beginning, the response its end.",
+        128,
+    )
 
 
 @dataclass
@@ -166,6 +224,22 @@ class TrainingSection:
 
 
 @dataclass
+class EvaluationSection:
+    """What ``evaluate`` measures beyond the loss (see :mod:`fedlora_cli.evaluation`)."""
+
+    answer: str = _help(
+        "causal-lm: 'number' generates a response greedily for each test prompt, extracts its final number and "
+        "scores exact match against the gold answer (math word problems); 'none' reports loss and perplexity "
+        "only. Not used by sequence-classification.",
+        "none",
+    )
+    max_new_tokens: int = _help("causal-lm: cap on the tokens generated per prompt.", 128)
+    generate_examples: int | None = _help(
+        "causal-lm: generate for only the first this many test examples (loss uses all); default: all.", None
+    )
+
+
+@dataclass
 class PrivacySection:
     """Sample-level DP-SGD at every client (see :mod:`fedlora_cli.privacy`)."""
 
@@ -197,6 +271,7 @@ class Recipe:
     adapter: AdapterSection = field(default_factory=AdapterSection)
     federation: FederationSection = field(default_factory=FederationSection)
     training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     privacy: PrivacySection | None = None
     server_privacy: ServerPrivacySection | None = None
     name: str = "federation"
@@ -216,6 +291,7 @@ _SECTIONS = {
     "adapter": AdapterSection,
     "federation": FederationSection,
     "training": TrainingSection,
+    "evaluation": EvaluationSection,
     "privacy": PrivacySection,
     "server_privacy": ServerPrivacySection,
 }
@@ -244,8 +320,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if get_origin(option) is list:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
+            if get_args(option) == (float,):
+                try:
+                    if isinstance(value, list) and not any(isinstance(v, bool) for v in value):
+                        return [float(v) for v in value]
+                except (TypeError, ValueError):
+                    pass
+                continue
             if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
                 return [str(v) for v in value]
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
             continue
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -260,7 +347,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     names = " or ".join(
-        {list: "list", dict: "a mapping of names to integers"}.get(get_origin(o), getattr(o, "__name__", str(o)))
+        (
+            "list of numbers" if get_args(o) == (float,) else
+            {list: "list", dict: "a mapping of names to integers"}.get(get_origin(o), getattr(o, "__name__", str(o)))
+        )
         for o in options
         if o is not type(None)
     )
@@ -304,6 +394,36 @@ def validate(recipe: Recipe) -> Recipe:
     _one_of(d.strategy, "data.strategy", STRATEGIES)
     _require(d.alpha > 0, "data.alpha", "must be > 0")
     _require(d.strategy != "natural" or d.by is not None, "data.by", "is required when data.strategy is 'natural'")
+    if d.strategy == "size" and d.sizes is not None:
+        _require(len(d.sizes) == f.clients, "data.sizes", f"must give one size per client ({f.clients}); got {len(d.sizes)}")
+        _require(all(v > 0 for v in d.sizes), "data.sizes", "must all be > 0")
+    _require(d.sizes is None or d.strategy == "size", "data.sizes", f"applies only to data.strategy 'size'; got '{d.strategy}'")
+    if m.task == TASK_CAUSAL_LM:
+        _require(m.num_labels is None, "model.num_labels", "does not apply to model.task 'causal-lm' (a causal LM has no classes)")
+        _require(d.labels is None, "data.labels", "does not apply to model.task 'causal-lm' (its data has no labels)")
+        _require(
+            d.strategy != "dirichlet" or d.by is not None,
+            "data.by",
+            "is required when data.strategy is 'dirichlet' on a causal-lm dataset (the skew is over a category column)",
+        )
+        _require(
+            f.head == "frozen",
+            "federation.head",
+            f"must be 'frozen' for model.task 'causal-lm': a causal LM has no task head (its LM head is part of the "
+            f"frozen base model); got '{f.head}'",
+        )
+        _require(d.prompt_column != d.response_column, "data.response_column", "must differ from data.prompt_column")
+    else:
+        e = recipe.evaluation
+        _require(e.answer == "none", "evaluation.answer", "applies only to model.task 'causal-lm'")
+        _require(not d.chat_template, "data.chat_template", "applies only to model.task 'causal-lm'")
+    _one_of(recipe.evaluation.answer, "evaluation.answer", ANSWER_EXTRACTORS)
+    _require(recipe.evaluation.max_new_tokens >= 1, "evaluation.max_new_tokens", "must be at least 1")
+    _require(
+        recipe.evaluation.generate_examples is None or recipe.evaluation.generate_examples >= 1,
+        "evaluation.generate_examples",
+        "must be at least 1",
+    )
     _require(0 < d.test_fraction < 1, "data.test_fraction", "must be between 0 and 1")
     _require(d.max_length >= 2, "data.max_length", "must be at least 2")
     _require(d.labels is None or len(d.labels) >= 2, "data.labels", "must list at least two labels")
@@ -432,6 +552,7 @@ def from_dict(raw: Any) -> Recipe:
             raise FedloraError(f"unknown recipe key '{key}' (known: {', '.join(sorted(allowed))})")
     if "model" not in raw:
         raise FedloraError("recipe key 'model' is required")
+    raw = with_task_defaults(raw)
     sections = {
         name: _build_section(name, cls, raw.get(name))
         for name, cls in _SECTIONS.items()
@@ -441,6 +562,22 @@ def from_dict(raw: Any) -> Recipe:
     if not isinstance(name, str) or not name:
         raise FedloraError("recipe key 'name' must be a non-empty string")
     return validate(Recipe(name=name, **sections))
+
+
+def with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """The raw recipe with the defaults of its model.task (:data:`TASK_DEFAULTS`) filled in where absent."""
+    model = raw.get("model")
+    task = model.get("task") if isinstance(model, dict) else None
+    defaults = TASK_DEFAULTS.get(task) if isinstance(task, str) else None
+    if not defaults:
+        return raw
+    missing = {}
+    for key, value in defaults.items():
+        section, name = key.split(".", 1)
+        current = raw.get(section)
+        if current is None or (isinstance(current, dict) and name not in current):
+            missing[key] = value
+    return apply_overrides(raw, missing) if missing else raw
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -125,7 +125,7 @@ class Benches:
     """One workbench per LoRA rank in use: clients of different ranks (adapter.client_ranks) need different
     adapters on the same base model. Each holds its own copy of the base model."""
 
-    def __init__(self, recipe: recipes.Recipe, num_labels: int) -> None:
+    def __init__(self, recipe: recipes.Recipe, num_labels: int | None) -> None:
         self.recipe, self.num_labels = recipe, num_labels
         self._by_rank: dict[int, Any] = {}
 
@@ -140,7 +140,7 @@ class Benches:
 
 def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) every round of the recipe's federation under ``out``; returns one row per round."""
-    from fedlora_cli.data import read_shard
+    from fedlora_cli.data import read_examples
 
     layout = RunLayout(Path(out))
     if overwrite and layout.root.exists():
@@ -153,24 +153,21 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
 
     if not (layout.data / partitions.PARTITION_MANIFEST).is_file():
         reporter.stage(f"partitioning {recipe.data.source} across {recipe.federation.clients} clients")
-        partitions.partition(recipe.data, recipe.federation.clients, layout.data)
+        partitions.partition(recipe.data, recipe.federation.clients, layout.data, task=recipe.model.task)
     part = partitions.read_manifest(layout.data)
     clients = [c["id"] for c in part["clients"]]
     if len(clients) != recipe.federation.clients:
         raise FedloraError(
             f"the partition has {len(clients)} clients but recipe key 'federation.clients' is {recipe.federation.clients}"
         )
-    label_names = part["label_names"]
-    num_labels = recipe.model.num_labels or len(label_names)
+    _, num_labels = federation.task_labels(recipe, part)
 
     reporter.stage(f"loading base model {recipe.model.base}")
     benches = Benches(recipe, num_labels)
     if not layout.global_checkpoint(0).is_dir():
         federation.init(recipe, layout.global_checkpoint(0), partition=part, bench=benches.get(None))
     plan = federation.plan_of(checkpoint.read_global(layout.global_checkpoint(0)).manifest)
-    test_examples = read_shard(
-        layout.data / partitions.TEST_SHARD, recipe.data.text_column, recipe.data.label_column, num_labels
-    )
+    test_examples = read_examples(layout.data / partitions.TEST_SHARD, recipe.data, recipe.model.task, num_labels)
     rows = []
     for round_ in range(1, recipe.federation.rounds + 1):
         target = layout.global_checkpoint(round_)
@@ -210,13 +207,19 @@ def round_row(layout: RunLayout, round_: int, clients: list[str], metrics: dict[
     updates = [checkpoint.read_update(layout.update(round_, cid)).manifest for cid in clients]
     total = sum(u.num_examples for u in updates)
     personal = metrics.get("personalised") or {}
+    personal_accuracy = [accuracy_of(m) for m in personal.values()]
     return {
         "round": round_,
         "train_loss": sum(u.loss * u.num_examples for u in updates) / total,
-        "global_accuracy": metrics["global"]["accuracy"],
-        "global_macro_f1": metrics["global"]["macro_f1"],
+        "global_accuracy": accuracy_of(metrics["global"]),
+        "global_macro_f1": metrics["global"].get("macro_f1"),
+        "global_loss": metrics["global"]["loss"],
         "personalised_accuracy": (
-            sum(m["accuracy"] for m in personal.values()) / len(personal) if personal else None
+            sum(personal_accuracy) / len(personal_accuracy)
+            if personal_accuracy and None not in personal_accuracy else None
+        ),
+        "personalised_loss": (
+            sum(m["loss"] for m in personal.values()) / len(personal) if personal else None
         ),
         "upload_bytes": sum(u.bytes for u in updates),
         "upload_bytes_per_client": sum(u.bytes for u in updates) // len(updates),
@@ -225,3 +228,8 @@ def round_row(layout: RunLayout, round_: int, clients: list[str], metrics: dict[
         "epsilon": max(u.privacy["epsilon"] for u in updates) if updates[0].privacy else None,
     }
 
+
+
+def accuracy_of(metrics: dict[str, Any]) -> float | None:
+    """Classification accuracy, or a causal LM's exact-match accuracy (None when it generated nothing)."""
+    return metrics["accuracy"] if "accuracy" in metrics else metrics.get("exact_match")

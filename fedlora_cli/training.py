@@ -3,6 +3,12 @@
 Without privacy, each step takes the next batch of a seeded shuffle. With DP-SGD (``dp`` given), each step
 takes a Poisson sample of the shard and the optimizer clips per-example gradients and adds noise
 (:class:`fedlora_cli.privacy.DPSGD`); everything else is the same loop.
+
+The loss of a step (:func:`batch_loss`) follows the task: the model's cross-entropy over the classes for
+sequence-classification; for causal-lm the mean over the batch's examples of each example's mean
+cross-entropy over its response tokens. Every example weighs the same, whatever its length, which is also
+what DP-SGD needs: a token mean over the whole batch would make each example's gradient depend on the other
+examples' lengths, and the per-example clipping bound would no longer bound one example's influence.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from fedlora_cli.data import Examples, batch_schedule, encode, steps_for
+from fedlora_cli.data import Examples, PromptResponses, batch_schedule, encode, steps_for
 from fedlora_cli.methods import Plan
 from fedlora_cli.modeling import Workbench
+from fedlora_cli.recipe import TASK_CAUSAL_LM
 
 # progress(step_done, total_steps, loss)
 Progress = Callable[[int, int, float], None]
@@ -47,6 +55,38 @@ def round_seed(seed: int, client_id: str, round_: int) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
+def causal_token_losses(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Per-token cross-entropy of the response tokens of a causal-LM batch, and the mask of those tokens.
+
+    Both are (batch, positions) over the positions from the first response token of any row to the end; the
+    LM head runs only on those positions (``logits_to_keep``), which spares the (batch x length x vocabulary)
+    logits of the prompts.
+    """
+    import torch
+
+    from fedlora_cli.data import IGNORE_INDEX
+
+    labels = batch["labels"]
+    has_loss = labels != IGNORE_INDEX
+    first = max(1, int(has_loss.int().argmax(dim=1).min()))
+    keep = labels.shape[1] - first + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, first:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses, targets != IGNORE_INDEX
+
+
+def batch_loss(model: Any, batch: dict[str, Any], task: str) -> Any:
+    """The training loss of one batch for the recipe's task (see the module docstring)."""
+    if task != TASK_CAUSAL_LM:
+        return model(**batch).loss
+    losses, mask = causal_token_losses(model, batch)
+    per_example = (losses * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return per_example.mean()
+
+
 def make_optimizer(bench: Workbench, params: list):
     import torch
 
@@ -59,7 +99,7 @@ def make_optimizer(bench: Workbench, params: list):
 def local_train(
     bench: Workbench,
     plan: Plan,
-    examples: Examples,
+    examples: Examples | PromptResponses,
     seed: int,
     progress: Progress | None = None,
     dp: DPSettings | None = None,
@@ -97,7 +137,7 @@ def local_train(
                 # An empty Poisson sample (probability (1-q)^n): the accountant still counts the step.
                 continue
             batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
-            loss = model(**batch).loss
+            loss = batch_loss(model, batch, bench.recipe.model.task)
             loss.backward()
             if t.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)

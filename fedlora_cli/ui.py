@@ -125,7 +125,8 @@ class SimulationReporter:
         if not self.quiet:
             err.print(
                 f"[green]round {row['round']}[/] train loss {row['train_loss']:.4f}, "
-                f"global accuracy {row['global_accuracy']:.4f}"
+                f"global test loss {row['global_loss']:.4f}"
+                + (f", global accuracy {row['global_accuracy']:.4f}" if row["global_accuracy"] is not None else "")
                 + (
                     f", personalised {row['personalised_accuracy']:.4f}"
                     if row["personalised_accuracy"] is not None
