@@ -76,6 +76,9 @@ def main() -> None:
                 "final_accuracy": rows[-1]["global_accuracy"], "final_macro_f1": rows[-1]["global_macro_f1"],
                 "seconds": seconds,
             })
+            if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+                Path(args.json).write_text(json.dumps(
+                    {"date": time.strftime("%Y-%m-%d"), "shape": shape, "results": results}, indent=2))
     print(f"\n# DP quality, {time.strftime('%Y-%m-%d')}, {platform.machine()} python {platform.python_version()}; {shape}")
     print("| method | lr | target eps | noise multiplier | eps spent (max client) | accuracy by round | final acc | final F1 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -85,8 +88,6 @@ def main() -> None:
         sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
         spent = "-" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.3f}"
         print(f"| {r['method']} | {r['lr']:g} | {eps} | {sigma} | {spent} | {by_round} | {r['final_accuracy']:.4f} | {r['final_macro_f1']:.4f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": shape, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def main() -> None:
             "upload_bytes_per_client_per_round": sum(r["upload_bytes_per_client"] for r in rows) / len(rows),
             "seconds": time.perf_counter() - started,
         })
+        if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+            Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
+                                                   "results": results}, indent=2))
     print(f"\n# LoRA variants and aggregation, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
           f"python {platform.python_version()}, {args.rounds} rounds")
     print("| configuration | method | adapter | aggregation | lr | global accuracy by round | final global acc "
@@ -102,9 +105,6 @@ def main() -> None:
         upload = f"{r['upload_bytes_per_client_per_round'] / 1000:.1f} KB"
         print(f"| {r['config']} | {r['method']} | {adapter} | {r['aggregation']} | {r['lr']:g} | {by_round} "
               f"| {r['final_accuracy']:.4f} | {personal} | {upload} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
-                                               "results": results}, indent=2))
 
 
 if __name__ == "__main__":
