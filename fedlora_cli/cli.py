@@ -449,10 +449,12 @@ def simulate_cmd(
     else:
         table_rows = [
             [row["round"], ui.fmt(row["train_loss"]), ui.fmt(row["global_accuracy"]), ui.fmt(row["global_macro_f1"]),
-             ui.fmt(row["personalised_accuracy"]), ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
+             ui.fmt(row["personalised_accuracy"]), ui.fmt(row["personalised_accuracy_own_mix"]),
+             ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
             for row in rows
         ]
-        columns = ["round", "loss", "global acc", "global F1", "pers. acc", "upload", "train s"]
+        # pers. acc (own mix): each personalised model on the test split reweighted to its client's label mix.
+        columns = ["round", "loss", "global acc", "global F1", "pers. acc", "pers. acc (own mix)", "upload", "train s"]
     if rows and rows[-1]["epsilon"] is not None:
         columns.append("max eps")
         for table_row, row in zip(table_rows, rows):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
@@ -78,12 +78,39 @@ def evaluate_classification(
             if progress is not None:
                 progress(i, len(starts))
     num_labels = int(model.config.num_labels) if hasattr(model, "config") else int(predicted.max()) + 1
+    correct = predicted == examples.labels
     return {
-        "accuracy": float(np.mean(predicted == examples.labels)),
+        "accuracy": float(np.mean(correct)),
         "macro_f1": macro_f1(predicted, examples.labels, num_labels),
         "loss": total_loss / len(examples),
         "examples": len(examples),
+        # Recall of every class (None where the test split holds none): what accuracy_on_mix reweights.
+        "class_recall": [
+            float(np.mean(correct[examples.labels == c])) if np.any(examples.labels == c) else None
+            for c in range(num_labels)
+        ],
     }
+
+
+def accuracy_on_mix(class_recall: Sequence[float | None], label_counts: Sequence[int]) -> float | None:
+    """The accuracy a classifier would have on test data with this label mix: sum_c (n_c / n) recall_c.
+
+    Under label skew (Dirichlet partitions) a client's own data follows its label counts, not the shared test
+    split's, so this is the fair measure of a personalised model on the shared test split (the class
+    conditionals are the same everywhere; only the mix differs). None if a class the mix needs is missing
+    from the test split.
+    """
+    total = sum(label_counts)
+    if total == 0 or len(class_recall) != len(label_counts):
+        return None
+    value = 0.0
+    for recall, count in zip(class_recall, label_counts):
+        if count == 0:
+            continue
+        if recall is None:
+            return None
+        value += count / total * recall
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedlora_cli import checkpoint, federation, partition as partitions, recipe as recipes
+from fedlora_cli import checkpoint, evaluation, federation, partition as partitions, recipe as recipes
 from fedlora_cli.checkpoint import read_json, round_dirname, write_json
 from fedlora_cli.errors import FedloraError
 
@@ -197,17 +197,25 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
         # Clients of another rank than the global's use the global truncated to their rank: evaluate that too.
         personalised = bool(plan.local) or bool(recipe.adapter.client_ranks)
         metrics = _evaluate_round(layout, round_, clients, benches, test_examples, personalised)
-        row = round_row(layout, round_, clients, metrics)
+        row = round_row(layout, round_, clients, metrics, part)
         rows.append(row)
         reporter.round_done(row)
     return rows
 
 
-def round_row(layout: RunLayout, round_: int, clients: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+def round_row(
+    layout: RunLayout, round_: int, clients: list[str], metrics: dict[str, Any], partition: dict[str, Any] | None = None
+) -> dict[str, Any]:
     updates = [checkpoint.read_update(layout.update(round_, cid)).manifest for cid in clients]
     total = sum(u.num_examples for u in updates)
     personal = metrics.get("personalised") or {}
     personal_accuracy = [accuracy_of(m) for m in personal.values()]
+    # Each personalised model scored on the shared test split reweighted to its own client's label mix.
+    mix = {c["id"]: c["label_counts"] for c in (partition or {}).get("clients", []) if "label_counts" in c}
+    matched = [
+        evaluation.accuracy_on_mix(m["class_recall"], mix[cid]) if "class_recall" in m and cid in mix else None
+        for cid, m in personal.items()
+    ]
     return {
         "round": round_,
         "train_loss": sum(u.loss * u.num_examples for u in updates) / total,
@@ -218,6 +226,7 @@ def round_row(layout: RunLayout, round_: int, clients: list[str], metrics: dict[
             sum(personal_accuracy) / len(personal_accuracy)
             if personal_accuracy and None not in personal_accuracy else None
         ),
+        "personalised_accuracy_own_mix": sum(matched) / len(matched) if matched and None not in matched else None,
         "personalised_loss": (
             sum(m["loss"] for m in personal.values()) / len(personal) if personal else None
         ),

@@ -118,6 +118,28 @@ def test_simulate_cli_prints_the_round_table(tmp_path, tiny_model_dir, reviews_c
     assert "global" in out and "upload" in out and "│ 1 " in out
     rows = json.loads(ok(["simulate", recipe, "--out", tmp_path / "run", "--rounds", "1", "--json"]))["rounds"]
     assert len(rows) == 1 and rows[0]["upload_bytes"] > 0 and rows[0]["personalised_accuracy"] is not None
+    # Class recalls reproduce the accuracy on the test split's own mix, and the personalised accuracy on each
+    # client's label mix is their reweighting by that client's label counts, averaged over clients.
+    layout = simulate.RunLayout(tmp_path / "run")
+    metrics = json.loads(layout.metrics(1).read_text())
+    part = json.loads((layout.data / "partition.json").read_text())
+    test_counts = part["test"]["label_counts"]
+    by_hand = sum(n * r for n, r in zip(test_counts, metrics["global"]["class_recall"])) / sum(test_counts)
+    assert by_hand == pytest.approx(metrics["global"]["accuracy"])
+    own = []
+    for client in part["clients"]:
+        recall = metrics["personalised"][client["id"]]["class_recall"]
+        counts = client["label_counts"]
+        own.append(sum(n * r for n, r in zip(counts, recall) if n) / sum(counts))
+    assert rows[0]["personalised_accuracy_own_mix"] == pytest.approx(sum(own) / len(own))
+
+
+def test_accuracy_on_mix_by_hand():
+    from fedlora_cli.evaluation import accuracy_on_mix
+
+    assert accuracy_on_mix([1.0, 0.5], [30, 10]) == pytest.approx(0.875)
+    assert accuracy_on_mix([None, 0.5], [0, 10]) == pytest.approx(0.5)  # a class the client lacks is not needed
+    assert accuracy_on_mix([None, 0.5], [3, 10]) is None  # ...but one it holds must be in the test split
 
 
 def test_recipes_commands(tmp_path):
