@@ -16,7 +16,7 @@ Dirichlet(0.5), shard weighting, q/k/v targets, shared head) with these override
 
 Global accuracy is the global checkpoint on the shared test split; personalised accuracy is the mean over
 clients of each client's own model (global plus what it keeps at home, or the global at its rank), reported
-where the method has one. Upload is the client update's size in bytes per client per round (safetensors).
+where the method has one, on the shared test split and reweighted to each client's own label mix. Upload is the client update's size in bytes per client per round (safetensors).
 ``--set`` applies the same recipe override to every configuration (e.g. ``--set data.test_fraction=0.02``
 for a quick check).
 """
@@ -87,6 +87,7 @@ def main() -> None:
             "accuracy_by_round": [r["global_accuracy"] for r in rows],
             "final_accuracy": rows[-1]["global_accuracy"], "final_macro_f1": rows[-1]["global_macro_f1"],
             "final_personalised_accuracy": rows[-1]["personalised_accuracy"],
+            "final_personalised_accuracy_own_mix": rows[-1].get("personalised_accuracy_own_mix"),
             "upload_bytes_per_client_per_round": sum(r["upload_bytes_per_client"] for r in rows) / len(rows),
             "seconds": time.perf_counter() - started,
         })
@@ -96,15 +97,17 @@ def main() -> None:
     print(f"\n# LoRA variants and aggregation, {time.strftime('%Y-%m-%d')}, {platform.machine()} "
           f"python {platform.python_version()}, {args.rounds} rounds")
     print("| configuration | method | adapter | aggregation | lr | global accuracy by round | final global acc "
-          "| final personalised acc | upload per client per round |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| final personalised acc | personalised acc, own label mix | upload per client per round |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         by_round = " / ".join(f"{a:.3f}" for a in r["accuracy_by_round"])
         personal = "-" if r["final_personalised_accuracy"] is None else f"{r['final_personalised_accuracy']:.4f}"
+        own = r.get("final_personalised_accuracy_own_mix")
+        own = "-" if own is None else f"{own:.4f}"
         adapter = f"{r['adapter_kind']} r={r['rank']}"
         upload = f"{r['upload_bytes_per_client_per_round'] / 1000:.1f} KB"
         print(f"| {r['config']} | {r['method']} | {adapter} | {r['aggregation']} | {r['lr']:g} | {by_round} "
-              f"| {r['final_accuracy']:.4f} | {personal} | {upload} |")
+              f"| {r['final_accuracy']:.4f} | {personal} | {own} | {upload} |")
 
 
 if __name__ == "__main__":
