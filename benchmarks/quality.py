@@ -53,8 +53,16 @@ def run_cell(name: str, overrides: dict, out: Path) -> dict:
         return {"refused": str(exc)}
     return {
         "global": rows[-1]["global_accuracy"], "personalised": rows[-1]["personalised_accuracy"],
+        "personalised_own_mix": rows[-1]["personalised_accuracy_own_mix"],
         "by_round": [r["global_accuracy"] for r in rows], "seconds": time.perf_counter() - started,
     }
+
+
+def save(path: str | None, seeds: list[int], cells: list[dict]) -> None:
+    """Write the cells so far: a grid that runs for hours keeps what it finished if it is stopped."""
+    if path:
+        Path(path).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
+                                          "seeds": seeds, "cells": cells}, indent=2) + "\n")
 
 
 def summary(values: list[float | None]) -> str:
@@ -86,6 +94,7 @@ def main() -> None:
         runs = [run_cell("centralised", {**CENTRALISED, "data.seed": s, "training.seed": s, **extra},
                          Path(args.out) / f"centralised-s{s}") for s in seeds]
         cells.append({"config": "centralised LoRA", "partition": "-", "privacy": "none", "runs": runs})
+        save(args.json, seeds, cells)
     for config in args.configs.split(","):
         for partition in args.partitions.split(","):
             for privacy in args.privacy.split(","):
@@ -96,20 +105,20 @@ def main() -> None:
                     runs.append(run_cell(f"{config} {partition} eps={privacy} seed={s}", overrides,
                                          Path(args.out) / f"{config}-{partition}-eps{privacy}-s{s}"))
                 cells.append({"config": config, "partition": partition, "privacy": privacy, "runs": runs})
+                save(args.json, seeds, cells)
 
     print(f"\n# Quality, {time.strftime('%Y-%m-%d')}, {platform.machine()} python {platform.python_version()}, "
           f"seeds {args.seeds} (mean ± half-range)")
-    print("| configuration | partition | epsilon | global accuracy | personalised accuracy |")
-    print("|---|---|---|---|---|")
+    print("| configuration | partition | epsilon | global accuracy | personalised accuracy | personalised (own mix) |")
+    print("|---|---|---|---|---|---|")
     for c in cells:
         refused = [r["refused"] for r in c["runs"] if "refused" in r]
         if refused:
-            print(f"| {c['config']} | {c['partition']} | {c['privacy']} | refused: {refused[0][:80]} | |")
+            print(f"| {c['config']} | {c['partition']} | {c['privacy']} | refused: {refused[0][:80]} | | |")
             continue
         print(f"| {c['config']} | {c['partition']} | {c['privacy']} | {summary([r['global'] for r in c['runs']])} "
-              f"| {summary([r['personalised'] for r in c['runs']])} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "seeds": seeds, "cells": cells}, indent=2))
+              f"| {summary([r['personalised'] for r in c['runs']])} "
+              f"| {summary([r['personalised_own_mix'] for r in c['runs']])} |")
 
 
 if __name__ == "__main__":
