@@ -51,7 +51,7 @@ def client_weights(num_examples: Sequence[int], uniform: bool = False) -> list[f
         return [1.0 / len(num_examples)] * len(num_examples)
     if any(n <= 0 for n in num_examples):
         raise FedloraError("every client update must report a positive number of examples")
-    total = float(sum(num_examples))
+    total = sum(num_examples)  # exact integer sum: n / total is in [0, 1] however large the counts
     return [n / total for n in num_examples]
 
 

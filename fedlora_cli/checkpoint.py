@@ -209,7 +209,36 @@ def _from_dict(cls: type, data: dict[str, Any], path: Path, what: str) -> Any:
         )
     if missing:
         raise FedloraError(f"{what} {path} is missing field(s): {', '.join(missing)}")
+    for f in fields(cls):
+        if f.name in data and not _has_type(data[f.name], str(f.type)):
+            raise FedloraError(f"{what} {path}: field '{f.name}' must be {f.type}; got {data[f.name]!r:.60}")
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,),
+    "Any": (object,),
+}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a manifest field's annotation (``int``, ``str | None``, ``dict[str, str]``...).
+
+    Manifests come from other sites: a count that is a string, a bool or NaN must be refused by name, not
+    crash later or poison an average.
+    """
+    for option in annotation.split("|"):
+        option = option.strip()
+        if option == "None":
+            if value is None:
+                return True
+            continue
+        kinds = _JSON_TYPES.get(option.split("[", 1)[0], (object,))
+        if isinstance(value, bool) and bool not in kinds:
+            continue
+        if isinstance(value, kinds):
+            return True
+    return False
 
 
 @dataclass
@@ -256,7 +285,9 @@ class UpdateManifest:
     num_examples: int
     shard_examples: int
     steps: int
-    loss: float
+    # Mean training loss of the round; None under DP-SGD, where it would release un-noised information about the
+    # client's data that no accountant covers (the client keeps it in its state).
+    loss: float | None
     seconds: float
     bytes: int
     tensor_digests: dict[str, str]
@@ -276,6 +307,7 @@ class StateManifest:
     tensor_digests: dict[str, str]
     # The client's privacy ledger (see fedlora_cli.privacy.Ledger), carried from round to round.
     privacy: dict[str, Any] | None = None
+    loss: float | None = None  # this round's mean training loss, kept at home (the update omits it under DP)
     format_version: int = FORMAT_VERSION
 
 
@@ -338,6 +370,11 @@ def read_update(path: Path) -> ClientUpdate:
         raise FedloraError(f"client update not found: {path}")
     data = read_json(path / UPDATE_MANIFEST, "client update manifest")
     manifest = _from_dict(UpdateManifest, data, path / UPDATE_MANIFEST, "client update manifest")
+    if not 0 < manifest.num_examples <= manifest.shard_examples:
+        raise FedloraError(
+            f"client update {path}: num_examples {manifest.num_examples} must be positive and at most "
+            f"shard_examples {manifest.shard_examples}"
+        )
     return ClientUpdate(path, manifest)
 
 

@@ -162,6 +162,12 @@ def partition_cmd(
         raw = recipes.apply_overrides(raw, {k: v for k, v in overrides.items() if v is not None})
         r = recipes.from_dict(raw)
         spec, task = r.data, r.model.task
+    if plot is not None:
+        # Checked before the partition is written, so a bad --plot path does not fail after the work is done.
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FedloraError(f"cannot write the plot to {plot}: {exc.strerror}") from None
     with ui.err.status("partitioning"):
         result = partitions.partition(spec, n, out, overwrite=overwrite, task=task)
     m = result.manifest
@@ -247,7 +253,7 @@ def train_client_cmd(
     """Train this client for one round; write the client update (sent) and the client state (kept)."""
     from dataclasses import asdict
 
-    from fedlora_cli import federation, ui
+    from fedlora_cli import checkpoint, federation, ui
 
     cid = client_id or state.resolve().name
     with ui.step_progress(f"training {cid}") as progress:
@@ -255,10 +261,13 @@ def train_client_cmd(
             global_checkpoint, data, state, out, cid, base_override=base_model, progress=progress, overwrite=overwrite
         )
     m = update.manifest
+    # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
+    local_loss = checkpoint.latest_state(state, before_round=m.round + 1).manifest.loss
     if as_json:
-        ui.print_json({"path": str(update.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"}})
+        ui.print_json({"path": str(update.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"},
+                       "local_loss": local_loss})
         return
-    rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(m.loss), f"{m.seconds:.1f}", ui.fmt_bytes(m.bytes)]]
+    rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(local_loss), f"{m.seconds:.1f}", ui.fmt_bytes(m.bytes)]]
     ui.out.print(ui.table(f"client update {update.path}", ["client", "round", "examples", "steps", "loss", "seconds", "upload"], rows))
     if m.privacy is not None:
         p = m.privacy

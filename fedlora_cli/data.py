@@ -209,9 +209,15 @@ def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator
 
 
 def steps_for(n: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> int:
+    """Local steps of one round: ``local_steps``, or enough batches for ``local_epochs`` passes over n examples.
+
+    The one place this is computed: DP-SGD calibrates its noise and checks the budget with the same count that
+    training then runs. The quotient is rounded before the ceiling so that float noise (1.1 x 50 / 5 is
+    11.000000000000002) does not add a step.
+    """
     import math
 
     if local_steps is not None:
         return local_steps
     assert local_epochs is not None
-    return max(1, math.ceil(local_epochs * n / min(batch_size, n)))
+    return max(1, math.ceil(round(local_epochs * n / min(batch_size, n), 9)))

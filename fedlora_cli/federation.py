@@ -8,6 +8,7 @@ A round ``t`` takes global checkpoint ``t-1`` to client updates of round ``t`` t
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -224,7 +225,9 @@ def calibrated(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> reci
     # Calibrate a hair under the budget so that the per-round ledger, composed round by round, stays within it.
     target = dataclasses.replace(p, target_epsilon=p.target_epsilon * (1 - CALIBRATION_MARGIN))
     sigma = privacy.calibrate_federation(target, plans, recipe.federation.rounds)
-    return dataclasses.replace(recipe, privacy=dataclasses.replace(p, noise_multiplier=round(sigma, 6)))
+    # Rounded up, never down: a smaller sigma than calibrated would spend more than the budget.
+    sigma = math.ceil(sigma * 1e6) / 1e6
+    return dataclasses.replace(recipe, privacy=dataclasses.replace(p, noise_multiplier=sigma))
 
 
 CALIBRATION_MARGIN = 0.005
@@ -304,6 +307,11 @@ def train_client(
     bad = aggregation.nonfinite(sent) or aggregation.nonfinite(kept)
     if bad is not None:
         raise FedloraError(f"training diverged: tensor '{bad}' holds NaN or Inf (lower training.lr); nothing written")
+    # Under DP-SGD only the noised tensors may leave the client. The mean training loss is a function of the data
+    # with no noise, so it stays at home; the example count sent is the shard size, which the sample rate
+    # (q = batch / n, part of what the accountant composes) already discloses, rather than the number of
+    # distinct examples the secret Poisson sampling happened to draw.
+    private = ledger is not None
     update_manifest = UpdateManifest(
         client_id=client_id,
         round=round_,
@@ -312,16 +320,15 @@ def train_client(
         recipe_digest=manifest.recipe_digest,
         base_fingerprint=manifest.base_fingerprint,
         frozen_digest=manifest.frozen_digest,
-        num_examples=result.num_examples,
+        num_examples=len(examples) if private else result.num_examples,
         shard_examples=len(examples),
         steps=result.steps,
-        loss=result.loss,
+        loss=None if private else result.loss,
         seconds=round(result.seconds, 3),
         bytes=0,
         tensor_digests={name: tensor_digests[name] for name in sent},
         privacy=None if ledger is None else {k: v for k, v in ledger.to_dict().items() if k != "history"},
     )
-    update = checkpoint.write_update(out, update_manifest, sent, overwrite=overwrite)
     state_manifest = StateManifest(
         client_id=client_id,
         round=round_,
@@ -329,9 +336,12 @@ def train_client(
         recipe_digest=manifest.recipe_digest,
         tensor_digests={name: tensor_digests[name] for name in kept},
         privacy=None if ledger is None else ledger.to_dict(),
+        loss=result.loss,
     )
+    # The state (with the ledger that records this round's spending) is written before the update: if the
+    # update's write fails the ledger over-counts one round, never under-counts a release.
     checkpoint.write_state(Path(state_dir), state_manifest, kept)
-    return update
+    return checkpoint.write_update(out, update_manifest, sent, overwrite=overwrite)
 
 
 def _privacy_for_round(
@@ -378,7 +388,7 @@ class ClientRow:
     weight: float
     update_norm: float  # L2 norm of the update's difference from the tensors the client received
     bytes: int
-    loss: float
+    loss: float | None  # None under DP-SGD (the update does not carry it)
     rank: int | None = None  # the LoRA rank the client trained (None for VeRA)
     bound: str | None = None  # 'clipped' or 'rejected' by the norm bound
 
@@ -650,7 +660,15 @@ def aggregate_round(
             )
         reference = {name: global_tensors[name] for name in global_header if plan.sends(name)}
         seed = noise_seed if noise_seed is not None else secrets.randbits(63)
-        averaged = privacy.dp_fedavg(stream(), reference, sp.clip_norm, sp.noise_multiplier, len(updates), seed)
+        # The fixed denominator m of DP-FedAvg (McMahan et al. 2018): the federation's clients, not the number of
+        # updates that arrived, so that adding or removing one client moves the average by at most C / m.
+        m = recipe.federation.clients
+        if len(updates) > m:
+            raise FedloraError(
+                f"DP-FedAvg: {len(updates)} client updates for a federation of federation.clients = {m}; "
+                f"the noise is calibrated for at most {m}"
+            )
+        averaged = privacy.dp_fedavg(stream(), reference, sp.clip_norm, sp.noise_multiplier, m, seed)
     elif settings.strategy == "mean":
         averaged = aggregation.weighted_mean(stream())
         kept = sum(a.weight for a in accepted)
@@ -664,6 +682,9 @@ def aggregate_round(
         for layer, residual in residuals.items():
             previous = new_correction.get(layer)
             new_correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
+    bad = aggregation.nonfinite(averaged)
+    if bad is not None:
+        raise FedloraError(f"the aggregate of tensor '{bad}' is not finite (overflow in the client updates); nothing written")
     new_tensors = {**global_tensors, **averaged}
     tensor_digests = digests(new_tensors)
     correction_digests = digests(new_correction)

@@ -182,6 +182,14 @@ def build(
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise FedloraError(f"adapter.target_modules: {str(exc).strip().splitlines()[0]}") from None
+    # PEFT adapts embeddings with lora_embedding_A/B, whose roles (and transposed shapes) the methods do not
+    # know: refused rather than silently trained as (or shared like) a head.
+    embedded = next((n for n, _ in peft_model.named_parameters() if ".lora_embedding_" in n), None)
+    if embedded is not None:
+        module = embedded.split(".lora_embedding_")[0].rsplit(".", 1)[-1]
+        raise FedloraError(
+            f"adapter.target_modules: '{module}' is an embedding layer; fedlora adapts linear layers only"
+        )
     peft_model.eval()  # training switches to train mode for its steps and back
     return Workbench(recipe, peft_model, tokenizer, fingerprint, location, rank)
 

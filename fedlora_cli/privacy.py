@@ -95,10 +95,11 @@ class ClientPlan:
 
 
 def client_plan(examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> ClientPlan:
-    """Poisson sample rate and steps per round for a client with ``examples`` examples."""
+    """Poisson sample rate and steps per round for a client with ``examples`` examples (the steps training runs)."""
+    from fedlora_cli.data import steps_for
+
     q = min(1.0, batch_size / examples)
-    steps = local_steps if local_steps is not None else max(1, math.ceil((local_epochs or 1.0) / q))
-    return ClientPlan(examples, q, steps)
+    return ClientPlan(examples, q, steps_for(examples, batch_size, local_steps, local_epochs))
 
 
 def calibrate_federation(privacy: PrivacySection, plans: Sequence[ClientPlan], rounds: int) -> float:
@@ -194,16 +195,23 @@ def dp_fedavg(
     """DP-FedAvg around :func:`aggregation.weighted_mean`: clip each update's delta, average equally, add noise.
 
     The client weights in ``updates`` are ignored: DP-FedAvg's sensitivity bound C / m needs equal weights.
+    ``num_clients`` is the fixed denominator m (the federation's size); when fewer updates arrive, their sum is
+    still divided by m, which keeps the sensitivity at C / m.
     """
     import torch
 
-    clipped = ((aggregation.clip_to_norm(tensors, reference, clip), 1.0 / num_clients) for tensors, _ in updates)
-    mean = aggregation.weighted_mean(clipped)
-    if noise_multiplier == 0:
-        return mean
+    def clipped_deltas() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+        for tensors, _ in updates:
+            kept = aggregation.clip_to_norm(tensors, reference, clip)
+            yield {name: t.float() - reference[name].float() for name, t in kept.items()}, 1.0 / num_clients
+
+    # The mean is taken over the deltas, so that with fewer than m updates the reference is not shrunk with them.
+    mean_delta = aggregation.weighted_mean(clipped_deltas())
     generator = torch.Generator().manual_seed(seed)
     std = noise_multiplier * clip / num_clients
-    return {
-        name: t + torch.normal(0.0, std, size=t.shape, generator=generator, dtype=torch.float32).to(t.dtype)
-        for name, t in sorted(mean.items())
-    }
+    result = {}
+    for name, d in sorted(mean_delta.items()):
+        if noise_multiplier != 0:
+            d = d + torch.normal(0.0, std, size=d.shape, generator=generator, dtype=torch.float32)
+        result[name] = (reference[name].float() + d).to(reference[name].dtype)
+    return result

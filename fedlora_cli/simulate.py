@@ -143,12 +143,15 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
     from fedlora_cli.data import read_examples
 
     layout = RunLayout(Path(out))
+    if recipe.data.source is None:
+        raise FedloraError("recipe key 'data.source' is required by simulate")
     if overwrite and layout.root.exists():
         import shutil
 
+        # Only a run folder is deleted: --overwrite pointed at the wrong folder must not wipe it.
+        if any(layout.root.iterdir()) and not (layout.root / RECIPE_FILE).is_file():
+            raise FedloraError(f"{layout.root} is not a fedlora simulate run (no {RECIPE_FILE}); not overwriting it")
         shutil.rmtree(layout.root)
-    if recipe.data.source is None:
-        raise FedloraError("recipe key 'data.source' is required by simulate")
     _prepare(recipe, layout)
 
     if not (layout.data / partitions.PARTITION_MANIFEST).is_file():
@@ -208,6 +211,9 @@ def round_row(
 ) -> dict[str, Any]:
     updates = [checkpoint.read_update(layout.update(round_, cid)).manifest for cid in clients]
     total = sum(u.num_examples for u in updates)
+    # Under DP-SGD the update omits the training loss (it is not noised); the simulation, which holds every
+    # client's state, reads it from there.
+    losses = [u.loss if u.loss is not None else _state_loss(layout, round_, cid) for u, cid in zip(updates, clients)]
     personal = metrics.get("personalised") or {}
     personal_accuracy = [accuracy_of(m) for m in personal.values()]
     # Each personalised model scored on the shared test split reweighted to its own client's label mix.
@@ -218,7 +224,7 @@ def round_row(
     ]
     return {
         "round": round_,
-        "train_loss": sum(u.loss * u.num_examples for u in updates) / total,
+        "train_loss": None if None in losses else sum(loss * u.num_examples for loss, u in zip(losses, updates)) / total,
         "global_accuracy": accuracy_of(metrics["global"]),
         "global_macro_f1": metrics["global"].get("macro_f1"),
         "global_loss": metrics["global"]["loss"],
@@ -237,6 +243,11 @@ def round_row(
         "epsilon": max(u.privacy["epsilon"] for u in updates) if updates[0].privacy else None,
     }
 
+
+
+def _state_loss(layout: RunLayout, round_: int, client_id: str) -> float | None:
+    path = layout.state(client_id) / round_dirname(round_) / checkpoint.STATE_MANIFEST
+    return read_json(path, "client state manifest").get("loss") if path.is_file() else None
 
 
 def accuracy_of(metrics: dict[str, Any]) -> float | None:

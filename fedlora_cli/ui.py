@@ -124,7 +124,7 @@ class SimulationReporter:
     def round_done(self, row: dict[str, Any]) -> None:
         if not self.quiet:
             err.print(
-                f"[green]round {row['round']}[/] train loss {row['train_loss']:.4f}, "
+                f"[green]round {row['round']}[/] train loss {fmt(row['train_loss'])}, "
                 f"global test loss {row['global_loss']:.4f}"
                 + (f", global accuracy {row['global_accuracy']:.4f}" if row["global_accuracy"] is not None else "")
                 + (

@@ -123,7 +123,7 @@ def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, run_federati
     copies = []
     for k, n in enumerate((5, 50, 500)):
         m = checkpoint.read_update(source).manifest
-        m.client_id, m.num_examples = f"copy-{k}", n
+        m.client_id, m.num_examples, m.shard_examples = f"copy-{k}", n, n
         copies.append(checkpoint.write_update(tmp_path / f"copy-{k}", m, sent(layout, 1, "client-0")).path)
     federation.aggregate_round(layout.global_checkpoint(0), copies, tmp_path / "agg")
     want = products(sent(layout, 1, "client-0"), ALPHA / RANK)
@@ -206,7 +206,7 @@ def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: floa
     tensors = {n: g0[n] + (t - g0[n]) * factor for n, t in sent(layout, 1, client).items()}
     m = checkpoint.read_update(layout.update(1, client)).manifest
     m.client_id = "mallory"
-    m.num_examples = 10**6  # and it claims a huge share of the data
+    m.num_examples = m.shard_examples = 10**6  # and it claims a huge share of the data
     m.tensor_digests = federation.digests(tensors)
     return checkpoint.write_update(tmp_path / "mallory", m, tensors).path
 

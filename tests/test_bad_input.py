@@ -143,6 +143,17 @@ def test_nonfinite_update(run, tmp_path, value):
     aggregate_fails(run, tmp_path, [*good_updates(run, "client-0"), bad], "NaN or Inf", name)
 
 
+@pytest.mark.parametrize("value, needle", [
+    (float("nan"), "field 'num_examples'"), ("120", "field 'num_examples'"), (True, "field 'num_examples'"),
+    (0, "must be positive"), (10**9, "at most shard_examples"),
+])
+def test_update_manifest_with_a_bad_example_count(run, tmp_path, value, needle):
+    # A count from another site is data: a NaN would make every weight NaN, a string would crash the sum.
+    bad = copy_update(run, tmp_path)
+    edit_manifest(bad, num_examples=value)
+    aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], needle)
+
+
 def test_tampered_update_fails_its_digest(run, tmp_path):
     bad = copy_update(run, tmp_path)
     tensors = load_file(str(bad / checkpoint.UPDATE_TENSORS))
@@ -215,6 +226,34 @@ def test_partition_missing_column(tmp_path, reviews_csv):
     out = tmp_path / "p"
     fails(["partition", reviews_csv, "--label-column", "stars", "--out", out], "column 'stars'")
     assert not out.exists()
+
+
+def test_partition_plot_into_a_file_path_writes_nothing(tmp_path, reviews_csv):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "p"
+    fails(["partition", reviews_csv, "--label-column", "sentiment", "--out", out, "--plot", tmp_path / "a-file" / "x.png"],
+          "cannot write the plot")
+    assert not out.exists()
+
+
+def test_simulate_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model_dir, reviews_csv):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter-1.tex").write_text("...")
+    fails(["simulate", path, "--out", precious, "--overwrite"], "not a fedlora simulate run")
+    assert (precious / "chapter-1.tex").read_text() == "..."
+
+
+def test_embedding_targets_are_refused_by_name(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["adapter"]["target_modules"] = ["query", "word_embeddings"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    fails(["init", path, "--data", partition_dir, "--out", tmp_path / "g"], "'word_embeddings' is an embedding layer")
+    assert not (tmp_path / "g").exists()
 
 
 def test_partition_missing_file(tmp_path):

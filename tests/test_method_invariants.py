@@ -147,7 +147,7 @@ def test_identical_updates_are_a_fixed_point(method, make_recipe, run_federation
         copy = tmp_path / f"copy-{k}"
         update = checkpoint.read_update(source)
         m = update.manifest
-        m.client_id, m.num_examples = f"copy-{k}", n
+        m.client_id, m.num_examples, m.shard_examples = f"copy-{k}", n, n
         checkpoint.write_update(copy, m, load_file(str(source / checkpoint.UPDATE_TENSORS)))
         copies.append(copy)
     out = tmp_path / "agg"

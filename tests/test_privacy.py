@@ -127,6 +127,59 @@ def test_dp_federation_moves_b_keeps_a_and_accumulates_epsilon(tmp_path, tiny_mo
     # The noise was calibrated so that the planned federation spends (almost exactly) the budget.
     largest = max(checkpoint.read_update(layout.update(2, c)).manifest.privacy["epsilon"] for c in ("client-0", "client-1", "client-2"))
     assert largest == pytest.approx(8.0, rel=0.02)
+    # Nothing un-noised leaves a client: no training loss, and the shard size rather than the count of examples
+    # the secret Poisson sampling drew. The client keeps its loss at home.
+    for client in ("client-0", "client-1", "client-2"):
+        m = checkpoint.read_update(layout.update(2, client)).manifest
+        assert m.loss is None
+        assert m.num_examples == m.shard_examples
+        state_loss = checkpoint.latest_state(layout.state(client), 10**6).manifest.loss
+        assert isinstance(state_loss, float) and np.isfinite(state_loss)
+
+
+def test_dp_with_local_epochs_runs_the_steps_it_calibrated_for(tmp_path, tiny_model_dir, reviews_csv, run_federation):
+    # 1.1 x 50 / 5 is 11.000000000000002 in floating point: calibration and training must both count 11 steps.
+    assert privacy.client_plan(50, 5, None, 1.1).steps_per_round == 11
+    raw = private_recipe(tiny_model_dir, reviews_csv, target_epsilon=4.0)
+    raw["training"]["local_steps"] = None
+    raw["training"]["local_epochs"] = 0.7
+    raw["federation"]["rounds"] = 3
+    layout = run_federation(recipes.from_dict(raw))
+    part = json.loads((layout.data / "partition.json").read_text())
+    for c in part["clients"]:
+        planned = privacy.client_plan(c["examples"], 8, None, 0.7).steps_per_round
+        ledger = checkpoint.latest_state(layout.state(c["id"]), 10**6).manifest.privacy
+        assert [entry[2] for entry in ledger["history"]] == [planned] * 3
+        assert ledger["epsilon"] <= 4.0
+
+
+def test_calibrated_noise_is_never_rounded_below_the_accountants():
+    r = recipes.from_dict({"name": "p", "model": {"base": "-", "num_labels": 2},
+                           "privacy": {"target_epsilon": 2.0, "delta": 1e-5, "max_grad_norm": 1.0},
+                           "federation": {"clients": 2, "rounds": 3}, "training": {"local_steps": 7, "batch_size": 16}})
+    partition = {"clients": [{"examples": 1000}, {"examples": 3000}]}
+    sigma = federation.calibrated(r, partition).privacy.noise_multiplier
+    plans = [privacy.client_plan(n, 16, 7, None) for n in (1000, 3000)]
+    target = r.privacy.target_epsilon * (1 - federation.CALIBRATION_MARGIN)
+    raw_sigma = max(privacy.calibrate(target, 1e-5, p.sample_rate, p.steps_per_round * 3) for p in plans)
+    assert raw_sigma <= sigma < raw_sigma + 1e-6
+
+
+def test_the_ledger_records_a_round_even_if_its_update_is_never_written(tmp_path, tiny_model_dir, reviews_csv, partition_dir, monkeypatch):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    r = recipes.from_dict(raw)
+    federation.init(r, tmp_path / "g0", partition=json.loads((partition_dir / "partition.json").read_text()))
+
+    def broken_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "write_update", broken_write)
+    with pytest.raises(OSError):
+        federation.train_client(tmp_path / "g0", partition_dir / "client-0.parquet", tmp_path / "state",
+                                tmp_path / "u", "client-0")
+    assert not (tmp_path / "u").exists()
+    ledger = checkpoint.latest_state(tmp_path / "state", 10**6).manifest.privacy
+    assert len(ledger["history"]) == 1 and ledger["epsilon"] > 0
 
 
 def test_epsilon_across_processes_matches_an_independent_accountant(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
@@ -265,6 +318,21 @@ def test_server_dp_aggregation_through_the_cli(make_recipe, run_federation, tmp_
     got = load_file(str(tmp_path / "g0noise" / checkpoint.ADAPTER_WEIGHTS))
     for n, t in by_hand.items():
         torch.testing.assert_close(got[n], t)
+
+
+def test_dp_fedavg_divides_by_the_federation_size_not_the_arrivals(make_recipe, run_federation, tmp_path):
+    layout = run_federation(make_recipe("fedavg"))  # a federation of 3 clients
+    arrived = [layout.update(1, c) for c in ("client-0", "client-1")]
+    federation.aggregate_round(layout.global_checkpoint(0), arrived, tmp_path / "g",
+                               server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.0))
+    g0 = load_file(str(layout.global_checkpoint(0) / checkpoint.ADAPTER_WEIGHTS))
+    sent = [load_file(str(u / checkpoint.UPDATE_TENSORS)) for u in arrived]
+    ref = {n: g0[n] for n in sent[0]}
+    clipped = [aggregation.clip_to_norm(s, ref, 0.5) for s in sent]
+    got = load_file(str(tmp_path / "g" / checkpoint.ADAPTER_WEIGHTS))
+    for n in ref:
+        # ref + sum_k clip(delta_k) / m with m = 3: a missing client counts as a zero update.
+        torch.testing.assert_close(got[n], ref[n] + sum(c[n] - ref[n] for c in clipped) / 3)
 
 
 def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
