@@ -262,6 +262,8 @@ class GlobalManifest:
     clients: list[str] = field(default_factory=list)
     # DP-FedAvg spending at the coordinator: [noise multiplier, sample rate, steps] per aggregated round.
     server_privacy_ledger: list[list[float]] = field(default_factory=list)
+    # The delta that ledger's epsilon is stated at (the last DP-FedAvg round's).
+    server_privacy_delta: float | None = None
     # Digests of correction.safetensors' tensors (layer -> digest): present after an 'exact' aggregation.
     correction_digests: dict[str, str] = field(default_factory=dict)
     # How the round that wrote this checkpoint aggregated: strategy, norm bound, clipped and rejected clients,

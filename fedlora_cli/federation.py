@@ -583,6 +583,9 @@ def aggregate_round(
     if not update_dirs:
         raise FedloraError("no client updates given")
     settings = aggregation_settings(recipe, strategy, norm_bound, norm_bound_action, trim_fraction)
+    if server_privacy is not None and recipe.server_privacy is not None and server_privacy.target_epsilon is None:
+        # A budget in the recipe binds DP-FedAvg asked for on the command line too.
+        server_privacy = dataclasses.replace(server_privacy, target_epsilon=recipe.server_privacy.target_epsilon)
     server_privacy = server_privacy or recipe.server_privacy
     if server_privacy is not None and settings.strategy != "mean":
         raise FedloraError(f"DP-FedAvg (server privacy) averages: it needs aggregation strategy 'mean', not '{settings.strategy}'")
@@ -709,6 +712,7 @@ def aggregate_round(
             "frozen_digest": frozen_digest(plan, tensor_digests),
             "clients": [u.manifest.client_id for u in updates],
             "server_privacy_ledger": server_ledger,
+            "server_privacy_delta": server_privacy.delta if server_privacy is not None else manifest.server_privacy_delta,
             "aggregation": report,
             "created": time.time(),
         }

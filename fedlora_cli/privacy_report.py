@@ -37,7 +37,8 @@ def server_entry(global_dir: Path) -> dict[str, Any] | None:
     if not ckpt.manifest.server_privacy_ledger:
         return None
     history = [(float(s), float(q), int(n)) for s, q, n in ckpt.manifest.server_privacy_ledger]
-    ledger = privacy.Ledger("rdp", float(sp.get("delta", 1e-5)), sp.get("target_epsilon"), history)
+    delta = ckpt.manifest.server_privacy_delta or float(sp.get("delta", 1e-5))
+    ledger = privacy.Ledger("rdp", delta, sp.get("target_epsilon"), history)
     return _entry(f"server DP-FedAvg (round {ckpt.manifest.round})", ledger)
 
 

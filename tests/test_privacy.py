@@ -320,6 +320,32 @@ def test_server_dp_aggregation_through_the_cli(make_recipe, run_federation, tmp_
         torch.testing.assert_close(got[n], t)
 
 
+def test_server_epsilon_reported_later_is_the_one_aggregate_printed(make_recipe, run_federation, tmp_path):
+    layout = run_federation(make_recipe("fedavg"))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g"),
+                                 "--dp-clip", "0.5", "--dp-noise", "0.8", "--dp-delta", "1e-3", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)["server_epsilon"]
+    report = runner.invoke(app, ["privacy", "report", str(tmp_path / "g"), "--json"])
+    assert report.exit_code == 0, report.output
+    entry = json.loads(report.stdout)[0]
+    assert entry["delta"] == 1e-3 and entry["epsilon"] == pytest.approx(printed)
+    assert printed == pytest.approx(privacy.epsilon([(0.8, 1.0, 1)], 1e-3, "rdp"))
+
+
+def test_command_line_dp_fedavg_is_bound_by_the_recipes_budget(tiny_model_dir, reviews_csv, run_federation, tmp_path):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["server_privacy"] = {"clip_norm": 1.0, "noise_multiplier": 5.0, "target_epsilon": 2.0}
+    layout = run_federation(recipes.from_dict(raw))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    # Far less noise than the recipe's: one round of it would spend more than the recipe allows.
+    result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g"),
+                                 "--dp-clip", "1.0", "--dp-noise", "0.3"])
+    assert result.exit_code == 1 and "server_privacy.target_epsilon" in result.output, result.output
+    assert not (tmp_path / "g").exists()
+
+
 def test_dp_fedavg_divides_by_the_federation_size_not_the_arrivals(make_recipe, run_federation, tmp_path):
     layout = run_federation(make_recipe("fedavg"))  # a federation of 3 clients
     arrived = [layout.update(1, c) for c in ("client-0", "client-1")]
