@@ -134,7 +134,15 @@ def local_train(
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for step, rows in enumerate(batches, start=1):
             if len(rows) == 0:
-                # An empty Poisson sample (probability (1-q)^n): the accountant still counts the step.
+                # An empty Poisson sample (probability (1-q)^n). The accountant counts the step, so it must
+                # release what the analysis assumes: noise alone, as Opacus does for an empty batch. Skipping it
+                # would leave the parameters exactly unchanged, an output the analysis does not cover.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if progress is not None:
+                    progress(step, steps, float("nan"))
                 continue
             batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
             loss = batch_loss(model, batch, bench.recipe.model.task)

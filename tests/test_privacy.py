@@ -376,6 +376,19 @@ def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews
     assert len(ledger["history"]) == 2, "the first attempt's spending is still counted"
 
 
+def test_an_empty_poisson_batch_still_releases_noise(make_recipe, partition_dir):
+    # At this sample rate nearly every step samples no example; each must still be a noisy step, as the
+    # accountant counts it, never a silent no-op.
+    bench = build(make_recipe("ffa", "frozen", optimizer="sgd", lr=0.1), 2)
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+    before = bench.adapter_tensors()
+    result = local_train(bench, plan("ffa", "frozen"), examples, seed=0, dp=DPSettings(1.0, 1.0, 1e-6, secret_seed=2))
+    after = bench.adapter_tensors()
+    assert result.steps == bench.recipe.training.local_steps
+    assert all(not torch.equal(before[n], after[n]) for n in before if role_of(n) == "lora_B")
+    assert all(torch.equal(before[n], after[n]) for n in before if role_of(n) != "lora_B")
+
+
 @pytest.mark.parametrize("method, head", [("fedavg", "shared"), ("fedsa", "local"), ("ffa", "frozen"), ("fedsa", "shared")])
 def test_dp_sgd_trains_exactly_the_planned_roles(method, head, make_recipe, partition_dir):
     bench = build(make_recipe(method, head), 2)
