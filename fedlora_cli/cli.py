@@ -172,7 +172,9 @@ def partition_cmd(
         result = partitions.partition(spec, n, out, overwrite=overwrite, task=task)
     m = result.manifest
     if plot is not None:
-        partitions.plot(m, plot)
+        from fedlora_cli import plots
+
+        plots.label_distribution(m, plot)
     if as_json:
         ui.print_json(m)
         return
@@ -435,16 +437,28 @@ def simulate_cmd(
     clients: Annotated[Optional[int], typer.Option(help="Override federation.clients.")] = None,
     method: Annotated[Optional[str], typer.Option(help="Override federation.method (fedavg, ffa, fedsa).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run folder and start again.")] = False,
+    plot: Annotated[
+        Optional[Path], typer.Option(help="Write a PNG of the learning curves here (default: RUN/metrics/rounds.png).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a whole federation on this machine; re-running resumes after the last completed step."""
-    from fedlora_cli import recipe as recipes, simulate as sim, ui
+    from fedlora_cli import plots, recipe as recipes, simulate as sim, ui
 
     r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method})
     run_dir = out or Path("runs") / r.name
+    if plot is not None:
+        # Checked before the federation runs, so a bad --plot path does not fail after the work is done.
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FedloraError(f"cannot write the plot to {plot}: {exc.strerror}") from None
     rows = sim.simulate(r, run_dir, ui.SimulationReporter(quiet=as_json), overwrite=overwrite)
+    png = plot or sim.RunLayout(run_dir).curves
+    score = "exact match" if r.model.task == recipes.TASK_CAUSAL_LM else "test accuracy"
+    plots.round_curves(rows, png, f"{r.name}: {r.federation.method}, {r.federation.clients} clients", score)
     if as_json:
-        ui.print_json({"run": str(run_dir), "rounds": rows})
+        ui.print_json({"run": str(run_dir), "rounds": rows, "plot": str(png)})
         return
     if r.model.task == recipes.TASK_CAUSAL_LM:
         # A causal LM: test loss (per response token) and exact match instead of accuracy and macro-F1.
@@ -471,6 +485,7 @@ def simulate_cmd(
     f = r.federation
     what = f"{f.method} with {r.adapter.kind}" + (f", {f.aggregation} aggregation" if f.aggregation != "mean" else "")
     ui.out.print(ui.table(f"{r.name}: {what}, {f.clients} clients -> {run_dir}", columns, table_rows))
+    ui.err.print(f"learning curves: {png}")
 
 
 # inspect -------------------------------------------------------------------------------------------------

@@ -330,36 +330,3 @@ def partition(
 
 def read_manifest(path: Path) -> dict[str, Any]:
     return read_json(Path(path) / PARTITION_MANIFEST, "partition manifest")
-
-
-def plot(manifest: dict[str, Any], png: Path) -> None:
-    """Stacked bars: examples per label for every client, and the test split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = [c["id"] for c in manifest["clients"]] + ["test"]
-    label_names = manifest["label_names"] or []
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 2), 3.6))
-    if label_names:
-        counts = np.asarray([c["label_counts"] for c in manifest["clients"]] + [manifest["test"]["label_counts"]])
-        bottom = np.zeros(len(names))
-        for j, label in enumerate(label_names):
-            ax.bar(names, counts[:, j], bottom=bottom, label=str(label))
-            bottom += counts[:, j]
-    else:
-        ax.bar(names, [c["examples"] for c in manifest["clients"]] + [manifest["test"]["examples"]])
-    title = manifest["strategy"] + (f" (alpha={manifest['alpha']})" if manifest.get("alpha") else "")
-    what = manifest["label_column"] or "size"
-    ax.set_title(f"Distribution of {what} per client: {title}, seed {manifest['seed']}")
-    ax.set_ylabel("examples")
-    if label_names and len(label_names) <= 12:
-        ax.legend(title=manifest["label_column"], fontsize="small")
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(png)

@@ -32,6 +32,7 @@ GLOBAL_DIR = "global"
 UPDATES_DIR = "updates"
 CLIENTS_DIR = "clients"
 METRICS_DIR = "metrics"
+CURVES_PNG = "rounds.png"
 
 
 @dataclass
@@ -53,6 +54,11 @@ class RunLayout:
 
     def metrics(self, round_: int) -> Path:
         return self.root / METRICS_DIR / f"{round_dirname(round_)}.json"
+
+    @property
+    def curves(self) -> Path:
+        """The learning curves fedlora simulate draws after every run (PNG)."""
+        return self.root / METRICS_DIR / CURVES_PNG
 
 
 class Reporter(Protocol):

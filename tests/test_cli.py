@@ -116,8 +116,14 @@ def test_simulate_cli_prints_the_round_table(tmp_path, tiny_model_dir, reviews_c
     recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv, method="fedsa")))
     out = ok(["simulate", recipe, "--out", tmp_path / "run", "--rounds", "1"])
     assert "global" in out and "upload" in out and "│ 1 " in out
-    rows = json.loads(ok(["simulate", recipe, "--out", tmp_path / "run", "--rounds", "1", "--json"]))["rounds"]
+    data = json.loads(ok(["simulate", recipe, "--out", tmp_path / "run", "--rounds", "1", "--json",
+                          "--plot", tmp_path / "figures" / "curves.png"]))
+    rows = data["rounds"]
     assert len(rows) == 1 and rows[0]["upload_bytes"] > 0 and rows[0]["personalised_accuracy"] is not None
+    # Learning curves: in the run folder by default, or where --plot says.
+    assert (tmp_path / "run" / "metrics" / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["plot"] == str(tmp_path / "figures" / "curves.png")
+    assert (tmp_path / "figures" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Class recalls reproduce the accuracy on the test split's own mix, and the personalised accuracy on each
     # client's label mix is their reweighting by that client's label counts, averaged over clients.
     layout = simulate.RunLayout(tmp_path / "run")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedlora_cli import partition, recipe as recipes
+from fedlora_cli import partition, plots, recipe as recipes
 from fedlora_cli.errors import FedloraError
 
 
@@ -111,5 +111,5 @@ def test_other_sources(tmp_path, reviews_csv, suffix):
 
 def test_plot_writes_png(tmp_path, reviews_csv):
     m = partition.partition(spec(reviews_csv, strategy="dirichlet"), 3, tmp_path / "p").manifest
-    partition.plot(m, tmp_path / "labels.png")
+    plots.label_distribution(m, tmp_path / "labels.png")
     assert (tmp_path / "labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
