@@ -183,8 +183,19 @@ def main() -> None:
         f, l, b = r["fedlora"], r["limit"], r["baseline"]
         print(f"| {r['clients']} | {f['seconds']:.2f} | {l['seconds']:.2f} | {b['seconds']:.2f} | "
               f"{f['mb_per_s'] / l['mb_per_s']:.2f} | {f['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
+    # The cost of one more client, free of start-up (torch's import alone is over a second): the slope between
+    # consecutive N, as a throughput ratio fedlora / limit.
+    for lo, hi in zip(rows, rows[1:]):
+        dn = hi["clients"] - lo["clients"]
+        slope = {k: (hi[k]["seconds"] - lo[k]["seconds"]) / dn for k in ("fedlora", "limit", "baseline")}
+        hi["marginal_seconds_per_update"] = slope
+        ratio = slope["limit"] / slope["fedlora"] if slope["fedlora"] > 0 else float("nan")
+        print(f"marginal N={lo['clients']}->{hi['clients']}: fedlora {slope['fedlora'] * 1000:.0f} ms/update, "
+              f"limit {slope['limit'] * 1000:.0f} ms/update, baseline {slope['baseline'] * 1000:.0f} ms/update; "
+              f"fedlora / limit throughput {ratio:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
+                                               "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
