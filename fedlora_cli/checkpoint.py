@@ -11,6 +11,11 @@ Three kinds of folder travel between the coordinator and the sites::
     client state        the client's private folder, never sent: one round-NNN/ sub-folder per trained round
                         holding the tensors that stay home (local.safetensors) plus state.json.
 
+and one file stays with the coordinator:
+
+    coordinator ledger  dp-fedavg-ledger-<recipe digest>.json beside the global checkpoints: every DP-FedAvg
+                        release the coordinator has made, including a round aggregated twice (ServerLedger).
+
 Tensors are read and written only as safetensors: nothing a client sends is ever unpickled. Every folder is
 written to a temporary sibling and renamed into place, so an interrupted or failed command leaves either
 the complete folder or nothing.
@@ -427,3 +432,50 @@ def write_state(
         save_tensors(tmp / STATE_TENSORS, tensors)
         write_json(tmp / STATE_MANIFEST, asdict(manifest))
     return ClientState(final, manifest)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The coordinator's DP-FedAvg ledger
+
+
+@dataclass
+class ServerLedger:
+    """The coordinator's DP-FedAvg ledger: every DP-FedAvg release it made in one federation.
+
+    A global checkpoint's manifest carries the releases made up to the moment it was written; a round
+    aggregated a second time (``--overwrite``, or to another folder) is a second release of the same clients'
+    data that no manifest along the chain would show. This file, written before each release, counts it.
+    Each release is a dict: noise_multiplier, sample_rate, steps, delta, round, parent_digest, out, created.
+    """
+
+    path: Path
+    releases: list[dict[str, Any]]
+
+    def history(self) -> list[list[float]]:
+        return [[r["noise_multiplier"], r["sample_rate"], r["steps"]] for r in self.releases]
+
+
+def read_server_ledger(path: Path) -> ServerLedger | None:
+    """The ledger at ``path``, or None if there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    data = read_json(path, "DP-FedAvg ledger")
+    releases = data.get("releases")
+    ok = isinstance(releases, list) and all(
+        isinstance(r, dict)
+        and _has_type(r.get("noise_multiplier"), "float") and r["noise_multiplier"] >= 0
+        and _has_type(r.get("sample_rate"), "float") and 0 < r["sample_rate"] <= 1
+        and _has_type(r.get("steps"), "int") and r["steps"] >= 0
+        for r in releases
+    )
+    if not ok:
+        raise FedloraError(f"DP-FedAvg ledger {path} is malformed: each release needs noise_multiplier, sample_rate, steps")
+    return ServerLedger(path, releases)
+
+
+def write_server_ledger(ledger: ServerLedger) -> None:
+    """Replace the ledger file in one rename: a reader sees the old ledger or the new one, never half of one."""
+    tmp = ledger.path.parent / f".{ledger.path.name}.tmp-{os.getpid()}"
+    write_json(tmp, {"format_version": FORMAT_VERSION, "releases": ledger.releases})
+    os.replace(tmp, ledger.path)

@@ -306,6 +306,10 @@ def aggregate_cmd(
     ] = None,
     dp_noise: Annotated[Optional[float], typer.Option(help="DP-FedAvg: noise multiplier (std = noise * clip / clients).")] = None,
     dp_delta: Annotated[float, typer.Option(help="DP-FedAvg: delta of the client-level guarantee.")] = 1e-5,
+    server_ledger: Annotated[
+        Optional[Path],
+        typer.Option(help="DP-FedAvg: the coordinator's ledger of releases [default: dp-fedavg-ledger-*.json beside GLOBAL_CHECKPOINT]."),
+    ] = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -313,7 +317,8 @@ def aggregate_cmd(
 
     --strategy svd or exact also reports, per layer, how far averaging A and B apart would have been from
     the weighted mean of the products B_k A_k. With --dp-clip and --dp-noise (or a server_privacy recipe
-    section) it runs DP-FedAvg and reports the client-level epsilon spent so far.
+    section) it runs DP-FedAvg and reports the client-level epsilon spent so far, counting every release
+    recorded in the coordinator's ledger (a round aggregated twice counts twice).
 
     Example: [cyan]fedlora aggregate global/round-002 updates/round-003/* --out global/round-003 --strategy median[/]
     """
@@ -332,11 +337,13 @@ def aggregate_cmd(
         result = federation.aggregate_round(
             global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
             strategy=strategy, norm_bound=norm_bound, norm_bound_action=norm_bound_action, trim_fraction=trim_fraction,
+            server_ledger=server_ledger,
         )
     m = result.checkpoint.manifest
     if as_json:
         ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
                        "server_epsilon": result.server_epsilon, "aggregation": m.aggregation,
+                       "server_ledger": None if result.server_ledger is None else str(result.server_ledger),
                        "clients": [asdict(r) for r in result.clients]})
         return
     columns = ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"]
@@ -363,7 +370,9 @@ def aggregate_cmd(
             ["layer", "mean error", *(["svd error", "rank"] if svd else [])], layer_rows,
         ))
     if result.server_epsilon is not None:
-        ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f}")
+        releases = len(m.server_privacy_ledger)
+        ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f} "
+                     f"({releases} release{'s' if releases != 1 else ''}, ledger {result.server_ledger})")
 
 
 # evaluate ------------------------------------------------------------------------------------------------

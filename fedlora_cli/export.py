@@ -409,7 +409,7 @@ def privacy_facts(global_dir: Path, manifest: GlobalManifest, state_dir: Path | 
             sp = manifest.recipe.get("server_privacy") or {}
             facts["dp_fedavg"] = {
                 "epsilon": entry["epsilon"], "delta": entry["delta"], "target_epsilon": sp.get("target_epsilon"),
-                "rounds": len(manifest.server_privacy_ledger),
+                "releases": len(entry["history"]),
             }
     return facts
 
@@ -553,7 +553,8 @@ def model_card(
             lines.append("")
             target = f" (budget {server['target_epsilon']:g})" if server.get("target_epsilon") is not None else ""
             lines.append(
-                f"Client-level DP-FedAvg at the coordinator over {server['rounds']} rounds: ε = {server['epsilon']:.3f} "
+                f"Client-level DP-FedAvg at the coordinator, {server['releases']} release(s) of an aggregate: "
+                f"ε = {server['epsilon']:.3f} "
                 f"at δ = {server['delta']:g}{target}."
             )
 

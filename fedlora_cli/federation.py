@@ -408,6 +408,7 @@ class AggregateResult:
     checkpoint: GlobalCheckpoint
     clients: list[ClientRow] = field(default_factory=list)
     server_epsilon: float | None = None  # DP-FedAvg: client-level epsilon after this round
+    server_ledger: Path | None = None  # DP-FedAvg: the coordinator's ledger this round was recorded in
     strategy: str = "mean"
     # svd / exact: per adapted layer, how far plain averaging of A and B would have been from the exact product.
     layers: dict[str, aggregation.LayerReport] = field(default_factory=dict)
@@ -561,13 +562,16 @@ def aggregate_round(
     norm_bound: float | None = None,
     norm_bound_action: str | None = None,
     trim_fraction: float | None = None,
+    server_ledger: Path | None = None,
 ) -> AggregateResult:
     """Validate every client update against the global checkpoint, combine the sent tensors, write round t.
 
     ``weighting`` (default: the recipe's ``federation.weighting``) is 'examples', 'shard' or 'uniform'.
     ``strategy``, ``norm_bound``, ``norm_bound_action`` and ``trim_fraction`` override the recipe's
     ``federation`` settings of the same names (``strategy`` is ``federation.aggregation``).
-    ``server_privacy`` (default: the recipe's) turns on DP-FedAvg: clipped, equally weighted, noised.
+    ``server_privacy`` (default: the recipe's) turns on DP-FedAvg: clipped, equally weighted, noised. Its
+    spending is checked against, and recorded in, the coordinator's ledger (``server_ledger``; default: the
+    one beside ``global_dir``, see :func:`coordinator_ledger`) before the new global checkpoint is written.
 
     'mean' streams one client update at a time. The layer-wise strategies (svd, exact, median, trimmed-mean)
     first check every update in full, one at a time, then read the tensors back one layer (svd, exact) or
@@ -591,6 +595,7 @@ def aggregate_round(
         raise FedloraError(f"DP-FedAvg (server privacy) averages: it needs aggregation strategy 'mean', not '{settings.strategy}'")
     if server_privacy is not None and settings.norm_bound is not None:
         raise FedloraError("a norm bound and DP-FedAvg (server privacy) do not go together: DP-FedAvg clips every update")
+    coordinator = None if server_privacy is None else coordinator_ledger(ckpt, server_ledger)
     global_header = checkpoint.tensor_header(ckpt.weights_path, "global checkpoint weights")
     updates = [checkpoint.read_update(Path(p)) for p in update_dirs]
     seen: dict[str, Path] = {}
@@ -648,18 +653,25 @@ def aggregate_round(
         if not accepted:
             raise FedloraError(_all_rejected(settings, len(updates)))
 
-    server_ledger = [list(e) for e in manifest.server_privacy_ledger]
+    server_history = [list(e) for e in manifest.server_privacy_ledger]
     layers: dict[str, aggregation.LayerReport] = {}
     new_correction = dict(correction)
     if server_privacy is not None:
         sp = server_privacy
+        assert coordinator is not None
         # Every client takes part in every round: sample rate 1 over the federation's clients.
-        server_ledger.append([sp.noise_multiplier, 1.0, 1])
-        spent = privacy.epsilon([tuple(e) for e in server_ledger], sp.delta, "rdp")
+        release = {
+            "noise_multiplier": sp.noise_multiplier, "sample_rate": 1.0, "steps": 1, "delta": sp.delta,
+            "round": manifest.round + 1, "parent_digest": manifest.digest, "out": str(out.resolve()),
+            "created": time.time(),
+        }
+        server_history = [*coordinator.history(), [sp.noise_multiplier, 1.0, 1]]
+        spent = privacy.epsilon([tuple(e) for e in server_history], sp.delta, "rdp")
         if sp.target_epsilon is not None and spent > sp.target_epsilon:
             raise FedloraError(
-                f"server privacy budget: this round would bring client-level epsilon to {spent:.3f}, "
-                f"over server_privacy.target_epsilon {sp.target_epsilon:g}; nothing written"
+                f"server privacy budget: this release would bring client-level epsilon to {spent:.3f} "
+                f"({len(server_history)} releases in {coordinator.path}), over server_privacy.target_epsilon "
+                f"{sp.target_epsilon:g}; nothing written"
             )
         reference = {name: global_tensors[name] for name in global_header if plan.sends(name)}
         seed = noise_seed if noise_seed is not None else secrets.randbits(63)
@@ -711,7 +723,7 @@ def aggregate_round(
             "digest": checkpoint.global_digest(tensor_digests, correction_digests),
             "frozen_digest": frozen_digest(plan, tensor_digests),
             "clients": [u.manifest.client_id for u in updates],
-            "server_privacy_ledger": server_ledger,
+            "server_privacy_ledger": server_history,
             "server_privacy_delta": server_privacy.delta if server_privacy is not None else manifest.server_privacy_delta,
             "aggregation": report,
             "created": time.time(),
@@ -720,11 +732,44 @@ def aggregate_round(
     if new_manifest.frozen_digest != manifest.frozen_digest:
         raise FedloraError("aggregation changed a frozen tensor; nothing written")
     adapter_config = checkpoint.read_json(ckpt.path / checkpoint.ADAPTER_CONFIG, "adapter config")
+    if coordinator is not None:
+        # Ledger first: if writing the checkpoint fails after this, the release is over-counted, never forgotten.
+        coordinator.releases.append(release)
+        checkpoint.write_server_ledger(coordinator)
     written = checkpoint.write_global(
         out, new_manifest, new_tensors, adapter_config, overwrite=overwrite, correction=new_correction
     )
     server_epsilon = None if server_privacy is None else spent
-    return AggregateResult(written, rows, server_epsilon, report["strategy"], layers)
+    return AggregateResult(written, rows, server_epsilon, None if coordinator is None else coordinator.path,
+                           report["strategy"], layers)
+
+
+def coordinator_ledger(ckpt: GlobalCheckpoint, path: Path | None = None) -> checkpoint.ServerLedger:
+    """The coordinator's DP-FedAvg ledger for the federation ``ckpt`` belongs to.
+
+    Default path: ``dp-fedavg-ledger-<recipe digest>.json`` in the folder that holds ``ckpt`` (one file per
+    federation, so two federations' checkpoints may share a folder). Where there is no ledger yet, for
+    instance on a new coordinator machine, it starts from the releases the checkpoint's manifest records.
+    A ledger that knows fewer releases than the checkpoint's own history belongs elsewhere and is refused.
+    """
+    chain = ckpt.manifest.server_privacy_ledger
+    path = Path(path) if path is not None else default_ledger_path(ckpt)
+    ledger = checkpoint.read_server_ledger(path)
+    if ledger is None:
+        return checkpoint.ServerLedger(path, [
+            {"noise_multiplier": s, "sample_rate": q, "steps": n, "round": i + 1, "from_manifest": True}
+            for i, (s, q, n) in enumerate(chain)
+        ])
+    if len(ledger.releases) < len(chain):
+        raise FedloraError(
+            f"DP-FedAvg ledger {path} records {len(ledger.releases)} release(s) but global checkpoint {ckpt.path} "
+            f"has {len(chain)} in its history: the ledger is not this federation's (give the right one with --server-ledger)"
+        )
+    return ledger
+
+
+def default_ledger_path(ckpt: GlobalCheckpoint) -> Path:
+    return ckpt.path.resolve().parent / f"dp-fedavg-ledger-{ckpt.manifest.recipe_digest[:12]}.json"
 
 
 def _all_rejected(settings: AggregationSettings, count: int) -> str:

@@ -13,7 +13,9 @@ budget is refused before it starts.
 Server level, DP-FedAvg (McMahan et al. 2018): the coordinator clips each client's update (its difference
 from the current global) to norm C, averages with equal weights, and adds Gaussian noise of standard
 deviation sigma * C / m for m clients. It wraps :func:`fedlora_cli.aggregation.weighted_mean` instead of
-copying it. Its ledger lives in the global checkpoint's manifest.
+copying it. Its ledger is the coordinator's (``checkpoint.ServerLedger``, one file per federation beside the
+global checkpoints), which counts a round aggregated twice as two releases; each global checkpoint's manifest
+also carries the releases made up to it.
 """
 
 from __future__ import annotations

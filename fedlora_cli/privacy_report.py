@@ -7,7 +7,7 @@ from typing import Any
 
 from fedlora_cli import checkpoint, privacy
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation import NO_ROUND_LIMIT
+from fedlora_cli.federation import NO_ROUND_LIMIT, default_ledger_path
 
 
 def _entry(who: str, ledger: privacy.Ledger) -> dict[str, Any]:
@@ -32,14 +32,21 @@ def client_entry(state_dir: Path) -> dict[str, Any] | None:
 
 
 def server_entry(global_dir: Path) -> dict[str, Any] | None:
+    """DP-FedAvg spending: the coordinator's ledger beside the checkpoint if it knows more releases than the
+    checkpoint's own history (a round aggregated again since), else that history."""
     ckpt = checkpoint.read_global(global_dir)
     sp = ckpt.manifest.recipe.get("server_privacy") or {}
-    if not ckpt.manifest.server_privacy_ledger:
-        return None
     history = [(float(s), float(q), int(n)) for s, q, n in ckpt.manifest.server_privacy_ledger]
+    who = f"server DP-FedAvg (round {ckpt.manifest.round})"
+    coordinator = checkpoint.read_server_ledger(default_ledger_path(ckpt))
+    if coordinator is not None and len(coordinator.releases) > len(history):
+        history = [(float(s), float(q), int(n)) for s, q, n in coordinator.history()]
+        who = f"server DP-FedAvg ({len(history)} releases in {coordinator.path.name})"
+    if not history:
+        return None
     delta = ckpt.manifest.server_privacy_delta or float(sp.get("delta", 1e-5))
     ledger = privacy.Ledger("rdp", delta, sp.get("target_epsilon"), history)
-    return _entry(f"server DP-FedAvg (round {ckpt.manifest.round})", ledger)
+    return _entry(who, ledger)
 
 
 def collect(path: Path) -> list[dict[str, Any]]:

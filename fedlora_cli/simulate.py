@@ -7,6 +7,7 @@ or continued with the individual subcommands::
       recipe.yaml                     the validated recipe (its digest pins the run)
       data/                           fedlora partition output: partition.json, client-*.parquet, test.parquet
       global/round-000/ ...           global checkpoints (PEFT folder + fedlora.json)
+      global/dp-fedavg-ledger-*.json  the coordinator's DP-FedAvg releases (with server_privacy only)
       updates/round-001/client-0/     client updates of round 1
       clients/client-0/round-001/     client state (never sent)
       metrics/round-001.json          evaluation of each round

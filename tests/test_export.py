@@ -306,7 +306,7 @@ def test_card_reports_the_privacy_spent(federation_of, tmp_path):
     assert spent > 0 and f"- client-2: ε = {spent:.3f}" in body
     assert "noise multiplier 1.3000" in body and "client-0" not in body.split("## Differential privacy")[1].split("##")[0]
     server = privacy_report.server_entry(g)["epsilon"]
-    assert f"DP-FedAvg at the coordinator over 2 rounds: ε = {server:.3f}" in body
+    assert f"DP-FedAvg at the coordinator, 2 release(s) of an aggregate: ε = {server:.3f}" in body
 
     ok([g, "--out", tmp_path / "global"])
     _, body, _ = card_of(tmp_path / "global")

@@ -414,3 +414,59 @@ def test_simulate_reports_the_epsilon_spent(tmp_path, tiny_model_dir, reviews_cs
     row = json.loads(result.stdout)["rounds"][0]
     updates = [checkpoint.read_update(tmp_path / "run" / "updates" / "round-001" / f"client-{k}").manifest for k in range(3)]
     assert row["epsilon"] == max(u.privacy["epsilon"] for u in updates) > 0
+
+
+def test_aggregating_a_round_twice_counts_both_releases(make_recipe, run_federation, tmp_path):
+    layout = run_federation(make_recipe("fedavg"))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    base = ["aggregate", str(layout.global_checkpoint(0)), *updates, "--dp-clip", "0.5", "--dp-noise", "1.0", "--json"]
+    first = runner.invoke(app, [*base, "--out", str(tmp_path / "g")])
+    assert first.exit_code == 0, first.output
+    # The same round again, to another folder: a second noisy release of the same clients' data.
+    second = runner.invoke(app, [*base, "--out", str(tmp_path / "g-again")])
+    assert second.exit_code == 0, second.output
+    one, two = json.loads(first.stdout), json.loads(second.stdout)
+    assert one["server_epsilon"] == pytest.approx(privacy.epsilon([(1.0, 1.0, 1)], 1e-5, "rdp"))
+    assert two["server_epsilon"] == pytest.approx(privacy.epsilon([(1.0, 1.0, 1)] * 2, 1e-5, "rdp"))
+    assert two["server_epsilon"] > one["server_epsilon"]
+    ledger = checkpoint.read_server_ledger(Path(two["server_ledger"]))
+    assert Path(two["server_ledger"]).parent == layout.global_checkpoint(0).resolve().parent
+    assert [r["out"] for r in ledger.releases] == [str((tmp_path / "g").resolve()), str((tmp_path / "g-again").resolve())]
+    assert checkpoint.read_global(tmp_path / "g-again").manifest.server_privacy_ledger == [[1.0, 1.0, 1]] * 2
+    # The next round, built on the first output, still carries both releases.
+    report = runner.invoke(app, ["privacy", "report", str(tmp_path / "g-again"), "--json"])
+    assert json.loads(report.stdout)[0]["epsilon"] == pytest.approx(two["server_epsilon"])
+
+
+def test_a_second_release_over_the_budget_is_refused(tiny_model_dir, reviews_csv, run_federation, tmp_path):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    one_round = privacy.epsilon([(2.0, 1.0, 1)], 1e-5, "rdp")
+    raw["server_privacy"] = {"clip_norm": 1.0, "noise_multiplier": 2.0, "target_epsilon": one_round * 1.2}
+    raw["federation"]["rounds"] = 1
+    layout = run_federation(recipes.from_dict(raw))  # simulate spends the budget's first release: round 1
+    ledger_files = list(layout.global_checkpoint(0).parent.glob("dp-fedavg-ledger-*.json"))
+    assert len(ledger_files) == 1 and len(checkpoint.read_server_ledger(ledger_files[0]).releases) == 1
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    again = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g")])
+    assert again.exit_code == 1 and "server_privacy.target_epsilon" in again.output, again.output
+    assert "2 releases" in again.output
+    assert not (tmp_path / "g").exists()
+    assert len(checkpoint.read_server_ledger(ledger_files[0]).releases) == 1, "a refused release is not recorded"
+
+
+def test_a_ledger_that_misses_the_checkpoints_history_is_refused(make_recipe, run_federation, tmp_path):
+    layout = run_federation(make_recipe("fedavg"))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    dp = ["--dp-clip", "0.5", "--dp-noise", "1.0"]
+    assert runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g1"), *dp]).exit_code == 0
+    # A ledger of another federation, empty, given for a checkpoint that already has one release in its history.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format_version": 1, "releases": []}))
+    result = runner.invoke(app, ["aggregate", str(tmp_path / "g1"), *updates, "--out", str(tmp_path / "g2"), *dp,
+                                 "--server-ledger", str(other)])
+    assert result.exit_code == 1 and "not this federation's" in result.output, result.output
+    other.write_text(json.dumps({"format_version": 1, "releases": [{"noise_multiplier": "x"}]}))
+    result = runner.invoke(app, ["aggregate", str(tmp_path / "g1"), *updates, "--out", str(tmp_path / "g2"), *dp,
+                                 "--server-ledger", str(other)])
+    assert result.exit_code == 1 and "malformed" in result.output, result.output
+    assert not (tmp_path / "g2").exists()
