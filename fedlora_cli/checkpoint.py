@@ -477,5 +477,10 @@ def read_server_ledger(path: Path) -> ServerLedger | None:
 def write_server_ledger(ledger: ServerLedger) -> None:
     """Replace the ledger file in one rename: a reader sees the old ledger or the new one, never half of one."""
     tmp = ledger.path.parent / f".{ledger.path.name}.tmp-{os.getpid()}"
-    write_json(tmp, {"format_version": FORMAT_VERSION, "releases": ledger.releases})
-    os.replace(tmp, ledger.path)
+    try:
+        ledger.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(tmp, {"format_version": FORMAT_VERSION, "releases": ledger.releases})
+        os.replace(tmp, ledger.path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise FedloraError(f"cannot write the DP-FedAvg ledger {ledger.path}: {exc.strerror}; nothing released") from None
