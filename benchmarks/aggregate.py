@@ -9,6 +9,8 @@ in a fresh process, measured side by side over the same files:
     fedlora    `fedlora aggregate GLOBAL UPDATES... --out NEXT --json` end to end (the CLI's own entry point, run
                in the worker process): validation, digests, streaming mean, the per-client table, writing
     limit      read each file's bytes into memory and add them into one float32 sum with numpy, one pass
+    floor      the same sum over memory-mapped files (no copy out of the page cache): what this machine can
+               do at best, and the fair bar for a loader that maps files, as safetensors does
     baseline   load every update into a dict (safetensors), then average key by key (what most projects do)
 
 Each worker's time runs from before its first import (torch or numpy) to the end, so start-up is included
@@ -97,6 +99,22 @@ def run_limit(files: list[str]) -> None:
     assert total is not None
 
 
+def run_floor(files: list[str]) -> None:
+    import numpy as np
+
+    total = None
+    for f in files:
+        mapped = np.memmap(f, dtype=np.uint8, mode="r")
+        header = int.from_bytes(mapped[:8].tobytes(), "little")
+        values = mapped[8 + header:].view(np.float32)
+        if total is None:
+            total = values.copy()
+        else:
+            total += values
+        del mapped, values
+    assert total is not None
+
+
 def run_baseline(files: list[str]) -> None:
     from safetensors.torch import load_file
 
@@ -111,6 +129,8 @@ def worker(kind: str, global_dir: str, update_dirs: list[str], out: str) -> None
     files = [str(Path(d) / checkpoint.UPDATE_TENSORS) for d in update_dirs]
     if kind == "limit":
         run_limit(files)
+    elif kind == "floor":
+        run_floor(files)
     elif kind == "baseline":
         run_baseline(files)
     else:
@@ -158,7 +178,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         global_dir, updates = make_federation(root, n)
         update_bytes = sum((u / "update.safetensors").stat().st_size for u in updates)
-        results: dict[str, list[dict]] = {"fedlora": [], "limit": [], "baseline": []}
+        results: dict[str, list[dict]] = {"fedlora": [], "limit": [], "floor": [], "baseline": []}
         for _ in range(args.repeats):
             for kind in results:
                 payload = json.dumps([kind, str(global_dir), [str(u) for u in updates], str(root / "global-001")])
@@ -177,22 +197,28 @@ def main() -> None:
 
     print(f"# Aggregation of LLaMA-7B-shaped LoRA updates (r={RANK}, {rows[0]['update_mb']:.0f} MB each), "
           f"median of {args.repeats}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, python {platform.python_version()}")
-    print("| N | fedlora s | limit s | baseline s | fedlora / limit throughput | fedlora RSS MB | limit RSS MB | baseline RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| N | fedlora s | limit s | floor s | baseline s | fedlora / limit | fedlora / floor | baseline / floor "
+          "| fedlora RSS MB | limit RSS MB | floor RSS MB | baseline RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        f, l, b = r["fedlora"], r["limit"], r["baseline"]
-        print(f"| {r['clients']} | {f['seconds']:.2f} | {l['seconds']:.2f} | {b['seconds']:.2f} | "
-              f"{f['mb_per_s'] / l['mb_per_s']:.2f} | {f['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
+        f, l, m, b = r["fedlora"], r["limit"], r["floor"], r["baseline"]
+        print(f"| {r['clients']} | {f['seconds']:.2f} | {l['seconds']:.2f} | {m['seconds']:.2f} | {b['seconds']:.2f} | "
+              f"{f['mb_per_s'] / l['mb_per_s']:.2f} | {f['mb_per_s'] / m['mb_per_s']:.2f} | {b['mb_per_s'] / m['mb_per_s']:.2f} | "
+              f"{f['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
     # The cost of one more client, free of start-up (torch's import alone is over a second): the slope between
     # consecutive N, as a throughput ratio fedlora / limit.
     for lo, hi in zip(rows, rows[1:]):
         dn = hi["clients"] - lo["clients"]
-        slope = {k: (hi[k]["seconds"] - lo[k]["seconds"]) / dn for k in ("fedlora", "limit", "baseline")}
+        slope = {k: (hi[k]["seconds"] - lo[k]["seconds"]) / dn for k in ("fedlora", "limit", "floor", "baseline")}
         hi["marginal_seconds_per_update"] = slope
-        ratio = slope["limit"] / slope["fedlora"] if slope["fedlora"] > 0 else float("nan")
+
+        def ratio(k: str) -> float:
+            return slope[k] / slope["fedlora"] if slope["fedlora"] > 0 else float("nan")
+
         print(f"marginal N={lo['clients']}->{hi['clients']}: fedlora {slope['fedlora'] * 1000:.0f} ms/update, "
-              f"limit {slope['limit'] * 1000:.0f} ms/update, baseline {slope['baseline'] * 1000:.0f} ms/update; "
-              f"fedlora / limit throughput {ratio:.2f}")
+              f"limit {slope['limit'] * 1000:.0f}, floor {slope['floor'] * 1000:.0f}, baseline "
+              f"{slope['baseline'] * 1000:.0f} ms/update; fedlora throughput / limit {ratio('limit'):.2f}, "
+              f"/ floor {ratio('floor'):.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
                                                "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
