@@ -757,8 +757,8 @@ def coordinator_ledger(ckpt: GlobalCheckpoint, path: Path | None = None) -> chec
     ledger = checkpoint.read_server_ledger(path)
     if ledger is None:
         return checkpoint.ServerLedger(path, [
-            {"noise_multiplier": s, "sample_rate": q, "steps": n, "round": i + 1, "from_manifest": True}
-            for i, (s, q, n) in enumerate(chain)
+            {"noise_multiplier": s, "sample_rate": q, "steps": n, "from_manifest": str(ckpt.path.resolve())}
+            for s, q, n in chain
         ])
     if len(ledger.releases) < len(chain):
         raise FedloraError(
