@@ -67,8 +67,8 @@ def main() -> None:
             spent = None
             if eps != "none":
                 spent = max(
-                    checkpoint.read_update(run / "updates" / checkpoint.round_dirname(rounds) / c).manifest.privacy["epsilon"]
-                    for c in ("client-0", "client-1", "client-2", "client-3")
+                    checkpoint.read_update(update).manifest.privacy["epsilon"]
+                    for update in sorted((run / "updates" / checkpoint.round_dirname(rounds)).iterdir())
                 )
             results.append({
                 "method": method, "lr": lrs[method], "target_epsilon": None if eps == "none" else float(eps), "noise_multiplier": sigma,
