@@ -445,7 +445,9 @@ class ServerLedger:
     A global checkpoint's manifest carries the releases made up to the moment it was written; a round
     aggregated a second time (``--overwrite``, or to another folder) is a second release of the same clients'
     data that no manifest along the chain would show. This file, written before each release, counts it.
-    Each release is a dict: noise_multiplier, sample_rate, steps, delta, round, parent_digest, out, created.
+    Each release is a dict: noise_multiplier, sample_rate, steps, delta, round, parent_digest, out, created;
+    releases taken over from a checkpoint's manifest (a ledger started on a new machine) carry only the first
+    three and ``from_manifest``, the checkpoint's path.
     """
 
     path: Path
