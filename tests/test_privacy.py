@@ -470,3 +470,20 @@ def test_a_ledger_that_misses_the_checkpoints_history_is_refused(make_recipe, ru
                                  "--server-ledger", str(other)])
     assert result.exit_code == 1 and "malformed" in result.output, result.output
     assert not (tmp_path / "g2").exists()
+
+
+def test_privacy_report_of_a_run_counts_releases_its_checkpoints_do_not_show(tiny_model_dir, reviews_csv, run_federation, tmp_path):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["server_privacy"] = {"clip_norm": 1.0, "noise_multiplier": 2.0}
+    raw["federation"]["rounds"] = 1
+    layout = run_federation(recipes.from_dict(raw))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    # Round 1 aggregated a second time, outside the run: global/round-001 still shows one release.
+    again = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "elsewhere")])
+    assert again.exit_code == 0, again.output
+    assert checkpoint.read_global(layout.global_checkpoint(1)).manifest.server_privacy_ledger == [[2.0, 1.0, 1]]
+    report = runner.invoke(app, ["privacy", "report", str(layout.root), "--json"])
+    assert report.exit_code == 0, report.output
+    server = [e for e in json.loads(report.stdout) if e["who"].startswith("server")]
+    assert len(server) == 1 and len(server[0]["history"]) == 2
+    assert server[0]["epsilon"] == pytest.approx(privacy.epsilon([(2.0, 1.0, 1)] * 2, 1e-5, "rdp"))
