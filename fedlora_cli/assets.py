@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora_cli.checkpoint import atomic_dir
+from fedlora_cli.checkpoint import atomic_dir, atomic_file
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe import resolve_location
 
@@ -172,13 +171,7 @@ def gsm_symbolic(size: int, seed: int, out: Path, overwrite: bool = False) -> tu
         raise FedloraError(f"{out}: the dataset is written as JSON Lines; name the file *.jsonl")
     rows = gsm_symbolic_rows(size, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as tmp, tmp.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out, rows

@@ -99,6 +99,20 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
+@contextlib.contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of the file ``final`` (same suffix); on success rename it to ``final``, on
+    failure remove it. Readers see the old file or the new one, never half of one."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -476,13 +490,17 @@ def read_server_ledger(path: Path) -> ServerLedger | None:
     return ServerLedger(path, releases)
 
 
+def server_ledger_path(ckpt: GlobalCheckpoint) -> Path:
+    """The default ledger of the federation ``ckpt`` belongs to: one file per federation (named by the recipe
+    digest) in the folder that holds the checkpoint, so two federations' checkpoints may share a folder."""
+    return ckpt.path.resolve().parent / f"dp-fedavg-ledger-{ckpt.manifest.recipe_digest[:12]}.json"
+
+
 def write_server_ledger(ledger: ServerLedger) -> None:
-    """Replace the ledger file in one rename: a reader sees the old ledger or the new one, never half of one."""
-    tmp = ledger.path.parent / f".{ledger.path.name}.tmp-{os.getpid()}"
+    """Replace the ledger file in one rename."""
     try:
         ledger.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(tmp, {"format_version": FORMAT_VERSION, "releases": ledger.releases})
-        os.replace(tmp, ledger.path)
+        with atomic_file(ledger.path) as tmp:
+            write_json(tmp, {"format_version": FORMAT_VERSION, "releases": ledger.releases})
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise FedloraError(f"cannot write the DP-FedAvg ledger {ledger.path}: {exc.strerror}; nothing released") from None

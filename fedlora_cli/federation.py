@@ -747,13 +747,12 @@ def aggregate_round(
 def coordinator_ledger(ckpt: GlobalCheckpoint, path: Path | None = None) -> checkpoint.ServerLedger:
     """The coordinator's DP-FedAvg ledger for the federation ``ckpt`` belongs to.
 
-    Default path: ``dp-fedavg-ledger-<recipe digest>.json`` in the folder that holds ``ckpt`` (one file per
-    federation, so two federations' checkpoints may share a folder). Where there is no ledger yet, for
+    Default path: :func:`checkpoint.server_ledger_path`. Where there is no ledger yet, for
     instance on a new coordinator machine, it starts from the releases the checkpoint's manifest records.
     A ledger that knows fewer releases than the checkpoint's own history belongs elsewhere and is refused.
     """
     chain = ckpt.manifest.server_privacy_ledger
-    path = Path(path) if path is not None else default_ledger_path(ckpt)
+    path = Path(path) if path is not None else checkpoint.server_ledger_path(ckpt)
     ledger = checkpoint.read_server_ledger(path)
     if ledger is None:
         return checkpoint.ServerLedger(path, [
@@ -767,9 +766,6 @@ def coordinator_ledger(ckpt: GlobalCheckpoint, path: Path | None = None) -> chec
         )
     return ledger
 
-
-def default_ledger_path(ckpt: GlobalCheckpoint) -> Path:
-    return ckpt.path.resolve().parent / f"dp-fedavg-ledger-{ckpt.manifest.recipe_digest[:12]}.json"
 
 
 def _all_rejected(settings: AggregationSettings, count: int) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fedlora_cli import checkpoint
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -20,11 +22,11 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, png: Path) -> None:
     plt = _pyplot()
-    png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(png)
+    try:
+        with checkpoint.atomic_file(Path(png)) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def label_distribution(manifest: dict[str, Any], png: Path) -> None:

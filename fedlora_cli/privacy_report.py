@@ -7,7 +7,7 @@ from typing import Any
 
 from fedlora_cli import checkpoint, privacy
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation import NO_ROUND_LIMIT, default_ledger_path
+from fedlora_cli.federation import NO_ROUND_LIMIT
 
 
 def _entry(who: str, ledger: privacy.Ledger) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def server_entry(global_dir: Path) -> dict[str, Any] | None:
     sp = ckpt.manifest.recipe.get("server_privacy") or {}
     history = [(float(s), float(q), int(n)) for s, q, n in ckpt.manifest.server_privacy_ledger]
     who = f"server DP-FedAvg (round {ckpt.manifest.round})"
-    coordinator = checkpoint.read_server_ledger(default_ledger_path(ckpt))
+    coordinator = checkpoint.read_server_ledger(checkpoint.server_ledger_path(ckpt))
     if coordinator is not None and len(coordinator.releases) > len(history):
         history = [(float(s), float(q), int(n)) for s, q, n in coordinator.history()]
         who = f"server DP-FedAvg ({len(history)} releases in {coordinator.path.name})"

@@ -85,9 +85,8 @@ def _prepare(recipe: recipes.Recipe, layout: RunLayout) -> None:
                 f"{layout.root} holds a run of a different recipe ({recipe_file}); use another --out or --overwrite"
             )
         return
-    tmp = recipe_file.with_name(f".{RECIPE_FILE}.tmp")
-    tmp.write_text(recipes.dump(recipe))
-    tmp.replace(recipe_file)
+    with checkpoint.atomic_file(recipe_file) as tmp:
+        tmp.write_text(recipes.dump(recipe))
 
 
 def _update_is_current(layout: RunLayout, round_: int, client_id: str, parent_digest: str) -> bool:
