@@ -83,35 +83,25 @@ def make_federation(root: Path, clients: int) -> tuple[Path, list[Path]]:
     return global_dir, updates
 
 
-def run_limit(files: list[str]) -> None:
+def run_sum(files: list[str], mapped: bool) -> None:
+    """limit (mapped=False: each file read into memory) or floor (mapped=True: the page cache mapped in place)."""
     import numpy as np
 
     total = None
     for f in files:
-        with open(f, "rb") as handle:
-            data = handle.read()
-        header = int.from_bytes(data[:8], "little")
-        values = np.frombuffer(data, dtype=np.float32, offset=8 + header)
+        if mapped:
+            data = np.memmap(f, dtype=np.uint8, mode="r")
+        else:
+            with open(f, "rb") as handle:
+                data = np.frombuffer(handle.read(), dtype=np.uint8)
+        header = int.from_bytes(data[:8].tobytes(), "little")
+        values = data[8 + header:].view(np.float32)
         if total is None:
             total = values.copy()
         else:
             total += values
-    assert total is not None
-
-
-def run_floor(files: list[str]) -> None:
-    import numpy as np
-
-    total = None
-    for f in files:
-        mapped = np.memmap(f, dtype=np.uint8, mode="r")
-        header = int.from_bytes(mapped[:8].tobytes(), "little")
-        values = mapped[8 + header:].view(np.float32)
-        if total is None:
-            total = values.copy()
-        else:
-            total += values
-        del mapped, values
+        if mapped:
+            del data, values  # unmap now: a mapping's pages count in the RSS until it is dropped
     assert total is not None
 
 
@@ -127,10 +117,8 @@ def worker(kind: str, global_dir: str, update_dirs: list[str], out: str) -> None
     from fedlora_cli import checkpoint
 
     files = [str(Path(d) / checkpoint.UPDATE_TENSORS) for d in update_dirs]
-    if kind == "limit":
-        run_limit(files)
-    elif kind == "floor":
-        run_floor(files)
+    if kind in ("limit", "floor"):
+        run_sum(files, mapped=kind == "floor")
     elif kind == "baseline":
         run_baseline(files)
     else:
@@ -206,7 +194,7 @@ def main() -> None:
               f"{f['mb_per_s'] / l['mb_per_s']:.2f} | {f['mb_per_s'] / m['mb_per_s']:.2f} | {b['mb_per_s'] / m['mb_per_s']:.2f} | "
               f"{f['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
     # The cost of one more client, free of start-up (torch's import alone is over a second): the slope between
-    # consecutive N, as a throughput ratio fedlora / limit.
+    # consecutive N, as throughput ratios of fedlora to the limit and to the floor.
     for lo, hi in zip(rows, rows[1:]):
         dn = hi["clients"] - lo["clients"]
         slope = {k: (hi[k]["seconds"] - lo[k]["seconds"]) / dn for k in ("fedlora", "limit", "floor", "baseline")}
