@@ -49,8 +49,8 @@ def make_federation(root: Path, clients: int) -> tuple[Path, list[Path]]:
     """A round-0 global checkpoint and ``clients`` round-1 updates, through fedlora's own writers."""
     import torch
 
-    from fedlora_cli import checkpoint, federation, recipe as recipes
-    from fedlora_cli.methods import plan
+    from fedlora_cli import federation, recipe as recipes, storage
+    from fedlora_cli.adapters.methods import plan
 
     recipe = recipes.from_dict({
         "name": "bench", "model": {"base": "synthetic/llama-7b-shaped", "num_labels": 2},
@@ -60,25 +60,25 @@ def make_federation(root: Path, clients: int) -> tuple[Path, list[Path]]:
     generator = torch.Generator().manual_seed(0)
     tensors = {name: torch.randn(shape, generator=generator) * 0.01 for name, shape in tensor_names()}
     digests = federation.digests(tensors)
-    manifest = checkpoint.GlobalManifest(
+    manifest = storage.GlobalManifest(
         round=0, method="fedavg", head="frozen", adapter_kind="lora", base_model=recipe.model.base,
         base_fingerprint="bench", recipe=recipe.to_dict(), recipe_digest=recipe.digest(), seed=0, num_labels=2,
-        tensor_digests=digests, digest=checkpoint.combined_digest(digests),
+        tensor_digests=digests, digest=storage.combined_digest(digests),
         frozen_digest=federation.frozen_digest(plan("fedavg", "frozen"), digests),
     )
     global_dir = root / "global-000"
-    checkpoint.write_global(global_dir, manifest, tensors, {"peft_type": "LORA"}, overwrite=True)
+    storage.write_global(global_dir, manifest, tensors, {"peft_type": "LORA"}, overwrite=True)
     updates = []
     for k in range(clients):
         update = {name: t + torch.randn(t.shape, generator=generator) * 0.001 for name, t in tensors.items()}
-        m = checkpoint.UpdateManifest(
+        m = storage.UpdateManifest(
             client_id=f"client-{k}", round=1, parent_digest=manifest.digest, method="fedavg",
             recipe_digest=manifest.recipe_digest, base_fingerprint="bench", frozen_digest=manifest.frozen_digest,
             num_examples=100 + k, shard_examples=100 + k, steps=10, loss=0.5, seconds=1.0, bytes=0,
             tensor_digests=federation.digests(update),
         )
         path = root / "updates" / f"client-{k}"
-        checkpoint.write_update(path, m, update, overwrite=True)
+        storage.write_update(path, m, update, overwrite=True)
         updates.append(path)
     return global_dir, updates
 
@@ -114,9 +114,9 @@ def run_baseline(files: list[str]) -> None:
 
 
 def worker(kind: str, global_dir: str, update_dirs: list[str], out: str) -> None:
-    from fedlora_cli import checkpoint
+    from fedlora_cli import storage
 
-    files = [str(Path(d) / checkpoint.UPDATE_TENSORS) for d in update_dirs]
+    files = [str(Path(d) / storage.UPDATE_TENSORS) for d in update_dirs]
     if kind in ("limit", "floor"):
         run_sum(files, mapped=kind == "floor")
     elif kind == "baseline":

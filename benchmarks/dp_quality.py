@@ -37,7 +37,9 @@ class Quiet:
 
 
 def main() -> None:
-    from fedlora_cli import checkpoint, recipe as recipes, recipes_catalog, simulate
+    from fedlora_cli import recipe as recipes, storage
+    from fedlora_cli.federation import simulate
+    from fedlora_cli.recipe import catalog as recipes_catalog
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", default="none,3,1")
@@ -62,13 +64,13 @@ def main() -> None:
             started = time.perf_counter()
             rows = simulate.simulate(recipe, run, Quiet())
             seconds = time.perf_counter() - started
-            manifest = checkpoint.read_global(run / "global" / "round-000").manifest
+            manifest = storage.read_global(run / "global" / "round-000").manifest
             sigma = (manifest.recipe.get("privacy") or {}).get("noise_multiplier")
             spent = None
             if eps != "none":
                 spent = max(
-                    checkpoint.read_update(update).manifest.privacy["epsilon"]
-                    for update in sorted((run / "updates" / checkpoint.round_dirname(rounds)).iterdir())
+                    storage.read_update(update).manifest.privacy["epsilon"]
+                    for update in sorted((run / "updates" / storage.round_dirname(rounds)).iterdir())
                 )
             results.append({
                 "method": method, "lr": lrs[method], "target_epsilon": None if eps == "none" else float(eps), "noise_multiplier": sigma,

@@ -28,18 +28,19 @@ def worker(config: str, steps: int, batch_size: int) -> dict:
     import numpy as np
     import torch
 
-    from fedlora_cli import recipe as recipes, recipes_catalog
-    from fedlora_cli.data import encode
-    from fedlora_cli.methods import plan
-    from fedlora_cli.modeling import build
-    from fedlora_cli.partition import read_source
-    from fedlora_cli.training import make_optimizer
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.adapters.methods import plan
+    from fedlora_cli.data.examples import encode
+    from fedlora_cli.data.partition import read_source
+    from fedlora_cli.model.training import make_optimizer
+    from fedlora_cli.model.workbench import build
+    from fedlora_cli.recipe import catalog as recipes_catalog
 
     recipe = recipes.load(recipes_catalog.find("quickstart"), {"training.batch_size": batch_size})
     bench = build(recipe, 2)
     frame = read_source(recipe.data.source)
     frame = frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
-    from fedlora_cli.data import Examples
+    from fedlora_cli.data.examples import Examples
 
     examples = Examples(frame["text"].astype(str).tolist(), (frame["category"] == "fresh").to_numpy().astype(np.int64))
     params = bench.set_trainable(plan("ffa", "shared"))
@@ -55,7 +56,7 @@ def worker(config: str, steps: int, batch_size: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     elif config == "dp":
-        from fedlora_cli.privacy import DPSGD
+        from fedlora_cli.privacy.dp_sgd import DPSGD
 
         engine = DPSGD(model, optimizer, 1.0, 1.0, batch_size, seed=0)
 

@@ -65,7 +65,7 @@ class Rounds:
 
 
 def prepare(model: Path, data: Path, size: int, seed: int) -> None:
-    from fedlora_cli import assets
+    from fedlora_cli.data import assets
 
     if not model.is_dir():
         print(f"converting the SmolLM2 GGUF to {model} ...", flush=True)
@@ -80,10 +80,12 @@ def run_method(method: str, overrides: dict[str, Any], out: str, eval_settings: 
     import dataclasses
     import resource
 
-    from fedlora_cli import checkpoint, federation, recipe as recipes, recipes_catalog, simulate
-    from fedlora_cli.data import read_examples
-    from fedlora_cli.modeling import build
-    from fedlora_cli.partition import TEST_SHARD
+    from fedlora_cli import federation, recipe as recipes, storage
+    from fedlora_cli.data.examples import read_examples
+    from fedlora_cli.data.partition import TEST_SHARD
+    from fedlora_cli.federation import simulate
+    from fedlora_cli.model.workbench import build
+    from fedlora_cli.recipe import catalog as recipes_catalog
 
     recipe_name, label = METHODS[method]
     recipe = recipes.load(recipes_catalog.find(recipe_name), {**overrides, "evaluation.answer": "none"})
@@ -116,7 +118,7 @@ def run_method(method: str, overrides: dict[str, Any], out: str, eval_settings: 
                 for k in ("loss", "perplexity", "exact_match", "hit_cap", "seconds")}
         results.append({"model": f"{label} personalised (mean of {len(clients)})", "method": method,
                         **{**per_client[0], **mean}, "per_client": {c: m["exact_match"] for c, m in zip(clients, per_client)}})
-    updates = [checkpoint.read_update(layout.update(r, c)).manifest for r in range(1, recipe.federation.rounds + 1)
+    updates = [storage.read_update(layout.update(r, c)).manifest for r in range(1, recipe.federation.rounds + 1)
                for c in clients]
     step_seconds = sum(u.seconds for u in updates) / sum(u.steps for u in updates)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)

@@ -40,8 +40,10 @@ CENTRALISED = {
 
 
 def run_cell(name: str, overrides: dict, out: Path) -> dict:
-    from fedlora_cli import recipe as recipes, recipes_catalog, simulate
+    from fedlora_cli import recipe as recipes
     from fedlora_cli.errors import FedloraError
+    from fedlora_cli.federation import simulate
+    from fedlora_cli.recipe import catalog as recipes_catalog
 
     print(f"{name} -> {out}", flush=True)
     started = time.perf_counter()

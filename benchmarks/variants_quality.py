@@ -56,7 +56,9 @@ class Quiet:
 
 
 def main() -> None:
-    from fedlora_cli import recipe as recipes, recipes_catalog, simulate
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.federation import simulate
+    from fedlora_cli.recipe import catalog as recipes_catalog
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="all", help=f"comma-separated, or 'all' ({', '.join(DEFAULT)})")

@@ -8,3 +8,9 @@ turns it into one red line on stderr and exit code 1; ``FEDLORA_DEBUG=1`` shows 
 
 class FedloraError(Exception):
     """A problem with the user's input or on-disk state, explained in one line."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its class name when the message is empty."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__

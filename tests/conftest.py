@@ -80,7 +80,8 @@ def make_recipe(tiny_model_dir: Path, reviews_csv: Path):
 
 @pytest.fixture(scope="session")
 def partition_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, reviews_csv: Path) -> Path:
-    from fedlora_cli import partition, recipe as recipes
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.data import partition
 
     r = recipes.from_dict(recipe_dict(tiny_model_dir, reviews_csv))
     out = tmp_path_factory.mktemp("partition") / "data"
@@ -105,7 +106,7 @@ class QuietReporter:
 @pytest.fixture
 def run_federation(tmp_path: Path):
     """Simulate a tiny federation; returns its RunLayout."""
-    from fedlora_cli import simulate
+    from fedlora_cli.federation import simulate
 
     def run(recipe, name: str = "run"):
         layout = simulate.RunLayout(tmp_path / name)

@@ -10,15 +10,15 @@ import math
 
 import pytest
 import torch
+from conftest import recipe_dict
 from safetensors.torch import load_file
 
-from fedlora_cli import checkpoint, federation, recipe as recipes
-from fedlora_cli.methods import (
-    ROLE_A, ROLE_B, ROLE_HEAD, ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, plan, role_of,
-)
-from fedlora_cli.modeling import build
-
-from conftest import recipe_dict
+from fedlora_cli import federation, recipe as recipes, storage
+from fedlora_cli.adapters.kinds import adapter_kind
+from fedlora_cli.adapters.methods import plan
+from fedlora_cli.adapters.roles import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, role_of
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.model.workbench import build
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 
@@ -38,11 +38,11 @@ def roles(names) -> set[str]:
 
 
 def sent_tensors(layout, round_: int, client: str) -> dict[str, torch.Tensor]:
-    return load_file(str(layout.update(round_, client) / checkpoint.UPDATE_TENSORS))
+    return load_file(str(layout.update(round_, client) / storage.UPDATE_TENSORS))
 
 
 def global_tensors(layout, round_: int) -> dict[str, torch.Tensor]:
-    return load_file(str(layout.global_checkpoint(round_) / checkpoint.ADAPTER_WEIGHTS))
+    return load_file(str(layout.global_checkpoint(round_) / storage.ADAPTER_WEIGHTS))
 
 
 # rsLoRA ------------------------------------------------------------------------------------------------------
@@ -120,8 +120,8 @@ def test_vera_projections_follow_the_seed(kind_recipe, tiny_model_dir, reviews_c
 
 
 def test_ffa_vera_local_training_leaves_lambda_d_bit_identical(kind_recipe, partition_dir):
-    from fedlora_cli.data import read_shard
-    from fedlora_cli.training import local_train
+    from fedlora_cli.data.examples import read_shard
+    from fedlora_cli.model.training import local_train
 
     recipe = kind_recipe("vera", "ffa", r=16)
     bench = build(recipe, num_labels=2)
@@ -147,7 +147,7 @@ def test_fedsa_vera_never_sends_lambda_b(kind_recipe, run_federation):
             sent = sent_tensors(layout, round_, client)
             assert ROLE_LAMBDA_D in roles(sent)
             assert not roles(sent) & {ROLE_LAMBDA_B, ROLE_PROJECTION}
-    kept = {c: checkpoint.latest_state(layout.state(c), before_round=3).tensors() for c in CLIENTS}
+    kept = {c: storage.latest_state(layout.state(c), before_round=3).tensors() for c in CLIENTS}
     assert all(roles(k) == {ROLE_LAMBDA_B} for k in kept.values())
     name = next(iter(kept["client-0"]))
     assert not torch.equal(kept["client-0"][name], kept["client-1"][name])
@@ -168,14 +168,14 @@ def test_ffa_vera_keeps_lambda_d_and_projections_bit_identical(kind_recipe, run_
         for client in CLIENTS:
             assert roles(sent_tensors(layout, round_, client)) == {ROLE_LAMBDA_B, ROLE_HEAD}
     assert any(float(t.abs().sum()) > 0 for n, t in global_tensors(layout, 2).items() if role_of(n) == ROLE_LAMBDA_B)
-    m0 = checkpoint.read_global(layout.global_checkpoint(0)).manifest
-    assert m0.frozen_digest == checkpoint.read_global(layout.global_checkpoint(2)).manifest.frozen_digest
+    m0 = storage.read_global(layout.global_checkpoint(0)).manifest
+    assert m0.frozen_digest == storage.read_global(layout.global_checkpoint(2)).manifest.frozen_digest
 
 
 def test_vera_update_is_much_smaller_than_lora(kind_recipe, run_federation):
     vera = run_federation(kind_recipe("vera", "fedavg", r=16), "vera")
     lora = run_federation(kind_recipe("lora", "fedavg", r=4), "lora")
-    size = lambda layout: checkpoint.read_update(layout.update(1, "client-0")).manifest.bytes
+    size = lambda layout: storage.read_update(layout.update(1, "client-0")).manifest.bytes
     assert size(vera) < size(lora) / 2
 
 
@@ -197,3 +197,14 @@ def test_global_checkpoint_of_a_kind_loads_in_vanilla_peft(kind, kind_recipe, ru
     plain = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2).eval()
     with torch.no_grad():
         assert not torch.allclose(plain(**batch).logits, model(**batch).logits)
+
+
+def test_lora_layers_pairs_a_and_b():
+    names = ["base_model.model.x.query.lora_A.weight", "base_model.model.x.query.lora_B.weight",
+             "base_model.model.classifier.weight"]
+    assert adapter_kind("lora").layers(names) == {"base_model.model.x.query": (names[0], names[1])}
+    with pytest.raises(FedloraError, match="lacks"):
+        adapter_kind("lora").layers(names[:1])
+    # A kind without factors has no layers to pair (svd and exact refuse it up front).
+    with pytest.raises(FedloraError, match="no A and B factors"):
+        adapter_kind("vera").layers(names)

@@ -257,10 +257,3 @@ def test_exact_refuses_different_ranks():
     with pytest.raises(FedloraError, match="same rank"):
         aggregation.exact_layer(iter([(*factors(1, 2), 0.5, 1.0), (*factors(2, 3), 0.5, 1.0)]), 1.0)
 
-
-def test_lora_layers_pairs_a_and_b():
-    names = ["base_model.model.x.query.lora_A.weight", "base_model.model.x.query.lora_B.weight",
-             "base_model.model.classifier.weight"]
-    assert aggregation.lora_layers(names) == {"base_model.model.x.query": (names[0], names[1])}
-    with pytest.raises(FedloraError, match="lacks"):
-        aggregation.lora_layers(names[:1])

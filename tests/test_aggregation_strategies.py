@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import QuietReporter, recipe_dict
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlora_cli import aggregation, checkpoint, federation, recipe as recipes
+from fedlora_cli import aggregation, federation, recipe as recipes, storage
+from fedlora_cli.adapters.kinds import adapter_kind
+from fedlora_cli.adapters.roles import ROLE_A, ROLE_B, role_of
 from fedlora_cli.cli import app
-from fedlora_cli.methods import ROLE_A, ROLE_B, role_of
-
-from conftest import QuietReporter, recipe_dict
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 ALPHA, RANK = 8.0, 4  # conftest's adapter: r = 4, alpha = 8
@@ -38,29 +38,30 @@ def strategy_recipe(tiny_model_dir, reviews_csv):
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / checkpoint.ADAPTER_WEIGHTS))
+    return load_file(str(path / storage.ADAPTER_WEIGHTS))
 
 
 def sent(layout, round_: int, client: str) -> dict[str, torch.Tensor]:
-    return load_file(str(layout.update(round_, client) / checkpoint.UPDATE_TENSORS))
+    return load_file(str(layout.update(round_, client) / storage.UPDATE_TENSORS))
 
 
 def example_weights(layout, round_: int, clients=CLIENTS) -> list[float]:
-    n = [checkpoint.read_update(layout.update(round_, c)).manifest.num_examples for c in clients]
+    n = [storage.read_update(layout.update(round_, c)).manifest.num_examples for c in clients]
     return [k / sum(n) for k in n]
 
 
 def products(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """layer -> scale * B A, in float64."""
     return {layer: scale * (tensors[b].double() @ tensors[a].double())
-            for layer, (a, b) in aggregation.lora_layers(tensors).items()}
+            for layer, (a, b) in adapter_kind("lora").layers(tensors).items()}
 
 
 # svd -----------------------------------------------------------------------------------------------------------
 
 
 def test_heterogeneous_ranks_each_client_trains_and_receives_its_own_rank(strategy_recipe, tmp_path, monkeypatch):
-    from fedlora_cli import simulate, training
+    from fedlora_cli.federation import simulate
+    from fedlora_cli.model import training
 
     ranks = {"client-0": 1, "client-1": 2}  # client-2 trains the global rank 4
     recipe = strategy_recipe(client_ranks=ranks, aggregation="svd")
@@ -90,7 +91,7 @@ def test_heterogeneous_ranks_each_client_trains_and_receives_its_own_rank(strate
     for k, client in enumerate(CLIENTS):
         r = rank_of[client]
         start = received[3 + k]
-        for layer, (a, b) in aggregation.lora_layers(g1).items():
+        for layer, (a, b) in adapter_kind("lora").layers(g1).items():
             assert start[a].shape == (r, g1[a].shape[1]) and start[b].shape == (g1[b].shape[0], r)
             torch.testing.assert_close(start[a], g1[a][:r])
             torch.testing.assert_close(start[b], g1[b][:, :r] * (ALPHA / RANK) / (ALPHA / r))
@@ -107,7 +108,7 @@ def test_svd_global_is_the_truncated_weighted_mean_of_the_products(strategy_reci
         for layer, prod in products(sent(layout, 2, client), ALPHA / ranks.get(client, RANK)).items():
             target[layer] = target.get(layer, 0) + w * prod
     got = products(weights_of(layout.global_checkpoint(2)), ALPHA / RANK)
-    report = checkpoint.read_global(layout.global_checkpoint(2)).manifest.aggregation
+    report = storage.read_global(layout.global_checkpoint(2)).manifest.aggregation
     assert report["strategy"] == "svd" and set(report["layers"]) == set(target)
     for layer, m in target.items():
         s = torch.linalg.svdvals(m)
@@ -122,9 +123,9 @@ def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, run_federati
     source = layout.update(1, "client-0")
     copies = []
     for k, n in enumerate((5, 50, 500)):
-        m = checkpoint.read_update(source).manifest
+        m = storage.read_update(source).manifest
         m.client_id, m.num_examples, m.shard_examples = f"copy-{k}", n, n
-        copies.append(checkpoint.write_update(tmp_path / f"copy-{k}", m, sent(layout, 1, "client-0")).path)
+        copies.append(storage.write_update(tmp_path / f"copy-{k}", m, sent(layout, 1, "client-0")).path)
     federation.aggregate_round(layout.global_checkpoint(0), copies, tmp_path / "agg")
     want = products(sent(layout, 1, "client-0"), ALPHA / RANK)
     got = products(weights_of(tmp_path / "agg"), ALPHA / RANK)
@@ -138,7 +139,7 @@ def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, run_federati
 def test_exact_global_update_is_the_weighted_mean_of_the_products(strategy_recipe, run_federation, tiny_model_dir):
     layout = run_federation(strategy_recipe(aggregation="exact"))
     scale = ALPHA / RANK
-    corrections = {r: checkpoint.read_global(layout.global_checkpoint(r)).correction() for r in (0, 1, 2)}
+    corrections = {r: storage.read_global(layout.global_checkpoint(r)).correction() for r in (0, 1, 2)}
     assert corrections[0] == {} and corrections[1] and corrections[2]
     for round_ in (1, 2):
         p = example_weights(layout, round_)
@@ -166,7 +167,7 @@ def test_exact_correction_is_in_the_model_clients_and_evaluation_use(strategy_re
 
     layout = run_federation(strategy_recipe(aggregation="exact"))
     g = layout.global_checkpoint(2)
-    correction = checkpoint.read_global(g).correction()
+    correction = storage.read_global(g).correction()
     bench, _ = federation.load_for_evaluation(g)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     base_weights = dict(base.named_parameters())
@@ -191,10 +192,10 @@ def test_a_later_mean_round_keeps_the_correction(strategy_recipe, run_federation
     # Retrain round 2 is not needed: re-aggregate the round-2 updates with mean instead of exact.
     result = federation.aggregate_round(layout.global_checkpoint(1), [layout.update(2, c) for c in CLIENTS],
                                         tmp_path / "mean", strategy="mean")
-    kept = checkpoint.read_global(tmp_path / "mean").correction()
-    parent = checkpoint.read_global(layout.global_checkpoint(1)).correction()
+    kept = storage.read_global(tmp_path / "mean").correction()
+    parent = storage.read_global(layout.global_checkpoint(1)).correction()
     assert set(kept) == set(parent) and all(torch.equal(kept[n], parent[n]) for n in parent)
-    assert result.checkpoint.manifest.digest != checkpoint.read_global(layout.global_checkpoint(2)).manifest.digest
+    assert result.checkpoint.manifest.digest != storage.read_global(layout.global_checkpoint(2)).manifest.digest
 
 
 # median, trimmed mean, norm bound ----------------------------------------------------------------------------
@@ -204,11 +205,11 @@ def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: floa
     """A well-formed update (valid digests) whose difference from the global is ``factor`` times client's."""
     g0 = weights_of(layout.global_checkpoint(0))
     tensors = {n: g0[n] + (t - g0[n]) * factor for n, t in sent(layout, 1, client).items()}
-    m = checkpoint.read_update(layout.update(1, client)).manifest
+    m = storage.read_update(layout.update(1, client)).manifest
     m.client_id = "mallory"
     m.num_examples = m.shard_examples = 10**6  # and it claims a huge share of the data
     m.tensor_digests = federation.digests(tensors)
-    return checkpoint.write_update(tmp_path / "mallory", m, tensors).path
+    return storage.write_update(tmp_path / "mallory", m, tensors).path
 
 
 @pytest.mark.parametrize(
@@ -283,9 +284,9 @@ def test_aggregate_cli_reports_the_error_of_plain_averaging(strategy_recipe, run
     # The same numbers an independent computation gives, and they are stored in the global manifest.
     p = example_weights(layout, 1)
     ups = [sent(layout, 1, c) for c in CLIENTS]
-    for layer, (a, b) in aggregation.lora_layers(ups[0]).items():
+    for layer, (a, b) in adapter_kind("lora").layers(ups[0]).items():
         exact = sum(w * (u[b].double() @ u[a].double()) for u, w in zip(ups, p))
         plain = sum(w * u[b].double() for u, w in zip(ups, p)) @ sum(w * u[a].double() for u, w in zip(ups, p))
         error = float(torch.linalg.matrix_norm(plain - exact) / torch.linalg.matrix_norm(exact))
         assert layers[layer]["mean_error"] == pytest.approx(error, rel=1e-4)
-    assert checkpoint.read_global(tmp_path / "j").manifest.aggregation["layers"] == layers
+    assert storage.read_global(tmp_path / "j").manifest.aggregation["layers"] == layers

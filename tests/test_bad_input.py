@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import recipe_dict
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from fedlora_cli import checkpoint
+from fedlora_cli import storage
 from fedlora_cli.cli import app
-
-from conftest import recipe_dict
 
 runner = CliRunner()
 
@@ -48,7 +47,7 @@ def copy_update(layout, tmp_path: Path, client: str = "client-0", round_: int = 
 
 
 def edit_manifest(update: Path, **changes) -> None:
-    path = update / checkpoint.UPDATE_MANIFEST
+    path = update / storage.UPDATE_MANIFEST
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data))
@@ -125,21 +124,21 @@ def test_ffa_client_with_a_different_a(run, tmp_path):
 
 def test_mismatched_shapes(run, tmp_path):
     bad = copy_update(run, tmp_path)
-    tensors = load_file(str(bad / checkpoint.UPDATE_TENSORS))
+    tensors = load_file(str(bad / storage.UPDATE_TENSORS))
     name = sorted(tensors)[0]
     tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] + 1)
-    save_file(tensors, str(bad / checkpoint.UPDATE_TENSORS))
+    save_file(tensors, str(bad / storage.UPDATE_TENSORS))
     aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], name)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nonfinite_update(run, tmp_path, value):
     bad = copy_update(run, tmp_path)
-    tensors = load_file(str(bad / checkpoint.UPDATE_TENSORS))
+    tensors = load_file(str(bad / storage.UPDATE_TENSORS))
     name = sorted(tensors)[-1]
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = value
-    save_file(tensors, str(bad / checkpoint.UPDATE_TENSORS))
+    save_file(tensors, str(bad / storage.UPDATE_TENSORS))
     aggregate_fails(run, tmp_path, [*good_updates(run, "client-0"), bad], "NaN or Inf", name)
 
 
@@ -156,17 +155,17 @@ def test_update_manifest_with_a_bad_example_count(run, tmp_path, value, needle):
 
 def test_tampered_update_fails_its_digest(run, tmp_path):
     bad = copy_update(run, tmp_path)
-    tensors = load_file(str(bad / checkpoint.UPDATE_TENSORS))
+    tensors = load_file(str(bad / storage.UPDATE_TENSORS))
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + 1.0
-    save_file(tensors, str(bad / checkpoint.UPDATE_TENSORS))
+    save_file(tensors, str(bad / storage.UPDATE_TENSORS))
     aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], "digests")
 
 
 def test_truncated_safetensors(run, tmp_path):
     bad = copy_update(run, tmp_path)
-    data = (bad / checkpoint.UPDATE_TENSORS).read_bytes()
-    (bad / checkpoint.UPDATE_TENSORS).write_bytes(data[: len(data) // 2])
+    data = (bad / storage.UPDATE_TENSORS).read_bytes()
+    (bad / storage.UPDATE_TENSORS).write_bytes(data[: len(data) // 2])
     aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], "safetensors")
 
 
@@ -177,10 +176,10 @@ def test_same_client_twice(run, tmp_path):
 
 def test_update_with_a_tensor_the_method_does_not_send(run, tmp_path):
     bad = copy_update(run, tmp_path)
-    tensors = load_file(str(bad / checkpoint.UPDATE_TENSORS))
-    a_name = next(n for n in load_file(str(run.global_checkpoint(0) / checkpoint.ADAPTER_WEIGHTS)) if "lora_A" in n)
+    tensors = load_file(str(bad / storage.UPDATE_TENSORS))
+    a_name = next(n for n in load_file(str(run.global_checkpoint(0) / storage.ADAPTER_WEIGHTS)) if "lora_A" in n)
     tensors[a_name] = torch.zeros(4, 32)
-    save_file(tensors, str(bad / checkpoint.UPDATE_TENSORS))
+    save_file(tensors, str(bad / storage.UPDATE_TENSORS))
     aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], "does not send")
 
 
@@ -195,7 +194,7 @@ def test_pickle_file_is_never_loaded(run, tmp_path):
 
     import pickle
 
-    (bad / checkpoint.UPDATE_TENSORS).write_bytes(pickle.dumps(Evil()))
+    (bad / storage.UPDATE_TENSORS).write_bytes(pickle.dumps(Evil()))
     aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], "safetensors")
     assert not marker.exists()
 

@@ -4,23 +4,34 @@ round trips that plain transformers and PEFT load and generate the same tokens f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import causal_recipe_dict, make_math
 from typer.testing import CliRunner
 
-from fedlora_cli import checkpoint, evaluation, export as exports, federation, partition, recipe as recipes
+from fedlora_cli import export as exports, federation, recipe as recipes, storage
+from fedlora_cli.adapters.methods import plan
+from fedlora_cli.adapters.roles import role_of
 from fedlora_cli.cli import app
-from fedlora_cli.data import IGNORE_INDEX, PromptResponses, encode, fit, prompt_ids, read_examples, response_ids
+from fedlora_cli.data import partition
+from fedlora_cli.data.examples import (
+    IGNORE_INDEX,
+    PromptResponses,
+    encode,
+    fit,
+    prompt_ids,
+    read_examples,
+    response_ids,
+)
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.methods import plan, role_of
-from fedlora_cli.modeling import build
-from fedlora_cli.training import batch_loss
-
-from conftest import causal_recipe_dict, make_math
+from fedlora_cli.model import evaluation
+from fedlora_cli.model.training import batch_loss
+from fedlora_cli.model.workbench import build
 
 runner = CliRunner()
 
@@ -197,8 +208,8 @@ def test_answer_none_skips_generation(make_causal_recipe):
 def test_every_method_kind_and_dp_trains_a_causal_lm(method, sections, make_causal_recipe, run_federation):
     r = make_causal_recipe(method, sections={"federation": {"rounds": 1}, **sections})
     layout = run_federation(r)
-    g0 = checkpoint.read_global(layout.global_checkpoint(0)).tensors()
-    g1 = checkpoint.read_global(layout.global_checkpoint(1)).tensors()
+    g0 = storage.read_global(layout.global_checkpoint(0)).tensors()
+    g1 = storage.read_global(layout.global_checkpoint(1)).tensors()
     p = plan(method, "frozen", r.adapter.kind)
     assert not [n for n in g0 if role_of(n) == "head"], "a causal LM adapter has no head tensors"
     moved = [n for n in g0 if not torch.equal(g0[n], g1[n])]
@@ -208,14 +219,14 @@ def test_every_method_kind_and_dp_trains_a_causal_lm(method, sections, make_caus
     metrics = json.loads((layout.metrics(1)).read_text())
     assert metrics["global"]["task"] == "causal-lm" and metrics["global"]["loss"] > 0
     if r.privacy is not None:
-        assert checkpoint.read_update(layout.update(1, "client-0")).manifest.privacy["epsilon"] > 0
+        assert storage.read_update(layout.update(1, "client-0")).manifest.privacy["epsilon"] > 0
 
 
 def test_dp_with_zero_noise_and_loose_clipping_equals_plain_training_on_a_causal_lm(make_causal_recipe):
     """Per-example clipping must see each example's own gradient: with no noise and a clip nobody reaches,
     one DP-SGD step equals one plain step (and the weights move)."""
-    from fedlora_cli.privacy import DPSGD
-    from fedlora_cli.training import make_optimizer
+    from fedlora_cli.model.training import make_optimizer
+    from fedlora_cli.privacy.dp_sgd import DPSGD
 
     r = make_causal_recipe(optimizer="sgd", lr=0.5)
     deltas = []
@@ -247,20 +258,20 @@ def test_dp_with_zero_noise_and_loose_clipping_equals_plain_training_on_a_causal
 def test_partitions_without_labels(make_causal_recipe, tmp_path):
     r = make_causal_recipe()
     data = r.data
-    plain = recipes.dataclasses.replace(data, strategy="iid", by=None)
+    plain = dataclasses.replace(data, strategy="iid", by=None)
     iid = partition.partition(plain, 3, tmp_path / "iid", task="causal-lm")
     assert iid.manifest["task"] == "causal-lm" and iid.manifest["label_names"] == [] and iid.manifest["label_column"] is None
     assert sum(c["examples"] for c in iid.manifest["clients"]) == 120
     # With a category column, any strategy counts its values per client, as labels are counted.
-    counted = partition.partition(recipes.dataclasses.replace(data, strategy="iid"), 3, tmp_path / "iid2", task="causal-lm")
+    counted = partition.partition(dataclasses.replace(data, strategy="iid"), 3, tmp_path / "iid2", task="causal-lm")
     assert counted.manifest["label_names"] == ["add", "mul", "sub"] and counted.manifest["label_column"] == "category"
-    natural = partition.partition(recipes.dataclasses.replace(data, strategy="natural"), 3, tmp_path / "nat", task="causal-lm")
+    natural = partition.partition(dataclasses.replace(data, strategy="natural"), 3, tmp_path / "nat", task="causal-lm")
     assert [c["value"] for c in natural.manifest["clients"]] == ["add", "mul", "sub"]
     assert all(sum(1 for n in c["label_counts"] if n) == 1 for c in natural.manifest["clients"])
-    sized = partition.partition(recipes.dataclasses.replace(data, strategy="size", sizes=[0.6, 0.3, 0.1]), 3,
+    sized = partition.partition(dataclasses.replace(data, strategy="size", sizes=[0.6, 0.3, 0.1]), 3,
                                 tmp_path / "size", task="causal-lm")
     assert [c["examples"] for c in sized.manifest["clients"]] == [72, 36, 12]
-    drawn = partition.partition(recipes.dataclasses.replace(data, strategy="size", alpha=1.0), 3, tmp_path / "drawn",
+    drawn = partition.partition(dataclasses.replace(data, strategy="size", alpha=1.0), 3, tmp_path / "drawn",
                                 task="causal-lm")
     assert len({c["examples"] for c in drawn.manifest["clients"]}) > 1
     shard = read_examples(tmp_path / "size" / "client-2.parquet", data, "causal-lm", None)
@@ -360,9 +371,9 @@ def test_init_refuses_a_partition_of_the_other_task(tmp_path, make_causal_recipe
 
 @pytest.fixture(scope="module")
 def fedsa_run(tmp_path_factory, tiny_causal_dir, math_jsonl):
-    from fedlora_cli import simulate
-
     from conftest import QuietReporter
+
+    from fedlora_cli.federation import simulate
 
     raw = causal_recipe_dict(tiny_causal_dir, math_jsonl, "fedsa", lr=0.05)
     raw["training"]["eval_batch_size"] = 1  # one prompt per generate call, as the plain loop below does

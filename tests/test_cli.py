@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import QuietReporter, recipe_dict
 from typer.testing import CliRunner
 
-from fedlora_cli import checkpoint, simulate
+from fedlora_cli import storage
 from fedlora_cli.cli import app
-
-from conftest import QuietReporter, recipe_dict
+from fedlora_cli.federation import simulate
 
 runner = CliRunner()
 
@@ -98,8 +98,8 @@ def test_simulate_resumes_without_redoing_work(tmp_path, make_recipe, monkeypatc
     assert resumed == ["client-1", "client-2"]
     assert {p: p.stat().st_mtime_ns for p in done} == done
     # The resumed run is bit-identical to the uninterrupted one.
-    same = checkpoint.read_global(layout.global_checkpoint(2)).manifest.digest
-    assert same == checkpoint.read_global(reference.global_checkpoint(2)).manifest.digest
+    same = storage.read_global(layout.global_checkpoint(2)).manifest.digest
+    assert same == storage.read_global(reference.global_checkpoint(2)).manifest.digest
 
 
 def test_simulate_refuses_a_different_recipe_in_the_same_folder(tmp_path, make_recipe):
@@ -141,7 +141,7 @@ def test_simulate_cli_prints_the_round_table(tmp_path, tiny_model_dir, reviews_c
 
 
 def test_accuracy_on_mix_by_hand():
-    from fedlora_cli.evaluation import accuracy_on_mix
+    from fedlora_cli.model.evaluation import accuracy_on_mix
 
     assert accuracy_on_mix([1.0, 0.5], [30, 10]) == pytest.approx(0.875)
     assert accuracy_on_mix([None, 0.5], [0, 10]) == pytest.approx(0.5)  # a class the client lacks is not needed

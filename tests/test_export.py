@@ -12,17 +12,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import QuietReporter, make_reviews, recipe_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlora_cli import checkpoint, cli_export, export as exports, federation, privacy_report, recipe as recipes, simulate
-from fedlora_cli.cli import app, command
-
-from conftest import QuietReporter, make_reviews, recipe_dict
-
-if "export" not in [c.name for c in app.registered_commands]:
-    cli_export.register(app, command)
+from fedlora_cli import export as exports, federation, recipe as recipes, storage
+from fedlora_cli.cli import app
+from fedlora_cli.export import exporter
+from fedlora_cli.federation import simulate
+from fedlora_cli.privacy import report as privacy_report
 
 runner = CliRunner()
 TEXTS = make_reviews(12, seed=99)["text"].tolist()
@@ -168,9 +167,9 @@ def test_adapter_points_to_the_base_it_was_exported_from(federation_of, tmp_path
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     moved = tmp_path / "pkg-checkpoint"
     shutil.copytree(g, moved)
-    data = json.loads((moved / checkpoint.GLOBAL_MANIFEST).read_text())
+    data = json.loads((moved / storage.GLOBAL_MANIFEST).read_text())
     data["recipe"]["model"]["base"] = data["base_model"] = "pkg:fakeassets/model"
-    (moved / checkpoint.GLOBAL_MANIFEST).write_text(json.dumps(data))
+    (moved / storage.GLOBAL_MANIFEST).write_text(json.dumps(data))
     ok([moved, "--out", tmp_path / "by-pkg"])
     config = json.loads((tmp_path / "by-pkg" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((package / "model").resolve())
@@ -212,7 +211,7 @@ def test_personalised_fedsa_export_carries_the_clients_b_and_head(federation_of,
     global_model, _ = load_adapter_plainly(tmp_path / "global")
     assert (logits(global_model, tokenizer) - expected).abs().max() > 1e-4, "the client's B and head were not exported"
 
-    kept = checkpoint.latest_state(state, LAST + 1).tensors()
+    kept = storage.latest_state(state, LAST + 1).tensors()
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert kept and all(torch.equal(saved[name], t) for name, t in kept.items())
     front, body, _ = card_of(tmp_path / "adapter")
@@ -247,12 +246,12 @@ def test_model_card_carries_the_manifests_numbers(federation_of, tmp_path):
     layout = simulate.RunLayout(tmp_path / "run")
     shutil.copytree(federation_of("ffa").root, layout.root)
     g = layout.global_checkpoint(1)  # round 1, not the last: the checkpoint exported, not the recipe's plan
-    data = json.loads((g / checkpoint.GLOBAL_MANIFEST).read_text())
+    data = json.loads((g / storage.GLOBAL_MANIFEST).read_text())
     data["recipe"]["federation"]["clients"] = 4
     data["recipe"]["data"].update(alpha=0.7, seed=5)
     data["clients"] = ["site-a", "site-b", "site-c", "site-d"]
-    (g / checkpoint.GLOBAL_MANIFEST).write_text(json.dumps(data))
-    manifest = checkpoint.read_global(g).manifest
+    (g / storage.GLOBAL_MANIFEST).write_text(json.dumps(data))
+    manifest = storage.read_global(g).manifest
     out = tmp_path / "export"
     ok([g, "--out", out])
     front, body, table = card_of(out)
@@ -302,7 +301,7 @@ def test_card_reports_the_privacy_spent(federation_of, tmp_path):
     ok([g, "--out", tmp_path / "client-2", "--state", layout.state("client-2")])
     front, body, _ = card_of(tmp_path / "client-2")
     assert "differential-privacy" in front["tags"]
-    spent = checkpoint.latest_state(layout.state("client-2"), LAST + 1).manifest.privacy["epsilon"]
+    spent = storage.latest_state(layout.state("client-2"), LAST + 1).manifest.privacy["epsilon"]
     assert spent > 0 and f"- client-2: ε = {spent:.3f}" in body
     assert "noise multiplier 1.3000" in body and "client-0" not in body.split("## Differential privacy")[1].split("##")[0]
     server = privacy_report.server_entry(g)["epsilon"]
@@ -311,7 +310,7 @@ def test_card_reports_the_privacy_spent(federation_of, tmp_path):
     ok([g, "--out", tmp_path / "global"])
     _, body, _ = card_of(tmp_path / "global")
     for client in ("client-0", "client-1", "client-2"):
-        eps = checkpoint.latest_state(layout.state(client), LAST + 1).manifest.privacy["epsilon"]
+        eps = storage.latest_state(layout.state(client), LAST + 1).manifest.privacy["epsilon"]
         assert f"- {client}: ε = {eps:.3f}" in body
 
 
@@ -326,7 +325,7 @@ def test_card_without_privacy_or_metrics(federation_of, tmp_path):
 
 
 def test_card_metadata_for_a_hub_base_with_a_license(federation_of, tmp_path):
-    manifest = checkpoint.read_global(federation_of("ffa").global_checkpoint(LAST)).manifest
+    manifest = storage.read_global(federation_of("ffa").global_checkpoint(LAST)).manifest
     (tmp_path / "README.md").write_text("---\nlanguage: en\nlicense: apache-2.0\n---\n# a base model\n")
     license_id = exports.base_license(str(tmp_path))
     assert license_id == "apache-2.0"
@@ -523,9 +522,9 @@ def test_missing_base_model(ffa_run, tmp_path):
     # A checkpoint whose recipe names a base model that is not on this machine.
     moved = tmp_path / "moved"
     shutil.copytree(g, moved)
-    data = json.loads((moved / checkpoint.GLOBAL_MANIFEST).read_text())
+    data = json.loads((moved / storage.GLOBAL_MANIFEST).read_text())
     data["recipe"]["model"]["base"] = str(tmp_path / "gone")
-    (moved / checkpoint.GLOBAL_MANIFEST).write_text(json.dumps(data))
+    (moved / storage.GLOBAL_MANIFEST).write_text(json.dumps(data))
     fails([moved, "--out", out, "--merge"], "cannot load base model", "gone")
     assert not out.exists()
     no_leftovers(tmp_path, "export")
@@ -547,7 +546,7 @@ def test_failure_while_writing_leaves_nothing(ffa_run, tmp_path, monkeypatch):
         (folder / "adapter_model.safetensors").write_bytes(b"partial")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(exports, "_write_adapter", half_write)
+    monkeypatch.setattr(exporter, "_write_adapter", half_write)
     out = tmp_path / "export"
     fails([ffa_run.global_checkpoint(LAST), "--out", out], "disk full")
     assert not out.exists()

@@ -6,11 +6,12 @@ import importlib.util
 
 import pytest
 import torch
-
-from fedlora_cli import checkpoint, federation, recipe as recipes, recipes_catalog, simulate
-from fedlora_cli.methods import role_of
-
 from conftest import QuietReporter
+
+from fedlora_cli import federation, recipe as recipes, storage
+from fedlora_cli.adapters.roles import role_of
+from fedlora_cli.federation import simulate
+from fedlora_cli.recipe import catalog as recipes_catalog
 
 pytestmark = [
     pytest.mark.integration,
@@ -36,8 +37,8 @@ def real_run(tmp_path_factory):
 def test_real_model_federated_round(real_run):
     recipe, layout, rows = real_run
     assert rows[0]["round"] == 1 and 0 <= rows[0]["global_accuracy"] <= 1
-    g0 = checkpoint.GlobalCheckpoint(layout.global_checkpoint(0), None).tensors()
-    g1 = checkpoint.GlobalCheckpoint(layout.global_checkpoint(1), None).tensors()
+    g0 = storage.GlobalCheckpoint(layout.global_checkpoint(0), None).tensors()
+    g1 = storage.GlobalCheckpoint(layout.global_checkpoint(1), None).tensors()
     for name, t in g0.items():
         if role_of(name) == "lora_A":
             assert torch.equal(g1[name], t)  # FFA: A frozen

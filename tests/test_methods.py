@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora_cli.methods import ROLE_A, ROLE_B, ROLE_HEAD, plan, role_of
+from fedlora_cli.adapters.methods import plan
+from fedlora_cli.adapters.roles import ROLE_A, ROLE_B, ROLE_HEAD, role_of
 
 
 def test_roles_from_peft_names():
@@ -34,7 +35,7 @@ def test_plan(method, head, trained, sent, local):
 
 
 def test_vera_roles_from_peft_names():
-    from fedlora_cli.methods import ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION
+    from fedlora_cli.adapters.roles import ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION
 
     assert role_of("base_model.model.bert.encoder.layer.0.attention.self.query.vera_lambda_d") == ROLE_LAMBDA_D
     assert role_of("base_model.model.bert.encoder.layer.0.attention.self.query.vera_lambda_b.default") == ROLE_LAMBDA_B
@@ -59,7 +60,7 @@ def test_vera_plan(method, head, trained, sent, local, frozen):
 
 
 def test_rslora_plan_is_lora_plan_and_scales_differ():
-    from fedlora_cli.methods import adapter_kind
+    from fedlora_cli.adapters.kinds import adapter_kind
 
     assert plan("fedsa", "local", "rslora").sent == plan("fedsa", "local", "lora").sent == {ROLE_A}
     assert adapter_kind("lora").scale(16, 4) == 4.0

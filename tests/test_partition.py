@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedlora_cli import partition, plots, recipe as recipes
+from fedlora_cli import recipe as recipes
+from fedlora_cli.cli import plots
+from fedlora_cli.data import partition
 from fedlora_cli.errors import FedloraError
 
 

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import recipe_dict
 from opacus.accountants import create_accountant
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlora_cli import aggregation, checkpoint, federation, privacy, recipe as recipes
+from fedlora_cli import aggregation, federation, privacy, recipe as recipes, storage
+from fedlora_cli.adapters.methods import plan
+from fedlora_cli.adapters.roles import role_of
 from fedlora_cli.cli import app
-from fedlora_cli.data import encode, read_shard
-from fedlora_cli.methods import plan, role_of
-from fedlora_cli.modeling import build
-from fedlora_cli.training import DPSettings, local_train
-
-from conftest import recipe_dict
+from fedlora_cli.data.examples import encode, read_shard
+from fedlora_cli.model.training import DPSettings, local_train
+from fedlora_cli.model.workbench import build
 
 runner = CliRunner()
 
@@ -35,8 +35,8 @@ def private_recipe(model_dir, data, method="ffa", head="shared", **privacy_secti
 
 def one_step_delta(bench, p, batch, dp_engine=None):
     """Parameter change of one optimizer step on ``batch``, plainly or through a DP engine."""
-    from fedlora_cli.privacy import DPSGD
-    from fedlora_cli.training import make_optimizer
+    from fedlora_cli.model.training import make_optimizer
+    from fedlora_cli.privacy.dp_sgd import DPSGD
 
     params = bench.set_trainable(p)
     before = [q.detach().clone() for q in params]
@@ -113,27 +113,27 @@ def test_model_in_eval_mode_trains_under_dp(bench_and_batch, partition_dir):
 def test_dp_federation_moves_b_keeps_a_and_accumulates_epsilon(tmp_path, tiny_model_dir, reviews_csv, run_federation):
     r = recipes.from_dict(private_recipe(tiny_model_dir, reviews_csv, target_epsilon=8.0))
     layout = run_federation(r)
-    g0 = load_file(str(layout.global_checkpoint(0) / checkpoint.ADAPTER_WEIGHTS))
-    g2 = load_file(str(layout.global_checkpoint(2) / checkpoint.ADAPTER_WEIGHTS))
+    g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
+    g2 = load_file(str(layout.global_checkpoint(2) / storage.ADAPTER_WEIGHTS))
     assert all(torch.equal(g2[n], t) for n, t in g0.items() if role_of(n) == "lora_A")
     assert any(not torch.equal(g2[n], t) for n, t in g0.items() if role_of(n) == "lora_B")
-    sigma = checkpoint.read_global(layout.global_checkpoint(0)).manifest.recipe["privacy"]["noise_multiplier"]
+    sigma = storage.read_global(layout.global_checkpoint(0)).manifest.recipe["privacy"]["noise_multiplier"]
     assert sigma > 0
     for client in ("client-0", "client-1", "client-2"):
-        m1 = checkpoint.read_update(layout.update(1, client)).manifest.privacy
-        m2 = checkpoint.read_update(layout.update(2, client)).manifest.privacy
+        m1 = storage.read_update(layout.update(1, client)).manifest.privacy
+        m2 = storage.read_update(layout.update(2, client)).manifest.privacy
         assert 0 < m1["epsilon"] < m2["epsilon"] <= 8.0
         assert m2["remaining"] == pytest.approx(8.0 - m2["epsilon"])
     # The noise was calibrated so that the planned federation spends (almost exactly) the budget.
-    largest = max(checkpoint.read_update(layout.update(2, c)).manifest.privacy["epsilon"] for c in ("client-0", "client-1", "client-2"))
+    largest = max(storage.read_update(layout.update(2, c)).manifest.privacy["epsilon"] for c in ("client-0", "client-1", "client-2"))
     assert largest == pytest.approx(8.0, rel=0.02)
     # Nothing un-noised leaves a client: no training loss, and the shard size rather than the count of examples
     # the secret Poisson sampling drew. The client keeps its loss at home.
     for client in ("client-0", "client-1", "client-2"):
-        m = checkpoint.read_update(layout.update(2, client)).manifest
+        m = storage.read_update(layout.update(2, client)).manifest
         assert m.loss is None
         assert m.num_examples == m.shard_examples
-        state_loss = checkpoint.latest_state(layout.state(client), 10**6).manifest.loss
+        state_loss = storage.latest_state(layout.state(client), 10**6).manifest.loss
         assert isinstance(state_loss, float) and np.isfinite(state_loss)
 
 
@@ -148,7 +148,7 @@ def test_dp_with_local_epochs_runs_the_steps_it_calibrated_for(tmp_path, tiny_mo
     part = json.loads((layout.data / "partition.json").read_text())
     for c in part["clients"]:
         planned = privacy.client_plan(c["examples"], 8, None, 0.7).steps_per_round
-        ledger = checkpoint.latest_state(layout.state(c["id"]), 10**6).manifest.privacy
+        ledger = storage.latest_state(layout.state(c["id"]), 10**6).manifest.privacy
         assert [entry[2] for entry in ledger["history"]] == [planned] * 3
         assert ledger["epsilon"] <= 4.0
 
@@ -173,12 +173,12 @@ def test_the_ledger_records_a_round_even_if_its_update_is_never_written(tmp_path
     def broken_write(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "write_update", broken_write)
+    monkeypatch.setattr(storage, "write_update", broken_write)
     with pytest.raises(OSError):
         federation.train_client(tmp_path / "g0", partition_dir / "client-0.parquet", tmp_path / "state",
                                 tmp_path / "u", "client-0")
     assert not (tmp_path / "u").exists()
-    ledger = checkpoint.latest_state(tmp_path / "state", 10**6).manifest.privacy
+    ledger = storage.latest_state(tmp_path / "state", 10**6).manifest.privacy
     assert len(ledger["history"]) == 1 and ledger["epsilon"] > 0
 
 
@@ -225,8 +225,8 @@ def test_round_over_budget_is_refused_and_writes_nothing(tmp_path, tiny_model_di
         runner.invoke(app, ["aggregate", str(tmp_path / f"g{round_ - 1}"), str(out), "--out", str(tmp_path / f"g{round_}")])
     assert result.exit_code == 1 and "privacy budget" in result.output and "Traceback" not in result.output
     assert not out.exists()
-    assert not (state / checkpoint.round_dirname(round_)).exists()
-    spent = checkpoint.latest_state(state, 10**6).manifest.privacy["epsilon"]
+    assert not (state / storage.round_dirname(round_)).exists()
+    spent = storage.latest_state(state, 10**6).manifest.privacy["epsilon"]
     assert round_ > 1 and spent <= 3.0
 
 
@@ -304,18 +304,18 @@ def test_server_dp_aggregation_through_the_cli(make_recipe, run_federation, tmp_
     data = json.loads(result.stdout)
     expected = privacy.epsilon([(1.0, 1.0, 1)], 1e-5, "rdp")
     assert data["server_epsilon"] == pytest.approx(expected)
-    m = checkpoint.read_global(tmp_path / "g").manifest
+    m = storage.read_global(tmp_path / "g").manifest
     assert m.server_privacy_ledger == [[1.0, 1.0, 1]]
     # Noise 0 equals the plain mean of clipped deltas, computed here by hand.
     result = federation.aggregate_round(
         layout.global_checkpoint(0), [Path(u) for u in updates], tmp_path / "g0noise",
         server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.0),
     )
-    g0 = load_file(str(layout.global_checkpoint(0) / checkpoint.ADAPTER_WEIGHTS))
-    sent = [load_file(str(Path(u) / checkpoint.UPDATE_TENSORS)) for u in updates]
+    g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
+    sent = [load_file(str(Path(u) / storage.UPDATE_TENSORS)) for u in updates]
     ref = {n: g0[n] for n in sent[0]}
     by_hand = aggregation.weighted_mean((aggregation.clip_to_norm(s, ref, 0.5), 1 / 3) for s in sent)
-    got = load_file(str(tmp_path / "g0noise" / checkpoint.ADAPTER_WEIGHTS))
+    got = load_file(str(tmp_path / "g0noise" / storage.ADAPTER_WEIGHTS))
     for n, t in by_hand.items():
         torch.testing.assert_close(got[n], t)
 
@@ -351,11 +351,11 @@ def test_dp_fedavg_divides_by_the_federation_size_not_the_arrivals(make_recipe, 
     arrived = [layout.update(1, c) for c in ("client-0", "client-1")]
     federation.aggregate_round(layout.global_checkpoint(0), arrived, tmp_path / "g",
                                server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.0))
-    g0 = load_file(str(layout.global_checkpoint(0) / checkpoint.ADAPTER_WEIGHTS))
-    sent = [load_file(str(u / checkpoint.UPDATE_TENSORS)) for u in arrived]
+    g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
+    sent = [load_file(str(u / storage.UPDATE_TENSORS)) for u in arrived]
     ref = {n: g0[n] for n in sent[0]}
     clipped = [aggregation.clip_to_norm(s, ref, 0.5) for s in sent]
-    got = load_file(str(tmp_path / "g" / checkpoint.ADAPTER_WEIGHTS))
+    got = load_file(str(tmp_path / "g" / storage.ADAPTER_WEIGHTS))
     for n in ref:
         # ref + sum_k clip(delta_k) / m with m = 3: a missing client counts as a zero update.
         torch.testing.assert_close(got[n], ref[n] + sum(c[n] - ref[n] for c in clipped) / 3)
@@ -372,7 +372,7 @@ def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews
     assert again.exit_code == 1 and "already trained round 1" in again.output
     assert not (tmp_path / "u-again").exists()
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
-    ledger = checkpoint.latest_state(tmp_path / "state", 10**6).manifest.privacy
+    ledger = storage.latest_state(tmp_path / "state", 10**6).manifest.privacy
     assert len(ledger["history"]) == 2, "the first attempt's spending is still counted"
 
 
@@ -412,7 +412,7 @@ def test_simulate_reports_the_epsilon_spent(tmp_path, tiny_model_dir, reviews_cs
     result = runner.invoke(app, ["simulate", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"), "--json"])
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["rounds"][0]
-    updates = [checkpoint.read_update(tmp_path / "run" / "updates" / "round-001" / f"client-{k}").manifest for k in range(3)]
+    updates = [storage.read_update(tmp_path / "run" / "updates" / "round-001" / f"client-{k}").manifest for k in range(3)]
     assert row["epsilon"] == max(u.privacy["epsilon"] for u in updates) > 0
 
 
@@ -429,10 +429,10 @@ def test_aggregating_a_round_twice_counts_both_releases(make_recipe, run_federat
     assert one["server_epsilon"] == pytest.approx(privacy.epsilon([(1.0, 1.0, 1)], 1e-5, "rdp"))
     assert two["server_epsilon"] == pytest.approx(privacy.epsilon([(1.0, 1.0, 1)] * 2, 1e-5, "rdp"))
     assert two["server_epsilon"] > one["server_epsilon"]
-    ledger = checkpoint.read_server_ledger(Path(two["server_ledger"]))
+    ledger = privacy.read_server_ledger(Path(two["server_ledger"]))
     assert Path(two["server_ledger"]).parent == layout.global_checkpoint(0).resolve().parent
     assert [r["out"] for r in ledger.releases] == [str((tmp_path / "g").resolve()), str((tmp_path / "g-again").resolve())]
-    assert checkpoint.read_global(tmp_path / "g-again").manifest.server_privacy_ledger == [[1.0, 1.0, 1]] * 2
+    assert storage.read_global(tmp_path / "g-again").manifest.server_privacy_ledger == [[1.0, 1.0, 1]] * 2
     # The next round, built on the first output, still carries both releases.
     report = runner.invoke(app, ["privacy", "report", str(tmp_path / "g-again"), "--json"])
     assert json.loads(report.stdout)[0]["epsilon"] == pytest.approx(two["server_epsilon"])
@@ -445,13 +445,13 @@ def test_a_second_release_over_the_budget_is_refused(tiny_model_dir, reviews_csv
     raw["federation"]["rounds"] = 1
     layout = run_federation(recipes.from_dict(raw))  # simulate spends the budget's first release: round 1
     ledger_files = list(layout.global_checkpoint(0).parent.glob("dp-fedavg-ledger-*.json"))
-    assert len(ledger_files) == 1 and len(checkpoint.read_server_ledger(ledger_files[0]).releases) == 1
+    assert len(ledger_files) == 1 and len(privacy.read_server_ledger(ledger_files[0]).releases) == 1
     updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
     again = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g")])
     assert again.exit_code == 1 and "server_privacy.target_epsilon" in again.output, again.output
     assert "2 releases" in again.output
     assert not (tmp_path / "g").exists()
-    assert len(checkpoint.read_server_ledger(ledger_files[0]).releases) == 1, "a refused release is not recorded"
+    assert len(privacy.read_server_ledger(ledger_files[0]).releases) == 1, "a refused release is not recorded"
 
 
 def test_a_ledger_that_misses_the_checkpoints_history_is_refused(make_recipe, run_federation, tmp_path):
@@ -481,7 +481,7 @@ def test_privacy_report_of_a_run_counts_releases_its_checkpoints_do_not_show(tin
     # Round 1 aggregated a second time, outside the run: global/round-001 still shows one release.
     again = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "elsewhere")])
     assert again.exit_code == 0, again.output
-    assert checkpoint.read_global(layout.global_checkpoint(1)).manifest.server_privacy_ledger == [[2.0, 1.0, 1]]
+    assert storage.read_global(layout.global_checkpoint(1)).manifest.server_privacy_ledger == [[2.0, 1.0, 1]]
     report = runner.invoke(app, ["privacy", "report", str(layout.root), "--json"])
     assert report.exit_code == 0, report.output
     server = [e for e in json.loads(report.stdout) if e["who"].startswith("server")]

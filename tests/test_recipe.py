@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fedlora_cli import recipe as recipes, recipes_catalog
+from fedlora_cli import recipe as recipes
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.recipe import catalog as recipes_catalog
 
 SHIPPED = recipes_catalog.names()
 
@@ -124,7 +125,7 @@ def test_invalid_yaml_is_one_error(tmp_path):
 
 def test_pkg_locations(tmp_path):
     assert recipes.resolve_location("org/model") == "org/model"
-    assert recipes.resolve_location("pkg:fedlora_cli/recipe.py").endswith("fedlora_cli/recipe.py")
+    assert recipes.resolve_location("pkg:fedlora_cli/recipe/schema.py").endswith("fedlora_cli/recipe/schema.py")
     with pytest.raises(FedloraError, match="not installed"):
         recipes.resolve_location("pkg:no_such_package_xyz/model")
 

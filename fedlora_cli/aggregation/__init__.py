@@ -1,0 +1,55 @@
+"""Aggregation: pure functions over named tensors (:mod:`.functions`) and the strategies built on them.
+
+The strategies (``federation.aggregation``), one class each (interface in :mod:`.strategy`)::
+
+    mean          Mean          FedAvg / FedIT: the weighted mean of every sent tensor (streams)
+    svd           Svd           FlexLoRA: truncated SVD of the weighted mean of the products B_k A_k
+    exact         Exact         FedEx-LoRA: means of A and B plus a residual folded into the base weights
+    median        Median        coordinate-wise median (robust)
+    trimmed-mean  TrimmedMean   coordinate-wise trimmed mean (robust)
+
+The norm bound (:mod:`.norm_bound`) screens updates in front of any of them; DP-FedAvg
+(:mod:`fedlora_cli.privacy.dp_fedavg`) wraps one.
+"""
+
+from typing import Any
+
+from fedlora_cli.aggregation.exact import Exact
+from fedlora_cli.aggregation.functions import (
+    Factors,
+    LayerReport,
+    Tensors,
+    accumulator_dtype,
+    client_weights,
+    clip_to_norm,
+    coordinate_median,
+    exact_layer,
+    nonfinite,
+    svd_layer,
+    to_rank,
+    trim_count,
+    trimmed_mean,
+    update_norm,
+    weighted_mean,
+)
+from fedlora_cli.aggregation.mean import Mean
+from fedlora_cli.aggregation.median import Median
+from fedlora_cli.aggregation.norm_bound import NormBound
+from fedlora_cli.aggregation.strategy import Aggregate, Contribution, Contributions, RoundSpec, Strategy
+from fedlora_cli.aggregation.svd import Svd
+from fedlora_cli.aggregation.trimmed import TrimmedMean
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Mean, Svd, Exact, Median, TrimmedMean)}
+
+
+def make_strategy(federation: Any) -> Strategy:
+    """The strategy a validated recipe's federation section names, with its settings."""
+    return STRATEGIES[federation.aggregation].from_recipe(federation)
+
+
+__all__ = [
+    "STRATEGIES", "Aggregate", "Contribution", "Contributions", "Exact", "Factors", "LayerReport", "Mean", "Median",
+    "NormBound", "RoundSpec", "Strategy", "Svd", "Tensors", "TrimmedMean", "accumulator_dtype", "client_weights",
+    "clip_to_norm", "coordinate_median", "exact_layer", "make_strategy", "nonfinite", "svd_layer", "to_rank",
+    "trim_count", "trimmed_mean", "update_norm", "weighted_mean",
+]

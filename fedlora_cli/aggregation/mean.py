@@ -1,0 +1,23 @@
+"""FedAvg (McMahan et al., AISTATS 2017): the weighted mean of every sent tensor, sum_k p_k T_k.
+
+On LoRA's A and B this is FedIT, the baseline every method compares against. Streams one client update at a
+time: memory is one running sum, flat in the number of clients. When the norm bound rejected some updates,
+the mean is renormalised over the weights of those that stayed.
+"""
+
+from __future__ import annotations
+
+from fedlora_cli.aggregation.functions import accumulator_dtype, weighted_mean
+from fedlora_cli.aggregation.strategy import Aggregate, Contributions, RoundSpec, Strategy
+
+
+class Mean(Strategy):
+    name = "mean"
+    linear = True
+
+    def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
+        averaged = weighted_mean((c.tensors, c.weight) for c in contributions)
+        if contributions.rejected:
+            kept = sum(c.weight for c in contributions.accepted)
+            averaged = {n: (t.to(accumulator_dtype(t.dtype)) / kept).to(t.dtype) for n, t in averaged.items()}
+        return Aggregate(averaged)

@@ -1,0 +1,126 @@
+"""What every aggregation strategy shares: the interface, what it receives, and what it returns.
+
+A strategy is a small object (after Flower's strategies) with one job: turn the accepted client updates of a
+round into the new values of the sent tensors. It does no I/O of its own: the coordinator
+(:mod:`fedlora_cli.federation.server`) reads, validates and screens the updates and hands them over as
+:class:`Contributions`, which stream one client update at a time; a strategy that needs every client's value of
+a tensor at once reads it back by name (:meth:`Contribution.get`). Wrappers compose: DP-FedAvg
+(:class:`fedlora_cli.privacy.dp_fedavg.DPFedAvg`) wraps a strategy; the norm bound
+(:mod:`.norm_bound`) screens updates in front of any strategy.
+
+A new strategy is one new class with a ``name``, registered in :data:`fedlora_cli.aggregation.STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from fedlora_cli.aggregation.functions import LayerReport
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedlora_cli.adapters.kinds import AdapterKind
+
+
+class Contribution(Protocol):
+    """One accepted client update, as a strategy sees it."""
+
+    client_id: str
+    weight: float  # p_k, normalised over every update of the round (before any was rejected)
+    # The whole update while it is the one being streamed; None once the strategy has moved on to the next.
+    tensors: Mapping[str, torch.Tensor] | None
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor of this update, read again (and checked again) on demand."""
+        ...
+
+
+class Contributions:
+    """The accepted client updates of a round, iterated once, one update in memory at a time.
+
+    ``items`` yields each update with whether the screen in front of the strategy accepted it; ``accepted`` and
+    ``rejected`` fill in as the iteration goes. A rejected update is never handed to the strategy.
+    """
+
+    def __init__(self, items: Iterable[tuple[Contribution, bool]]) -> None:
+        self._items = items
+        self.accepted: list[Contribution] = []
+        self.rejected: list[Contribution] = []
+
+    def __iter__(self) -> Iterator[Contribution]:
+        for contribution, accepted in self._items:
+            if not accepted:
+                self.rejected.append(contribution)
+                continue
+            self.accepted.append(contribution)
+            yield contribution
+            contribution.tensors = None  # at most the update being aggregated (and the next, being read) in memory
+
+    def drain(self) -> list[Contribution]:
+        """Screen every update (one at a time) without aggregating; the accepted ones, to be read back by name."""
+        for _ in self:
+            pass
+        return self.accepted
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    """What a strategy knows about the round besides the updates."""
+
+    sent: list[str]  # the names of the tensors clients send, sorted
+    kind: AdapterKind
+    alpha: float
+    rank: int  # the global adapter's rank
+    rank_for: Callable[[str], int]  # a client's LoRA rank
+    reference: Mapping[str, torch.Tensor]  # the global's values of the sent tensors (what a global-rank client received)
+
+
+@dataclass
+class Aggregate:
+    """What a strategy produced: the new sent tensors, and what it reports."""
+
+    tensors: dict[str, torch.Tensor]
+    # Per adapted layer, how far plain averaging of A and B is from the exact mean of the products (svd, exact).
+    layers: dict[str, LayerReport] = field(default_factory=dict)
+    # Per adapted layer, a dense residual to fold into the base weights (exact).
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Strategy:
+    """The interface. Class attributes say what the strategy needs, so the recipe can be validated up front."""
+
+    name: ClassVar[str]
+    # Combines the products B_k A_k: every client must send both factors of a kind that has them.
+    needs_factors: ClassVar[bool] = False
+    # Combines clients of different LoRA ranks (adapter.client_ranks).
+    mixes_ranks: ClassVar[bool] = False
+    # Linear in the updates with the given weights: what DP-FedAvg's sensitivity bound needs of a strategy it wraps.
+    linear: ClassVar[bool] = False
+
+    @classmethod
+    def from_recipe(cls, federation: Any) -> Strategy:
+        """The strategy with its settings from a recipe's federation section."""
+        return cls()
+
+    def check_count(self, clients: int, label: str) -> None:
+        """Refuse a number of client updates this strategy cannot combine; ``label`` names the setting."""
+
+    def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Record what this round released, just before the new global checkpoint is written (DP-FedAvg)."""
+
+    def describe(self) -> dict[str, object]:
+        """What the global manifest records of how this round aggregated (beyond the norm bound)."""
+        return {"strategy": self.name}
+
+
+def normalised(contributions: Iterable[Contribution]) -> list[float]:
+    """The contributions' weights renormalised to sum to one."""
+    items = list(contributions)
+    total = sum(c.weight for c in items)
+    return [c.weight / total for c in items]

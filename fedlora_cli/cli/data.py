@@ -1,0 +1,111 @@
+"""``fedlora partition``: split a dataset across clients and hold out a test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedlora_cli.cli.app import _load_recipe, app, command
+from fedlora_cli.cli.options import JsonOpt, OverwriteOpt
+from fedlora_cli.errors import FedloraError
+
+pass
+pass
+
+
+MAX_COUNT_COLUMNS = 10  # label or category values shown as a column each in the partition table
+
+
+@command(app, "partition")
+def partition_cmd(
+    source: Annotated[Optional[str], typer.Argument(help="Hub dataset, CSV/JSON/Parquet file, or save_to_disk folder.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the shards and manifest to.")] = Path("data"),
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Take data settings from this recipe.")] = None,
+    clients: Annotated[Optional[int], typer.Option("--clients", "-n", help="Number of clients.")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="iid, dirichlet, natural or size.")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration (0.5 default, 0.1 severe).")] = None,
+    by: Annotated[
+        Optional[str],
+        typer.Option(help="Category column: the clients for --strategy natural; the skew for dirichlet on causal-lm data."),
+    ] = None,
+    sizes: Annotated[
+        Optional[str], typer.Option(help="--strategy size: comma-separated relative client sizes, e.g. 0.5,0.3,0.2.")
+    ] = None,
+    task: Annotated[
+        Optional[str], typer.Option(help="sequence-classification (labelled texts) or causal-lm (prompt/response pairs).")
+    ] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label values to keep, in id order.")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option(help="causal-lm: prompt column.")] = None,
+    response_column: Annotated[Optional[str], typer.Option(help="causal-lm: response column.")] = None,
+    answer_column: Annotated[Optional[str], typer.Option(help="causal-lm: final-answer column (kept in the shards).")] = None,
+    test_fraction: Annotated[Optional[float], typer.Option(help="Held-out test fraction.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Partition seed.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a Hub dataset or DatasetDict.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the label distribution here.")] = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split a dataset across clients and hold out a test split: labelled texts, or prompt/response pairs.
+
+    Example: [cyan]fedlora partition reviews.csv --label-column sentiment -n 4 --strategy dirichlet --alpha 0.5 -o data[/]
+
+    Example: [cyan]fedlora partition gsm.jsonl --task causal-lm --prompt-column question -n 3 --strategy size --sizes 0.6,0.3,0.1[/]
+    """
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.cli import ui
+    from fedlora_cli.data import partition as partitions
+
+    overrides = {
+        "data.source": source, "data.strategy": strategy, "data.alpha": alpha, "data.by": by, "data.sizes": sizes,
+        "data.text_column": text_column, "data.label_column": label_column, "data.labels": labels,
+        "data.prompt_column": prompt_column, "data.response_column": response_column,
+        "data.answer_column": answer_column, "data.test_fraction": test_fraction, "data.seed": seed, "data.split": split,
+    }
+    if recipe is not None:
+        r = _load_recipe(recipe, None, {**overrides, "model.task": task})
+        spec, n, task = r.data, clients or r.federation.clients, r.model.task
+    else:
+        n = clients or (len(sizes.split(",")) if sizes else 2)
+        model = {"base": "-", **({"task": task} if task else {})}
+        raw = {"model": model, "federation": {"clients": n}}
+        raw = recipes.apply_overrides(raw, {k: v for k, v in overrides.items() if v is not None})
+        r = recipes.from_dict(raw)
+        spec, task = r.data, r.model.task
+    if plot is not None:
+        # Checked before the partition is written, so a bad --plot path does not fail after the work is done.
+        try:
+            plot.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FedloraError(f"cannot write the plot to {plot}: {exc.strerror}") from None
+    with ui.err.status("partitioning"):
+        result = partitions.partition(spec, n, out, overwrite=overwrite, task=task)
+    m = result.manifest
+    if plot is not None:
+        from fedlora_cli.cli import plots
+
+        plots.label_distribution(m, plot)
+    if as_json:
+        ui.print_json(m)
+        return
+    names = [str(x) for x in m["label_names"]]
+    title = f"{m['strategy']} partition of {m['source']} (seed {m['seed']})"
+    if len(names) <= MAX_COUNT_COLUMNS:
+        rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
+        rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])
+        ui.out.print(ui.table(title, ["client", "examples", *names], rows))
+    else:
+        # Too many categories for a column each: how many each client holds, and its largest share.
+        def summary(entry: dict) -> list:
+            counts = entry["label_counts"]
+            return [sum(1 for c in counts if c), f"{max(counts) / max(entry['examples'], 1):.2f}"]
+
+        rows = [[c["id"], c["examples"], *summary(c)] for c in m["clients"]]
+        rows.append(["test", m["test"]["examples"], *summary(m["test"])])
+        column = m["label_column"]
+        ui.out.print(ui.table(title, ["client", "examples", f"{column} values", f"largest {column} share"], rows))
+    ui.err.print(f"wrote {out}" + (f" and {plot}" if plot else ""))

@@ -1,0 +1,245 @@
+"""The commands of a round run by hand: ``init``, ``train-client``, ``aggregate``, ``evaluate``, ``inspect``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedlora_cli.cli.app import _load_recipe, app, command
+from fedlora_cli.cli.options import BaseModelOpt, JsonOpt, OverwriteOpt, SetOpt
+from fedlora_cli.errors import FedloraError
+
+pass
+pass
+
+
+@command(app, "init")
+def init_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file or shipped recipe name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the round-0 global checkpoint.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Partition folder (gives the label names).")] = None,
+    sets: SetOpt = None,
+    base_model: BaseModelOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the round-0 global checkpoint: the adapter with its seeded random A, a folder PEFT loads."""
+    from fedlora_cli import federation
+    from fedlora_cli.cli import ui
+    from fedlora_cli.data import partition as partitions
+
+    r = _load_recipe(recipe, sets)
+    part = partitions.read_manifest(data) if data is not None else None
+    with ui.err.status(f"loading {r.model.base}"):
+        ckpt = federation.init(r, out, partition=part, base_override=base_model, overwrite=overwrite)
+    _show_global(ckpt, as_json)
+
+
+def _show_global(ckpt, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from fedlora_cli.cli import ui
+
+    m = ckpt.manifest
+    if as_json:
+        ui.print_json({"path": str(ckpt.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"}})
+        return
+    rows = [
+        ["round", m.round], ["method", m.method], ["adapter", f"{m.adapter_kind} r={m.recipe['adapter']['r']}"],
+        ["aggregation", m.recipe["federation"].get("aggregation", "mean")], ["head", m.head], ["base model", m.base_model],
+        ["tensors", len(m.tensor_digests)], ["digest", m.digest[:16]],
+        ["frozen digest", (m.frozen_digest or "-")[:16]], ["clients", ", ".join(m.clients) or "-"],
+    ]
+    ui.out.print(ui.table(f"global checkpoint {ckpt.path}", ["field", "value"], rows))
+
+
+@command(app, "train-client")
+def train_client_cmd(
+    global_checkpoint: Annotated[Path, typer.Argument(help="The current global checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="This client's shard (Parquet, from fedlora partition).")],
+    state: Annotated[Path, typer.Option("--state", help="This client's private state folder (created if new).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the client update to send.")],
+    client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id; default: the state folder's name.")] = None,
+    base_model: BaseModelOpt = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train this client for one round; write the client update (sent) and the client state (kept)."""
+    from dataclasses import asdict
+
+    from fedlora_cli import federation
+    from fedlora_cli.cli import ui
+
+    cid = client_id or state.resolve().name
+    with ui.step_progress(f"training {cid}") as progress:
+        written = federation.train_client(
+            global_checkpoint, data, state, out, cid, base_override=base_model, progress=progress, overwrite=overwrite
+        )
+    update, m = written.update, written.update.manifest
+    # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
+    local_loss = written.state.manifest.loss
+    if as_json:
+        ui.print_json({"path": str(update.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"},
+                       "local_loss": local_loss})
+        return
+    rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(local_loss), f"{m.seconds:.1f}", ui.fmt_bytes(m.bytes)]]
+    ui.out.print(ui.table(f"client update {update.path}", ["client", "round", "examples", "steps", "loss", "seconds", "upload"], rows))
+    if m.privacy is not None:
+        p = m.privacy
+        budget = f" of {p['budget']:g} (remaining {p['remaining']:.3f})" if p["budget"] is not None else ""
+        ui.out.print(f"privacy: epsilon {p['epsilon']:.3f}{budget} at delta {p['delta']:g}, {p['accountant']} accountant")
+
+
+@command(app, "aggregate")
+def aggregate_cmd(
+    global_checkpoint: Annotated[Path, typer.Argument(help="The global checkpoint the clients trained from.")],
+    updates: Annotated[list[Path], typer.Argument(help="Client update folders of this round.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the next global checkpoint.")],
+    weighting: Annotated[
+        Optional[str],
+        typer.Option(help="examples (trained this round), shard (shard size) or uniform; default: the recipe's."),
+    ] = None,
+    strategy: Annotated[
+        Optional[str],
+        typer.Option(help="mean, svd, exact, median or trimmed-mean; default: the recipe's federation.aggregation."),
+    ] = None,
+    trim_fraction: Annotated[
+        Optional[float], typer.Option(help="trimmed-mean: fraction of clients dropped at each end of every coordinate.")
+    ] = None,
+    norm_bound: Annotated[
+        Optional[float],
+        typer.Option(help="Clip or reject client updates whose difference from the global is larger than this L2 norm."),
+    ] = None,
+    norm_bound_action: Annotated[Optional[str], typer.Option(help="clip or reject (with --norm-bound).")] = None,
+    dp_clip: Annotated[
+        Optional[float], typer.Option(help="DP-FedAvg: clip each client's update to this L2 norm (with --dp-noise).")
+    ] = None,
+    dp_noise: Annotated[Optional[float], typer.Option(help="DP-FedAvg: noise multiplier (std = noise * clip / clients).")] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP-FedAvg: delta of the client-level guarantee.")] = 1e-5,
+    server_ledger: Annotated[
+        Optional[Path],
+        typer.Option(help="DP-FedAvg: the coordinator's ledger of releases [default: dp-fedavg-ledger-*.json beside GLOBAL_CHECKPOINT]."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate the client updates and combine them into the next global checkpoint.
+
+    --strategy svd or exact also reports, per layer, how far averaging A and B apart would have been from
+    the weighted mean of the products B_k A_k. With --dp-clip and --dp-noise (or a server_privacy recipe
+    section) it runs DP-FedAvg and reports the client-level epsilon spent so far, counting every release
+    recorded in the coordinator's ledger (a round aggregated twice counts twice).
+
+    Example: [cyan]fedlora aggregate global/round-002 updates/round-003/* --out global/round-003 --strategy median[/]
+    """
+    from dataclasses import asdict
+
+    from fedlora_cli import federation, recipe as recipes
+    from fedlora_cli.cli import ui
+
+    server_privacy = None
+    if (dp_clip is None) != (dp_noise is None):
+        raise FedloraError("--dp-clip and --dp-noise go together")
+    if dp_clip is not None:  # validated with the recipe it joins
+        server_privacy = recipes.ServerPrivacySection(clip_norm=dp_clip, noise_multiplier=dp_noise, delta=dp_delta)
+    with ui.err.status("aggregating"):
+        result = federation.aggregate_round(
+            global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
+            strategy=strategy, norm_bound=norm_bound, norm_bound_action=norm_bound_action, trim_fraction=trim_fraction,
+            server_ledger=server_ledger,
+        )
+    m = result.checkpoint.manifest
+    if as_json:
+        ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
+                       "server_epsilon": result.server_epsilon, "aggregation": m.aggregation,
+                       "server_ledger": None if result.server_ledger is None else str(result.server_ledger),
+                       "clients": [asdict(r) for r in result.clients]})
+        return
+    columns = ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"]
+    rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
+            for r in result.clients]
+    if any(r.rank is not None for r in result.clients) and len({r.rank for r in result.clients}) > 1:
+        columns.append("rank")
+        for row, r in zip(rows, result.clients):
+            row.append(r.rank)
+    if m.aggregation and m.aggregation.get("norm_bound") is not None:
+        columns.append("norm bound")
+        for row, r in zip(rows, result.clients):
+            row.append(r.bound or "kept")
+    title = f"round {m.round} ({result.strategy}) -> {result.checkpoint.path}"
+    ui.out.print(ui.table(title, columns, rows))
+    if result.layers:
+        prefix, names = ui.common_prefix(list(result.layers))
+        svd = result.strategy == "svd"
+        layer_rows = [[name, ui.fmt(r.mean_error), *([ui.fmt(r.truncation_error), ui.fmt(r.rank)] if svd else [])]
+                      for name, r in zip(names, result.layers.values())]
+        ui.out.print(ui.table(
+            f"per layer ({prefix}.*): error of plain averaging ||avg(B) avg(A) - avg(BA)|| / ||avg(BA)||"
+            + ("; svd error of the rank-r result; rank of avg(BA)" if svd else ""),
+            ["layer", "mean error", *(["svd error", "rank"] if svd else [])], layer_rows,
+        ))
+    if result.server_epsilon is not None:
+        releases = len(m.server_privacy_ledger)
+        ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f} "
+                     f"({releases} release{'s' if releases != 1 else ''}, ledger {result.server_ledger})")
+
+
+@command(app, "evaluate")
+def evaluate_cmd(
+    global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Test Parquet file, or a partition folder (its test split).")],
+    state: Annotated[Optional[Path], typer.Option("--state", help="Evaluate personalised: this client's state folder.")] = None,
+    client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id of --state (checked).")] = None,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option(help="causal-lm: cap on generated tokens; default: the recipe's evaluation.max_new_tokens.")
+    ] = None,
+    generate_examples: Annotated[
+        Optional[int], typer.Option(help="causal-lm: generate for the first N test examples only (loss uses all).")
+    ] = None,
+    answer: Annotated[
+        Optional[str], typer.Option(help="causal-lm: 'number' (exact match on the final number) or 'none' (loss only).")
+    ] = None,
+    base_model: BaseModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Metrics of the global model, or personalised for one client (global + its state).
+
+    sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and perplexity per response token,
+    and with an answer extractor, exact match of greedy generations.
+    """
+    import dataclasses
+
+    from fedlora_cli import federation, recipe as recipes
+    from fedlora_cli.cli import ui
+
+    g = federation.Global.of(global_checkpoint)
+    settings = None
+    overrides = {"max_new_tokens": max_new_tokens, "generate_examples": generate_examples, "answer": answer}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given:
+        if g.recipe.model.task != recipes.TASK_CAUSAL_LM:
+            raise FedloraError("--max-new-tokens, --generate-examples and --answer apply to a causal-lm federation")
+        settings = dataclasses.replace(g.recipe.evaluation, **given)
+        recipes.validate(dataclasses.replace(g.recipe, evaluation=settings))
+    with ui.step_progress("evaluating") as progress:
+        metrics = federation.evaluate(
+            g, data, state_dir=state, client_id=client_id, base_override=base_model,
+            progress=lambda done, total: progress(done, total), settings=settings,
+        )
+    if as_json:
+        ui.print_json(metrics)
+        return
+    who = f"personalised ({state})" if state else "global"
+    if metrics["task"] == recipes.TASK_CAUSAL_LM:
+        em = "-" if metrics["exact_match"] is None else f"{ui.fmt(metrics['exact_match'])} ({metrics['scored']})"
+        rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["loss"]), ui.fmt(metrics["perplexity"], 2),
+                 em, metrics["hit_cap"] if metrics["generated"] else "-"]]
+        columns = ["model", "round", "examples", "loss/token", "perplexity", "exact match (n)", "hit token cap"]
+    else:
+        rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["accuracy"]), ui.fmt(metrics["macro_f1"]),
+                 ui.fmt(metrics["loss"])]]
+        columns = ["model", "round", "examples", "accuracy", "macro-F1", "loss"]
+    ui.out.print(ui.table(f"evaluation of {global_checkpoint}", columns, rows))

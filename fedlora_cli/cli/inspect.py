@@ -1,0 +1,36 @@
+"""``fedlora inspect``: the manifest of any fedlora folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedlora_cli.cli.app import app, command
+from fedlora_cli.cli.options import JsonOpt
+from fedlora_cli.errors import FedloraError
+
+
+@command(app, "inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="A global checkpoint, client update, client state or partition folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the manifest of any fedlora folder."""
+    from fedlora_cli import storage
+    from fedlora_cli.cli import ui
+    from fedlora_cli.data import partition as partitions
+
+    for name, what in ((storage.GLOBAL_MANIFEST, "global checkpoint"), (storage.UPDATE_MANIFEST, "client update"),
+                       (storage.STATE_MANIFEST, "client state"), (partitions.PARTITION_MANIFEST, "partition")):
+        if (path / name).is_file():
+            data = storage.read_json(path / name, f"{what} manifest")
+            break
+    else:
+        raise FedloraError(f"{path} is not a fedlora folder (no manifest found)")
+    if as_json:
+        ui.print_json(data)
+        return
+    rows = [[k, v if not isinstance(v, (dict, list)) else f"{len(v)} entries"] for k, v in data.items() if k != "recipe"]
+    ui.out.print(ui.table(f"{what} {path}", ["field", "value"], rows))

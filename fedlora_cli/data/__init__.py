@@ -1,0 +1,12 @@
+"""Data: a site's examples and their encoding (:mod:`.examples`), partitioning a dataset across clients
+(:mod:`.partition`), and the offline assets (:mod:`.assets`)."""
+
+from fedlora_cli.data.examples import (
+    Examples, IGNORE_INDEX, PromptResponses, batch_schedule, encode, encode_causal, encode_prompts, fit, prompt_ids,
+    read_examples, read_prompt_responses, read_shard, response_ids, steps_for
+)
+
+__all__ = [
+    "Examples", "IGNORE_INDEX", "PromptResponses", "batch_schedule", "encode", "encode_causal", "encode_prompts",
+    "fit", "prompt_ids", "read_examples", "read_prompt_responses", "read_shard", "response_ids", "steps_for"
+]

@@ -1,0 +1,305 @@
+"""Exporting a federation's model for use outside fedlora, with a model card, optionally pushed to the Hub.
+
+Two kinds of folder, both written atomically (a temporary sibling renamed into place)::
+
+    adapter (default)   adapter_config.json + adapter_model.safetensors + tokenizer + README.md. Vanilla PEFT
+                        loads it, classifier head (modules_to_save) included:
+                        PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+                            base, num_labels=N), folder)
+    merged (merge=True) the LoRA update folded into the base weights (W + scale * B A, computed in float32),
+                        saved as a plain transformers model (config.json + model.safetensors + tokenizer +
+                        README.md) that AutoModelForSequenceClassification.from_pretrained(folder) loads with
+                        no PEFT. config.id2label / label2id carry the partition's label names.
+
+Either holds the global model, or the model personalised for one client (``state_dir``): the global adapter
+plus the tensors that client kept at home (FedSA-LoRA's B, a local head), the model ``fedlora evaluate
+--state`` scores.
+
+Where the adapter says its base model is (``base_model_name_or_path``): a recipe whose ``model.base`` is a
+Hub id keeps that id, which works on any machine (the Hub and the model card's ``base_model`` know it).
+A local or ``pkg:`` base is written as the folder the export actually loaded (``--base-model`` if given,
+else the recipe's path with ``pkg:`` resolved), so that ``AutoPeftModelForSequenceClassification`` works on
+the exporting machine; anyone else passes their own copy of the base, as the model card's snippet shows.
+The card's ``base_model`` metadata is written only for a Hub id: the Hub rejects anything else there.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli import federation, privacy, storage
+from fedlora_cli.errors import FedloraError, first_line
+from fedlora_cli.export.hub import HubTarget, check_hub_access, push_to_hub
+from fedlora_cli.export.model_card import (
+    MODEL_CARD,
+    _model_label,
+    _notes,
+    _title,
+    base_license,
+    base_reference,
+    hub_id_of,
+    model_card,
+)
+from fedlora_cli.storage.manifests import GlobalManifest
+
+if TYPE_CHECKING:
+    from fedlora_cli.model.workbench import Workbench
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    kind: str  # "adapter" or "merged"
+    dtype: str
+    round: int
+    method: str
+    head: str
+    client_id: str | None
+    base_model: str  # base_model_name_or_path of the adapter, or the base the merged model was folded into
+    files: list[tuple[str, int]]
+    evaluation: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    hub_url: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "kind": self.kind, "dtype": self.dtype, "round": self.round,
+            "method": self.method, "head": self.head, "client_id": self.client_id, "base_model": self.base_model,
+            "files": [{"name": name, "bytes": size} for name, size in self.files],
+            "evaluation": self.evaluation, "notes": self.notes, "hub_url": self.hub_url,
+        }
+
+
+def export(
+    global_dir: Path,
+    out: Path,
+    state_dir: Path | None = None,
+    client_id: str | None = None,
+    merge: bool = False,
+    dtype: str = "float32",
+    eval_data: Path | None = None,
+    base_override: str | None = None,
+    hub: HubTarget | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExportResult:
+    """Write the global (or one client's personalised) model as a PEFT adapter or merged model, with a card.
+
+    Everything that can fail (the checkpoint, the client state, the base model, the evaluation data, Hub
+    credentials) is checked before anything is written; the folder then appears whole or not at all. A push
+    that fails after the export leaves the complete folder and says so.
+    """
+    global_dir, out = Path(global_dir), Path(out)
+    if dtype not in DTYPES:
+        raise FedloraError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
+    if hub is not None:
+        check_hub_access(hub)
+    ckpt = storage.read_global(global_dir)
+    if ckpt.manifest.correction_digests and not merge:
+        raise FedloraError(
+            f"{global_dir} carries a dense base-weight correction ('exact' aggregation) that a PEFT adapter cannot "
+            "hold: export it with --merge"
+        )
+    replace = _check_out(out, overwrite, [global_dir, *([Path(state_dir)] if state_dir is not None else [])])
+    if client_id is not None:
+        storage.check_client_id(client_id)
+        if state_dir is None:
+            state_dir = _run_state_dir(global_dir, client_id)
+    state = None
+    if state_dir is not None:
+        # load_for_evaluation checks the state belongs to this client and federation; here only its round.
+        if not Path(state_dir).is_dir():
+            raise FedloraError(f"client state not found: {state_dir}")
+        state = storage.latest_state(state_dir, before_round=ckpt.manifest.round + 1)
+        if state is None:
+            raise FedloraError(f"client state {state_dir} holds no trained round up to round {ckpt.manifest.round}")
+    bench, manifest = federation.load_for_evaluation(global_dir, state_dir, client_id, base_override)
+    who = state.manifest.client_id if state is not None else None
+
+    # Saved as loaded: tokenising for evaluation leaves truncation and padding settings in a fast tokenizer.
+    tokenizer = copy.deepcopy(bench.tokenizer)
+    if eval_data is not None:
+        metrics = federation.evaluate(global_dir, eval_data, state_dir, who, base_override, bench=bench, progress=progress)
+        evaluation = [_eval_row(metrics, _model_label(who), f"{eval_data} (evaluated at export)")]
+    else:
+        evaluation = run_metrics(global_dir, manifest, who)
+    recipe_model = manifest.recipe["model"]
+    base_ref = base_reference(recipe_model["base"], bench.base_location)
+    notes = _notes(manifest, who)
+    kind = "merged" if merge else "adapter"
+    card = model_card(
+        manifest, kind=kind, client_id=who, base_model=base_ref, hub_base_model=hub_id_of(recipe_model["base"]),
+        license_id=base_license(bench.base_location, recipe_model.get("revision")), evaluation=evaluation,
+        privacy_facts=privacy_facts(global_dir, manifest, state_dir), dtype=dtype, global_dir=global_dir,
+    )
+
+    with storage.atomic_dir(out, overwrite=replace) as tmp:
+        if merge:
+            _write_merged(bench, tmp, dtype, manifest)
+        else:
+            _write_adapter(bench, tmp, dtype, base_ref)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / MODEL_CARD).write_text(card)
+    files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
+    result = ExportResult(
+        out, kind, dtype, manifest.round, manifest.method, manifest.head, who, base_ref, files, evaluation, notes
+    )
+    if hub is not None:
+        result.hub_url = push_to_hub(out, hub, default_message=f"fedlora export: {_title(manifest, who)}")
+    return result
+
+
+def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> bool:
+    """Refuse an output folder that is a file, non-empty without --overwrite, or holds/is inside an input."""
+    target = out.resolve()
+    for source in sources:
+        s = source.resolve()
+        if target == s or target in s.parents or s in target.parents:
+            raise FedloraError(f"--out {out} must lie outside {source}")
+    if out.exists() and not out.is_dir():
+        raise FedloraError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FedloraError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+        return True
+    # An existing empty folder is taken as is; atomic_dir replaces it.
+    return out.is_dir()
+
+
+def _run_state_dir(global_dir: Path, client_id: str) -> Path:
+    """A client's state folder in a simulate run (RUN/clients/ID beside RUN/global/round-NNN)."""
+
+    run = global_dir.resolve().parent
+    if run.name != storage.GLOBAL_DIR:
+        raise FedloraError(
+            f"--client-id {client_id} needs --state (the client's state folder): {global_dir} is not in a run folder"
+        )
+    state_dir = storage.RunLayout(run.parent).state(client_id)
+    if not state_dir.is_dir():
+        raise FedloraError(f"client '{client_id}' has no state in this run ({state_dir} not found)")
+    return state_dir
+
+
+def _write_adapter(bench: Workbench, folder: Path, dtype: str, base_ref: str) -> None:
+    config = bench.model.peft_config["default"]
+    previous = config.base_model_name_or_path
+    config.base_model_name_or_path = base_ref
+    try:
+        bench.model.save_pretrained(str(folder))
+    finally:
+        config.base_model_name_or_path = previous
+    # PEFT saves the tensors in the dtype they have (a base loaded in half precision gives half-precision LoRA).
+    import torch
+    from safetensors.torch import save_file
+
+    path = folder / storage.ADAPTER_WEIGHTS
+    target = getattr(torch, dtype)
+    tensors = storage.load_tensors(path, "exported adapter")
+    if any(t.is_floating_point() and t.dtype != target for t in tensors.values()):
+        cast = {name: t.to(target) if t.is_floating_point() else t for name, t in tensors.items()}
+        save_file(cast, str(path), metadata={"format": "pt"})
+
+
+def _write_merged(bench: Workbench, folder: Path, dtype: str, manifest: GlobalManifest) -> None:
+    """Fold the adapter into the base weights in float32, then cast; ``bench.model`` is consumed."""
+    import torch
+
+    model = bench.model.float()
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as exc:
+        raise FedloraError(f"cannot merge the adapter: {first_line(exc)}") from None
+    if manifest.label_names:
+        names = [str(name) for name in manifest.label_names]
+        merged.config.id2label = dict(enumerate(names))
+        merged.config.label2id = {name: i for i, name in enumerate(names)}
+    merged = merged.to(getattr(torch, dtype))
+    merged.save_pretrained(str(folder))
+
+
+def _eval_row(metrics: dict[str, Any], model: str, data: str) -> dict[str, Any]:
+    row = {
+        "model": model, "data": data, "examples": metrics.get("examples"), "accuracy": metrics.get("accuracy"),
+        "macro_f1": metrics.get("macro_f1"), "loss": metrics.get("loss"),
+    }
+    if "perplexity" in metrics:  # causal-lm
+        row.update(perplexity=metrics.get("perplexity"), exact_match=metrics.get("exact_match"),
+                   generated=metrics.get("generated"), max_new_tokens=metrics.get("max_new_tokens"))
+    return row
+
+
+def run_metrics(global_dir: Path, manifest: GlobalManifest, client_id: str | None) -> list[dict[str, Any]]:
+    """The evaluation ``fedlora simulate`` wrote for this round (RUN/metrics/round-NNN.json), if any."""
+
+    global_dir = Path(global_dir).resolve()
+    if global_dir.parent.name != storage.GLOBAL_DIR:
+        return []
+    path = storage.RunLayout(global_dir.parent.parent).metrics(manifest.round)
+    if not path.is_file():
+        return []
+    try:
+        data = storage.read_json(path, "round metrics")
+    except FedloraError:
+        return []
+    if data.get("round") != manifest.round:
+        return []
+    where = f"the run's test split ({path.parent.name}/{path.name})"
+    rows = []
+    personal = (data.get("personalised") or {}).get(client_id) if client_id else None
+    if isinstance(personal, dict):
+        rows.append(_eval_row(personal, _model_label(client_id), where))
+    if isinstance(data.get("global"), dict):
+        rows.append(_eval_row(data["global"], "global", where))
+    return rows
+
+
+def privacy_facts(global_dir: Path, manifest: GlobalManifest, state_dir: Path | None) -> dict[str, Any]:
+    """The recipe's differential-privacy settings and the budget spent, from the ledgers fedlora keeps.
+
+    Sample-level DP-SGD spending is per client: the client's ledger (in its state) for a personalised
+    export; for a global export the ledgers of every client found in the run folder, if it is one.
+    DP-FedAvg spending at the coordinator is in the global checkpoint's manifest.
+    """
+    from fedlora_cli.privacy import report as privacy_report
+
+    facts: dict[str, Any] = {}
+    p = manifest.recipe.get("privacy")
+    if p:
+        states: list[Path] = []
+        if state_dir is not None:
+            states = [Path(state_dir)]
+        else:
+            run = Path(global_dir).resolve().parent
+            clients = run.parent / storage.CLIENTS_DIR
+            if run.name == storage.GLOBAL_DIR and clients.is_dir():
+                states = sorted(d for d in clients.iterdir() if d.is_dir())
+        spent: dict[str, float] = {}
+        for s in states:
+            state = storage.latest_state(s, before_round=manifest.round + 1)
+            if state is None or state.manifest.privacy is None:
+                continue
+            ledger = state.manifest.privacy
+            eps = ledger.get("epsilon")
+            if not isinstance(eps, (int, float)):
+                eps = privacy.Ledger.from_dict(ledger).epsilon()
+            spent[state.manifest.client_id] = float(eps)
+        facts["dp_sgd"] = {
+            "target_epsilon": p.get("target_epsilon"), "delta": p.get("delta"), "noise_multiplier": p.get("noise_multiplier"),
+            "max_grad_norm": p.get("max_grad_norm"), "accountant": p.get("accountant"), "spent": spent,
+        }
+    if manifest.server_privacy_ledger:
+        entry = privacy_report.server_entry(Path(global_dir))
+        if entry is not None:
+            sp = manifest.recipe.get("server_privacy") or {}
+            facts["dp_fedavg"] = {
+                "epsilon": entry["epsilon"], "delta": entry["delta"], "target_epsilon": sp.get("target_epsilon"),
+                "releases": len(entry["history"]),
+            }
+    return facts

@@ -1,0 +1,166 @@
+"""One client's round: train on its shard from the global checkpoint; write its client update (what the method
+sends) and its client state (what it keeps, with its privacy ledger).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedlora_cli import aggregation, privacy, recipe as recipes, storage
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation.common import Global, bench_for, digests, frozen_digest, frozen_labels, load_client_model
+from fedlora_cli.model.workbench import Workbench
+from fedlora_cli.storage.manifests import GlobalManifest, StateManifest, UpdateManifest
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedlora_cli.model.training import DPSettings, TrainResult
+
+
+@dataclass
+class ClientRound:
+    """What one client's round wrote: the client update it sends and the client state it keeps."""
+
+    update: storage.ClientUpdate
+    state: storage.ClientState
+
+
+def check_state(state: storage.ClientState | None, client_id: str, manifest: GlobalManifest) -> None:
+    if state is None:
+        return
+    if state.manifest.client_id != client_id:
+        raise FedloraError(
+            f"client state {state.path.parent} belongs to client '{state.manifest.client_id}', not '{client_id}'"
+        )
+    if state.manifest.recipe_digest != manifest.recipe_digest:
+        raise FedloraError(f"client state {state.path.parent} was written for a different recipe")
+
+
+def train_client(
+    global_checkpoint: Path | Global,
+    shard: Path,
+    state_dir: Path,
+    out: Path,
+    client_id: str,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    overwrite: bool = False,
+) -> ClientRound:
+    """Train one client for one round; write its client update (sent tensors) and its state (kept tensors)."""
+    from fedlora_cli.data.examples import read_examples
+    from fedlora_cli.model.training import local_train, round_seed
+
+    storage.check_client_id(client_id)
+    g = Global.of(global_checkpoint)
+    recipe, round_ = g.recipe, g.manifest.round + 1
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    examples = read_examples(shard, recipe.data, recipe.model.task, g.manifest.num_labels)
+    state, newest = _states(g, state_dir, client_id, overwrite)
+    g.verify()  # before the base model is loaded
+    bench = bench_for(g, base_override, bench, recipe.adapter.rank_for(client_id))
+    ledger, dp = _privacy_for_round(recipe, newest, len(examples), client_id)
+    load_client_model(bench, g.plan, g.verified_tensors, state, g.verified_correction)
+    result = local_train(bench, g.plan, examples, round_seed(recipe.training.seed, client_id, round_), progress, dp)
+    if ledger is not None:
+        ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
+    return _write_round(g, bench.adapter_tensors(), result, ledger, len(examples), client_id, Path(state_dir), out,
+                        overwrite)
+
+
+def _states(
+    g: Global, state_dir: Path, client_id: str, overwrite: bool
+) -> tuple[storage.ClientState | None, storage.ClientState | None]:
+    """The client's state to start this round from, and its newest state (which carries the privacy ledger)."""
+    round_ = g.manifest.round + 1
+    state = storage.latest_state(state_dir, before_round=round_)
+    # The newest state of all carries the privacy ledger: retraining a round must not forget its spending.
+    newest = storage.latest_state(state_dir)
+    check_state(newest, client_id, g.manifest)
+    if newest is not None and newest.manifest.round > round_:
+        raise FedloraError(
+            f"client state {state_dir} is at round {newest.manifest.round}, ahead of this global checkpoint "
+            f"(round {g.manifest.round}): wrong global checkpoint or wrong state folder"
+        )
+    if newest is not None and newest.manifest.round == round_ and not overwrite:
+        raise FedloraError(
+            f"client '{client_id}' already trained round {round_} (state {newest.path}); pass --overwrite to train it again"
+        )
+    return state, newest
+
+
+def _write_round(
+    g: Global, tensors: dict[str, torch.Tensor], result: TrainResult, ledger: privacy.Ledger | None, shard_size: int,
+    client_id: str, state_dir: Path, out: Path, overwrite: bool,
+) -> ClientRound:
+    """Check what training produced, split it into what is sent and what is kept, write state then update."""
+    plan, manifest = g.plan, g.manifest
+    tensor_digests = digests(tensors)
+    if frozen_digest(plan, tensor_digests) != manifest.frozen_digest:
+        raise FedloraError(f"a frozen adapter tensor ({frozen_labels(plan)}) changed during training; nothing written")
+    sent = {name: t for name, t in tensors.items() if plan.sends(name)}
+    kept = {name: t for name, t in tensors.items() if plan.keeps(name)}
+    bad = aggregation.nonfinite(sent) or aggregation.nonfinite(kept)
+    if bad is not None:
+        raise FedloraError(f"training diverged: tensor '{bad}' holds NaN or Inf (lower training.lr); nothing written")
+    spending = None if ledger is None else ledger.to_dict()  # the accountant, once for the round
+    # Under DP-SGD only the noised tensors may leave the client. The mean training loss is a function of the data
+    # with no noise, so it stays at home; the example count sent is the shard size, which the sample rate
+    # (q = batch / n, part of what the accountant composes) already discloses, rather than the number of
+    # distinct examples the secret Poisson sampling happened to draw.
+    private = ledger is not None
+    update_manifest = UpdateManifest(
+        client_id=client_id, round=manifest.round + 1, parent_digest=manifest.digest, method=manifest.method,
+        recipe_digest=manifest.recipe_digest, base_fingerprint=manifest.base_fingerprint,
+        frozen_digest=manifest.frozen_digest, num_examples=shard_size if private else result.num_examples,
+        shard_examples=shard_size, steps=result.steps, loss=None if private else result.loss,
+        seconds=round(result.seconds, 3), bytes=0, tensor_digests={name: tensor_digests[name] for name in sent},
+        privacy=None if spending is None else {k: v for k, v in spending.items() if k != "history"},
+    )
+    state_manifest = StateManifest(
+        client_id=client_id, round=manifest.round + 1, parent_digest=manifest.digest,
+        recipe_digest=manifest.recipe_digest, tensor_digests={name: tensor_digests[name] for name in kept},
+        privacy=spending, loss=result.loss,
+    )
+    # The state (with the ledger that records this round's spending) is written before the update: if the
+    # update's write fails the ledger over-counts one round, never under-counts a release.
+    state = storage.write_state(state_dir, state_manifest, kept)
+    return ClientRound(storage.write_update(out, update_manifest, sent, overwrite=overwrite), state)
+
+
+def _privacy_for_round(
+    recipe: recipes.Recipe, state: storage.ClientState | None, examples: int, client_id: str
+) -> tuple[privacy.Ledger | None, DPSettings | None]:
+    """The client's ledger so far and this round's DP-SGD settings; refuses a round that would break the budget."""
+    from fedlora_cli.model.training import DPSettings
+
+    p = recipe.privacy
+    if p is None:
+        return None, None
+    if p.noise_multiplier is None:
+        raise FedloraError("the global checkpoint's recipe has no calibrated privacy.noise_multiplier")
+    privacy.check_delta(p.delta, examples, f"client '{client_id}'")
+    if state is None:
+        ledger = privacy.Ledger(p.accountant, p.delta, p.target_epsilon, [])
+    elif state.manifest.privacy is None:
+        raise FedloraError(f"client state {state.path} has no privacy ledger; refusing to start a new one")
+    else:
+        ledger = privacy.Ledger.from_dict(state.manifest.privacy)
+    t = recipe.training
+    plan = privacy.client_plan(examples, t.batch_size, t.local_steps, t.local_epochs)
+    dp = DPSettings(p.noise_multiplier, p.max_grad_norm, plan.sample_rate)
+    if p.target_epsilon is not None:
+        after = ledger.epsilon([(dp.noise_multiplier, dp.sample_rate, plan.steps_per_round)])
+        if after > p.target_epsilon:
+            spent = ledger.epsilon()
+            raise FedloraError(
+                f"privacy budget: client '{client_id}' has spent epsilon {spent:.3f} of {p.target_epsilon:g}; "
+                f"this round would bring it to {after:.3f}. Nothing was trained or written"
+            )
+    return ledger, dp

@@ -1,0 +1,165 @@
+"""What every step of a round needs: the federation's plan and recipe, digests, the workbench checked against
+the global checkpoint, and the client's model as it starts a round.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedlora_cli import aggregation, recipe as recipes, storage
+from fedlora_cli.adapters.kinds import adapter_kind
+from fedlora_cli.adapters.methods import Plan, plan as make_plan
+from fedlora_cli.adapters.roles import ROLE_LABELS, ROLE_PROJECTION, role_of
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.model.workbench import Workbench, build
+from fedlora_cli.storage.checkpoints import GlobalCheckpoint
+from fedlora_cli.storage.manifests import GlobalManifest
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Global(GlobalCheckpoint):
+    """A global checkpoint as one process uses it: its recipe parsed and validated once, its tensors and
+    correction read and checked against the manifest's digests once, on first use.
+
+    Every step of a round takes a path or a :class:`Global`; :func:`init` and ``aggregate_round`` return the one
+    they wrote, already holding its tensors, so a simulation passes it on instead of reading it back.
+    """
+
+    @classmethod
+    def of(cls, source: Path | str | GlobalCheckpoint) -> Global:
+        if isinstance(source, Global):
+            return source
+        ckpt = source if isinstance(source, GlobalCheckpoint) else storage.read_global(Path(source))
+        return cls(ckpt.path, ckpt.manifest)
+
+    @classmethod
+    def written(cls, ckpt: GlobalCheckpoint, recipe: recipes.Recipe, tensors: dict[str, torch.Tensor],
+                correction: dict[str, torch.Tensor]) -> Global:
+        """The checkpoint just written from these tensors (whose digests its manifest records)."""
+        written = cls(ckpt.path, ckpt.manifest)
+        written.__dict__.update(recipe=recipe, verified_tensors=tensors, verified_correction=correction)
+        return written
+
+    def verify(self) -> Global:
+        """Read and check the tensors and the correction now (they are kept for every later use)."""
+        _ = self.verified_tensors, self.verified_correction
+        return self
+
+    @cached_property
+    def recipe(self) -> recipes.Recipe:
+        return recipes.from_dict(self.manifest.recipe)
+
+    @cached_property
+    def plan(self) -> Plan:
+        return plan_of(self.manifest)
+
+    @cached_property
+    def verified_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self.tensors()
+        if digests(tensors) != self.manifest.tensor_digests:
+            raise FedloraError(f"global checkpoint {self.path}: tensors do not match the digests in its manifest")
+        return tensors
+
+    @cached_property
+    def verified_correction(self) -> dict[str, torch.Tensor]:
+        correction = self.correction()
+        if digests(correction) != self.manifest.correction_digests:
+            raise FedloraError(f"global checkpoint {self.path}: its correction does not match the digests in its manifest")
+        return correction
+
+
+def plan_of(manifest: GlobalManifest) -> Plan:
+    return make_plan(manifest.method, manifest.head, manifest.adapter_kind)
+
+
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {name: storage.tensor_digest(t) for name, t in tensors.items()}
+
+
+def frozen_digest(plan: Plan, tensor_digests: dict[str, str]) -> str | None:
+    """One digest over every tensor no client may change (FFA's A, a frozen head); None if there are none."""
+    frozen = {name: d for name, d in tensor_digests.items() if role_of(name) in plan.frozen}
+    return storage.combined_digest(frozen) if frozen else None
+
+
+def frozen_labels(plan: Plan) -> str:
+    """What a plan's frozen roles are called, e.g. 'A' (FFA-LoRA) or 'lambda_d / VeRA projections' (FFA-VeRA)."""
+    order = list(ROLE_LABELS)
+    return " / ".join(ROLE_LABELS[r] for r in sorted(plan.frozen, key=order.index)) or "tensors"
+
+
+def bench_for(g: Global, base_override: str | None, bench: Workbench | None, rank: int | None = None) -> Workbench:
+    """A workbench for this federation with a LoRA adapter of ``rank`` (default: the global rank)."""
+    recipe, manifest = g.recipe, g.manifest
+    rank = rank or recipe.adapter.r
+    if bench is None:
+        bench = build(recipe, manifest.num_labels, base_override, rank=rank)
+    if bench.fingerprint != manifest.base_fingerprint:
+        raise FedloraError(
+            f"base model '{bench.base_location}' is not the one this federation started from "
+            f"(fingerprint {bench.fingerprint}, global checkpoint expects {manifest.base_fingerprint})"
+        )
+    if bench.rank != rank:
+        raise FedloraError(f"the model was built with adapter rank {bench.rank}, this client trains rank {rank}")
+    _check_projections(bench, manifest)
+    # The global checkpoint's recipe governs (it carries the calibrated DP noise, for one).
+    bench.recipe = recipe
+    return bench
+
+
+def _check_projections(bench: Workbench, manifest: GlobalManifest) -> None:
+    """VeRA: the projections this site derived from the seed must be bit-identical to the global checkpoint's.
+
+    They are never sent: every client regenerates them from ``training.seed`` (PEFT's projection_prng_key),
+    so a site whose random number generator differs would silently train a different model.
+    """
+    derived = {n: t for n, t in bench.adapter_tensors().items() if role_of(n) == ROLE_PROJECTION}
+    for name, t in sorted(derived.items()):
+        expected = manifest.tensor_digests.get(name)
+        if expected is None:
+            raise FedloraError(f"the global checkpoint has no VeRA projection '{name}'")
+        got = storage.tensor_digest(t)
+        if got != expected:
+            raise FedloraError(
+                f"VeRA projection '{name}' derived on this site from seed {manifest.seed} differs from the global "
+                f"checkpoint's (digest {got[:12]}, expected {expected[:12]}): every client must derive identical "
+                "projections; refusing to go on"
+            )
+
+
+def received_tensors(
+    recipe: recipes.Recipe, global_tensors: dict[str, torch.Tensor], rank: int
+) -> dict[str, torch.Tensor]:
+    """The global adapter as a client of LoRA rank ``rank`` receives it: truncated to its rank (svd orders the
+    factors by singular value) and rescaled to its LoRA scale. Unchanged for a client of the global rank."""
+    a = recipe.adapter
+    if rank == a.r:
+        return global_tensors
+    kind = adapter_kind(a.kind)
+    ratio = kind.scale(a.alpha, a.r) / kind.scale(a.alpha, rank)
+    result = dict(global_tensors)
+    for a_name, b_name in kind.layers(global_tensors).values():
+        result[a_name], result[b_name] = aggregation.to_rank(global_tensors[a_name], global_tensors[b_name], rank, ratio)
+    return result
+
+
+def load_client_model(
+    bench: Workbench,
+    plan: Plan,
+    global_tensors: dict[str, torch.Tensor],
+    state: storage.ClientState | None,
+    correction: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """The client's model: the global's base-weight correction (exact aggregation), the global adapter at the
+    client's rank, overlaid with the tensors the client keeps (FedSA's B, a local head)."""
+    bench.apply_correction(correction)
+    bench.load_adapter_tensors(received_tensors(bench.recipe, global_tensors, bench.rank))
+    if state is not None:
+        kept = state.tensors()
+        if any(not plan.keeps(name) for name in kept):
+            raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
+        bench.load_adapter_tensors(kept, partial=True)

@@ -1,0 +1,82 @@
+"""Evaluating a global checkpoint, or one client's personalised model (the global plus its client state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli import recipe as recipes, storage
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation.client import check_state
+from fedlora_cli.federation.common import Global, bench_for, load_client_model
+from fedlora_cli.model.workbench import Workbench
+from fedlora_cli.storage.manifests import GlobalManifest
+
+if TYPE_CHECKING:
+    from fedlora_cli.data.examples import Examples, PromptResponses
+
+
+def load_for_evaluation(
+    global_checkpoint: Path | Global,
+    state_dir: Path | None = None,
+    client_id: str | None = None,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+) -> tuple[Workbench, GlobalManifest]:
+    """A workbench holding the global model, or one client's: the global at the client's rank plus its kept
+    tensors, when ``state_dir`` is given."""
+    g = Global.of(global_checkpoint).verify()
+    manifest = g.manifest
+    state = None
+    rank = None
+    if state_dir is not None:
+        if not Path(state_dir).is_dir():
+            raise FedloraError(f"client state not found: {state_dir}")
+        state = storage.latest_state(state_dir, before_round=manifest.round + 1)
+        if state is None:
+            raise FedloraError(f"client state {state_dir} holds no trained round up to round {manifest.round}")
+        check_state(state, client_id or state.manifest.client_id, manifest)
+        rank = g.recipe.adapter.rank_for(state.manifest.client_id)
+    bench = bench_for(g, base_override, bench, rank)
+    load_client_model(bench, g.plan, g.verified_tensors, state, g.verified_correction)
+    bench.model.eval()
+    return bench, manifest
+
+
+def evaluate(
+    global_checkpoint: Path | Global,
+    test: Path | None = None,
+    state_dir: Path | None = None,
+    client_id: str | None = None,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+    examples: Examples | PromptResponses | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    settings: recipes.EvaluationSection | None = None,
+) -> dict[str, Any]:
+    """The task's metrics (:mod:`fedlora_cli.model.evaluation`) of the global model, or of one client's personalised
+    model. ``settings`` replaces the recipe's evaluation section (e.g. another ``max_new_tokens``)."""
+    from fedlora_cli.data.examples import read_examples
+    from fedlora_cli.model import evaluation
+
+    bench, manifest = load_for_evaluation(global_checkpoint, state_dir, client_id, base_override, bench)
+    if settings is not None:
+        bench.recipe = dataclasses.replace(bench.recipe, evaluation=settings)
+    recipe = bench.recipe
+    if examples is None:
+        if test is None:
+            raise FedloraError("no test data given")
+        examples = read_examples(test_path(test), recipe.data, recipe.model.task, manifest.num_labels)
+    metrics = evaluation.evaluate(bench, examples, progress)
+    return {"round": manifest.round, "personalised": state_dir is not None, "task": recipe.model.task, **metrics}
+
+
+def test_path(path: Path) -> Path:
+    """A test Parquet file, or a partition folder (whose test split is used)."""
+    from fedlora_cli.data.partition import TEST_SHARD
+
+    path = Path(path)
+    return path / TEST_SHARD if path.is_dir() else path

@@ -1,0 +1,101 @@
+"""The round-0 global checkpoint: the adapter with its seeded random A and zero B, and the calibrated DP noise.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fedlora_cli import privacy, recipe as recipes, storage
+from fedlora_cli.adapters.methods import plan as make_plan
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation.common import Global, digests, frozen_digest
+from fedlora_cli.model.workbench import Workbench, build
+from fedlora_cli.storage.manifests import GlobalManifest
+
+
+def init(
+    recipe: recipes.Recipe,
+    out: Path,
+    partition: dict[str, Any] | None = None,
+    base_override: str | None = None,
+    bench: Workbench | None = None,
+    overwrite: bool = False,
+) -> Global:
+    """Write the round-0 global checkpoint: the adapter with its seeded random A and zero B; returns it.
+
+    ``partition`` (a partition manifest) gives the label names and, for a recipe with a privacy budget, the
+    client dataset sizes the DP-SGD noise is calibrated for.
+    """
+    if partition is not None and partition.get("task", recipes.TASK_CLASSIFICATION) != recipe.model.task:
+        raise FedloraError(
+            f"the partition was made for task '{partition.get('task', recipes.TASK_CLASSIFICATION)}' but recipe key "
+            f"'model.task' is '{recipe.model.task}': partition again with this recipe"
+        )
+    label_names, num_labels = task_labels(recipe, partition)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    recipe = calibrated(recipe, partition)
+    if bench is None:
+        bench = build(recipe, num_labels, base_override)
+    plan = make_plan(recipe.federation.method, recipe.federation.head, recipe.adapter.kind)
+    tensors = bench.adapter_tensors()
+    tensor_digests = digests(tensors)
+    manifest = GlobalManifest(
+        round=0,
+        method=recipe.federation.method,
+        head=recipe.federation.head,
+        adapter_kind=recipe.adapter.kind,
+        base_model=recipe.model.base,
+        base_fingerprint=bench.fingerprint,
+        recipe=recipe.to_dict(),
+        recipe_digest=recipe.digest(),
+        seed=recipe.training.seed,
+        num_labels=num_labels,
+        label_names=label_names,
+        tensor_digests=tensor_digests,
+        digest=storage.global_digest(tensor_digests),
+        frozen_digest=frozen_digest(plan, tensor_digests),
+    )
+    written = storage.write_global(out, manifest, tensors, bench.adapter_config(), overwrite=overwrite)
+    return Global.written(written, recipe, tensors, {})
+
+
+def task_labels(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> tuple[list[str] | None, int | None]:
+    """Label names and number of classes of a sequence-classification federation; (None, None) for causal-lm."""
+    if recipe.model.task == recipes.TASK_CAUSAL_LM:
+        return None, None
+    label_names = partition["label_names"] if partition is not None else None
+    num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
+    if num_labels is None:
+        raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
+    if label_names is not None and len(label_names) != num_labels:
+        raise FedloraError(f"model.num_labels is {num_labels} but the partition has {len(label_names)} labels")
+    return label_names, num_labels
+
+
+def calibrated(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> recipes.Recipe:
+    """The recipe with ``privacy.noise_multiplier`` filled in from ``privacy.target_epsilon`` when unset."""
+    import dataclasses
+
+    p = recipe.privacy
+    if p is None or p.noise_multiplier is not None:
+        return recipe
+    if partition is None:
+        raise FedloraError(
+            "privacy.target_epsilon needs the clients' dataset sizes to calibrate the noise: "
+            "pass the partition folder (--data) or set privacy.noise_multiplier"
+        )
+    t = recipe.training
+    plans = [privacy.client_plan(c["examples"], t.batch_size, t.local_steps, t.local_epochs) for c in partition["clients"]]
+    # Calibrate a hair under the budget so that the per-round ledger, composed round by round, stays within it.
+    target = dataclasses.replace(p, target_epsilon=p.target_epsilon * (1 - CALIBRATION_MARGIN))
+    sigma = privacy.calibrate_federation(target, plans, recipe.federation.rounds)
+    # Rounded up, never down: a smaller sigma than calibrated would spend more than the budget.
+    sigma = math.ceil(sigma * 1e6) / 1e6
+    return dataclasses.replace(recipe, privacy=dataclasses.replace(p, noise_multiplier=sigma))
+
+
+CALIBRATION_MARGIN = 0.005

@@ -1,0 +1,365 @@
+"""The coordinator's round, as a short pipeline: read the client updates, validate them against the global
+checkpoint, screen them (the norm bound), aggregate them with the recipe's strategy (wrapped by DP-FedAvg under
+server privacy), build the next global manifest, commit (the DP-FedAvg ledger), write the next global checkpoint.
+
+'mean' streams one client update at a time. The layer-wise strategies (svd, exact, median, trimmed-mean) first
+check every update in full, one at a time, then read the tensors back one layer (svd, exact) or one tensor
+name (median, trimmed-mean) at a time, re-checking each tensor's digest as it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
+
+from fedlora_cli import aggregation, recipe as recipes, storage
+from fedlora_cli.adapters.roles import ROLE_PROJECTION, role_of
+from fedlora_cli.aggregation import Aggregate, Contributions, NormBound, RoundSpec, Strategy, make_strategy
+from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation.common import Global, digests, frozen_digest, frozen_labels, received_tensors
+from fedlora_cli.privacy.dp_fedavg import DPFedAvg
+from fedlora_cli.privacy.ledgers import coordinator_ledger
+from fedlora_cli.storage.manifests import GlobalManifest
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class ClientRow:
+    client_id: str
+    num_examples: int
+    shard_examples: int
+    weight: float
+    update_norm: float  # L2 norm of the update's difference from the tensors the client received
+    bytes: int
+    loss: float | None  # None under DP-SGD (the update does not carry it)
+    rank: int | None = None  # the LoRA rank the client trained (None for VeRA)
+    bound: str | None = None  # 'clipped' or 'rejected' by the norm bound
+
+
+@dataclass
+class AggregateResult:
+    checkpoint: Global
+    clients: list[ClientRow] = field(default_factory=list)
+    server_epsilon: float | None = None  # DP-FedAvg: client-level epsilon after this round
+    server_ledger: Path | None = None  # DP-FedAvg: the coordinator's ledger this round was recorded in
+    strategy: str = "mean"
+    # svd / exact: per adapted layer, how far plain averaging of A and B would have been from the exact product.
+    layers: dict[str, aggregation.LayerReport] = field(default_factory=dict)
+
+
+class RoundOverrides(TypedDict, total=False):
+    """Settings of one round that replace the recipe's (``fedlora aggregate`` options); None keeps the recipe's."""
+
+    weighting: str | None  # federation.weighting: 'examples', 'shard' or 'uniform'
+    strategy: str | None  # federation.aggregation
+    trim_fraction: float | None  # federation.trim_fraction
+    norm_bound: float | None  # federation.norm_bound
+    norm_bound_action: str | None  # federation.norm_bound_action
+    server_privacy: recipes.ServerPrivacySection | None  # turns on DP-FedAvg (default: the recipe's section)
+
+
+# The recipe key each override replaces, and how a message names it.
+_OVERRIDDEN = {
+    "weighting": ("weighting", "weighting"),
+    "strategy": ("aggregation", "aggregation strategy"),
+    "trim_fraction": ("trim_fraction", "trim fraction"),
+    "norm_bound": ("norm_bound", "norm bound"),
+    "norm_bound_action": ("norm_bound_action", "norm bound action"),
+}
+_SERVER_PRIVACY_LABELS = {
+    "server_privacy": "server privacy", "server_privacy.clip_norm": "--dp-clip",
+    "server_privacy.noise_multiplier": "--dp-noise", "server_privacy.delta": "--dp-delta",
+}
+
+
+def aggregate_round(
+    global_checkpoint: Path | Global,
+    update_dirs: Sequence[Path],
+    out: Path,
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    noise_seed: int | None = None,
+    server_ledger: Path | None = None,
+    **overrides: Unpack[RoundOverrides],
+) -> AggregateResult:
+    """Validate every client update against the global checkpoint, combine the sent tensors, write round t.
+
+    ``overrides`` replace the recipe's settings for this round (:class:`RoundOverrides`) and are validated by
+    the recipe's own rules. Under DP-FedAvg (``server_privacy``, or the recipe's) the spending is checked
+    against, and recorded in, the coordinator's ledger (``server_ledger``; default: the one beside the global
+    checkpoint, see :func:`fedlora_cli.privacy.ledgers.coordinator_ledger`) before the checkpoint is written.
+    """
+    g = Global.of(global_checkpoint)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
+    if not update_dirs:
+        raise FedloraError("no client updates given")
+    recipe = round_recipe(g.recipe, overrides)
+    strategy = round_strategy(recipe, g, out, server_ledger, noise_seed)
+    updates = read_updates(g, recipe, update_dirs)
+    strategy.check_count(len(updates), "trim fraction")
+    f = recipe.federation
+    counts = [u.manifest.shard_examples if f.weighting == "shard" else u.manifest.num_examples for u in updates]
+    weights = aggregation.client_weights(counts, uniform=f.weighting == "uniform")
+    spec = _round_spec(g, recipe)
+    if isinstance(strategy, DPFedAvg):
+        strategy.check_budget(len(updates))
+    screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress)
+    result = strategy.aggregate(Contributions(screen.items(updates, weights)), spec)
+    manifest, tensors, correction = _next_global(g, result, strategy, screen, updates)
+    adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
+    strategy.commit()
+    written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction)
+    dp = isinstance(strategy, DPFedAvg)
+    return AggregateResult(Global.written(written, g.recipe, tensors, correction), screen.rows,
+                           strategy.epsilon if dp else None, strategy.ledger.path if dp else None,
+                           manifest.aggregation["strategy"], result.layers)
+
+
+def round_recipe(recipe: recipes.Recipe, overrides: Mapping[str, Any]) -> recipes.Recipe:
+    """The recipe with this round's overrides, checked by the same validation as the recipe itself."""
+    unknown = sorted(set(overrides) - set(_OVERRIDDEN) - {"server_privacy"})
+    if unknown:
+        raise TypeError(f"aggregate_round() got unknown override '{unknown[0]}'")
+    given = {name: value for name, value in overrides.items() if value is not None and name != "server_privacy"}
+    federation = dataclasses.replace(recipe.federation, **{_OVERRIDDEN[n][0]: v for n, v in given.items()})
+    labels = {f"federation.{_OVERRIDDEN[n][0]}": _OVERRIDDEN[n][1] for n in given}
+    server_privacy = overrides.get("server_privacy")
+    if server_privacy is not None:
+        labels.update(_SERVER_PRIVACY_LABELS)
+        if recipe.server_privacy is not None and server_privacy.target_epsilon is None:
+            # A budget in the recipe binds DP-FedAvg asked for on the command line too.
+            server_privacy = dataclasses.replace(server_privacy, target_epsilon=recipe.server_privacy.target_epsilon)
+    changed = dataclasses.replace(recipe, federation=federation,
+                                  server_privacy=server_privacy or recipe.server_privacy)
+    return recipes.validate(changed, labels, planned_clients=False)
+
+
+def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: Path | None,
+                   noise_seed: int | None) -> Strategy:
+    """The recipe's strategy, wrapped by DP-FedAvg (with the coordinator's ledger) under server privacy."""
+    strategy = make_strategy(recipe.federation)
+    sp = recipe.server_privacy
+    if sp is None:
+        return strategy
+    ledger = coordinator_ledger(g, server_ledger)
+    release = {"round": g.manifest.round + 1, "parent_digest": g.manifest.digest, "out": str(out.resolve())}
+    seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+    return DPFedAvg(strategy, sp, ledger, recipe.federation.clients, seed, release)
+
+
+def read_updates(g: Global, recipe: recipes.Recipe, update_dirs: Sequence[Path]) -> list[storage.ClientUpdate]:
+    """Every client update's manifest and tensor header, validated against the global checkpoint."""
+    header = storage.tensor_header(g.weights_path, "global checkpoint weights")
+    updates = [storage.read_update(Path(p)) for p in update_dirs]
+    seen: dict[str, Path] = {}
+    for update in updates:
+        client_id = update.manifest.client_id
+        if client_id in seen:
+            raise FedloraError(f"client '{client_id}' appears twice ({seen[client_id]} and {update.path})")
+        seen[client_id] = update.path
+        _validate_update(update, g, _expected_tensors(header, g, recipe.adapter.rank_for(client_id)))
+    return updates
+
+
+def _expected_tensors(
+    header: dict[str, tuple[str, tuple[int, ...]]], g: Global, rank: int
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """dtype and shape of every tensor a client of LoRA rank ``rank`` must send: the global's, at its rank."""
+    kind = g.plan.kind
+    expected = {}
+    for name, (dtype, shape) in header.items():
+        if not g.plan.sends(name):
+            continue
+        axis = kind.rank_axis(role_of(name))
+        if axis is not None:
+            shape = (*shape[:axis], rank, *shape[axis + 1:])
+        expected[name] = (dtype, shape)
+    return expected
+
+
+def _validate_update(update: storage.ClientUpdate, g: Global, expected: dict[str, Any]) -> None:
+    m, where, manifest, plan = update.manifest, update.path, g.manifest, g.plan
+    if m.round != manifest.round + 1:
+        raise FedloraError(f"client update {where} is for round {m.round}; this aggregation makes round {manifest.round + 1}")
+    if m.method != manifest.method:
+        raise FedloraError(f"client update {where} was trained with method '{m.method}', the federation uses '{manifest.method}'")
+    if m.base_fingerprint != manifest.base_fingerprint:
+        raise FedloraError(f"client update {where} was trained on a different base model")
+    if m.recipe_digest != manifest.recipe_digest:
+        raise FedloraError(f"client update {where} was trained with a different recipe")
+    if m.parent_digest != manifest.digest:
+        raise FedloraError(f"client update {where} was not trained from this global checkpoint (parent digest differs)")
+    if m.frozen_digest != manifest.frozen_digest:
+        labels = frozen_labels(plan)
+        what = f"different frozen {labels}" if "/" in labels or ROLE_PROJECTION in plan.frozen else f"a different frozen {labels}"
+        raise FedloraError(f"client update {where} was trained with {what} (frozen digest differs)")
+    header = storage.tensor_header(update.tensors_path, "client update tensors")
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise FedloraError(f"client update {where} carries tensor '{extra[0]}', which method '{manifest.method}' does not send")
+    if missing:
+        raise FedloraError(f"client update {where} lacks tensor '{missing[0]}'")
+    for name, (dtype, shape) in header.items():
+        if (dtype, shape) != expected[name]:
+            raise FedloraError(
+                f"client update {where}: tensor '{name}' is {dtype}{list(shape)}, expected {expected[name][0]}{list(expected[name][1])}"
+            )
+    if set(m.tensor_digests) != set(header):
+        raise FedloraError(f"client update {where}: manifest digests do not cover its tensors")
+
+
+def _load_checked(update: storage.ClientUpdate) -> dict[str, torch.Tensor]:
+    """A client update's tensors, refused if any is not finite or does not match its manifest's digest."""
+    tensors = storage.load_tensors(update.tensors_path, "client update tensors")
+    bad = aggregation.nonfinite(tensors)
+    if bad is not None:
+        raise FedloraError(f"client update {update.path}: tensor '{bad}' holds NaN or Inf")
+    if digests(tensors) != update.manifest.tensor_digests:
+        raise FedloraError(f"client update {update.path}: tensors do not match the digests in its manifest")
+    return tensors
+
+
+def _checked_updates(
+    updates: Sequence[storage.ClientUpdate], weights: Sequence[float]
+) -> Iterator[tuple[storage.ClientUpdate, dict[str, torch.Tensor], float]]:
+    """Each update's tensors, read and checked (finite, digests) before they are yielded.
+
+    The next update is read and checked on a second thread while the caller works on this one (hashing and
+    file reads release the GIL), so at most two client updates are in memory at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(_load_checked, updates[0])
+        for i, (update, weight) in enumerate(zip(updates, weights)):
+            tensors = pending.result()
+            if i + 1 < len(updates):
+                pending = pool.submit(_load_checked, updates[i + 1])
+            yield update, tensors, weight
+            del tensors
+
+
+@dataclass
+class _Contribution:
+    """A client update in the round (see :class:`fedlora_cli.aggregation.Contribution`), read back by name."""
+
+    update: storage.ClientUpdate
+    weight: float
+    clip: float  # the norm bound's scale of its difference from ``reference`` (1: untouched)
+    reference: Mapping[str, torch.Tensor] | None  # what the client received, kept only when clipping needs it
+    tensors: Mapping[str, torch.Tensor] | None
+
+    @property
+    def client_id(self) -> str:
+        return self.update.manifest.client_id
+
+    def get(self, name: str) -> torch.Tensor:
+        t = storage.read_tensor(self.update.tensors_path, name, "client update tensors")
+        # Checked again as it is read: the file must still be the one screened in the first pass.
+        if storage.tensor_digest(t) != self.update.manifest.tensor_digests[name]:
+            raise FedloraError(f"client update {self.update.path}: tensor '{name}' changed while aggregating")
+        if self.clip != 1.0:
+            ref = self.reference[name]
+            t = (ref + (t - ref) * self.clip).to(t.dtype)
+        return t
+
+
+class _Screen:
+    """Reads each client update in turn (checked in full), measures how far it moved from what the client
+    received, applies the norm bound, and keeps a :class:`ClientRow` for each."""
+
+    def __init__(self, g: Global, recipe: recipes.Recipe, bound: NormBound,
+                 progress: Callable[[int, int], None] | None) -> None:
+        self.g, self.recipe, self.bound, self.progress = g, recipe, bound, progress
+        self.rows: list[ClientRow] = []
+
+    def items(self, updates: Sequence[storage.ClientUpdate],
+              weights: Sequence[float]) -> Iterator[tuple[_Contribution, bool]]:
+        for i, (update, tensors, weight) in enumerate(_checked_updates(updates, weights), start=1):
+            reference = self._received(update)
+            verdict = self.bound.judge(tensors, reference)
+            self.rows.append(self._row(update, weight, verdict))
+            kept = self.bound.apply(tensors, reference, verdict)
+            yield _Contribution(update, weight, verdict.clip, reference if verdict.bound == CLIPPED else None,
+                                kept), verdict.bound != REJECTED
+            if self.progress is not None:
+                self.progress(i, len(updates))
+        if all(row.bound == REJECTED for row in self.rows):
+            raise FedloraError(
+                f"all {len(updates)} client updates exceed the norm bound {self.bound.bound:g} and were rejected; "
+                "nothing written"
+            )
+
+    def _received(self, update: storage.ClientUpdate) -> dict[str, torch.Tensor]:
+        rank = self.recipe.adapter.rank_for(update.manifest.client_id)
+        received = received_tensors(self.recipe, self.g.verified_tensors, rank)
+        return {name: received[name] for name in update.manifest.tensor_digests}
+
+    def _row(self, update: storage.ClientUpdate, weight: float, verdict: Any) -> ClientRow:
+        m = update.manifest
+        rank = self.recipe.adapter.rank_for(m.client_id) if self.g.plan.kind.has_factors else None
+        return ClientRow(m.client_id, m.num_examples, m.shard_examples, weight, verdict.norm,
+                         update.tensors_path.stat().st_size, m.loss, rank, verdict.bound)
+
+
+def _round_spec(g: Global, recipe: recipes.Recipe) -> RoundSpec:
+    header = storage.tensor_header(g.weights_path, "global checkpoint weights")
+    sent = sorted(name for name in header if g.plan.sends(name))
+    tensors = g.verified_tensors
+    a = recipe.adapter
+    return RoundSpec(sent, g.plan.kind, a.alpha, a.r, a.rank_for, {name: tensors[name] for name in sent})
+
+
+def _next_global(
+    g: Global, result: Aggregate, strategy: Strategy, screen: _Screen, updates: Sequence[storage.ClientUpdate]
+) -> tuple[GlobalManifest, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The next global checkpoint's manifest, tensors and base-weight correction."""
+    bad = aggregation.nonfinite(result.tensors)
+    if bad is not None:
+        raise FedloraError(f"the aggregate of tensor '{bad}' is not finite (overflow in the client updates); nothing written")
+    correction = dict(g.verified_correction)
+    for layer, residual in result.residuals.items():
+        previous = correction.get(layer)
+        correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
+    tensors = {**g.verified_tensors, **result.tensors}
+    tensor_digests, correction_digests = digests(tensors), digests(correction)
+    dp = isinstance(strategy, DPFedAvg)
+    manifest = dataclasses.replace(
+        g.manifest,
+        round=g.manifest.round + 1,
+        tensor_digests=tensor_digests,
+        correction_digests=correction_digests,
+        digest=storage.global_digest(tensor_digests, correction_digests),
+        frozen_digest=frozen_digest(g.plan, tensor_digests),
+        clients=[u.manifest.client_id for u in updates],
+        server_privacy_ledger=strategy.history if dp else [list(e) for e in g.manifest.server_privacy_ledger],
+        server_privacy_delta=strategy.settings.delta if dp else g.manifest.server_privacy_delta,
+        aggregation=_report(strategy, screen, result),
+        created=time.time(),
+    )
+    if manifest.frozen_digest != g.manifest.frozen_digest:
+        raise FedloraError("aggregation changed a frozen tensor; nothing written")
+    return manifest, tensors, correction
+
+
+def _report(strategy: Strategy, screen: _Screen, result: Aggregate) -> dict[str, Any]:
+    """How this round aggregated, as the global manifest records it."""
+    described = strategy.describe()
+    report = {"strategy": described.pop("strategy"), **screen.bound.describe(),
+              "clipped": [r.client_id for r in screen.rows if r.bound == CLIPPED],
+              "rejected": [r.client_id for r in screen.rows if r.bound == REJECTED], **described}
+    if result.layers:
+        report["layers"] = {layer: dataclasses.asdict(r) for layer, r in result.layers.items()}
+    return report

@@ -1,0 +1,162 @@
+"""One client's local training in one round: a fresh optimizer, a fixed number of seeded steps.
+
+Without privacy, each step takes the next batch of a seeded shuffle. With DP-SGD (``dp`` given), each step
+takes a Poisson sample of the shard and the optimizer clips per-example gradients and adds noise
+(:class:`fedlora_cli.privacy.DPSGD`); everything else is the same loop.
+
+The loss of a step (:func:`batch_loss`) follows the task: the model's cross-entropy over the classes for
+sequence-classification; for causal-lm the mean over the batch's examples of each example's mean
+cross-entropy over its response tokens. Every example weighs the same, whatever its length, which is also
+what DP-SGD needs: a token mean over the whole batch would make each example's gradient depend on the other
+examples' lengths, and the per-example clipping bound would no longer bound one example's influence.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fedlora_cli.adapters.methods import Plan
+from fedlora_cli.data.examples import Examples, PromptResponses, batch_schedule, encode, steps_for
+from fedlora_cli.model.workbench import Workbench
+from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
+
+# progress(step_done, total_steps, loss)
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loss: float  # mean training loss over the round's steps
+    num_examples: int  # distinct examples the client trained on this round
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    # Noise and Poisson sampling an attacker can regenerate protect nothing, so by default both draw from the
+    # operating system's secure random source; a fixed seed is for tests only.
+    secret_seed: int | None = None
+
+
+def round_seed(seed: int, client_id: str, round_: int) -> int:
+    """A seed for one client's round: reproducible, and different across clients and rounds."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}|{client_id}|{round_}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**63)
+
+
+def causal_token_losses(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Per-token cross-entropy of the response tokens of a causal-LM batch, and the mask of those tokens.
+
+    Both are (batch, positions) over the positions from the first response token of any row to the end; the
+    LM head runs only on those positions (``logits_to_keep``), which spares the (batch x length x vocabulary)
+    logits of the prompts.
+    """
+    import torch
+
+    from fedlora_cli.data.examples import IGNORE_INDEX
+
+    labels = batch["labels"]
+    has_loss = labels != IGNORE_INDEX
+    first = max(1, int(has_loss.int().argmax(dim=1).min()))
+    keep = labels.shape[1] - first + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    targets = labels[:, first:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses, targets != IGNORE_INDEX
+
+
+def batch_loss(model: Any, batch: dict[str, Any], task: str) -> Any:
+    """The training loss of one batch for the recipe's task (see the module docstring)."""
+    if task != TASK_CAUSAL_LM:
+        return model(**batch).loss
+    losses, mask = causal_token_losses(model, batch)
+    per_example = (losses * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return per_example.mean()
+
+
+def make_optimizer(bench: Workbench, params: list):
+    import torch
+
+    t = bench.recipe.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def local_train(
+    bench: Workbench,
+    plan: Plan,
+    examples: Examples | PromptResponses,
+    seed: int,
+    progress: Progress | None = None,
+    dp: DPSettings | None = None,
+) -> TrainResult:
+    import numpy as np
+    import torch
+
+    from fedlora_cli.privacy.dp_sgd import DPSGD, poisson_batches
+
+    t = bench.recipe.training
+    started = time.perf_counter()
+    params = bench.set_trainable(plan)
+    optimizer = make_optimizer(bench, params)
+    steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
+    torch.manual_seed(seed)
+    model = bench.model
+    engine = None
+    if dp is None:
+        batches = batch_schedule(len(examples), t.batch_size, steps, np.random.default_rng(seed))
+    else:
+        secret = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
+        batches = list(poisson_batches(len(examples), dp.sample_rate, steps, np.random.default_rng(secret)))
+        expected = max(1, round(dp.sample_rate * len(examples)))
+        engine = DPSGD(model, optimizer, dp.noise_multiplier, dp.max_grad_norm, expected, secret + 1)
+        model, optimizer = engine.module, engine.optimizer
+    seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
+    # from_pretrained leaves models in eval mode; dropout (and Opacus' hooks) need train mode.
+    model.train()
+    losses = []
+    try:
+        # Opacus' hooks fire on modules whose inputs need no gradient (frozen layers below the adapter): harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        for step, rows in enumerate(batches, start=1):
+            if len(rows) == 0:
+                # An empty Poisson sample (probability (1-q)^n). The accountant counts the step, so it must
+                # release what the analysis assumes: noise alone, as Opacus does for an empty batch. Skipping it
+                # would leave the parameters exactly unchanged, an output the analysis does not cover.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if progress is not None:
+                    progress(step, steps, float("nan"))
+                continue
+            batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
+            loss = batch_loss(model, batch, bench.recipe.model.task)
+            loss.backward()
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(step, steps, losses[-1])
+    finally:
+        if engine is not None:
+            engine.close()
+        bench.model.eval()
+    mean_loss = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult(steps, mean_loss, int(seen.size), time.perf_counter() - started)

@@ -1,0 +1,217 @@
+"""Building the base model and its PEFT adapter from a recipe, and moving adapter tensors in and out.
+
+Adapter tensors are named as PEFT saves them (``get_peft_model_state_dict``: no adapter name, head weights as
+``...classifier.weight``), so that every file fedlora writes is a file PEFT itself reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli.adapters.kinds import adapter_kind
+from fedlora_cli.adapters.methods import Plan
+from fedlora_cli.adapters.roles import ADAPTER_PARAMETER_MARKERS
+from fedlora_cli.errors import FedloraError, first_line
+from fedlora_cli.recipe.loading import resolve_location
+from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, TASK_CLASSIFICATION, Recipe
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Workbench:
+    """A base model wrapped with the recipe's adapter, its tokenizer, and the base model's fingerprint.
+
+    Built once per process and reused across clients in ``simulate``: every round loads the global tensors,
+    the global's base-weight correction (``exact`` aggregation) and the client's own state into it, so nothing
+    leaks from one client to the next. ``rank`` is the rank of its LoRA adapter (clients may train a lower
+    rank than the global's, see ``adapter.client_ranks``).
+    """
+
+    recipe: Recipe
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    base_location: str
+    rank: int = 0
+    # The original base weights of the layers a correction has touched, to restore them (layer name -> W0).
+    _base_weights: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {name: t.detach().clone() for name, t in get_peft_model_state_dict(self.model).items()}
+
+    def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor], partial: bool = False) -> None:
+        """Copy tensors into the adapter; names must match the adapter's (all of them unless ``partial``)."""
+        from peft.utils import set_peft_model_state_dict
+
+        expected = set(self.adapter_tensors_shapes())
+        unknown = sorted(set(tensors) - expected)
+        if unknown:
+            raise FedloraError(f"tensor '{unknown[0]}' is not part of this adapter ({len(unknown)} unknown)")
+        missing = sorted(expected - set(tensors))
+        if missing and not partial:
+            raise FedloraError(f"adapter tensor '{missing[0]}' is missing ({len(missing)} missing)")
+        shapes = self.adapter_tensors_shapes()
+        for name, t in tensors.items():
+            if tuple(t.shape) != shapes[name]:
+                raise FedloraError(f"tensor '{name}' has shape {tuple(t.shape)}, the adapter has {shapes[name]}")
+        # PEFT expects every head tensor at once, so a partial load goes through a full adapter state.
+        full = {**self.adapter_tensors(), **tensors} if partial else dict(tensors)
+        result = set_peft_model_state_dict(self.model, full)
+        if result.unexpected_keys:
+            raise FedloraError(f"PEFT did not accept tensor '{result.unexpected_keys[0]}'")
+
+    def adapter_tensors_shapes(self) -> dict[str, tuple[int, ...]]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(self.model).items()}
+
+    def set_trainable(self, plan: Plan) -> list[torch.nn.Parameter]:
+        """Freeze everything but the roles the plan trains; returns the trainable parameters."""
+        trainable = []
+        for name, param in self.model.named_parameters():
+            is_adapter = any(marker in name for marker in ADAPTER_PARAMETER_MARKERS)
+            param.requires_grad = is_adapter and plan.trains(name)
+            if param.requires_grad:
+                trainable.append(param)
+        return trainable
+
+    def apply_correction(self, correction: Mapping[str, torch.Tensor] | None) -> None:
+        """Set each adapted layer's base weight to W0 + correction[layer]; layers not in ``correction`` get W0.
+
+        ``correction`` maps an adapted layer's name (its PEFT module path, e.g.
+        ``base_model.model.bert.encoder.layer.0.attention.self.query``) to a dense (out x in) tensor: the
+        residual that ``exact`` aggregation folds into the base model. ``None`` restores every base weight.
+        """
+        import torch
+
+        correction = dict(correction or {})
+        with torch.no_grad():
+            for layer in sorted(set(self._base_weights) | set(correction)):
+                try:
+                    module = self.model.get_submodule(layer)
+                except AttributeError:
+                    raise FedloraError(f"correction for '{layer}', which is not an adapted layer of this model") from None
+                base = module.get_base_layer() if hasattr(module, "get_base_layer") else None
+                if base is None or base is module:
+                    raise FedloraError(f"correction for '{layer}', which is not an adapted layer of this model")
+                if layer not in self._base_weights:
+                    self._base_weights[layer] = base.weight.detach().clone()
+                original = self._base_weights[layer]
+                if layer not in correction:
+                    base.weight.copy_(original)
+                    continue
+                delta = correction[layer]
+                if getattr(module, "fan_in_fan_out", False):
+                    delta = delta.T  # Conv1D-style layers store (in x out)
+                if tuple(delta.shape) != tuple(original.shape):
+                    raise FedloraError(
+                        f"correction for '{layer}' has shape {tuple(delta.shape)}, the layer {tuple(original.shape)}"
+                    )
+                base.weight.copy_((original.float() + delta.float()).to(original.dtype))
+
+    def adapter_config(self) -> dict[str, Any]:
+        config = self.model.peft_config["default"].to_dict()
+        config["base_model_name_or_path"] = self.recipe.model.base
+        return json.loads(json.dumps(config, default=sorted))
+
+
+# PEFT's task type for each recipe task: SEQ_CLS saves the classifier head with the adapter
+# (modules_to_save); CAUSAL_LM has no head to save (the LM head belongs to the frozen base model).
+PEFT_TASK_TYPES = {TASK_CLASSIFICATION: "SEQ_CLS", TASK_CAUSAL_LM: "CAUSAL_LM"}
+
+
+def _load_base(recipe: Recipe, location: str, num_labels: int | None) -> Any:
+    """The base model class of the recipe's task: a sequence classifier with ``num_labels``, or a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if recipe.model.task == TASK_CAUSAL_LM:
+        return AutoModelForCausalLM.from_pretrained(location, revision=recipe.model.revision)
+    if num_labels is None:
+        raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
+    return AutoModelForSequenceClassification.from_pretrained(location, num_labels=num_labels, revision=recipe.model.revision)
+
+
+def build(
+    recipe: Recipe, num_labels: int | None, base_override: str | None = None, rank: int | None = None
+) -> Workbench:
+    """Load the base model and tokenizer, attach a freshly initialised adapter (seeded by ``training.seed``).
+
+    The model class follows ``model.task``: AutoModelForSequenceClassification with ``num_labels`` classes,
+    or AutoModelForCausalLM (``num_labels`` unused).
+
+    ``rank`` (default ``adapter.r``) builds a LoRA adapter of another rank, for a client that trains a lower
+    rank than the global's. VeRA's projections are derived from ``training.seed`` (PEFT's
+    ``projection_prng_key``) and saved with the adapter (``save_projection``), so a global checkpoint loads in
+    vanilla PEFT on any machine.
+    """
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    location = resolve_location(base_override or recipe.model.base)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    torch.manual_seed(recipe.training.seed)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=recipe.model.revision)
+        model = _load_base(recipe, location, num_labels)
+    except (OSError, ValueError) as exc:
+        raise FedloraError(f"cannot load base model '{location}': {first_line(exc)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if recipe.model.task == TASK_CAUSAL_LM and getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    fingerprint = base_fingerprint(model)
+    rank = rank or recipe.adapter.r
+    config = adapter_config(recipe, rank)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise FedloraError(f"adapter.target_modules: {first_line(exc)}") from None
+    # PEFT adapts embeddings with lora_embedding_A/B, whose roles (and transposed shapes) the methods do not
+    # know: refused rather than silently trained as (or shared like) a head.
+    embedded = next((n for n, _ in peft_model.named_parameters() if ".lora_embedding_" in n), None)
+    if embedded is not None:
+        module = embedded.split(".lora_embedding_")[0].rsplit(".", 1)[-1]
+        raise FedloraError(
+            f"adapter.target_modules: '{module}' is an embedding layer; fedlora adapts linear layers only"
+        )
+    peft_model.eval()  # training switches to train mode for its steps and back
+    return Workbench(recipe, peft_model, tokenizer, fingerprint, location, rank)
+
+
+def adapter_config(recipe: Recipe, rank: int) -> Any:
+    """The PEFT config of the recipe's adapter kind at ``rank``."""
+    adapter = recipe.adapter
+    return adapter_kind(adapter.kind).peft_config(adapter, rank, PEFT_TASK_TYPES[recipe.model.task], recipe.training.seed)
+
+
+def base_fingerprint(model: Any) -> str:
+    """Identifies the base model by its architecture and weights, independent of where it was loaded from.
+
+    Hashes the config (without paths and versions) and the first and last weight matrices: two sites with the
+    same base model at different paths agree; a different model or a different fine-tune does not.
+    """
+    import torch
+
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash"):
+        config.pop(key, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and "classifier" not in name]
+    for p in (weights[0], weights[-1]) if weights else ():
+        h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

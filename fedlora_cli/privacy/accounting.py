@@ -1,0 +1,138 @@
+"""Privacy accounting: epsilon for what actually ran, noise calibration, and each client's ledger.
+
+Client level, sample-level DP-SGD (Abadi et al. 2016, with Opacus): every step samples each example of the
+client's shard independently with rate q = batch_size / n (Poisson sampling), clips each example's gradient
+to norm C (``privacy.max_grad_norm``) and adds Gaussian noise of standard deviation sigma * C. As in the
+FFA-LoRA experiments, sigma is calibrated once for the whole planned federation (local steps x rounds), with
+the PRV accountant by default, and written into the round-0 global checkpoint's recipe so every client uses
+the same sigma. What each round actually ran is appended to the client's *privacy ledger*
+(``[sigma, q, steps]`` entries kept in its client state), and the epsilon fedlora reports is the accountant's
+epsilon for the whole ledger: it accumulates across rounds and processes, and a round that would exceed the
+budget is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli.errors import FedloraError
+
+if TYPE_CHECKING:
+    from fedlora_cli.recipe.schema import PrivacySection
+
+
+# One ledger entry: (noise multiplier, sample rate, steps), the form Opacus accountants keep as history.
+Entry = tuple[float, float, int]
+
+
+def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> float:
+    """The accountant's epsilon for everything in ``history`` at ``delta``; 0 for an empty history."""
+    from opacus.accountants import create_accountant
+
+    steps = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not steps:
+        return 0.0
+    if any(s == 0 for s, _, _ in steps):
+        return math.inf
+    acc = create_accountant(mechanism=accountant)
+    acc.history = steps
+    with _quiet_accountant():
+        return float(acc.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def _quiet_accountant() -> Iterator[None]:
+    """Silences Opacus' note that the best RDP order is the largest it tried: the epsilon is then still a valid
+    upper bound, only possibly a loose one (and the PRV accountant uses RDP only to size its domain)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
+
+
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
+    """The smallest noise multiplier whose epsilon after ``steps`` steps at ``sample_rate`` is at most the target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if not 0 < sample_rate <= 1:
+        raise FedloraError(f"sample rate {sample_rate:.4g} must lie in (0, 1]: the batch is larger than the data")
+    with _quiet_accountant():
+        try:
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                    accountant=accountant, epsilon_tolerance=0.005,
+                )
+            )
+        except ValueError as exc:
+            raise FedloraError(f"cannot reach epsilon {target_epsilon} with this plan: {exc}") from None
+
+
+def check_delta(delta: float, client_examples: int, who: str) -> None:
+    if delta >= 1.0 / client_examples:
+        raise FedloraError(
+            f"privacy.delta {delta:g} must be smaller than 1/n = {1.0 / client_examples:.3g} for {who} "
+            f"({client_examples} examples): a larger delta allows leaking whole examples"
+        )
+
+
+@dataclass
+class ClientPlan:
+    examples: int
+    sample_rate: float
+    steps_per_round: int
+
+
+def client_plan(examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> ClientPlan:
+    """Poisson sample rate and steps per round for a client with ``examples`` examples (the steps training runs)."""
+    from fedlora_cli.data.examples import steps_for
+
+    q = min(1.0, batch_size / examples)
+    return ClientPlan(examples, q, steps_for(examples, batch_size, local_steps, local_epochs))
+
+
+def calibrate_federation(privacy: PrivacySection, plans: Sequence[ClientPlan], rounds: int) -> float:
+    """One sigma for every client: the largest any client needs to stay within the budget over all rounds."""
+    assert privacy.target_epsilon is not None
+    for k, p in enumerate(plans):
+        check_delta(privacy.delta, p.examples, f"client {k}")
+    return max(
+        calibrate(privacy.target_epsilon, privacy.delta, p.sample_rate, p.steps_per_round * rounds, privacy.accountant)
+        for p in plans
+    )
+
+
+@dataclass
+class Ledger:
+    """A client's privacy spending: every (sigma, q, steps) it ran, in order."""
+
+    accountant: str
+    delta: float
+    budget: float | None
+    history: list[Entry]
+
+    def epsilon(self, extra: Sequence[Entry] = ()) -> float:
+        return epsilon([*self.history, *extra], self.delta, self.accountant)
+
+    def to_dict(self) -> dict[str, Any]:
+        spent = self.epsilon()
+        return {
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "budget": self.budget,
+            "epsilon": spent,
+            "remaining": None if self.budget is None else max(0.0, self.budget - spent),
+            "history": [list(e) for e in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ledger:
+        try:
+            history = [(float(s), float(q), int(n)) for s, q, n in data["history"]]
+            return cls(str(data["accountant"]), float(data["delta"]), data.get("budget"), history)
+        except (KeyError, TypeError, ValueError):
+            raise FedloraError("privacy ledger is malformed") from None

@@ -1,0 +1,138 @@
+"""DP-FedAvg at the coordinator (McMahan et al., "Learning Differentially Private Recurrent Language Models",
+ICLR 2018): clip each client's update (its difference from the current global) to norm C, average with equal
+weights, add Gaussian noise of standard deviation sigma * C / m for m clients.
+
+:class:`DPFedAvg` is a wrapper strategy, as in Flower: it checks the budget, clips, delegates the average to the
+strategy it wraps (which must be linear: ``mean``), adds the noise, and commits the release to the
+coordinator's ledger (:mod:`.ledgers`) just before the new global checkpoint is written, so a round aggregated
+twice counts as two releases. Each global checkpoint's manifest also carries the releases made up to it.
+Accounting is RDP over the releases, sample rate 1: every client takes part in every round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli import aggregation
+from fedlora_cli.aggregation.strategy import Aggregate, Contributions, RoundSpec, Strategy
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.privacy.accounting import epsilon
+from fedlora_cli.privacy.ledgers import ServerLedger, write_server_ledger
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedlora_cli.recipe import ServerPrivacySection
+
+ACCOUNTANT = "rdp"
+
+
+@dataclass
+class _Delta:
+    """A clipped delta as the wrapped strategy receives it."""
+
+    tensors: Mapping[str, torch.Tensor] | None
+    weight: float
+    client_id: str = "delta"
+
+    def get(self, name: str) -> torch.Tensor:
+        raise FedloraError("DP-FedAvg wraps only strategies that stream (linear ones)")
+
+
+@dataclass
+class DPFedAvg(Strategy):
+    """DP-FedAvg around ``inner``, releasing into ``ledger``; ``num_clients`` is the fixed denominator m."""
+
+    inner: Strategy
+    settings: ServerPrivacySection
+    ledger: ServerLedger
+    num_clients: int
+    seed: int
+    release: dict[str, Any]  # what the ledger records of this release beside (sigma, q, steps)
+    history: list[list[float]] = field(init=False)
+    epsilon: float = field(init=False, default=0.0)
+
+    name = "dp-fedavg"
+
+    def __post_init__(self) -> None:
+        # Every client takes part in every round: sample rate 1 over the federation's clients.
+        self.history = [*self.ledger.history(), [self.settings.noise_multiplier, 1.0, 1]]
+
+    def check_count(self, clients: int, label: str) -> None:
+        self.inner.check_count(clients, label)
+
+    def check_budget(self, clients: int) -> None:
+        """Refuse a release over the budget, or more updates than the noise is calibrated for; before any work."""
+        sp = self.settings
+        self.epsilon = epsilon([tuple(e) for e in self.history], sp.delta, ACCOUNTANT)
+        if sp.target_epsilon is not None and self.epsilon > sp.target_epsilon:
+            raise FedloraError(
+                f"server privacy budget: this release would bring client-level epsilon to {self.epsilon:.3f} "
+                f"({len(self.history)} releases in {self.ledger.path}), over server_privacy.target_epsilon "
+                f"{sp.target_epsilon:g}; nothing written"
+            )
+        # The fixed denominator m of DP-FedAvg: the federation's clients, not the number of updates that arrived,
+        # so that adding or removing one client moves the average by at most C / m.
+        if clients > self.num_clients:
+            raise FedloraError(
+                f"DP-FedAvg: {clients} client updates for a federation of federation.clients = {self.num_clients}; "
+                f"the noise is calibrated for at most {self.num_clients}"
+            )
+
+    def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
+        def average(deltas: Iterable[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+            inner = Contributions((_Delta(d, w), True) for d, w in deltas)
+            return self.inner.aggregate(inner, spec).tensors
+
+        updates = ((c.tensors, c.weight) for c in contributions)
+        sp = self.settings
+        return Aggregate(dp_fedavg(updates, spec.reference, sp.clip_norm, sp.noise_multiplier, self.num_clients,
+                                   self.seed, average))
+
+    def commit(self) -> None:
+        # Ledger first: if writing the checkpoint fails after this, the release is over-counted, never forgotten.
+        sp = self.settings
+        self.ledger.releases.append({"noise_multiplier": sp.noise_multiplier, "sample_rate": 1.0, "steps": 1,
+                                     "delta": sp.delta, **self.release, "created": time.time()})
+        write_server_ledger(self.ledger)
+
+    def describe(self) -> dict[str, object]:
+        return {"strategy": self.name}
+
+
+def dp_fedavg(
+    updates: Iterable[tuple[aggregation.Tensors, float]],
+    reference: aggregation.Tensors,
+    clip: float,
+    noise_multiplier: float,
+    num_clients: int,
+    seed: int,
+    average: Callable[[Iterable[tuple[dict[str, torch.Tensor], float]]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """DP-FedAvg around :func:`aggregation.weighted_mean`: clip each update's delta, average equally, add noise.
+
+    The client weights in ``updates`` are ignored: DP-FedAvg's sensitivity bound C / m needs equal weights.
+    ``num_clients`` is the fixed denominator m (the federation's size); when fewer updates arrive, their sum is
+    still divided by m, which keeps the sensitivity at C / m. ``average`` (default
+    :func:`aggregation.weighted_mean`) sums the weighted clipped deltas: the wrapped strategy's linear mean.
+    """
+    import torch
+
+    def clipped_deltas() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+        for tensors, _ in updates:
+            kept = aggregation.clip_to_norm(tensors, reference, clip)
+            yield {name: t.float() - reference[name].float() for name, t in kept.items()}, 1.0 / num_clients
+
+    # The mean is taken over the deltas, so that with fewer than m updates the reference is not shrunk with them.
+    mean_delta = (average or aggregation.weighted_mean)(clipped_deltas())
+    generator = torch.Generator().manual_seed(seed)
+    std = noise_multiplier * clip / num_clients
+    result = {}
+    for name, d in sorted(mean_delta.items()):
+        if noise_multiplier != 0:
+            d = d + torch.normal(0.0, std, size=d.shape, generator=generator, dtype=torch.float32)
+        result[name] = (reference[name].float() + d).to(reference[name].dtype)
+    return result

@@ -1,0 +1,72 @@
+"""Gather privacy ledgers from client states, global checkpoints or a whole run folder, for reporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedlora_cli import privacy, storage
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.privacy.ledgers import read_server_ledger, server_ledger_path
+
+
+def _entry(who: str, ledger: privacy.Ledger) -> dict[str, Any]:
+    after = [privacy.epsilon(ledger.history[: i + 1], ledger.delta, ledger.accountant)
+             for i in range(len(ledger.history))]
+    return {
+        "who": who,
+        "accountant": ledger.accountant,
+        "delta": ledger.delta,
+        "budget": ledger.budget,
+        "history": [list(e) for e in ledger.history],
+        "epsilon_after": after,
+        "epsilon": after[-1] if after else 0.0,
+    }
+
+
+def client_entry(state_dir: Path) -> dict[str, Any] | None:
+    state = storage.latest_state(state_dir)
+    if state is None or state.manifest.privacy is None:
+        return None
+    return _entry(f"client {state.manifest.client_id} (round {state.manifest.round})", privacy.Ledger.from_dict(state.manifest.privacy))
+
+
+def server_entry(global_dir: Path) -> dict[str, Any] | None:
+    """DP-FedAvg spending: the coordinator's ledger beside the checkpoint if it knows more releases than the
+    checkpoint's own history (a round aggregated again since), else that history."""
+    ckpt = storage.read_global(global_dir)
+    sp = ckpt.manifest.recipe.get("server_privacy") or {}
+    history = [(float(s), float(q), int(n)) for s, q, n in ckpt.manifest.server_privacy_ledger]
+    who = f"server DP-FedAvg (round {ckpt.manifest.round})"
+    coordinator = read_server_ledger(server_ledger_path(ckpt))
+    if coordinator is not None and len(coordinator.releases) > len(history):
+        history = [(float(s), float(q), int(n)) for s, q, n in coordinator.history()]
+        who = f"server DP-FedAvg ({len(history)} releases in {coordinator.path.name})"
+    if not history:
+        return None
+    delta = ckpt.manifest.server_privacy_delta or float(sp.get("delta", 1e-5))
+    ledger = privacy.Ledger("rdp", delta, sp.get("target_epsilon"), history)
+    return _entry(who, ledger)
+
+
+def collect(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_dir():
+        raise FedloraError(f"not found: {path}")
+    entries: list[dict[str, Any] | None] = []
+    if (path / storage.GLOBAL_MANIFEST).is_file():
+        entries.append(server_entry(path))
+    elif (path / "clients").is_dir() or (path / "global").is_dir():
+        for state_dir in sorted((path / "clients").glob("*")) if (path / "clients").is_dir() else []:
+            entries.append(client_entry(state_dir))
+        rounds = sorted((path / "global").glob("round-*")) if (path / "global").is_dir() else []
+        if rounds:
+            entries.append(server_entry(rounds[-1]))
+    elif any(p.name.startswith("round-") for p in path.iterdir()):
+        entries.append(client_entry(path))
+    else:
+        raise FedloraError(f"{path} is not a client state, global checkpoint or run folder")
+    found = [e for e in entries if e is not None]
+    if not found:
+        raise FedloraError(f"{path} holds no privacy ledger (was the recipe run without privacy?)")
+    return found

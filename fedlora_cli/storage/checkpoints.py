@@ -1,0 +1,194 @@
+"""On-disk formats: global checkpoints, client updates and client state.
+
+Three kinds of folder travel between the coordinator and the sites::
+
+    global checkpoint   written by init/aggregate, read by every client. A folder vanilla PEFT loads
+                        (adapter_config.json + adapter_model.safetensors) plus fedlora.json; after an
+                        ``exact`` aggregation also correction.safetensors, the dense per-layer residual
+                        added to the base weights (vanilla PEFT does not know it: export with --merge).
+    client update       written by train-client, read by aggregate: only the tensors the method sends
+                        (update.safetensors) plus update.json.
+    client state        the client's private folder, never sent: one round-NNN/ sub-folder per trained round
+                        holding the tensors that stay home (local.safetensors) plus state.json.
+
+(the coordinator's DP-FedAvg ledger is :mod:`fedlora_cli.privacy.ledgers`).
+
+Tensors are read and written only as safetensors: nothing a client sends is ever unpickled. Every folder is
+written to a temporary sibling and renamed into place, so an interrupted or failed command leaves either
+the complete folder or nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.storage.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from fedlora_cli.storage.manifests import GlobalManifest, StateManifest, UpdateManifest, _from_dict
+
+if TYPE_CHECKING:
+    import torch
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+GLOBAL_MANIFEST = "fedlora.json"
+
+
+CORRECTION_TENSORS = "correction.safetensors"
+
+
+UPDATE_TENSORS = "update.safetensors"
+
+
+UPDATE_MANIFEST = "update.json"
+
+
+STATE_TENSORS = "local.safetensors"
+
+
+STATE_MANIFEST = "state.json"
+
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_client_id(client_id: str) -> bool:
+    return bool(_CLIENT_ID.match(client_id))
+
+
+def check_client_id(client_id: str) -> str:
+    if not valid_client_id(client_id):
+        raise FedloraError(
+            f"client id '{client_id}' must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return client_id
+
+
+def round_dirname(round_: int) -> str:
+    return f"round-{round_:03d}"
+
+
+@dataclass
+class GlobalCheckpoint:
+    path: Path
+    manifest: GlobalManifest
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / ADAPTER_WEIGHTS
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.weights_path, "global checkpoint weights")
+
+    def correction(self) -> dict[str, torch.Tensor]:
+        """The dense per-layer base-weight correction of ``exact`` aggregation; empty if there is none."""
+        if not self.manifest.correction_digests:
+            return {}
+        return load_tensors(self.path / CORRECTION_TENSORS, "global checkpoint correction")
+
+
+def read_global(path: Path) -> GlobalCheckpoint:
+    path = Path(path)
+    if not path.is_dir():
+        raise FedloraError(f"global checkpoint not found: {path}")
+    data = read_json(path / GLOBAL_MANIFEST, "global checkpoint manifest")
+    manifest = _from_dict(GlobalManifest, data, path / GLOBAL_MANIFEST, "global checkpoint manifest")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise FedloraError(f"global checkpoint {path} has no {ADAPTER_CONFIG}")
+    return GlobalCheckpoint(path, manifest)
+
+
+def write_global(
+    final: Path, manifest: GlobalManifest, tensors: Mapping[str, torch.Tensor], adapter_config: dict[str, Any],
+    overwrite: bool = False, correction: Mapping[str, torch.Tensor] | None = None,
+) -> GlobalCheckpoint:
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        save_tensors(tmp / ADAPTER_WEIGHTS, tensors)
+        if correction:
+            save_tensors(tmp / CORRECTION_TENSORS, correction)
+        write_json(tmp / ADAPTER_CONFIG, adapter_config)
+        write_json(tmp / GLOBAL_MANIFEST, asdict(manifest))
+    return GlobalCheckpoint(Path(final), manifest)
+
+
+@dataclass
+class ClientUpdate:
+    path: Path
+    manifest: UpdateManifest
+
+    @property
+    def tensors_path(self) -> Path:
+        return self.path / UPDATE_TENSORS
+
+
+def read_update(path: Path) -> ClientUpdate:
+    path = Path(path)
+    if not path.is_dir():
+        raise FedloraError(f"client update not found: {path}")
+    data = read_json(path / UPDATE_MANIFEST, "client update manifest")
+    manifest = _from_dict(UpdateManifest, data, path / UPDATE_MANIFEST, "client update manifest")
+    if not 0 < manifest.num_examples <= manifest.shard_examples:
+        raise FedloraError(
+            f"client update {path}: num_examples {manifest.num_examples} must be positive and at most "
+            f"shard_examples {manifest.shard_examples}"
+        )
+    return ClientUpdate(path, manifest)
+
+
+def write_update(
+    final: Path, manifest: UpdateManifest, tensors: Mapping[str, torch.Tensor], overwrite: bool = False
+) -> ClientUpdate:
+    with atomic_dir(final, overwrite=overwrite) as tmp:
+        manifest.bytes = save_tensors(tmp / UPDATE_TENSORS, tensors)
+        write_json(tmp / UPDATE_MANIFEST, asdict(manifest))
+    return ClientUpdate(Path(final), manifest)
+
+
+@dataclass
+class ClientState:
+    """One round of a client's private state (the round-NNN folder)."""
+
+    path: Path
+    manifest: StateManifest
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_tensors(self.path / STATE_TENSORS, "client state")
+
+
+def latest_state(state_dir: Path, before_round: int | None = None) -> ClientState | None:
+    """The client's state from the latest round before ``before_round`` (default: its newest), or None for a new
+    client."""
+    state_dir = Path(state_dir)
+    if not state_dir.exists():
+        return None
+    if not state_dir.is_dir():
+        raise FedloraError(f"client state {state_dir} is not a folder")
+    rounds = sorted(
+        int(p.name[6:]) for p in state_dir.iterdir() if p.is_dir() and re.fullmatch(r"round-\d+", p.name)
+    )
+    rounds = [r for r in rounds if before_round is None or r < before_round]
+    if not rounds:
+        return None
+    path = state_dir / round_dirname(rounds[-1])
+    data = read_json(path / STATE_MANIFEST, "client state manifest")
+    return ClientState(path, _from_dict(StateManifest, data, path / STATE_MANIFEST, "client state manifest"))
+
+
+def write_state(
+    state_dir: Path, manifest: StateManifest, tensors: Mapping[str, torch.Tensor]
+) -> ClientState:
+    final = Path(state_dir) / round_dirname(manifest.round)
+    # Re-training a round (a resumed simulation) replaces that round's state; earlier rounds stay untouched.
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_tensors(tmp / STATE_TENSORS, tensors)
+        write_json(tmp / STATE_MANIFEST, asdict(manifest))
+    return ClientState(final, manifest)

@@ -1,0 +1,129 @@
+"""The JSON manifests beside each folder's tensors, and their checked reading.
+
+Manifests come from other sites: every field is checked against its annotation when read (a count that is a
+string, a bool or NaN is refused by name), and the format version must be the one this fedlora writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedlora_cli.errors import FedloraError
+
+FORMAT_VERSION = 1
+
+
+def _from_dict(cls: type, data: dict[str, Any], path: Path, what: str) -> Any:
+    names = {f.name for f in fields(cls)}
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if data.get("format_version") != FORMAT_VERSION:
+        raise FedloraError(
+            f"{what} {path} has format version {data.get('format_version')!r}; this fedlora reads {FORMAT_VERSION}"
+        )
+    if missing:
+        raise FedloraError(f"{what} {path} is missing field(s): {', '.join(missing)}")
+    for f in fields(cls):
+        if f.name in data and not _has_type(data[f.name], str(f.type)):
+            raise FedloraError(f"{what} {path}: field '{f.name}' must be {f.type}; got {data[f.name]!r:.60}")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,),
+    "Any": (object,),
+}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a manifest field's annotation (``int``, ``str | None``, ``dict[str, str]``...).
+
+    Manifests come from other sites: a count that is a string, a bool or NaN must be refused by name, not
+    crash later or poison an average.
+    """
+    for option in annotation.split("|"):
+        option = option.strip()
+        if option == "None":
+            if value is None:
+                return True
+            continue
+        kinds = _JSON_TYPES.get(option.split("[", 1)[0], (object,))
+        if isinstance(value, bool) and bool not in kinds:
+            continue
+        if isinstance(value, kinds):
+            return True
+    return False
+
+
+@dataclass
+class GlobalManifest:
+    """fedlora.json beside a global checkpoint's PEFT files."""
+
+    round: int
+    method: str
+    head: str
+    adapter_kind: str
+    base_model: str
+    base_fingerprint: str
+    recipe: dict[str, Any]
+    recipe_digest: str
+    seed: int
+    num_labels: int | None  # None for a causal LM
+    tensor_digests: dict[str, str]
+    digest: str
+    frozen_digest: str | None
+    label_names: list[str] | None = None
+    clients: list[str] = field(default_factory=list)
+    # DP-FedAvg spending at the coordinator: [noise multiplier, sample rate, steps] per aggregated round.
+    server_privacy_ledger: list[list[float]] = field(default_factory=list)
+    # The delta that ledger's epsilon is stated at (the last DP-FedAvg round's).
+    server_privacy_delta: float | None = None
+    # Digests of correction.safetensors' tensors (layer -> digest): present after an 'exact' aggregation.
+    correction_digests: dict[str, str] = field(default_factory=dict)
+    # How the round that wrote this checkpoint aggregated: strategy, norm bound, clipped and rejected clients,
+    # and for svd/exact the per-layer error plain averaging would have made (see aggregation.LayerReport).
+    aggregation: dict[str, Any] | None = None
+    created: float = field(default_factory=time.time)
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class UpdateManifest:
+    """update.json beside a client update's tensors."""
+
+    client_id: str
+    round: int
+    parent_digest: str
+    method: str
+    recipe_digest: str
+    base_fingerprint: str
+    frozen_digest: str | None
+    num_examples: int
+    shard_examples: int
+    steps: int
+    # Mean training loss of the round; None under DP-SGD, where it would release un-noised information about the
+    # client's data that no accountant covers (the client keeps it in its state).
+    loss: float | None
+    seconds: float
+    bytes: int
+    tensor_digests: dict[str, str]
+    # Cumulative DP-SGD spending after this round (epsilon, delta, budget, remaining), if the recipe has privacy.
+    privacy: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class StateManifest:
+    """state.json in one round of a client's private state."""
+
+    client_id: str
+    round: int
+    parent_digest: str
+    recipe_digest: str
+    tensor_digests: dict[str, str]
+    # The client's privacy ledger (see fedlora_cli.privacy.Ledger), carried from round to round.
+    privacy: dict[str, Any] | None = None
+    loss: float | None = None  # this round's mean training loss, kept at home (the update omits it under DP)
+    format_version: int = FORMAT_VERSION

@@ -1,0 +1,25 @@
+"""How fedlora writes values in prose, tables and model cards (one formatter for every place a number is shown)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A float with ``digits`` decimals, '-' for None, anything else as ``str``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_bytes(n: int | None) -> str:
+    """A byte count in B, KB, MB or GB (powers of 1000), '-' for None."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
