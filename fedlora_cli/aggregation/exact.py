@@ -1,7 +1,6 @@
 """FedEx-LoRA (Singhal et al., ACL 2025, arXiv 2410.09432): A and B are averaged as in FedIT and the residual
 s (sum_k p_k B_k A_k - avg(B) avg(A)) is folded into a dense per-layer correction of the base weight, so the
-global update is exactly the weighted mean of the clients' updates. Every client trains the same rank.
-"""
+global update is exactly the weighted mean of the clients' updates. Every client trains the same rank."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Coordinate-wise trimmed mean (Yin et al., ICML 2018): drop the floor(beta K) smallest and largest values of
 every coordinate, average the rest. Equal client weights, as for the median; default beta 0.25
-(``federation.trim_fraction``).
-"""
+(``federation.trim_fraction``)."""
 
 from __future__ import annotations
 

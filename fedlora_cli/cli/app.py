@@ -17,10 +17,6 @@ import typer
 from fedlora_cli import __version__
 from fedlora_cli.errors import FedloraError, first_line
 
-pass
-pass
-
-
 app = typer.Typer(
     name="fedlora",
     help="Federated LoRA fine-tuning (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA; LoRA, rsLoRA, VeRA) on on-disk checkpoints.",

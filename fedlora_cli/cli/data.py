@@ -1,5 +1,4 @@
-"""``fedlora partition``: split a dataset across clients and hold out a test split.
-"""
+"""``fedlora partition``: split a dataset across clients and hold out a test split."""
 
 from __future__ import annotations
 
@@ -10,11 +9,6 @@ import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import JsonOpt, OverwriteOpt
-from fedlora_cli.errors import FedloraError
-
-pass
-pass
-
 
 MAX_COUNT_COLUMNS = 10  # label or category values shown as a column each in the partition table
 
@@ -56,7 +50,6 @@ def partition_cmd(
 
     Example: [cyan]fedlora partition gsm.jsonl --task causal-lm --prompt-column question -n 3 --strategy size --sizes 0.6,0.3,0.1[/]
     """
-    from fedlora_cli import recipe as recipes
     from fedlora_cli.cli import ui
     from fedlora_cli.data import partition as partitions
 
@@ -66,22 +59,8 @@ def partition_cmd(
         "data.prompt_column": prompt_column, "data.response_column": response_column,
         "data.answer_column": answer_column, "data.test_fraction": test_fraction, "data.seed": seed, "data.split": split,
     }
-    if recipe is not None:
-        r = _load_recipe(recipe, None, {**overrides, "model.task": task})
-        spec, n, task = r.data, clients or r.federation.clients, r.model.task
-    else:
-        n = clients or (len(sizes.split(",")) if sizes else 2)
-        model = {"base": "-", **({"task": task} if task else {})}
-        raw = {"model": model, "federation": {"clients": n}}
-        raw = recipes.apply_overrides(raw, {k: v for k, v in overrides.items() if v is not None})
-        r = recipes.from_dict(raw)
-        spec, task = r.data, r.model.task
-    if plot is not None:
-        # Checked before the partition is written, so a bad --plot path does not fail after the work is done.
-        try:
-            plot.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FedloraError(f"cannot write the plot to {plot}: {exc.strerror}") from None
+    spec, n, task = _partition_recipe(recipe, overrides, clients, task, sizes)
+    ui.check_plot_path(plot)  # before the partition is written, so a bad path does not fail after the work
     with ui.err.status("partitioning"):
         result = partitions.partition(spec, n, out, overwrite=overwrite, task=task)
     m = result.manifest
@@ -92,20 +71,45 @@ def partition_cmd(
     if as_json:
         ui.print_json(m)
         return
+    ui.out.print(_partition_table(m))
+    ui.err.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+
+
+def _partition_recipe(
+    recipe: Path | None, overrides: dict, clients: int | None, task: str | None, sizes: str | None
+) -> tuple:
+    """The data section, the number of clients and the task: from a recipe with the options over it, or from the
+    options alone (validated as a recipe all the same)."""
+    from fedlora_cli import recipe as recipes
+
+    if recipe is not None:
+        r = _load_recipe(recipe, None, {**overrides, "model.task": task})
+        return r.data, clients or r.federation.clients, r.model.task
+    n = clients or (len(sizes.split(",")) if sizes else 2)
+    model = {"base": "-", **({"task": task} if task else {})}
+    raw = {"model": model, "federation": {"clients": n}}
+    raw = recipes.apply_overrides(raw, {k: v for k, v in overrides.items() if v is not None})
+    r = recipes.from_dict(raw)
+    return r.data, n, r.model.task
+
+
+def _partition_table(m: dict):
+    """Each client's (and the test split's) examples per label, or per-client summaries when there are many."""
+    from fedlora_cli.cli import ui
+
     names = [str(x) for x in m["label_names"]]
     title = f"{m['strategy']} partition of {m['source']} (seed {m['seed']})"
     if len(names) <= MAX_COUNT_COLUMNS:
         rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
         rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])
-        ui.out.print(ui.table(title, ["client", "examples", *names], rows))
-    else:
-        # Too many categories for a column each: how many each client holds, and its largest share.
-        def summary(entry: dict) -> list:
-            counts = entry["label_counts"]
-            return [sum(1 for c in counts if c), f"{max(counts) / max(entry['examples'], 1):.2f}"]
+        return ui.table(title, ["client", "examples", *names], rows)
 
-        rows = [[c["id"], c["examples"], *summary(c)] for c in m["clients"]]
-        rows.append(["test", m["test"]["examples"], *summary(m["test"])])
-        column = m["label_column"]
-        ui.out.print(ui.table(title, ["client", "examples", f"{column} values", f"largest {column} share"], rows))
-    ui.err.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+    # Too many categories for a column each: how many each client holds, and its largest share.
+    def summary(entry: dict) -> list:
+        counts = entry["label_counts"]
+        return [sum(1 for c in counts if c), f"{max(counts) / max(entry['examples'], 1):.2f}"]
+
+    rows = [[c["id"], c["examples"], *summary(c)] for c in m["clients"]]
+    rows.append(["test", m["test"]["examples"], *summary(m["test"])])
+    column = m["label_column"]
+    return ui.table(title, ["client", "examples", f"{column} values", f"largest {column} share"], rows)

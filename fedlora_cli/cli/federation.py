@@ -1,5 +1,4 @@
-"""The commands of a round run by hand: ``init``, ``train-client``, ``aggregate``, ``evaluate``, ``inspect``.
-"""
+"""The commands of a round run by hand: ``init``, ``train-client``, ``aggregate``, ``evaluate``, ``inspect``."""
 
 from __future__ import annotations
 
@@ -11,9 +10,6 @@ import typer
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import BaseModelOpt, JsonOpt, OverwriteOpt, SetOpt
 from fedlora_cli.errors import FedloraError
-
-pass
-pass
 
 
 @command(app, "init")
@@ -140,51 +136,24 @@ def aggregate_cmd(
     from fedlora_cli import federation, recipe as recipes
     from fedlora_cli.cli import ui
 
-    server_privacy = None
     if (dp_clip is None) != (dp_noise is None):
         raise FedloraError("--dp-clip and --dp-noise go together")
-    if dp_clip is not None:  # validated with the recipe it joins
-        server_privacy = recipes.ServerPrivacySection(clip_norm=dp_clip, noise_multiplier=dp_noise, delta=dp_delta)
+    # Validated with the recipe it joins, like the other overrides.
+    server_privacy = None if dp_clip is None else recipes.ServerPrivacySection(dp_clip, dp_noise, dp_delta)
     with ui.err.status("aggregating"):
         result = federation.aggregate_round(
             global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
             strategy=strategy, norm_bound=norm_bound, norm_bound_action=norm_bound_action, trim_fraction=trim_fraction,
             server_ledger=server_ledger,
         )
-    m = result.checkpoint.manifest
     if as_json:
+        m = result.checkpoint.manifest
         ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
                        "server_epsilon": result.server_epsilon, "aggregation": m.aggregation,
                        "server_ledger": None if result.server_ledger is None else str(result.server_ledger),
                        "clients": [asdict(r) for r in result.clients]})
-        return
-    columns = ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"]
-    rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
-            for r in result.clients]
-    if any(r.rank is not None for r in result.clients) and len({r.rank for r in result.clients}) > 1:
-        columns.append("rank")
-        for row, r in zip(rows, result.clients):
-            row.append(r.rank)
-    if m.aggregation and m.aggregation.get("norm_bound") is not None:
-        columns.append("norm bound")
-        for row, r in zip(rows, result.clients):
-            row.append(r.bound or "kept")
-    title = f"round {m.round} ({result.strategy}) -> {result.checkpoint.path}"
-    ui.out.print(ui.table(title, columns, rows))
-    if result.layers:
-        prefix, names = ui.common_prefix(list(result.layers))
-        svd = result.strategy == "svd"
-        layer_rows = [[name, ui.fmt(r.mean_error), *([ui.fmt(r.truncation_error), ui.fmt(r.rank)] if svd else [])]
-                      for name, r in zip(names, result.layers.values())]
-        ui.out.print(ui.table(
-            f"per layer ({prefix}.*): error of plain averaging ||avg(B) avg(A) - avg(BA)|| / ||avg(BA)||"
-            + ("; svd error of the rank-r result; rank of avg(BA)" if svd else ""),
-            ["layer", "mean error", *(["svd error", "rank"] if svd else [])], layer_rows,
-        ))
-    if result.server_epsilon is not None:
-        releases = len(m.server_privacy_ledger)
-        ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f} "
-                     f"({releases} release{'s' if releases != 1 else ''}, ledger {result.server_ledger})")
+    else:
+        _show_aggregate(result)
 
 
 @command(app, "evaluate")
@@ -243,3 +212,37 @@ def evaluate_cmd(
                  ui.fmt(metrics["loss"])]]
         columns = ["model", "round", "examples", "accuracy", "macro-F1", "loss"]
     ui.out.print(ui.table(f"evaluation of {global_checkpoint}", columns, rows))
+
+
+def _show_aggregate(result) -> None:
+    """The round's table of client updates, the per-layer errors (svd, exact) and the DP-FedAvg spending."""
+    from fedlora_cli.cli import ui
+
+    m = result.checkpoint.manifest
+    columns = ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"]
+    rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
+            for r in result.clients]
+    if any(r.rank is not None for r in result.clients) and len({r.rank for r in result.clients}) > 1:
+        columns.append("rank")
+        for row, r in zip(rows, result.clients):
+            row.append(r.rank)
+    if m.aggregation and m.aggregation.get("norm_bound") is not None:
+        columns.append("norm bound")
+        for row, r in zip(rows, result.clients):
+            row.append(r.bound or "kept")
+    title = f"round {m.round} ({result.strategy}) -> {result.checkpoint.path}"
+    ui.out.print(ui.table(title, columns, rows))
+    if result.layers:
+        prefix, names = ui.common_prefix(list(result.layers))
+        svd = result.strategy == "svd"
+        layer_rows = [[name, ui.fmt(r.mean_error), *([ui.fmt(r.truncation_error), ui.fmt(r.rank)] if svd else [])]
+                      for name, r in zip(names, result.layers.values())]
+        ui.out.print(ui.table(
+            f"per layer ({prefix}.*): error of plain averaging ||avg(B) avg(A) - avg(BA)|| / ||avg(BA)||"
+            + ("; svd error of the rank-r result; rank of avg(BA)" if svd else ""),
+            ["layer", "mean error", *(["svd error", "rank"] if svd else [])], layer_rows,
+        ))
+    if result.server_epsilon is not None:
+        releases = len(m.server_privacy_ledger)
+        ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f} "
+                     f"({releases} release{'s' if releases != 1 else ''}, ledger {result.server_ledger})")

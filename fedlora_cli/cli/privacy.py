@@ -1,5 +1,4 @@
-"""``fedlora privacy``: spending reports and noise planning.
-"""
+"""``fedlora privacy``: spending reports and noise planning."""
 
 from __future__ import annotations
 
@@ -11,9 +10,6 @@ import typer
 from fedlora_cli.cli.app import command, privacy_app
 from fedlora_cli.cli.options import JsonOpt
 from fedlora_cli.errors import FedloraError
-
-pass
-pass
 
 
 @command(privacy_app, "report")

@@ -1,5 +1,4 @@
-"""``fedlora recipes``: list, show, copy and validate recipes.
-"""
+"""``fedlora recipes``: list, show, copy and validate recipes."""
 
 from __future__ import annotations
 
@@ -11,9 +10,6 @@ import typer
 from fedlora_cli.cli.app import _load_recipe, _recipe_path, command, recipes_app
 from fedlora_cli.cli.options import SetOpt
 from fedlora_cli.errors import FedloraError
-
-pass
-pass
 
 
 @command(recipes_app, "list")

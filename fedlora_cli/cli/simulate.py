@@ -1,5 +1,4 @@
-"""``fedlora simulate``: a whole federation on this machine, with a table of rounds and learning curves.
-"""
+"""``fedlora simulate``: a whole federation on this machine, with a table of rounds and learning curves."""
 
 from __future__ import annotations
 
@@ -10,10 +9,6 @@ import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import JsonOpt, SetOpt
-from fedlora_cli.errors import FedloraError
-
-pass
-pass
 
 
 @command(app, "simulate")
@@ -37,12 +32,7 @@ def simulate_cmd(
 
     r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method})
     run_dir = out or Path("runs") / r.name
-    if plot is not None:
-        # Checked before the federation runs, so a bad --plot path does not fail after the work is done.
-        try:
-            plot.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FedloraError(f"cannot write the plot to {plot}: {exc.strerror}") from None
+    ui.check_plot_path(plot)  # before the federation runs, so a bad path does not fail after the work
     rows = sim.simulate(r, run_dir, ui.SimulationReporter(quiet=as_json), overwrite=overwrite)
     png = plot or storage.RunLayout(run_dir).curves
     score = "exact match" if r.model.task == recipes.TASK_CAUSAL_LM else "test accuracy"
@@ -50,6 +40,15 @@ def simulate_cmd(
     if as_json:
         ui.print_json({"run": str(run_dir), "rounds": rows, "plot": str(png)})
         return
+    ui.out.print(_rounds_table(r, rows, run_dir))
+    ui.err.print(f"learning curves: {png}")
+
+
+def _rounds_table(r, rows: list[dict], run_dir: Path):
+    """One row per round: the task's scores, upload per client, training seconds (and epsilon under DP)."""
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.cli import ui
+
     if r.model.task == recipes.TASK_CAUSAL_LM:
         # A causal LM: test loss (per response token) and exact match instead of accuracy and macro-F1.
         table_rows = [
@@ -74,5 +73,4 @@ def simulate_cmd(
             table_row.append(ui.fmt(row["epsilon"], 3))
     f = r.federation
     what = f"{f.method} with {r.adapter.kind}" + (f", {f.aggregation} aggregation" if f.aggregation != "mean" else "")
-    ui.out.print(ui.table(f"{r.name}: {what}, {f.clients} clients -> {run_dir}", columns, table_rows))
-    ui.err.print(f"learning curves: {png}")
+    return ui.table(f"{r.name}: {what}, {f.clients} clients -> {run_dir}", columns, table_rows)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fedlora_cli.errors import FedloraError
 from fedlora_cli.text import fmt, fmt_bytes
 
-__all__ = ["SimulationReporter", "common_prefix", "err", "fmt", "fmt_bytes", "out", "print_json", "step_progress", "table"]
+__all__ = ["SimulationReporter", "check_plot_path", "common_prefix", "err", "fmt", "fmt_bytes", "out", "print_json", "step_progress", "table"]
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -22,6 +24,16 @@ err = Console(stderr=True)
 def print_json(data: Any) -> None:
     """Machine output: plain JSON on stdout, no colour, no wrapping."""
     print(json.dumps(data, indent=2, default=str))
+
+
+def check_plot_path(plot: Path | None) -> None:
+    """Refuse a --plot path that cannot be written, before the work whose results it would draw."""
+    if plot is None:
+        return
+    try:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedloraError(f"cannot write the plot to {plot}: {exc.strerror}") from None
 
 
 def common_prefix(names: Sequence[str]) -> tuple[str, list[str]]:

@@ -1,6 +1,5 @@
 """Exporting a federation's model for use outside fedlora (:mod:`.exporter`), its model card (:mod:`.model_card`)
-and the Hugging Face Hub (:mod:`.hub`).
-"""
+and the Hugging Face Hub (:mod:`.hub`)."""
 
 from fedlora_cli.export.exporter import DTYPES, ExportResult, export, privacy_facts, run_metrics
 from fedlora_cli.export.hub import HubTarget, check_hub_access, push_to_hub

@@ -1,5 +1,4 @@
-"""Pushing an exported folder to the Hugging Face Hub; access is checked before anything is exported.
-"""
+"""Pushing an exported folder to the Hugging Face Hub; access is checked before anything is exported."""
 
 from __future__ import annotations
 

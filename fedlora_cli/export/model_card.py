@@ -1,5 +1,4 @@
-"""The model card (README.md) of an export: Hub metadata and how the federation trained the model.
-"""
+"""The model card (README.md) of an export: Hub metadata and how the federation trained the model."""
 
 from __future__ import annotations
 

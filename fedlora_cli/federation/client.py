@@ -1,6 +1,5 @@
 """One client's round: train on its shard from the global checkpoint; write its client update (what the method
-sends) and its client state (what it keeps, with its privacy ledger).
-"""
+sends) and its client state (what it keeps, with its privacy ledger)."""
 
 from __future__ import annotations
 

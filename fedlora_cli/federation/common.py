@@ -1,6 +1,5 @@
 """What every step of a round needs: the federation's plan and recipe, digests, the workbench checked against
-the global checkpoint, and the client's model as it starts a round.
-"""
+the global checkpoint, and the client's model as it starts a round."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Evaluating a global checkpoint, or one client's personalised model (the global plus its client state).
-"""
+"""Evaluating a global checkpoint, or one client's personalised model (the global plus its client state)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The round-0 global checkpoint: the adapter with its seeded random A and zero B, and the calibrated DP noise.
-"""
+"""The round-0 global checkpoint: the adapter with its seeded random A and zero B, and the calibrated DP noise."""
 
 from __future__ import annotations
 

@@ -261,10 +261,17 @@ def evaluate_causal(
     }
     if settings.answer == "none":
         return metrics
-    extract = ANSWER_EXTRACTORS[settings.answer]
     generations = generate(bench, examples, generate_rows, settings.max_new_tokens, step)
+    metrics.update(_exact_match(examples, generate_rows, generations, ANSWER_EXTRACTORS[settings.answer]))
+    return metrics
+
+
+def _exact_match(
+    examples: PromptResponses, rows: Sequence[int], generations: Sequence[Generation], extract: Callable[[str], str | None]
+) -> dict[str, Any]:
+    """Exact match of the extracted answers over the examples whose gold answer can be extracted (``scored``)."""
     correct = scored = 0
-    for i, g in zip(generate_rows, generations):
+    for i, g in zip(rows, generations):
         gold = examples.answers[i] if examples.answers is not None else examples.responses[i]
         expected = canonical_number(gold.strip()) if examples.answers is not None else None
         expected = expected if expected is not None else extract(gold)
@@ -272,8 +279,5 @@ def evaluate_causal(
             continue
         scored += 1
         correct += int(extract(g.text) == expected)
-    metrics.update(
-        exact_match=correct / scored if scored else None, generated=len(generations), scored=scored,
-        hit_cap=sum(g.hit_cap for g in generations),
-    )
-    return metrics
+    return {"exact_match": correct / scored if scored else None, "generated": len(generations), "scored": scored,
+            "hit_cap": sum(g.hit_cap for g in generations)}

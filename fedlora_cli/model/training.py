@@ -107,24 +107,14 @@ def local_train(
     import numpy as np
     import torch
 
-    from fedlora_cli.privacy.dp_sgd import DPSGD, poisson_batches
-
     t = bench.recipe.training
     started = time.perf_counter()
     params = bench.set_trainable(plan)
     optimizer = make_optimizer(bench, params)
     steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
     torch.manual_seed(seed)
-    model = bench.model
-    engine = None
-    if dp is None:
-        batches = batch_schedule(len(examples), t.batch_size, steps, np.random.default_rng(seed))
-    else:
-        secret = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
-        batches = list(poisson_batches(len(examples), dp.sample_rate, steps, np.random.default_rng(secret)))
-        expected = max(1, round(dp.sample_rate * len(examples)))
-        engine = DPSGD(model, optimizer, dp.noise_multiplier, dp.max_grad_norm, expected, secret + 1)
-        model, optimizer = engine.module, engine.optimizer
+    batches, engine = _schedule(bench.model, optimizer, len(examples), t.batch_size, steps, seed, dp)
+    model, optimizer = (bench.model, optimizer) if engine is None else (engine.module, engine.optimizer)
     seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
     # from_pretrained leaves models in eval mode; dropout (and Opacus' hooks) need train mode.
     model.train()
@@ -134,29 +124,59 @@ def local_train(
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for step, rows in enumerate(batches, start=1):
             if len(rows) == 0:
-                # An empty Poisson sample (probability (1-q)^n). The accountant counts the step, so it must
-                # release what the analysis assumes: noise alone, as Opacus does for an empty batch. Skipping it
-                # would leave the parameters exactly unchanged, an output the analysis does not cover.
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if progress is not None:
-                    progress(step, steps, float("nan"))
-                continue
-            batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
-            loss = batch_loss(model, batch, bench.recipe.model.task)
-            loss.backward()
-            if t.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+                _noise_only_step(optimizer, params)
+                loss = float("nan")
+            else:
+                loss = _step(bench, model, optimizer, params, examples, rows)
+                losses.append(loss)
             if progress is not None:
-                progress(step, steps, losses[-1])
+                progress(step, steps, loss)
     finally:
         if engine is not None:
             engine.close()
         bench.model.eval()
     mean_loss = float(np.mean(losses)) if losses else float("nan")
     return TrainResult(steps, mean_loss, int(seen.size), time.perf_counter() - started)
+
+
+def _schedule(model: Any, optimizer: Any, n: int, batch_size: int, steps: int, seed: int,
+              dp: DPSettings | None) -> tuple[list, Any]:
+    """Each step's rows, and the DP-SGD engine around the model and optimizer (None without privacy)."""
+    import numpy as np
+
+    from fedlora_cli.privacy.dp_sgd import DPSGD, poisson_batches
+
+    if dp is None:
+        return batch_schedule(n, batch_size, steps, np.random.default_rng(seed)), None
+    secret = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
+    batches = list(poisson_batches(n, dp.sample_rate, steps, np.random.default_rng(secret)))
+    expected = max(1, round(dp.sample_rate * n))
+    return batches, DPSGD(model, optimizer, dp.noise_multiplier, dp.max_grad_norm, expected, secret + 1)
+
+
+def _noise_only_step(optimizer: Any, params: list) -> None:
+    """An empty Poisson sample (probability (1-q)^n). The accountant counts the step, so it must release what the
+    analysis assumes: noise alone, as Opacus does for an empty batch. Skipping it would leave the parameters
+    exactly unchanged, an output the analysis does not cover."""
+    import torch
+
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: Examples | PromptResponses,
+          rows: Any) -> float:
+    """One optimizer step on ``rows``; returns its loss."""
+    import torch
+
+    batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
+    loss = batch_loss(model, batch, bench.recipe.model.task)
+    loss.backward()
+    max_grad_norm = bench.recipe.training.max_grad_norm
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())

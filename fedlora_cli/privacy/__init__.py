@@ -1,6 +1,5 @@
 """Differential privacy: accounting (:mod:`.accounting`), DP-SGD at a client (:mod:`.dp_sgd`), DP-FedAvg at the
-coordinator (:mod:`.dp_fedavg`), the coordinator's ledger (:mod:`.ledgers`) and spending reports (:mod:`.report`).
-"""
+coordinator (:mod:`.dp_fedavg`), the coordinator's ledger (:mod:`.ledgers`) and spending reports (:mod:`.report`)."""
 
 from fedlora_cli.privacy.accounting import (
     ClientPlan,

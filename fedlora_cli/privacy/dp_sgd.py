@@ -1,5 +1,4 @@
-"""DP-SGD at a client (Abadi et al. 2016, with Opacus): per-example clipping, Gaussian noise, Poisson sampling.
-"""
+"""DP-SGD at a client (Abadi et al. 2016, with Opacus): per-example clipping, Gaussian noise, Poisson sampling."""
 
 from __future__ import annotations
 

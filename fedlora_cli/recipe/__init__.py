@@ -1,6 +1,5 @@
 """Recipes: the sections of a federation (:mod:`.schema`), their validation (:mod:`.validation`), reading YAML and
-overrides (:mod:`.loading`), and the recipes fedlora ships (:mod:`.catalog`).
-"""
+overrides (:mod:`.loading`), and the recipes fedlora ships (:mod:`.catalog`)."""
 
 from fedlora_cli.recipe.loading import (
     apply_overrides,

@@ -1,6 +1,5 @@
 """On-disk formats: atomic files and tensors (:mod:`.files`), manifests (:mod:`.manifests`), global checkpoints,
-client updates and client state (:mod:`.checkpoints`), and the folder tree of a simulated run (:mod:`.run_layout`).
-"""
+client updates and client state (:mod:`.checkpoints`), and the folder tree of a simulated run (:mod:`.run_layout`)."""
 
 from fedlora_cli.storage.checkpoints import (
     ADAPTER_CONFIG,
