@@ -44,15 +44,15 @@ def privacy_plan(
     as_json: JsonOpt = False,
 ) -> None:
     """The noise multiplier a budget needs for a plan (what init calibrates from a recipe)."""
-    from fedlora_cli import privacy
+    from fedlora_cli import privacy, recipe as recipes
     from fedlora_cli.cli import ui
 
     if epsilon <= 0 or not 0 < delta < 1 or examples < 1 or batch_size < 1 or steps < 1 or rounds < 1:
         raise FedloraError("--epsilon must be > 0, --delta in (0, 1), and the counts at least 1")
-    if accountant not in ("prv", "rdp"):
-        raise FedloraError("--accountant must be prv or rdp")
+    if accountant not in recipes.ACCOUNTANTS:
+        raise FedloraError(f"--accountant must be {' or '.join(recipes.ACCOUNTANTS)}")
     privacy.check_delta(delta, examples, "this client")
-    q = min(1.0, batch_size / examples)
+    q = privacy.client_plan(examples, batch_size, steps, None).sample_rate  # as init calibrates it
     sigma = privacy.calibrate(epsilon, delta, q, steps * rounds, accountant)
     result = {"noise_multiplier": sigma, "sample_rate": q, "total_steps": steps * rounds, "epsilon": epsilon,
               "delta": delta, "accountant": accountant,

@@ -44,29 +44,27 @@ def simulate_cmd(
     ui.err.print(f"learning curves: {png}")
 
 
+_CAUSAL_COLUMNS = (("test loss", "global_loss"), ("exact match", "global_accuracy"),
+                   ("pers. loss", "personalised_loss"), ("pers. EM", "personalised_accuracy"))
+_CLASSIFICATION_COLUMNS = (("global acc", "global_accuracy"), ("global F1", "global_macro_f1"),
+                           ("pers. acc", "personalised_accuracy"), ("pers. acc (own mix)", "personalised_accuracy_own_mix"))
+
+
 def _rounds_table(r, rows: list[dict], run_dir: Path):
     """One row per round: the task's scores, upload per client, training seconds (and epsilon under DP)."""
     from fedlora_cli import recipe as recipes
     from fedlora_cli.cli import ui
 
-    if r.model.task == recipes.TASK_CAUSAL_LM:
-        # A causal LM: test loss (per response token) and exact match instead of accuracy and macro-F1.
-        table_rows = [
-            [row["round"], ui.fmt(row["train_loss"]), ui.fmt(row["global_loss"]), ui.fmt(row["global_accuracy"]),
-             ui.fmt(row["personalised_loss"]), ui.fmt(row["personalised_accuracy"]),
-             ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
-            for row in rows
-        ]
-        columns = ["round", "loss", "test loss", "exact match", "pers. loss", "pers. EM", "upload", "train s"]
-    else:
-        table_rows = [
-            [row["round"], ui.fmt(row["train_loss"]), ui.fmt(row["global_accuracy"]), ui.fmt(row["global_macro_f1"]),
-             ui.fmt(row["personalised_accuracy"]), ui.fmt(row["personalised_accuracy_own_mix"]),
-             ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
-            for row in rows
-        ]
-        # pers. acc (own mix): each personalised model on the test split reweighted to its client's label mix.
-        columns = ["round", "loss", "global acc", "global F1", "pers. acc", "pers. acc (own mix)", "upload", "train s"]
+    # Each column: its heading and the round row's key. A causal LM shows test loss (per response token) and
+    # exact match instead of accuracy and macro-F1; "own mix" is each personalised model on the test split
+    # reweighted to its client's label mix.
+    scores = _CAUSAL_COLUMNS if r.model.task == recipes.TASK_CAUSAL_LM else _CLASSIFICATION_COLUMNS
+    columns = ["round", "loss", *(heading for heading, _ in scores), "upload", "train s"]
+    table_rows = [
+        [row["round"], ui.fmt(row["train_loss"]), *(ui.fmt(row[key]) for _, key in scores),
+         ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
+        for row in rows
+    ]
     if rows and rows[-1]["epsilon"] is not None:
         columns.append("max eps")
         for table_row, row in zip(table_rows, rows):

@@ -58,17 +58,16 @@ class Global(GlobalCheckpoint):
 
     @cached_property
     def verified_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = self.tensors()
-        if digests(tensors) != self.manifest.tensor_digests:
-            raise FedloraError(f"global checkpoint {self.path}: tensors do not match the digests in its manifest")
-        return tensors
+        return self._checked(self.tensors(), self.manifest.tensor_digests, "tensors do not")
 
     @cached_property
     def verified_correction(self) -> dict[str, torch.Tensor]:
-        correction = self.correction()
-        if digests(correction) != self.manifest.correction_digests:
-            raise FedloraError(f"global checkpoint {self.path}: its correction does not match the digests in its manifest")
-        return correction
+        return self._checked(self.correction(), self.manifest.correction_digests, "its correction does not")
+
+    def _checked(self, tensors: dict[str, torch.Tensor], expected: dict[str, str], what: str) -> dict[str, torch.Tensor]:
+        if digests(tensors) != expected:
+            raise FedloraError(f"global checkpoint {self.path}: {what} match the digests in its manifest")
+        return tensors
 
 
 def plan_of(manifest: GlobalManifest) -> Plan:

@@ -96,12 +96,22 @@ class GlobalCheckpoint:
         return load_tensors(self.path / CORRECTION_TENSORS, "global checkpoint correction")
 
 
-def read_global(path: Path) -> GlobalCheckpoint:
+def _read_manifest(folder: Path, name: str, cls: type, what: str) -> Any:
+    """The checked manifest ``name`` of the folder of a ``what`` (a global checkpoint, a client update...)."""
+    path = folder / name
+    return _from_dict(cls, read_json(path, f"{what} manifest"), path, f"{what} manifest")
+
+
+def _folder(path: Path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FedloraError(f"global checkpoint not found: {path}")
-    data = read_json(path / GLOBAL_MANIFEST, "global checkpoint manifest")
-    manifest = _from_dict(GlobalManifest, data, path / GLOBAL_MANIFEST, "global checkpoint manifest")
+        raise FedloraError(f"{what} not found: {path}")
+    return path
+
+
+def read_global(path: Path) -> GlobalCheckpoint:
+    path = _folder(path, "global checkpoint")
+    manifest = _read_manifest(path, GLOBAL_MANIFEST, GlobalManifest, "global checkpoint")
     if not (path / ADAPTER_CONFIG).is_file():
         raise FedloraError(f"global checkpoint {path} has no {ADAPTER_CONFIG}")
     return GlobalCheckpoint(path, manifest)
@@ -131,11 +141,8 @@ class ClientUpdate:
 
 
 def read_update(path: Path) -> ClientUpdate:
-    path = Path(path)
-    if not path.is_dir():
-        raise FedloraError(f"client update not found: {path}")
-    data = read_json(path / UPDATE_MANIFEST, "client update manifest")
-    manifest = _from_dict(UpdateManifest, data, path / UPDATE_MANIFEST, "client update manifest")
+    path = _folder(path, "client update")
+    manifest = _read_manifest(path, UPDATE_MANIFEST, UpdateManifest, "client update")
     if not 0 < manifest.num_examples <= manifest.shard_examples:
         raise FedloraError(
             f"client update {path}: num_examples {manifest.num_examples} must be positive and at most "
@@ -179,8 +186,7 @@ def latest_state(state_dir: Path, before_round: int | None = None) -> ClientStat
     if not rounds:
         return None
     path = state_dir / round_dirname(rounds[-1])
-    data = read_json(path / STATE_MANIFEST, "client state manifest")
-    return ClientState(path, _from_dict(StateManifest, data, path / STATE_MANIFEST, "client state manifest"))
+    return ClientState(path, _read_manifest(path, STATE_MANIFEST, StateManifest, "client state"))
 
 
 def write_state(
