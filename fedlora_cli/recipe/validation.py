@@ -150,7 +150,7 @@ def _federation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
     c.require(f.clients >= 1, "federation.clients", "must be at least 1")
     _aggregation(c, f, a)
     c.require(0 < f.trim_fraction < 0.5, "federation.trim_fraction", f"must be between 0 and 0.5; got {f.trim_fraction:g}")
-    c.require(f.norm_bound is None or f.norm_bound > 0, "federation.norm_bound", f"must be > 0; got {f.norm_bound}")
+    c.require(f.norm_bound is None or f.norm_bound > 0, "federation.norm_bound", f"must be > 0; got {f.norm_bound or 0:g}")
     c.one_of(f.norm_bound_action, "federation.norm_bound_action", NORM_BOUND_ACTIONS)
     if not a.client_ranks:
         return
