@@ -35,7 +35,7 @@ from fedlora_cli.aggregation.functions import (
 from fedlora_cli.aggregation.mean import Mean
 from fedlora_cli.aggregation.median import Median
 from fedlora_cli.aggregation.norm_bound import NormBound
-from fedlora_cli.aggregation.strategy import Aggregate, Contribution, Contributions, RoundSpec, Strategy
+from fedlora_cli.aggregation.strategy import Aggregate, Contribution, Contributions, PrivacyRelease, RoundSpec, Strategy
 from fedlora_cli.aggregation.svd import Svd
 from fedlora_cli.aggregation.trimmed import TrimmedMean
 
@@ -49,7 +49,7 @@ def make_strategy(federation: Any) -> Strategy:
 
 __all__ = [
     "STRATEGIES", "Aggregate", "Contribution", "Contributions", "Exact", "Factors", "LayerReport", "Mean", "Median",
-    "NormBound", "RoundSpec", "Strategy", "Svd", "Tensors", "TrimmedMean", "accumulator_dtype", "client_weights",
+    "NormBound", "PrivacyRelease", "RoundSpec", "Strategy", "Svd", "Tensors", "TrimmedMean", "accumulator_dtype", "client_weights",
     "clip_to_norm", "coordinate_median", "exact_layer", "make_strategy", "nonfinite", "svd_layer", "to_rank",
     "trim_count", "trimmed_mean", "update_norm", "weighted_mean",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fedlora_cli.aggregation.functions import LayerReport
@@ -89,6 +90,16 @@ class Aggregate:
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PrivacyRelease:
+    """What a round under client-level DP releases: the accountant's history after it and the guarantee."""
+
+    history: list[list[float]]  # [noise multiplier, sample rate, steps] per release, this one included
+    delta: float
+    epsilon: float
+    ledger: Path  # the coordinator's ledger the release is recorded in
+
+
 class Strategy:
     """The interface. Class attributes say what the strategy needs, so the recipe can be validated up front."""
 
@@ -108,8 +119,16 @@ class Strategy:
     def check_count(self, clients: int, label: str) -> None:
         """Refuse a number of client updates this strategy cannot combine; ``label`` names the setting."""
 
+    def check_round(self, clients: int) -> None:
+        """Refuse the round before any client update is read in full (DP-FedAvg: its budget)."""
+
     def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
         raise NotImplementedError
+
+    @property
+    def privacy(self) -> PrivacyRelease | None:
+        """The client-level DP release this round makes, if the strategy adds noise for one."""
+        return None
 
     def commit(self) -> None:
         """Record what this round released, just before the new global checkpoint is written (DP-FedAvg)."""

@@ -112,17 +112,16 @@ def aggregate_round(
     counts = [u.manifest.shard_examples if f.weighting == "shard" else u.manifest.num_examples for u in updates]
     weights = aggregation.client_weights(counts, uniform=f.weighting == "uniform")
     spec = _round_spec(g, recipe)
-    if isinstance(strategy, DPFedAvg):
-        strategy.check_budget(len(updates))
+    strategy.check_round(len(updates))
     screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress)
     result = strategy.aggregate(Contributions(screen.items(updates, weights)), spec)
     manifest, tensors, correction = _next_global(g, result, strategy, screen, updates)
     adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
     strategy.commit()
     written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction)
-    dp = isinstance(strategy, DPFedAvg)
+    release = strategy.privacy
     return AggregateResult(Global.written(written, g.recipe, tensors, correction), screen.rows,
-                           strategy.epsilon if dp else None, strategy.ledger.path if dp else None,
+                           None if release is None else release.epsilon, None if release is None else release.ledger,
                            manifest.aggregation["strategy"], result.layers)
 
 
@@ -335,7 +334,7 @@ def _next_global(
         correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
     tensors = {**g.verified_tensors, **result.tensors}
     tensor_digests, correction_digests = digests(tensors), digests(correction)
-    dp = isinstance(strategy, DPFedAvg)
+    release = strategy.privacy
     manifest = dataclasses.replace(
         g.manifest,
         round=g.manifest.round + 1,
@@ -344,8 +343,8 @@ def _next_global(
         digest=storage.global_digest(tensor_digests, correction_digests),
         frozen_digest=frozen_digest(g.plan, tensor_digests),
         clients=[u.manifest.client_id for u in updates],
-        server_privacy_ledger=strategy.history if dp else [list(e) for e in g.manifest.server_privacy_ledger],
-        server_privacy_delta=strategy.settings.delta if dp else g.manifest.server_privacy_delta,
+        server_privacy_ledger=[list(e) for e in (g.manifest.server_privacy_ledger if release is None else release.history)],
+        server_privacy_delta=g.manifest.server_privacy_delta if release is None else release.delta,
         aggregation=_report(strategy, screen, result),
         created=time.time(),
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedlora_cli import aggregation
-from fedlora_cli.aggregation.strategy import Aggregate, Contributions, RoundSpec, Strategy
+from fedlora_cli.aggregation.strategy import Aggregate, Contributions, PrivacyRelease, RoundSpec, Strategy
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.privacy.accounting import epsilon
 from fedlora_cli.privacy.ledgers import ServerLedger, write_server_ledger
@@ -64,7 +64,7 @@ class DPFedAvg(Strategy):
     def check_count(self, clients: int, label: str) -> None:
         self.inner.check_count(clients, label)
 
-    def check_budget(self, clients: int) -> None:
+    def check_round(self, clients: int) -> None:
         """Refuse a release over the budget, or more updates than the noise is calibrated for; before any work."""
         sp = self.settings
         self.epsilon = epsilon([tuple(e) for e in self.history], sp.delta, ACCOUNTANT)
@@ -98,6 +98,10 @@ class DPFedAvg(Strategy):
         self.ledger.releases.append({"noise_multiplier": sp.noise_multiplier, "sample_rate": 1.0, "steps": 1,
                                      "delta": sp.delta, **self.release, "created": time.time()})
         write_server_ledger(self.ledger)
+
+    @property
+    def privacy(self) -> PrivacyRelease:
+        return PrivacyRelease(self.history, self.settings.delta, self.epsilon, self.ledger.path)
 
     def describe(self) -> dict[str, object]:
         return {"strategy": self.name}
