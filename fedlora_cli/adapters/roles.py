@@ -18,38 +18,22 @@ Every adapter tensor plays one role::
 from __future__ import annotations
 
 ROLE_A = "lora_A"
-
-
 ROLE_B = "lora_B"
-
-
 ROLE_LAMBDA_D = "vera_lambda_d"
-
-
 ROLE_LAMBDA_B = "vera_lambda_b"
-
-
 ROLE_PROJECTION = "vera_projection"
-
-
 ROLE_HEAD = "head"
-
-
 ROLES = (ROLE_A, ROLE_B, ROLE_LAMBDA_D, ROLE_LAMBDA_B, ROLE_PROJECTION, ROLE_HEAD)
 
 
 # The two sides of an adapter, in the methods' terms.
 SIDE_A = "A"
-
-
 SIDE_B = "B"
 
 
 # Parts of a PEFT name that mark a tensor's role; VeRA's projections are model-level buffers vera_A / vera_B.
 _NAME_PARTS = {ROLE_A: ROLE_A, ROLE_B: ROLE_B, ROLE_LAMBDA_D: ROLE_LAMBDA_D, ROLE_LAMBDA_B: ROLE_LAMBDA_B,
                "vera_A": ROLE_PROJECTION, "vera_B": ROLE_PROJECTION}
-
-
 # Markers of a trainable adapter parameter in a PeftModel's named_parameters().
 ADAPTER_PARAMETER_MARKERS = ("lora_A", "lora_B", "vera_lambda_", "modules_to_save")
 

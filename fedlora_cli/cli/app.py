@@ -25,8 +25,6 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-
-
 recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 

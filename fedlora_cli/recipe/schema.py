@@ -291,7 +291,5 @@ _SECTIONS = {
     "privacy": PrivacySection,
     "server_privacy": ServerPrivacySection,
 }
-
-
 # Sections that are absent (None) unless the recipe writes them.
 _OPTIONAL_SECTIONS = ("privacy", "server_privacy")

@@ -35,26 +35,12 @@ if TYPE_CHECKING:
 
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
 GLOBAL_MANIFEST = "fedlora.json"
-
-
 CORRECTION_TENSORS = "correction.safetensors"
-
-
 UPDATE_TENSORS = "update.safetensors"
-
-
 UPDATE_MANIFEST = "update.json"
-
-
 STATE_TENSORS = "local.safetensors"
-
-
 STATE_MANIFEST = "state.json"
 
 
