@@ -9,7 +9,8 @@ The strategies (``federation.aggregation``), one class each (interface in :mod:`
     trimmed-mean  TrimmedMean   coordinate-wise trimmed mean (robust)
 
 The norm bound (:mod:`.norm_bound`) screens updates in front of any of them; DP-FedAvg
-(:mod:`fedlora_cli.privacy.dp_fedavg`) wraps one.
+(:mod:`fedlora_cli.privacy.dp_fedavg`) wraps one, and a server optimiser (:mod:`.server_optimizers`: FedAvgM,
+FedAdam, FedYogi, FedAdagrad) wraps either.
 """
 
 from typing import Any
@@ -35,6 +36,7 @@ from fedlora_cli.aggregation.functions import (
 from fedlora_cli.aggregation.mean import Mean
 from fedlora_cli.aggregation.median import Median
 from fedlora_cli.aggregation.norm_bound import NormBound
+from fedlora_cli.aggregation.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizer
 from fedlora_cli.aggregation.strategy import Aggregate, Contribution, Contributions, PrivacyRelease, RoundSpec, Strategy
 from fedlora_cli.aggregation.svd import Svd
 from fedlora_cli.aggregation.trimmed import TrimmedMean
@@ -48,7 +50,7 @@ def make_strategy(federation: Any) -> Strategy:
 
 
 __all__ = [
-    "STRATEGIES", "Aggregate", "Contribution", "Contributions", "Exact", "Factors", "LayerReport", "Mean", "Median",
+    "SERVER_OPTIMIZERS", "STRATEGIES", "ServerOptimizer", "Aggregate", "Contribution", "Contributions", "Exact", "Factors", "LayerReport", "Mean", "Median",
     "NormBound", "PrivacyRelease", "RoundSpec", "Strategy", "Svd", "Tensors", "TrimmedMean", "accumulator_dtype", "client_weights",
     "clip_to_norm", "coordinate_median", "exact_layer", "make_strategy", "nonfinite", "svd_layer", "to_rank",
     "trim_count", "trimmed_mean", "update_norm", "weighted_mean",

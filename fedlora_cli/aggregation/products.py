@@ -21,6 +21,7 @@ class ProductStrategy(Strategy):
     """Per adapted layer, combines the clients' factors (A_k, B_k, p_k, s_k) in :meth:`combine`."""
 
     needs_factors = True
+    optimisable = False
 
     def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
         accepted = contributions.drain()

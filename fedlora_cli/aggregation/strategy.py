@@ -88,6 +88,8 @@ class Aggregate:
     layers: dict[str, LayerReport] = field(default_factory=dict)
     # Per adapted layer, a dense residual to fold into the base weights (exact).
     residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    # A server optimiser's state after the round (its moments), kept in the global checkpoint.
+    server_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ class Strategy:
     mixes_ranks: ClassVar[bool] = False
     # Linear in the updates with the given weights: what DP-FedAvg's sensitivity bound needs of a strategy it wraps.
     linear: ClassVar[bool] = False
+    # Its aggregate is the next value of each sent tensor, so aggregate - global is a pseudo-gradient a server
+    # optimiser can step along (not so for svd, which re-factorises, or exact, which moves the base weights).
+    optimisable: ClassVar[bool] = True
 
     @classmethod
     def from_recipe(cls, federation: Any) -> Strategy:

@@ -52,6 +52,30 @@ def _show_global(ckpt, as_json: bool) -> None:
     ui.out.print(ui.table(f"global checkpoint {ckpt.path}", ["field", "value"], rows))
 
 
+@command(app, "sample")
+def sample_cmd(
+    global_checkpoint: Annotated[Path, typer.Argument(help="The current global checkpoint folder.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The clients the next round asks to train (all of them unless the recipe sets federation.clients_per_round).
+
+    The draw is seeded, so the coordinator, the sites and 'aggregate' (which refuses updates from clients that
+    were not asked) agree on it.
+    """
+    from fedlora_cli import federation
+    from fedlora_cli.cli import ui
+    from fedlora_cli.federation import sampling
+
+    g = federation.Global.of(global_checkpoint)
+    f, round_ = g.recipe.federation, g.manifest.round + 1
+    asked = sampling.asked(f, g.recipe.training.seed, round_)
+    how = "every client" if f.clients_per_round is None else f"{f.sampling}, {f.clients_per_round} of {f.clients}"
+    if as_json:
+        ui.print_json({"round": round_, "sampling": how, "sample_rate": sampling.sample_rate(f), "asked": asked})
+        return
+    ui.out.print(ui.table(f"round {round_} asks ({how})", ["client"], [[c] for c in asked]))
+
+
 @command(app, "train-client")
 def train_client_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="The current global checkpoint folder.")],

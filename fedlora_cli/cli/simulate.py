@@ -9,6 +9,7 @@ import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import JsonOpt, SetOpt
+from fedlora_cli.errors import FedloraError
 
 
 @command(app, "simulate")
@@ -23,6 +24,11 @@ def simulate_cmd(
     plot: Annotated[
         Optional[Path], typer.Option(help="Write a PNG of the learning curves here (default: RUN/metrics/rounds.png).")
     ] = None,
+    keep_state_rounds: Annotated[
+        Optional[int],
+        typer.Option(help="Keep only each client's newest N state rounds (the run folder then grows by the global "
+                          "checkpoint and the client updates per round); default: keep all."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a whole federation on this machine; re-running resumes after the last completed step."""
@@ -33,7 +39,10 @@ def simulate_cmd(
     r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method})
     run_dir = out or Path("runs") / r.name
     ui.check_plot_path(plot)  # before the federation runs, so a bad path does not fail after the work
-    rows = sim.simulate(r, run_dir, ui.SimulationReporter(quiet=as_json), overwrite=overwrite)
+    if keep_state_rounds is not None and keep_state_rounds < 1:
+        raise FedloraError(f"--keep-state-rounds must be at least 1; got {keep_state_rounds}")
+    rows = sim.simulate(r, run_dir, ui.SimulationReporter(quiet=as_json), overwrite=overwrite,
+                        keep_state_rounds=keep_state_rounds)
     png = plot or storage.RunLayout(run_dir).curves
     score = "exact match" if r.model.task == recipes.TASK_CAUSAL_LM else "test accuracy"
     plots.round_curves(rows, png, f"{r.name}: {r.federation.method}, {r.federation.clients} clients", score)

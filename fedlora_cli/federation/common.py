@@ -37,10 +37,11 @@ class Global(GlobalCheckpoint):
 
     @classmethod
     def written(cls, ckpt: GlobalCheckpoint, recipe: recipes.Recipe, tensors: dict[str, torch.Tensor],
-                correction: dict[str, torch.Tensor]) -> Global:
+                correction: dict[str, torch.Tensor], server_state: dict[str, torch.Tensor] | None = None) -> Global:
         """The checkpoint just written from these tensors (whose digests its manifest records)."""
         written = cls(ckpt.path, ckpt.manifest)
-        written.__dict__.update(recipe=recipe, verified_tensors=tensors, verified_correction=correction)
+        written.__dict__.update(recipe=recipe, verified_tensors=tensors, verified_correction=correction,
+                                verified_server_state=dict(server_state or {}))
         return written
 
     def verify(self) -> Global:
@@ -63,6 +64,10 @@ class Global(GlobalCheckpoint):
     @cached_property
     def verified_correction(self) -> dict[str, torch.Tensor]:
         return self._checked(self.correction(), self.manifest.correction_digests, "its correction does not")
+
+    @cached_property
+    def verified_server_state(self) -> dict[str, torch.Tensor]:
+        return self._checked(self.server_state(), self.manifest.server_state_digests, "its server state does not")
 
     def _checked(self, tensors: dict[str, torch.Tensor], expected: dict[str, str], what: str) -> dict[str, torch.Tensor]:
         if digests(tensors) != expected:

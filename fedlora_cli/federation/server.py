@@ -19,9 +19,18 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from fedlora_cli import aggregation, recipe as recipes, storage
 from fedlora_cli.adapters.roles import ROLE_PROJECTION, role_of
-from fedlora_cli.aggregation import Aggregate, Contributions, NormBound, RoundSpec, Strategy, make_strategy
+from fedlora_cli.aggregation import (
+    SERVER_OPTIMIZERS,
+    Aggregate,
+    Contributions,
+    NormBound,
+    RoundSpec,
+    Strategy,
+    make_strategy,
+)
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation import sampling
 from fedlora_cli.federation.common import Global, digests, frozen_digest, frozen_labels, received_tensors
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
@@ -107,6 +116,7 @@ def aggregate_round(
     recipe = round_recipe(g.recipe, overrides)
     strategy = round_strategy(recipe, g, out, server_ledger, noise_seed)
     updates = read_updates(g, recipe, update_dirs)
+    _check_participation(g, recipe, updates)
     strategy.check_count(len(updates), "trim fraction")
     f = recipe.federation
     counts = [u.manifest.shard_examples if f.weighting == "shard" else u.manifest.num_examples for u in updates]
@@ -115,12 +125,13 @@ def aggregate_round(
     strategy.check_round(len(updates))
     screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress)
     result = strategy.aggregate(Contributions(screen.items(updates, weights)), spec)
-    manifest, tensors, correction = _next_global(g, result, strategy, screen, updates)
+    manifest, tensors, correction = _next_global(g, recipe, result, strategy, screen, updates)
     adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
     strategy.commit()
-    written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction)
+    written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction,
+                                   server_state=result.server_state)
     release = strategy.privacy
-    return AggregateResult(Global.written(written, g.recipe, tensors, correction), screen.rows,
+    return AggregateResult(Global.written(written, g.recipe, tensors, correction, result.server_state), screen.rows,
                            None if release is None else release.epsilon, None if release is None else release.ledger,
                            manifest.aggregation["strategy"], result.layers)
 
@@ -146,15 +157,39 @@ def round_recipe(recipe: recipes.Recipe, overrides: Mapping[str, Any]) -> recipe
 
 def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: Path | None,
                    noise_seed: int | None) -> Strategy:
-    """The recipe's strategy, wrapped by DP-FedAvg (with the coordinator's ledger) under server privacy."""
-    strategy = make_strategy(recipe.federation)
+    """The recipe's strategy, wrapped by DP-FedAvg (with the coordinator's ledger) under server privacy, and by
+    the server optimiser (continuing from the global checkpoint's state) if there is one."""
+    f = recipe.federation
+    strategy = make_strategy(f)
     sp = recipe.server_privacy
-    if sp is None:
-        return strategy
-    ledger = coordinator_ledger(g, server_ledger)
-    release = {"round": g.manifest.round + 1, "parent_digest": g.manifest.digest, "out": str(out.resolve())}
-    seed = noise_seed if noise_seed is not None else secrets.randbits(63)
-    return DPFedAvg(strategy, sp, ledger, recipe.federation.clients, seed, release)
+    if sp is not None:
+        ledger = coordinator_ledger(g, server_ledger)
+        release = {"round": g.manifest.round + 1, "parent_digest": g.manifest.digest, "out": str(out.resolve())}
+        seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+        q = sampling.sample_rate(f)
+        strategy = DPFedAvg(strategy, sp, ledger, f.clients_per_round or f.clients, seed, release, q, f.clients)
+    if f.server_optimizer in SERVER_OPTIMIZERS:
+        strategy = SERVER_OPTIMIZERS[f.server_optimizer].around(strategy, f, g.verified_server_state)
+    return strategy
+
+
+def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate]) -> None:
+    """Enough updates (federation.min_clients), and under sampling only from the clients this round asked."""
+    f, round_ = recipe.federation, g.manifest.round + 1
+    if len(updates) < f.min_clients:
+        raise FedloraError(
+            f"round {round_}: {len(updates)} client update(s), fewer than federation.min_clients = {f.min_clients}; "
+            "nothing written"
+        )
+    if f.clients_per_round is None:
+        return
+    asked = set(sampling.asked(f, recipe.training.seed, round_))
+    for update in updates:
+        if update.manifest.client_id not in asked:
+            raise FedloraError(
+                f"client update {update.path} is from client '{update.manifest.client_id}', which round {round_} did "
+                f"not ask (see 'fedlora sample'); nothing written"
+            )
 
 
 def read_updates(g: Global, recipe: recipes.Recipe, update_dirs: Sequence[Path]) -> list[storage.ClientUpdate]:
@@ -322,7 +357,8 @@ def _round_spec(g: Global, recipe: recipes.Recipe) -> RoundSpec:
 
 
 def _next_global(
-    g: Global, result: Aggregate, strategy: Strategy, screen: _Screen, updates: Sequence[storage.ClientUpdate]
+    g: Global, recipe: recipes.Recipe, result: Aggregate, strategy: Strategy, screen: _Screen,
+    updates: Sequence[storage.ClientUpdate],
 ) -> tuple[GlobalManifest, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The next global checkpoint's manifest, tensors and base-weight correction."""
     bad = aggregation.nonfinite(result.tensors)
@@ -334,13 +370,17 @@ def _next_global(
         correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
     tensors = {**g.verified_tensors, **result.tensors}
     tensor_digests, correction_digests = digests(tensors), digests(correction)
+    state_digests = digests(result.server_state)
     release = strategy.privacy
+    f = recipe.federation
     manifest = dataclasses.replace(
         g.manifest,
         round=g.manifest.round + 1,
         tensor_digests=tensor_digests,
         correction_digests=correction_digests,
-        digest=storage.global_digest(tensor_digests, correction_digests),
+        server_state_digests=state_digests,
+        asked=None if f.clients_per_round is None else sampling.asked(f, recipe.training.seed, g.manifest.round + 1),
+        digest=storage.global_digest(tensor_digests, correction_digests, state_digests),
         frozen_digest=frozen_digest(g.plan, tensor_digests),
         clients=[u.manifest.client_id for u in updates],
         server_privacy_ledger=[list(e) for e in (g.manifest.server_privacy_ledger if release is None else release.history)],

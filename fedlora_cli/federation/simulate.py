@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from fedlora_cli import federation, recipe as recipes, storage
 from fedlora_cli.data import partition as partitions
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation import sampling
 from fedlora_cli.federation.common import Global
 from fedlora_cli.model import evaluation
 from fedlora_cli.storage.checkpoints import round_dirname
@@ -103,8 +104,14 @@ class Benches:
         return self._by_rank[rank]
 
 
-def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: bool = False) -> list[dict[str, Any]]:
-    """Run (or resume) every round of the recipe's federation under ``out``; returns one row per round."""
+def simulate(
+    recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: bool = False, keep_state_rounds: int | None = None
+) -> list[dict[str, Any]]:
+    """Run (or resume) every round of the recipe's federation under ``out``; returns one row per round.
+
+    ``keep_state_rounds`` prunes each client's state to its newest rounds after every round (default: keep all),
+    which bounds the run folder's growth to the global checkpoints and client updates.
+    """
     from fedlora_cli.data.examples import read_examples
 
     layout = RunLayout(Path(out))
@@ -125,7 +132,10 @@ def simulate(recipe: recipes.Recipe, out: Path, reporter: Reporter, overwrite: b
         current = Global.of(target) if target.is_dir() else _run_round(layout, current, clients, benches, reporter)
         reporter.stage(f"round {round_}: evaluating")
         metrics = _evaluate_round(layout, current, clients, benches, test_examples, personalised)
-        row = round_row(layout, round_, clients, metrics, part)
+        row = round_row(layout, round_, current.manifest.clients, metrics, part)
+        if keep_state_rounds is not None:
+            for cid in clients:
+                storage.prune_states(layout.state(cid), keep_state_rounds)
         rows.append(row)
         reporter.round_done(row)
     return rows
@@ -155,13 +165,26 @@ def _partition(recipe: recipes.Recipe, layout: RunLayout, reporter: Reporter) ->
         raise FedloraError(
             f"the partition has {len(clients)} clients but recipe key 'federation.clients' is {recipe.federation.clients}"
         )
+    if recipe.federation.client_ids is not None and list(recipe.federation.client_ids) != clients:
+        raise FedloraError(
+            "recipe key 'federation.client_ids' names other clients than the partition simulate writes "
+            f"({', '.join(clients[:3])}, ...): leave it unset for a simulation"
+        )
     _, num_labels = federation.task_labels(recipe, part)
     return part, clients, num_labels
 
 
 def _run_round(layout: RunLayout, parent: Global, clients: list[str], benches: Benches, reporter: Reporter) -> Global:
-    """Train every client whose update of this round is missing, then aggregate; returns the new global."""
+    """Train every client this round asks whose update is missing, then aggregate; returns the new global."""
     round_ = parent.manifest.round + 1
+    f = parent.recipe.federation
+    if f.clients_per_round is not None:
+        clients = sampling.asked(f, parent.recipe.training.seed, round_)
+        if len(clients) < f.min_clients:
+            raise FedloraError(
+                f"round {round_}: Poisson sampling asked {len(clients)} client(s), fewer than federation.min_clients "
+                f"= {f.min_clients}; lower min_clients or raise clients_per_round"
+            )
     for cid in clients:
         if _update_is_current(layout, round_, cid, parent.manifest.digest):
             continue

@@ -1,5 +1,9 @@
 """One client's local training in one round: a fresh optimizer, a fixed number of seeded steps.
 
+With ``training.proximal_mu`` > 0 the objective adds FedProx's proximal term (Li et al., "Federated
+Optimization in Heterogeneous Networks", MLSys 2020), mu/2 ||w - w_global||^2 over the trained tensors the
+client sends.
+
 Without privacy, each step takes the next batch of a seeded shuffle. With DP-SGD (``dp`` given), each step
 takes a Poisson sample of the shard and the optimizer clips per-example gradients and adds noise
 (:class:`fedlora_cli.privacy.DPSGD`); everything else is the same loop.
@@ -113,6 +117,7 @@ def local_train(
     optimizer = make_optimizer(bench, params)
     steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
     torch.manual_seed(seed)
+    anchor = _proximal_anchor(bench, plan) if t.proximal_mu > 0 else None
     batches, engine = _schedule(bench.model, optimizer, len(examples), t.batch_size, steps, seed, dp)
     model, optimizer = (bench.model, optimizer) if engine is None else (engine.module, engine.optimizer)
     seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
@@ -127,7 +132,7 @@ def local_train(
                 _noise_only_step(optimizer, params)
                 loss = float("nan")
             else:
-                loss = _step(bench, model, optimizer, params, examples, rows)
+                loss = _step(bench, model, optimizer, params, examples, rows, anchor)
                 losses.append(loss)
             if progress is not None:
                 progress(step, steps, loss)
@@ -166,14 +171,24 @@ def _noise_only_step(optimizer: Any, params: list) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def _proximal_anchor(bench: Workbench, plan: Plan) -> list[tuple[Any, Any]]:
+    """FedProx's anchor: each trained tensor the client sends, with its value at the start of the round (the
+    global's). Tensors the client keeps (FedSA's B, a local head) are its own and are not pulled anywhere."""
+    return [(p, p.detach().clone()) for name, p in bench.model.named_parameters() if p.requires_grad and plan.sends(name)]
+
+
 def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: Examples | PromptResponses,
-          rows: Any) -> float:
-    """One optimizer step on ``rows``; returns its loss."""
+          rows: Any, anchor: list[tuple[Any, Any]] | None = None) -> float:
+    """One optimizer step on ``rows``; returns its task loss (without FedProx's proximal term)."""
     import torch
 
     batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
     loss = batch_loss(model, batch, bench.recipe.model.task)
-    loss.backward()
+    objective = loss
+    if anchor:
+        mu = bench.recipe.training.proximal_mu
+        objective = loss + mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
+    objective.backward()
     max_grad_norm = bench.recipe.training.max_grad_norm
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

@@ -6,7 +6,8 @@ weights, add Gaussian noise of standard deviation sigma * C / m for m clients.
 strategy it wraps (which must be linear: ``mean``), adds the noise, and commits the release to the
 coordinator's ledger (:mod:`.ledgers`) just before the new global checkpoint is written, so a round aggregated
 twice counts as two releases. Each global checkpoint's manifest also carries the releases made up to it.
-Accounting is RDP over the releases, sample rate 1: every client takes part in every round.
+Accounting is RDP over the releases at the rate q at which a round asks each client: 1 when every client is
+asked, clients_per_round / clients under Poisson sampling (amplification by sampling, as in McMahan et al.).
 """
 
 from __future__ import annotations
@@ -44,7 +45,12 @@ class _Delta:
 
 @dataclass
 class DPFedAvg(Strategy):
-    """DP-FedAvg around ``inner``, releasing into ``ledger``; ``num_clients`` is the fixed denominator m."""
+    """DP-FedAvg around ``inner``, releasing into ``ledger``.
+
+    ``num_clients`` is the fixed denominator m: the expected number of clients a round asks (q N, all N when the
+    federation does not sample). ``sample_rate`` is q, the Poisson rate at which each of the ``population``
+    clients is asked (1: all of them), which the accountant composes (amplification by sampling).
+    """
 
     inner: Strategy
     settings: ServerPrivacySection
@@ -52,14 +58,16 @@ class DPFedAvg(Strategy):
     num_clients: int
     seed: int
     release: dict[str, Any]  # what the ledger records of this release beside (sigma, q, steps)
+    sample_rate: float = 1.0
+    population: int | None = None  # default: num_clients
     history: list[list[float]] = field(init=False)
     epsilon: float = field(init=False, default=0.0)
 
     name = "dp-fedavg"
 
     def __post_init__(self) -> None:
-        # Every client takes part in every round: sample rate 1 over the federation's clients.
-        self.history = [*self.ledger.history(), [self.settings.noise_multiplier, 1.0, 1]]
+        self.population = self.population or self.num_clients
+        self.history = [*self.ledger.history(), [self.settings.noise_multiplier, self.sample_rate, 1]]
 
     def check_count(self, clients: int, label: str) -> None:
         self.inner.check_count(clients, label)
@@ -74,12 +82,12 @@ class DPFedAvg(Strategy):
                 f"({len(self.history)} releases in {self.ledger.path}), over server_privacy.target_epsilon "
                 f"{sp.target_epsilon:g}; nothing written"
             )
-        # The fixed denominator m of DP-FedAvg: the federation's clients, not the number of updates that arrived,
-        # so that adding or removing one client moves the average by at most C / m.
-        if clients > self.num_clients:
+        # The fixed denominator m of DP-FedAvg (the expected number of clients, not the number of updates that
+        # arrived), so that adding or removing one client moves the average by at most C / m.
+        if clients > self.population:
             raise FedloraError(
-                f"DP-FedAvg: {clients} client updates for a federation of federation.clients = {self.num_clients}; "
-                f"the noise is calibrated for at most {self.num_clients}"
+                f"DP-FedAvg: {clients} client updates for a federation of federation.clients = {self.population}; "
+                f"the noise is calibrated for at most {self.population}"
             )
 
     def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
@@ -95,7 +103,7 @@ class DPFedAvg(Strategy):
     def commit(self) -> None:
         # Ledger first: if writing the checkpoint fails after this, the release is over-counted, never forgotten.
         sp = self.settings
-        self.ledger.releases.append({"noise_multiplier": sp.noise_multiplier, "sample_rate": 1.0, "steps": 1,
+        self.ledger.releases.append({"noise_multiplier": sp.noise_multiplier, "sample_rate": self.sample_rate, "steps": 1,
                                      "delta": sp.delta, **self.release, "created": time.time()})
         write_server_ledger(self.ledger)
 

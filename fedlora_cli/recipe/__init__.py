@@ -20,6 +20,8 @@ from fedlora_cli.recipe.schema import (
     NORM_BOUND_ACTIONS,
     OPTIMIZERS,
     PARTITIONERS,
+    SAMPLINGS,
+    SERVER_OPTIMIZERS,
     TASK_CAUSAL_LM,
     TASK_CLASSIFICATION,
     TASK_DEFAULTS,
@@ -41,7 +43,7 @@ from fedlora_cli.recipe.validation import validate
 __all__ = [
     "ACCOUNTANTS", "ADAPTER_KINDS", "AGGREGATIONS", "ANSWER_EXTRACTORS", "AdapterSection", "DataSection",
     "EvaluationSection", "FederationSection", "HEAD_POLICIES", "METHODS", "ModelSection", "NORM_BOUND_ACTIONS",
-    "OPTIMIZERS", "PARTITIONERS", "PrivacySection", "Recipe",
+    "OPTIMIZERS", "PARTITIONERS", "SAMPLINGS", "SERVER_OPTIMIZERS", "PrivacySection", "Recipe",
     "ServerPrivacySection", "TASKS", "TASK_CAUSAL_LM", "TASK_CLASSIFICATION", "TASK_DEFAULTS", "TrainingSection",
     "VERA_D_INITIAL", "WEIGHTINGS", "apply_overrides", "dump",
     "from_dict", "load", "parse_override", "resolve_location", "validate", "with_task_defaults"

@@ -32,6 +32,7 @@ HEAD_POLICIES = tuple(adapters.HEAD_POLICIES)
 ADAPTER_KINDS = tuple(adapters.ADAPTER_KINDS)
 AGGREGATIONS = tuple(aggregation.STRATEGIES)
 NORM_BOUND_ACTIONS = norm_bound.ACTIONS
+SERVER_OPTIMIZERS = ("none", *aggregation.SERVER_OPTIMIZERS)
 TASK_CLASSIFICATION = "sequence-classification"
 TASK_CAUSAL_LM = "causal-lm"
 TASKS = (TASK_CLASSIFICATION, TASK_CAUSAL_LM)
@@ -50,6 +51,7 @@ OPTIMIZERS = ("sgd", "adamw")
 # "strategy" alone means the aggregation strategy; the recipe key keeps its name, which is part of the format.
 PARTITIONERS = ("iid", "dirichlet", "natural", "size")
 WEIGHTINGS = ("examples", "shard", "uniform")
+SAMPLINGS = ("fixed", "poisson")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -203,6 +205,46 @@ class FederationSection:
         None,
     )
     norm_bound_action: str = _help("'clip' (scale the difference down to norm_bound) or 'reject' (leave the client out).", "clip")
+    clients_per_round: int | None = _help(
+        "Clients asked to train each round (a sample of the federation); default: every client. With "
+        "sampling 'poisson' it is the expected number.",
+        None,
+    )
+    sampling: str = _help(
+        "How a round's clients are drawn: 'fixed' (clients_per_round of them, uniformly without replacement) or "
+        "'poisson' (each client independently with rate clients_per_round / clients, what DP-FedAvg's "
+        "amplification by sampling assumes). Seeded by training.seed and the round; recorded in each global "
+        "checkpoint.",
+        "fixed",
+    )
+    client_ids: list[str] | None = _help(
+        "The federation's client ids, for sampling; default: client-0 ... client-(clients-1), the ids "
+        "'fedlora partition' writes.",
+        None,
+    )
+    min_clients: int = _help(
+        "Fewest client updates a round may aggregate: with fewer, 'aggregate' refuses and writes nothing. Any "
+        "of the round's asked clients may be the ones that answer.",
+        1,
+    )
+    server_optimizer: str = _help(
+        "What the coordinator does with the round's aggregate: 'none' (it is the next global), or a server "
+        "optimiser stepping along the pseudo-gradient (aggregate - global): 'fedavgm' (server momentum, Hsu et al. "
+        "2019), 'fedadam', 'fedyogi', 'fedadagrad' (Reddi et al., ICLR 2021). Acts only on the tensors the "
+        "method sends; its state lives in the global checkpoint.",
+        "none",
+    )
+    server_lr: float | None = _help(
+        "Server learning rate eta; default per optimiser: fedavgm 1.0, fedadam 0.01, fedyogi 0.01, fedadagrad 0.01.",
+        None,
+    )
+    server_momentum: float = _help("Server momentum (fedavgm) or beta_1 (fedadam, fedyogi, fedadagrad).", 0.9)
+    server_beta2: float = _help("beta_2 of fedadam and fedyogi.", 0.99)
+    server_tau: float = _help(
+        "Adaptivity tau of fedadam, fedyogi, fedadagrad (Reddi et al. tune it in 1e-5..1e-1); the second moment "
+        "starts at tau^2.",
+        1e-3,
+    )
 
 
 @dataclass
@@ -217,6 +259,11 @@ class TrainingSection:
     eval_batch_size: int = _help("Examples per forward pass in evaluation.", 128)
     max_grad_norm: float | None = _help("Clip the gradient norm of each step (not DP clipping).", None)
     seed: int = _help("Seed of adapter initialisation and of local training.", 0)
+    proximal_mu: float = _help(
+        "FedProx (Li et al., MLSys 2020): adds mu/2 ||w - w_global||^2 over the trained tensors the client sends "
+        "(not those it keeps); 0 turns it off.",
+        0.0,
+    )
 
 
 @dataclass

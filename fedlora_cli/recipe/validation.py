@@ -19,6 +19,8 @@ from fedlora_cli.recipe.schema import (
     ANSWER_EXTRACTORS,
     OPTIMIZERS,
     PARTITIONERS,
+    SAMPLINGS,
+    SERVER_OPTIMIZERS,
     TASK_CAUSAL_LM,
     TASKS,
     VERA_D_INITIAL,
@@ -149,6 +151,8 @@ def _federation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
     c.require(f.rounds >= 1, "federation.rounds", "must be at least 1")
     c.require(f.clients >= 1, "federation.clients", "must be at least 1")
     _aggregation(c, f, a)
+    _participation(c, f)
+    _server_optimizer(c, f)
     c.require(0 < f.trim_fraction < 0.5, "federation.trim_fraction", f"must be between 0 and 0.5; got {f.trim_fraction:g}")
     c.require(f.norm_bound is None or f.norm_bound > 0, "federation.norm_bound", f"must be > 0; got {f.norm_bound or 0:g}")
     c.one_of(f.norm_bound_action, "federation.norm_bound_action", NORM_BOUND_ACTIONS)
@@ -192,6 +196,41 @@ def _aggregation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
         make_strategy(f).check_count(f.clients, c.subject("federation.trim_fraction"))
 
 
+def _participation(c: _Check, f: FederationSection) -> None:
+    """Who is asked each round (sampling) and how many must answer."""
+    k = f.clients_per_round
+    c.require(k is None or 1 <= k <= f.clients, "federation.clients_per_round",
+              f"must lie between 1 and federation.clients ({f.clients}); got {k}")
+    c.one_of(f.sampling, "federation.sampling", SAMPLINGS)
+    c.require(f.sampling == "fixed" or k is not None, "federation.sampling",
+              "'poisson' needs federation.clients_per_round (the expected number of clients a round asks)")
+    if f.client_ids is not None:
+        c.require(len(f.client_ids) == f.clients, "federation.client_ids",
+                  f"must list federation.clients ({f.clients}) ids; got {len(f.client_ids)}")
+        c.require(len(set(f.client_ids)) == len(f.client_ids), "federation.client_ids", "must not repeat an id")
+        bad = next((i for i in f.client_ids if not valid_client_id(i)), None)
+        c.require(bad is None, "federation.client_ids", f"names an invalid client id '{bad}'")
+    most = f.clients if k is None or f.sampling == "poisson" else k
+    c.require(1 <= f.min_clients <= most, "federation.min_clients",
+              f"must lie between 1 and the clients a round asks ({most}); got {f.min_clients}")
+
+
+def _server_optimizer(c: _Check, f: FederationSection) -> None:
+    c.one_of(f.server_optimizer, "federation.server_optimizer", SERVER_OPTIMIZERS)
+    c.require(f.server_lr is None or f.server_lr > 0, "federation.server_lr", "must be > 0")
+    c.require(0 <= f.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)")
+    c.require(0 <= f.server_beta2 < 1, "federation.server_beta2", "must be in [0, 1)")
+    c.require(f.server_tau > 0, "federation.server_tau", "must be > 0")
+    if f.server_optimizer != "none":
+        fitting = [name for name, cls in STRATEGIES.items() if cls.optimisable]
+        c.require(
+            STRATEGIES[f.aggregation].optimisable,
+            "federation.server_optimizer",
+            f"steps along aggregate - global, which needs {c.name('federation.aggregation')} "
+            f"{', '.join(repr(x) for x in fitting)}; got '{f.aggregation}'",
+        )
+
+
 def _training(c: _Check, t: TrainingSection) -> None:
     c.one_of(t.optimizer, "training.optimizer", OPTIMIZERS)
     c.require(t.lr > 0, "training.lr", "must be > 0")
@@ -208,6 +247,7 @@ def _training(c: _Check, t: TrainingSection) -> None:
     c.require(t.batch_size >= 1, "training.batch_size", "must be at least 1")
     c.require(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
     c.require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
+    c.require(t.proximal_mu >= 0, "training.proximal_mu", "must be >= 0")
 
 
 def _privacy(c: _Check, p: PrivacySection, a: AdapterSection, t: TrainingSection) -> None:
@@ -228,6 +268,12 @@ def _privacy(c: _Check, p: PrivacySection, a: AdapterSection, t: TrainingSection
     c.require(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
     c.one_of(p.accountant, "privacy.accountant", ACCOUNTANTS)
     c.require(t.max_grad_norm is None, "training.max_grad_norm", "must be unset under privacy (DP-SGD clips per example)")
+    c.require(
+        t.proximal_mu == 0,
+        "training.proximal_mu",
+        "must be 0 under privacy: DP-SGD clips and noises per-example gradients, and the proximal term's gradient "
+        "is not one of them (it would escape the clipping)",
+    )
 
 
 def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -> None:
@@ -240,6 +286,12 @@ def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -
         f.norm_bound is None,
         "federation.norm_bound",
         "must be unset under server_privacy (DP-FedAvg clips every update)",
+    )
+    c.require(
+        f.clients_per_round is None or f.sampling == "poisson",
+        "server_privacy",
+        "(DP-FedAvg) with federation.clients_per_round needs federation.sampling 'poisson': its accountant covers "
+        "Poisson sampling (amplification by sampling), not a fixed-size sample",
     )
     c.require(sp.clip_norm > 0, "server_privacy.clip_norm", "must be > 0")
     c.require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")

@@ -6,6 +6,7 @@ from fedlora_cli.storage.checkpoints import (
     ADAPTER_WEIGHTS,
     CORRECTION_TENSORS,
     GLOBAL_MANIFEST,
+    SERVER_STATE_TENSORS,
     STATE_MANIFEST,
     STATE_TENSORS,
     UPDATE_MANIFEST,
@@ -15,9 +16,11 @@ from fedlora_cli.storage.checkpoints import (
     GlobalCheckpoint,
     check_client_id,
     latest_state,
+    prune_states,
     read_global,
     read_update,
     round_dirname,
+    state_rounds,
     valid_client_id,
     write_global,
     write_state,
@@ -51,9 +54,10 @@ from fedlora_cli.storage.run_layout import (
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CLIENTS_DIR", "CORRECTION_TENSORS", "CURVES_PNG", "ClientState",
     "ClientUpdate", "DATA_DIR", "FORMAT_VERSION", "GLOBAL_DIR", "GLOBAL_MANIFEST", "GlobalCheckpoint",
-    "GlobalManifest", "METRICS_DIR", "RECIPE_FILE", "RunLayout", "STATE_MANIFEST", "STATE_TENSORS", "StateManifest",
+    "GlobalManifest", "METRICS_DIR", "RECIPE_FILE", "RunLayout", "SERVER_STATE_TENSORS", "STATE_MANIFEST",
+    "STATE_TENSORS", "StateManifest",
     "UPDATES_DIR", "UPDATE_MANIFEST", "UPDATE_TENSORS", "UpdateManifest", "atomic_dir", "atomic_file",
-    "check_client_id", "combined_digest", "global_digest", "latest_state", "load_tensors", "read_global",
-    "read_json", "read_tensor", "read_update", "round_dirname", "save_tensors", "tensor_digest", "tensor_header",
+    "check_client_id", "combined_digest", "global_digest", "latest_state", "prune_states", "load_tensors", "read_global",
+    "read_json", "read_tensor", "read_update", "round_dirname", "state_rounds", "save_tensors", "tensor_digest", "tensor_header",
     "valid_client_id", "write_global", "write_json", "write_state", "write_update"
 ]

@@ -38,6 +38,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 GLOBAL_MANIFEST = "fedlora.json"
 CORRECTION_TENSORS = "correction.safetensors"
+SERVER_STATE_TENSORS = "server_state.safetensors"
 UPDATE_TENSORS = "update.safetensors"
 UPDATE_MANIFEST = "update.json"
 STATE_TENSORS = "local.safetensors"
@@ -81,6 +82,12 @@ class GlobalCheckpoint:
             return {}
         return load_tensors(self.path / CORRECTION_TENSORS, "global checkpoint correction")
 
+    def server_state(self) -> dict[str, torch.Tensor]:
+        """A server optimiser's state (its moments); empty if the federation has none."""
+        if not self.manifest.server_state_digests:
+            return {}
+        return load_tensors(self.path / SERVER_STATE_TENSORS, "global checkpoint server state")
+
 
 def _read_manifest(folder: Path, name: str, cls: type, what: str) -> Any:
     """The checked manifest ``name`` of the folder of a ``what`` (a global checkpoint, a client update...)."""
@@ -106,11 +113,14 @@ def read_global(path: Path) -> GlobalCheckpoint:
 def write_global(
     final: Path, manifest: GlobalManifest, tensors: Mapping[str, torch.Tensor], adapter_config: dict[str, Any],
     overwrite: bool = False, correction: Mapping[str, torch.Tensor] | None = None,
+    server_state: Mapping[str, torch.Tensor] | None = None,
 ) -> GlobalCheckpoint:
     with atomic_dir(final, overwrite=overwrite) as tmp:
         save_tensors(tmp / ADAPTER_WEIGHTS, tensors)
         if correction:
             save_tensors(tmp / CORRECTION_TENSORS, correction)
+        if server_state:
+            save_tensors(tmp / SERVER_STATE_TENSORS, server_state)
         write_json(tmp / ADAPTER_CONFIG, adapter_config)
         write_json(tmp / GLOBAL_MANIFEST, asdict(manifest))
     return GlobalCheckpoint(Path(final), manifest)
@@ -165,14 +175,35 @@ def latest_state(state_dir: Path, before_round: int | None = None) -> ClientStat
         return None
     if not state_dir.is_dir():
         raise FedloraError(f"client state {state_dir} is not a folder")
-    rounds = sorted(
-        int(p.name[6:]) for p in state_dir.iterdir() if p.is_dir() and re.fullmatch(r"round-\d+", p.name)
-    )
-    rounds = [r for r in rounds if before_round is None or r < before_round]
+    rounds = [r for r in state_rounds(state_dir) if before_round is None or r < before_round]
     if not rounds:
         return None
     path = state_dir / round_dirname(rounds[-1])
     return ClientState(path, _read_manifest(path, STATE_MANIFEST, StateManifest, "client state"))
+
+
+def state_rounds(state_dir: Path) -> list[int]:
+    """The rounds a client's state folder holds, in order."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return []
+    return sorted(int(p.name[6:]) for p in state_dir.iterdir() if p.is_dir() and re.fullmatch(r"round-\d+", p.name))
+
+
+def prune_states(state_dir: Path, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` rounds of a client's state; returns the rounds deleted.
+
+    Nothing is lost that a later round needs: a round starts from the newest state before it, and the newest
+    state carries the whole privacy ledger.
+    """
+    import shutil
+
+    if keep < 1:
+        raise FedloraError(f"keep at least the newest client-state round; got {keep}")
+    old = state_rounds(state_dir)[:-keep]
+    for round_ in old:
+        shutil.rmtree(Path(state_dir) / round_dirname(round_))
+    return old
 
 
 def write_state(

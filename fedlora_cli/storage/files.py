@@ -148,7 +148,12 @@ def combined_digest(digests: Mapping[str, str]) -> str:
     return h.hexdigest()
 
 
-def global_digest(tensor_digests: Mapping[str, str], correction_digests: Mapping[str, str] | None = None) -> str:
-    """The identity of a global checkpoint: its adapter tensors and its base-weight correction, if any."""
+def global_digest(
+    tensor_digests: Mapping[str, str], correction_digests: Mapping[str, str] | None = None,
+    server_state_digests: Mapping[str, str] | None = None,
+) -> str:
+    """The identity of a global checkpoint: its adapter tensors, its base-weight correction and its server
+    optimiser state, if any (a checkpoint with neither has the digest of its tensors alone, as always)."""
     extra = {f"correction:{layer}": d for layer, d in (correction_digests or {}).items()}
-    return combined_digest({**tensor_digests, **extra})
+    state = {f"server:{name}": d for name, d in (server_state_digests or {}).items()}
+    return combined_digest({**tensor_digests, **extra, **state})

@@ -82,6 +82,11 @@ class GlobalManifest:
     server_privacy_delta: float | None = None
     # Digests of correction.safetensors' tensors (layer -> digest): present after an 'exact' aggregation.
     correction_digests: dict[str, str] = field(default_factory=dict)
+    # Digests of server_state.safetensors' tensors (a server optimiser's moments): present with one.
+    server_state_digests: dict[str, str] = field(default_factory=dict)
+    # The clients asked to train the round that wrote this checkpoint, when the federation samples them
+    # (federation.clients_per_round); None: every client was asked. ``clients`` are those it aggregated.
+    asked: list[str] | None = None
     # How the round that wrote this checkpoint aggregated: strategy, norm bound, clipped and rejected clients,
     # and for svd/exact the per-layer error plain averaging would have made (see aggregation.LayerReport).
     aggregation: dict[str, Any] | None = None

@@ -1,0 +1,45 @@
+"""Which clients a round asks: every client, a fixed-size sample, or a Poisson sample.
+
+The draw is seeded by ``training.seed`` and the round, so the coordinator, a simulation and anyone checking a
+global checkpoint get the same clients, and each global checkpoint records who was asked (``asked``) beside
+who answered (``clients``). Poisson sampling (each client independently with rate q = clients_per_round /
+clients) is what DP-FedAvg's amplification by sampling assumes; a fixed-size sample is not covered by its
+accountant, so recipe validation refuses that pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+POISSON = "poisson"
+
+
+def population(federation: Any) -> list[str]:
+    """Every client of the federation: ``federation.client_ids``, or the ids ``fedlora partition`` writes."""
+    from fedlora_cli.data.partition import client_ids
+
+    return list(federation.client_ids) if federation.client_ids else client_ids(federation.clients)
+
+
+def sample_rate(federation: Any) -> float:
+    """The chance a client is asked in a round (1 when every client is)."""
+    if federation.clients_per_round is None:
+        return 1.0
+    return federation.clients_per_round / federation.clients
+
+
+def asked(federation: Any, seed: int, round_: int) -> list[str]:
+    """The clients asked to train round ``round_``, in population order."""
+    import numpy as np
+
+    clients = population(federation)
+    k = federation.clients_per_round
+    if k is None or (k >= len(clients) and federation.sampling != POISSON):
+        return clients
+    rng = np.random.default_rng([seed, round_, 0x5A3])  # one stream per round, apart from training's seeds
+    if federation.sampling == POISSON:
+        chosen: Sequence[int] = np.flatnonzero(rng.random(len(clients)) < sample_rate(federation))
+    else:
+        chosen = np.sort(rng.choice(len(clients), size=k, replace=False))
+    return [clients[i] for i in chosen]
