@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import Any
 
 from fedlora_cli import federation
@@ -15,6 +18,10 @@ from fedlora_cli.storage.manifests import GlobalManifest
 from fedlora_cli.text import fmt
 
 MODEL_CARD = "README.md"
+
+
+# The card's layout; model_card() computes what goes into each ${placeholder}.
+_TEMPLATE_FILE = "model_card.md"
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -111,23 +118,53 @@ def model_card(
     global_dir: Path | None = None,
 ) -> str:
     """README.md with Hub metadata (YAML front matter) describing how the federation trained this model."""
+    recipe = manifest.recipe
+    base_model = base_model or recipe["model"]["base"]
+    causal = recipe["model"].get("task") == TASK_CAUSAL_LM
+    rows = _training_rows(manifest, base_model, causal, global_dir)
+    return _template().substitute(
+        front_matter=_metadata(manifest, kind, client_id, hub_base_model, license_id, bool(privacy_facts), causal),
+        name=recipe.get("name", "federation"),
+        title=_title(manifest, client_id),
+        intro=_intro(manifest, kind, base_model, dtype, causal),
+        aside=_block(_aside(manifest, client_id)),
+        training_rows="\n".join(f"| {k} | {v} |" for k, v in rows),
+        privacy_section=_block(_privacy_section(privacy_facts or {})),
+        evaluation="\n".join(_evaluation_lines(evaluation or [], causal)),
+        usage="\n".join(_usage_lines(manifest, kind, base_model, causal)),
+        base_note=_block(_base_note(kind, base_model)),
+    )
+
+
+@lru_cache(maxsize=1)
+def _template() -> Template:
+    text = resources.files("fedlora_cli.export").joinpath(_TEMPLATE_FILE).read_text(encoding="utf-8")
+    # The file ends in a newline like any text file; in the card, the line break after the last block is the end.
+    return Template(text.removesuffix("\n"))
+
+
+def _block(lines: list[str]) -> str:
+    """An optional block for a placeholder that sits on its own line of the template: nothing, or a blank line and
+    the block's lines, so that the template's line break after it is the blank line before what follows."""
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def _labels(manifest: GlobalManifest) -> list[str]:
+    return [str(x) for x in manifest.label_names or [f"LABEL_{i}" for i in range(manifest.num_labels or 0)]]
+
+
+def _metadata(
+    manifest: GlobalManifest, kind: str, client_id: str | None, hub_base_model: str | None, license_id: str | None,
+    differential_privacy: bool, causal: bool,
+) -> str:
+    """The YAML front matter the Hub reads (its base_model only for a Hub id: the Hub rejects anything else)."""
     import yaml
 
-    recipe = manifest.recipe
-    model, data, adapter = recipe["model"], recipe["data"], recipe["adapter"]
-    fed, training = recipe["federation"], recipe["training"]
-    base_model = base_model or model["base"]
-    method = manifest.method
-    method_name = METHODS[method].label
-    evaluation = evaluation or []
-    privacy_facts = privacy_facts or {}
-
-    causal = model.get("task") == TASK_CAUSAL_LM
     pipeline_tag = "text-generation" if causal else "text-classification"
-    tags = ["fedlora", "federated-learning", "lora", f"{method_name.lower()}", pipeline_tag]
+    tags = ["fedlora", "federated-learning", "lora", f"{METHODS[manifest.method].label.lower()}", pipeline_tag]
     if kind == "merged":
         tags.append("merged-lora")
-    if privacy_facts:
+    if differential_privacy:
         tags.append("differential-privacy")
     if client_id:
         tags.append("personalized")
@@ -138,167 +175,187 @@ def model_card(
     meta["pipeline_tag"] = pipeline_tag
     if license_id:
         meta["license"] = license_id
-    dataset = _dataset_id(data.get("source"))
+    dataset = _dataset_id(manifest.recipe["data"].get("source"))
     if dataset:
         meta["datasets"] = [dataset]
     meta["tags"] = tags
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
 
-    labels = [str(x) for x in manifest.label_names or [f"LABEL_{i}" for i in range(manifest.num_labels or 0)]]
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", ""]
-    lines.append(f"# {recipe.get('name', 'federation')}: {_title(manifest, client_id)}")
-    lines.append("")
+
+def _intro(manifest: GlobalManifest, kind: str, base_model: str, dtype: str, causal: bool) -> str:
     what = "A LoRA adapter for" if kind == "adapter" else (
         "A causal language model fine-tuned from" if causal else "A sequence classifier fine-tuned from"
     )
-    lines.append(
+    return (
         f"{what} `{base_model}`, trained with federated learning by fedlora: "
-        f"{fed['clients']} clients each trained on their own data, which never left them; only adapter tensors "
-        "travelled to the coordinator."
+        f"{manifest.recipe['federation']['clients']} clients each trained on their own data, which never left them; "
+        "only adapter tensors travelled to the coordinator."
         + (f" The LoRA update is merged into the base weights (saved in {dtype})." if kind == "merged" else "")
     )
+
+
+def _aside(manifest: GlobalManifest, client_id: str | None) -> list[str]:
+    """Whose model this is: a client's personalised one, or a global one still missing what clients keep."""
     if client_id:
-        lines.append("")
-        lines.append(
+        return [
             f"This is client **{client_id}**'s personalised model: the global adapter of round {manifest.round} "
             "plus the tensors this client kept at home."
-        )
-    elif federation.plan_of(manifest).local:
-        lines.append("")
-        lines.append("> " + _notes(manifest, None)[0])
+        ]
+    return ["> " + note for note in _notes(manifest, None)]
+
+
+def _training_rows(
+    manifest: GlobalManifest, base_model: str, causal: bool, global_dir: Path | None
+) -> list[tuple[str, str]]:
+    recipe = manifest.recipe
+    data, fed = recipe["data"], recipe["federation"]
+    method = METHODS[manifest.method]
     aggregated = f" (last round aggregated: {', '.join(manifest.clients)})" if manifest.clients else ""
-    lines += ["", "## Federated training", "", "| | |", "|---|---|"]
-    rows = [
-        ("method", f"{method} ({method_name}): {METHODS[method].explanation}"),
-        ("classifier head", f"{manifest.head}: {HEAD_POLICIES[manifest.head]}") if not causal else
-        ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model"),
+    task = ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model")
+    head = ("classifier head", f"{manifest.head}: {HEAD_POLICIES[manifest.head]}")
+    inputs = ("data", f"prompt column '{data.get('prompt_column')}', response column '{data.get('response_column')}'"
+              + (", chat template" if data.get("chat_template") else "") + f", max length {data.get('max_length')}")
+    labels = ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(_labels(manifest))))
+    where = f" ({global_dir.name})" if global_dir is not None else ""
+    return [
+        ("method", f"{manifest.method} ({method.label}): {method.explanation}"),
+        task if causal else head,
         ("rounds", f"{manifest.round} (of {fed['rounds']} planned)"),
         ("clients", f"{fed['clients']}" + aggregated),
         ("client weighting", str(fed.get("weighting", "-"))),
         ("partition", _partition_text(data)),
-        ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(labels))) if not causal else
-        ("data", f"prompt column '{data.get('prompt_column')}', response column '{data.get('response_column')}'"
-                 + (", chat template" if data.get("chat_template") else "") + f", max length {data.get('max_length')}"),
-        ("adapter", adapter_kind(manifest.adapter_kind).describe(adapter)),
-        ("local training", _training_text(training)),
+        inputs if causal else labels,
+        ("adapter", adapter_kind(manifest.adapter_kind).describe(recipe["adapter"])),
+        ("local training", _training_text(recipe["training"])),
         ("base model", f"`{base_model}`"),
         ("recipe digest", f"`{manifest.recipe_digest[:16]}`"),
-        ("checkpoint digest", f"`{manifest.digest[:16]}`" + (f" ({global_dir.name})" if global_dir is not None else "")),
+        ("checkpoint digest", f"`{manifest.digest[:16]}`" + where),
     ]
-    lines += [f"| {k} | {v} |" for k, v in rows]
 
-    if privacy_facts:
-        lines += ["", "## Differential privacy", ""]
-        dp = privacy_facts.get("dp_sgd")
-        if dp:
-            budget = f", budget ε = {dp['target_epsilon']:g} per client" if dp.get("target_epsilon") is not None else ""
-            lines.append(
-                "Sample-level DP-SGD at every client: per-example gradients clipped to norm "
-                f"{fmt(dp.get('max_grad_norm'), 3)}, "
-                f"Gaussian noise multiplier {fmt(dp.get('noise_multiplier'), 4)}, δ = {dp.get('delta'):g}, "
-                f"{dp.get('accountant')} accountant{budget}."
-            )
-            spent = dp.get("spent") or {}
-            if spent:
-                lines.append("")
-                lines.append("Privacy spent up to this round (each client's own ledger):")
-                lines.append("")
-                lines += [f"- {cid}: ε = {eps:.3f} (δ = {dp.get('delta'):g})" for cid, eps in spent.items()]
-            else:
-                lines.append("")
-                lines.append(
-                    "No client ledger was found beside this checkpoint; each client's spending is in its state folder "
-                    "(`fedlora privacy report STATE`)."
-                )
-        server = privacy_facts.get("dp_fedavg")
-        if server:
-            lines.append("")
-            target = f" (budget {server['target_epsilon']:g})" if server.get("target_epsilon") is not None else ""
-            lines.append(
-                f"Client-level DP-FedAvg at the coordinator, {server['releases']} release(s) of an aggregate: "
-                f"ε = {server['epsilon']:.3f} "
-                f"at δ = {server['delta']:g}{target}."
-            )
 
-    lines += ["", "## Evaluation", ""]
-    if evaluation and causal:
-        cap = next((r.get("max_new_tokens") for r in evaluation if r.get("max_new_tokens")), None)
-        lines += ["| model | data | examples | loss per response token | perplexity | exact match |", "|---|---|---|---|---|---|"]
+def _privacy_section(facts: dict[str, Any]) -> list[str]:
+    """Sample-level DP-SGD at the clients and client-level DP-FedAvg at the coordinator, as far as they ran."""
+    if not facts:
+        return []
+    lines = ["## Differential privacy", ""]
+    dp = facts.get("dp_sgd")
+    if dp:
+        lines += _dp_sgd_lines(dp)
+    server = facts.get("dp_fedavg")
+    if server:
+        target = f" (budget {server['target_epsilon']:g})" if server.get("target_epsilon") is not None else ""
         lines += [
-            f"| {r['model']} | {r['data']} | {fmt(r['examples'])} | {fmt(r['loss'])} | {fmt(r.get('perplexity'), 2)} "
-            f"| {fmt(r.get('exact_match'))} |"
-            for r in evaluation
+            "",
+            f"Client-level DP-FedAvg at the coordinator, {server['releases']} release(s) of an aggregate: "
+            f"ε = {server['epsilon']:.3f} at δ = {server['delta']:g}{target}.",
         ]
-        if cap:
-            lines += ["", f"Exact match: greedy generation of at most {cap} new tokens, final number compared."]
-    elif evaluation:
-        lines += ["| model | data | examples | accuracy | macro-F1 | loss |", "|---|---|---|---|---|---|"]
-        lines += [
+    return lines
+
+
+def _dp_sgd_lines(dp: dict[str, Any]) -> list[str]:
+    budget = f", budget ε = {dp['target_epsilon']:g} per client" if dp.get("target_epsilon") is not None else ""
+    lines = [
+        "Sample-level DP-SGD at every client: per-example gradients clipped to norm "
+        f"{fmt(dp.get('max_grad_norm'), 3)}, "
+        f"Gaussian noise multiplier {fmt(dp.get('noise_multiplier'), 4)}, δ = {dp.get('delta'):g}, "
+        f"{dp.get('accountant')} accountant{budget}."
+    ]
+    spent = dp.get("spent") or {}
+    if not spent:
+        return lines + [
+            "",
+            "No client ledger was found beside this checkpoint; each client's spending is in its state folder "
+            "(`fedlora privacy report STATE`).",
+        ]
+    return lines + ["", "Privacy spent up to this round (each client's own ledger):", ""] + [
+        f"- {cid}: ε = {eps:.3f} (δ = {dp.get('delta'):g})" for cid, eps in spent.items()
+    ]
+
+
+def _evaluation_lines(evaluation: list[dict[str, Any]], causal: bool) -> list[str]:
+    if not evaluation:
+        return ["Not evaluated at export (pass `--eval-data` to `fedlora export`)."]
+    if not causal:
+        return ["| model | data | examples | accuracy | macro-F1 | loss |", "|---|---|---|---|---|---|"] + [
             f"| {r['model']} | {r['data']} | {fmt(r['examples'])} | {fmt(r['accuracy'])} | {fmt(r['macro_f1'])} "
             f"| {fmt(r['loss'])} |"
             for r in evaluation
         ]
-    else:
-        lines.append("Not evaluated at export (pass `--eval-data` to `fedlora export`).")
+    lines = [
+        "| model | data | examples | loss per response token | perplexity | exact match |", "|---|---|---|---|---|---|"
+    ] + [
+        f"| {r['model']} | {r['data']} | {fmt(r['examples'])} | {fmt(r['loss'])} | {fmt(r.get('perplexity'), 2)} "
+        f"| {fmt(r.get('exact_match'))} |"
+        for r in evaluation
+    ]
+    cap = next((r.get("max_new_tokens") for r in evaluation if r.get("max_new_tokens")), None)
+    if cap:
+        lines += ["", f"Exact match: greedy generation of at most {cap} new tokens, final number compared."]
+    return lines
 
-    lines += ["", "## Usage", "", "```python"]
+
+def _usage_lines(manifest: GlobalManifest, kind: str, base_model: str, causal: bool) -> list[str]:
+    """The Python snippet that loads this export, without its closing fence."""
     if causal:
-        if kind == "adapter":
-            lines += [
-                "from peft import PeftModel",
-                "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                "",
-                f'base = AutoModelForCausalLM.from_pretrained("{base_model}")',
-                'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()',
-            ]
-        else:
-            lines += [
-                "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                "",
-                'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER").eval()',
-            ]
-        lines.append('tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")')
-        if data.get("chat_template"):
-            lines += [
-                'text = tokenizer.apply_chat_template([{"role": "user", "content": "A question"}],',
-                "                                     add_generation_prompt=True, tokenize=False)",
-                'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")',
-            ]
-        else:
-            lines.append('inputs = tokenizer("A prompt", return_tensors="pt")')
-        lines += [
-            "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
-            'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-            "```",
-        ]
-    elif kind == "adapter":
-        lines += [
+        return _causal_usage(kind, base_model, bool(manifest.recipe["data"].get("chat_template")))
+    if kind == "adapter":
+        lines = [
             "from peft import PeftModel",
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
             f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}", num_labels={manifest.num_labels})',
             'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()',
-            'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")',
         ]
     else:
-        lines += [
+        lines = [
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
             'model = AutoModelForSequenceClassification.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER").eval()',
-            'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")',
         ]
-    if not causal:
-        lines += [
-            'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
-            f"labels = {labels!r}",
-            "```",
-        ]
-    if kind == "adapter" and hub_id_of(base_model) is None:
-        lines += [
+    return lines + [
+        'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")',
+        'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
+        f"labels = {_labels(manifest)!r}",
+    ]
+
+
+def _causal_usage(kind: str, base_model: str, chat_template: bool) -> list[str]:
+    if kind == "adapter":
+        lines = [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            f"`{base_model}` is where the base model was on the machine that exported this adapter; "
-            "replace it with your copy of the same base model.",
+            f'base = AutoModelForCausalLM.from_pretrained("{base_model}")',
+            'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()',
         ]
-    return "\n".join(lines) + "\n"
+    else:
+        lines = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER").eval()',
+        ]
+    lines.append('tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")')
+    if chat_template:
+        lines += [
+            'text = tokenizer.apply_chat_template([{"role": "user", "content": "A question"}],',
+            "                                     add_generation_prompt=True, tokenize=False)",
+            'inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")',
+        ]
+    else:
+        lines.append('inputs = tokenizer("A prompt", return_tensors="pt")')
+    return lines + [
+        "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+    ]
+
+
+def _base_note(kind: str, base_model: str) -> list[str]:
+    if kind != "adapter" or hub_id_of(base_model) is not None:
+        return []
+    return [
+        f"`{base_model}` is where the base model was on the machine that exported this adapter; "
+        "replace it with your copy of the same base model."
+    ]
 
 
 def _partition_text(data: dict[str, Any]) -> str:
