@@ -31,10 +31,11 @@ def client_entry(state_dir: Path) -> dict[str, Any] | None:
     return _entry(f"client {state.manifest.client_id} (round {state.manifest.round})", privacy.Ledger.from_dict(state.manifest.privacy))
 
 
-def server_entry(global_dir: Path) -> dict[str, Any] | None:
+def server_entry(global_dir: Path | storage.GlobalCheckpoint) -> dict[str, Any] | None:
     """DP-FedAvg spending: the coordinator's ledger beside the checkpoint if it knows more releases than the
-    checkpoint's own history (a round aggregated again since), else that history."""
-    ckpt = storage.read_global(global_dir)
+    checkpoint's own history (a round aggregated again since), else that history. Takes the checkpoint's folder,
+    or the checkpoint already read (an export's :class:`~fedlora_cli.federation.Global`)."""
+    ckpt = global_dir if isinstance(global_dir, storage.GlobalCheckpoint) else storage.read_global(global_dir)
     sp = ckpt.manifest.recipe.get("server_privacy") or {}
     history = [(float(s), float(q), int(n)) for s, q, n in ckpt.manifest.server_privacy_ledger]
     who = f"server DP-FedAvg (round {ckpt.manifest.round})"
@@ -54,12 +55,12 @@ def collect(path: Path) -> list[dict[str, Any]]:
     if not path.is_dir():
         raise FedloraError(f"not found: {path}")
     entries: list[dict[str, Any] | None] = []
+    run = storage.RunLayout(path)
     if (path / storage.GLOBAL_MANIFEST).is_file():
         entries.append(server_entry(path))
-    elif (path / "clients").is_dir() or (path / "global").is_dir():
-        for state_dir in sorted((path / "clients").glob("*")) if (path / "clients").is_dir() else []:
-            entries.append(client_entry(state_dir))
-        rounds = sorted((path / "global").glob("round-*")) if (path / "global").is_dir() else []
+    elif run.is_run():
+        entries += [client_entry(state_dir) for state_dir in run.client_states()]
+        rounds = run.global_checkpoints()
         if rounds:
             entries.append(server_entry(rounds[-1]))
     elif any(p.name.startswith("round-") for p in path.iterdir()):

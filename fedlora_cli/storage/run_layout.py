@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora_cli.storage.checkpoints import round_dirname
+from fedlora_cli.storage.checkpoints import GlobalCheckpoint, round_dirname
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -44,6 +44,18 @@ CURVES_PNG = "rounds.png"
 class RunLayout:
     root: Path
 
+    @classmethod
+    def of_global(cls, checkpoint: Path | GlobalCheckpoint) -> RunLayout | None:
+        """The run a global checkpoint lives in (RUN/global/round-NNN, symlinks resolved), or None for a
+        checkpoint kept anywhere else."""
+        path = checkpoint.path if isinstance(checkpoint, GlobalCheckpoint) else Path(checkpoint)
+        folder = path.resolve().parent
+        return cls(folder.parent) if folder.name == GLOBAL_DIR else None
+
+    def is_run(self) -> bool:
+        """Whether the folder has the clients/ or global/ folder of a run, even one that stopped early."""
+        return (self.root / CLIENTS_DIR).is_dir() or (self.root / GLOBAL_DIR).is_dir()
+
     @property
     def data(self) -> Path:
         return self.root / DATA_DIR
@@ -56,6 +68,18 @@ class RunLayout:
 
     def state(self, client_id: str) -> Path:
         return self.root / CLIENTS_DIR / client_id
+
+    def client_states(self) -> list[Path]:
+        """Everything in clients/, sorted: one state folder per client. A stray file is listed too, for the
+        caller to skip or refuse."""
+        folder = self.root / CLIENTS_DIR
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
+    def global_checkpoints(self) -> list[Path]:
+        """The round folders in global/, sorted by name: round order up to round 999 (the names are padded to
+        three digits)."""
+        folder = self.root / GLOBAL_DIR
+        return sorted(folder.glob("round-*")) if folder.is_dir() else []
 
     def metrics(self, round_: int) -> Path:
         return self.root / METRICS_DIR / f"{round_dirname(round_)}.json"
