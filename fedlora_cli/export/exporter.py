@@ -101,44 +101,24 @@ def export(
         raise FedloraError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
     if hub is not None:
         check_hub_access(hub)
-    ckpt = storage.read_global(global_dir)
-    if ckpt.manifest.correction_digests and not merge:
+    # Read once: the evaluation and the model card's facts all use this checkpoint, its tensors checked once.
+    g = federation.Global.of(global_dir)
+    if g.manifest.correction_digests and not merge:
         raise FedloraError(
             f"{global_dir} carries a dense base-weight correction ('exact' aggregation) that a PEFT adapter cannot "
             "hold: export it with --merge"
         )
     replace = _check_out(out, overwrite, [global_dir, *([Path(state_dir)] if state_dir is not None else [])])
-    if client_id is not None:
-        storage.check_client_id(client_id)
-        if state_dir is None:
-            state_dir = _run_state_dir(global_dir, client_id)
-    state = None
-    if state_dir is not None:
-        # load_for_evaluation checks the state belongs to this client and federation; here only its round.
-        if not Path(state_dir).is_dir():
-            raise FedloraError(f"client state not found: {state_dir}")
-        state = storage.latest_state(state_dir, before_round=ckpt.manifest.round + 1)
-        if state is None:
-            raise FedloraError(f"client state {state_dir} holds no trained round up to round {ckpt.manifest.round}")
-    bench, manifest = federation.load_for_evaluation(global_dir, state_dir, client_id, base_override)
-    who = state.manifest.client_id if state is not None else None
+    state_dir, who = _client_state(g, state_dir, client_id)
+    bench, manifest = federation.load_for_evaluation(g, state_dir, client_id, base_override)
 
     # Saved as loaded: tokenising for evaluation leaves truncation and padding settings in a fast tokenizer.
     tokenizer = copy.deepcopy(bench.tokenizer)
-    if eval_data is not None:
-        metrics = federation.evaluate(global_dir, eval_data, state_dir, who, base_override, bench=bench, progress=progress)
-        evaluation = [_eval_row(metrics, _model_label(who), f"{eval_data} (evaluated at export)")]
-    else:
-        evaluation = run_metrics(global_dir, manifest, who)
-    recipe_model = manifest.recipe["model"]
-    base_ref = base_reference(recipe_model["base"], bench.base_location)
+    evaluation = _evaluation(g, bench, eval_data, state_dir, who, base_override, progress)
+    base_ref = base_reference(manifest.recipe["model"]["base"], bench.base_location)
     notes = _notes(manifest, who)
     kind = "merged" if merge else "adapter"
-    card = model_card(
-        manifest, kind=kind, client_id=who, base_model=base_ref, hub_base_model=hub_id_of(recipe_model["base"]),
-        license_id=base_license(bench.base_location, recipe_model.get("revision")), evaluation=evaluation,
-        privacy_facts=privacy_facts(global_dir, manifest, state_dir), dtype=dtype, global_dir=global_dir,
-    )
+    card = _card(g, bench, kind, who, base_ref, evaluation, state_dir, dtype)
 
     with storage.atomic_dir(out, overwrite=replace) as tmp:
         if merge:
@@ -154,6 +134,50 @@ def export(
     if hub is not None:
         result.hub_url = push_to_hub(out, hub, default_message=f"fedlora export: {_title(manifest, who)}")
     return result
+
+
+def _client_state(
+    g: federation.Global, state_dir: Path | None, client_id: str | None
+) -> tuple[Path | None, str | None]:
+    """The state folder of the client to personalise for (in a simulate run, found from its id) and that client's
+    id, or (None, None) for the global model; ``load_for_evaluation`` checks the state belongs to this client and
+    federation, here only that it has a round this checkpoint can use."""
+    if client_id is not None:
+        storage.check_client_id(client_id)
+        if state_dir is None:
+            state_dir = _run_state_dir(g, client_id)
+    if state_dir is None:
+        return None, None
+    round_ = g.manifest.round
+    if not Path(state_dir).is_dir():
+        raise FedloraError(f"client state not found: {state_dir}")
+    state = storage.latest_state(state_dir, before_round=round_ + 1)
+    if state is None:
+        raise FedloraError(f"client state {state_dir} holds no trained round up to round {round_}")
+    return state_dir, state.manifest.client_id
+
+
+def _evaluation(
+    g: federation.Global, bench: Workbench, eval_data: Path | None, state_dir: Path | None, who: str | None,
+    base_override: str | None, progress: Callable[[int, int], None] | None,
+) -> list[dict[str, Any]]:
+    """The model card's evaluation rows: on ``eval_data`` now, else what the run recorded for this round."""
+    if eval_data is None:
+        return run_metrics(g, g.manifest, who)
+    metrics = federation.evaluate(g, eval_data, state_dir, who, base_override, bench=bench, progress=progress)
+    return [_eval_row(metrics, _model_label(who), f"{eval_data} (evaluated at export)")]
+
+
+def _card(
+    g: federation.Global, bench: Workbench, kind: str, who: str | None, base_ref: str,
+    evaluation: list[dict[str, Any]], state_dir: Path | None, dtype: str,
+) -> str:
+    recipe_model = g.manifest.recipe["model"]
+    return model_card(
+        g.manifest, kind=kind, client_id=who, base_model=base_ref, hub_base_model=hub_id_of(recipe_model["base"]),
+        license_id=base_license(bench.base_location, recipe_model.get("revision")), evaluation=evaluation,
+        privacy_facts=privacy_facts(g, g.manifest, state_dir), dtype=dtype, global_dir=g.path,
+    )
 
 
 def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> bool:
@@ -173,15 +197,14 @@ def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> bool:
     return out.is_dir()
 
 
-def _run_state_dir(global_dir: Path, client_id: str) -> Path:
+def _run_state_dir(g: federation.Global, client_id: str) -> Path:
     """A client's state folder in a simulate run (RUN/clients/ID beside RUN/global/round-NNN)."""
-
-    run = global_dir.resolve().parent
-    if run.name != storage.GLOBAL_DIR:
+    run = storage.RunLayout.of_global(g)
+    if run is None:
         raise FedloraError(
-            f"--client-id {client_id} needs --state (the client's state folder): {global_dir} is not in a run folder"
+            f"--client-id {client_id} needs --state (the client's state folder): {g.path} is not in a run folder"
         )
-    state_dir = storage.RunLayout(run.parent).state(client_id)
+    state_dir = run.state(client_id)
     if not state_dir.is_dir():
         raise FedloraError(f"client '{client_id}' has no state in this run ({state_dir} not found)")
     return state_dir
@@ -235,13 +258,14 @@ def _eval_row(metrics: dict[str, Any], model: str, data: str) -> dict[str, Any]:
     return row
 
 
-def run_metrics(global_dir: Path, manifest: GlobalManifest, client_id: str | None) -> list[dict[str, Any]]:
+def run_metrics(
+    global_dir: Path | storage.GlobalCheckpoint, manifest: GlobalManifest, client_id: str | None
+) -> list[dict[str, Any]]:
     """The evaluation ``fedlora simulate`` wrote for this round (RUN/metrics/round-NNN.json), if any."""
-
-    global_dir = Path(global_dir).resolve()
-    if global_dir.parent.name != storage.GLOBAL_DIR:
+    run = storage.RunLayout.of_global(global_dir)
+    if run is None:
         return []
-    path = storage.RunLayout(global_dir.parent.parent).metrics(manifest.round)
+    path = run.metrics(manifest.round)
     if not path.is_file():
         return []
     try:
@@ -260,7 +284,9 @@ def run_metrics(global_dir: Path, manifest: GlobalManifest, client_id: str | Non
     return rows
 
 
-def privacy_facts(global_dir: Path, manifest: GlobalManifest, state_dir: Path | None) -> dict[str, Any]:
+def privacy_facts(
+    global_dir: Path | storage.GlobalCheckpoint, manifest: GlobalManifest, state_dir: Path | None
+) -> dict[str, Any]:
     """The recipe's differential-privacy settings and the budget spent, from the ledgers fedlora keeps.
 
     Sample-level DP-SGD spending is per client: the client's ledger (in its state) for a personalised
@@ -272,30 +298,18 @@ def privacy_facts(global_dir: Path, manifest: GlobalManifest, state_dir: Path | 
     facts: dict[str, Any] = {}
     p = manifest.recipe.get("privacy")
     if p:
-        states: list[Path] = []
         if state_dir is not None:
             states = [Path(state_dir)]
         else:
-            run = Path(global_dir).resolve().parent
-            clients = run.parent / storage.CLIENTS_DIR
-            if run.name == storage.GLOBAL_DIR and clients.is_dir():
-                states = sorted(d for d in clients.iterdir() if d.is_dir())
-        spent: dict[str, float] = {}
-        for s in states:
-            state = storage.latest_state(s, before_round=manifest.round + 1)
-            if state is None or state.manifest.privacy is None:
-                continue
-            ledger = state.manifest.privacy
-            eps = ledger.get("epsilon")
-            if not isinstance(eps, (int, float)):
-                eps = privacy.Ledger.from_dict(ledger).epsilon()
-            spent[state.manifest.client_id] = float(eps)
+            run = storage.RunLayout.of_global(global_dir)
+            states = [s for s in run.client_states() if s.is_dir()] if run is not None else []
         facts["dp_sgd"] = {
             "target_epsilon": p.get("target_epsilon"), "delta": p.get("delta"), "noise_multiplier": p.get("noise_multiplier"),
-            "max_grad_norm": p.get("max_grad_norm"), "accountant": p.get("accountant"), "spent": spent,
+            "max_grad_norm": p.get("max_grad_norm"), "accountant": p.get("accountant"),
+            "spent": _dp_sgd_spent(states, manifest.round),
         }
     if manifest.server_privacy_ledger:
-        entry = privacy_report.server_entry(Path(global_dir))
+        entry = privacy_report.server_entry(global_dir)
         if entry is not None:
             sp = manifest.recipe.get("server_privacy") or {}
             facts["dp_fedavg"] = {
@@ -303,3 +317,18 @@ def privacy_facts(global_dir: Path, manifest: GlobalManifest, state_dir: Path | 
                 "releases": len(entry["history"]),
             }
     return facts
+
+
+def _dp_sgd_spent(states: list[Path], round_: int) -> dict[str, float]:
+    """Each client's DP-SGD epsilon up to ``round_``, from the newest state it holds for that round or before."""
+    spent: dict[str, float] = {}
+    for s in states:
+        state = storage.latest_state(s, before_round=round_ + 1)
+        if state is None or state.manifest.privacy is None:
+            continue
+        ledger = state.manifest.privacy
+        eps = ledger.get("epsilon")
+        if not isinstance(eps, (int, float)):
+            eps = privacy.Ledger.from_dict(ledger).epsilon()
+        spent[state.manifest.client_id] = float(eps)
+    return spent
