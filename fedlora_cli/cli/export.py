@@ -7,12 +7,15 @@ stays light.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 
 from fedlora_cli.cli.app import app, command
 from fedlora_cli.cli.options import BaseModelOpt, JsonOpt, OverwriteOpt
+
+if TYPE_CHECKING:
+    from fedlora_cli.export import ExportResult, HubTarget
 
 
 @command(app, "export")
@@ -62,32 +65,61 @@ def export_cmd(
     Example: [cyan]fedlora export runs/fedsa/global/round-003 --client-id client-0 --merge -o export/client-0[/]
     """
     from fedlora_cli import export as exports
-    from fedlora_cli.cli import ui
-    from fedlora_cli.errors import FedloraError
 
-    if push_to_hub is None and (private or revision or commit_message or token):
-        raise FedloraError("--private, --revision, --commit-message and --token go with --push-to-hub")
-    hub = None
-    if push_to_hub is not None:
-        hub = exports.HubTarget(push_to_hub, private, revision, commit_message, token)
+    hub = _hub_target(push_to_hub, private, revision, commit_message, token)
 
-    def run(progress: Callable[[int, int], None] | None) -> Any:
+    def run(progress: Callable[[int, int], None] | None) -> ExportResult:
         return exports.export(
             global_checkpoint, out, state_dir=state, client_id=client_id, merge=merge, dtype=dtype,
             eval_data=eval_data, base_override=base_model, hub=hub, overwrite=overwrite, progress=progress,
         )
 
-    if eval_data is not None:
+    _print_result(_with_feedback(run, eval_data is not None, global_checkpoint), as_json)
+
+
+def _hub_target(
+    repo_id: str | None, private: bool, revision: str | None, commit_message: str | None, token: str | None
+) -> HubTarget | None:
+    """Where --push-to-hub uploads, or None; the Hub options are refused without it."""
+    from fedlora_cli import export as exports
+    from fedlora_cli.errors import FedloraError
+
+    if repo_id is None and (private or revision or commit_message or token):
+        raise FedloraError("--private, --revision, --commit-message and --token go with --push-to-hub")
+    return exports.HubTarget(repo_id, private, revision, commit_message, token) if repo_id is not None else None
+
+
+def _with_feedback(
+    run: Callable[[Callable[[int, int], None] | None], ExportResult], evaluating: bool, source: Path
+) -> ExportResult:
+    """Run the export under a progress bar when it evaluates (the slow part), else under a spinner."""
+    from fedlora_cli.cli import ui
+
+    if evaluating:
         with ui.step_progress("evaluating for the model card") as bar:
-            result = run(lambda done, total: bar(done, total))
-    else:
-        with ui.err.status(f"exporting {global_checkpoint}"):
-            result = run(None)
+            return run(lambda done, total: bar(done, total))
+    with ui.err.status(f"exporting {source}"):
+        return run(None)
+
+
+def _print_result(result: ExportResult, as_json: bool) -> None:
+    """The result as JSON, or the notes on stderr, then what was exported and its files as two tables on stdout."""
+    from fedlora_cli.cli import ui
+
     if as_json:
         ui.print_json(result.to_dict())
         return
     for note in result.notes:
         ui.err.print(f"[yellow]note:[/] {note}", highlight=False)
+    ui.out.print(ui.table(f"export -> {result.path}", ["field", "value"], _summary_rows(result)))
+    files = [[name, ui.fmt_bytes(size)] for name, size in result.files]
+    files.append(["total", ui.fmt_bytes(sum(size for _, size in result.files))])
+    ui.out.print(ui.table("files", ["file", "size"], files))
+
+
+def _summary_rows(result: ExportResult) -> list[list[str]]:
+    from fedlora_cli.cli import ui
+
     who = f"personalised for {result.client_id}" if result.client_id else "global"
     rows = [
         ["model", f"{who}, {result.method} round {result.round}"],
@@ -102,7 +134,4 @@ def export_cmd(
             rows.append([f"{r['model']} accuracy", ui.fmt(r["accuracy"])])
     if result.hub_url:
         rows.append(["pushed to", result.hub_url])
-    ui.out.print(ui.table(f"export -> {result.path}", ["field", "value"], rows))
-    files = [[name, ui.fmt_bytes(size)] for name, size in result.files]
-    files.append(["total", ui.fmt_bytes(sum(size for _, size in result.files))])
-    ui.out.print(ui.table("files", ["file", "size"], files))
+    return rows
