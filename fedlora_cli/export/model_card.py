@@ -197,10 +197,10 @@ def _intro(manifest: GlobalManifest, kind: str, base_model: str, dtype: str, cau
 def _aside(manifest: GlobalManifest, client_id: str | None) -> list[str]:
     """Whose model this is: a client's personalised one, or a global one still missing what clients keep."""
     if client_id:
-        return [
+        return [(
             f"This is client **{client_id}**'s personalised model: the global adapter of round {manifest.round} "
             "plus the tensors this client kept at home."
-        ]
+        )]
     return ["> " + note for note in _notes(manifest, None)]
 
 
@@ -246,26 +246,26 @@ def _privacy_section(facts: dict[str, Any]) -> list[str]:
         target = f" (budget {server['target_epsilon']:g})" if server.get("target_epsilon") is not None else ""
         lines += [
             "",
-            f"Client-level DP-FedAvg at the coordinator, {server['releases']} release(s) of an aggregate: "
-            f"ε = {server['epsilon']:.3f} at δ = {server['delta']:g}{target}.",
+            (f"Client-level DP-FedAvg at the coordinator, {server['releases']} release(s) of an aggregate: "
+             f"ε = {server['epsilon']:.3f} at δ = {server['delta']:g}{target}."),
         ]
     return lines
 
 
 def _dp_sgd_lines(dp: dict[str, Any]) -> list[str]:
     budget = f", budget ε = {dp['target_epsilon']:g} per client" if dp.get("target_epsilon") is not None else ""
-    lines = [
+    lines = [(
         "Sample-level DP-SGD at every client: per-example gradients clipped to norm "
         f"{fmt(dp.get('max_grad_norm'), 3)}, "
         f"Gaussian noise multiplier {fmt(dp.get('noise_multiplier'), 4)}, δ = {dp.get('delta'):g}, "
         f"{dp.get('accountant')} accountant{budget}."
-    ]
+    )]
     spent = dp.get("spent") or {}
     if not spent:
         return lines + [
             "",
-            "No client ledger was found beside this checkpoint; each client's spending is in its state folder "
-            "(`fedlora privacy report STATE`).",
+            ("No client ledger was found beside this checkpoint; each client's spending is in its state folder "
+             "(`fedlora privacy report STATE`)."),
         ]
     return lines + ["", "Privacy spent up to this round (each client's own ledger):", ""] + [
         f"- {cid}: ε = {eps:.3f} (δ = {dp.get('delta'):g})" for cid, eps in spent.items()
@@ -352,10 +352,10 @@ def _causal_usage(kind: str, base_model: str, chat_template: bool) -> list[str]:
 def _base_note(kind: str, base_model: str) -> list[str]:
     if kind != "adapter" or hub_id_of(base_model) is not None:
         return []
-    return [
+    return [(
         f"`{base_model}` is where the base model was on the machine that exported this adapter; "
         "replace it with your copy of the same base model."
-    ]
+    )]
 
 
 def _partition_text(data: dict[str, Any]) -> str:
