@@ -25,7 +25,7 @@ from fedlora_cli.adapters.roles import (
 )
 
 __all__ = [
-    "ADAPTER_KINDS", "ADAPTER_PARAMETER_MARKERS", "HEAD_POLICIES", "METHODS", "ROLES", "ROLE_A", "ROLE_B", "ROLE_HEAD", "ROLE_LABELS",
-    "ROLE_LAMBDA_B", "ROLE_LAMBDA_D", "ROLE_PROJECTION", "SIDE_A", "SIDE_B", "AdapterKind", "Method", "Plan",
-    "adapter_kind", "method", "plan", "role_of",
+    "ADAPTER_KINDS", "ADAPTER_PARAMETER_MARKERS", "HEAD_POLICIES", "METHODS", "ROLE_A", "ROLE_B", "ROLE_HEAD",
+    "ROLE_LABELS", "ROLE_LAMBDA_B", "ROLE_LAMBDA_D", "ROLE_PROJECTION", "ROLES", "SIDE_A", "SIDE_B", "adapter_kind",
+    "AdapterKind", "Method", "method", "Plan", "plan", "role_of",
 ]

@@ -50,8 +50,9 @@ def make_strategy(federation: Any) -> Strategy:
 
 
 __all__ = [
-    "SERVER_OPTIMIZERS", "STRATEGIES", "ServerOptimizer", "Aggregate", "Contribution", "Contributions", "Exact", "Factors", "LayerReport", "Mean", "Median",
-    "NormBound", "PrivacyRelease", "RoundSpec", "Strategy", "Svd", "Tensors", "TrimmedMean", "accumulator_dtype", "client_weights",
-    "clip_to_norm", "coordinate_median", "exact_layer", "make_strategy", "nonfinite", "svd_layer", "to_rank",
-    "trim_count", "trimmed_mean", "update_norm", "weighted_mean",
+    "SERVER_OPTIMIZERS", "STRATEGIES", "accumulator_dtype", "Aggregate", "client_weights", "clip_to_norm",
+    "Contribution", "Contributions", "coordinate_median", "Exact", "exact_layer", "Factors", "LayerReport",
+    "make_strategy", "Mean", "Median", "nonfinite", "NormBound", "PrivacyRelease", "RoundSpec", "ServerOptimizer",
+    "Strategy", "Svd", "svd_layer", "Tensors", "to_rank", "trim_count", "trimmed_mean", "TrimmedMean",
+    "update_norm", "weighted_mean",
 ]

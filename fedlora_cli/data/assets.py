@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora_cli.storage.files import atomic_dir, atomic_file
 from fedlora_cli.errors import FedloraError, first_line
 from fedlora_cli.recipe.loading import resolve_location
+from fedlora_cli.storage.files import atomic_dir, atomic_file
 
 GSM_SYMBOLIC = "gsm_symbolic"
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora_cli.storage.files import atomic_dir, read_json, write_json
 from fedlora_cli.errors import FedloraError, first_line
-from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, TASK_CLASSIFICATION, DataSection
 from fedlora_cli.recipe.loading import resolve_location
+from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, TASK_CLASSIFICATION, DataSection
+from fedlora_cli.storage.files import atomic_dir, read_json, write_json
 
 if TYPE_CHECKING:
     import numpy as np

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedlora_cli.errors import FedloraError
-
-if TYPE_CHECKING:
-    pass
 from fedlora_cli.storage.checkpoints import GlobalCheckpoint
 from fedlora_cli.storage.files import atomic_file, read_json, write_json
 from fedlora_cli.storage.manifests import FORMAT_VERSION, _has_type
-
-if TYPE_CHECKING:
-
-    pass
 
 
 @dataclass
