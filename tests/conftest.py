@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny BERT built from a config, a tiny word-level sentiment dataset, recipes over them."""
+"""Shared fixtures: a tiny BERT and a tiny Llama built from a config, tiny datasets, recipes over them, and finished
+tiny federations simulated once per session (cached_federation) or copied for a test to write into (federation_copy).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import pandas as pd
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fedlora_cli.data.examples import PromptResponses  # noqa: E402  (light: no torch, no Hub client)
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "warm", "smart"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "flat", "cold", "silly"]
@@ -68,6 +72,13 @@ def recipe_dict(model_dir: Path, data: Path, method: str = "fedavg", head: str =
     }
 
 
+def private_recipe(model_dir, data, method="ffa", head="shared", **privacy_section):
+    """conftest's recipe under DP-SGD (plain SGD at lr 0.5, per-example clip 1, delta 1e-3), as a raw dict."""
+    raw = recipe_dict(model_dir, data, method, head, optimizer="sgd", lr=0.5)
+    raw["privacy"] = {"max_grad_norm": 1.0, "delta": 1e-3, **privacy_section}
+    return raw
+
+
 @pytest.fixture
 def make_recipe(tiny_model_dir: Path, reviews_csv: Path):
     from fedlora_cli import recipe as recipes
@@ -105,7 +116,11 @@ class QuietReporter:
 
 @pytest.fixture
 def run_federation(tmp_path: Path):
-    """Simulate a tiny federation; returns its RunLayout."""
+    """Simulate a tiny federation afresh, in this test's tmp_path; returns its RunLayout.
+
+    For a test that watches the simulation itself (a spy on training, an interrupted run). A test that only needs a
+    finished run takes :func:`cached_federation`, and one that writes into the run folder :func:`federation_copy`.
+    """
     from fedlora_cli.federation import simulate
 
     def run(recipe, name: str = "run"):
@@ -116,12 +131,111 @@ def run_federation(tmp_path: Path):
     return run
 
 
+@pytest.fixture(scope="session")
+def cached_federation(tmp_path_factory: pytest.TempPathFactory):
+    """Finished tiny federations, each simulated once per test session: one per recipe (keyed by its digest).
+
+    Shared by every test that asks for the same recipe, so a test may only READ the run folder. A test that writes
+    into it (a DP-FedAvg aggregation writes its ledger beside the global checkpoints, for one) takes a
+    :func:`federation_copy` instead.
+    """
+    from fedlora_cli.federation import simulate
+
+    done: dict[str, simulate.RunLayout] = {}
+    snapshots: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def run(recipe) -> simulate.RunLayout:
+        key = recipe.digest()
+        if key not in done:
+            layout = simulate.RunLayout(tmp_path_factory.mktemp(f"cached-{recipe.name}") / "run")
+            simulate.simulate(recipe, layout.root, QuietReporter())
+            done[key] = layout
+            snapshots[key] = _files_of(layout.root)
+        return done[key]
+
+    yield run
+    # The guard that makes sharing safe: no test wrote into a cached run.
+    changed = {key: sorted(set(_files_of(done[key].root).items()) ^ set(files.items())) for key, files in snapshots.items()}
+    changed = {done[key].root: diff for key, diff in changed.items() if diff}
+    assert not changed, f"a test wrote into a cached federation (take a federation_copy): {changed}"
+
+
+def _files_of(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def federation_copy(cached_federation, tmp_path: Path):
+    """A private copy (in this test's tmp_path) of the cached finished federation of a recipe: free to write into."""
+    import shutil
+
+    from fedlora_cli.federation import simulate
+
+    def copy(recipe, name: str = "run") -> simulate.RunLayout:
+        layout = simulate.RunLayout(tmp_path / name)
+        shutil.copytree(cached_federation(recipe).root, layout.root)
+        return layout
+
+    return copy
+
+
+@pytest.fixture
+def federation_of(cached_federation, tiny_model_dir: Path, reviews_csv: Path):
+    """The cached finished federation of conftest's recipe with ``method``, ``head``, training keys and whole
+    sections changed (e.g. ``privacy={...}``); tests only read it."""
+    from fedlora_cli import recipe as recipes
+
+    def run(method: str, head: str = "shared", training: dict | None = None, **sections: dict):
+        raw = recipe_dict(tiny_model_dir, reviews_csv, method, head, **(training or {}))
+        for name, values in sections.items():
+            raw[name] = {**raw.get(name, {}), **values}
+        return cached_federation(recipes.from_dict(raw))
+
+    return run
+
+
+@pytest.fixture
+def kind_recipe(tiny_model_dir: Path, reviews_csv: Path):
+    """conftest's recipe with another adapter kind (and adapter keys)."""
+    from fedlora_cli import recipe as recipes
+
+    def make(kind: str, method: str = "fedavg", head: str = "shared", **adapter):
+        raw = recipe_dict(tiny_model_dir, reviews_csv, method, head)
+        raw["adapter"].update({"kind": kind, **adapter})
+        return recipes.from_dict(raw)
+
+    return make
+
+
+@pytest.fixture
+def strategy_recipe(tiny_model_dir: Path, reviews_csv: Path):
+    """conftest's recipe with an adapter kind, client ranks and federation keys (an aggregation strategy)."""
+    from fedlora_cli import recipe as recipes
+
+    def make(method: str = "fedavg", kind: str = "lora", client_ranks=None, **federation_keys):
+        raw = recipe_dict(tiny_model_dir, reviews_csv, method)
+        raw["adapter"].update({"kind": kind, "client_ranks": client_ranks})
+        raw["federation"].update(federation_keys)
+        return recipes.from_dict(raw)
+
+    return make
+
+
 # --------------------------------------------------------------------------------------------------------
 # causal-lm: a tiny Llama with a byte-level BPE tokenizer and a chat template, and tiny math problems
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# Two prompt-response pairs with final answers, chat-templated: what the causal-lm unit tests encode and score.
+PAIRS = PromptResponses(
+    prompts=["Sam has 3 apples and the rule is add 4. How many apples?", "What is 12 * 2?"],
+    responses=["3 + 4 = 7\n#### 7", "12 * 2 = 24\n#### 24"],
+    answers=["7", "24"],
+    chat_template=True,
 )
 
 

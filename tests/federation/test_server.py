@@ -1,9 +1,6 @@
-"""Aggregation strategies on the files a tiny federation writes, checked against independent computations.
-
-svd: clients of different ranks each train and receive their own rank; exact: the global's effective update
-is the weighted mean of the clients' s B_k A_k; median, trimmed mean and the norm bound keep a poisoned
-client's update from moving the global beyond the honest clients' range.
-"""
+"""fedlora_cli.federation.server: the coordinator's round on the files a tiny federation writes, against
+independent computations: FedAvg's weighted mean and its weights, svd and exact on the products B_k A_k,
+median, trimmed mean and the norm bound against a poisoned client; and round_recipe's overrides."""
 
 from __future__ import annotations
 
@@ -12,33 +9,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QuietReporter, recipe_dict
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlora_cli import aggregation, federation, recipe as recipes, storage
+from fedlora_cli import aggregation, federation, storage
 from fedlora_cli.adapters.kinds import adapter_kind
 from fedlora_cli.adapters.roles import ROLE_A, ROLE_B, role_of
 from fedlora_cli.cli import app
 
 CLIENTS = ["client-0", "client-1", "client-2"]
+
+
 ALPHA, RANK = 8.0, 4  # conftest's adapter: r = 4, alpha = 8
+
+
 runner = CliRunner()
-
-
-@pytest.fixture
-def strategy_recipe(tiny_model_dir, reviews_csv):
-    def make(method: str = "fedavg", kind: str = "lora", client_ranks=None, **federation_keys):
-        raw = recipe_dict(tiny_model_dir, reviews_csv, method)
-        raw["adapter"].update({"kind": kind, "client_ranks": client_ranks})
-        raw["federation"].update(federation_keys)
-        return recipes.from_dict(raw)
-
-    return make
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / storage.ADAPTER_WEIGHTS))
+
+
+def update_tensors(layout, round_: int, client: str) -> dict[str, torch.Tensor]:
+    return load_file(str(layout.update(round_, client) / storage.UPDATE_TENSORS))
 
 
 def sent(layout, round_: int, client: str) -> dict[str, torch.Tensor]:
@@ -56,52 +49,61 @@ def products(tensors: dict[str, torch.Tensor], scale: float) -> dict[str, torch.
             for layer, (a, b) in adapter_kind("lora").layers(tensors).items()}
 
 
-# svd -----------------------------------------------------------------------------------------------------------
+def test_fedavg_aggregate_is_the_weighted_mean(make_recipe, cached_federation):
+    layout = cached_federation(make_recipe("fedavg"))
+    manifests = [storage.read_update(layout.update(2, c)).manifest for c in CLIENTS]
+    n = torch.tensor([m.num_examples for m in manifests], dtype=torch.float64)
+    p = n / n.sum()
+    updates = [update_tensors(layout, 2, c) for c in CLIENTS]
+    result = weights_of(layout.global_checkpoint(2))
+    for name in updates[0]:
+        expected = sum(p[k] * updates[k][name].double() for k in range(len(CLIENTS)))
+        torch.testing.assert_close(result[name].double(), expected, rtol=1e-6, atol=1e-7)
+    # Head is shared too, so everything is in the update.
+    assert set(updates[0]) == set(result)
 
 
-def test_heterogeneous_ranks_each_client_trains_and_receives_its_own_rank(strategy_recipe, tmp_path, monkeypatch):
-    from fedlora_cli.federation import simulate
-    from fedlora_cli.model import training
-
-    ranks = {"client-0": 1, "client-1": 2}  # client-2 trains the global rank 4
-    recipe = strategy_recipe(client_ranks=ranks, aggregation="svd")
-    received: list[dict[str, torch.Tensor]] = []
-    real = training.local_train
-
-    def spy(bench, plan, examples, seed, progress=None, dp=None):
-        received.append({n: t.clone() for n, t in bench.adapter_tensors().items()})
-        return real(bench, plan, examples, seed, progress, dp)
-
-    monkeypatch.setattr(training, "local_train", spy)
-    layout = simulate.RunLayout(tmp_path / "run")
-    rows = simulate.simulate(recipe, layout.root, QuietReporter())
-
-    rank_of = {c: ranks.get(c, RANK) for c in CLIENTS}
-    for round_ in (1, 2):
-        g = weights_of(layout.global_checkpoint(round_))
-        assert all(t.shape[0] == RANK for n, t in g.items() if role_of(n) == ROLE_A), "the global holds rank r"
-        for client in CLIENTS:
-            for name, t in sent(layout, round_, client).items():
-                if role_of(name) == ROLE_A:
-                    assert t.shape[0] == rank_of[client]
-                if role_of(name) == ROLE_B:
-                    assert t.shape[1] == rank_of[client]
-    # Round 2 starts (calls 4..6) from the round-1 global truncated to each client's rank, rescaled to its scale.
-    g1 = weights_of(layout.global_checkpoint(1))
-    for k, client in enumerate(CLIENTS):
-        r = rank_of[client]
-        start = received[3 + k]
-        for layer, (a, b) in adapter_kind("lora").layers(g1).items():
-            assert start[a].shape == (r, g1[a].shape[1]) and start[b].shape == (g1[b].shape[0], r)
-            torch.testing.assert_close(start[a], g1[a][:r])
-            torch.testing.assert_close(start[b], g1[b][:, :r] * (ALPHA / RANK) / (ALPHA / r))
-    # Every client's personalised model (the global at its rank) is evaluated.
-    assert rows[-1]["personalised_accuracy"] is not None
+@pytest.mark.parametrize("method", ["fedavg", "ffa", "fedsa"])
+def test_identical_updates_are_a_fixed_point(method, make_recipe, cached_federation, tmp_path):
+    layout = cached_federation(make_recipe(method))
+    source = layout.update(1, "client-0")
+    copies = []
+    for k, n in enumerate((5, 50, 500)):
+        copy = tmp_path / f"copy-{k}"
+        update = storage.read_update(source)
+        m = update.manifest
+        m.client_id, m.num_examples, m.shard_examples = f"copy-{k}", n, n
+        storage.write_update(copy, m, load_file(str(source / storage.UPDATE_TENSORS)))
+        copies.append(copy)
+    out = tmp_path / "agg"
+    federation.aggregate_round(layout.global_checkpoint(0), copies, out)
+    sent = update_tensors(layout, 1, "client-0")
+    got = weights_of(out)
+    for name, t in sent.items():
+        torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-7)
 
 
-def test_svd_global_is_the_truncated_weighted_mean_of_the_products(strategy_recipe, run_federation):
+def test_weights_follow_example_counts(make_recipe, cached_federation, tmp_path):
+    layout = cached_federation(make_recipe("fedavg"))
+    result = federation.aggregate_round(
+        layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "again"
+    )
+    counts = [storage.read_update(layout.update(1, c)).manifest.num_examples for c in CLIENTS]
+    assert [r.weight for r in result.clients] == pytest.approx([c / sum(counts) for c in counts])
+    shard = federation.aggregate_round(
+        layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "shard", weighting="shard"
+    )
+    sizes = [r.shard_examples for r in shard.clients]
+    assert [r.weight for r in shard.clients] == pytest.approx([s / sum(sizes) for s in sizes])
+    uniform = federation.aggregate_round(
+        layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "uniform", weighting="uniform"
+    )
+    assert [r.weight for r in uniform.clients] == pytest.approx([1 / 3] * 3)
+
+
+def test_svd_global_is_the_truncated_weighted_mean_of_the_products(strategy_recipe, cached_federation):
     ranks = {"client-0": 1, "client-1": 2}
-    layout = run_federation(strategy_recipe(client_ranks=ranks, aggregation="svd"))
+    layout = cached_federation(strategy_recipe(client_ranks=ranks, aggregation="svd"))
     p = example_weights(layout, 2)
     target: dict[str, torch.Tensor] = {}
     for client, w in zip(CLIENTS, p):
@@ -118,8 +120,8 @@ def test_svd_global_is_the_truncated_weighted_mean_of_the_products(strategy_reci
         assert report["layers"][layer]["truncation_error"] == pytest.approx(float(best), rel=1e-4, abs=1e-6)
 
 
-def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, run_federation, tmp_path):
-    layout = run_federation(strategy_recipe(aggregation="svd"))
+def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, cached_federation, tmp_path):
+    layout = cached_federation(strategy_recipe(aggregation="svd"))
     source = layout.update(1, "client-0")
     copies = []
     for k, n in enumerate((5, 50, 500)):
@@ -133,11 +135,8 @@ def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, run_federati
         torch.testing.assert_close(got[layer], want[layer], rtol=1e-5, atol=1e-6)
 
 
-# exact -------------------------------------------------------------------------------------------------------
-
-
-def test_exact_global_update_is_the_weighted_mean_of_the_products(strategy_recipe, run_federation, tiny_model_dir):
-    layout = run_federation(strategy_recipe(aggregation="exact"))
+def test_exact_global_update_is_the_weighted_mean_of_the_products(strategy_recipe, cached_federation, tiny_model_dir):
+    layout = cached_federation(strategy_recipe(aggregation="exact"))
     scale = ALPHA / RANK
     corrections = {r: storage.read_global(layout.global_checkpoint(r)).correction() for r in (0, 1, 2)}
     assert corrections[0] == {} and corrections[1] and corrections[2]
@@ -160,35 +159,8 @@ def test_exact_global_update_is_the_weighted_mean_of_the_products(strategy_recip
                 torch.testing.assert_close(weights_of(layout.global_checkpoint(round_))[name].double(), mean_t)
 
 
-def test_exact_correction_is_in_the_model_clients_and_evaluation_use(strategy_recipe, run_federation, tiny_model_dir, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
-    from fedlora_cli import export
-
-    layout = run_federation(strategy_recipe(aggregation="exact"))
-    g = layout.global_checkpoint(2)
-    correction = storage.read_global(g).correction()
-    bench, _ = federation.load_for_evaluation(g)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
-    base_weights = dict(base.named_parameters())
-    for layer, c in correction.items():
-        module = bench.model.get_submodule(layer)
-        w0 = base_weights[layer.removeprefix("base_model.model.") + ".weight"]
-        torch.testing.assert_close(module.get_base_layer().weight, w0 + c)
-    # A merged export holds W0 + correction + s B A; an adapter export cannot hold the correction.
-    result = export.export(g, tmp_path / "merged", merge=True)
-    merged = dict(AutoModelForSequenceClassification.from_pretrained(result.path).named_parameters())
-    effective = products(weights_of(g), ALPHA / RANK)
-    for layer, c in correction.items():
-        key = layer.removeprefix("base_model.model.") + ".weight"
-        torch.testing.assert_close(merged[key].double(), base_weights[key].double() + c.double() + effective[layer],
-                                   rtol=1e-5, atol=1e-5)
-    out = runner.invoke(app, ["export", str(g), "--out", str(tmp_path / "adapter")])
-    assert out.exit_code == 1 and "--merge" in out.output and not (tmp_path / "adapter").exists()
-
-
-def test_a_later_mean_round_keeps_the_correction(strategy_recipe, run_federation, tmp_path):
-    layout = run_federation(strategy_recipe(aggregation="exact"))
+def test_a_later_mean_round_keeps_the_correction(strategy_recipe, cached_federation, tmp_path):
+    layout = cached_federation(strategy_recipe(aggregation="exact"))
     # Retrain round 2 is not needed: re-aggregate the round-2 updates with mean instead of exact.
     result = federation.aggregate_round(layout.global_checkpoint(1), [layout.update(2, c) for c in CLIENTS],
                                         tmp_path / "mean", strategy="mean")
@@ -196,9 +168,6 @@ def test_a_later_mean_round_keeps_the_correction(strategy_recipe, run_federation
     parent = storage.read_global(layout.global_checkpoint(1)).correction()
     assert set(kept) == set(parent) and all(torch.equal(kept[n], parent[n]) for n in parent)
     assert result.checkpoint.manifest.digest != storage.read_global(layout.global_checkpoint(2)).manifest.digest
-
-
-# median, trimmed mean, norm bound ----------------------------------------------------------------------------
 
 
 def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: float = 1e4) -> Path:
@@ -217,8 +186,8 @@ def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: floa
     [["--strategy", "median"], ["--strategy", "trimmed-mean", "--trim-fraction", "0.25"],
      ["--norm-bound", "NORM", "--norm-bound-action", "reject"]],
 )
-def test_a_poisoned_client_does_not_move_the_robust_aggregate(options, strategy_recipe, run_federation, tmp_path):
-    layout = run_federation(strategy_recipe("fedsa"))  # A and the head travel
+def test_a_poisoned_client_does_not_move_the_robust_aggregate(options, strategy_recipe, cached_federation, tmp_path):
+    layout = cached_federation(strategy_recipe("fedsa"))  # A and the head travel
     honest = [sent(layout, 1, c) for c in CLIENTS]
     updates = [layout.update(1, c) for c in CLIENTS] + [poisoned_copy(layout, tmp_path)]
     if "NORM" in options:
@@ -243,8 +212,8 @@ def test_a_poisoned_client_does_not_move_the_robust_aggregate(options, strategy_
     assert float((weights_of(plain.checkpoint.path)[name] - honest[0][name]).abs().max()) > 1.0
 
 
-def test_median_is_the_coordinate_median_of_the_updates(strategy_recipe, run_federation, tmp_path):
-    layout = run_federation(strategy_recipe("fedavg"))
+def test_median_is_the_coordinate_median_of_the_updates(strategy_recipe, cached_federation, tmp_path):
+    layout = cached_federation(strategy_recipe("fedavg"))
     federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "m",
                                strategy="median")
     got = weights_of(tmp_path / "m")
@@ -253,8 +222,8 @@ def test_median_is_the_coordinate_median_of_the_updates(strategy_recipe, run_fed
         torch.testing.assert_close(got[name], values.median(dim=0).values)  # three clients: the middle value
 
 
-def test_norm_bound_clip_is_the_mean_of_clipped_updates(strategy_recipe, run_federation, tmp_path):
-    layout = run_federation(strategy_recipe("fedavg"))
+def test_norm_bound_clip_is_the_mean_of_clipped_updates(strategy_recipe, cached_federation, tmp_path):
+    layout = cached_federation(strategy_recipe("fedavg"))
     g0 = weights_of(layout.global_checkpoint(0))
     updates = [sent(layout, 1, c) for c in CLIENTS]
     norms = [aggregation.update_norm(u, g0) for u in updates]
@@ -269,8 +238,8 @@ def test_norm_bound_clip_is_the_mean_of_clipped_updates(strategy_recipe, run_fed
     assert result.checkpoint.manifest.aggregation["clipped"] == [CLIENTS[norms.index(max(norms))]]
 
 
-def test_aggregate_cli_reports_the_error_of_plain_averaging(strategy_recipe, run_federation, tmp_path):
-    layout = run_federation(strategy_recipe("fedavg"))
+def test_aggregate_cli_reports_the_error_of_plain_averaging(strategy_recipe, cached_federation, tmp_path):
+    layout = cached_federation(strategy_recipe("fedavg"))
     updates = [str(layout.update(1, c)) for c in CLIENTS]
     table = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "t"),
                                 "--strategy", "exact"])

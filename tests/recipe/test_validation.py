@@ -1,38 +1,13 @@
-"""Recipes: every shipped one validates; bad keys and combinations are rejected by name."""
+"""fedlora_cli.recipe.validation: bad keys and combinations are rejected by name; overridden keys are named as the
+user set them; planned_clients=False leaves the client count to the round."""
 
 from __future__ import annotations
 
 import pytest
-import yaml
+from conftest import causal_recipe_dict
 
 from fedlora_cli import recipe as recipes
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.recipe import catalog as recipes_catalog
-
-SHIPPED = recipes_catalog.names()
-
-
-def test_there_are_shipped_recipes_for_each_method():
-    loaded = [recipes.load(recipes_catalog.find(n)) for n in SHIPPED]
-    methods = {r.federation.method for r in loaded}
-    assert {"quickstart", "fedavg-lora", "ffa-lora", "fedsa-lora"} <= set(SHIPPED)
-    assert methods >= {"fedavg", "ffa", "fedsa"}
-
-
-def test_there_are_shipped_recipes_for_the_adapter_kinds_and_heterogeneous_ranks():
-    assert {"fedsa-rslora", "fedsa-vera", "ffa-vera", "fedavg-svd-hetero"} <= set(SHIPPED)
-    combos = {(r.federation.method, r.adapter.kind) for r in (recipes.load(recipes_catalog.find(n)) for n in SHIPPED)}
-    assert {("fedsa", "rslora"), ("fedsa", "vera"), ("ffa", "vera")} <= combos
-    hetero = recipes.load(recipes_catalog.find("fedavg-svd-hetero"))
-    assert hetero.federation.aggregation == "svd" and hetero.federation.method == "fedavg"
-    assert len({hetero.adapter.rank_for(f"client-{k}") for k in range(hetero.federation.clients)}) > 1
-
-
-@pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_recipe_validates(name):
-    r = recipes.load(recipes_catalog.find(name))
-    assert r.name
-    assert recipes_catalog.summary(recipes_catalog.find(name)), "first line comment describes the recipe"
 
 
 def base() -> dict:
@@ -82,54 +57,6 @@ def test_bad_values_name_the_key(patch, key):
         recipes.from_dict(raw)
 
 
-def test_model_base_is_required():
-    with pytest.raises(FedloraError, match="model"):
-        recipes.from_dict({"training": {}})
-
-
-def test_overrides_are_validated_like_file_values(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(base()))
-    r = recipes.load(path, {"training.lr": 0.02, "adapter.target_modules": ["q_proj", "v_proj"]})
-    assert r.training.lr == 0.02
-    assert r.adapter.target_modules == ["q_proj", "v_proj"]
-    with pytest.raises(FedloraError, match="training.lr"):
-        recipes.load(path, {"training.lr": 0})
-    with pytest.raises(FedloraError, match="nosuch.key"):
-        recipes.load(path, {"nosuch.key": 1})
-
-
-def test_parse_override():
-    assert recipes.parse_override("training.lr=0.001") == ("training.lr", 0.001)
-    assert recipes.from_dict({**base(), "training": {"lr": "1e-3"}}).training.lr == 1e-3
-    assert recipes.parse_override("adapter.target_modules=[q, v]") == ("adapter.target_modules", ["q", "v"])
-    with pytest.raises(FedloraError):
-        recipes.parse_override("training.lr")
-    with pytest.raises(FedloraError):
-        recipes.parse_override("lr=1")
-
-
-def test_digest_changes_with_any_value():
-    a = recipes.from_dict(base())
-    b = recipes.from_dict({**base(), "training": {"lr": 0.001}})
-    assert a.digest() == recipes.from_dict(base()).digest()
-    assert a.digest() != b.digest()
-
-
-def test_invalid_yaml_is_one_error(tmp_path):
-    path = tmp_path / "r.yaml"
-    path.write_text("model: [unclosed\n")
-    with pytest.raises(FedloraError, match="not valid YAML"):
-        recipes.load(path)
-
-
-def test_pkg_locations(tmp_path):
-    assert recipes.resolve_location("org/model") == "org/model"
-    assert recipes.resolve_location("pkg:fedlora_cli/recipe/schema.py").endswith("fedlora_cli/recipe/schema.py")
-    with pytest.raises(FedloraError, match="not installed"):
-        recipes.resolve_location("pkg:no_such_package_xyz/model")
-
-
 @pytest.mark.parametrize("kind", ["lora", "rslora", "vera"])
 @pytest.mark.parametrize("method", ["fedavg", "ffa", "fedsa"])
 @pytest.mark.parametrize("aggregation", ["mean", "svd", "exact", "median", "trimmed-mean"])
@@ -142,3 +69,35 @@ def test_the_combinations_that_mean_something_validate(kind, method, aggregation
     else:
         with pytest.raises(FedloraError, match=r"federation\.aggregation"):
             recipes.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "patch, key",
+    [
+        ({"federation": {"head": "shared"}}, "federation.head"),
+        ({"model": {"num_labels": 3}}, "model.num_labels"),
+        ({"data": {"labels": ["a", "b"]}}, "data.labels"),
+        ({"data": {"by": None}}, "data.by"),
+        ({"evaluation": {"answer": "regex"}}, "evaluation.answer"),
+        ({"evaluation": {"max_new_tokens": 0}}, "evaluation.max_new_tokens"),
+        ({"data": {"strategy": "size", "sizes": [1, 2]}}, "data.sizes"),
+        ({"data": {"response_column": "question"}}, "data.response_column"),
+    ],
+)
+def test_causal_recipe_errors_name_the_key(patch, key, tiny_causal_dir, math_jsonl):
+    raw = causal_recipe_dict(tiny_causal_dir, math_jsonl)
+    for section, values in patch.items():
+        raw[section] = {**raw[section], **values}
+    with pytest.raises(FedloraError, match=f"'{key}'"):
+        recipes.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [({"target_epsilon": -1.0}, "privacy.target_epsilon"), ({"target_epsilon": 1.0, "delta": 1.5}, "privacy.delta"),
+     ({}, "privacy.target_epsilon"), ({"noise_multiplier": 1.0, "accountant": "gdp"}, "privacy.accountant")],
+)
+def test_bad_privacy_settings_name_the_key(section, key):
+    raw = {"model": {"base": "m"}, "privacy": section}
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        recipes.from_dict(raw)

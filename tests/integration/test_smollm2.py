@@ -22,7 +22,7 @@ from fedlora_cli.model.training import local_train
 from fedlora_cli.model.workbench import build
 from fedlora_cli.recipe import catalog as recipes_catalog
 
-MODEL = Path(os.environ.get("FEDLORA_SMOLLM2_DIR", Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"))
+MODEL = Path(os.environ.get("FEDLORA_SMOLLM2_DIR", Path(__file__).resolve().parents[2] / "models" / "smollm2-135m-instruct"))
 
 pytestmark = [
     pytest.mark.integration,

@@ -1,4 +1,4 @@
-"""Aggregation math on hand-made tensors (Prepare / Execute / Assert)."""
+"""fedlora_cli.aggregation.functions: the aggregation math on hand-made tensors (Prepare / Execute / Assert)."""
 
 from __future__ import annotations
 

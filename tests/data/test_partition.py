@@ -1,14 +1,17 @@
-"""Partition strategies: seeded, disjoint, complete, and skewed as asked."""
+"""fedlora_cli.data.partition: partition strategies: seeded, disjoint, complete, and skewed as asked; with and
+without labels."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from fedlora_cli import recipe as recipes
-from fedlora_cli.cli import plots
 from fedlora_cli.data import partition
+from fedlora_cli.data.examples import read_examples
 from fedlora_cli.errors import FedloraError
 
 
@@ -111,7 +114,33 @@ def test_other_sources(tmp_path, reviews_csv, suffix):
     assert sum(c["examples"] for c in m["clients"]) + m["test"]["examples"] == 400
 
 
-def test_plot_writes_png(tmp_path, reviews_csv):
-    m = partition.partition(spec(reviews_csv, strategy="dirichlet"), 3, tmp_path / "p").manifest
-    plots.label_distribution(m, tmp_path / "labels.png")
-    assert (tmp_path / "labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_partitions_without_labels(make_causal_recipe, tmp_path):
+    r = make_causal_recipe()
+    data = r.data
+    plain = dataclasses.replace(data, strategy="iid", by=None)
+    iid = partition.partition(plain, 3, tmp_path / "iid", task="causal-lm")
+    assert iid.manifest["task"] == "causal-lm" and iid.manifest["label_names"] == [] and iid.manifest["label_column"] is None
+    assert sum(c["examples"] for c in iid.manifest["clients"]) == 120
+    # With a category column, any strategy counts its values per client, as labels are counted.
+    counted = partition.partition(dataclasses.replace(data, strategy="iid"), 3, tmp_path / "iid2", task="causal-lm")
+    assert counted.manifest["label_names"] == ["add", "mul", "sub"] and counted.manifest["label_column"] == "category"
+    natural = partition.partition(dataclasses.replace(data, strategy="natural"), 3, tmp_path / "nat", task="causal-lm")
+    assert [c["value"] for c in natural.manifest["clients"]] == ["add", "mul", "sub"]
+    assert all(sum(1 for n in c["label_counts"] if n) == 1 for c in natural.manifest["clients"])
+    sized = partition.partition(dataclasses.replace(data, strategy="size", sizes=[0.6, 0.3, 0.1]), 3,
+                                tmp_path / "size", task="causal-lm")
+    assert [c["examples"] for c in sized.manifest["clients"]] == [72, 36, 12]
+    drawn = partition.partition(dataclasses.replace(data, strategy="size", alpha=1.0), 3, tmp_path / "drawn",
+                                task="causal-lm")
+    assert len({c["examples"] for c in drawn.manifest["clients"]}) > 1
+    shard = read_examples(tmp_path / "size" / "client-2.parquet", data, "causal-lm", None)
+    assert len(shard) == 12 and shard.answers is not None and shard.chat_template
+
+
+def test_by_size_honours_proportions_and_refuses_an_empty_client():
+    rng = np.random.default_rng(0)
+    parts = partition.by_size(10, 3, rng, [0.5, 0.25, 0.25])
+    assert [len(p) for p in parts] == [5, 3, 2] or [len(p) for p in parts] == [5, 2, 3]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(10))
+    with pytest.raises(FedloraError, match="without an example"):
+        partition.by_size(10, 3, rng, [0.98, 0.01, 0.01])

@@ -1,0 +1,39 @@
+"""fedlora_cli.cli.data: the partition command, labelled and unlabelled, and its mistakes."""
+
+from __future__ import annotations
+
+import json
+
+from cli.helpers import fails, ok, refused
+
+
+def test_partition_missing_column(tmp_path, reviews_csv):
+    out = tmp_path / "p"
+    fails(["partition", reviews_csv, "--label-column", "stars", "--out", out], "column 'stars'")
+    assert not out.exists()
+
+
+def test_partition_plot_into_a_file_path_writes_nothing(tmp_path, reviews_csv):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "p"
+    fails(["partition", reviews_csv, "--label-column", "sentiment", "--out", out, "--plot", tmp_path / "a-file" / "x.png"],
+          "cannot write the plot")
+    assert not out.exists()
+
+
+def test_partition_missing_file(tmp_path):
+    out = tmp_path / "p"
+    fails(["partition", tmp_path / "none.csv", "--out", out], "not found")
+    assert not out.exists()
+
+
+def test_partition_cli_for_unlabelled_data(tmp_path, math_jsonl):
+    out = json.loads(ok(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question",
+                         "--strategy", "size", "--sizes", "0.5,0.3,0.2", "--out", tmp_path / "p", "--json"]))
+    assert [c["examples"] for c in out["clients"]] == [60, 36, 24]
+    table = ok(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question",
+                "--strategy", "dirichlet", "--by", "category", "-n", "2", "--out", tmp_path / "d"])
+    assert "mul" in table
+    refused(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question", "--strategy", "dirichlet",
+           "--out", tmp_path / "x"], "data.by")
+    refused(["partition", math_jsonl, "--task", "causal-lm", "--out", tmp_path / "y"], "column 'prompt' not in the dataset")

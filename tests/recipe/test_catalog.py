@@ -1,0 +1,33 @@
+"""fedlora_cli.recipe.catalog: every shipped recipe validates; there are recipes for each method and adapter kind."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora_cli import recipe as recipes
+from fedlora_cli.recipe import catalog as recipes_catalog
+
+SHIPPED = recipes_catalog.names()
+
+
+def test_there_are_shipped_recipes_for_each_method():
+    loaded = [recipes.load(recipes_catalog.find(n)) for n in SHIPPED]
+    methods = {r.federation.method for r in loaded}
+    assert {"quickstart", "fedavg-lora", "ffa-lora", "fedsa-lora"} <= set(SHIPPED)
+    assert methods >= {"fedavg", "ffa", "fedsa"}
+
+
+def test_there_are_shipped_recipes_for_the_adapter_kinds_and_heterogeneous_ranks():
+    assert {"fedsa-rslora", "fedsa-vera", "ffa-vera", "fedavg-svd-hetero"} <= set(SHIPPED)
+    combos = {(r.federation.method, r.adapter.kind) for r in (recipes.load(recipes_catalog.find(n)) for n in SHIPPED)}
+    assert {("fedsa", "rslora"), ("fedsa", "vera"), ("ffa", "vera")} <= combos
+    hetero = recipes.load(recipes_catalog.find("fedavg-svd-hetero"))
+    assert hetero.federation.aggregation == "svd" and hetero.federation.method == "fedavg"
+    assert len({hetero.adapter.rank_for(f"client-{k}") for k in range(hetero.federation.clients)}) > 1
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipe_validates(name):
+    r = recipes.load(recipes_catalog.find(name))
+    assert r.name
+    assert recipes_catalog.summary(recipes_catalog.find(name)), "first line comment describes the recipe"
