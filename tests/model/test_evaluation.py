@@ -55,7 +55,12 @@ def test_evaluation_is_deterministic_and_reports_causal_metrics(make_causal_reci
     assert first == second
     assert first["examples"] == len(test) and first["generated"] == 10 and first["scored"] == 10
     assert first["perplexity"] == pytest.approx(np.exp(first["loss"]))
-    assert 0 <= first["exact_match"] <= 1 and first["response_tokens"] > 0
+    # exact_match is the share of the first 10 test prompts (generate_examples) whose greedy generation ends in the
+    # gold answer, computed here from the generations themselves.
+    generations = evaluation.generate(bench, test, np.arange(10), r.evaluation.max_new_tokens)
+    gold = [evaluation.canonical_number(test.answers[i].strip()) for i in range(10)]
+    by_hand = sum(evaluation.extract_number(g.text) == a for g, a in zip(generations, gold)) / 10
+    assert first["exact_match"] == by_hand and first["response_tokens"] > 0
     a = evaluation.generate(bench, test, np.arange(6), 8)
     b = evaluation.generate(bench, test, np.arange(6), 8)
     assert [g.tokens for g in a] == [g.tokens for g in b]
