@@ -5,7 +5,9 @@ tiny federations simulated once per session (cached_federation) or copied for a 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedlora_cli.data.examples import PromptResponses  # noqa: E402  (light: no torch, no Hub client)
+
+if TYPE_CHECKING:
+    import torch
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun", "warm", "smart"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "weak", "flat", "cold", "silly"]
@@ -98,6 +103,25 @@ def partition_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     out = tmp_path_factory.mktemp("partition") / "data"
     partition.partition(r.data, r.federation.clients, out)
     return out
+
+
+@dataclass
+class FakeContribution:
+    """One client update as an aggregation strategy sees it (:class:`fedlora_cli.aggregation.Contribution`), made
+    by hand: its tensors while it is streamed, and ``get`` to read one back, each read recorded in ``reads``."""
+
+    client_id: str
+    weight: float
+    stored: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] | None = None
+    reads: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tensors = dict(self.stored)
+
+    def get(self, name: str) -> torch.Tensor:
+        self.reads.append(name)
+        return self.stored[name].clone()
 
 
 class QuietReporter:

@@ -1,5 +1,5 @@
-"""fedlora_cli.adapters.kinds: the kinds' layers, and the kinds on the built PEFT model (rsLoRA's scale in the forward
-pass, VeRA's roles and seeded projections)."""
+"""fedlora_cli.adapters.kinds: each AdapterKind's scale, rank axes, layers, PEFT config and model-card line, and
+the kinds on the built PEFT model (rsLoRA's scale in the forward pass, VeRA's roles and seeded projections)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import recipe_dict
 
 from fedlora_cli import recipe as recipes
-from fedlora_cli.adapters.kinds import adapter_kind
+from fedlora_cli.adapters.kinds import ADAPTER_KINDS, LoRA, RsLoRA, VeRA, adapter_kind
 from fedlora_cli.adapters.methods import plan
 from fedlora_cli.adapters.roles import ROLE_A, ROLE_B, ROLE_HEAD, ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, role_of
 from fedlora_cli.errors import FedloraError
@@ -19,6 +19,92 @@ from fedlora_cli.model.workbench import build
 
 def roles(names) -> set[str]:
     return {role_of(n) for n in names}
+
+
+def adapter_section(**keys) -> recipes.AdapterSection:
+    raw = {"model": {"base": "m"}, "adapter": keys}
+    if keys.get("client_ranks"):
+        raw["federation"] = {"aggregation": "svd"}
+    return recipes.from_dict(raw).adapter
+
+
+# The kind objects ------------------------------------------------------------------------------------------------
+
+
+def test_the_registry_holds_each_kind_under_its_name():
+    assert list(ADAPTER_KINDS) == ["lora", "rslora", "vera"]
+    assert [type(k) for k in ADAPTER_KINDS.values()] == [LoRA, RsLoRA, VeRA]
+    assert all(adapter_kind(name).name == name for name in ADAPTER_KINDS)
+    assert [k.label for k in ADAPTER_KINDS.values()] == ["LoRA", "rsLoRA", "VeRA"]
+    with pytest.raises(FedloraError, match="unknown adapter kind 'dora'.*lora, rslora, vera"):
+        adapter_kind("dora")
+
+
+@pytest.mark.parametrize(
+    "kind, alpha, r, expected",
+    [("lora", 16, 4, 4.0), ("lora", 8, 16, 0.5), ("rslora", 16, 4, 8.0), ("rslora", 8, 2, 8 / math.sqrt(2))],
+)
+def test_scale(kind, alpha, r, expected):
+    assert adapter_kind(kind).scale(alpha, r) == pytest.approx(expected, rel=1e-15)
+
+
+def test_vera_has_no_lora_scale():
+    with pytest.raises(FedloraError, match="'vera' has no LoRA scale"):
+        adapter_kind("vera").scale(16, 4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "rslora"])
+def test_lora_rank_axes(kind):
+    k = adapter_kind(kind)
+    # A is (r x in): rank on axis 0; B is (out x r): rank on axis 1; the head does not follow the rank.
+    assert k.rank_axis(ROLE_A) == 0
+    assert k.rank_axis(ROLE_B) == 1
+    assert k.rank_axis(ROLE_HEAD) is None
+    assert k.has_factors and k.side_a == ROLE_A and k.side_b == ROLE_B
+    assert k.roles == {ROLE_A, ROLE_B, ROLE_HEAD} and k.per_example_gradients
+
+
+def test_vera_sides_roles_and_rank_axes():
+    k = adapter_kind("vera")
+    assert (k.side_a, k.side_b) == (ROLE_LAMBDA_D, ROLE_LAMBDA_B)
+    assert k.roles == {ROLE_LAMBDA_D, ROLE_LAMBDA_B, ROLE_PROJECTION, ROLE_HEAD}
+    assert k.fixed == {ROLE_PROJECTION}
+    assert not k.has_factors and not k.per_example_gradients
+    # lambda_b has the layer's output width, the projections their own shape: no client-rank reshaping.
+    assert k.rank_axis(ROLE_LAMBDA_B) is None and k.rank_axis(ROLE_PROJECTION) is None
+    assert k.rank_axis(ROLE_HEAD) is None
+
+
+def test_lora_peft_config():
+    a = adapter_section(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])
+    config = adapter_kind("lora").peft_config(a, 2, "SEQ_CLS", seed=5)
+    assert type(config).__name__ == "LoraConfig"
+    assert config.r == 2  # the rank asked for (a client's), not adapter.r
+    assert config.lora_alpha == 16 and config.lora_dropout == 0.1
+    assert set(config.target_modules) == {"q_proj", "v_proj"} and config.task_type == "SEQ_CLS"
+    assert config.use_rslora is False
+    assert adapter_kind("rslora").peft_config(a, 2, "CAUSAL_LM", seed=5).use_rslora is True
+
+
+def test_vera_peft_config_is_seeded_and_saves_its_projections():
+    a = adapter_section(kind="vera", r=16, dropout=0.05, vera_d_initial=0.3)
+    config = adapter_kind("vera").peft_config(a, 16, "SEQ_CLS", seed=7)
+    assert type(config).__name__ == "VeraConfig"
+    assert config.r == 16 and config.projection_prng_key == 7 and config.save_projection is True
+    assert config.d_initial == 0.3 and config.vera_dropout == 0.05 and config.task_type == "SEQ_CLS"
+    assert set(config.target_modules) == {"query", "value"}
+
+
+def test_describe_for_the_model_card():
+    plain = adapter_section(r=4, alpha=8, dropout=0.0).__dict__
+    assert adapter_kind("lora").describe(plain) == "LoRA r=4, alpha=8.0, dropout=0.00, target modules query, value"
+    hetero = adapter_section(r=4, client_ranks={"client-0": 2, "client-3": 1}).__dict__
+    assert adapter_kind("rslora").describe(hetero) == (
+        "rsLoRA r=4 (client ranks client-0: 2, client-3: 1), alpha=16.0, dropout=0.05, target modules query, value"
+    )
+    # VeRA has no alpha: its line leaves it out.
+    vera = adapter_section(kind="vera", r=16, dropout=0.1).__dict__
+    assert adapter_kind("vera").describe(vera) == "VeRA r=16, dropout=0.10, target modules query, value"
 
 
 def test_lora_layers_pairs_a_and_b():
@@ -30,6 +116,19 @@ def test_lora_layers_pairs_a_and_b():
     # A kind without factors has no layers to pair (svd and exact refuse it up front).
     with pytest.raises(FedloraError, match="no A and B factors"):
         adapter_kind("vera").layers(names)
+
+
+def test_layers_are_sorted_and_skip_other_roles():
+    names = [
+        "base_model.model.l1.value.lora_B.default.weight", "base_model.model.l0.query.lora_A.default.weight",
+        "base_model.model.l1.value.lora_A.default.weight", "base_model.model.l0.query.lora_B.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+    ]
+    layers = adapter_kind("rslora").layers(names)
+    assert list(layers) == ["base_model.model.l0.query", "base_model.model.l1.value"]
+    assert layers["base_model.model.l1.value"] == (names[2], names[0])
+    with pytest.raises(FedloraError, match="'base_model.model.l1.value' lacks"):
+        adapter_kind("lora").layers(names[1:])
 
 
 # rsLoRA on the built model ---------------------------------------------------------------------------------------

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora_cli.adapters.methods import plan
+from fedlora_cli.adapters.methods import HEAD_POLICIES, METHODS, method, plan
 from fedlora_cli.adapters.roles import (
     ROLE_A,
     ROLE_B,
     ROLE_HEAD,
+    ROLE_LAMBDA_B,
+    ROLE_LAMBDA_D,
+    ROLE_PROJECTION,
+    SIDE_A,
+    SIDE_B,
+    role_of,
 )
+from fedlora_cli.errors import FedloraError
 
 
 @pytest.mark.parametrize(
@@ -53,3 +60,58 @@ def test_rslora_plan_is_lora_plan_and_scales_differ():
     assert plan("fedsa", "local", "rslora").sent == plan("fedsa", "local", "lora").sent == {ROLE_A}
     assert adapter_kind("lora").scale(16, 4) == 4.0
     assert adapter_kind("rslora").scale(16, 4) == 8.0
+
+
+# Method objects ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, label, trains, sends, both, paper",
+    [
+        ("fedavg", "FedAvg-LoRA", {SIDE_A, SIDE_B}, {SIDE_A, SIDE_B}, True, "FedIT"),
+        ("ffa", "FFA-LoRA", {SIDE_B}, {SIDE_B}, False, "arXiv 2403.12313"),
+        ("fedsa", "FedSA-LoRA", {SIDE_A, SIDE_B}, {SIDE_A}, False, "arXiv 2410.01463"),
+    ],
+)
+def test_method_labels_sides_and_factors(name, label, trains, sends, both, paper):
+    m = method(name)
+    assert m is METHODS[name] and m.name == name
+    assert m.label == label
+    assert (m.trains, m.sends) == (trains, sends)
+    # svd and exact need both factors of every client: only FedAvg-LoRA sends them.
+    assert m.sends_both_factors is both
+    assert paper in m.explanation
+    assert m.summary.startswith(label + ":")
+
+
+def test_only_fedavg_sends_both_factors():
+    assert [name for name, m in METHODS.items() if m.sends_both_factors] == ["fedavg"]
+
+
+def test_unknown_method_and_head_policy_are_named():
+    with pytest.raises(FedloraError, match="unknown method 'fedprox'.*fedavg, ffa, fedsa"):
+        method("fedprox")
+    with pytest.raises(FedloraError, match="unknown head policy 'tied'.*shared, local, frozen"):
+        plan("fedavg", "tied")
+    assert set(HEAD_POLICIES) == {"shared", "local", "frozen"}
+
+
+def test_plan_answers_by_tensor_name():
+    p = plan("fedsa", "local")
+    a = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    b = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    assert (p.trains(a), p.sends(a), p.keeps(a)) == (True, True, False)
+    assert (p.trains(b), p.sends(b), p.keeps(b)) == (True, False, True)
+    assert (p.trains(head), p.sends(head), p.keeps(head)) == (True, False, True)
+    frozen = plan("ffa", "frozen")
+    assert (frozen.trains(a), frozen.sends(a), frozen.keeps(a)) == (False, False, False)
+    assert not frozen.trains(head) and role_of(head) in frozen.frozen
+
+
+def test_plan_maps_the_sides_to_the_kinds_roles():
+    # A method speaks of sides; the kind names the roles that play them.
+    assert plan("ffa", "frozen", "vera").trained == {ROLE_LAMBDA_B}
+    assert plan("fedsa", "frozen", "vera").sent == {ROLE_LAMBDA_D}
+    assert ROLE_PROJECTION in plan("fedavg", "frozen", "vera").frozen
+    assert plan("fedavg", "shared", "vera").kind.name == "vera" and plan("fedavg", "shared").method.name == "fedavg"

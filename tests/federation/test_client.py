@@ -240,3 +240,33 @@ def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     ledger = storage.latest_state(tmp_path / "state", 10**6).manifest.privacy
     assert len(ledger["history"]) == 2, "the first attempt's spending is still counted"
+
+
+# The ClientRound train_client returns ---------------------------------------------------------------------------
+
+
+def test_train_client_returns_the_update_and_state_it_wrote(make_recipe, partition_dir, tmp_path):
+    from fedlora_cli.federation import ClientRound
+
+    g0 = federation.init(make_recipe("fedsa"), tmp_path / "g0",
+                         partition=json.loads((partition_dir / "partition.json").read_text()))
+    state_dir, out = tmp_path / "state", tmp_path / "u1"
+
+    result = federation.train_client(g0, partition_dir / "client-0.parquet", state_dir, out, "client-0")
+
+    assert isinstance(result, ClientRound)
+    # The state is the one on disk: the round-1 folder, its manifest as written, the tensors FedSA keeps (B).
+    on_disk = storage.latest_state(state_dir)
+    assert result.state.path == on_disk.path == state_dir / storage.round_dirname(1)
+    assert result.state.manifest == on_disk.manifest
+    kept = result.state.tensors()
+    assert kept and all(role_of(n) == "lora_B" for n in kept)
+    assert {n: storage.tensor_digest(t) for n, t in kept.items()} == result.state.manifest.tensor_digests
+    assert result.state.manifest.client_id == "client-0" and result.state.manifest.round == 1
+    assert result.state.manifest.parent_digest == g0.manifest.digest
+    # The update is the one on disk too: only what FedSA sends (A and the shared head), never B.
+    assert result.update.path == out and result.update.manifest == storage.read_update(out).manifest
+    sent = load_file(str(out / storage.UPDATE_TENSORS))
+    assert {role_of(n) for n in sent} == {"lora_A", ROLE_HEAD}
+    assert set(sent) == set(result.update.manifest.tensor_digests) and not set(sent) & set(kept)
+    assert result.update.manifest.bytes == (out / storage.UPDATE_TENSORS).stat().st_size

@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fedlora_cli import aggregation, federation, storage
+from fedlora_cli import aggregation, federation, recipe as recipes, storage
 from fedlora_cli.adapters.kinds import adapter_kind
 from fedlora_cli.adapters.roles import ROLE_A, ROLE_B, role_of
 from fedlora_cli.cli import app
+from fedlora_cli.errors import FedloraError
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 
@@ -259,3 +260,78 @@ def test_aggregate_cli_reports_the_error_of_plain_averaging(strategy_recipe, cac
         error = float(torch.linalg.matrix_norm(plain - exact) / torch.linalg.matrix_norm(exact))
         assert layers[layer]["mean_error"] == pytest.approx(error, rel=1e-4)
     assert storage.read_global(tmp_path / "j").manifest.aggregation["layers"] == layers
+
+
+# round_recipe: a round's overrides, validated by the recipe's own rules -----------------------------------------
+
+
+def small_recipe(**federation_keys) -> recipes.Recipe:
+    return recipes.from_dict({"model": {"base": "m"}, "federation": {"clients": 3, **federation_keys}})
+
+
+def test_round_recipe_without_overrides_is_the_recipe():
+    recipe = small_recipe()
+    assert federation.round_recipe(recipe, {}) == recipe
+    assert federation.round_recipe(recipe, {"strategy": None, "norm_bound": None, "server_privacy": None}) == recipe
+
+
+def test_round_recipe_replaces_the_federation_keys_it_is_given():
+    recipe = small_recipe()
+    changed = federation.round_recipe(recipe, {"strategy": "median", "weighting": "uniform", "norm_bound": 2.5,
+                                               "norm_bound_action": "reject"})
+    f = changed.federation
+    assert (f.aggregation, f.weighting, f.norm_bound, f.norm_bound_action) == ("median", "uniform", 2.5, "reject")
+    assert changed.adapter == recipe.adapter and changed.training == recipe.training
+    assert recipe.federation.aggregation == "mean", "the recipe itself is left as it was"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"strategy": "average"}, r"^aggregation strategy must be one of mean, svd, exact, median, trimmed-mean; got 'average'"),
+        ({"weighting": "votes"}, r"^weighting must be one of"),
+        ({"trim_fraction": 0.7}, r"^trim fraction must be between 0 and 0.5; got 0.7"),
+        ({"norm_bound": -1.0}, r"^norm bound must be > 0"),
+        ({"norm_bound_action": "drop"}, r"^norm bound action must be one of clip, reject"),
+        ({"strategy": "svd"}, r"^aggregation strategy is 'svd', which combines the products"),
+    ],
+)
+def test_round_recipe_names_the_overridden_option_it_refuses(overrides, message):
+    recipe = small_recipe(method="ffa") if overrides.get("strategy") == "svd" else small_recipe()
+    with pytest.raises(FedloraError, match=message):
+        federation.round_recipe(recipe, overrides)
+
+
+def test_round_recipe_leaves_the_trim_count_to_the_updates_that_arrive():
+    # 0.25 of the 3 planned clients trims none: the recipe refuses it, a round checks the updates that arrived.
+    with pytest.raises(FedloraError, match="federation.trim_fraction"):
+        small_recipe(aggregation="trimmed-mean")
+    changed = federation.round_recipe(small_recipe(), {"strategy": "trimmed-mean"})
+    assert changed.federation.aggregation == "trimmed-mean" and changed.federation.trim_fraction == 0.25
+
+
+def test_round_recipe_refuses_unknown_overrides():
+    with pytest.raises(TypeError, match="unknown override 'strategi'"):
+        federation.round_recipe(small_recipe(), {"strategi": "median"})
+
+
+def test_round_recipe_server_privacy_is_validated_in_the_options_terms():
+    dp = recipes.ServerPrivacySection(clip_norm=1.0, noise_multiplier=0.5)
+    changed = federation.round_recipe(small_recipe(), {"server_privacy": dp})
+    assert changed.server_privacy == dp
+    with pytest.raises(FedloraError, match=r"^--dp-clip must be > 0"):
+        federation.round_recipe(small_recipe(), {"server_privacy": recipes.ServerPrivacySection(0.0, 0.5)})
+    with pytest.raises(FedloraError, match=r"^--dp-noise must be >= 0"):
+        federation.round_recipe(small_recipe(), {"server_privacy": recipes.ServerPrivacySection(1.0, -1.0)})
+    with pytest.raises(FedloraError, match=r"^server privacy \(DP-FedAvg\) needs aggregation strategy 'mean'; got 'median'"):
+        federation.round_recipe(small_recipe(), {"server_privacy": dp, "strategy": "median"})
+
+
+def test_round_recipe_keeps_the_recipes_server_budget():
+    recipe = recipes.from_dict({"model": {"base": "m"},
+                                "server_privacy": {"clip_norm": 1.0, "noise_multiplier": 5.0, "target_epsilon": 2.0}})
+    asked = recipes.ServerPrivacySection(clip_norm=1.0, noise_multiplier=0.3)
+    assert federation.round_recipe(recipe, {"server_privacy": asked}).server_privacy.target_epsilon == 2.0
+    own = recipes.ServerPrivacySection(clip_norm=1.0, noise_multiplier=0.3, target_epsilon=9.0)
+    assert federation.round_recipe(recipe, {"server_privacy": own}).server_privacy.target_epsilon == 9.0
+    assert federation.round_recipe(recipe, {}).server_privacy == recipe.server_privacy

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import recipe_dict
+from conftest import FakeContribution, recipe_dict
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fedlora_cli import aggregation, federation, privacy, recipe as recipes, storage
+from fedlora_cli.adapters.kinds import adapter_kind
+from fedlora_cli.aggregation import Contributions, Mean, RoundSpec, TrimmedMean
 from fedlora_cli.cli import app
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 
 runner = CliRunner()
 
@@ -126,3 +130,174 @@ def test_a_second_release_over_the_budget_is_refused(tiny_model_dir, reviews_csv
     assert "2 releases" in again.output
     assert not (tmp_path / "g").exists()
     assert len(privacy.read_server_ledger(ledger_files[0]).releases) == 1, "a refused release is not recorded"
+
+
+# The DPFedAvg wrapper strategy, on hand-made contributions ------------------------------------------------------
+
+
+class CountingMean(Mean):
+    """The mean, counting how often DP-FedAvg delegates to it and recording the weights it was handed."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.weights: list[float] = []
+
+    def aggregate(self, contributions, spec):
+        self.calls += 1
+        result = super().aggregate(contributions, spec)
+        self.weights = [c.weight for c in contributions.accepted]
+        return result
+
+
+def dp_strategy(tmp_path, inner, noise=0.0, clip=1.0, target=None, num_clients=3, releases=(), seed=0) -> DPFedAvg:
+    settings = recipes.ServerPrivacySection(clip_norm=clip, noise_multiplier=noise, delta=1e-5, target_epsilon=target)
+    ledger = privacy.ServerLedger(tmp_path / "ledger.json", [dict(r) for r in releases])
+    return DPFedAvg(inner, settings, ledger, num_clients, seed, release={"round": 4, "out": "g4"})
+
+
+REF = {"w": torch.tensor([1.0, 1.0, 0.0]), "v": torch.tensor([2.0])}
+
+
+def dp_spec() -> RoundSpec:
+    return RoundSpec(sorted(REF), adapter_kind("lora"), 8.0, 4, lambda client_id: 4, REF)
+
+
+def two_updates() -> list[FakeContribution]:
+    # Client 0 moved by (3, 4, 0, 0): norm 5, clipped to 1. Client 1 by (0.1, 0, 0, 0): within the bound.
+    # Their weights (0.9 / 0.1) must play no part: DP-FedAvg weighs every client 1 / m.
+    big = {"w": REF["w"] + torch.tensor([3.0, 4.0, 0.0]), "v": REF["v"].clone()}
+    small = {"w": REF["w"] + torch.tensor([0.1, 0.0, 0.0]), "v": REF["v"].clone()}
+    return [FakeContribution("c0", 0.9, big), FakeContribution("c1", 0.1, small)]
+
+
+def test_dp_fedavg_delegates_the_mean_of_clipped_deltas_to_the_wrapped_strategy(tmp_path):
+    inner = CountingMean()
+    strategy = dp_strategy(tmp_path, inner, noise=0.0, clip=1.0, num_clients=3)
+
+    result = strategy.aggregate(Contributions([(c, True) for c in two_updates()]), dp_spec())
+
+    assert inner.calls == 1
+    assert inner.weights == pytest.approx([1 / 3, 1 / 3])  # 1/m for m = 3, not renormalised over 2 arrivals
+    # ref + (clip(delta_0) + clip(delta_1)) / m, by hand: clip(3, 4, 0) = (0.6, 0.8, 0).
+    torch.testing.assert_close(result.tensors["w"], REF["w"] + (torch.tensor([0.6, 0.8, 0.0]) + torch.tensor([0.1, 0.0, 0.0])) / 3)
+    torch.testing.assert_close(result.tensors["v"], REF["v"])
+    assert not (tmp_path / "ledger.json").exists(), "nothing is recorded before commit"
+
+
+def test_dp_fedavg_uses_what_the_wrapped_strategy_returns(tmp_path):
+    class Doubling(Mean):
+        def aggregate(self, contributions, spec):
+            result = super().aggregate(contributions, spec)
+            result.tensors = {n: 2 * t for n, t in result.tensors.items()}
+            return result
+
+    plain = dp_strategy(tmp_path, Mean()).aggregate(Contributions([(c, True) for c in two_updates()]), dp_spec())
+    doubled = dp_strategy(tmp_path, Doubling()).aggregate(Contributions([(c, True) for c in two_updates()]), dp_spec())
+    # The wrapped strategy averages the deltas: doubling its output doubles the step away from the reference.
+    torch.testing.assert_close(doubled.tensors["w"] - REF["w"], 2 * (plain.tensors["w"] - REF["w"]))
+
+
+def test_dp_fedavg_noise_follows_its_seed(tmp_path):
+    run = lambda seed: dp_strategy(tmp_path, Mean(), noise=1.0, seed=seed).aggregate(  # noqa: E731
+        Contributions([(c, True) for c in two_updates()]), dp_spec()).tensors["w"]
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+
+
+def test_dp_fedavg_refuses_a_release_over_the_budget_before_any_work(tmp_path):
+    one = privacy.epsilon([(1.0, 1.0, 1)], 1e-5, "rdp")
+    two = privacy.epsilon([(1.0, 1.0, 1)] * 2, 1e-5, "rdp")
+    target = (one + two) / 2  # room for one release, not for two
+    first = dp_strategy(tmp_path, CountingMean(), noise=1.0, target=target)
+    first.check_budget(3)
+    assert first.epsilon == pytest.approx(one)
+
+    previous = [{"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1}]
+    inner = CountingMean()
+    second = dp_strategy(tmp_path, inner, noise=1.0, target=target, releases=previous)
+    assert second.history == [[1.0, 1.0, 1], [1.0, 1.0, 1]]
+    with pytest.raises(FedloraError, match=r"server privacy budget.*2 releases.*server_privacy\.target_epsilon"):
+        second.check_budget(3)
+    assert second.epsilon == pytest.approx(two)
+    assert inner.calls == 0 and second.ledger.releases == previous and not (tmp_path / "ledger.json").exists()
+
+
+def test_dp_fedavg_refuses_more_updates_than_the_federation_has_clients(tmp_path):
+    inner = CountingMean()
+    strategy = dp_strategy(tmp_path, inner, noise=1.0, num_clients=3)
+    strategy.check_budget(3)
+    strategy.check_budget(2)  # fewer arrivals are fine: the denominator stays 3
+    with pytest.raises(FedloraError, match="4 client updates for a federation of federation.clients = 3"):
+        strategy.check_budget(4)
+    assert inner.calls == 0 and not (tmp_path / "ledger.json").exists()
+
+
+def test_dp_fedavg_commits_the_release_to_its_ledger(tmp_path):
+    strategy = dp_strategy(tmp_path, Mean(), noise=0.7, clip=0.5)
+    strategy.aggregate(Contributions([(c, True) for c in two_updates()]), dp_spec())
+    strategy.commit()
+    ledger = privacy.read_server_ledger(tmp_path / "ledger.json")
+    assert len(ledger.releases) == 1
+    release = ledger.releases[0]
+    assert {k: release[k] for k in ("noise_multiplier", "sample_rate", "steps", "delta", "round", "out")} == {
+        "noise_multiplier": 0.7, "sample_rate": 1.0, "steps": 1, "delta": 1e-5, "round": 4, "out": "g4"}
+    assert ledger.history() == [[0.7, 1.0, 1]]
+    assert strategy.describe() == {"strategy": "dp-fedavg"}
+
+
+def test_dp_fedavg_checks_the_count_of_the_strategy_it_wraps(tmp_path):
+    strategy = dp_strategy(tmp_path, TrimmedMean(0.25))
+    with pytest.raises(FedloraError, match="trim fraction is 0.25, which trims no client out of 3"):
+        strategy.check_count(3, "trim fraction")
+
+
+# ... and in front of aggregate_round: refused before any client update's tensors are read ---------------------
+
+
+def count_tensor_reads(monkeypatch) -> list[Path]:
+    from fedlora_cli.federation import server
+
+    reads: list[Path] = []
+    real = server._load_checked
+
+    def counting(update):
+        reads.append(update.path)
+        return real(update)
+
+    monkeypatch.setattr(server, "_load_checked", counting)
+    return reads
+
+
+def test_aggregate_round_refuses_an_over_budget_release_before_reading_any_update(make_recipe, federation_copy,
+                                                                                tmp_path, monkeypatch):
+    layout = federation_copy(make_recipe("fedavg"))
+    updates = [layout.update(1, c) for c in ("client-0", "client-1", "client-2")]
+    reads = count_tensor_reads(monkeypatch)
+    tight = recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.3, target_epsilon=0.01)
+    with pytest.raises(FedloraError, match="server_privacy.target_epsilon"):
+        federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "g", server_privacy=tight)
+    assert reads == [] and not (tmp_path / "g").exists()
+    assert not list(layout.global_checkpoint(0).parent.glob("dp-fedavg-ledger-*.json")), "nothing released"
+    # The same round within the budget reads every update once.
+    federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "g",
+                               server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=0.3))
+    assert reads == updates
+
+
+def test_aggregate_round_refuses_more_updates_than_clients_before_reading_any(make_recipe, federation_copy,
+                                                                            tmp_path, monkeypatch):
+    layout = federation_copy(make_recipe("fedavg"))  # federation.clients = 3
+    extra = storage.read_update(layout.update(1, "client-0"))
+    extra.manifest.client_id = "client-3"
+    fourth = storage.write_update(tmp_path / "client-3", extra.manifest,
+                                  load_file(str(layout.update(1, "client-0") / storage.UPDATE_TENSORS))).path
+    updates = [layout.update(1, c) for c in ("client-0", "client-1", "client-2")] + [fourth]
+    reads = count_tensor_reads(monkeypatch)
+    with pytest.raises(FedloraError, match="4 client updates for a federation of federation.clients = 3"):
+        federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "g",
+                                   server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=1.0))
+    assert reads == [] and not (tmp_path / "g").exists()
+    assert not list(layout.global_checkpoint(0).parent.glob("dp-fedavg-ledger-*.json"))
+    # Without DP-FedAvg the four updates aggregate (the fixed denominator is DP-FedAvg's alone).
+    federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "plain")
+    assert len(reads) == 4

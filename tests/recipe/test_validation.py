@@ -3,6 +3,8 @@ user set them; planned_clients=False leaves the client count to the round."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from conftest import causal_recipe_dict
 
@@ -101,3 +103,57 @@ def test_bad_privacy_settings_name_the_key(section, key):
     raw = {"model": {"base": "m"}, "privacy": section}
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
         recipes.from_dict(raw)
+
+
+# labels: a message names the option the user set ----------------------------------------------------------------
+
+
+def with_federation(**keys) -> recipes.Recipe:
+    """A valid recipe whose federation section is then changed without validation (as an override is)."""
+    r = recipes.from_dict({**base(), "federation": {"clients": 3}})
+    return dataclasses.replace(r, federation=dataclasses.replace(r.federation, **keys))
+
+
+def test_labels_name_the_option_in_the_message():
+    bad = with_federation(aggregation="average")
+    with pytest.raises(FedloraError, match=r"^recipe key 'federation\.aggregation' must be one of mean, svd"):
+        recipes.validate(bad)
+    with pytest.raises(FedloraError) as refused:
+        recipes.validate(bad, {"federation.aggregation": "aggregation strategy"})
+    assert str(refused.value) == (
+        "aggregation strategy must be one of mean, svd, exact, median, trimmed-mean; got 'average'"
+    )
+
+
+def test_labels_name_the_option_in_combination_rules_too():
+    ffa_svd = with_federation(aggregation="svd", method="ffa")
+    with pytest.raises(FedloraError, match=r"^--strategy is 'svd', which combines the products B_k A_k"):
+        recipes.validate(ffa_svd, {"federation.aggregation": "--strategy"})
+    hetero = recipes.from_dict({**base(), "adapter": {"client_ranks": {"client-0": 2}}, "federation": {"aggregation": "svd"}})
+    mean = dataclasses.replace(hetero, federation=dataclasses.replace(hetero.federation, aggregation="mean"))
+    with pytest.raises(FedloraError, match=r"^recipe key 'adapter\.client_ranks' needs --strategy 'svd'"):
+        recipes.validate(mean, {"federation.aggregation": "--strategy"})
+
+
+def test_a_label_names_only_its_own_key():
+    # Labelling the strategy does not rename the message about another key.
+    with pytest.raises(FedloraError, match=r"^recipe key 'federation\.norm_bound' must be > 0"):
+        recipes.validate(with_federation(norm_bound=-1.0), {"federation.aggregation": "aggregation strategy"})
+
+
+def test_the_trim_count_rule_uses_the_planned_clients_unless_told_not_to():
+    trimmed = with_federation(aggregation="trimmed-mean", trim_fraction=0.25)  # floor(0.25 x 3) = 0: trims none
+    with pytest.raises(FedloraError, match=r"^recipe key 'federation\.trim_fraction' is 0\.25, which trims no client out of 3"):
+        recipes.validate(trimmed)
+    with pytest.raises(FedloraError, match=r"^trim fraction is 0\.25, which trims no client out of 3"):
+        recipes.validate(trimmed, {"federation.trim_fraction": "trim fraction"})
+    # A round checks the count against the updates that arrived instead: the recipe passes as it is.
+    assert recipes.validate(trimmed, planned_clients=False) is trimmed
+    # ... but every other rule still holds.
+    with pytest.raises(FedloraError, match=r"federation\.trim_fraction' must be between 0 and 0\.5"):
+        recipes.validate(with_federation(aggregation="trimmed-mean", trim_fraction=0.6), planned_clients=False)
+
+
+def test_validate_returns_the_recipe_unchanged():
+    r = recipes.from_dict(base())
+    assert recipes.validate(r) is r
