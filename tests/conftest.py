@@ -347,3 +347,40 @@ def make_causal_recipe(tiny_causal_dir: Path, math_jsonl: Path):
         return recipes.from_dict(raw)
 
     return make
+
+
+# Federations of many sites: a tiny recipe with federation keys replaced, a run, a folder's digest
+
+
+@pytest.fixture
+def scaled(tiny_model_dir, reviews_csv):
+    """A tiny federation recipe with federation (and training) keys replaced."""
+
+    from fedlora_cli import recipe as recipes
+
+    def make(method: str = "fedavg", training: dict | None = None, **federation_keys):
+        raw = recipe_dict(tiny_model_dir, reviews_csv, method, **(training or {}))
+        raw["federation"].update(federation_keys)
+        return recipes.from_dict(raw)
+
+    return make
+
+
+def run(recipe, path: Path, **options):
+    """Simulate ``recipe`` into ``path``; its RunLayout."""
+    from fedlora_cli import storage
+    from fedlora_cli.federation import simulate
+
+    simulate.simulate(recipe, path, QuietReporter(), **options)
+    return storage.RunLayout(path)
+
+
+def folder_digest(folder: Path) -> str:
+    """One digest over every file's relative path and bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()

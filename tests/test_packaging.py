@@ -19,16 +19,8 @@ def tracked_files(folder: Path) -> set[str]:
     return {line for line in out.splitlines() if line}
 
 
-# main has since been rewritten with an anchored '/data/' and the package tracked (5fd81ac): on a branch based on
-# that, this test passes and the xfail marker must go (strict=True makes the XPASS fail loudly).
+# A top-level '.gitignore' rule 'data/' once kept fedlora_cli/data/ out of git: a fresh clone lacked it.
 @pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="not a git checkout")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (repository, not code): the top-level .gitignore's 'data/' pattern ignores fedlora_cli/data/, so "
-    "commit 98ed2fb deleted fedlora_cli/data.py but never added the fedlora_cli/data package (examples.py, "
-    "partition.py, assets.py); a fresh clone cannot import fedlora_cli.data. (A worktree of this commit only "
-    "imports it because the venv's editable install maps it to /work/main's copy.)",
-)
 def test_every_package_in_pyproject_is_tracked_by_git():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     untracked = []

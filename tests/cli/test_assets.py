@@ -6,9 +6,8 @@ import json
 
 import pytest
 
-from fedlora_cli.model import evaluation
-
 from cli.helpers import ok, refused
+from fedlora_cli.model import evaluation
 
 
 def test_datasets_gsm_symbolic_writes_deterministic_jsonl(tmp_path):

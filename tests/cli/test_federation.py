@@ -14,10 +14,9 @@ import yaml
 from conftest import causal_recipe_dict, recipe_dict
 from safetensors.torch import load_file, save_file
 
+from cli.helpers import fails, ok, refused, runner, write_recipe
 from fedlora_cli import storage
 from fedlora_cli.cli import app
-
-from cli.helpers import fails, ok, refused, runner, write_recipe
 
 
 def metrics_by_hand(global_dir: Path, data: Path, state: Path | None = None) -> tuple[float, float]:

@@ -8,9 +8,8 @@ import pytest
 import yaml
 from conftest import recipe_dict
 
-from fedlora_cli.federation import simulate
-
 from cli.helpers import fails, ok
+from fedlora_cli.federation import simulate
 
 
 def test_simulate_cli_prints_the_round_table(tmp_path, tiny_model_dir, reviews_csv):

@@ -13,12 +13,6 @@ from conftest import causal_recipe_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fedlora_cli import export as exports, federation, recipe as recipes, storage
-from fedlora_cli.data import partition
-from fedlora_cli.data.examples import read_examples
-from fedlora_cli.export import exporter
-from fedlora_cli.model import evaluation
-
 from export.helpers import (
     LAST,
     card_of,
@@ -30,6 +24,11 @@ from export.helpers import (
     no_leftovers,
     ok,
 )
+from fedlora_cli import export as exports, federation, recipe as recipes, storage
+from fedlora_cli.data import partition
+from fedlora_cli.data.examples import read_examples
+from fedlora_cli.export import exporter
+from fedlora_cli.model import evaluation
 
 
 @pytest.mark.parametrize("method", ["fedavg", "ffa", "fedsa"])

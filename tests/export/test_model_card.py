@@ -9,11 +9,10 @@ import shutil
 import pytest
 import yaml
 
+from export.helpers import LAST, card_of, ok
 from fedlora_cli import export as exports, federation, storage
 from fedlora_cli.federation import simulate
 from fedlora_cli.privacy import report as privacy_report
-
-from export.helpers import LAST, card_of, ok
 
 
 def test_model_card_carries_the_manifests_numbers(federation_of, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from fedlora_cli.adapters.kinds import adapter_kind
 from fedlora_cli.adapters.roles import ROLE_A, ROLE_B, role_of
 from fedlora_cli.cli import app
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation import sampling
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 
@@ -335,3 +337,37 @@ def test_round_recipe_keeps_the_recipes_server_budget():
     own = recipes.ServerPrivacySection(clip_norm=1.0, noise_multiplier=0.3, target_epsilon=9.0)
     assert federation.round_recipe(recipe, {"server_privacy": own}).server_privacy.target_epsilon == 9.0
     assert federation.round_recipe(recipe, {}).server_privacy == recipe.server_privacy
+
+
+def test_aggregate_refuses_a_client_the_round_did_not_ask(scaled, tmp_path):
+    recipe = scaled(clients=3)
+    layout = run(recipe, tmp_path / "run")
+    sampled = recipes.from_dict({**recipe.to_dict(), "federation": {**recipe.to_dict()["federation"],
+                                                                   "clients_per_round": 1}})
+    g0 = federation.init(sampled, tmp_path / "g0", partition=json.loads((layout.data / "partition.json").read_text()))
+    asked = sampling.asked(sampled.federation, sampled.training.seed, 1)
+    other = next(c for c in ("client-0", "client-1", "client-2") if c not in asked)
+    update = federation.train_client(g0, layout.data / f"{other}.parquet", tmp_path / "state", tmp_path / "u", other)
+    out = tmp_path / "g1"
+    result = runner.invoke(app, ["aggregate", str(g0.path), str(update.update.path), "--out", str(out)])
+    assert result.exit_code == 1 and "did not ask" in result.output and other in result.output
+    assert not out.exists()
+
+
+def test_fewer_updates_than_min_clients_is_one_line_and_writes_nothing(scaled, tmp_path):
+    layout = run(scaled(clients=3), tmp_path / "run")
+    g0 = layout.global_checkpoint(0)
+    raw = json.loads((g0 / storage.GLOBAL_MANIFEST).read_text())
+    raw["recipe"]["federation"]["min_clients"] = 3
+    strict = tmp_path / "strict-g0"
+    storage.write_global(strict, storage.GlobalManifest(**raw), load_file(str(g0 / storage.ADAPTER_WEIGHTS)),
+                         json.loads((g0 / storage.ADAPTER_CONFIG).read_text()))
+    # The updates name their parent by digest, which the copy keeps: only min_clients differs.
+    two = [str(layout.update(1, c)) for c in ("client-0", "client-1")]
+    out = tmp_path / "g1"
+    result = runner.invoke(app, ["aggregate", str(strict), *two, "--out", str(out)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "fewer than federation.min_clients = 3" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+    ok = runner.invoke(app, ["aggregate", str(strict), *two, str(layout.update(1, "client-2")), "--out", str(out)])
+    assert ok.exit_code == 0, ok.output

@@ -8,20 +8,20 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import QuietReporter, private_recipe
+from conftest import QuietReporter, private_recipe, run
 from typer.testing import CliRunner
 
-from fedlora_cli import storage
+from fedlora_cli import federation, storage
 from fedlora_cli.adapters.methods import plan
 from fedlora_cli.adapters.roles import role_of
 from fedlora_cli.cli import app
+from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation import simulate
 
 runner = CliRunner()
 
 
 def test_simulate_resumes_without_redoing_work(tmp_path, make_recipe, cached_federation, monkeypatch):
-    from fedlora_cli import federation
 
     recipe = make_recipe("fedsa")
     reference = cached_federation(recipe)  # an uninterrupted run of the same recipe, simulated once per session
@@ -59,7 +59,6 @@ def test_simulate_resumes_without_redoing_work(tmp_path, make_recipe, cached_fed
 
 def test_simulate_refuses_a_different_recipe_in_the_same_folder(tmp_path, make_recipe, federation_copy):
     layout = federation_copy(make_recipe("ffa"))  # a finished run of the ffa recipe, ours to write into
-    from fedlora_cli.errors import FedloraError
 
     with pytest.raises(FedloraError, match="different recipe"):
         simulate.simulate(make_recipe("ffa", lr=0.5), layout.root, QuietReporter())
@@ -103,3 +102,15 @@ def test_simulate_reports_the_epsilon_spent(tmp_path, tiny_model_dir, reviews_cs
     row = json.loads(result.stdout)["rounds"][0]
     updates = [storage.read_update(tmp_path / "run" / "updates" / "round-001" / f"client-{k}").manifest for k in range(3)]
     assert row["epsilon"] == max(u.privacy["epsilon"] for u in updates) > 0
+
+
+def test_keep_state_rounds_prunes_old_client_state(scaled, tmp_path):
+    layout = run(scaled("fedsa", clients=3, rounds=3), tmp_path / "run", keep_state_rounds=1)
+    for cid in ("client-0", "client-1", "client-2"):
+        assert storage.state_rounds(layout.state(cid)) == [3]
+    full = run(scaled("fedsa", clients=3, rounds=3), tmp_path / "full")
+    assert storage.state_rounds(full.state("client-0")) == [1, 2, 3]
+    # Pruning changes nothing the federation computes.
+    for r in (1, 2, 3):
+        assert (storage.read_global(layout.global_checkpoint(r)).manifest.digest
+                == storage.read_global(full.global_checkpoint(r)).manifest.digest)

@@ -8,8 +8,8 @@ from conftest import PAIRS
 
 from fedlora_cli.adapters.methods import plan
 from fedlora_cli.adapters.roles import ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, role_of
-from fedlora_cli.data.examples import IGNORE_INDEX, encode
-from fedlora_cli.model.training import batch_loss
+from fedlora_cli.data.examples import IGNORE_INDEX, encode, read_shard
+from fedlora_cli.model.training import batch_loss, local_train
 from fedlora_cli.model.workbench import build
 
 
@@ -59,3 +59,41 @@ def test_prompt_tokens_get_no_gradient_signal_through_their_targets(make_causal_
         tampered["labels"] = labels
         with_prompt = batch_loss(bench.model, tampered, "causal-lm")
     assert not torch.isclose(reference, with_prompt), "the prompt tokens would change the loss if they were targets"
+
+
+def _train(make_recipe, partition_dir, mu: float):
+    recipe = make_recipe("fedavg", proximal_mu=mu, lr=0.05)
+    bench = build(recipe, 2)
+    start = bench.adapter_tensors()
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+    local_train(bench, plan("fedavg", "shared"), examples, seed=0)
+    return start, bench.adapter_tensors()
+
+
+def test_fedprox_with_mu_zero_is_plain_training_and_mu_pulls_toward_the_global(make_recipe, partition_dir):
+    start, plain = _train(make_recipe, partition_dir, 0.0)
+    _, zero = _train(make_recipe, partition_dir, 0.0)
+    _, pulled = _train(make_recipe, partition_dir, 50.0)
+    for name in plain:
+        assert torch.equal(plain[name], zero[name])
+
+    def distance(tensors):
+        return sum(float((tensors[n] - start[n]).norm() ** 2) for n in tensors) ** 0.5
+
+    assert distance(plain) > 0
+    assert distance(pulled) < 0.8 * distance(plain)
+
+
+def test_fedprox_leaves_what_the_client_keeps_alone(make_recipe, partition_dir, monkeypatch):
+    """FedSA's B stays home: the proximal anchor holds only the tensors the client sends."""
+    from fedlora_cli.model import training
+
+    anchors = []
+    real = training._proximal_anchor
+    monkeypatch.setattr(training, "_proximal_anchor", lambda bench, p: anchors.append(real(bench, p)) or anchors[-1])
+    recipe = make_recipe("fedsa", proximal_mu=1.0)
+    bench = build(recipe, 2)
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+    local_train(bench, plan("fedsa", "shared"), examples, seed=0)
+    names = {n for n, p in bench.model.named_parameters() if any(p is a for a, _ in anchors[0])}
+    assert names and all("lora_B" not in n for n in names) and any("lora_A" in n for n in names)

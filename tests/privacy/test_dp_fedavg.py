@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FakeContribution, recipe_dict
+from conftest import FakeContribution, recipe_dict, run
+from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -209,7 +210,7 @@ def test_dp_fedavg_refuses_a_release_over_the_budget_before_any_work(tmp_path):
     two = privacy.epsilon([(1.0, 1.0, 1)] * 2, 1e-5, "rdp")
     target = (one + two) / 2  # room for one release, not for two
     first = dp_strategy(tmp_path, CountingMean(), noise=1.0, target=target)
-    first.check_budget(3)
+    first.check_round(3)
     assert first.epsilon == pytest.approx(one)
 
     previous = [{"noise_multiplier": 1.0, "sample_rate": 1.0, "steps": 1}]
@@ -217,7 +218,7 @@ def test_dp_fedavg_refuses_a_release_over_the_budget_before_any_work(tmp_path):
     second = dp_strategy(tmp_path, inner, noise=1.0, target=target, releases=previous)
     assert second.history == [[1.0, 1.0, 1], [1.0, 1.0, 1]]
     with pytest.raises(FedloraError, match=r"server privacy budget.*2 releases.*server_privacy\.target_epsilon"):
-        second.check_budget(3)
+        second.check_round(3)
     assert second.epsilon == pytest.approx(two)
     assert inner.calls == 0 and second.ledger.releases == previous and not (tmp_path / "ledger.json").exists()
 
@@ -225,10 +226,10 @@ def test_dp_fedavg_refuses_a_release_over_the_budget_before_any_work(tmp_path):
 def test_dp_fedavg_refuses_more_updates_than_the_federation_has_clients(tmp_path):
     inner = CountingMean()
     strategy = dp_strategy(tmp_path, inner, noise=1.0, num_clients=3)
-    strategy.check_budget(3)
-    strategy.check_budget(2)  # fewer arrivals are fine: the denominator stays 3
+    strategy.check_round(3)
+    strategy.check_round(2)  # fewer arrivals are fine: the denominator stays 3
     with pytest.raises(FedloraError, match="4 client updates for a federation of federation.clients = 3"):
-        strategy.check_budget(4)
+        strategy.check_round(4)
     assert inner.calls == 0 and not (tmp_path / "ledger.json").exists()
 
 
@@ -301,3 +302,20 @@ def test_aggregate_round_refuses_more_updates_than_clients_before_reading_any(ma
     # Without DP-FedAvg the four updates aggregate (the fixed denominator is DP-FedAvg's alone).
     federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "plain")
     assert len(reads) == 4
+
+
+def test_dp_fedavg_under_poisson_sampling_is_accounted_at_the_sampling_rate(scaled, tmp_path):
+    recipe = scaled(clients=3, clients_per_round=2, sampling="poisson", rounds=1)
+    recipe = recipes.from_dict({**recipe.to_dict(), "server_privacy": {"clip_norm": 0.5, "noise_multiplier": 1.2}})
+    layout = run(recipe, tmp_path / "run")
+    m = storage.read_global(layout.global_checkpoint(1)).manifest
+    q = 2 / 3
+    assert m.server_privacy_ledger == [[1.2, q, 1]]
+    report = runner.invoke(app, ["privacy", "report", str(layout.global_checkpoint(1)), "--json"])
+    reported = json.loads(report.stdout)[0]["epsilon"]
+    independent = RDPAccountant()
+    independent.step(noise_multiplier=1.2, sample_rate=q)
+    assert reported == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
+    everyone = RDPAccountant()
+    everyone.step(noise_multiplier=1.2, sample_rate=1.0)
+    assert reported < everyone.get_epsilon(delta=1e-5)  # amplification by sampling

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import causal_recipe_dict
+from conftest import causal_recipe_dict, recipe_dict
 
 from fedlora_cli import recipe as recipes
 from fedlora_cli.errors import FedloraError
@@ -157,3 +157,22 @@ def test_the_trim_count_rule_uses_the_planned_clients_unless_told_not_to():
 def test_validate_returns_the_recipe_unchanged():
     r = recipes.from_dict(base())
     assert recipes.validate(r) is r
+
+
+@pytest.mark.parametrize(
+    "federation_keys, extra, needle",
+    [
+        ({"clients_per_round": 4}, {}, "federation.clients_per_round"),
+        ({"sampling": "poisson"}, {}, "needs federation.clients_per_round"),
+        ({"clients_per_round": 2, "min_clients": 3}, {}, "federation.min_clients"),
+        ({"clients_per_round": 2}, {"server_privacy": {"clip_norm": 1.0, "noise_multiplier": 1.0}}, "'poisson'"),
+        ({"server_optimizer": "fedadam", "aggregation": "svd"}, {}, "federation.server_optimizer"),
+        ({"client_ids": ["a", "a", "b"]}, {}, "must not repeat"),
+    ],
+)
+def test_participation_settings_are_validated_by_key(tiny_model_dir, reviews_csv, federation_keys, extra, needle):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"].update(federation_keys)
+    raw.update(extra)
+    with pytest.raises(FedloraError, match=needle):
+        recipes.from_dict(raw)

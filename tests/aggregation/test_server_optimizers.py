@@ -1,0 +1,115 @@
+"""Server optimisers (FedAvgM, FedAdam, FedYogi) against hand computations, and their state in the global
+checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fedlora_cli import federation, storage
+from fedlora_cli.adapters.methods import plan
+from fedlora_cli.aggregation import Aggregate, Contributions, RoundSpec, Strategy
+from fedlora_cli.aggregation.server_optimizers import FedAdam, FedAvgM, FedYogi, state_name
+from fedlora_cli.errors import FedloraError
+
+runner = CliRunner()
+
+
+class Fixed(Strategy):
+    """An inner strategy whose aggregate is given (the hand-made tensors of a round)."""
+
+    name = "mean"
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def aggregate(self, contributions, spec):
+        return Aggregate(dict(self.tensors))
+
+
+def spec_for(reference) -> RoundSpec:
+    return RoundSpec(sorted(reference), None, 16.0, 8, lambda c: 8, reference)
+
+
+def test_fedavgm_step_equals_the_hand_computation():
+    x = {"w": torch.tensor([1.0, -2.0, 0.5])}
+    agg1, agg2 = torch.tensor([1.5, -2.5, 0.5]), torch.tensor([2.0, -3.0, 1.5])
+    opt = FedAvgM(Fixed({"w": agg1}), lr=0.5, beta1=0.9, beta2=0.0, tau=1.0)
+    first = opt.aggregate(Contributions([]), spec_for(x))
+    delta1 = agg1 - x["w"]
+    torch.testing.assert_close(first.tensors["w"], x["w"] + 0.5 * delta1)
+    x2 = {"w": first.tensors["w"]}
+    opt2 = FedAvgM(Fixed({"w": agg2}), lr=0.5, beta1=0.9, beta2=0.0, tau=1.0, state=first.server_state)
+    second = opt2.aggregate(Contributions([]), spec_for(x2))
+    v = 0.9 * delta1 + (agg2 - x2["w"])
+    torch.testing.assert_close(second.tensors["w"], x2["w"] + 0.5 * v)
+    torch.testing.assert_close(second.server_state[state_name("momentum", "w")], v)
+
+
+def test_fedadam_and_fedyogi_steps_equal_the_hand_computation():
+    x = {"w": torch.tensor([0.2, -0.1, 0.0, 1.0])}
+    agg = torch.tensor([0.3, -0.4, 0.0, 1.1])
+    delta = agg - x["w"]
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    m = (1 - b1) * delta
+    adam = FedAdam(Fixed({"w": agg}), lr, b1, b2, tau).aggregate(Contributions([]), spec_for(x))
+    v_adam = b2 * tau**2 + (1 - b2) * delta**2
+    torch.testing.assert_close(adam.tensors["w"], x["w"] + lr * m / (v_adam.sqrt() + tau))
+    yogi = FedYogi(Fixed({"w": agg}), lr, b1, b2, tau).aggregate(Contributions([]), spec_for(x))
+    v0 = torch.full_like(delta, tau**2)
+    v_yogi = v0 - (1 - b2) * delta**2 * torch.sign(v0 - delta**2)
+    torch.testing.assert_close(yogi.tensors["w"], x["w"] + lr * m / (v_yogi.sqrt() + tau))
+    torch.testing.assert_close(adam.server_state[state_name("variance", "w")], v_adam)
+    assert not torch.equal(adam.tensors["w"], yogi.tensors["w"])  # the two second moments differ
+
+
+def test_fedavgm_without_momentum_at_rate_one_is_plain_fedavg(scaled, tmp_path):
+    plain = run(scaled(clients=3, rounds=2), tmp_path / "plain")
+    avgm = run(scaled(clients=3, rounds=2, server_optimizer="fedavgm", server_momentum=0.0, server_lr=1.0),
+               tmp_path / "avgm")
+    for r in (1, 2):
+        a = load_file(str(plain.global_checkpoint(r) / storage.ADAPTER_WEIGHTS))
+        b = load_file(str(avgm.global_checkpoint(r) / storage.ADAPTER_WEIGHTS))
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-7)
+
+
+def test_server_optimizer_state_resumes_from_the_checkpoint_exactly(scaled, tmp_path):
+    """Round 2 aggregated again in a fresh call, from the files alone, equals the simulation's round 2."""
+    recipe = scaled(clients=3, rounds=2, server_optimizer="fedadam")
+    layout = run(recipe, tmp_path / "run")
+    g1 = storage.read_global(layout.global_checkpoint(1))
+    assert g1.manifest.server_state_digests and (g1.path / storage.SERVER_STATE_TENSORS).is_file()
+    again = federation.aggregate_round(layout.global_checkpoint(1), [layout.update(2, c) for c in
+                                                                      ("client-0", "client-1", "client-2")],
+                                       tmp_path / "g2-again")
+    simulated = storage.read_global(layout.global_checkpoint(2)).manifest
+    assert again.checkpoint.manifest.digest == simulated.digest
+    assert again.checkpoint.manifest.server_state_digests == simulated.server_state_digests
+
+
+def test_server_optimizer_moves_only_what_the_method_sends(scaled, tmp_path):
+    layout = run(scaled("ffa", clients=3, rounds=1, server_optimizer="fedadam"), tmp_path / "run")
+    g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
+    g1 = load_file(str(layout.global_checkpoint(1) / storage.ADAPTER_WEIGHTS))
+    state = load_file(str(layout.global_checkpoint(1) / storage.SERVER_STATE_TENSORS))
+    p = plan("ffa", "shared")
+    for name in g0:
+        if p.sends(name):
+            assert state_name("momentum", name) in state
+        else:  # FFA's A is frozen
+            assert torch.equal(g0[name], g1[name]) and state_name("momentum", name) not in state
+
+
+def test_a_tampered_server_state_is_refused(scaled, tmp_path):
+    layout = run(scaled(clients=3, rounds=1, server_optimizer="fedavgm"), tmp_path / "run")
+    path = layout.global_checkpoint(1) / storage.SERVER_STATE_TENSORS
+    state = load_file(str(path))
+    from safetensors.torch import save_file
+
+    save_file({k: v + 1 for k, v in state.items()}, str(path))
+    with pytest.raises(FedloraError, match="server state does not match"):
+        federation.aggregate_round(layout.global_checkpoint(1), [layout.update(1, "client-0")], tmp_path / "x")
