@@ -20,13 +20,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from fedlora_cli import aggregation, recipe as recipes, storage
 from fedlora_cli.adapters.roles import ROLE_PROJECTION, role_of
 from fedlora_cli.aggregation import (
-    SERVER_OPTIMIZERS,
-    Aggregate,
-    Contributions,
-    NormBound,
-    RoundSpec,
-    Strategy,
-    make_strategy,
+    SERVER_OPTIMIZERS, Aggregate, Contributions, NormBound, RoundSpec, Strategy, make_strategy,
 )
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
