@@ -97,7 +97,8 @@ def aggregate_round(
     """Validate every client update against the global checkpoint, combine the sent tensors, write round t.
 
     ``overrides`` replace the recipe's settings for this round (:class:`RoundOverrides`) and are validated by
-    the recipe's own rules. Under DP-FedAvg (``server_privacy``, or the recipe's) the spending is checked
+    the recipe's own rules. At least ``federation.min_clients`` updates are needed; when the federation
+    samples its clients, only from clients this round asked (:mod:`fedlora_cli.federation.sampling`). Under DP-FedAvg (``server_privacy``, or the recipe's) the spending is checked
     against, and recorded in, the coordinator's ledger (``server_ledger``; default: the one beside the global
     checkpoint, see :func:`fedlora_cli.privacy.ledgers.coordinator_ledger`) before the checkpoint is written.
     """

@@ -20,23 +20,11 @@ from pathlib import Path
 from fedlora_cli.storage.checkpoints import GlobalCheckpoint, round_dirname
 
 RECIPE_FILE = "recipe.yaml"
-
-
 DATA_DIR = "data"
-
-
 GLOBAL_DIR = "global"
-
-
 UPDATES_DIR = "updates"
-
-
 CLIENTS_DIR = "clients"
-
-
 METRICS_DIR = "metrics"
-
-
 CURVES_PNG = "rounds.png"
 
 
@@ -76,10 +64,10 @@ class RunLayout:
         return sorted(folder.iterdir()) if folder.is_dir() else []
 
     def global_checkpoints(self) -> list[Path]:
-        """The round folders in global/, sorted by name: round order up to round 999 (the names are padded to
-        three digits)."""
+        """The round folders in global/, in round order (by number: round-1000 comes after round-999)."""
         folder = self.root / GLOBAL_DIR
-        return sorted(folder.glob("round-*")) if folder.is_dir() else []
+        rounds = [p for p in folder.glob("round-*") if p.name[6:].isdigit()] if folder.is_dir() else []
+        return sorted(rounds, key=lambda p: int(p.name[6:]))
 
     def metrics(self, round_: int) -> Path:
         return self.root / METRICS_DIR / f"{round_dirname(round_)}.json"
