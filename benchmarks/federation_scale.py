@@ -13,15 +13,15 @@ accuracy after every round, mean and half-range over the seeds.
 ``scale``: the same data split 10 and 100 ways (IID: a Dirichlet split of 100 clients leaves some with too
 few examples), 10 clients asked per round in both, so the per-round work is the same. Reports seconds per
 round, the peak memory of one ``fedlora aggregate`` process over a round's 10 client updates (the
-coordinator), the peak memory of the whole simulation process, and the run folder's growth per round with
-and without ``--keep-state-rounds 1``.
+coordinator), the peak memory of the benchmark process so far (simulations run in turn), and the run
+folder's growth per round (its size after each round, as the run leaves it) with and without
+``--keep-state-rounds 1``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -43,15 +43,27 @@ SAMPLED = {"federation.clients": 20, "federation.clients_per_round": 5, "data.st
            "data.alpha": 0.5, "federation.weighting": "shard"}
 
 
-def simulate(overrides: dict, out: Path, keep_state_rounds: int | None = None) -> tuple[list[dict], float]:
+class Sizes(Quiet):
+    """Records the run folder's size after every round (after pruning, as the run leaves it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.bytes = root, []
+
+    def round_done(self, row):
+        super().round_done(row)
+        self.bytes.append(sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()))
+
+
+def simulate(overrides: dict, out: Path, keep_state_rounds: int | None = None) -> tuple[list[dict], float, list[int]]:
     from fedlora_cli import recipe as recipes
     from fedlora_cli.federation import simulate as sim
     from fedlora_cli.recipe import catalog
 
     recipe = recipes.load(catalog.find("quickstart"), overrides)
+    sizes = Sizes(out)
     started = time.perf_counter()
-    rows = sim.simulate(recipe, out, Quiet(), overwrite=True, keep_state_rounds=keep_state_rounds)
-    return rows, time.perf_counter() - started
+    rows = sim.simulate(recipe, out, sizes, overwrite=True, keep_state_rounds=keep_state_rounds)
+    return rows, time.perf_counter() - started, sizes.bytes
 
 
 def optimisers(args: argparse.Namespace) -> dict:
@@ -63,7 +75,7 @@ def optimisers(args: argparse.Namespace) -> dict:
             overrides = {**SAMPLED, **extra, "federation.rounds": args.rounds,
                          "training.local_steps": args.local_steps, "data.seed": seed, "training.seed": seed}
             print(f"{name} seed {seed}", flush=True)
-            rows, _ = simulate(overrides, Path(args.out) / f"{name}-s{seed}")
+            rows, _, _ = simulate(overrides, Path(args.out) / f"{name}-s{seed}")
             results[name].append([r["global_accuracy"] for r in rows])
             save(args.json, {"optimisers": results})
     print(f"\n# Server optimisers, {time.strftime('%Y-%m-%d')}, {platform.machine()}, seeds {args.seeds}: global test "
@@ -85,12 +97,12 @@ def scale(args: argparse.Namespace) -> dict:
                          "training.local_steps": args.local_steps}
             out = Path(args.out) / f"scale-{clients}-keep{keep}"
             print(f"{clients} clients, keep {keep}", flush=True)
-            rows, seconds = simulate(overrides, out, keep)
-            sizes = [folder_bytes(out, r) for r in range(1, args.rounds + 1)]
+            rows, seconds, sizes = simulate(overrides, out, keep)
             results[f"{clients}-{keep}"] = {
                 "clients": clients, "keep_state_rounds": keep, "seconds_per_round": seconds / args.rounds,
                 "bytes_per_round": (sizes[-1] - sizes[0]) / max(1, args.rounds - 1),
                 "aggregate_peak_mb": aggregate_peak_mb(out, args.rounds),
+                # Peak of the benchmark process so far (it runs the configurations in turn, 10 clients first).
                 "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "accuracy": rows[-1]["global_accuracy"],
             }
@@ -105,27 +117,19 @@ def scale(args: argparse.Namespace) -> dict:
     return {"scale": results}
 
 
-def folder_bytes(run: Path, round_: int) -> int:
-    """Bytes of the run folder's files written up to and including ``round_`` (by the round in their path)."""
-    total = 0
-    for path in run.rglob("*"):
-        rounds = [int(part[6:]) for part in path.parts if part.startswith("round-") and part[6:].isdigit()]
-        if path.is_file() and (not rounds or rounds[-1] <= round_):
-            total += path.stat().st_size
-    return total
-
-
 def aggregate_peak_mb(run: Path, round_: int) -> float:
     """Peak RSS of a separate ``fedlora aggregate`` of the round's updates (the coordinator's process)."""
     updates = sorted(str(p) for p in (run / "updates" / f"round-{round_:03d}").iterdir())
     out = run / "bench-aggregate"
     command = [sys.executable, "-m", "fedlora_cli", "aggregate", str(run / "global" / f"round-{round_ - 1:03d}"),
                *updates, "--out", str(out), "--overwrite", "--json"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest child so far
-    if status != 0:
-        raise RuntimeError(f"aggregate failed: {proc.stderr.read().decode()[-500:]}")
-    return usage.ru_maxrss / 1024  # KB on Linux
+    # GNU time measures its own child, exec'd fresh: a child forked from this (large) process would count the
+    # pages it shared with it before exec.
+    report = run / "bench-aggregate.rss"
+    done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"aggregate failed: {done.stderr[-500:]}")
+    return int(report.read_text().split()[-1]) / 1024  # KB
 
 
 def spread(values: list[float | None]) -> str:
