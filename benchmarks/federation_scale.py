@@ -24,13 +24,13 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import summary as spread  # noqa: E402  (mean ± half-range over seeds)
 from variants_quality import Quiet  # noqa: E402
 
 COORDINATORS = {
@@ -130,14 +130,6 @@ def aggregate_peak_mb(run: Path, round_: int) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"aggregate failed: {done.stderr[-500:]}")
     return int(report.read_text().split()[-1]) / 1024  # KB
-
-
-def spread(values: list[float | None]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {(max(values) - min(values)) / 2:.3f}"
 
 
 def save(path: str | None, data: dict) -> None:
