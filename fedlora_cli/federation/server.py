@@ -20,12 +20,18 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from fedlora_cli import aggregation, recipe as recipes, storage
 from fedlora_cli.adapters.roles import ROLE_PROJECTION, role_of
 from fedlora_cli.aggregation import (
-    SERVER_OPTIMIZERS, Aggregate, Contributions, NormBound, RoundSpec, Strategy, make_strategy,
+    SERVER_OPTIMIZERS,
+    Aggregate,
+    Contributions,
+    NormBound,
+    RoundSpec,
+    Strategy,
+    make_strategy,
 )
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation import sampling
 from fedlora_cli.federation.common import Global, digests, frozen_digest, frozen_labels, received_tensors
+from fedlora_cli.federation.sampling import asked as sampled_clients, sample_rate
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
 from fedlora_cli.storage.manifests import GlobalManifest
@@ -161,7 +167,7 @@ def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: 
         ledger = coordinator_ledger(g, server_ledger)
         release = {"round": g.manifest.round + 1, "parent_digest": g.manifest.digest, "out": str(out.resolve())}
         seed = noise_seed if noise_seed is not None else secrets.randbits(63)
-        q = sampling.sample_rate(f)
+        q = sample_rate(f)
         strategy = DPFedAvg(strategy, sp, ledger, f.clients_per_round or f.clients, seed, release, q, f.clients)
     if f.server_optimizer in SERVER_OPTIMIZERS:
         strategy = SERVER_OPTIMIZERS[f.server_optimizer].around(strategy, f, g.verified_server_state)
@@ -178,7 +184,7 @@ def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[st
         )
     if f.clients_per_round is None:
         return
-    asked = set(sampling.asked(f, recipe.training.seed, round_))
+    asked = set(sampled_clients(f, recipe.training.seed, round_))
     for update in updates:
         if update.manifest.client_id not in asked:
             raise FedloraError(
@@ -374,7 +380,7 @@ def _next_global(
         tensor_digests=tensor_digests,
         correction_digests=correction_digests,
         server_state_digests=state_digests,
-        asked=None if f.clients_per_round is None else sampling.asked(f, recipe.training.seed, g.manifest.round + 1),
+        asked=None if f.clients_per_round is None else sampled_clients(f, recipe.training.seed, g.manifest.round + 1),
         digest=storage.global_digest(tensor_digests, correction_digests, state_digests),
         frozen_digest=frozen_digest(g.plan, tensor_digests),
         clients=[u.manifest.client_id for u in updates],

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from fedlora_cli import federation, recipe as recipes, storage
 from fedlora_cli.data import partition as partitions
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation import sampling
 from fedlora_cli.federation.common import Global
+from fedlora_cli.federation.sampling import asked as sampled_clients
 from fedlora_cli.model import evaluation
 from fedlora_cli.storage.checkpoints import round_dirname
 from fedlora_cli.storage.files import read_json, write_json
@@ -179,7 +179,7 @@ def _run_round(layout: RunLayout, parent: Global, clients: list[str], benches: B
     round_ = parent.manifest.round + 1
     f = parent.recipe.federation
     if f.clients_per_round is not None:
-        clients = sampling.asked(f, parent.recipe.training.seed, round_)
+        clients = sampled_clients(f, parent.recipe.training.seed, round_)
         if len(clients) < f.min_clients:
             raise FedloraError(
                 f"round {round_}: Poisson sampling asked {len(clients)} client(s), fewer than federation.min_clients "
