@@ -10,18 +10,8 @@ package compares a kind or method name as a string: code asks these objects.
 from fedlora_cli.adapters.kinds import ADAPTER_KINDS, AdapterKind, adapter_kind
 from fedlora_cli.adapters.methods import HEAD_POLICIES, METHODS, Method, Plan, method, plan
 from fedlora_cli.adapters.roles import (
-    ADAPTER_PARAMETER_MARKERS,
-    ROLE_A,
-    ROLE_B,
-    ROLE_HEAD,
-    ROLE_LABELS,
-    ROLE_LAMBDA_B,
-    ROLE_LAMBDA_D,
-    ROLE_PROJECTION,
-    ROLES,
-    SIDE_A,
-    SIDE_B,
-    role_of,
+    ADAPTER_PARAMETER_MARKERS, ROLE_A, ROLE_B, ROLE_HEAD, ROLE_LABELS, ROLE_LAMBDA_B, ROLE_LAMBDA_D,
+    ROLE_PROJECTION, ROLES, SIDE_A, SIDE_B, role_of,
 )
 
 __all__ = [

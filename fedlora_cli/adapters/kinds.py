@@ -19,14 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora_cli.adapters.roles import (
-    ROLE_A,
-    ROLE_B,
-    ROLE_HEAD,
-    ROLE_LAMBDA_B,
-    ROLE_LAMBDA_D,
-    ROLE_PROJECTION,
-    SIDE_A,
-    role_of,
+    ROLE_A, ROLE_B, ROLE_HEAD, ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, SIDE_A, role_of,
 )
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.text import fmt

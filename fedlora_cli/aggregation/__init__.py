@@ -17,21 +17,8 @@ from typing import Any
 
 from fedlora_cli.aggregation.exact import Exact
 from fedlora_cli.aggregation.functions import (
-    Factors,
-    LayerReport,
-    Tensors,
-    accumulator_dtype,
-    client_weights,
-    clip_to_norm,
-    coordinate_median,
-    exact_layer,
-    nonfinite,
-    svd_layer,
-    to_rank,
-    trim_count,
-    trimmed_mean,
-    update_norm,
-    weighted_mean,
+    Factors, LayerReport, Tensors, accumulator_dtype, client_weights, clip_to_norm, coordinate_median, exact_layer,
+    nonfinite, svd_layer, to_rank, trim_count, trimmed_mean, update_norm, weighted_mean,
 )
 from fedlora_cli.aggregation.mean import Mean
 from fedlora_cli.aggregation.median import Median

@@ -2,20 +2,8 @@
 (:mod:`.partition`), and the offline assets (:mod:`.assets`)."""
 
 from fedlora_cli.data.examples import (
-    IGNORE_INDEX,
-    Examples,
-    PromptResponses,
-    batch_schedule,
-    encode,
-    encode_causal,
-    encode_prompts,
-    fit,
-    prompt_ids,
-    read_examples,
-    read_prompt_responses,
-    read_shard,
-    response_ids,
-    steps_for,
+    IGNORE_INDEX, Examples, PromptResponses, batch_schedule, encode, encode_causal, encode_prompts, fit, prompt_ids,
+    read_examples, read_prompt_responses, read_shard, response_ids, steps_for,
 )
 
 __all__ = [

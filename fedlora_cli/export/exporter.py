@@ -35,14 +35,7 @@ from fedlora_cli import federation, privacy, storage
 from fedlora_cli.errors import FedloraError, first_line
 from fedlora_cli.export.hub import HubTarget, check_hub_access, push_to_hub
 from fedlora_cli.export.model_card import (
-    MODEL_CARD,
-    _model_label,
-    _notes,
-    _title,
-    base_license,
-    base_reference,
-    hub_id_of,
-    model_card,
+    MODEL_CARD, _model_label, _notes, _title, base_license, base_reference, hub_id_of, model_card,
 )
 from fedlora_cli.storage.manifests import GlobalManifest
 

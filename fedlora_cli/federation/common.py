@@ -58,6 +58,11 @@ class Global(GlobalCheckpoint):
         return plan_of(self.manifest)
 
     @cached_property
+    def header(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Names, dtypes and shapes of the adapter tensors, from the safetensors header (no data read)."""
+        return storage.tensor_header(self.weights_path, "global checkpoint weights")
+
+    @cached_property
     def verified_tensors(self) -> dict[str, torch.Tensor]:
         return self._checked(self.tensors(), self.manifest.tensor_digests, "tensors do not")
 

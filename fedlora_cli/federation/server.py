@@ -20,13 +20,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 from fedlora_cli import aggregation, recipe as recipes, storage
 from fedlora_cli.adapters.roles import ROLE_PROJECTION, role_of
 from fedlora_cli.aggregation import (
-    SERVER_OPTIMIZERS,
-    Aggregate,
-    Contributions,
-    NormBound,
-    RoundSpec,
-    Strategy,
-    make_strategy,
+    SERVER_OPTIMIZERS, Aggregate, Contributions, NormBound, RoundSpec, Strategy, make_strategy,
 )
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
@@ -195,7 +189,7 @@ def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[st
 
 def read_updates(g: Global, recipe: recipes.Recipe, update_dirs: Sequence[Path]) -> list[storage.ClientUpdate]:
     """Every client update's manifest and tensor header, validated against the global checkpoint."""
-    header = storage.tensor_header(g.weights_path, "global checkpoint weights")
+    header = g.header
     updates = [storage.read_update(Path(p)) for p in update_dirs]
     seen: dict[str, Path] = {}
     for update in updates:
@@ -350,8 +344,7 @@ class _Screen:
 
 
 def _round_spec(g: Global, recipe: recipes.Recipe) -> RoundSpec:
-    header = storage.tensor_header(g.weights_path, "global checkpoint weights")
-    sent = sorted(name for name in header if g.plan.sends(name))
+    sent = sorted(name for name in g.header if g.plan.sends(name))
     tensors = g.verified_tensors
     a = recipe.adapter
     return RoundSpec(sent, g.plan.kind, a.alpha, a.r, a.rank_for, {name: tensors[name] for name in sent})

@@ -2,23 +2,12 @@
 coordinator (:mod:`.dp_fedavg`), the coordinator's ledger (:mod:`.ledgers`) and spending reports (:mod:`.report`)."""
 
 from fedlora_cli.privacy.accounting import (
-    ClientPlan,
-    Entry,
-    Ledger,
-    calibrate,
-    calibrate_federation,
-    check_delta,
-    client_plan,
-    epsilon,
+    ClientPlan, Entry, Ledger, calibrate, calibrate_federation, check_delta, client_plan, epsilon,
 )
 from fedlora_cli.privacy.dp_fedavg import dp_fedavg
 from fedlora_cli.privacy.dp_sgd import DPSGD, poisson_batches
 from fedlora_cli.privacy.ledgers import (
-    ServerLedger,
-    coordinator_ledger,
-    read_server_ledger,
-    server_ledger_path,
-    write_server_ledger,
+    ServerLedger, coordinator_ledger, read_server_ledger, server_ledger_path, write_server_ledger,
 )
 
 __all__ = [

@@ -2,41 +2,13 @@
 overrides (:mod:`.loading`), and the recipes fedlora ships (:mod:`.catalog`)."""
 
 from fedlora_cli.recipe.loading import (
-    apply_overrides,
-    dump,
-    from_dict,
-    load,
-    parse_override,
-    resolve_location,
-    with_task_defaults,
+    apply_overrides, dump, from_dict, load, parse_override, resolve_location, with_task_defaults,
 )
 from fedlora_cli.recipe.schema import (
-    ACCOUNTANTS,
-    ADAPTER_KINDS,
-    AGGREGATIONS,
-    ANSWER_EXTRACTORS,
-    HEAD_POLICIES,
-    METHODS,
-    NORM_BOUND_ACTIONS,
-    OPTIMIZERS,
-    PARTITIONERS,
-    SAMPLINGS,
-    SERVER_OPTIMIZERS,
-    TASK_CAUSAL_LM,
-    TASK_CLASSIFICATION,
-    TASK_DEFAULTS,
-    TASKS,
-    VERA_D_INITIAL,
-    WEIGHTINGS,
-    AdapterSection,
-    DataSection,
-    EvaluationSection,
-    FederationSection,
-    ModelSection,
-    PrivacySection,
-    Recipe,
-    ServerPrivacySection,
-    TrainingSection,
+    ACCOUNTANTS, ADAPTER_KINDS, AGGREGATIONS, ANSWER_EXTRACTORS, HEAD_POLICIES, METHODS, NORM_BOUND_ACTIONS,
+    OPTIMIZERS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_DEFAULTS,
+    TASKS, VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection,
+    ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrainingSection,
 )
 from fedlora_cli.recipe.validation import validate
 

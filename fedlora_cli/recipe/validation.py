@@ -15,25 +15,9 @@ from fedlora_cli.aggregation import STRATEGIES, make_strategy
 from fedlora_cli.aggregation.norm_bound import ACTIONS as NORM_BOUND_ACTIONS
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import (
-    ACCOUNTANTS,
-    ANSWER_EXTRACTORS,
-    OPTIMIZERS,
-    PARTITIONERS,
-    SAMPLINGS,
-    SERVER_OPTIMIZERS,
-    TASK_CAUSAL_LM,
-    TASKS,
-    VERA_D_INITIAL,
-    WEIGHTINGS,
-    AdapterSection,
-    DataSection,
-    EvaluationSection,
-    FederationSection,
-    ModelSection,
-    PrivacySection,
-    Recipe,
-    ServerPrivacySection,
-    TrainingSection,
+    ACCOUNTANTS, ANSWER_EXTRACTORS, OPTIMIZERS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS,
+    VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection, ModelSection,
+    PrivacySection, Recipe, ServerPrivacySection, TrainingSection,
 )
 from fedlora_cli.storage.checkpoints import valid_client_id
 

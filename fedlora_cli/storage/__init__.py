@@ -2,53 +2,18 @@
 client updates and client state (:mod:`.checkpoints`), and the folder tree of a simulated run (:mod:`.run_layout`)."""
 
 from fedlora_cli.storage.checkpoints import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    CORRECTION_TENSORS,
-    GLOBAL_MANIFEST,
-    SERVER_STATE_TENSORS,
-    STATE_MANIFEST,
-    STATE_TENSORS,
-    UPDATE_MANIFEST,
-    UPDATE_TENSORS,
-    ClientState,
-    ClientUpdate,
-    GlobalCheckpoint,
-    check_client_id,
-    latest_state,
-    prune_states,
-    read_global,
-    read_update,
-    round_dirname,
-    state_rounds,
-    valid_client_id,
-    write_global,
-    write_state,
-    write_update,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, CORRECTION_TENSORS, GLOBAL_MANIFEST, SERVER_STATE_TENSORS, STATE_MANIFEST,
+    STATE_TENSORS, UPDATE_MANIFEST, UPDATE_TENSORS, ClientState, ClientUpdate, GlobalCheckpoint, check_client_id,
+    latest_state, prune_states, read_global, read_update, round_dirname, state_rounds, valid_client_id,
+    write_global, write_state, write_update,
 )
 from fedlora_cli.storage.files import (
-    atomic_dir,
-    atomic_file,
-    combined_digest,
-    global_digest,
-    load_tensors,
-    read_json,
-    read_tensor,
-    save_tensors,
-    tensor_digest,
-    tensor_header,
-    write_json,
+    atomic_dir, atomic_file, combined_digest, global_digest, load_tensors, read_json, read_tensor, save_tensors,
+    tensor_digest, tensor_header, write_json,
 )
 from fedlora_cli.storage.manifests import FORMAT_VERSION, GlobalManifest, StateManifest, UpdateManifest
 from fedlora_cli.storage.run_layout import (
-    CLIENTS_DIR,
-    CURVES_PNG,
-    DATA_DIR,
-    GLOBAL_DIR,
-    METRICS_DIR,
-    RECIPE_FILE,
-    UPDATES_DIR,
-    RunLayout,
+    CLIENTS_DIR, CURVES_PNG, DATA_DIR, GLOBAL_DIR, METRICS_DIR, RECIPE_FILE, UPDATES_DIR, RunLayout,
 )
 
 __all__ = [

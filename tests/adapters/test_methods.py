@@ -6,15 +6,7 @@ import pytest
 
 from fedlora_cli.adapters.methods import HEAD_POLICIES, METHODS, method, plan
 from fedlora_cli.adapters.roles import (
-    ROLE_A,
-    ROLE_B,
-    ROLE_HEAD,
-    ROLE_LAMBDA_B,
-    ROLE_LAMBDA_D,
-    ROLE_PROJECTION,
-    SIDE_A,
-    SIDE_B,
-    role_of,
+    ROLE_A, ROLE_B, ROLE_HEAD, ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, SIDE_A, SIDE_B, role_of,
 )
 from fedlora_cli.errors import FedloraError
 

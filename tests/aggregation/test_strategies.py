@@ -14,20 +14,8 @@ from conftest import FakeContribution
 from fedlora_cli import recipe as recipes
 from fedlora_cli.adapters.kinds import adapter_kind
 from fedlora_cli.aggregation import (
-    STRATEGIES,
-    Contributions,
-    Exact,
-    Mean,
-    Median,
-    RoundSpec,
-    Strategy,
-    Svd,
-    TrimmedMean,
-    coordinate_median,
-    exact_layer,
-    make_strategy,
-    svd_layer,
-    trimmed_mean,
+    STRATEGIES, Contributions, Exact, Mean, Median, RoundSpec, Strategy, Svd, TrimmedMean, coordinate_median,
+    exact_layer, make_strategy, svd_layer, trimmed_mean,
 )
 from fedlora_cli.aggregation.strategy import normalised
 from fedlora_cli.errors import FedloraError
