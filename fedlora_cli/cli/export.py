@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Callable, Optional
 import typer
 
 from fedlora_cli.cli.app import app, command
-from fedlora_cli.cli.options import BaseModelOpt, JsonOpt, OverwriteOpt
+from fedlora_cli.cli.options import BaseModelOpt, DeviceOpt, JsonOpt, OverwriteOpt
 
 if TYPE_CHECKING:
     from fedlora_cli.export import ExportResult, HubTarget
@@ -40,6 +40,7 @@ def export_cmd(
         typer.Option("--eval-data", help="Evaluate on this test Parquet file or partition folder for the model card."),
     ] = None,
     base_model: BaseModelOpt = None,
+    device: DeviceOpt = None,
     push_to_hub: Annotated[
         Optional[str], typer.Option("--push-to-hub", help="Upload the export to this Hub model repo (user/name).")
     ] = None,
@@ -60,7 +61,8 @@ def export_cmd(
     """Export the global model, or one client's personalised model, for use without fedlora.
 
     Default: a PEFT adapter folder (classifier head included) with the tokenizer and a model card; --merge
-    writes a plain transformers model instead; --push-to-hub uploads the folder to the Hugging Face Hub.
+    writes a plain transformers model instead; --push-to-hub uploads the folder to the Hugging Face Hub. The
+    base model is loaded in float32 and unquantised, whatever precision or 4-bit base the sites trained on.
 
     Example: [cyan]fedlora export runs/fedsa/global/round-003 --client-id client-0 --merge -o export/client-0[/]
     """
@@ -72,6 +74,7 @@ def export_cmd(
         return exports.export(
             global_checkpoint, out, state_dir=state, client_id=client_id, merge=merge, dtype=dtype,
             eval_data=eval_data, base_override=base_model, hub=hub, overwrite=overwrite, progress=progress,
+            device=device,
         )
 
     _print_result(_with_feedback(run, eval_data is not None, global_checkpoint), as_json)

@@ -8,8 +8,12 @@ from typing import Annotated, Optional
 import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
-from fedlora_cli.cli.options import BaseModelOpt, JsonOpt, OverwriteOpt, SetOpt
+from fedlora_cli.cli.options import (
+    AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, JsonOpt, MixedPrecisionOpt, OverwriteOpt,
+    QuantizationOpt, SetOpt, site_settings,
+)
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.model.site import Site
 
 
 @command(app, "init")
@@ -84,10 +88,20 @@ def train_client_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the client update to send.")],
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id; default: the state folder's name.")] = None,
     base_model: BaseModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
+    mixed_precision: MixedPrecisionOpt = None,
+    gradient_checkpointing: CheckpointingOpt = None,
+    accumulation_steps: AccumulationOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train this client for one round; write the client update (sent) and the client state (kept)."""
+    """Train this client for one round; write the client update (sent) and the client state (kept).
+
+    How this site runs the model (device, base precision, a 4-bit or 8-bit base, memory) is its own choice:
+    the options override the recipe's site settings and other sites may choose differently.
+    """
     from dataclasses import asdict
 
     from fedlora_cli import federation
@@ -96,7 +110,8 @@ def train_client_cmd(
     cid = client_id or state.resolve().name
     with ui.step_progress(f"training {cid}") as progress:
         written = federation.train_client(
-            global_checkpoint, data, state, out, cid, base_override=base_model, progress=progress, overwrite=overwrite
+            global_checkpoint, data, state, out, cid, base_override=base_model, progress=progress, overwrite=overwrite,
+            site=site_settings(device, dtype, quantization, mixed_precision, gradient_checkpointing, accumulation_steps),
         )
     update, m = written.update, written.update.manifest
     # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
@@ -107,6 +122,8 @@ def train_client_cmd(
         return
     rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(local_loss), f"{m.seconds:.1f}", ui.fmt_bytes(m.bytes)]]
     ui.out.print(ui.table(f"client update {update.path}", ["client", "round", "examples", "steps", "loss", "seconds", "upload"], rows))
+    if m.site is not None:
+        ui.out.print(f"ran on: {Site(**m.site).describe()}")
     if m.privacy is not None:
         p = m.privacy
         budget = f" of {p['budget']:g} (remaining {p['remaining']:.3f})" if p["budget"] is not None else ""
@@ -196,6 +213,9 @@ def evaluate_cmd(
         Optional[str], typer.Option(help="causal-lm: 'number' (exact match on the final number) or 'none' (loss only).")
     ] = None,
     base_model: BaseModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Metrics of the global model, or personalised for one client (global + its state).
@@ -221,6 +241,7 @@ def evaluate_cmd(
         metrics = federation.evaluate(
             g, data, state_dir=state, client_id=client_id, base_override=base_model,
             progress=lambda done, total: progress(done, total), settings=settings,
+            site=site_settings(device, dtype, quantization),
         )
     if as_json:
         ui.print_json(metrics)
@@ -236,6 +257,7 @@ def evaluate_cmd(
                  ui.fmt(metrics["loss"])]]
         columns = ["model", "round", "examples", "accuracy", "macro-F1", "loss"]
     ui.out.print(ui.table(f"evaluation of {global_checkpoint}", columns, rows))
+    ui.out.print(f"ran on: {Site(**metrics['site']).describe()}")
 
 
 def _show_aggregate(result) -> None:

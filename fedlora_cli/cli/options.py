@@ -16,3 +16,40 @@ BaseModelOpt = Annotated[
     Optional[str],
     typer.Option("--base-model", help="Where this site keeps the base model, if not where the recipe says."),
 ]
+
+# Site settings (fedlora_cli.model.site): how this site loads and runs the model; default: the recipe's.
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; default: the recipe's."),
+]
+DtypeOpt = Annotated[
+    Optional[str],
+    typer.Option("--dtype", help="Precision of the frozen base: float32, bfloat16, float16 or auto; default: the recipe's."),
+]
+QuantizationOpt = Annotated[
+    Optional[str],
+    typer.Option("--quantization", help="Quantised base (QLoRA): none, 4bit or 8bit (needs fedlora[quantization])."),
+]
+MixedPrecisionOpt = Annotated[
+    Optional[str], typer.Option("--mixed-precision", help="Autocast the forward pass: no, bf16 or fp16."),
+]
+CheckpointingOpt = Annotated[
+    Optional[bool],
+    typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory."),
+]
+AccumulationOpt = Annotated[
+    Optional[int],
+    typer.Option("--accumulation-steps", help="Micro-batches per logical batch (same step, less memory)."),
+]
+
+
+def site_settings(
+    device: str | None = None, dtype: str | None = None, quantization: str | None = None,
+    mixed_precision: str | None = None, checkpointing: bool | None = None, accumulation: int | None = None,
+) -> dict[str, object]:
+    """The site-setting overrides a command's options give (unset ones left to the recipe)."""
+    return {
+        "training.device": device, "model.dtype": dtype, "model.quantization": quantization,
+        "training.mixed_precision": mixed_precision, "training.gradient_checkpointing": checkpointing,
+        "training.gradient_accumulation_steps": accumulation,
+    }

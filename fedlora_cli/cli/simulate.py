@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
-from fedlora_cli.cli.options import JsonOpt, SetOpt
+from fedlora_cli.cli.options import DeviceOpt, JsonOpt, SetOpt
 from fedlora_cli.errors import FedloraError
 
 
@@ -29,14 +29,19 @@ def simulate_cmd(
         typer.Option(help="Keep only each client's newest N state rounds (the run folder then grows by the global "
                           "checkpoint and the client updates per round); default: keep all."),
     ] = None,
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run a whole federation on this machine; re-running resumes after the last completed step."""
+    """Run a whole federation on this machine; re-running resumes after the last completed step.
+
+    Every client trains on one device (--device, or the recipe's training.device); aggregation runs on the CPU.
+    """
     from fedlora_cli import recipe as recipes, storage
     from fedlora_cli.cli import plots, ui
     from fedlora_cli.federation import simulate as sim
 
-    r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method})
+    r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients,
+                                    "federation.method": method, "training.device": device})
     run_dir = out or Path("runs") / r.name
     ui.check_plot_path(plot)  # before the federation runs, so a bad path does not fail after the work
     if keep_state_rounds is not None and keep_state_rounds < 1:

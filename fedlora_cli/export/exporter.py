@@ -82,12 +82,17 @@ def export(
     hub: HubTarget | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    device: str | None = None,
 ) -> ExportResult:
     """Write the global (or one client's personalised) model as a PEFT adapter or merged model, with a card.
 
     Everything that can fail (the checkpoint, the client state, the base model, the evaluation data, Hub
     credentials) is checked before anything is written; the folder then appears whole or not at all. A push
     that fails after the export leaves the complete folder and says so.
+
+    The base model is loaded in float32 and unquantised whatever the recipe's site settings say: a merge folds
+    the adapter into the real weights, never into a 4-bit copy of them. ``device`` (default the recipe's) is
+    where the evaluation runs.
     """
     global_dir, out = Path(global_dir), Path(out)
     if dtype not in DTYPES:
@@ -103,7 +108,7 @@ def export(
         )
     replace = _check_out(out, overwrite, [global_dir, *([Path(state_dir)] if state_dir is not None else [])])
     state_dir, who = _client_state(g, state_dir, client_id)
-    bench, manifest = federation.load_for_evaluation(g, state_dir, client_id, base_override)
+    bench, manifest = federation.load_for_evaluation(g, state_dir, client_id, base_override, site=export_site(device))
 
     # Saved as loaded: tokenising for evaluation leaves truncation and padding settings in a fast tokenizer.
     tokenizer = copy.deepcopy(bench.tokenizer)
@@ -203,6 +208,12 @@ def _run_state_dir(g: federation.Global, client_id: str) -> Path:
     return state_dir
 
 
+def export_site(device: str | None) -> dict[str, Any]:
+    """The site settings an export loads its base model with: float32, unquantised, on ``device``."""
+    return {"model.dtype": "float32", "model.quantization": "none", "training.mixed_precision": "no",
+            "training.device": device}
+
+
 def _write_adapter(bench: Workbench, folder: Path, dtype: str, base_ref: str) -> None:
     config = bench.model.peft_config["default"]
     previous = config.base_model_name_or_path
@@ -227,7 +238,7 @@ def _write_merged(bench: Workbench, folder: Path, dtype: str, manifest: GlobalMa
     """Fold the adapter into the base weights in float32, then cast; ``bench.model`` is consumed."""
     import torch
 
-    model = bench.model.float()
+    model = bench.model.float().cpu()
     try:
         merged = model.merge_and_unload(safe_merge=True)
     except ValueError as exc:

@@ -3,10 +3,10 @@ sends) and its client state (what it keeps, with its privacy ledger)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedlora_cli import aggregation, privacy, recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
@@ -49,8 +49,13 @@ def train_client(
     bench: Workbench | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     overwrite: bool = False,
+    site: Mapping[str, Any] | None = None,
 ) -> ClientRound:
-    """Train one client for one round; write its client update (sent tensors) and its state (kept tensors)."""
+    """Train one client for one round; write its client update (sent tensors) and its state (kept tensors).
+
+    ``site`` overrides the recipe's site settings for this site (``{'training.device': 'cuda', 'model.quantization':
+    '4bit'}``, see :mod:`fedlora_cli.model.site`); a given ``bench`` was built with its own.
+    """
     from fedlora_cli.data.examples import read_examples
     from fedlora_cli.model.training import local_train, round_seed
 
@@ -63,14 +68,14 @@ def train_client(
     examples = read_examples(shard, recipe.data, recipe.model.task, g.manifest.num_labels)
     state, newest = _states(g, state_dir, client_id, overwrite)
     g.verify()  # before the base model is loaded
-    bench = bench_for(g, base_override, bench, recipe.adapter.rank_for(client_id))
+    bench = bench_for(g, base_override, bench, recipe.adapter.rank_for(client_id), site)
     ledger, dp = _privacy_for_round(recipe, newest, len(examples), client_id)
     load_client_model(bench, g.plan, g.verified_tensors, state, g.verified_correction)
     result = local_train(bench, g.plan, examples, round_seed(recipe.training.seed, client_id, round_), progress, dp)
     if ledger is not None:
         ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
     return _write_round(g, bench.adapter_tensors(), result, ledger, len(examples), client_id, Path(state_dir), out,
-                        overwrite)
+                        overwrite, bench.site.to_dict())
 
 
 def _states(
@@ -96,7 +101,7 @@ def _states(
 
 def _write_round(
     g: Global, tensors: dict[str, torch.Tensor], result: TrainResult, ledger: privacy.Ledger | None, shard_size: int,
-    client_id: str, state_dir: Path, out: Path, overwrite: bool,
+    client_id: str, state_dir: Path, out: Path, overwrite: bool, site: dict[str, Any] | None = None,
 ) -> ClientRound:
     """Check what training produced, split it into what is sent and what is kept, write state then update."""
     plan, manifest = g.plan, g.manifest
@@ -120,7 +125,7 @@ def _write_round(
         frozen_digest=manifest.frozen_digest, num_examples=shard_size if private else result.num_examples,
         shard_examples=shard_size, steps=result.steps, loss=None if private else result.loss,
         seconds=round(result.seconds, 3), bytes=0, tensor_digests={name: tensor_digests[name] for name in sent},
-        privacy=None if spending is None else {k: v for k, v in spending.items() if k != "history"},
+        privacy=None if spending is None else {k: v for k, v in spending.items() if k != "history"}, site=site,
     )
     state_manifest = StateManifest(
         client_id=client_id, round=manifest.round + 1, parent_digest=manifest.digest,

@@ -3,15 +3,17 @@ the global checkpoint, and the client's model as it starts a round."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedlora_cli import aggregation, recipe as recipes, storage
 from fedlora_cli.adapters.kinds import adapter_kind
 from fedlora_cli.adapters.methods import Plan, plan as make_plan
 from fedlora_cli.adapters.roles import ROLE_LABELS, ROLE_PROJECTION, role_of
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.model.site import SITE_FLAGS, Site
 from fedlora_cli.model.workbench import Workbench, build
 from fedlora_cli.storage.checkpoints import GlobalCheckpoint
 from fedlora_cli.storage.manifests import GlobalManifest
@@ -100,12 +102,15 @@ def frozen_labels(plan: Plan) -> str:
     return " / ".join(ROLE_LABELS[r] for r in sorted(plan.frozen, key=order.index)) or "tensors"
 
 
-def bench_for(g: Global, base_override: str | None, bench: Workbench | None, rank: int | None = None) -> Workbench:
-    """A workbench for this federation with a LoRA adapter of ``rank`` (default: the global rank)."""
+def bench_for(g: Global, base_override: str | None, bench: Workbench | None, rank: int | None = None,
+              site: Mapping[str, Any] | None = None) -> Workbench:
+    """A workbench for this federation with a LoRA adapter of ``rank`` (default: the global rank), built with
+    this site's settings (``site``: :data:`fedlora_cli.recipe.SITE_KEYS` -> value, over the recipe's own)."""
     recipe, manifest = g.recipe, g.manifest
     rank = rank or recipe.adapter.r
     if bench is None:
-        bench = build(recipe, manifest.num_labels, base_override, rank=rank)
+        site_recipe = recipes.with_site(recipe, site or {}, SITE_FLAGS)
+        bench = build(recipe, manifest.num_labels, base_override, rank=rank, site=Site.of(site_recipe))
     if bench.fingerprint != manifest.base_fingerprint:
         raise FedloraError(
             f"base model '{bench.base_location}' is not the one this federation started from "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,9 +24,10 @@ def load_for_evaluation(
     client_id: str | None = None,
     base_override: str | None = None,
     bench: Workbench | None = None,
+    site: Mapping[str, Any] | None = None,
 ) -> tuple[Workbench, GlobalManifest]:
     """A workbench holding the global model, or one client's: the global at the client's rank plus its kept
-    tensors, when ``state_dir`` is given."""
+    tensors, when ``state_dir`` is given. ``site`` overrides the recipe's site settings (device, precision)."""
     g = Global.of(global_checkpoint).verify()
     manifest = g.manifest
     state = None
@@ -39,7 +40,7 @@ def load_for_evaluation(
             raise FedloraError(f"client state {state_dir} holds no trained round up to round {manifest.round}")
         check_state(state, client_id or state.manifest.client_id, manifest)
         rank = g.recipe.adapter.rank_for(state.manifest.client_id)
-    bench = bench_for(g, base_override, bench, rank)
+    bench = bench_for(g, base_override, bench, rank, site)
     load_client_model(bench, g.plan, g.verified_tensors, state, g.verified_correction)
     bench.model.eval()
     return bench, manifest
@@ -55,13 +56,14 @@ def evaluate(
     examples: Examples | PromptResponses | None = None,
     progress: Callable[[int, int], None] | None = None,
     settings: recipes.EvaluationSection | None = None,
+    site: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The task's metrics (:mod:`fedlora_cli.model.evaluation`) of the global model, or of one client's personalised
     model. ``settings`` replaces the recipe's evaluation section (e.g. another ``max_new_tokens``)."""
     from fedlora_cli.data.examples import read_examples
     from fedlora_cli.model import evaluation
 
-    bench, manifest = load_for_evaluation(global_checkpoint, state_dir, client_id, base_override, bench)
+    bench, manifest = load_for_evaluation(global_checkpoint, state_dir, client_id, base_override, bench, site)
     if settings is not None:
         bench.recipe = dataclasses.replace(bench.recipe, evaluation=settings)
     recipe = bench.recipe
@@ -70,7 +72,8 @@ def evaluate(
             raise FedloraError("no test data given")
         examples = read_examples(test_path(test), recipe.data, recipe.model.task, manifest.num_labels)
     metrics = evaluation.evaluate(bench, examples, progress)
-    return {"round": manifest.round, "personalised": state_dir is not None, "task": recipe.model.task, **metrics}
+    return {"round": manifest.round, "personalised": state_dir is not None, "task": recipe.model.task, **metrics,
+            "site": bench.site.to_dict()}
 
 
 def test_path(path: Path) -> Path:

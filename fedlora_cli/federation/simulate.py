@@ -117,7 +117,9 @@ def simulate(
     layout = RunLayout(Path(out))
     _start(recipe, layout, overwrite)
     part, clients, num_labels = _partition(recipe, layout, reporter)
-    reporter.stage(f"loading base model {recipe.model.base}")
+    from fedlora_cli.model.site import Site
+
+    reporter.stage(f"loading base model {recipe.model.base} ({Site.of(recipe).describe()})")
     benches = Benches(recipe, num_labels)
     if layout.global_checkpoint(0).is_dir():
         current = Global.of(layout.global_checkpoint(0))

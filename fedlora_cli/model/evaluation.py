@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from fedlora_cli.data.examples import Examples, PromptResponses, encode, encode_prompts
+from fedlora_cli.data.examples import Examples, PromptResponses, encode_prompts
+from fedlora_cli.model.site import to_device
 from fedlora_cli.model.workbench import Workbench
 
 if TYPE_CHECKING:
@@ -71,10 +72,11 @@ def evaluate_classification(
     with torch.no_grad():
         for i, start in enumerate(starts, start=1):
             rows = order[start : start + size]
-            batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            batch = bench.batch(examples, rows)
+            with bench.site.autocast():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
             total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            predicted[rows] = logits.argmax(dim=-1).numpy()
+            predicted[rows] = logits.argmax(dim=-1).cpu().numpy()
             if progress is not None:
                 progress(i, len(starts))
     num_labels = int(model.config.num_labels) if hasattr(model, "config") else int(predicted.max()) + 1
@@ -199,11 +201,12 @@ def generate(
     with torch.no_grad():
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            batch = encode_prompts(tokenizer, examples, chunk, bench.recipe.data.max_length)
-            output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                eos_token_id=eos, temperature=None, top_p=None, top_k=None,
-            )
+            batch = to_device(encode_prompts(tokenizer, examples, chunk, bench.recipe.data.max_length), bench.site.device)
+            with bench.site.autocast():
+                output = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                    eos_token_id=eos, temperature=None, top_p=None, top_k=None,
+                )
             for k, i in enumerate(chunk):
                 new = output[k, batch["input_ids"].shape[1]:].tolist()
                 stop = new.index(eos) if eos in new else None
@@ -243,8 +246,9 @@ def evaluate_causal(
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in starts:
-            batch = encode(bench.tokenizer, examples, order[start : start + size], bench.recipe.data.max_length)
-            losses, mask = causal_token_losses(bench.model, batch)
+            batch = bench.batch(examples, order[start : start + size])
+            with bench.site.autocast():
+                losses, mask = causal_token_losses(bench.model, batch)
             total_loss += float((losses * mask).sum(dtype=torch.float64))
             total_tokens += int(mask.sum())
             step()

@@ -8,6 +8,13 @@ Without privacy, each step takes the next batch of a seeded shuffle. With DP-SGD
 takes a Poisson sample of the shard and the optimizer clips per-example gradients and adds noise
 (:class:`fedlora_cli.privacy.DPSGD`); everything else is the same loop.
 
+A step's batch is the logical batch (``training.batch_size``, under DP-SGD its expected size). A site may split
+it into micro-batches (``training.gradient_accumulation_steps``), one forward and backward pass each, one
+optimizer step at the end: without privacy each micro-batch's loss is weighted by its share of the logical batch,
+so the accumulated gradient is the logical batch's; under DP-SGD each micro-batch's per-example gradients are
+clipped and summed, and the logical step adds noise once (Opacus' skipped steps, as its BatchMemoryManager
+does). Either way the step, and what the privacy ledger counts, is the logical one.
+
 The loss of a step (:func:`batch_loss`) follows the task: the model's cross-entropy over the classes for
 sequence-classification; for causal-lm the mean over the batch's examples of each example's mean
 cross-entropy over its response tokens. Every example weighs the same, whatever its length, which is also
@@ -25,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora_cli.adapters.methods import Plan
-from fedlora_cli.data.examples import Examples, PromptResponses, batch_schedule, encode, steps_for
+from fedlora_cli.data.examples import Examples, PromptResponses, batch_schedule, steps_for
+from fedlora_cli.model.site import chunks
 from fedlora_cli.model.workbench import Workbench
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
 
@@ -118,8 +126,9 @@ def local_train(
     steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
     torch.manual_seed(seed)
     anchor = _proximal_anchor(bench, plan) if t.proximal_mu > 0 else None
-    batches, engine = _schedule(bench.model, optimizer, len(examples), t.batch_size, steps, seed, dp)
+    batches, engine = _schedule(bench, optimizer, len(examples), steps, seed, dp)
     model, optimizer = (bench.model, optimizer) if engine is None else (engine.module, engine.optimizer)
+    scaler = bench.site.grad_scaler()
     seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
     # from_pretrained leaves models in eval mode; dropout (and Opacus' hooks) need train mode.
     model.train()
@@ -132,7 +141,8 @@ def local_train(
                 _noise_only_step(optimizer, params)
                 loss = float("nan")
             else:
-                loss = _step(bench, model, optimizer, params, examples, rows, anchor)
+                loss = _step(bench, model, optimizer, params, examples, rows, anchor, private=engine is not None,
+                             scaler=scaler)
                 losses.append(loss)
             if progress is not None:
                 progress(step, steps, loss)
@@ -144,7 +154,7 @@ def local_train(
     return TrainResult(steps, mean_loss, int(seen.size), time.perf_counter() - started)
 
 
-def _schedule(model: Any, optimizer: Any, n: int, batch_size: int, steps: int, seed: int,
+def _schedule(bench: Workbench, optimizer: Any, n: int, steps: int, seed: int,
               dp: DPSettings | None) -> tuple[list, Any]:
     """Each step's rows, and the DP-SGD engine around the model and optimizer (None without privacy)."""
     import numpy as np
@@ -152,11 +162,13 @@ def _schedule(model: Any, optimizer: Any, n: int, batch_size: int, steps: int, s
     from fedlora_cli.privacy.dp_sgd import DPSGD, poisson_batches
 
     if dp is None:
-        return batch_schedule(n, batch_size, steps, np.random.default_rng(seed)), None
+        return batch_schedule(n, bench.recipe.training.batch_size, steps, np.random.default_rng(seed)), None
     secret = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
     batches = list(poisson_batches(n, dp.sample_rate, steps, np.random.default_rng(secret)))
     expected = max(1, round(dp.sample_rate * n))
-    return batches, DPSGD(model, optimizer, dp.noise_multiplier, dp.max_grad_norm, expected, secret + 1)
+    engine = DPSGD(bench.model, optimizer, dp.noise_multiplier, dp.max_grad_norm, expected, secret + 1,
+                   bench.site.device)
+    return batches, engine
 
 
 def _noise_only_step(optimizer: Any, params: list) -> None:
@@ -166,7 +178,7 @@ def _noise_only_step(optimizer: Any, params: list) -> None:
     import torch
 
     for p in params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -178,20 +190,42 @@ def _proximal_anchor(bench: Workbench, plan: Plan) -> list[tuple[Any, Any]]:
 
 
 def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: Examples | PromptResponses,
-          rows: Any, anchor: list[tuple[Any, Any]] | None = None) -> float:
-    """One optimizer step on ``rows``; returns its task loss (without FedProx's proximal term)."""
+          rows: Any, anchor: list[tuple[Any, Any]] | None = None, private: bool = False, scaler: Any = None) -> float:
+    """One optimizer step on the logical batch ``rows``, in micro-batches of the site's size; returns its task
+    loss (without FedProx's proximal term)."""
     import torch
 
-    batch = encode(bench.tokenizer, examples, rows, bench.recipe.data.max_length)
-    loss = batch_loss(model, batch, bench.recipe.model.task)
-    objective = loss
-    if anchor:
-        mu = bench.recipe.training.proximal_mu
-        objective = loss + mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
-    objective.backward()
+    pieces = list(chunks(rows, bench.site.micro_batch(bench.recipe.training.batch_size)))
+    total = 0.0
+    for i, piece in enumerate(pieces):
+        batch = bench.batch(examples, piece)
+        with bench.site.autocast():
+            loss = batch_loss(model, batch, bench.recipe.model.task)
+        total += float(loss.detach()) * len(piece)
+        last = i == len(pieces) - 1
+        if private:
+            # Opacus turns each micro-batch's mean loss back into per-example gradients; they are clipped and
+            # summed here, and only the last micro-batch's step adds the noise and moves the parameters.
+            loss.backward()
+            if not last:
+                optimizer.signal_skip_step(do_skip=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            continue
+        objective = loss * (len(piece) / len(rows))
+        if anchor and last:
+            mu = bench.recipe.training.proximal_mu
+            objective = objective + mu / 2 * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
+        (objective if scaler is None else scaler.scale(objective)).backward()
     max_grad_norm = bench.recipe.training.max_grad_norm
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return total / len(rows)

@@ -11,12 +11,14 @@ import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.adapters.kinds import adapter_kind
 from fedlora_cli.adapters.methods import Plan
 from fedlora_cli.adapters.roles import ADAPTER_PARAMETER_MARKERS
 from fedlora_cli.errors import FedloraError, first_line
+from fedlora_cli.model.site import HEAD_MODULES, Site, to_device
 from fedlora_cli.recipe.loading import resolve_location
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, TASK_CLASSIFICATION, Recipe
 
@@ -31,7 +33,7 @@ class Workbench:
     Built once per process and reused across clients in ``simulate``: every round loads the global tensors,
     the global's base-weight correction (``exact`` aggregation) and the client's own state into it, so nothing
     leaks from one client to the next. ``rank`` is the rank of its LoRA adapter (clients may train a lower
-    rank than the global's, see ``adapter.client_ranks``).
+    rank than the global's, see ``adapter.client_ranks``); ``site`` how this site loaded and runs it.
     """
 
     recipe: Recipe
@@ -39,14 +41,22 @@ class Workbench:
     tokenizer: Any
     fingerprint: str
     base_location: str
+    site: Site
     rank: int = 0
     # The original base weights of the layers a correction has touched, to restore them (layer name -> W0).
     _base_weights: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (and a trained head's), copied to the CPU."""
         from peft.utils import get_peft_model_state_dict
 
-        return {name: t.detach().clone() for name, t in get_peft_model_state_dict(self.model).items()}
+        return {name: t.detach().to("cpu", copy=True) for name, t in get_peft_model_state_dict(self.model).items()}
+
+    def batch(self, examples: Any, rows: Any) -> dict[str, torch.Tensor]:
+        """The token batch of ``rows`` of ``examples``, on this site's device."""
+        from fedlora_cli.data.examples import encode
+
+        return to_device(encode(self.tokenizer, examples, rows, self.recipe.data.max_length), self.site.device)
 
     def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor], partial: bool = False) -> None:
         """Copy tensors into the adapter; names must match the adapter's (all of them unless ``partial``)."""
@@ -129,19 +139,55 @@ class Workbench:
 PEFT_TASK_TYPES = {TASK_CLASSIFICATION: "SEQ_CLS", TASK_CAUSAL_LM: "CAUSAL_LM"}
 
 
-def _load_base(recipe: Recipe, location: str, num_labels: int | None) -> Any:
-    """The base model class of the recipe's task: a sequence classifier with ``num_labels``, or a causal LM."""
+def _load_base(recipe: Recipe, location: str, num_labels: int | None, site: Site) -> Any:
+    """The base model class of the recipe's task (a sequence classifier with ``num_labels``, or a causal LM), in
+    the site's precision or quantisation, on the site's device, with gradient checkpointing if asked for."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if recipe.model.task == TASK_CAUSAL_LM:
-        return AutoModelForCausalLM.from_pretrained(location, revision=recipe.model.revision)
-    if num_labels is None:
+    task, kwargs = recipe.model.task, site.load_kwargs(recipe.model.task)
+    if task == TASK_CAUSAL_LM:
+        model = AutoModelForCausalLM.from_pretrained(location, revision=recipe.model.revision, **kwargs)
+    elif num_labels is None:
         raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
-    return AutoModelForSequenceClassification.from_pretrained(location, num_labels=num_labels, revision=recipe.model.revision)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            location, num_labels=num_labels, revision=recipe.model.revision, **kwargs
+        )
+    # Non-reentrant checkpointing needs no gradient at the (frozen) inputs, and Opacus' hooks see each
+    # adapter layer's forward pass once per backward pass.
+    checkpointing = {"use_reentrant": False}
+    if site.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=site.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    else:
+        model.to(site.device)
+        if site.gradient_checkpointing:
+            if not model.supports_gradient_checkpointing:
+                raise FedloraError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    return model
+
+
+def _float32_heads(model: Any) -> None:
+    """A trained task head computes, trains and travels in float32 whatever the base's dtype: its weights are
+    cast, and its input (the base's hidden states, perhaps bfloat16) is cast on the way in."""
+    import torch
+
+    def to_float32(_module: Any, args: tuple) -> tuple:
+        return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in HEAD_MODULES and any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()
+            module.register_forward_pre_hook(to_float32)
 
 
 def build(
-    recipe: Recipe, num_labels: int | None, base_override: str | None = None, rank: int | None = None
+    recipe: Recipe, num_labels: int | None, base_override: str | None = None, rank: int | None = None,
+    site: Site | None = None,
 ) -> Workbench:
     """Load the base model and tokenizer, attach a freshly initialised adapter (seeded by ``training.seed``).
 
@@ -152,6 +198,9 @@ def build(
     rank than the global's. VeRA's projections are derived from ``training.seed`` (PEFT's
     ``projection_prng_key``) and saved with the adapter (``save_projection``), so a global checkpoint loads in
     vanilla PEFT on any machine.
+
+    ``site`` (default: the recipe's site settings) says where and how the base model is loaded; the adapter is
+    float32 on the same device.
     """
     import torch
     from peft import get_peft_model
@@ -159,13 +208,14 @@ def build(
     from transformers.utils import logging as hf_logging
 
     location = resolve_location(base_override or recipe.model.base)
+    site = site or Site.of(recipe)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     torch.manual_seed(recipe.training.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=recipe.model.revision)
-        model = _load_base(recipe, location, num_labels)
+        model = _load_base(recipe, location, num_labels, site)
     except (OSError, ValueError) as exc:
         raise FedloraError(f"cannot load base model '{location}': {first_line(exc)}") from None
     if tokenizer.pad_token is None:
@@ -174,7 +224,7 @@ def build(
         model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.model.task == TASK_CAUSAL_LM and getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    fingerprint = base_fingerprint(model)
+    fingerprint = base_fingerprint(location, recipe.model.revision, model, site)
     rank = rank or recipe.adapter.r
     config = adapter_config(recipe, rank)
     try:
@@ -189,8 +239,9 @@ def build(
         raise FedloraError(
             f"adapter.target_modules: '{module}' is an embedding layer; fedlora adapts linear layers only"
         )
+    _float32_heads(peft_model)
     peft_model.eval()  # training switches to train mode for its steps and back
-    return Workbench(recipe, peft_model, tokenizer, fingerprint, location, rank)
+    return Workbench(recipe, peft_model, tokenizer, fingerprint, location, site, rank)
 
 
 def adapter_config(recipe: Recipe, rank: int) -> Any:
@@ -199,19 +250,74 @@ def adapter_config(recipe: Recipe, rank: int) -> Any:
     return adapter_kind(adapter.kind).peft_config(adapter, rank, PEFT_TASK_TYPES[recipe.model.task], recipe.training.seed)
 
 
-def base_fingerprint(model: Any) -> str:
-    """Identifies the base model by its architecture and weights, independent of where it was loaded from.
+# Config keys that say how or where a model was loaded, not which model it is.
+_LOADING_KEYS = (
+    "_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype",
+    "quantization_config", "_pre_quantization_dtype", "use_cache",
+)
 
-    Hashes the config (without paths and versions) and the first and last weight matrices: two sites with the
-    same base model at different paths agree; a different model or a different fine-tune does not.
+
+def base_fingerprint(location: str, revision: str | None, model: Any, site: Site) -> str:
+    """Identifies the base model by its architecture and its weights as stored, however a site loads them.
+
+    Hashes the config (without paths, versions and loading settings), the names, dtypes and shapes of every
+    stored weight, and the bytes of the first and last weight matrix (by name) as the safetensors files hold
+    them. Two sites with the same base model at different paths, one loading it in 4 bits and one in bfloat16,
+    agree; a different model or a different fine-tune does not. Task heads (``classifier``, ``score``) are left
+    out: they are initialised by the recipe's seed, not part of the base.
+
+    A base stored without safetensors is fingerprinted from its loaded float32 weights, which only a float32,
+    unquantised load can reproduce.
     """
     import torch
 
     config = model.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash"):
+    for key in _LOADING_KEYS:
         config.pop(key, None)
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and "classifier" not in name]
+    files = _safetensors_files(location, revision)
+    if files:
+        from safetensors import safe_open
+
+        where: dict[str, Any] = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    where[name] = (path, str(piece.get_dtype()), tuple(piece.get_shape()))
+        names = sorted(n for n in where if not _is_head(n))
+        h.update(json.dumps([[n, where[n][1], where[n][2]] for n in names]).encode())
+        matrices = [n for n in names if len(where[n][2]) == 2]
+        for name in (matrices[0], matrices[-1]) if matrices else ():
+            with safe_open(str(where[name][0]), framework="pt") as handle:
+                t = handle.get_tensor(name).contiguous()
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        return h.hexdigest()[:16]
+    if site.quantized or site.dtype != "float32":
+        raise FedloraError(
+            f"base model '{location}' has no safetensors weights, so fedlora can identify it only from its float32 "
+            "weights: load it with model.dtype 'float32' and no quantization, or re-save it with save_pretrained"
+        )
+    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and not _is_head(name)]
     for p in (weights[0], weights[-1]) if weights else ():
-        h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _is_head(name: str) -> bool:
+    return any(part in HEAD_MODULES for part in name.split("."))
+
+
+def _safetensors_files(location: str, revision: str | None) -> list[Path]:
+    """The base model's safetensors files: in its folder, or in the Hub cache for a Hub id (from_pretrained
+    has just put them there)."""
+    folder = Path(location)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(location, revision=revision, local_files_only=True,
+                                            allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # noqa: BLE001 - no cached snapshot: fall back to the loaded weights
+            return []
+    return sorted(folder.glob("*.safetensors"))

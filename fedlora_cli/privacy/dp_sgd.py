@@ -10,7 +10,7 @@ class DPSGD:
     """Opacus' per-example gradients and noisy clipped optimizer around a model, removable after a round."""
 
     def __init__(self, model: Any, optimizer: Any, noise_multiplier: float, max_grad_norm: float, expected_batch: int,
-                 seed: int) -> None:
+                 seed: int, device: str = "cpu") -> None:
         import torch
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -19,7 +19,8 @@ class DPSGD:
         # and would fail with "No activations detected".
         model.train()
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-        generator = torch.Generator().manual_seed(seed)
+        # The noise is drawn where the gradients are.
+        generator = torch.Generator(device=device).manual_seed(seed)
         self.optimizer = DPOptimizer(
             optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch, loss_reduction="mean", generator=generator,

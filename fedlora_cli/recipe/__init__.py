@@ -2,11 +2,11 @@
 overrides (:mod:`.loading`), and the recipes fedlora ships (:mod:`.catalog`)."""
 
 from fedlora_cli.recipe.loading import (
-    apply_overrides, dump, from_dict, load, parse_override, resolve_location, with_task_defaults,
+    apply_overrides, dump, from_dict, load, parse_override, resolve_location, with_site, with_task_defaults,
 )
 from fedlora_cli.recipe.schema import (
     ACCOUNTANTS, ADAPTER_KINDS, AGGREGATIONS, ANSWER_EXTRACTORS, HEAD_POLICIES, METHODS, NORM_BOUND_ACTIONS,
-    OPTIMIZERS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_DEFAULTS,
+    OPTIMIZERS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, SITE_KEYS, TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_DEFAULTS,
     TASKS, VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection,
     ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrainingSection,
 )
@@ -16,7 +16,7 @@ __all__ = [
     "ACCOUNTANTS", "ADAPTER_KINDS", "AGGREGATIONS", "ANSWER_EXTRACTORS", "AdapterSection", "DataSection",
     "EvaluationSection", "FederationSection", "HEAD_POLICIES", "METHODS", "ModelSection", "NORM_BOUND_ACTIONS",
     "OPTIMIZERS", "PARTITIONERS", "SAMPLINGS", "SERVER_OPTIMIZERS", "PrivacySection", "Recipe",
-    "ServerPrivacySection", "TASKS", "TASK_CAUSAL_LM", "TASK_CLASSIFICATION", "TASK_DEFAULTS", "TrainingSection",
+    "ServerPrivacySection", "SITE_KEYS", "TASKS", "TASK_CAUSAL_LM", "TASK_CLASSIFICATION", "TASK_DEFAULTS", "TrainingSection",
     "VERA_D_INITIAL", "WEIGHTINGS", "apply_overrides", "dump",
-    "from_dict", "load", "parse_override", "resolve_location", "validate", "with_task_defaults"
+    "from_dict", "load", "parse_override", "resolve_location", "validate", "with_site", "with_task_defaults"
 ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.recipe.schema import _OPTIONAL_SECTIONS, _SECTIONS, TASK_DEFAULTS, Recipe
+from fedlora_cli.recipe.schema import _OPTIONAL_SECTIONS, _SECTIONS, SITE_KEYS, TASK_DEFAULTS, Recipe
 from fedlora_cli.recipe.validation import validate
 
 
@@ -129,6 +130,27 @@ def with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
         if current is None or (isinstance(current, dict) and name not in current):
             missing[key] = value
     return apply_overrides(raw, missing) if missing else raw
+
+
+def with_site(recipe: Recipe, settings: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> Recipe:
+    """The recipe with this site's own settings (:data:`SITE_KEYS`, ``None`` values skipped), validated.
+
+    ``labels`` names each setting as the user gave it (``{'training.device': '--device'}``) in messages.
+    """
+    given = {key: value for key, value in settings.items() if value is not None}
+    unknown = sorted(set(given) - set(SITE_KEYS))
+    if unknown:
+        raise FedloraError(f"'{unknown[0]}' is not a site setting (site settings: {', '.join(SITE_KEYS)})")
+    if not given:
+        return recipe
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in given.items():
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    changed = dataclasses.replace(
+        recipe, **{section: dataclasses.replace(getattr(recipe, section), **values) for section, values in sections.items()}
+    )
+    return validate(changed, {key: labels[key] for key in given if labels and key in labels})
 
 
 def parse_override(text: str) -> tuple[str, Any]:

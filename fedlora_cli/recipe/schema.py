@@ -54,6 +54,22 @@ WEIGHTINGS = ("examples", "shard", "uniform")
 SAMPLINGS = ("fixed", "poisson")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
+# How a site loads and runs the model (fedlora_cli.model.site): precision, quantisation, device and memory.
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and 'cuda:N'
+# Site settings: how one site loads the base model and runs its steps, not what the federation computes. Each
+# site may set its own (train-client --device/--dtype/--quantization/...) whatever the global checkpoint's recipe
+# says: a 4-bit site and a bfloat16 site train the same adapter on the same base model. The base model itself
+# (its fingerprint) and every other key are the federation's and must agree.
+SITE_KEYS = (
+    "model.dtype", "model.quantization", "model.quant_type", "model.double_quant", "model.compute_dtype",
+    "training.device", "training.mixed_precision", "training.gradient_checkpointing",
+    "training.gradient_accumulation_steps",
+)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -78,6 +94,22 @@ class ModelSection:
         "Number of classes; default: the number of labels in the partition manifest. Not used by causal-lm.", None
     )
     revision: str | None = _help("Hub revision of the base model (branch, tag or commit).", None)
+    dtype: str = _help(
+        "Site setting: precision of the frozen base model's weights, 'float32', 'bfloat16', 'float16' or 'auto' "
+        "(the checkpoint's own). Adapter tensors (and a trained head) are float32 whatever this is.",
+        "float32",
+    )
+    quantization: str = _help(
+        "Site setting: a quantised frozen base (QLoRA, bitsandbytes: pip install 'fedlora[quantization]'): "
+        "'none', '4bit' or '8bit'. The task head is never quantised; export --merge reloads the base unquantised.",
+        "none",
+    )
+    quant_type: str = _help("Site setting, 4bit: 'nf4' (QLoRA's NormalFloat) or 'fp4'.", "nf4")
+    double_quant: bool = _help("Site setting, 4bit: quantise the quantisation constants too (QLoRA).", True)
+    compute_dtype: str = _help(
+        "Site setting, 4bit: the dtype de-quantised weights compute in: 'bfloat16', 'float16' or 'float32'.",
+        "bfloat16",
+    )
 
 
 @dataclass
@@ -255,7 +287,11 @@ class TrainingSection:
     momentum: float = _help("SGD momentum.", 0.0)
     local_steps: int | None = _help("Optimizer steps per round; exclusive with local_epochs.", 10)
     local_epochs: float | None = _help("Passes over the client's shard per round; exclusive with local_steps.", None)
-    batch_size: int = _help("Examples per optimizer step.", 32)
+    batch_size: int = _help(
+        "Examples per optimizer step (the logical batch; under DP-SGD its expected size). "
+        "gradient_accumulation_steps splits it into micro-batches without changing it.",
+        32,
+    )
     eval_batch_size: int = _help("Examples per forward pass in evaluation.", 128)
     max_grad_norm: float | None = _help("Clip the gradient norm of each step (not DP clipping).", None)
     seed: int = _help("Seed of adapter initialisation and of local training.", 0)
@@ -263,6 +299,27 @@ class TrainingSection:
         "FedProx (Li et al., MLSys 2020): adds mu/2 ||w - w_global||^2 over the trained tensors the client sends "
         "(not those it keeps); 0 turns it off.",
         0.0,
+    )
+    device: str = _help(
+        "Site setting: where the model trains and evaluates, 'auto' (CUDA, then MPS, then the CPU), 'cpu', "
+        "'cuda', 'cuda:N' or 'mps'. Aggregation always runs on the CPU.",
+        "auto",
+    )
+    mixed_precision: str = _help(
+        "Site setting: autocast the forward pass, 'no', 'bf16' or 'fp16' (with a gradient scaler; not under "
+        "DP-SGD). Adapter tensors and optimizer state stay float32.",
+        "no",
+    )
+    gradient_checkpointing: bool = _help(
+        "Site setting: recompute activations in the backward pass instead of keeping them (less memory, about a "
+        "third more compute).",
+        False,
+    )
+    gradient_accumulation_steps: int = _help(
+        "Site setting: split each logical batch of batch_size into this many micro-batches, one forward and "
+        "backward each, one optimizer step: the same step in less memory. Under DP-SGD the Poisson-sampled "
+        "logical batch is split into micro-batches of ceil(batch_size / steps) and clipped and noised once.",
+        1,
     )
 
 
@@ -323,8 +380,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON form; identifies the recipe in checkpoint manifests."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON form without the site settings (:data:`SITE_KEYS`); identifies the
+        federation's recipe in checkpoint manifests, however each site runs it."""
+        content = self.to_dict()
+        for key in SITE_KEYS:
+            section, name = key.split(".", 1)
+            content[section].pop(name)
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -15,7 +15,8 @@ from fedlora_cli.aggregation import STRATEGIES, make_strategy
 from fedlora_cli.aggregation.norm_bound import ACTIONS as NORM_BOUND_ACTIONS
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import (
-    ACCOUNTANTS, ANSWER_EXTRACTORS, OPTIMIZERS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS,
+    ACCOUNTANTS, ANSWER_EXTRACTORS, COMPUTE_DTYPES, DEVICES, DTYPES, MIXED_PRECISIONS, OPTIMIZERS, QUANT_TYPES,
+    QUANTIZATIONS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS,
     VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection, ModelSection,
     PrivacySection, Recipe, ServerPrivacySection, TrainingSection,
 )
@@ -58,6 +59,7 @@ def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_cl
     _adapter(c, recipe.adapter)
     _federation(c, recipe.federation, recipe.adapter)
     _training(c, recipe.training)
+    _site(c, recipe)
     if recipe.privacy is not None:
         _privacy(c, recipe.privacy, recipe.adapter, recipe.training)
     if recipe.server_privacy is not None:
@@ -69,6 +71,10 @@ def _model(c: _Check, m: ModelSection) -> None:
     c.require(bool(m.base.strip()), "model.base", "must name a model")
     c.one_of(m.task, "model.task", TASKS)
     c.require(m.num_labels is None or m.num_labels >= 2, "model.num_labels", "must be at least 2")
+    c.one_of(m.dtype, "model.dtype", DTYPES)
+    c.one_of(m.quantization, "model.quantization", QUANTIZATIONS)
+    c.one_of(m.quant_type, "model.quant_type", QUANT_TYPES)
+    c.one_of(m.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
 
 
 def _data(c: _Check, d: DataSection, clients: int) -> None:
@@ -232,6 +238,37 @@ def _training(c: _Check, t: TrainingSection) -> None:
     c.require(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
     c.require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     c.require(t.proximal_mu >= 0, "training.proximal_mu", "must be >= 0")
+    device, _, index = t.device.partition(":")
+    c.require(
+        device in DEVICES and (not index or (device == "cuda" and index.isdigit())),
+        "training.device",
+        f"must be one of {', '.join(DEVICES)} or 'cuda:N'; got '{t.device}'",
+    )
+    c.one_of(t.mixed_precision, "training.mixed_precision", MIXED_PRECISIONS)
+    c.require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be at least 1")
+    c.require(
+        t.gradient_accumulation_steps <= t.batch_size,
+        "training.gradient_accumulation_steps",
+        f"must be at most training.batch_size ({t.batch_size}): each micro-batch holds at least one example",
+    )
+
+
+def _site(c: _Check, recipe: Recipe) -> None:
+    """What a site's settings rule out of the rest of the recipe."""
+    m, f, t = recipe.model, recipe.federation, recipe.training
+    c.require(
+        m.quantization == "none" or f.aggregation != "exact",
+        "model.quantization",
+        f"'{m.quantization}' cannot be used with {c.name('federation.aggregation')} 'exact': its correction is "
+        "added to the base weights, which a quantised base cannot hold",
+    )
+    if recipe.privacy is not None:
+        c.require(
+            t.mixed_precision != "fp16",
+            "training.mixed_precision",
+            "'fp16' cannot be used with DP-SGD: its loss scaling would scale the per-example gradients Opacus "
+            "clips (use 'bf16')",
+        )
 
 
 def _privacy(c: _Check, p: PrivacySection, a: AdapterSection, t: TrainingSection) -> None:

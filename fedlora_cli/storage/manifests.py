@@ -116,6 +116,9 @@ class UpdateManifest:
     tensor_digests: dict[str, str]
     # Cumulative DP-SGD spending after this round (epsilon, delta, budget, remaining), if the recipe has privacy.
     privacy: dict[str, Any] | None = None
+    # How the site loaded and ran the model (device, base precision or quantisation, micro-batches): for the
+    # record only, since sites may differ in all of it (see fedlora_cli.model.site).
+    site: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
 
