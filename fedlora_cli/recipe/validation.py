@@ -269,6 +269,12 @@ def _site(c: _Check, recipe: Recipe) -> None:
             "'fp16' cannot be used with DP-SGD: its loss scaling would scale the per-example gradients Opacus "
             "clips (use 'bf16')",
         )
+        c.require(
+            not t.gradient_checkpointing,
+            "training.gradient_checkpointing",
+            "cannot be used with DP-SGD: Opacus computes per-example gradients from the activations of the forward "
+            "pass, which checkpointing discards and recomputes (use training.gradient_accumulation_steps to save memory)",
+        )
 
 
 def _privacy(c: _Check, p: PrivacySection, a: AdapterSection, t: TrainingSection) -> None:

@@ -338,3 +338,34 @@ def test_vera_update_trained_with_other_projections_is_refused(vera_global, tmp_
     out = tmp_path / "g1"
     fails(["aggregate", vera_global, *updates, "--out", out], "different frozen VeRA projections")
     assert not out.exists()
+
+
+# Site settings on the command line --------------------------------------------------------------------------------
+
+
+def test_train_client_and_evaluate_run_the_way_this_site_asks_and_say_so(tmp_path, tiny_model_dir, reviews_csv,
+                                                                         partition_dir):
+    ok(["init", write_recipe(tmp_path, tiny_model_dir, reviews_csv), "--data", partition_dir, "--out", tmp_path / "g0"])
+    out = ok(["train-client", tmp_path / "g0", "--data", partition_dir / "client-0.parquet", "--state",
+              tmp_path / "state", "--out", tmp_path / "u", "--dtype", "bfloat16", "--accumulation-steps", "2"])
+    assert "ran on: cpu · base bfloat16 · 2 micro-batches" in " ".join(out.split())
+    assert storage.read_update(tmp_path / "u").manifest.site["dtype"] == "bfloat16"
+    out = ok(["evaluate", tmp_path / "g0", "--data", partition_dir, "--quantization", "8bit"])
+    assert "ran on: cpu · base 8bit" in " ".join(out.split())
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (["--device", "tpu"], "--device must be one of auto, cpu, cuda, mps or 'cuda:N'; got 'tpu'"),
+        (["--quantization", "3bit"], "--quantization must be one of none, 4bit, 8bit; got '3bit'"),
+        (["--accumulation-steps", "0"], "--accumulation-steps must be at least 1"),
+        *([] if torch.cuda.is_available() else [(["--device", "cuda"], "this machine has no CUDA device")]),
+    ],
+)
+def test_a_site_option_this_site_cannot_use_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, reviews_csv,
+                                                                           partition_dir, options, needle):
+    ok(["init", write_recipe(tmp_path, tiny_model_dir, reviews_csv), "--data", partition_dir, "--out", tmp_path / "g0"])
+    fails(["train-client", tmp_path / "g0", "--data", partition_dir / "client-0.parquet", "--state", tmp_path / "state",
+           "--out", tmp_path / "u", *options], needle)
+    assert not (tmp_path / "u").exists() and not (tmp_path / "state").exists()
