@@ -31,7 +31,7 @@ def worker(config: str, steps: int, batch_size: int) -> dict:
     from fedlora_cli import recipe as recipes
     from fedlora_cli.adapters.methods import plan
     from fedlora_cli.data.examples import encode
-    from fedlora_cli.data.partition import read_source
+    from fedlora_cli.data.sources import read_source
     from fedlora_cli.model.training import make_optimizer
     from fedlora_cli.model.workbench import build
     from fedlora_cli.recipe import catalog as recipes_catalog

@@ -1,5 +1,6 @@
-"""Data: a site's examples and their encoding (:mod:`.examples`), partitioning a dataset across clients
-(:mod:`.partition`), and the offline assets (:mod:`.assets`)."""
+"""Data: reading a dataset from a file, a folder or the Hub (:mod:`.sources`), a site's examples and their
+encoding (:mod:`.examples`), partitioning a dataset across clients (:mod:`.partition`), and the offline assets
+(:mod:`.assets`)."""
 
 from fedlora_cli.data.examples import (
     IGNORE_INDEX, Examples, PromptResponses, batch_schedule, encode, encode_causal, encode_prompts, fit, prompt_ids,
