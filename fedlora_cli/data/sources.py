@@ -17,37 +17,55 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+FILE_KINDS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _file_kind(path: Path) -> str:
+    """A data file's kind, its compression suffix set aside: ``.csv`` for ``reviews.csv.gz``; ``""`` for none."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
 def read_source(source: str, split: str = "train") -> pd.DataFrame:
     """A Hub dataset name, a CSV/TSV/JSON/JSONL/Parquet file (optionally .gz/.bz2/.xz), or a save_to_disk folder."""
-    import pandas as pd
-
     location = resolve_location(source)
     path = Path(location)
     if path.is_dir():
         return _read_saved(path, split)
     if path.is_file():
-        suffixes = [s.lower() for s in path.suffixes]
-        if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
-            suffixes = suffixes[:-1]
-        kind = suffixes[-1] if suffixes else ""
-        try:
-            if kind in (".csv", ".tsv"):
-                return pd.read_csv(path, sep="\t" if kind == ".tsv" else ",")
-            if kind == ".jsonl":
-                return pd.read_json(path, lines=True)
-            if kind == ".json":
-                try:
-                    return pd.read_json(path)
-                except ValueError:
-                    return pd.read_json(path, lines=True)
-            if kind == ".parquet":
-                return pd.read_parquet(path)
-        except (ValueError, OSError, pd.errors.ParserError) as exc:
-            raise FedloraError(f"cannot read {path}: {first_line(exc)}") from None
-        raise FedloraError(f"{path}: unsupported file type (use .csv, .tsv, .json, .jsonl or .parquet)")
-    if source.startswith((".", "/", "~")) or source.endswith((".csv", ".json", ".jsonl", ".parquet", ".tsv")):
+        return _read_file(path)
+    if source.startswith((".", "/", "~")) or _file_kind(Path(source)) in FILE_KINDS:
         raise FedloraError(f"dataset not found: {source}")
     return _read_hub(source, split)
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    kind = _file_kind(path)
+    if kind not in FILE_KINDS:
+        raise FedloraError(f"{path}: unsupported file type (use .csv, .tsv, .json, .jsonl or .parquet)")
+    if path.stat().st_size == 0:
+        raise FedloraError(f"{path} is empty")
+    try:
+        if kind in (".csv", ".tsv"):
+            return pd.read_csv(path, sep="\t" if kind == ".tsv" else ",")
+        if kind == ".jsonl":
+            return pd.read_json(path, lines=True)
+        if kind == ".json":
+            try:
+                return pd.read_json(path)
+            except ValueError:
+                return pd.read_json(path, lines=True)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise FedloraError(f"{path} is empty") from None
+    # EOFError: a truncated .gz or .bz2 file.
+    except (ValueError, OSError, EOFError) as exc:
+        raise FedloraError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def _read_saved(path: Path, split: str) -> pd.DataFrame:
