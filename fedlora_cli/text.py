@@ -23,3 +23,11 @@ def fmt_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def listed(values: Any, limit: int = 10) -> str:
+    """Values joined by commas, the first ``limit`` of them and how many more (an error line stays one line)."""
+    values = [str(v) for v in values]
+    if len(values) <= limit:
+        return ", ".join(values)
+    return f"{', '.join(values[:limit])}, ... ({len(values) - limit} more)"

@@ -1,9 +1,16 @@
-"""Reading a client's shard (or the test split) and turning it into token batches, for each task.
+"""Reading a site's examples (a client's shard, the test split, or the site's own data) and turning them into
+token batches, for each task.
 
 Shards are Parquet files written by ``fedlora partition``. For ``sequence-classification`` they hold a text
 column and an integer label column (:class:`Examples`); for ``causal-lm`` a prompt column, a response column
 and optionally an answer column (:class:`PromptResponses`). :func:`read_examples` reads either, as the
 recipe's task says; :func:`encode` turns rows of either into a batch.
+
+A site may instead give its own data, from any source partition reads (:mod:`fedlora_cli.data.sources`: a
+CSV/TSV/JSON/JSONL/Parquet file, optionally compressed, a save_to_disk folder, a Hub dataset), with the
+recipe's column names. Its labels may be the federation's label names or their integer ids
+(:func:`label_ids`). A file without a needed column, without rows, with an empty value, or with a label the
+federation does not know is refused in one line.
 
 Batches are padded to their longest sequence (dynamic padding), truncated at ``data.max_length``. A causal-LM
 batch is the prompt tokens followed by the response tokens and the EOS token, padded on the right; its
@@ -20,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedlora_cli.errors import FedloraError, first_line
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.text import listed
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,45 +66,32 @@ class PromptResponses:
 IGNORE_INDEX = -100  # the label of a token without a loss (PyTorch's cross-entropy ignore_index)
 
 
-def _read_frame(path: Path, columns: list[str]) -> Any:
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise FedloraError(f"data shard not found: {path}")
-    try:
-        frame = pd.read_parquet(path)
-    except (OSError, ValueError) as exc:
-        raise FedloraError(f"data shard {path} is not a readable Parquet file ({first_line(exc)})") from None
-    for column in columns:
-        if column not in frame.columns:
-            raise FedloraError(f"data shard {path} has no column '{column}'")
-    if len(frame) == 0:
-        raise FedloraError(f"data shard {path} is empty")
-    return frame
-
-
-def read_examples(path: Path, data: DataSection, task: str, num_labels: int | None) -> Examples | PromptResponses:
-    """A shard of the recipe's task: labelled texts, or prompt/response pairs."""
+def read_examples(
+    source: Path | str, data: DataSection, task: str, num_labels: int | None, label_names: list[str] | None = None,
+    split: str | None = None,
+) -> Examples | PromptResponses:
+    """A site's examples of the recipe's task, from a shard or any source ``fedlora partition`` reads: labelled
+    texts, or prompt/response pairs, in the recipe's columns. ``split`` (of a Hub dataset or a DatasetDict folder)
+    defaults to the recipe's ``data.split``; ``label_names`` are the federation's, in id order (see
+    :func:`label_ids`)."""
     from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
 
+    split = data.split if split is None else split
     if task == TASK_CAUSAL_LM:
         return read_prompt_responses(
-            path, data.prompt_column, data.response_column, data.answer_column, data.chat_template
+            source, data.prompt_column, data.response_column, data.answer_column, data.chat_template, split
         )
     if num_labels is None:
         raise FedloraError("the number of labels is unknown for a sequence-classification shard")
-    return read_shard(path, data.text_column, data.label_column, num_labels)
+    return read_shard(source, data.text_column, data.label_column, num_labels, label_names, split)
 
 
 def read_prompt_responses(
-    path: Path, prompt_column: str, response_column: str, answer_column: str | None = None, chat_template: bool = False
+    source: Path | str, prompt_column: str, response_column: str, answer_column: str | None = None,
+    chat_template: bool = False, split: str = "train",
 ) -> PromptResponses:
     columns = [prompt_column, response_column] + ([answer_column] if answer_column else [])
-    frame = _read_frame(path, columns)
-    for column in columns:
-        if frame[column].isna().any():
-            raise FedloraError(f"data shard {path}: column '{column}' has empty values")
+    frame = _read_frame(source, columns, split)
     answers = [str(a) for a in frame[answer_column].tolist()] if answer_column else None
     return PromptResponses(
         [str(t) for t in frame[prompt_column].tolist()], [str(t) for t in frame[response_column].tolist()],
@@ -104,16 +99,72 @@ def read_prompt_responses(
     )
 
 
-def read_shard(path: Path, text_column: str, label_column: str, num_labels: int) -> Examples:
+def read_shard(
+    source: Path | str, text_column: str, label_column: str, num_labels: int, label_names: list[str] | None = None,
+    split: str = "train",
+) -> Examples:
+    frame = _read_frame(source, [text_column, label_column], split)
+    labels = label_ids(frame[label_column], num_labels, label_names, f"{source}: column '{label_column}'")
+    return Examples([str(t) for t in frame[text_column].tolist()], labels)
+
+
+def _read_frame(source: Path | str, columns: list[str], split: str) -> Any:
+    """The source's rows, refused in one line if it lacks one of ``columns``, has no rows or an empty value."""
+    from fedlora_cli.data.sources import read_source
+
+    frame = read_source(str(source), split)
+    if len(frame) == 0:
+        raise FedloraError(f"{source} is empty")
+    for column in columns:
+        if column not in frame.columns:
+            raise FedloraError(f"{source} has no column '{column}' (its columns: {listed(frame.columns)})")
+    for column in columns:
+        empty = frame[column].isna().to_numpy()
+        if empty.any():
+            raise FedloraError(
+                f"{source}: column '{column}' has {int(empty.sum())} empty value(s), the first in data row "
+                f"{int(empty.argmax()) + 1}"
+            )
+    return frame
+
+
+def label_ids(values: Any, num_labels: int, label_names: list[str] | None, where: str) -> np.ndarray:
+    """The label ids of a column of labels: an integer is a label id (0..num_labels-1, as a shard written by
+    ``fedlora partition`` holds them); any other value is a label name, whose id is its place in ``label_names``
+    (compared as text, the way partition numbered the names: ``True``, ``2.5``).
+
+    Without ``label_names`` (a global checkpoint initialised without a partition folder, whose recipe does not
+    list ``data.labels``) only ids are understood: a name is refused, there is nothing to number it by.
+    """
     import numpy as np
 
-    frame = _read_frame(path, [text_column, label_column])
-    labels = frame[label_column].to_numpy()
-    if labels.dtype.kind not in "iu":
-        raise FedloraError(f"data shard {path}: column '{label_column}' must hold integer label ids")
-    if labels.min() < 0 or labels.max() >= num_labels:
-        raise FedloraError(f"data shard {path}: label ids must lie in [0, {num_labels - 1}]")
-    return Examples([str(t) for t in frame[text_column].tolist()], labels.astype(np.int64))
+    if values.dtype.kind in "iu":  # a shard's label ids: read as they are
+        ids = values.to_numpy().astype(np.int64)
+    else:
+        index = {name: i for i, name in enumerate(label_names or [])}
+        ids = np.empty(len(values), dtype=np.int64)
+        for k, value in enumerate(values.tolist()):
+            if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+                ids[k] = value
+            elif str(value) in index:
+                ids[k] = index[str(value)]
+            elif label_names is None:
+                raise FedloraError(
+                    f"{where} holds label names ('{value}') but the global checkpoint records none to number them "
+                    f"by (init had no partition folder and the recipe no data.labels): give label ids 0..{num_labels - 1}"
+                )
+            else:
+                raise FedloraError(
+                    f"{where}: label '{value}' is not one the federation knows (its {len(label_names)} labels: "
+                    f"{listed(label_names)})"
+                )
+    outside = (ids < 0) | (ids >= num_labels)
+    if outside.any():
+        raise FedloraError(
+            f"{where}: label id {int(ids[outside.argmax()])} is out of range (the federation's label ids are "
+            f"0..{num_labels - 1})"
+        )
+    return ids
 
 
 def encode(

@@ -143,7 +143,7 @@ def test_missing_global_checkpoint(tmp_path, partition_dir):
 def test_missing_shard(run, tmp_path):
     out = tmp_path / "u"
     fails(["train-client", run.global_checkpoint(2), "--data", tmp_path / "no.parquet",
-           "--state", tmp_path / "s", "--out", out], "data shard not found")
+           "--state", tmp_path / "s", "--out", out], "dataset not found")
     assert not out.exists()
 
 

@@ -1,10 +1,15 @@
-"""fedlora_cli.data.examples: encoding causal-lm examples: labels on the response and EOS only, and truncation."""
+"""fedlora_cli.data.examples: encoding causal-lm examples (labels on the response and EOS only, truncation), and
+reading a site's own data through the recipe: label names or ids, and every bad file refused in one line."""
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
+import pytest
 from conftest import PAIRS
 
-from fedlora_cli.data.examples import IGNORE_INDEX, encode, fit, prompt_ids, response_ids
+from fedlora_cli.data.examples import IGNORE_INDEX, encode, fit, label_ids, prompt_ids, read_examples, response_ids
+from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.workbench import build
 
 
@@ -30,3 +35,71 @@ def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_response():
     assert fit([1, 2, 3], [7, 8, 9], 5) == ([1, 2, 3], [7, 8])
     assert fit([1, 2, 3, 4, 5, 6], [7, 8], 4) == ([4, 5, 6], [7])
     assert fit([1], [7, 8], 64) == ([1], [7, 8])
+
+
+# --------------------------------------------------------------------------------------------------------
+# A site's own data: any source partition reads, through the recipe's columns and the federation's labels
+
+
+def test_a_csv_with_label_names_reads_like_its_shard(make_recipe, reviews_csv, partition_dir):
+    """The partition's own CSV, read as a site's data, gives each text the id partition gave it."""
+    data = make_recipe().data
+    own = read_examples(reviews_csv, data, "sequence-classification", 2, ["neg", "pos"])
+    assert len(own) == 400 and own.labels.dtype == np.int64
+    ids = dict(zip(own.texts, own.labels.tolist()))
+    shard = read_examples(partition_dir / "client-0.parquet", data, "sequence-classification", 2)
+    assert [ids[t] for t in shard.texts] == shard.labels.tolist()
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([1, 0, 1], [1, 0, 1]),  # ids, as a shard holds them
+    (["pos", "neg", "pos"], [1, 0, 1]),  # names
+    (["pos", 0, np.int64(1)], [1, 0, 1]),  # a JSON column mixing both
+])
+def test_labels_are_names_or_ids(values, expected):
+    assert label_ids(pd.Series(values), 2, ["neg", "pos"], "own.csv").tolist() == expected
+
+
+def test_labels_are_named_by_their_text_as_partition_named_them():
+    assert label_ids(pd.Series([True, False]), 2, ["False", "True"], "own.csv").tolist() == [1, 0]
+    assert label_ids(pd.Series([2.5, 1.0]), 2, ["1.0", "2.5"], "own.csv").tolist() == [1, 0]
+
+
+def test_bad_labels_are_refused_by_name():
+    names = [f"topic-{i}" for i in range(30)]
+    with pytest.raises(FedloraError, match=r"label 'sport' is not one the federation knows \(its 30 labels: "
+                                           r"topic-0, .*topic-9, \.\.\. \(20 more\)\)"):
+        label_ids(pd.Series(["topic-3", "sport"]), 30, names, "own.csv: column 'topic'")
+    with pytest.raises(FedloraError, match=r"label id 2 is out of range \(the federation's label ids are 0\.\.1\)"):
+        label_ids(pd.Series([0, 2, 1]), 2, ["neg", "pos"], "own.csv")
+    with pytest.raises(FedloraError, match=r"label id -1 is out of range"):
+        label_ids(pd.Series(["pos", -1], dtype=object), 2, ["neg", "pos"], "own.csv")
+    # A global checkpoint that records no label names understands ids only.
+    assert label_ids(pd.Series([1, 0]), 2, None, "own.csv").tolist() == [1, 0]
+    with pytest.raises(FedloraError, match=r"holds label names \('pos'\) .* give label ids 0\.\.1"):
+        label_ids(pd.Series(["pos"]), 2, None, "own.csv")
+
+
+def test_bad_files_are_refused_in_one_line(make_recipe, tmp_path):
+    data = make_recipe().data
+
+    def read(name: str, text: str):
+        path = tmp_path / name
+        path.write_text(text)
+        return read_examples(path, data, "sequence-classification", 2, ["neg", "pos"])
+
+    with pytest.raises(FedloraError, match=r"no-label\.csv has no column 'sentiment' \(its columns: text, label\)"):
+        read("no-label.csv", "text,label\ngood film,pos\n")
+    with pytest.raises(FedloraError, match=r"header\.csv is empty"):
+        read("header.csv", "text,sentiment\n")
+    with pytest.raises(FedloraError, match=r"gap\.csv: column 'text' has 1 empty value\(s\), the first in data row 2"):
+        read("gap.csv", "text,sentiment\ngood film,pos\n,neg\n")
+    with pytest.raises(FedloraError, match=r"cannot read .*broken\.jsonl"):
+        read("broken.jsonl", '{"text": "good", "sentiment": "pos"}\n{"text":')
+
+
+def test_a_jsonl_of_prompts_reads_through_the_recipe(make_causal_recipe, math_jsonl):
+    data = make_causal_recipe().data
+    own = read_examples(math_jsonl, data, "causal-lm", None)
+    assert len(own) == 150 and own.answers is not None and own.chat_template
+    assert own.prompts[0].startswith("Sam has") and own.responses[0].split("#### ")[1] == own.answers[0]

@@ -267,7 +267,7 @@ def test_other_bad_input(ffa_run, tmp_path):
     out = tmp_path / "export"
     fails([tmp_path / "nope", "--out", out], "global checkpoint not found")
     fails([g, "--out", out, "--merge", "--dtype", "int8"], "--dtype", "float16")
-    fails([g, "--out", out, "--eval-data", tmp_path / "no.parquet"], "data shard not found")
+    fails([g, "--out", out, "--eval-data", tmp_path / "no.parquet"], "dataset not found")
     (tmp_path / "file").write_text("x")
     fails([g, "--out", tmp_path / "file"], "not a folder")
     assert not out.exists()
