@@ -37,7 +37,10 @@ def export_cmd(
     ] = "float32",
     eval_data: Annotated[
         Optional[Path],
-        typer.Option("--eval-data", help="Evaluate on this test Parquet file or partition folder for the model card."),
+        typer.Option(
+            "--eval-data",
+            help="Evaluate on this data for the model card: a partition folder, a shard, or any data evaluate --data takes.",
+        ),
     ] = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,

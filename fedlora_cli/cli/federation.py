@@ -9,8 +9,8 @@ import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import (
-    AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, JsonOpt, MixedPrecisionOpt, OverwriteOpt,
-    QuantizationOpt, SetOpt, site_settings,
+    SITE_DATA, AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, JsonOpt, MixedPrecisionOpt,
+    OverwriteOpt, QuantizationOpt, SetOpt, SplitOpt, site_settings,
 )
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import Site
@@ -83,10 +83,13 @@ def sample_cmd(
 @command(app, "train-client")
 def train_client_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="The current global checkpoint folder.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="This client's shard (Parquet, from fedlora partition).")],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help=f"This client's data: its shard from fedlora partition, or {SITE_DATA}.")
+    ],
     state: Annotated[Path, typer.Option("--state", help="This client's private state folder (created if new).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the client update to send.")],
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id; default: the state folder's name.")] = None,
+    split: SplitOpt = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -101,6 +104,8 @@ def train_client_cmd(
 
     How this site runs the model (device, base precision, a 4-bit or 8-bit base, memory) is its own choice:
     the options override the recipe's site settings and other sites may choose differently.
+
+    Example: [cyan]fedlora train-client global/round-002 --data our-reviews.csv --state state --out update[/]
     """
     from dataclasses import asdict
 
@@ -112,6 +117,7 @@ def train_client_cmd(
         written = federation.train_client(
             global_checkpoint, data, state, out, cid, base_override=base_model, progress=progress, overwrite=overwrite,
             site=site_settings(device, dtype, quantization, mixed_precision, gradient_checkpointing, accumulation_steps),
+            split=split,
         )
     update, m = written.update, written.update.manifest
     # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
@@ -200,7 +206,9 @@ def aggregate_cmd(
 @command(app, "evaluate")
 def evaluate_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Test Parquet file, or a partition folder (its test split).")],
+    data: Annotated[
+        str, typer.Option("--data", "-d", help=f"Test data: a partition folder (its test split), a shard, or {SITE_DATA}.")
+    ],
     state: Annotated[Optional[Path], typer.Option("--state", help="Evaluate personalised: this client's state folder.")] = None,
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id of --state (checked).")] = None,
     max_new_tokens: Annotated[
@@ -212,6 +220,7 @@ def evaluate_cmd(
     answer: Annotated[
         Optional[str], typer.Option(help="causal-lm: 'number' (exact match on the final number) or 'none' (loss only).")
     ] = None,
+    split: SplitOpt = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -240,7 +249,7 @@ def evaluate_cmd(
     with ui.step_progress("evaluating") as progress:
         metrics = federation.evaluate(
             g, data, state_dir=state, client_id=client_id, base_override=base_model,
-            progress=lambda done, total: progress(done, total), settings=settings,
+            progress=lambda done, total: progress(done, total), settings=settings, split=split,
             site=site_settings(device, dtype, quantization),
         )
     if as_json:

@@ -53,3 +53,17 @@ def site_settings(
         "training.mixed_precision": mixed_precision, "training.gradient_checkpointing": checkpointing,
         "training.gradient_accumulation_steps": accumulation,
     }
+
+
+# What the --data of train-client and evaluate takes besides a partition's shard (one text, so both say the same).
+SITE_DATA = (
+    "a CSV/TSV/JSON/JSONL/Parquet file (optionally .gz/.bz2/.xz), a save_to_disk folder or a Hub dataset name, "
+    "with the recipe's columns (text and label, or prompt and response); labels as the federation's label names "
+    "or their ids 0..K-1"
+)
+SplitOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--split", help="Split of a Hub dataset or DatasetDict folder given as --data; default: the recipe's data.split."
+    ),
+]

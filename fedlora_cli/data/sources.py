@@ -2,7 +2,8 @@
 
 A source is a Hugging Face Hub dataset name (with a split), a CSV/TSV/JSON/JSONL/Parquet file (optionally
 compressed: .gz, .bz2, .xz, .zst), a ``datasets`` ``save_to_disk`` folder, or a ``pkg:`` path into an installed
-package. ``fedlora partition`` reads the dataset it splits this way.
+package. ``fedlora partition`` reads the dataset it splits this way, and ``train-client`` and ``evaluate`` a
+site's own data (:mod:`fedlora_cli.data.examples`).
 """
 
 from __future__ import annotations

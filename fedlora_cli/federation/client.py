@@ -41,7 +41,7 @@ def check_state(state: storage.ClientState | None, client_id: str, manifest: Glo
 
 def train_client(
     global_checkpoint: Path | Global,
-    shard: Path,
+    shard: Path | str,
     state_dir: Path,
     out: Path,
     client_id: str,
@@ -50,11 +50,16 @@ def train_client(
     progress: Callable[[int, int, float], None] | None = None,
     overwrite: bool = False,
     site: Mapping[str, Any] | None = None,
+    split: str | None = None,
 ) -> ClientRound:
     """Train one client for one round; write its client update (sent tensors) and its state (kept tensors).
 
     ``site`` overrides the recipe's site settings for this site (``{'training.device': 'cuda', 'model.quantization':
     '4bit'}``, see :mod:`fedlora_cli.model.site`); a given ``bench`` was built with its own.
+
+    ``shard`` is the client's partition shard or the site's own data (any source partition reads, ``split`` of a
+    Hub dataset defaulting to the recipe's ``data.split``), read through the recipe's columns and the federation's
+    label names before anything is loaded or written.
     """
     from fedlora_cli.data.examples import read_examples
     from fedlora_cli.model.training import local_train, round_seed
@@ -65,7 +70,7 @@ def train_client(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
-    examples = read_examples(shard, recipe.data, recipe.model.task, g.manifest.num_labels)
+    examples = read_examples(shard, recipe.data, recipe.model.task, g.manifest.num_labels, g.label_names, split)
     state, newest = _states(g, state_dir, client_id, overwrite)
     g.verify()  # before the base model is loaded
     bench = bench_for(g, base_override, bench, recipe.adapter.rank_for(client_id), site)

@@ -60,6 +60,18 @@ class Global(GlobalCheckpoint):
         return plan_of(self.manifest)
 
     @cached_property
+    def label_names(self) -> list[str] | None:
+        """The federation's label names in id order: those the manifest records (init read them from the partition),
+        else the recipe's ``data.labels`` (partition numbers labels in that order); None when neither names them
+        (a site's data then gives label ids) or for a causal LM."""
+        if self.manifest.label_names is not None:
+            return [str(name) for name in self.manifest.label_names]
+        listed = self.recipe.data.labels
+        if listed is not None and len(listed) == self.manifest.num_labels:
+            return list(listed)
+        return None
+
+    @cached_property
     def header(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Names, dtypes and shapes of the adapter tensors, from the safetensors header (no data read)."""
         return storage.tensor_header(self.weights_path, "global checkpoint weights")

@@ -48,7 +48,7 @@ def load_for_evaluation(
 
 def evaluate(
     global_checkpoint: Path | Global,
-    test: Path | None = None,
+    test: Path | str | None = None,
     state_dir: Path | None = None,
     client_id: str | None = None,
     base_override: str | None = None,
@@ -57,28 +57,34 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     settings: recipes.EvaluationSection | None = None,
     site: Mapping[str, Any] | None = None,
+    split: str | None = None,
 ) -> dict[str, Any]:
     """The task's metrics (:mod:`fedlora_cli.model.evaluation`) of the global model, or of one client's personalised
-    model. ``settings`` replaces the recipe's evaluation section (e.g. another ``max_new_tokens``)."""
+    model. ``settings`` replaces the recipe's evaluation section (e.g. another ``max_new_tokens``).
+
+    ``test`` is a partition folder (its test split), a shard, or the site's own data as :func:`train_client` takes
+    it; it is read before the model is loaded, so bad data fails at once.
+    """
     from fedlora_cli.data.examples import read_examples
     from fedlora_cli.model import evaluation
 
-    bench, manifest = load_for_evaluation(global_checkpoint, state_dir, client_id, base_override, bench, site)
-    if settings is not None:
-        bench.recipe = dataclasses.replace(bench.recipe, evaluation=settings)
-    recipe = bench.recipe
+    g = Global.of(global_checkpoint)
     if examples is None:
         if test is None:
             raise FedloraError("no test data given")
-        examples = read_examples(test_path(test), recipe.data, recipe.model.task, manifest.num_labels)
+        examples = read_examples(test_path(test), g.recipe.data, g.recipe.model.task, g.manifest.num_labels,
+                                 g.label_names, split)
+    bench, manifest = load_for_evaluation(g, state_dir, client_id, base_override, bench, site)
+    if settings is not None:
+        bench.recipe = dataclasses.replace(bench.recipe, evaluation=settings)
     metrics = evaluation.evaluate(bench, examples, progress)
-    return {"round": manifest.round, "personalised": state_dir is not None, "task": recipe.model.task, **metrics,
+    return {"round": manifest.round, "personalised": state_dir is not None, "task": bench.recipe.model.task, **metrics,
             "site": bench.site.to_dict()}
 
 
-def test_path(path: Path) -> Path:
-    """A test Parquet file, or a partition folder (whose test split is used)."""
+def test_path(source: Path | str) -> Path | str:
+    """A partition folder's test split; any other source (a file, a save_to_disk folder, a Hub dataset) as given."""
     from fedlora_cli.data.partition import TEST_SHARD
 
-    path = Path(path)
-    return path / TEST_SHARD if path.is_dir() else path
+    shard = Path(source) / TEST_SHARD
+    return shard if shard.is_file() else source

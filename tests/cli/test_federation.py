@@ -369,3 +369,132 @@ def test_a_site_option_this_site_cannot_use_is_one_line_and_writes_nothing(tmp_p
     fails(["train-client", tmp_path / "g0", "--data", partition_dir / "client-0.parquet", "--state", tmp_path / "state",
            "--out", tmp_path / "u", *options], needle)
     assert not (tmp_path / "u").exists() and not (tmp_path / "state").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# A site's own data: train-client and evaluate take any source partition reads
+
+
+def own_copy(shard: Path, path: Path, names: list[str] | None) -> Path:
+    """A partition shard as a site would keep it: in another format, with an extra column, its labels as names
+    (``names``) or as ids."""
+    import datasets
+    import pandas as pd
+
+    frame = pd.read_parquet(shard)
+    frame = frame.assign(site="here")[["site", "sentiment", "text"]]
+    if names is not None:
+        frame["sentiment"] = [names[i] for i in frame["sentiment"]]
+    if path.name.endswith((".csv", ".csv.gz")):
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        datasets.DatasetDict({"mine": datasets.Dataset.from_pandas(frame)}).save_to_disk(str(path))
+    return path
+
+
+def test_a_site_trains_on_its_own_file_as_on_its_shard(run, tmp_path):
+    """The same rows as a CSV (.gz) or JSONL with label names, a Parquet of ids or a save_to_disk folder (--split)
+    train exactly as the shard does: same examples, same loss, same update."""
+    shard = run.data / "client-0.parquet"
+    names = json.loads((run.data / "partition.json").read_text())["label_names"]
+
+    def train(name: str, data: Path, *extra) -> tuple[dict, dict]:
+        update = tmp_path / f"update-{name}"
+        info = json.loads(ok(["train-client", run.global_checkpoint(1), "--data", data, *extra,
+                              "--state", tmp_path / name / "client-0", "--out", update, "--json"]))
+        return info, load_file(update / storage.UPDATE_TENSORS)
+
+    expected, expected_tensors = train("shard", shard)
+    owns = {
+        "csv": (own_copy(shard, tmp_path / "own.csv", names), []),
+        "gz": (own_copy(shard, tmp_path / "own.csv.gz", names), []),
+        "jsonl": (own_copy(shard, tmp_path / "own.jsonl", names), []),
+        "ids": (own_copy(shard, tmp_path / "own.parquet", None), []),
+        "saved": (own_copy(shard, tmp_path / "own-saved", names), ["--split", "mine"]),
+    }
+    for name, (data, extra) in owns.items():
+        info, tensors = train(name, data, *extra)
+        assert (info["num_examples"], info["steps"], info["loss"]) == (
+            expected["num_examples"], expected["steps"], expected["loss"]), name
+        assert tensors.keys() == expected_tensors.keys()
+        for key, tensor in tensors.items():
+            torch.testing.assert_close(tensor, expected_tensors[key], rtol=0, atol=0, msg=f"{name}: {key}")
+
+
+def test_evaluate_on_a_csv_gives_the_test_shards_metrics(run, tmp_path):
+    names = json.loads((run.data / "partition.json").read_text())["label_names"]
+    own = own_copy(run.data / "test.parquet", tmp_path / "test.csv", names)
+    on_shard = json.loads(ok(["evaluate", run.global_checkpoint(2), "--data", run.data, "--json"]))
+    on_csv = json.loads(ok(["evaluate", run.global_checkpoint(2), "--data", own, "--json"]))
+    assert on_csv == on_shard and on_csv["examples"] == 80
+
+
+def test_a_global_without_label_names_numbers_names_by_the_recipe_or_takes_ids(run, tmp_path):
+    """A global checkpoint that records no label names (init without a partition folder) falls back to the recipe's
+    data.labels; without those either, a file of names is refused and ids still work."""
+    names = json.loads((run.data / "partition.json").read_text())["label_names"]
+    own = own_copy(run.data / "test.parquet", tmp_path / "test.csv", names)
+    g = tmp_path / "g"
+    shutil.copytree(run.global_checkpoint(2), g)
+    path = g / storage.GLOBAL_MANIFEST
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "label_names": None}))
+    expected = json.loads(ok(["evaluate", run.global_checkpoint(2), "--data", run.data, "--json"]))
+    assert json.loads(ok(["evaluate", g, "--data", own, "--json"])) == expected
+    manifest["recipe"]["data"]["labels"] = None
+    path.write_text(json.dumps({**manifest, "label_names": None}))
+    fails(["evaluate", g, "--data", own], "holds label names ('", "give label ids 0..1")
+    assert json.loads(ok(["evaluate", g, "--data", run.data, "--json"]))["accuracy"] == expected["accuracy"]
+
+
+BAD_DATA = {
+    "unknown label": ("own.csv", "text,sentiment\ngood film,pos\ndull plot,meh\n",
+                      ["own.csv: column 'sentiment': label 'meh' is not one the federation knows", "labels: neg, pos"]),
+    "missing column": ("own.csv", "text,label\ngood film,pos\n", ["own.csv has no column 'sentiment'"]),
+    "empty file": ("own.csv", "", ["own.csv is empty"]),
+    "no rows": ("own.jsonl", "\n", ["own.jsonl is empty"]),
+    "header only": ("own.csv", "text,sentiment\n", ["own.csv is empty"]),
+    "unreadable file": ("own.parquet", "this is no parquet file", ["cannot read", "own.parquet"]),
+    "id out of range": ("own.csv", "text,sentiment\ngood film,1\ndull plot,2\n",
+                        ["label id 2 is out of range", "0..1"]),
+}
+
+
+@pytest.mark.parametrize("command", ["train-client", "evaluate"])
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_own_data_is_refused_in_one_line_and_writes_nothing(run, tmp_path, command, case):
+    name, text, needles = BAD_DATA[case]
+    (tmp_path / name).write_text(text)
+    args = ["--state", tmp_path / "client-0", "--out", tmp_path / "update"] if command == "train-client" else []
+    fails([command, run.global_checkpoint(1), "--data", tmp_path / name, *args], *needles)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_site_trains_a_causal_lm_on_its_own_jsonl(make_causal_recipe, cached_federation, tmp_path):
+    import pandas as pd
+
+    layout = cached_federation(make_causal_recipe("ffa", sections={"federation": {"rounds": 1}}))
+    shard = layout.data / "client-0.parquet"
+    own = tmp_path / "own.jsonl"
+    pd.read_parquet(shard).assign(site="here").to_json(own, orient="records", lines=True)
+    losses = []
+    for name, data in (("shard", shard), ("own", own)):
+        info = json.loads(ok(["train-client", layout.global_checkpoint(0), "--data", data,
+                              "--state", tmp_path / name / "client-0", "--out", tmp_path / f"update-{name}", "--json"]))
+        losses.append(info["loss"])
+    assert losses[0] == losses[1]
+    (tmp_path / "no-answer.jsonl").write_text('{"question": "What is 2 + 2?", "response": "#### 4"}\n')
+    fails(["evaluate", layout.global_checkpoint(1), "--data", tmp_path / "no-answer.jsonl"],
+          "no-answer.jsonl has no column 'answer'")
+
+
+@pytest.mark.parametrize("command", ["train-client", "evaluate"])
+def test_the_help_of_data_says_what_it_takes(command):
+    text = " ".join(ok([command, "--help"]).replace("│", " ").split())
+    for needle in ("its shard" if command == "train-client" else "a partition folder", "CSV/TSV/JSON/JSONL/Parquet",
+                   "save_to_disk folder", "Hub dataset", "the recipe's columns", "label names", "--split"):
+        assert needle in text, needle
