@@ -134,7 +134,8 @@ def label_ids(values: Any, num_labels: int, label_names: list[str] | None, where
     (compared as text, the way partition numbered the names: ``True``, ``2.5``).
 
     Without ``label_names`` (a global checkpoint initialised without a partition folder, whose recipe does not
-    list ``data.labels``) only ids are understood: a name is refused, there is nothing to number it by.
+    list ``data.labels``) only ids are understood: a name is refused, there is nothing to number it by. Label
+    names that are numbers (ratings "1".."5") are given as ids in an integer column: a CSV cannot tell the two.
     """
     import numpy as np
 
@@ -160,9 +161,12 @@ def label_ids(values: Any, num_labels: int, label_names: list[str] | None, where
                 )
     outside = (ids < 0) | (ids >= num_labels)
     if outside.any():
+        # Label names that are numbers themselves (ratings 1..5) cannot be told from ids in an integer column.
+        numeric = label_names is not None and all(name.lstrip("-").isdigit() for name in label_names)
+        hint = f"; integers are read as ids, not as the label names {listed(label_names, 5)}" if numeric else ""
         raise FedloraError(
             f"{where}: label id {int(ids[outside.argmax()])} is out of range (the federation's label ids are "
-            f"0..{num_labels - 1})"
+            f"0..{num_labels - 1}{hint})"
         )
     return ids
 

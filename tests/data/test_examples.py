@@ -72,6 +72,9 @@ def test_bad_labels_are_refused_by_name():
         label_ids(pd.Series(["topic-3", "sport"]), 30, names, "own.csv: column 'topic'")
     with pytest.raises(FedloraError, match=r"label id 2 is out of range \(the federation's label ids are 0\.\.1\)"):
         label_ids(pd.Series([0, 2, 1]), 2, ["neg", "pos"], "own.csv")
+    with pytest.raises(FedloraError, match=r"label id 5 is out of range \(.* 0\.\.4; integers are read as ids, not "
+                                           r"as the label names 1, 2, 3, 4, 5\)"):
+        label_ids(pd.Series([1, 5]), 5, ["1", "2", "3", "4", "5"], "ratings.csv")
     with pytest.raises(FedloraError, match=r"label id -1 is out of range"):
         label_ids(pd.Series(["pos", -1], dtype=object), 2, ["neg", "pos"], "own.csv")
     # A global checkpoint that records no label names understands ids only.
