@@ -55,11 +55,12 @@ def site_settings(
     }
 
 
-# What the --data of train-client and evaluate takes besides a partition's shard (one text, so both say the same).
+# What the --data of train-client and evaluate takes besides a partition's shard (one text, so both say the same;
+# no slashes: a narrow help column cuts a long word).
 SITE_DATA = (
-    "a CSV/TSV/JSON/JSONL/Parquet file (optionally .gz/.bz2/.xz), a save_to_disk folder or a Hub dataset name, "
-    "with the recipe's columns (text and label, or prompt and response); labels as the federation's label names "
-    "or their ids 0..K-1"
+    "a CSV, TSV, JSON, JSONL or Parquet file (optionally .gz, .bz2 or .xz), a save_to_disk folder or a Hub dataset "
+    "name, with the recipe's columns (text and label, or prompt and response); labels as the federation's label "
+    "names or their ids 0..K-1"
 )
 SplitOpt = Annotated[
     Optional[str],

@@ -495,6 +495,6 @@ def test_a_site_trains_a_causal_lm_on_its_own_jsonl(make_causal_recipe, cached_f
 @pytest.mark.parametrize("command", ["train-client", "evaluate"])
 def test_the_help_of_data_says_what_it_takes(command):
     text = " ".join(ok([command, "--help"]).replace("│", " ").split())
-    for needle in ("its shard" if command == "train-client" else "a partition folder", "CSV/TSV/JSON/JSONL/Parquet",
+    for needle in ("its shard" if command == "train-client" else "a partition folder", "CSV, TSV, JSON, JSONL or Parquet file",
                    "save_to_disk folder", "Hub dataset", "the recipe's columns", "label names", "--split"):
         assert needle in text, needle
