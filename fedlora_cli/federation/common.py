@@ -123,7 +123,7 @@ def bench_for(g: Global, base_override: str | None, bench: Workbench | None, ran
     if bench is None:
         site_recipe = recipes.with_site(recipe, site or {}, SITE_FLAGS)
         bench = build(recipe, manifest.num_labels, base_override, rank=rank, site=Site.of(site_recipe))
-    if bench.fingerprint != manifest.base_fingerprint:
+    if manifest.base_fingerprint not in (bench.fingerprint, bench.legacy_fingerprint):
         raise FedloraError(
             f"base model '{bench.base_location}' is not the one this federation started from "
             f"(fingerprint {bench.fingerprint}, global checkpoint expects {manifest.base_fingerprint})"

@@ -43,6 +43,9 @@ class Workbench:
     base_location: str
     site: Site
     rank: int = 0
+    # The fingerprint as fedlora computed it before it read the stored weights (float32 loads only), so that
+    # global checkpoints written then still resume.
+    legacy_fingerprint: str | None = None
     # The original base weights of the layers a correction has touched, to restore them (layer name -> W0).
     _base_weights: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -225,6 +228,7 @@ def build(
     if recipe.model.task == TASK_CAUSAL_LM and getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     fingerprint = base_fingerprint(location, recipe.model.revision, model, site)
+    legacy = _legacy_fingerprint(model) if not site.quantized and site.dtype == "float32" else None
     rank = rank or recipe.adapter.r
     config = adapter_config(recipe, rank)
     try:
@@ -241,7 +245,7 @@ def build(
         )
     _float32_heads(peft_model)
     peft_model.eval()  # training switches to train mode for its steps and back
-    return Workbench(recipe, peft_model, tokenizer, fingerprint, location, site, rank)
+    return Workbench(recipe, peft_model, tokenizer, fingerprint, location, site, rank, legacy_fingerprint=legacy)
 
 
 def adapter_config(recipe: Recipe, rank: int) -> Any:
@@ -299,6 +303,21 @@ def base_fingerprint(location: str, revision: str | None, model: Any, site: Site
             "weights: load it with model.dtype 'float32' and no quantization, or re-save it with save_pretrained"
         )
     weights = [p for name, p in model.named_parameters() if p.dim() == 2 and not _is_head(name)]
+    for p in (weights[0], weights[-1]) if weights else ():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _legacy_fingerprint(model: Any) -> str:
+    """The fingerprint of fedlora before 2026-12 (the loaded config, the first and last loaded float32 weight
+    matrices): what global checkpoints written then record."""
+    import torch
+
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash"):
+        config.pop(key, None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and "classifier" not in name]
     for p in (weights[0], weights[-1]) if weights else ():
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
