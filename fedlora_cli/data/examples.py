@@ -23,6 +23,7 @@ its beginning (the question at its end is what the response follows).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,19 +249,47 @@ def encode_prompts(tokenizer: Any, examples: PromptResponses, rows: Any, max_len
     return {"input_ids": input_ids, "attention_mask": attention}
 
 
-def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``steps`` batches drawn from seeded shuffled passes over ``n`` examples (a pass restarts when used up)."""
+# Length grouping sorts each run of this many batches by length (Hugging Face's LengthGroupedSampler uses 50).
+GROUP_BATCHES = 50
 
-    batches: list[np.ndarray] = []
-    order = rng.permutation(n)
-    cursor = 0
+
+def batch_schedule(
+    n: int, batch_size: int, steps: int, rng: np.random.Generator, lengths: Sequence[int] | None = None
+) -> list[np.ndarray]:
+    """``steps`` batches drawn from seeded shuffled passes over ``n`` examples (a pass restarts when used up).
+
+    With ``lengths`` (one per example) batches are length-grouped, so they pad little: each pass is shuffled as
+    without, cut into runs of :data:`GROUP_BATCHES` batches whose examples are sorted by length, cut into
+    batches, and the batches of the pass are shuffled. Every pass still trains every example it would have
+    (the same ones), only in batches of similar length. For sampling without replacement only: DP-SGD's
+    Poisson sampling must never be grouped, since its privacy analysis assumes each example is drawn
+    independently of every other.
+    """
+    import numpy as np
+
     size = min(batch_size, n)
+    batches: list[np.ndarray] = []
     while len(batches) < steps:
-        if cursor + size > n:
-            order, cursor = rng.permutation(n), 0
-        batches.append(order[cursor : cursor + size])
-        cursor += size
-    return batches
+        order = rng.permutation(n)[: (n // size) * size]
+        if lengths is None:
+            batches.extend(order.reshape(-1, size))
+            continue
+        lengths_of = np.asarray(lengths)
+        run = size * GROUP_BATCHES
+        for start in range(0, len(order), run):
+            piece = order[start : start + run]
+            order[start : start + run] = piece[np.argsort(-lengths_of[piece], kind="stable")]
+        grouped = order.reshape(-1, size)
+        batches.extend(grouped[rng.permutation(len(grouped))])
+    return [np.asarray(b) for b in batches[:steps]]
+
+
+def lengths_of(examples: Examples | PromptResponses) -> list[int]:
+    """Each example's length in characters (prompt plus response for causal-lm): the tokens' proxy that length
+    grouping and length-sorted evaluation sort by, without tokenising the shard first."""
+    if isinstance(examples, PromptResponses):
+        return [len(p) + len(r) for p, r in zip(examples.prompts, examples.responses)]
+    return [len(text) for text in examples.texts]
 
 
 def steps_for(n: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora_cli.adapters.methods import Plan
-from fedlora_cli.data.examples import Examples, PromptResponses, batch_schedule, steps_for
+from fedlora_cli.data.examples import Examples, PromptResponses, batch_schedule, lengths_of, steps_for
 from fedlora_cli.model.site import chunks
 from fedlora_cli.model.workbench import Workbench
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
@@ -126,7 +126,7 @@ def local_train(
     steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
     torch.manual_seed(seed)
     anchor = _proximal_anchor(bench, plan) if t.proximal_mu > 0 else None
-    batches, engine = _schedule(bench, optimizer, len(examples), steps, seed, dp)
+    batches, engine = _schedule(bench, optimizer, examples, steps, seed, dp)
     model, optimizer = (bench.model, optimizer) if engine is None else (engine.module, engine.optimizer)
     scaler = bench.site.grad_scaler()
     seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
@@ -154,15 +154,18 @@ def local_train(
     return TrainResult(steps, mean_loss, int(seen.size), time.perf_counter() - started)
 
 
-def _schedule(bench: Workbench, optimizer: Any, n: int, steps: int, seed: int,
+def _schedule(bench: Workbench, optimizer: Any, examples: Examples | PromptResponses, steps: int, seed: int,
               dp: DPSettings | None) -> tuple[list, Any]:
     """Each step's rows, and the DP-SGD engine around the model and optimizer (None without privacy)."""
     import numpy as np
 
     from fedlora_cli.privacy.dp_sgd import DPSGD, poisson_batches
 
+    t, n = bench.recipe.training, len(examples)
     if dp is None:
-        return batch_schedule(n, bench.recipe.training.batch_size, steps, np.random.default_rng(seed)), None
+        lengths = lengths_of(examples) if t.group_by_length else None
+        return batch_schedule(n, t.batch_size, steps, np.random.default_rng(seed), lengths), None
+    # Poisson sampling, never grouped by length: the accountant assumes every example is drawn independently.
     secret = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
     batches = list(poisson_batches(n, dp.sample_rate, steps, np.random.default_rng(secret)))
     expected = max(1, round(dp.sample_rate * n))

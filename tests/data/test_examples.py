@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import PAIRS
 
 from fedlora_cli.data.examples import IGNORE_INDEX, encode, fit, label_ids, prompt_ids, read_examples, response_ids
@@ -106,3 +107,67 @@ def test_a_jsonl_of_prompts_reads_through_the_recipe(make_causal_recipe, math_js
     own = read_examples(math_jsonl, data, "causal-lm", None)
     assert len(own) == 150 and own.answers is not None and own.chat_template
     assert own.prompts[0].startswith("Sam has") and own.responses[0].split("#### ")[1] == own.answers[0]
+
+
+# Batching: seeded passes, grouped by length ------------------------------------------------------------------------
+
+
+def _lengths(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(5, 200, size=n)
+
+
+def test_ungrouped_batches_are_consecutive_pieces_of_seeded_passes():
+    from fedlora_cli.data.examples import batch_schedule
+
+    order = np.random.default_rng(4).permutation(103)
+    batches = batch_schedule(103, 10, 10, np.random.default_rng(4))
+    assert [b.tolist() for b in batches] == [order[i * 10 : (i + 1) * 10].tolist() for i in range(10)]
+
+
+def test_a_grouped_pass_trains_the_examples_the_ungrouped_pass_would_in_batches_of_similar_length():
+    from fedlora_cli.data.examples import batch_schedule
+
+    n, size, lengths = 2000, 16, _lengths(2000)
+    steps = n // size  # one pass
+    plain = batch_schedule(n, size, steps, np.random.default_rng(1))
+    grouped = batch_schedule(n, size, steps, np.random.default_rng(1), lengths)
+    assert sorted(np.concatenate(grouped).tolist()) == sorted(np.concatenate(plain).tolist())
+    assert all(len(b) == size for b in grouped)
+
+    def padding(batches):  # padded positions per example: what a batch padded to its longest computes for nothing
+        return np.mean([np.mean(lengths[b].max() - lengths[b]) for b in batches])
+
+    assert padding(grouped) < 0.1 * padding(plain)
+    # The batches of a pass are shuffled: not served longest first.
+    means = [lengths[b].mean() for b in grouped]
+    assert means != sorted(means, reverse=True) and means != sorted(means)
+
+
+def test_grouped_batches_are_seeded():
+    from fedlora_cli.data.examples import batch_schedule
+
+    lengths = _lengths(300)
+    first = batch_schedule(300, 8, 80, np.random.default_rng(9), lengths)
+    again = batch_schedule(300, 8, 80, np.random.default_rng(9), lengths)
+    other = batch_schedule(300, 8, 80, np.random.default_rng(10), lengths)
+    assert [b.tolist() for b in first] == [b.tolist() for b in again]
+    assert [b.tolist() for b in first] != [b.tolist() for b in other]
+
+
+def test_dp_sgd_poisson_sampling_is_never_grouped(make_recipe, partition_dir):
+    """The same secret seed gives the very same DP-SGD round with or without training.group_by_length."""
+    import dataclasses
+
+    from fedlora_cli.adapters.methods import plan
+    from fedlora_cli.data.examples import read_shard
+    from fedlora_cli.model.training import DPSettings, local_train
+
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+    results = []
+    for grouped in (True, False):
+        r = make_recipe("ffa", optimizer="sgd", lr=0.5)
+        r = dataclasses.replace(r, training=dataclasses.replace(r.training, group_by_length=grouped))
+        bench = build(r, 2)
+        local_train(bench, plan("ffa", "shared"), examples, seed=0, dp=DPSettings(1.0, 1.0, 0.1, secret_seed=5))
+        results.append(bench.adapter_tensors())
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
