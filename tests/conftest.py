@@ -384,3 +384,16 @@ def folder_digest(folder: Path) -> str:
         if p.is_file():
             h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
     return h.hexdigest()
+
+
+def legacy_tensor_digest(tensor) -> str:
+    """A tensor's digest as fedlora wrote it before xxh128 (bare sha256 hex), for fixtures written the old way;
+    tests/storage/test_files.py pins it to a digest the old fedlora wrote."""
+    import hashlib
+
+    import torch
+
+    t = tensor.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()

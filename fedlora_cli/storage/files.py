@@ -3,6 +3,22 @@
 Every file and folder fedlora writes goes through :func:`atomic_dir` or :func:`atomic_file`: a temporary sibling
 renamed into place, so an interrupted or failed command leaves either the complete output or nothing.
 Tensors are read and written only as safetensors: nothing a client sends is ever unpickled.
+
+Every tensor of a global checkpoint, a client update and a client state has a digest in its folder's manifest
+(:func:`tensor_digest`), checked whenever the tensors are read (:func:`load_verified`). The digest protects
+against accidents: a file corrupted or truncated in transit or on disk, a tensor file swapped for another
+one, a file changed between two reads. It does not protect against a malicious client: a client writes its
+own manifest, so it can send any tensors with matching digests. That is what the norm bound and the robust
+strategies are for (:mod:`fedlora_cli.aggregation`).
+
+The algorithm is xxh3-128 (:data:`DIGEST_ALGORITHM`), a checksum made for this job, and every new digest
+names it (``xxh128:<32 hex digits>``). Digests fedlora wrote before it, bare sha256 hex, still verify: each
+recorded digest is checked with the algorithm it names (:func:`digest_matches`), so a checkpoint, update or
+run folder written then still loads, verifies and resumes. The identity of a global checkpoint
+(:func:`global_digest`, which client updates carry as ``parent_digest``) and the frozen digest stay sha256 of
+the per-tensor digest strings: a few kilobytes, whose hash costs nothing; they are recorded when a
+checkpoint is written and only ever compared, never recomputed from the tensors, so an identity never
+changes once written.
 """
 
 from __future__ import annotations
@@ -11,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -130,19 +147,123 @@ def tensor_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]
         raise FedloraError(f"{what} {path} is not a readable safetensors file ({first_line(exc)})") from None
 
 
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """sha256 of dtype, shape and raw bytes: equal digests mean bit-identical tensors."""
+# The digest choice, in one place. Every tensor's digest: xxh3-128 (the xxhash package), not BLAKE3 or sha256.
+# A checksum is all the job needs (a cryptographic hash buys nothing: whoever could forge a digest writes the
+# manifest anyway, see the module docstring), and xxh3 is the faster of the two made for speed on one core
+# (benchmarks/digest.py measures sha256, xxh3-128 and BLAKE3; results/RESULTS.md). The coordinator hashes on one
+# thread while another averages, so BLAKE3's multi-threading would only compete with the averaging. Both have wheels
+# for Linux (x86-64, aarch64; glibc and musl), macOS (x86-64, arm64) and Windows; xxhash releases the GIL while
+# it hashes (since 3.0) and is already installed with `datasets`. XXH3's output is frozen since xxHash 0.8.0
+# (python-xxhash 2.0), so a digest written today verifies with any later version.
+DIGEST_ALGORITHM = "xxh128"
+# The digest of a set of digests (a global checkpoint's identity, the frozen digest): a few kilobytes of
+# digest strings, so its speed does not matter; it stays sha256, bare hex, as identities always were.
+IDENTITY_ALGORITHM = "sha256"
+# A digest without a prefix is sha256: every tensor digest fedlora wrote before xxh128. Read, never written.
+_BARE_ALGORITHM = "sha256"
+KNOWN_ALGORITHMS = ("xxh128", "sha256")
+_BARE_DIGEST = re.compile(r"[0-9a-f]{64}")
+_PREFIX = re.compile(r"[a-z][a-z0-9_-]{0,15}")
+
+
+def _hasher(algorithm: str) -> Any:
+    if algorithm == "xxh128":
+        import xxhash
+
+        return xxhash.xxh3_128()
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise ValueError(f"unknown digest algorithm '{algorithm}'")
+
+
+def _hex_digest(tensor: torch.Tensor, algorithm: str) -> str:
     import torch
 
-    t = tensor.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # hashes in place, no copy
+    t = tensor.detach().contiguous().cpu()  # no copy for a contiguous CPU tensor
+    h = _hasher(algorithm)
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's own buffer, hashed in place
     return h.hexdigest()
 
 
+def tensor_digest(tensor: torch.Tensor, algorithm: str | None = None) -> str:
+    """The digest of a tensor's dtype, shape and raw bytes, named by its algorithm (default
+    :data:`DIGEST_ALGORITHM`): ``xxh128:<32 hex digits>``. Equal digests mean bit-identical tensors."""
+    algorithm = algorithm or DIGEST_ALGORITHM
+    return f"{algorithm}:{_hex_digest(tensor, algorithm)}"
+
+
+def digest_algorithm(digest: str, where: str = "a manifest") -> str:
+    """The algorithm a recorded digest names (``xxh128:<hex>``; bare hex is sha256, from before xxh128).
+
+    A digest of an algorithm this fedlora does not know (a newer fedlora's?), or of no recognisable form, is a
+    :class:`FedloraError` that says ``where`` it was found.
+    """
+    return _parse_digest(digest, where)[0]
+
+
+def _parse_digest(digest: str, where: str) -> tuple[str, str]:
+    if isinstance(digest, str):
+        if _BARE_DIGEST.fullmatch(digest):
+            return _BARE_ALGORITHM, digest
+        prefix, sep, value = digest.partition(":")
+        if sep and prefix in KNOWN_ALGORITHMS and value:
+            return prefix, value
+        if sep and _PREFIX.fullmatch(prefix) and prefix not in KNOWN_ALGORITHMS:
+            raise FedloraError(
+                f"{where} has a digest of unknown algorithm '{prefix}' (this fedlora reads "
+                f"{', '.join(KNOWN_ALGORITHMS)}): was it written by a newer fedlora?"
+            )
+    raise FedloraError(f"{where} has a malformed digest {str(digest)!r:.40} (expected '{DIGEST_ALGORITHM}:<hex>')")
+
+
+def digest_matches(tensor: torch.Tensor, expected: str, where: str = "a manifest") -> bool:
+    """Whether a tensor is the one a recorded digest describes, hashed with the algorithm that digest names (so
+    a digest written before xxh128 still checks)."""
+    algorithm, value = _parse_digest(expected, where)
+    return _hex_digest(tensor, algorithm) == value
+
+
+def load_verified(path: Path, digests: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file and check it against the digests its manifest records for it: the same tensor
+    names, and every tensor bit-identical to the one written, each checked with the algorithm its digest
+    names. Each tensor is hashed as it is read, while its bytes are still in the CPU's cache, rather than in a
+    second pass over the whole file.
+
+    A missing, truncated, corrupted or swapped file is a :class:`FedloraError` that names the tensor.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FedloraError(f"{what} not found: {path}")
+    parsed = {name: _parse_digest(d, f"{what} {path}: tensor '{name}'") for name, d in digests.items()}
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+            unrecorded, absent = sorted(set(names) - set(digests)), sorted(set(digests) - set(names))
+            if unrecorded:
+                raise FedloraError(f"{what} {path} holds tensor '{unrecorded[0]}', which has no digest in its manifest")
+            if absent:
+                raise FedloraError(f"{what} {path} lacks tensor '{absent[0]}', which its manifest has a digest for")
+            for name in names:
+                t = handle.get_tensor(name)
+                algorithm, value = parsed[name]
+                if _hex_digest(t, algorithm) != value:
+                    raise FedloraError(
+                        f"{what} {path}: tensor '{name}' does not match the digest in its manifest (the file was "
+                        "corrupted, truncated or replaced since it was written)"
+                    )
+                tensors[name] = t
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FedloraError(f"{what} {path} is not a readable safetensors file ({first_line(exc)})") from None
+    return tensors
+
+
 def combined_digest(digests: Mapping[str, str]) -> str:
-    """One digest for a set of named tensors, independent of dict order."""
-    h = hashlib.sha256()
+    """One digest for a set of named tensors, independent of dict order: sha256 of the names and their digest
+    strings (whatever algorithm each names), as bare hex."""
+    h = _hasher(IDENTITY_ALGORITHM)
     for name in sorted(digests):
         h.update(f"{name}={digests[name]};".encode())
     return h.hexdigest()
