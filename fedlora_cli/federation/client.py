@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora_cli import aggregation, privacy, recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation.common import Global, bench_for, digests, frozen_digest, frozen_labels, load_client_model
+from fedlora_cli.federation.common import Global, bench_for, digests, frozen_labels, frozen_unchanged, load_client_model
 from fedlora_cli.model.workbench import Workbench
 from fedlora_cli.storage.manifests import GlobalManifest, StateManifest, UpdateManifest
 
@@ -110,8 +110,7 @@ def _write_round(
 ) -> ClientRound:
     """Check what training produced, split it into what is sent and what is kept, write state then update."""
     plan, manifest = g.plan, g.manifest
-    tensor_digests = digests(tensors)
-    if frozen_digest(plan, tensor_digests) != manifest.frozen_digest:
+    if not frozen_unchanged(plan, tensors, manifest):
         raise FedloraError(f"a frozen adapter tensor ({frozen_labels(plan)}) changed during training; nothing written")
     sent = {name: t for name, t in tensors.items() if plan.sends(name)}
     kept = {name: t for name, t in tensors.items() if plan.keeps(name)}
@@ -129,12 +128,12 @@ def _write_round(
         recipe_digest=manifest.recipe_digest, base_fingerprint=manifest.base_fingerprint,
         frozen_digest=manifest.frozen_digest, num_examples=shard_size if private else result.num_examples,
         shard_examples=shard_size, steps=result.steps, loss=None if private else result.loss,
-        seconds=round(result.seconds, 3), bytes=0, tensor_digests={name: tensor_digests[name] for name in sent},
+        seconds=round(result.seconds, 3), bytes=0, tensor_digests=digests(sent),
         privacy=None if spending is None else {k: v for k, v in spending.items() if k != "history"}, site=site,
     )
     state_manifest = StateManifest(
         client_id=client_id, round=manifest.round + 1, parent_digest=manifest.digest,
-        recipe_digest=manifest.recipe_digest, tensor_digests={name: tensor_digests[name] for name in kept},
+        recipe_digest=manifest.recipe_digest, tensor_digests=digests(kept),
         privacy=spending, loss=result.loss,
     )
     # The state (with the ledger that records this round's spending) is written before the update: if the

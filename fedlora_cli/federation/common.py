@@ -15,7 +15,7 @@ from fedlora_cli.adapters.roles import ROLE_LABELS, ROLE_PROJECTION, role_of
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import SITE_FLAGS, Site
 from fedlora_cli.model.workbench import Workbench, build
-from fedlora_cli.storage.checkpoints import GlobalCheckpoint
+from fedlora_cli.storage.checkpoints import CORRECTION_TENSORS, SERVER_STATE_TENSORS, GlobalCheckpoint
 from fedlora_cli.storage.manifests import GlobalManifest
 
 if TYPE_CHECKING:
@@ -78,34 +78,60 @@ class Global(GlobalCheckpoint):
 
     @cached_property
     def verified_tensors(self) -> dict[str, torch.Tensor]:
-        return self._checked(self.tensors(), self.manifest.tensor_digests, "tensors do not")
+        return storage.load_verified(self.weights_path, self.manifest.tensor_digests, "global checkpoint weights")
 
     @cached_property
     def verified_correction(self) -> dict[str, torch.Tensor]:
-        return self._checked(self.correction(), self.manifest.correction_digests, "its correction does not")
+        return self._verified(CORRECTION_TENSORS, self.manifest.correction_digests, "global checkpoint correction")
 
     @cached_property
     def verified_server_state(self) -> dict[str, torch.Tensor]:
-        return self._checked(self.server_state(), self.manifest.server_state_digests, "its server state does not")
+        return self._verified(SERVER_STATE_TENSORS, self.manifest.server_state_digests, "global checkpoint server state")
 
-    def _checked(self, tensors: dict[str, torch.Tensor], expected: dict[str, str], what: str) -> dict[str, torch.Tensor]:
-        if digests(tensors) != expected:
-            raise FedloraError(f"global checkpoint {self.path}: {what} match the digests in its manifest")
-        return tensors
+    def _verified(self, filename: str, expected: dict[str, str], what: str) -> dict[str, torch.Tensor]:
+        """A file of the checkpoint read and checked against its digests; empty when the manifest records none
+        (no correction, no server optimiser)."""
+        return storage.load_verified(self.path / filename, expected, what) if expected else {}
 
 
 def plan_of(manifest: GlobalManifest) -> Plan:
     return make_plan(manifest.method, manifest.head, manifest.adapter_kind)
 
 
-def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Each tensor's digest, in the current algorithm (:data:`fedlora_cli.storage.DIGEST_ALGORITHM`)."""
     return {name: storage.tensor_digest(t) for name, t in tensors.items()}
 
 
-def frozen_digest(plan: Plan, tensor_digests: dict[str, str]) -> str | None:
+def next_digests(
+    tensors: Mapping[str, torch.Tensor], parent: Mapping[str, torch.Tensor], parent_digests: Mapping[str, str]
+) -> dict[str, str]:
+    """The digests of a new checkpoint's tensors, where a tensor taken over from the parent checkpoint (the very
+    tensor read and verified from it, or written with it) keeps the parent's digest.
+
+    It is not hashed a second time, and its digest stays in whichever algorithm wrote it: FFA's frozen A keeps
+    the digest it was given at round 0, so the frozen digest, which every client update must carry, does not
+    change when a federation started with sha256 digests goes on with xxh128. Every other tensor is hashed now.
+    """
+    return {name: parent_digests[name] if parent.get(name) is t else storage.tensor_digest(t) for name, t in tensors.items()}
+
+
+def frozen_digest(plan: Plan, tensor_digests: Mapping[str, str]) -> str | None:
     """One digest over every tensor no client may change (FFA's A, a frozen head); None if there are none."""
     frozen = {name: d for name, d in tensor_digests.items() if role_of(name) in plan.frozen}
     return storage.combined_digest(frozen) if frozen else None
+
+
+def frozen_unchanged(plan: Plan, tensors: Mapping[str, torch.Tensor], manifest: GlobalManifest) -> bool:
+    """Whether the tensors no client may change are still the global checkpoint's: each matches the digest its
+    manifest records for it (checked with the algorithm that digest names, so a checkpoint written with sha256
+    digests checks too), and together they are the frozen set the manifest's frozen digest covers."""
+    recorded = manifest.tensor_digests
+    frozen = {name: recorded.get(name) for name in tensors if role_of(name) in plan.frozen}
+    for name, expected in frozen.items():
+        if expected is None or not storage.digest_matches(tensors[name], expected, f"global checkpoint tensor '{name}'"):
+            return False
+    return frozen_digest(plan, frozen) == manifest.frozen_digest
 
 
 def frozen_labels(plan: Plan) -> str:
@@ -147,11 +173,11 @@ def _check_projections(bench: Workbench, manifest: GlobalManifest) -> None:
         expected = manifest.tensor_digests.get(name)
         if expected is None:
             raise FedloraError(f"the global checkpoint has no VeRA projection '{name}'")
-        got = storage.tensor_digest(t)
-        if got != expected:
+        if not storage.digest_matches(t, expected, f"the global checkpoint's VeRA projection '{name}'"):
+            got = storage.tensor_digest(t, storage.digest_algorithm(expected))
             raise FedloraError(
                 f"VeRA projection '{name}' derived on this site from seed {manifest.seed} differs from the global "
-                f"checkpoint's (digest {got[:12]}, expected {expected[:12]}): every client must derive identical "
+                f"checkpoint's (digest {got[:20]}, expected {expected[:20]}): every client must derive identical "
                 "projections; refusing to go on"
             )
 

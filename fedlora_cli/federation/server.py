@@ -24,7 +24,9 @@ from fedlora_cli.aggregation import (
 )
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation.common import Global, digests, frozen_digest, frozen_labels, received_tensors
+from fedlora_cli.federation.common import (
+    Global, digests, frozen_digest, frozen_labels, next_digests, received_tensors,
+)
 from fedlora_cli.federation.sampling import asked as sampled_clients, sample_rate
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
@@ -247,16 +249,16 @@ def _validate_update(update: storage.ClientUpdate, g: Global, expected: dict[str
             )
     if set(m.tensor_digests) != set(header):
         raise FedloraError(f"client update {where}: manifest digests do not cover its tensors")
+    for name, digest in m.tensor_digests.items():  # an unknown algorithm is refused before any update is read
+        storage.digest_algorithm(digest, f"client update {where}: tensor '{name}'")
 
 
 def _load_checked(update: storage.ClientUpdate) -> dict[str, torch.Tensor]:
-    """A client update's tensors, refused if any is not finite or does not match its manifest's digest."""
-    tensors = storage.load_tensors(update.tensors_path, "client update tensors")
+    """A client update's tensors, refused if any does not match its manifest's digest or is not finite."""
+    tensors = storage.load_verified(update.tensors_path, update.manifest.tensor_digests, "client update tensors")
     bad = aggregation.nonfinite(tensors)
     if bad is not None:
         raise FedloraError(f"client update {update.path}: tensor '{bad}' holds NaN or Inf")
-    if digests(tensors) != update.manifest.tensor_digests:
-        raise FedloraError(f"client update {update.path}: tensors do not match the digests in its manifest")
     return tensors
 
 
@@ -297,7 +299,7 @@ class _Contribution:
     def get(self, name: str) -> torch.Tensor:
         t = storage.read_tensor(self.update.tensors_path, name, "client update tensors")
         # Checked again as it is read: the file must still be the one screened in the first pass.
-        if storage.tensor_digest(t) != self.update.manifest.tensor_digests[name]:
+        if not storage.digest_matches(t, self.update.manifest.tensor_digests[name]):
             raise FedloraError(f"client update {self.update.path}: tensor '{name}' changed while aggregating")
         if self.clip != 1.0:
             ref = self.reference[name]
@@ -363,7 +365,8 @@ def _next_global(
         previous = correction.get(layer)
         correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
     tensors = {**g.verified_tensors, **result.tensors}
-    tensor_digests, correction_digests = digests(tensors), digests(correction)
+    tensor_digests = next_digests(tensors, g.verified_tensors, g.manifest.tensor_digests)
+    correction_digests = next_digests(correction, g.verified_correction, g.manifest.correction_digests)
     state_digests = digests(result.server_state)
     release = strategy.privacy
     f = recipe.federation

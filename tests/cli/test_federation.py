@@ -186,6 +186,9 @@ def test_nonfinite_update(run, tmp_path, value):
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = value
     save_file(tensors, str(bad / storage.UPDATE_TENSORS))
+    # With a matching digest: what a faulty client, which writes its own manifest, would send.
+    digests = json.loads((bad / storage.UPDATE_MANIFEST).read_text())["tensor_digests"]
+    edit_manifest(bad, tensor_digests={**digests, name: storage.tensor_digest(tensors[name])})
     aggregate_fails(run, tmp_path, [*good_updates(run, "client-0"), bad], "NaN or Inf", name)
 
 
@@ -206,7 +209,24 @@ def test_tampered_update_fails_its_digest(run, tmp_path):
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + 1.0
     save_file(tensors, str(bad / storage.UPDATE_TENSORS))
-    aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], "digests")
+    aggregate_fails(run, tmp_path, [bad, *good_updates(run, "client-0")], f"tensor '{name}' does not match the digest")
+
+
+def test_a_flipped_bit_in_an_update_fails_its_digest(run, tmp_path):
+    bad = copy_update(run, tmp_path)
+    data = bytearray((bad / storage.UPDATE_TENSORS).read_bytes())
+    data[-3] ^= 0x10  # in the data of the tensor stored last: the file still parses
+    (bad / storage.UPDATE_TENSORS).write_bytes(bytes(data))
+    aggregate_fails(run, tmp_path, [*good_updates(run, "client-0"), bad], str(bad), "does not match the digest")
+
+
+def test_an_update_digest_of_unknown_algorithm_is_refused(run, tmp_path):
+    bad = copy_update(run, tmp_path)
+    digests = json.loads((bad / storage.UPDATE_MANIFEST).read_text())["tensor_digests"]
+    name = min(digests)
+    edit_manifest(bad, tensor_digests={**digests, name: "blake9:" + "0" * 64})
+    aggregate_fails(run, tmp_path, [*good_updates(run, "client-0"), bad], f"tensor '{name}'",
+                    "unknown algorithm 'blake9'", "newer fedlora")
 
 
 def test_truncated_safetensors(run, tmp_path):

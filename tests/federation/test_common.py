@@ -75,28 +75,28 @@ def test_heterogeneous_ranks_each_client_trains_and_receives_its_own_rank(strate
 
 
 def count_reads(monkeypatch) -> dict:
-    """From now on, count every safetensors file a GlobalCheckpoint loads, every tensor digest and every recipe
-    parsed."""
+    """From now on, count every safetensors file a Global reads and verifies, every tensor hashed and every
+    recipe parsed."""
     from fedlora_cli import recipe as recipes
-    from fedlora_cli.storage import checkpoints
+    from fedlora_cli.storage import files
 
     counts = {"loads": [], "digests": 0, "recipes": 0}
-    real_load, real_digest, real_from_dict = checkpoints.load_tensors, storage.tensor_digest, recipes.from_dict
+    real_load, real_hash, real_from_dict = storage.load_verified, files._hex_digest, recipes.from_dict
 
-    def load(path, what):
+    def load(path, digests, what):
         counts["loads"].append(what)
-        return real_load(path, what)
+        return real_load(path, digests, what)
 
-    def digest(t):
+    def hash_(t, algorithm):  # where every digest, written or checked, hashes a tensor's bytes
         counts["digests"] += 1
-        return real_digest(t)
+        return real_hash(t, algorithm)
 
     def from_dict(raw):
         counts["recipes"] += 1
         return real_from_dict(raw)
 
-    monkeypatch.setattr(checkpoints, "load_tensors", load)
-    monkeypatch.setattr(storage, "tensor_digest", digest)
+    monkeypatch.setattr(storage, "load_verified", load)
+    monkeypatch.setattr(files, "_hex_digest", hash_)
     monkeypatch.setattr(recipes, "from_dict", from_dict)
     return counts
 
@@ -128,7 +128,7 @@ def test_global_refuses_tensors_that_do_not_match_its_manifest(make_recipe, cach
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + 1e-3
     save_file(tensors, str(tmp_path / "g" / storage.ADAPTER_WEIGHTS))
-    with pytest.raises(FedloraError, match="tensors do not match the digests in its manifest"):
+    with pytest.raises(FedloraError, match=rf"adapter_model.safetensors: tensor '{name}' does not match the digest"):
         Global.of(tmp_path / "g").verify()
 
     shutil.copytree(cached_federation(strategy_recipe(aggregation="exact")).global_checkpoint(1), tmp_path / "e")
@@ -138,13 +138,13 @@ def test_global_refuses_tensors_that_do_not_match_its_manifest(make_recipe, cach
     save_file(correction, str(tmp_path / "e" / storage.CORRECTION_TENSORS))
     g = Global.of(tmp_path / "e")
     assert g.verified_tensors  # the adapter tensors are fine...
-    with pytest.raises(FedloraError, match="correction does not match the digests"):
+    with pytest.raises(FedloraError, match=rf"correction.safetensors: tensor '{layer}' does not match the digest"):
         g.verified_correction
 
 
 def test_global_written_needs_no_read_at_all(make_recipe, cached_federation, monkeypatch):
     from fedlora_cli import recipe as recipes
-    from fedlora_cli.storage import checkpoints
+    from fedlora_cli.storage import checkpoints, files
 
     recipe = make_recipe("fedavg")
     ckpt = storage.read_global(cached_federation(recipe).global_checkpoint(2))
@@ -154,7 +154,8 @@ def test_global_written_needs_no_read_at_all(make_recipe, cached_federation, mon
         raise AssertionError("Global.written read or hashed something")
 
     monkeypatch.setattr(checkpoints, "load_tensors", no)
-    monkeypatch.setattr(storage, "tensor_digest", no)
+    monkeypatch.setattr(storage, "load_verified", no)
+    monkeypatch.setattr(files, "_hex_digest", no)
     monkeypatch.setattr(recipes, "from_dict", no)
 
     g = Global.written(ckpt, recipe, tensors, correction)
