@@ -1,5 +1,6 @@
-"""fedlora_cli.federation.simulate: a whole federation on one machine: resuming without redoing work, refusing
-another recipe's folder, causal-lm federations of every method and kind, the round rows."""
+"""fedlora_cli.federation.simulate: a whole federation on one machine: resuming without redoing work (a run
+written with the sha256 digests of an older fedlora too), refusing another recipe's folder, causal-lm
+federations of every method and kind, the round rows."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import QuietReporter, private_recipe, run
+from conftest import QuietReporter, legacy_tensor_digest, private_recipe, run
 from typer.testing import CliRunner
 
 from fedlora_cli import federation, storage
@@ -55,6 +56,53 @@ def test_simulate_resumes_without_redoing_work(tmp_path, make_recipe, cached_fed
     # The resumed run is bit-identical to the uninterrupted one.
     same = storage.read_global(layout.global_checkpoint(2)).manifest.digest
     assert same == storage.read_global(reference.global_checkpoint(2)).manifest.digest
+
+
+def test_a_run_written_with_sha256_digests_resumes(tmp_path, make_recipe, cached_federation, monkeypatch):
+    recipe = make_recipe("ffa")  # FFA: its frozen A's digests must survive the change of algorithm
+    reference = cached_federation(recipe)  # the same federation, written with xxh128 digests throughout
+    layout = simulate.RunLayout(tmp_path / "run")
+    real = federation.train_client
+    calls = []
+
+    def crash_on_fifth(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    # An older fedlora: every tensor digest it wrote was bare sha256 hex (all writers go through tensor_digest).
+    # It finished round 1 and was interrupted in round 2, after client-0's update.
+    with monkeypatch.context() as old:
+        old.setattr(storage, "tensor_digest", lambda t, algorithm=None: legacy_tensor_digest(t))
+        old.setattr(federation, "train_client", crash_on_fifth)
+        with pytest.raises(KeyboardInterrupt):
+            simulate.simulate(recipe, layout.root, QuietReporter())
+    g0, g1 = (storage.read_global(layout.global_checkpoint(r)).manifest for r in (0, 1))
+    old_update = storage.read_update(layout.update(2, "client-0")).manifest
+    for digest in [*g1.tensor_digests.values(), *old_update.tensor_digests.values()]:
+        assert storage.digest_algorithm(digest) == "sha256" and ":" not in digest
+    written = {p: p.stat().st_mtime_ns for p in layout.global_checkpoint(1).iterdir()}
+
+    # This fedlora resumes it: trains client-1 and client-2 from the old global, aggregates the three updates.
+    simulate.simulate(recipe, layout.root, QuietReporter())
+
+    assert {p: p.stat().st_mtime_ns for p in written} == written  # the old global is read, not rewritten
+    assert storage.read_update(layout.update(2, "client-0")).manifest == old_update  # nor the old update
+    g1_read = federation.Global.of(layout.global_checkpoint(1)).verify()
+    assert g1_read.manifest.digest == g1.digest  # its identity stays the one its updates carry
+    new_update = storage.read_update(layout.update(2, "client-1")).manifest
+    assert new_update.parent_digest == g1.digest
+    assert all(d.startswith("xxh128:") for d in new_update.tensor_digests.values())
+    g2 = federation.Global.of(layout.global_checkpoint(2)).verify()
+    frozen_a = [n for n in g2.manifest.tensor_digests if role_of(n) in plan("ffa", "shared").frozen]
+    assert frozen_a and all(g2.manifest.tensor_digests[n] == g0.tensor_digests[n] for n in frozen_a)
+    assert g2.manifest.frozen_digest == g1.frozen_digest == g0.frozen_digest
+    assert any(d.startswith("xxh128:") for d in g2.manifest.tensor_digests.values())
+    # And it is the federation an uninterrupted run of this fedlora trains, bit for bit.
+    expected = federation.Global.of(reference.global_checkpoint(2)).verified_tensors
+    assert set(g2.verified_tensors) == set(expected)
+    assert all(torch.equal(g2.verified_tensors[n], expected[n]) for n in expected)
 
 
 def test_simulate_refuses_a_different_recipe_in_the_same_folder(tmp_path, make_recipe, federation_copy):
