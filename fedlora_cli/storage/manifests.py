@@ -71,8 +71,9 @@ class GlobalManifest:
     recipe_digest: str
     seed: int
     num_labels: int | None  # None for a causal LM
+    # name -> 'xxh128:<hex>' (bare sha256 hex if written before xxh128; see fedlora_cli.storage.files)
     tensor_digests: dict[str, str]
-    digest: str
+    digest: str  # the checkpoint's identity (global_digest), which its client updates carry as parent_digest
     frozen_digest: str | None
     label_names: list[str] | None = None
     clients: list[str] = field(default_factory=list)
