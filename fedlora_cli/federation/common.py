@@ -86,7 +86,8 @@ class Global(GlobalCheckpoint):
 
     @cached_property
     def verified_server_state(self) -> dict[str, torch.Tensor]:
-        return self._verified(SERVER_STATE_TENSORS, self.manifest.server_state_digests, "global checkpoint server state")
+        digests = self.manifest.server_state_digests
+        return self._verified(SERVER_STATE_TENSORS, digests, "global checkpoint server state")
 
     def _verified(self, filename: str, expected: dict[str, str], what: str) -> dict[str, torch.Tensor]:
         """A file of the checkpoint read and checked against its digests; empty when the manifest records none
@@ -113,7 +114,8 @@ def next_digests(
     the digest it was given at round 0, so the frozen digest, which every client update must carry, does not
     change when a federation started with sha256 digests goes on with xxh128. Every other tensor is hashed now.
     """
-    return {name: parent_digests[name] if parent.get(name) is t else storage.tensor_digest(t) for name, t in tensors.items()}
+    return {name: parent_digests[name] if parent.get(name) is t else storage.tensor_digest(t)
+            for name, t in tensors.items()}
 
 
 def frozen_digest(plan: Plan, tensor_digests: Mapping[str, str]) -> str | None:
@@ -129,7 +131,8 @@ def frozen_unchanged(plan: Plan, tensors: Mapping[str, torch.Tensor], manifest: 
     recorded = manifest.tensor_digests
     frozen = {name: recorded.get(name) for name in tensors if role_of(name) in plan.frozen}
     for name, expected in frozen.items():
-        if expected is None or not storage.digest_matches(tensors[name], expected, f"global checkpoint tensor '{name}'"):
+        where = f"global checkpoint tensor '{name}'"
+        if expected is None or not storage.digest_matches(tensors[name], expected, where):
             return False
     return frozen_digest(plan, frozen) == manifest.frozen_digest
 

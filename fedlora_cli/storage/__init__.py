@@ -18,8 +18,8 @@ from fedlora_cli.storage.run_layout import (
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CLIENTS_DIR", "CORRECTION_TENSORS", "CURVES_PNG", "ClientState",
-    "ClientUpdate", "DATA_DIR", "DIGEST_ALGORITHM", "FORMAT_VERSION", "GLOBAL_DIR", "GLOBAL_MANIFEST", "GlobalCheckpoint",
-    "GlobalManifest", "METRICS_DIR", "RECIPE_FILE", "RunLayout", "SERVER_STATE_TENSORS", "STATE_MANIFEST",
+    "ClientUpdate", "DATA_DIR", "DIGEST_ALGORITHM", "FORMAT_VERSION", "GLOBAL_DIR", "GLOBAL_MANIFEST",
+    "GlobalCheckpoint", "GlobalManifest", "METRICS_DIR", "RECIPE_FILE", "RunLayout", "SERVER_STATE_TENSORS", "STATE_MANIFEST",
     "STATE_TENSORS", "StateManifest",
     "UPDATES_DIR", "UPDATE_MANIFEST", "UPDATE_TENSORS", "UpdateManifest", "atomic_dir", "atomic_file",
     "check_client_id", "combined_digest", "digest_algorithm", "digest_matches", "global_digest", "latest_state",
