@@ -5,8 +5,8 @@ renamed into place, so an interrupted or failed command leaves either the comple
 Tensors are read and written only as safetensors: nothing a client sends is ever unpickled.
 
 Every tensor of a global checkpoint, a client update and a client state has a digest in its folder's manifest
-(:func:`tensor_digest`), checked whenever the tensors are read (:func:`load_verified`). The digest protects
-against accidents: a file corrupted or truncated in transit or on disk, a tensor file swapped for another
+(:func:`tensor_digest`); a global checkpoint's and a client update's are checked whenever their tensors are
+read (:func:`load_verified`). The digest protects against accidents: a file corrupted or truncated in transit or on disk, a tensor file swapped for another
 one, a file changed between two reads. It does not protect against a malicious client: a client writes its
 own manifest, so it can send any tensors with matching digests. That is what the norm bound and the robust
 strategies are for (:mod:`fedlora_cli.aggregation`).
