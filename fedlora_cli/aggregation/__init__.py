@@ -17,8 +17,8 @@ from typing import Any
 
 from fedlora_cli.aggregation.exact import Exact
 from fedlora_cli.aggregation.functions import (
-    Factors, LayerReport, Tensors, accumulator_dtype, client_weights, clip_to_norm, coordinate_median, exact_layer,
-    nonfinite, svd_layer, to_rank, trim_count, trimmed_mean, update_norm, weighted_mean,
+    Factors, LayerReport, Tensors, accumulator_dtype, client_weights, clip_to_norm, clipped_delta, coordinate_median,
+    exact_layer, nonfinite, svd_layer, to_rank, trim_count, trimmed_mean, update_norm, weighted_mean,
 )
 from fedlora_cli.aggregation.mean import Mean
 from fedlora_cli.aggregation.median import Median
@@ -37,7 +37,7 @@ def make_strategy(federation: Any) -> Strategy:
 
 
 __all__ = [
-    "SERVER_OPTIMIZERS", "STRATEGIES", "accumulator_dtype", "Aggregate", "client_weights", "clip_to_norm",
+    "SERVER_OPTIMIZERS", "STRATEGIES", "accumulator_dtype", "Aggregate", "client_weights", "clip_to_norm", "clipped_delta",
     "Contribution", "Contributions", "coordinate_median", "Exact", "exact_layer", "Factors", "LayerReport",
     "make_strategy", "Mean", "Median", "nonfinite", "NormBound", "PrivacyRelease", "RoundSpec", "ServerOptimizer",
     "Strategy", "Svd", "svd_layer", "Tensors", "to_rank", "trim_count", "trimmed_mean", "TrimmedMean",

@@ -98,6 +98,27 @@ def clip_to_norm(update: Tensors, reference: Tensors, bound: float) -> dict[str,
     return {name: (reference[name] + (t - reference[name]) * scale).to(t.dtype) for name, t in update.items()}
 
 
+# A clipped delta is scaled a hair below the bound: float32 rounding of the scaled elements (relative 2^-24 each)
+# must not carry its norm above it, since a sensitivity bound is a bound.
+_CLIP_MARGIN = 1 - 2**-20
+
+
+def clipped_delta(update: Tensors, reference: Tensors, bound: float) -> dict[str, torch.Tensor]:
+    """The float32 difference (update - reference), scaled to L2 norm at most ``bound`` over all tensors.
+
+    Taken in float32 before any scaling, and never rounded back to the tensors' own dtype: a bfloat16 update
+    clipped as ``reference + scaled delta`` and rounded to bfloat16 could land well beyond the bound.
+    """
+    import torch
+
+    deltas = {name: t.float() - reference[name].float() for name, t in update.items()}
+    norm = sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()) ** 0.5
+    if norm <= bound:
+        return deltas
+    scale = bound / norm * _CLIP_MARGIN
+    return {name: d * scale for name, d in deltas.items()}
+
+
 def update_norm(update: Tensors, reference: Tensors) -> float:
     """L2 norm of (update - reference) over the update's tensors: how far a client moved the global."""
     import torch

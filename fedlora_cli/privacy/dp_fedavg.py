@@ -135,8 +135,7 @@ def dp_fedavg(
 
     def clipped_deltas() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
         for tensors, _ in updates:
-            kept = aggregation.clip_to_norm(tensors, reference, clip)
-            yield {name: t.float() - reference[name].float() for name, t in kept.items()}, 1.0 / num_clients
+            yield aggregation.clipped_delta(tensors, reference, clip), 1.0 / num_clients
 
     # The mean is taken over the deltas, so that with fewer than m updates the reference is not shrunk with them.
     mean_delta = (average or aggregation.weighted_mean)(clipped_deltas())

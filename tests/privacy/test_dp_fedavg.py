@@ -36,6 +36,33 @@ def test_dp_fedavg_with_zero_noise_is_the_mean_of_clipped_updates():
     assert [aggregation.update_norm(c, ref) for c in clipped] == pytest.approx([1.0, 0.1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dp_fedavg_clips_the_float32_delta_so_no_update_exceeds_the_bound(dtype):
+    """Clipped as reference + scaled delta and rounded to the tensor's dtype, the clipped norm can exceed C
+    (1.0000000149 C in float32, about 1.014 C in bfloat16): the delta itself is clipped, in float32."""
+    generator = torch.Generator().manual_seed(0)
+    bound = 1.0
+    for trial in range(20):
+        ref = {"a": (torch.randn(257, generator=generator) * 3).to(dtype), "b": torch.randn(3, 5, generator=generator).to(dtype)}
+        update = {n: (t.float() + torch.randn(t.shape, generator=generator) * (trial + 1)).to(dtype) for n, t in ref.items()}
+        delta = aggregation.clipped_delta(update, ref, bound)
+        assert {t.dtype for t in delta.values()} == {torch.float32}
+        norm = sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in delta.values()) ** 0.5
+        assert norm <= bound, f"trial {trial}: clipped norm {norm!r} above the bound"
+        assert norm == pytest.approx(bound, rel=1e-5), "an update beyond the bound lands on it"
+    small = {"a": ref["a"].float() + 1e-3, "b": ref["b"].float()}
+    torch.testing.assert_close(aggregation.clipped_delta(small, ref, bound)["a"], small["a"] - ref["a"].float())
+
+
+def test_the_old_clipping_in_the_tensors_dtype_could_exceed_the_bound_in_bfloat16():
+    """Why the delta is clipped in float32: rounding reference + scaled delta to bfloat16 overshoots."""
+    generator = torch.Generator().manual_seed(1)
+    ref = {"w": torch.randn(1000, generator=generator).to(torch.bfloat16)}
+    update = {"w": (ref["w"].float() + torch.randn(1000, generator=generator)).to(torch.bfloat16)}
+    rounded = aggregation.clip_to_norm(update, ref, 0.5)
+    assert aggregation.update_norm(rounded, ref) > 0.5
+
+
 def test_dp_fedavg_noise_has_the_promised_scale():
     ref = {"w": torch.zeros(20000)}
     updates = [({"w": torch.zeros(20000)}, 0.25)] * 4
