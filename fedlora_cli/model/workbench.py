@@ -248,6 +248,32 @@ def build(
     return Workbench(recipe, peft_model, tokenizer, fingerprint, location, site, rank, legacy_fingerprint=legacy)
 
 
+def trained_coordinates(recipe: Recipe, plan: Plan, num_labels: int | None) -> int:
+    """How many coordinates a client of this recipe trains (the d that DP-SGD's noise spreads over), counted on
+    the model's skeleton: built from its config on the meta device, so no weight is loaded."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    location = resolve_location(recipe.model.base)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        if recipe.model.task == TASK_CAUSAL_LM:
+            config = AutoConfig.from_pretrained(location, revision=recipe.model.revision)
+            factory = AutoModelForCausalLM
+        else:
+            config = AutoConfig.from_pretrained(location, revision=recipe.model.revision, num_labels=num_labels or 2)
+            factory = AutoModelForSequenceClassification
+    except (OSError, ValueError) as exc:
+        raise FedloraError(f"cannot read the config of base model '{location}': {first_line(exc)}") from None
+    with torch.device("meta"):
+        model = get_peft_model(factory.from_config(config), adapter_config(recipe, recipe.adapter.r))
+    return sum(
+        p.numel() for name, p in model.named_parameters()
+        if any(marker in name for marker in ADAPTER_PARAMETER_MARKERS) and plan.trains(name)
+    )
+
+
 def adapter_config(recipe: Recipe, rank: int) -> Any:
     """The PEFT config of the recipe's adapter kind at ``rank``."""
     adapter = recipe.adapter

@@ -1,5 +1,6 @@
 """Differential privacy: accounting (:mod:`.accounting`), DP-SGD at a client (:mod:`.dp_sgd`), DP-FedAvg at the
-coordinator (:mod:`.dp_fedavg`), the coordinator's ledger (:mod:`.ledgers`) and spending reports (:mod:`.report`)."""
+coordinator (:mod:`.dp_fedavg`), the coordinator's ledger (:mod:`.ledgers`), spending reports (:mod:`.report`) and
+choosing a plan that learns (:mod:`.planning`)."""
 
 from fedlora_cli.privacy.accounting import (
     ClientPlan, Entry, Ledger, calibrate, calibrate_federation, check_delta, client_plan, epsilon,
