@@ -96,7 +96,10 @@ class Site:
         import torch
 
         if not self.quantized:
-            return {"dtype": "auto" if self.dtype == "auto" else getattr(torch, self.dtype)}
+            kwargs: dict[str, Any] = {"dtype": "auto" if self.dtype == "auto" else getattr(torch, self.dtype)}
+            if self.device != "cpu":
+                kwargs["device_map"] = {"": self.device}  # straight onto the accelerator, not through host memory
+            return kwargs
         try:
             from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
