@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlora_cli.adapters.kinds import AdapterKind, adapter_kind
-from fedlora_cli.adapters.roles import ROLE_HEAD, SIDE_A, SIDE_B, role_of
+from fedlora_cli.adapters.roles import ROLE_HEAD, ROLE_LABELS, SIDE_A, SIDE_B, role_of
 from fedlora_cli.errors import FedloraError
 
 
@@ -99,6 +99,34 @@ class Plan:
     def frozen(self) -> frozenset[str]:
         """Roles nobody trains; they stay bit-identical to the round-0 global checkpoint."""
         return self.kind.roles - self.trained
+
+    @property
+    def global_is_model(self) -> bool:
+        """Whether the global checkpoint alone is the federation's model. It is not when a trained role stays at
+        home (FedSA's B, a local head): the global's copy of that role never moves, and each client's model is
+        the global plus its own client state (what personalised evaluation scores)."""
+        return not self.local
+
+    def why_global_is_partial(self) -> str | None:
+        """Why the global checkpoint alone is no model, in words for a table's note; None when it is one.
+
+        Every kind starts its B side at zero (the adapter's update starts at zero), so a B side kept at home
+        leaves the global adapter adding nothing to the base model.
+        """
+        if self.global_is_model:
+            return None
+        reasons = []
+        if self.kind.side_b in self.local:
+            b = ROLE_LABELS[self.kind.side_b]
+            reasons.append(f"{self.method.label} keeps each client's {b} at home, so the global {b} stays 0 and "
+                           "its adapter adds nothing to the base model")
+        if ROLE_HEAD in self.local:
+            reasons.append("each client keeps its own classifier head, so the global head stays at its seeded "
+                           "initialisation")
+        others = sorted(self.local - {self.kind.side_b, ROLE_HEAD})
+        if others:
+            reasons.append(f"each client keeps its own {', '.join(ROLE_LABELS[r] for r in others)} at home")
+        return "; ".join(reasons)
 
     def trains(self, name: str) -> bool:
         return role_of(name) in self.trained

@@ -107,3 +107,26 @@ def test_plan_maps_the_sides_to_the_kinds_roles():
     assert plan("fedsa", "frozen", "vera").sent == {ROLE_LAMBDA_D}
     assert ROLE_PROJECTION in plan("fedavg", "frozen", "vera").frozen
     assert plan("fedavg", "shared", "vera").kind.name == "vera" and plan("fedavg", "shared").method.name == "fedavg"
+
+
+@pytest.mark.parametrize(
+    "method, head, kind, expected",
+    [
+        ("fedavg", "shared", "lora", None),
+        ("ffa", "shared", "lora", None),
+        ("ffa", "frozen", "vera", None),
+        ("fedsa", "shared", "lora",
+         ("FedSA-LoRA keeps each client's B at home, so the global B stays 0 and its adapter adds nothing to the base "
+          "model")),
+        ("fedsa", "local", "vera",
+         ("FedSA-LoRA keeps each client's lambda_b at home, so the global lambda_b stays 0 and its adapter adds "
+          "nothing to the base model; each client keeps its own classifier head, so the global head stays at its "
+          "seeded initialisation")),
+        ("fedavg", "local", "lora",
+         "each client keeps its own classifier head, so the global head stays at its seeded initialisation"),
+    ],
+)
+def test_the_plan_says_when_and_why_the_global_alone_is_no_model(method, head, kind, expected):
+    p = plan(method, head, kind)
+    assert p.global_is_model == (expected is None)
+    assert p.why_global_is_partial() == expected
