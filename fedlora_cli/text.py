@@ -14,15 +14,21 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def fmt_bytes(n: int | None) -> str:
-    """A byte count in B, KB, MB or GB (powers of 1000), '-' for None."""
+def fmt_bytes(n: int | None, compact: bool = False) -> str:
+    """A byte count in B, KB, MB or GB (powers of 1000), '-' for None.
+
+    ``compact`` is for table cells: no space before the unit (a terminal table never breaks the cell there) and
+    no decimal from 100 on, so it takes at most six characters ("99.9KB", "227KB").
+    """
     if n is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1000
-    return str(n)
+    if compact:
+        return f"{n:.0f}{unit}" if unit == "B" or abs(round(n, 1)) >= 100 else f"{n:.1f}{unit}"
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def listed(values: Any, limit: int = 10) -> str:

@@ -10,7 +10,7 @@ import typer
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import JsonOpt, OverwriteOpt
 
-MAX_COUNT_COLUMNS = 10  # label or category values shown as a column each in the partition table
+MAX_COUNT_COLUMNS = 10  # label or category values shown as a column each in the partition table (if it fits)
 
 
 @command(app, "partition")
@@ -102,9 +102,12 @@ def _partition_table(m: dict):
     if len(names) <= MAX_COUNT_COLUMNS:
         rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
         rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])
-        return ui.table(title, ["client", "examples", *names], rows)
+        counts = ui.table(title, ["client", "examples", *names], rows)
+        if ui.fits(counts):
+            return counts
 
-    # Too many categories for a column each: how many each client holds, and its largest share.
+    # Too many categories for a column each (or too wide for the terminal): how many each client holds, and its
+    # largest share.
     def summary(entry: dict) -> list:
         counts = entry["label_counts"]
         return [sum(1 for c in counts if c), f"{max(counts) / max(entry['examples'], 1):.2f}"]

@@ -126,7 +126,8 @@ def train_client_cmd(
         ui.print_json({"path": str(update.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"},
                        "local_loss": local_loss})
         return
-    rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(local_loss), f"{m.seconds:.1f}", ui.fmt_bytes(m.bytes)]]
+    rows = [[m.client_id, m.round, m.num_examples, m.steps, ui.fmt(local_loss), f"{m.seconds:.1f}",
+             ui.fmt_bytes(m.bytes, compact=True)]]
     ui.out.print(ui.table(f"client update {update.path}", ["client", "round", "examples", "steps", "loss", "seconds", "upload"], rows))
     if m.site is not None:
         ui.out.print(f"ran on: {Site(**m.site).describe()}")
@@ -255,17 +256,20 @@ def evaluate_cmd(
     if as_json:
         ui.print_json(metrics)
         return
-    who = f"personalised ({state})" if state else "global"
+    # The paths go in the title, so the row's cells stay short.
+    who = "personalised" if state else "global"
+    title = f"evaluation of {global_checkpoint} (round {metrics['round']})" + (f" with the state {state}" if state else "")
     if metrics["task"] == recipes.TASK_CAUSAL_LM:
-        em = "-" if metrics["exact_match"] is None else f"{ui.fmt(metrics['exact_match'])} ({metrics['scored']})"
-        rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["loss"]), ui.fmt(metrics["perplexity"], 2),
-                 em, metrics["hit_cap"] if metrics["generated"] else "-"]]
-        columns = ["model", "round", "examples", "loss/token", "perplexity", "exact match (n)", "hit token cap"]
+        generated = metrics["generated"]
+        rows = [[who, metrics["examples"], ui.fmt(metrics["loss"]), ui.fmt(metrics["perplexity"], 2),
+                 ui.fmt(metrics["exact_match"]), metrics["scored"] if generated else "-",
+                 metrics["hit_cap"] if generated else "-"]]
+        columns = ["model", "examples", "loss /\ntoken", "perplexity", "exact\nmatch", "scored", "hit\ntoken cap"]
     else:
-        rows = [[who, metrics["round"], metrics["examples"], ui.fmt(metrics["accuracy"]), ui.fmt(metrics["macro_f1"]),
+        rows = [[who, metrics["examples"], ui.fmt(metrics["accuracy"]), ui.fmt(metrics["macro_f1"]),
                  ui.fmt(metrics["loss"])]]
-        columns = ["model", "round", "examples", "accuracy", "macro-F1", "loss"]
-    ui.out.print(ui.table(f"evaluation of {global_checkpoint}", columns, rows))
+        columns = ["model", "examples", "accuracy", "macro-F1", "loss"]
+    ui.out.print(ui.table(title, columns, rows))
     ui.out.print(f"ran on: {Site(**metrics['site']).describe()}")
 
 
@@ -274,16 +278,24 @@ def _show_aggregate(result) -> None:
     from fedlora_cli.cli import ui
 
     m = result.checkpoint.manifest
-    columns = ["client", "examples", "shard", "weight", "update norm", "bytes", "train loss"]
-    rows = [[r.client_id, r.num_examples, r.shard_examples, f"{r.weight:.4f}", f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes), ui.fmt(r.loss)]
-            for r in result.clients]
-    if any(r.rank is not None for r in result.clients) and len({r.rank for r in result.clients}) > 1:
+    clients = result.clients
+    # The shard size is folded into the examples (trained / shard) when some client trained on part of its shard,
+    # and left out otherwise; the training loss is left out when no client sent one (under DP-SGD it stays home).
+    partial = any(r.shard_examples != r.num_examples for r in clients)
+    columns = ["client", "examples\n/ shard" if partial else "examples", "weight", "update\nnorm", "upload"]
+    rows = [[r.client_id, f"{r.num_examples}/{r.shard_examples}" if partial else r.num_examples, f"{r.weight:.4f}",
+             f"{r.update_norm:.4f}", ui.fmt_bytes(r.bytes, compact=True)] for r in clients]
+    if any(r.loss is not None for r in clients):
+        columns.append("train\nloss")
+        for row, r in zip(rows, clients):
+            row.append(ui.fmt(r.loss))
+    if any(r.rank is not None for r in clients) and len({r.rank for r in clients}) > 1:
         columns.append("rank")
-        for row, r in zip(rows, result.clients):
+        for row, r in zip(rows, clients):
             row.append(r.rank)
     if m.aggregation and m.aggregation.get("norm_bound") is not None:
-        columns.append("norm bound")
-        for row, r in zip(rows, result.clients):
+        columns.append("norm\nbound")
+        for row, r in zip(rows, clients):
             row.append(r.bound or "kept")
     title = f"round {m.round} ({result.strategy}) -> {result.checkpoint.path}"
     ui.out.print(ui.table(title, columns, rows))

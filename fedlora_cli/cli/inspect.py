@@ -32,5 +32,15 @@ def inspect_cmd(
     if as_json:
         ui.print_json(data)
         return
-    rows = [[k, v if not isinstance(v, (dict, list)) else f"{len(v)} entries"] for k, v in data.items() if k != "recipe"]
+    rows = [[k, _cell(v)] for k, v in data.items() if k != "recipe"]
     ui.out.print(ui.table(f"{what} {path}", ["field", "value"], rows))
+
+
+def _cell(value) -> str:
+    """A manifest value as a table cell: collections by their size, sha256 digests by their first 16 digits (the
+    whole of each is in --json)."""
+    if isinstance(value, (dict, list)):
+        return f"{len(value)} entries"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:16] + "…"
+    return str(value)

@@ -36,7 +36,7 @@ def simulate_cmd(
 
     Every client trains on one device (--device, or the recipe's training.device); aggregation runs on the CPU.
     """
-    from fedlora_cli import recipe as recipes, storage
+    from fedlora_cli import adapters, recipe as recipes, storage
     from fedlora_cli.cli import plots, ui
     from fedlora_cli.federation import simulate as sim
 
@@ -46,43 +46,82 @@ def simulate_cmd(
     ui.check_plot_path(plot)  # before the federation runs, so a bad path does not fail after the work
     if keep_state_rounds is not None and keep_state_rounds < 1:
         raise FedloraError(f"--keep-state-rounds must be at least 1; got {keep_state_rounds}")
-    rows = sim.simulate(r, run_dir, ui.SimulationReporter(quiet=as_json), overwrite=overwrite,
-                        keep_state_rounds=keep_state_rounds)
+    plan = adapters.plan(r.federation.method, r.federation.head, r.adapter.kind)
+    reporter = ui.SimulationReporter(quiet=as_json, global_is_model=plan.global_is_model)
+    rows = sim.simulate(r, run_dir, reporter, overwrite=overwrite, keep_state_rounds=keep_state_rounds)
     png = plot or storage.RunLayout(run_dir).curves
     score = "exact match" if r.model.task == recipes.TASK_CAUSAL_LM else "test accuracy"
     plots.round_curves(rows, png, f"{r.name}: {r.federation.method}, {r.federation.clients} clients", score)
     if as_json:
         ui.print_json({"run": str(run_dir), "rounds": rows, "plot": str(png)})
         return
-    ui.out.print(_rounds_table(r, rows, run_dir))
+    ui.out.print(_rounds_table(r, plan, rows, run_dir))
+    note = _partial_global_note(r, plan, rows)
+    if note is not None:
+        ui.out.print(note, soft_wrap=False, highlight=False)
     ui.err.print(f"learning curves: {png}")
 
 
-_CAUSAL_COLUMNS = (("test loss", "global_loss"), ("exact match", "global_accuracy"),
-                   ("pers. loss", "personalised_loss"), ("pers. EM", "personalised_accuracy"))
-_CLASSIFICATION_COLUMNS = (("global acc", "global_accuracy"), ("global F1", "global_macro_f1"),
-                           ("pers. acc", "personalised_accuracy"), ("pers. acc (own mix)", "personalised_accuracy_own_mix"))
+# Score columns: (heading, the round row's key), for the global model and for the personalised ones. Headings are
+# two lines so that a full table (DP-SGD and heterogeneous ranks: nine columns) fits 80 columns. A causal LM shows
+# test loss (per response token) and exact match instead of accuracy and macro-F1; "own mix" is each personalised
+# model on the test split reweighted to its client's label mix.
+_CAUSAL_SCORES = {
+    "global": (("test\nloss", "global_loss"), ("exact\nmatch", "global_accuracy")),
+    "personalised": (("pers.\nloss", "personalised_loss"), ("pers.\nEM", "personalised_accuracy")),
+}
+_CLASSIFICATION_SCORES = {
+    "global": (("global\nacc", "global_accuracy"), ("global\nF1", "global_macro_f1")),
+    "personalised": (("pers.\nacc", "personalised_accuracy"), ("own\nmix", "personalised_accuracy_own_mix")),
+}
 
 
-def _rounds_table(r, rows: list[dict], run_dir: Path):
-    """One row per round: the task's scores, upload per client, training seconds (and epsilon under DP)."""
+def _rounds_table(r, plan, rows: list[dict], run_dir: Path):
+    """One row per round: the scores that mean something for the method, upload per client, training seconds
+    (and epsilon under DP).
+
+    When the global checkpoint alone is no model (FedSA's B or a local head stays at home) the personalised
+    scores are the federation's result: they lead, the global's are left out (they stay in --json and
+    RUN/metrics), and :func:`_partial_global_note` says why under the table.
+    """
     from fedlora_cli import recipe as recipes
     from fedlora_cli.cli import ui
 
-    # Each column: its heading and the round row's key. A causal LM shows test loss (per response token) and
-    # exact match instead of accuracy and macro-F1; "own mix" is each personalised model on the test split
-    # reweighted to its client's label mix.
-    scores = _CAUSAL_COLUMNS if r.model.task == recipes.TASK_CAUSAL_LM else _CLASSIFICATION_COLUMNS
-    columns = ["round", "loss", *(heading for heading, _ in scores), "upload", "train s"]
+    causal = r.model.task == recipes.TASK_CAUSAL_LM
+    scores = _CAUSAL_SCORES if causal else _CLASSIFICATION_SCORES
+    groups = ("global", "personalised") if plan.global_is_model else ("personalised",)
+    # A column nobody filled carries nothing (personalised scores of a federation without client state).
+    shown = [(h, key) for group in groups for h, key in scores[group] if any(row[key] is not None for row in rows)]
+    columns = ["round", "train\nloss", *(h for h, _ in shown), "upload", "train\ns"]
     table_rows = [
-        [row["round"], ui.fmt(row["train_loss"]), *(ui.fmt(row[key]) for _, key in scores),
-         ui.fmt_bytes(row["upload_bytes_per_client"]), f"{row['seconds']:.0f}"]
+        [row["round"], ui.fmt(row["train_loss"]), *(ui.fmt(row[key]) for _, key in shown),
+         ui.fmt_bytes(row["upload_bytes_per_client"], compact=True), f"{row['seconds']:.0f}"]
         for row in rows
     ]
     if rows and rows[-1]["epsilon"] is not None:
-        columns.append("max eps")
+        columns.append("max\neps")
         for table_row, row in zip(table_rows, rows):
-            table_row.append(ui.fmt(row["epsilon"], 3))
+            table_row.append(ui.fmt(row["epsilon"], 2))
     f = r.federation
-    what = f"{f.method} with {r.adapter.kind}" + (f", {f.aggregation} aggregation" if f.aggregation != "mean" else "")
-    return ui.table(f"{r.name}: {what}, {f.clients} clients -> {run_dir}", columns, table_rows)
+    what = f"{plan.method.label} ({plan.kind.label})" + (f", {f.aggregation}" if f.aggregation != "mean" else "")
+    title = f"{r.name}: {what}, {f.clients} clients -> {run_dir}"
+    return ui.table(title, columns, table_rows)
+
+
+def _partial_global_note(r, plan, rows: list[dict]) -> str | None:
+    """Why the round table leaves the global checkpoint's scores out, with the figure a reader would miss."""
+    from fedlora_cli import recipe as recipes
+
+    why = plan.why_global_is_partial()
+    if why is None:
+        return None
+    score = "exact match" if r.model.task == recipes.TASK_CAUSAL_LM else "accuracy"
+    values = [row["global_accuracy"] for row in rows if row["global_accuracy"] is not None]
+    if not values:
+        figure = ""
+    elif max(values) == min(values):
+        figure = f" ({score} {values[0]:.4f} in every round)"
+    else:
+        figure = f" ({score} {min(values):.4f} to {max(values):.4f})"
+    return (f"The global checkpoint{figure} is no model on its own: {why}. The personalised scores (the global "
+            "plus each client's own state) are the federation's.")

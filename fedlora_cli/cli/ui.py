@@ -15,7 +15,10 @@ from rich.table import Table
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.text import fmt, fmt_bytes
 
-__all__ = ["SimulationReporter", "check_plot_path", "common_prefix", "err", "fmt", "fmt_bytes", "out", "print_json", "step_progress", "table"]
+__all__ = [
+    "SimulationReporter", "check_plot_path", "common_prefix", "err", "fits", "fmt", "fmt_bytes", "out", "print_json",
+    "step_progress", "table",
+]
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -48,12 +51,22 @@ def common_prefix(names: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    """A table under its title; the first column left-aligned, the rest right.
+
+    Tables are laid out to fit an 80-column terminal: cells hold no spaces a terminal would break them at (units
+    abbreviated, see :func:`fmt_bytes`) and long headings are written on two lines ("train\\nloss").
+    """
     t = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
         t.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         t.add_row(*[str(cell) for cell in row])
     return t
+
+
+def fits(t: Table, width: int | None = None) -> bool:
+    """Whether a table fits ``width`` columns (default: the terminal's) with no cell wrapped."""
+    return Console(width=10_000).measure(t).maximum <= (width or out.width)
 
 
 def _progress() -> Progress:
@@ -93,8 +106,11 @@ def step_progress(description: str) -> Iterator[Callable[..., None]]:
 class SimulationReporter:
     """Renders a running simulation: a line per stage, a bar per client round, a table row per round."""
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, global_is_model: bool = True) -> None:
         self.quiet = quiet
+        # FedSA's B or a local head stays at home: the global checkpoint alone is no model, so its scores (the
+        # base model's, with the shared head if any) are left out of the line.
+        self.global_is_model = global_is_model
         self._bar: Progress | None = None
 
     def stage(self, text: str) -> None:
@@ -120,15 +136,15 @@ class SimulationReporter:
             self._bar = None
 
     def round_done(self, row: dict[str, Any]) -> None:
-        if not self.quiet:
-            err.print(
-                f"[green]round {row['round']}[/] train loss {fmt(row['train_loss'])}, "
-                f"global test loss {row['global_loss']:.4f}"
-                + (f", global accuracy {row['global_accuracy']:.4f}" if row["global_accuracy"] is not None else "")
-                + (
-                    f", personalised {row['personalised_accuracy']:.4f}"
-                    if row["personalised_accuracy"] is not None
-                    else ""
-                )
-                + (f", epsilon spent {row['epsilon']:.3f}" if row.get("epsilon") is not None else "")
-            )
+        if self.quiet:
+            return
+        parts = [f"train loss {fmt(row['train_loss'])}"]
+        if row["personalised_accuracy"] is not None:
+            parts.insert(0, f"personalised accuracy {row['personalised_accuracy']:.4f}")
+        if self.global_is_model:
+            parts.append(f"global test loss {row['global_loss']:.4f}")
+            if row["global_accuracy"] is not None:
+                parts.append(f"global accuracy {row['global_accuracy']:.4f}")
+        if row.get("epsilon") is not None:
+            parts.append(f"epsilon spent {row['epsilon']:.3f}")
+        err.print(f"[green]round {row['round']}:[/] " + ", ".join(parts))

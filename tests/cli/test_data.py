@@ -37,3 +37,16 @@ def test_partition_cli_for_unlabelled_data(tmp_path, math_jsonl):
     refused(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question", "--strategy", "dirichlet",
            "--out", tmp_path / "x"], "data.by")
     refused(["partition", math_jsonl, "--task", "causal-lm", "--out", tmp_path / "y"], "column 'prompt' not in the dataset")
+
+
+def test_the_partition_table_falls_back_to_a_summary_when_a_column_per_label_is_too_wide(tmp_path):
+    import pandas as pd
+
+    labels = [f"a-rather-long-label-{k}" for k in range(6)]  # six columns of 22 characters: wider than 80
+    pd.DataFrame({"text": [f"text {i}" for i in range(120)], "label": [labels[i % 6] for i in range(120)]}).to_csv(
+        tmp_path / "many.csv", index=False)
+    wide = ok(["partition", tmp_path / "many.csv", "-n", "2", "--out", tmp_path / "p"])
+    assert "label values" in wide and labels[0] not in wide
+    assert max(len(line) for line in wide.splitlines() if line[0] in "┏┃┡│└") <= 80  # the title may be longer
+    few = ok(["partition", tmp_path / "many.csv", "-n", "2", "--labels", ",".join(labels[:2]), "--out", tmp_path / "q"])
+    assert labels[0] in few and labels[1] in few  # two of them fit: a column each

@@ -70,8 +70,10 @@ def test_a_federation_by_hand(tmp_path, tiny_model_dir, reviews_csv):
     _, macro_f1 = metrics_by_hand(tmp_path / "g2", data, tmp_path / "client-1")
     assert g["accuracy"] == pytest.approx(accuracy) and p["macro_f1"] == pytest.approx(macro_f1)
     table = ok(["aggregate", tmp_path / "g1", *[tmp_path / f"u2-{k}" for k in range(3)], "--out", tmp_path / "again"])
-    assert "update norm" in table
-    assert "global checkpoint" in ok(["inspect", tmp_path / "g2"])
+    assert "update" in table and "norm" in table and "shard" in table  # 3 steps of 8: part of each shard
+    shown = ok(["inspect", tmp_path / "g2"])
+    digest = storage.read_global(tmp_path / "g2").manifest.digest
+    assert "global checkpoint" in shown and f"{digest[:16]}…" in shown and digest not in shown  # fits 80 columns
 
 
 @pytest.mark.parametrize("method", ["ffa", "fedsa"])
@@ -95,7 +97,8 @@ def test_a_causal_federation_round_by_hand(method, tmp_path, tiny_causal_dir, ma
     assert {"loss", "perplexity", "exact_match", "hit_cap"} <= set(g)
     table = ok(["evaluate", tmp_path / "g1", "--data", data, "--state", tmp_path / "client-0",
                 "--max-new-tokens", "4", "--generate-examples", "3"])
-    assert "exact" in table and "(3)" in table  # 3 generations scored
+    row = next(line for line in table.splitlines() if "personalised" in line)
+    assert "exact" in table and row.split("│")[6].strip() == "3"  # 3 generations scored
     refused(["evaluate", tmp_path / "g1", "--data", data, "--answer", "regex"], "evaluation.answer")
 
 

@@ -1,14 +1,19 @@
-"""fedlora_cli.cli.simulate: the simulate command: its round table, JSON and plots, and --overwrite's refusal."""
+"""fedlora_cli.cli.simulate: the simulate command: its round table (fitting 80 columns, showing what means
+something for the method), JSON and plots, and --overwrite's refusal."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import yaml
-from conftest import recipe_dict
+from conftest import QuietReporter, recipe_dict
+from rich.console import Console
 
 from cli.helpers import fails, ok
+from fedlora_cli import adapters
+from fedlora_cli.cli.simulate import _partial_global_note, _rounds_table
 from fedlora_cli.federation import simulate
 
 
@@ -16,7 +21,8 @@ def test_simulate_cli_prints_the_round_table(tmp_path, tiny_model_dir, reviews_c
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv, method="fedsa")))
     out = ok(["simulate", recipe, "--out", tmp_path / "run", "--rounds", "1"])
-    assert "global" in out and "upload" in out and "│ 1 " in out
+    assert "pers." in out and "upload" in out and "│ 1 " in out
+    assert "no model on its own" in " ".join(out.split())  # FedSA-LoRA: the note on the global checkpoint
     data = json.loads(ok(["simulate", recipe, "--out", tmp_path / "run", "--rounds", "1", "--json",
                           "--plot", tmp_path / "figures" / "curves.png"]))
     rows = data["rounds"]
@@ -50,3 +56,67 @@ def test_simulate_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_mo
     (precious / "chapter-1.tex").write_text("...")
     fails(["simulate", path, "--out", precious, "--overwrite"], "not a fedlora simulate run")
     assert (precious / "chapter-1.tex").read_text() == "..."
+
+
+def rendered(renderable, width: int = 80) -> list[str]:
+    """The lines a terminal ``width`` columns wide shows."""
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+def table_of(recipe, rows, width: int = 80) -> tuple[list[str], list[str]]:
+    """The round table's lines at ``width``, and those of its body: one per row unless a cell wrapped."""
+    plan = adapters.plan(recipe.federation.method, recipe.federation.head, recipe.adapter.kind)
+    lines = rendered(_rounds_table(recipe, plan, rows, "runs/quickstart"), width)
+    return lines, [line for line in lines if line.startswith("│")]
+
+
+def test_a_quickstart_shaped_round_table_fits_80_columns(make_recipe, cached_federation):
+    recipe = make_recipe("ffa")  # the quickstart's method and head policy
+    rows = simulate.simulate(recipe, cached_federation(recipe).root, QuietReporter())  # resumes: writes nothing
+    # The quickstart's sizes: 226.9 KB uploaded per client per round (it once wrapped over two lines), minutes of
+    # training, three rounds.
+    rows = [{**row, "round": k, "upload_bytes_per_client": 226_944, "seconds": 412.3} for k, row in
+            enumerate(rows + rows[-1:], start=1)]
+    lines, body = table_of(recipe, rows)
+    assert len(body) == len(rows)  # no cell wrapped
+    assert max(len(line) for line in lines) <= 80
+    assert [cell.strip() for cell in body[0].split("│")[1:-1]] == [
+        "1", f"{rows[0]['train_loss']:.4f}", f"{rows[0]['global_accuracy']:.4f}", f"{rows[0]['global_macro_f1']:.4f}",
+        "227KB", "412",
+    ]
+    # FFA-LoRA keeps nothing at home: no personalised column (it would be empty), no note.
+    assert "pers." not in "\n".join(lines) and _partial_global_note(recipe, adapters.plan("ffa", "shared"), rows) is None
+    # Wider, the same table: nothing is cut off or spread out.
+    assert table_of(recipe, rows, 200)[1] == body
+
+
+def test_the_fullest_round_table_fits_80_columns(strategy_recipe):
+    # Global and personalised scores (clients of lower rank), DP-SGD's epsilon, three-digit seconds: nine columns.
+    recipe = strategy_recipe("fedavg", client_ranks={"client-0": 2}, aggregation="svd")
+    row = {"train_loss": 0.6931, "global_accuracy": 0.8123, "global_macro_f1": 0.8011, "global_loss": 0.41,
+           "personalised_accuracy": 0.8523, "personalised_accuracy_own_mix": 0.8611, "personalised_loss": 0.38,
+           "upload_bytes_per_client": 99_949, "seconds": 1234.0, "epsilon": 12.345}
+    rows = [{**row, "round": k} for k in range(1, 11)]
+    lines, body = table_of(recipe, rows)
+    assert len(body) == 10 and max(len(line) for line in lines) <= 80
+    assert [cell.strip() for cell in body[-1].split("│")[1:-1]] == [
+        "10", "0.6931", "0.8123", "0.8011", "0.8523", "0.8611", "99.9KB", "1234", "12.35"
+    ]
+
+
+def test_a_fedsa_round_table_leads_with_the_personalised_scores_and_says_why(make_recipe, cached_federation):
+    recipe = make_recipe("fedsa")
+    rows = simulate.simulate(recipe, cached_federation(recipe).root, QuietReporter())
+    lines, body = table_of(recipe, rows)
+    header = "\n".join(lines[: lines.index(next(line for line in lines if line.startswith("┡")))])
+    assert "pers." in header and "own" in header and "global" not in header
+    assert [cell.strip() for cell in body[0].split("│")[1:-1]][2:4] == [
+        f"{rows[0]['personalised_accuracy']:.4f}", f"{rows[0]['personalised_accuracy_own_mix']:.4f}"
+    ]
+    note = _partial_global_note(recipe, adapters.plan("fedsa", "shared"), rows)
+    assert "the global B stays 0" in note and "no model on its own" in note
+    accuracies = sorted(row["global_accuracy"] for row in rows)
+    assert (f"accuracy {accuracies[0]:.4f} in every round" if accuracies[0] == accuracies[-1]
+            else f"accuracy {accuracies[0]:.4f} to {accuracies[-1]:.4f}") in note
