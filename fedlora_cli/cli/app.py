@@ -34,9 +34,12 @@ app.add_typer(privacy_app, name="privacy")
 
 
 def _fail(message: str) -> None:
+    from rich.markup import escape
+
     from fedlora_cli.cli import ui
 
-    ui.err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: a message may hold square brackets that are not markup (pip install 'fedlora[mlflow]').
+    ui.err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def command(target: typer.Typer, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
