@@ -9,6 +9,9 @@ A recipe has six sections, read top to bottom in the order the work happens::
     training:   the local optimisation each client runs in a round
     evaluation: what ``evaluate`` measures beyond loss (causal-lm: generation and exact match)
 
+and optional sections that switch something on: ``privacy`` (DP-SGD at every client), ``server_privacy``
+(DP-FedAvg at the coordinator) and ``tracking`` (experiment trackers).
+
 The task is one axis the rest of fedlora dispatches on: how a shard is read and encoded (:mod:`data`), which
 model class is built (:mod:`modeling`), and which metrics are computed (:mod:`evaluation`). A few defaults
 depend on it (:data:`TASK_DEFAULTS`): a causal LM adapts the attention projections and has no task head.
@@ -22,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlora_cli import adapters, aggregation
+from fedlora_cli import adapters, aggregation, tracking
 from fedlora_cli.aggregation import norm_bound
 
 # The choices of the keys whose values are objects elsewhere (adapter kinds, methods, strategies) are read from
@@ -54,6 +57,7 @@ WEIGHTINGS = ("examples", "shard", "uniform")
 SAMPLINGS = ("fixed", "poisson")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
+TRACKERS = tuple(tracking.BACKENDS)
 # How a site loads and runs the model (fedlora_cli.model.site): precision, quantisation, device and memory.
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -370,6 +374,19 @@ class ServerPrivacySection:
 
 
 @dataclass
+class TrackingSection:
+    """Experiment trackers (see :mod:`fedlora_cli.tracking`). Like the site settings, not part of the recipe's
+    digest: each command and site may choose its own (``--report-to``), whatever the recipe says."""
+
+    report_to: list[str] = _help(
+        "Trackers that simulate, train-client, aggregate and evaluate log to: any of 'tensorboard', 'mlflow', "
+        "'wandb' (offline modes only: files under the run's tracking/ folder; each needs its extra, e.g. "
+        "pip install 'fedlora[tensorboard]'). --report-to overrides it ('none' for none).",
+        default_factory=list,
+    )
+
+
+@dataclass
 class Recipe:
     model: ModelSection
     data: DataSection = field(default_factory=DataSection)
@@ -379,15 +396,17 @@ class Recipe:
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     privacy: PrivacySection | None = None
     server_privacy: ServerPrivacySection | None = None
+    tracking: TrackingSection | None = None
     name: str = "federation"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON form without the site settings (:data:`SITE_KEYS`); identifies the
-        federation's recipe in checkpoint manifests, however each site runs it."""
+        """sha256 of the canonical JSON form without the site settings (:data:`SITE_KEYS`) and the trackers;
+        identifies the federation's recipe in checkpoint manifests, however each site runs and watches it."""
         content = self.to_dict()
+        content.pop("tracking")
         for key in SITE_KEYS:
             section, name = key.split(".", 1)
             content[section].pop(name)
@@ -404,6 +423,7 @@ _SECTIONS = {
     "evaluation": EvaluationSection,
     "privacy": PrivacySection,
     "server_privacy": ServerPrivacySection,
+    "tracking": TrackingSection,
 }
 # Sections that are absent (None) unless the recipe writes them.
-_OPTIONAL_SECTIONS = ("privacy", "server_privacy")
+_OPTIONAL_SECTIONS = ("privacy", "server_privacy", "tracking")

@@ -16,9 +16,9 @@ from fedlora_cli.aggregation.norm_bound import ACTIONS as NORM_BOUND_ACTIONS
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import (
     ACCOUNTANTS, ANSWER_EXTRACTORS, COMPUTE_DTYPES, DEVICES, DTYPES, MIXED_PRECISIONS, OPTIMIZERS, QUANT_TYPES,
-    QUANTIZATIONS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS,
+    QUANTIZATIONS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS, TRACKERS,
     VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection, ModelSection,
-    PrivacySection, Recipe, ServerPrivacySection, TrainingSection,
+    PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
 )
 from fedlora_cli.storage.checkpoints import valid_client_id
 
@@ -64,6 +64,8 @@ def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_cl
         _privacy(c, recipe.privacy, recipe.adapter, recipe.training)
     if recipe.server_privacy is not None:
         _server_privacy(c, recipe.server_privacy, recipe.federation)
+    if recipe.tracking is not None:
+        _tracking(c, recipe.tracking)
     return recipe
 
 
@@ -324,3 +326,9 @@ def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -
     c.require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")
     c.require(0 < sp.delta < 1, "server_privacy.delta", "must be between 0 and 1")
     c.require(sp.target_epsilon is None or sp.target_epsilon > 0, "server_privacy.target_epsilon", "must be > 0")
+
+
+def _tracking(c: _Check, t: TrackingSection) -> None:
+    for name in t.report_to:
+        c.one_of(name, "tracking.report_to", TRACKERS)
+    c.require(len(set(t.report_to)) == len(t.report_to), "tracking.report_to", "must not name a tracker twice")

@@ -13,14 +13,14 @@ from fedlora_cli.storage.files import (
 )
 from fedlora_cli.storage.manifests import FORMAT_VERSION, GlobalManifest, StateManifest, UpdateManifest
 from fedlora_cli.storage.run_layout import (
-    CLIENTS_DIR, CURVES_PNG, DATA_DIR, GLOBAL_DIR, METRICS_DIR, RECIPE_FILE, UPDATES_DIR, RunLayout,
+    CLIENTS_DIR, CURVES_PNG, DATA_DIR, GLOBAL_DIR, METRICS_DIR, RECIPE_FILE, TRACKING_DIR, UPDATES_DIR, RunLayout,
 )
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CLIENTS_DIR", "CORRECTION_TENSORS", "CURVES_PNG", "ClientState",
     "ClientUpdate", "DATA_DIR", "DIGEST_ALGORITHM", "FORMAT_VERSION", "GLOBAL_DIR", "GLOBAL_MANIFEST",
     "GlobalCheckpoint", "GlobalManifest", "METRICS_DIR", "RECIPE_FILE", "RunLayout", "SERVER_STATE_TENSORS", "STATE_MANIFEST",
-    "STATE_TENSORS", "StateManifest",
+    "STATE_TENSORS", "StateManifest", "TRACKING_DIR",
     "UPDATES_DIR", "UPDATE_MANIFEST", "UPDATE_TENSORS", "UpdateManifest", "atomic_dir", "atomic_file",
     "check_client_id", "combined_digest", "digest_algorithm", "digest_matches", "global_digest", "latest_state",
     "prune_states", "load_tensors", "load_verified", "read_global",

@@ -8,6 +8,7 @@
       updates/round-001/client-0/     client updates of round 1
       clients/client-0/round-001/     client state (never sent)
       metrics/round-001.json          evaluation of each round
+      tracking/                       experiment trackers' files (simulate --report-to; see fedlora_cli.tracking)
 
 One class answers where each thing lives, for simulate, export and the privacy report alike.
 """
@@ -26,6 +27,8 @@ UPDATES_DIR = "updates"
 CLIENTS_DIR = "clients"
 METRICS_DIR = "metrics"
 CURVES_PNG = "rounds.png"
+# Experiment trackers' files: in a run folder, and in a client's state folder for train-client's own tracking.
+TRACKING_DIR = "tracking"
 
 
 @dataclass
@@ -71,6 +74,11 @@ class RunLayout:
 
     def metrics(self, round_: int) -> Path:
         return self.root / METRICS_DIR / f"{round_dirname(round_)}.json"
+
+    @property
+    def tracking(self) -> Path:
+        """The experiment trackers' files (``--report-to``) and the run's tracking identity."""
+        return self.root / TRACKING_DIR
 
     @property
     def curves(self) -> Path:

@@ -176,3 +176,10 @@ def test_participation_settings_are_validated_by_key(tiny_model_dir, reviews_csv
     raw.update(extra)
     with pytest.raises(FedloraError, match=needle):
         recipes.from_dict(raw)
+
+
+def test_tracking_names_known_trackers_once():
+    with pytest.raises(FedloraError, match="tracking.report_to' must be one of tensorboard, mlflow, wandb; got 'tb'"):
+        recipes.from_dict({**base(), "tracking": {"report_to": ["tb"]}})
+    with pytest.raises(FedloraError, match="tracking.report_to' must not name a tracker twice"):
+        recipes.from_dict({**base(), "tracking": {"report_to": "mlflow,mlflow"}})
