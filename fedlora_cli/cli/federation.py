@@ -10,7 +10,7 @@ import typer
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import (
     SITE_DATA, AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, JsonOpt, MixedPrecisionOpt,
-    OverwriteOpt, QuantizationOpt, SetOpt, SplitOpt, site_settings,
+    OverwriteOpt, QuantizationOpt, ReportToOpt, SetOpt, SplitOpt, TrackingDirOpt, site_settings,
 )
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import Site
@@ -97,31 +97,41 @@ def train_client_cmd(
     mixed_precision: MixedPrecisionOpt = None,
     gradient_checkpointing: CheckpointingOpt = None,
     accumulation_steps: AccumulationOpt = None,
+    report_to: ReportToOpt = None,
+    tracking_dir: TrackingDirOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train this client for one round; write the client update (sent) and the client state (kept).
 
     How this site runs the model (device, base precision, a 4-bit or 8-bit base, memory) is its own choice:
-    the options override the recipe's site settings and other sites may choose differently.
+    the options override the recipe's site settings and other sites may choose differently. So is tracking:
+    --report-to logs this client's loss per step and its round (upload, epsilon) to its own trackers, in its state
+    folder; under DP-SGD too, since that loss is what this client sees anyway.
 
     Example: [cyan]fedlora train-client global/round-002 --data our-reviews.csv --state state --out update[/]
     """
     from dataclasses import asdict
 
-    from fedlora_cli import federation
+    from fedlora_cli import federation, tracking
     from fedlora_cli.cli import ui
 
+    g = federation.Global.of(global_checkpoint)
+    trackers = tracking.resolve(report_to, g.recipe)
     cid = client_id or state.resolve().name
-    with ui.step_progress(f"training {cid}") as progress:
+    round_ = g.manifest.round + 1
+    with tracking.open_run(trackers, state, g.recipe.name, tracking_dir) as tracked, \
+            ui.step_progress(f"training {cid}") as progress:
         written = federation.train_client(
-            global_checkpoint, data, state, out, cid, base_override=base_model, progress=progress, overwrite=overwrite,
+            g, data, state, out, cid, base_override=base_model, overwrite=overwrite,
+            progress=tracking.step_logger(tracked.log_metrics, cid, round_, progress),
             site=site_settings(device, dtype, quantization, mixed_precision, gradient_checkpointing, accumulation_steps),
             split=split,
         )
+        # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
+        local_loss = written.state.manifest.loss
+        tracked.log_metrics(round_, tracking.client_round_metrics(written.update.manifest, local_loss))
     update, m = written.update, written.update.manifest
-    # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
-    local_loss = written.state.manifest.loss
     if as_json:
         ui.print_json({"path": str(update.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"},
                        "local_loss": local_loss})
@@ -167,6 +177,8 @@ def aggregate_cmd(
         Optional[Path],
         typer.Option(help="DP-FedAvg: the coordinator's ledger of releases [default: dp-fedavg-ledger-*.json beside GLOBAL_CHECKPOINT]."),
     ] = None,
+    report_to: ReportToOpt = None,
+    tracking_dir: TrackingDirOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -175,25 +187,31 @@ def aggregate_cmd(
     --strategy svd or exact also reports, per layer, how far averaging A and B apart would have been from
     the weighted mean of the products B_k A_k. With --dp-clip and --dp-noise (or a server_privacy recipe
     section) it runs DP-FedAvg and reports the client-level epsilon spent so far, counting every release
-    recorded in the coordinator's ledger (a round aggregated twice counts twice).
+    recorded in the coordinator's ledger (a round aggregated twice counts twice). --report-to logs each client's
+    weight, update norm, upload and training loss (none from a DP-SGD client: its update carries none) and the
+    DP-FedAvg epsilon, in the run the global checkpoints belong to.
 
     Example: [cyan]fedlora aggregate global/round-002 updates/round-003/* --out global/round-003 --strategy median[/]
     """
     from dataclasses import asdict
 
-    from fedlora_cli import federation, recipe as recipes
+    from fedlora_cli import federation, recipe as recipes, tracking
     from fedlora_cli.cli import ui
 
     if (dp_clip is None) != (dp_noise is None):
         raise FedloraError("--dp-clip and --dp-noise go together")
     # Validated with the recipe it joins, like the other overrides.
     server_privacy = None if dp_clip is None else recipes.ServerPrivacySection(dp_clip, dp_noise, dp_delta)
+    g = federation.Global.of(global_checkpoint)
+    trackers = tracking.resolve(report_to, g.recipe)
     with ui.err.status("aggregating"):
         result = federation.aggregate_round(
-            global_checkpoint, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
+            g, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
             strategy=strategy, norm_bound=norm_bound, norm_bound_action=norm_bound_action, trim_fraction=trim_fraction,
             server_ledger=server_ledger,
         )
+    with tracking.open_run(trackers, tracking.coordinator_home(global_checkpoint), g.recipe.name, tracking_dir) as tracked:
+        tracked.log_metrics(result.checkpoint.manifest.round, tracking.aggregate_metrics(result))
     if as_json:
         m = result.checkpoint.manifest
         ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
@@ -226,19 +244,24 @@ def evaluate_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantization: QuantizationOpt = None,
+    report_to: ReportToOpt = None,
+    tracking_dir: TrackingDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Metrics of the global model, or personalised for one client (global + its state).
 
     sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and perplexity per response token,
-    and with an answer extractor, exact match of greedy generations.
+    and with an answer extractor, exact match of greedy generations. --report-to logs them at the checkpoint's
+    round, under simulate's names (round/global_accuracy, ...): in the global checkpoints' run, or with --state
+    in the client's.
     """
     import dataclasses
 
-    from fedlora_cli import federation, recipe as recipes
+    from fedlora_cli import federation, recipe as recipes, tracking
     from fedlora_cli.cli import ui
 
     g = federation.Global.of(global_checkpoint)
+    trackers = tracking.resolve(report_to, g.recipe)
     settings = None
     overrides = {"max_new_tokens": max_new_tokens, "generate_examples": generate_examples, "answer": answer}
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -253,6 +276,9 @@ def evaluate_cmd(
             progress=lambda done, total: progress(done, total), settings=settings, split=split,
             site=site_settings(device, dtype, quantization),
         )
+    home = state if state is not None else tracking.coordinator_home(global_checkpoint)
+    with tracking.open_run(trackers, home, g.recipe.name, tracking_dir) as tracked:
+        tracked.log_metrics(metrics["round"], tracking.evaluation_metrics(metrics))
     if as_json:
         ui.print_json(metrics)
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -67,4 +68,18 @@ SplitOpt = Annotated[
     typer.Option(
         "--split", help="Split of a Hub dataset or DatasetDict folder given as --data; default: the recipe's data.split."
     ),
+]
+
+
+# Experiment tracking (fedlora_cli.tracking): offline trackers; default: the recipe's tracking.report_to.
+ReportToOpt = Annotated[
+    Optional[str],
+    typer.Option("--report-to", help="Log metrics to these trackers, comma-separated: tensorboard, mlflow, wandb "
+                                     "(offline: files in the run's tracking/ folder), or none; default: the "
+                                     "recipe's tracking.report_to."),
+]
+TrackingDirOpt = Annotated[
+    Optional[Path],
+    typer.Option("--tracking-dir", help="Where the trackers write their files; default: the run's tracking/ folder "
+                                        "(the run folder, or the client's state folder)."),
 ]

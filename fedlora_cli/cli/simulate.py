@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
-from fedlora_cli.cli.options import DeviceOpt, JsonOpt, SetOpt
+from fedlora_cli.cli.options import DeviceOpt, JsonOpt, ReportToOpt, SetOpt, TrackingDirOpt
 from fedlora_cli.errors import FedloraError
 
 
@@ -30,13 +30,17 @@ def simulate_cmd(
                           "checkpoint and the client updates per round); default: keep all."),
     ] = None,
     device: DeviceOpt = None,
+    report_to: ReportToOpt = None,
+    tracking_dir: TrackingDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a whole federation on this machine; re-running resumes after the last completed step.
 
     Every client trains on one device (--device, or the recipe's training.device); aggregation runs on the CPU.
+    With --report-to, each round's scores, upload and epsilon, and each client's training loss per step (not
+    under DP-SGD: that stays with the client), go to the trackers; a resumed run continues the same tracker run.
     """
-    from fedlora_cli import adapters, recipe as recipes, storage
+    from fedlora_cli import adapters, recipe as recipes, storage, tracking
     from fedlora_cli.cli import plots, ui
     from fedlora_cli.federation import simulate as sim
 
@@ -46,9 +50,12 @@ def simulate_cmd(
     ui.check_plot_path(plot)  # before the federation runs, so a bad path does not fail after the work
     if keep_state_rounds is not None and keep_state_rounds < 1:
         raise FedloraError(f"--keep-state-rounds must be at least 1; got {keep_state_rounds}")
+    trackers = tracking.resolve(report_to, r)  # an unknown or missing tracker fails before the work
     plan = adapters.plan(r.federation.method, r.federation.head, r.adapter.kind)
     reporter = ui.SimulationReporter(quiet=as_json, global_is_model=plan.global_is_model)
-    rows = sim.simulate(r, run_dir, reporter, overwrite=overwrite, keep_state_rounds=keep_state_rounds)
+    with tracking.open_run(trackers, run_dir, r.name, tracking_dir) as tracked:
+        reporter = tracking.SimulationTracker(reporter, tracked, private=r.privacy is not None)
+        rows = sim.simulate(r, run_dir, reporter, overwrite=overwrite, keep_state_rounds=keep_state_rounds)
     png = plot or storage.RunLayout(run_dir).curves
     score = "exact match" if r.model.task == recipes.TASK_CAUSAL_LM else "test accuracy"
     plots.round_curves(rows, png, f"{r.name}: {r.federation.method}, {r.federation.clients} clients", score)
@@ -60,6 +67,8 @@ def simulate_cmd(
     if note is not None:
         ui.out.print(note, soft_wrap=False, highlight=False)
     ui.err.print(f"learning curves: {png}")
+    if trackers:
+        ui.err.print(f"tracking ({', '.join(trackers)}): {tracked.directory}")
 
 
 # Score columns: (heading, the round row's key), for the global model and for the personalised ones. Headings are

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import pytest
 import yaml
-from conftest import QuietReporter, recipe_dict
+from conftest import QuietReporter, private_recipe, recipe_dict
 from rich.console import Console
 
 from cli.helpers import fails, ok
 from fedlora_cli import adapters
 from fedlora_cli.cli.simulate import _partial_global_note, _rounds_table
 from fedlora_cli.federation import simulate
+from tracking.helpers import mlflow_history, mlflow_runs, tensorboard_scalars, wandb_history
 
 
 def test_simulate_cli_prints_the_round_table(tmp_path, tiny_model_dir, reviews_csv):
@@ -120,3 +122,84 @@ def test_a_fedsa_round_table_leads_with_the_personalised_scores_and_says_why(mak
     accuracies = sorted(row["global_accuracy"] for row in rows)
     assert (f"accuracy {accuracies[0]:.4f} in every round" if accuracies[0] == accuracies[-1]
             else f"accuracy {accuracies[0]:.4f} to {accuracies[-1]:.4f}") in note
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tracking (--report-to, the recipe's tracking section)
+
+
+def test_simulate_logs_to_every_tracker_what_json_reports(tmp_path, tiny_model_dir, reviews_csv):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv, method="fedsa")))
+    run = tmp_path / "run"
+    args = ["simulate", recipe, "--out", run, "--report-to", "tensorboard,mlflow,wandb", "--json"]
+    rows = json.loads(ok(args))["rounds"]  # and nothing but JSON on stdout
+    tracked = run / "tracking"
+    scalars = tensorboard_scalars(tracked / "tensorboard" / "tiny-fedsa" / "run")
+    history = mlflow_history(tracked / "mlflow", "tiny-fedsa")
+    _, wandb_rows = wandb_history(tracked / "wandb")
+    wandb_rounds = [r for r in wandb_rows if "round" in r]
+    for key in ("global_accuracy", "personalised_accuracy", "personalised_accuracy_own_mix", "train_loss",
+                "upload_bytes_per_client"):
+        expected = [(row["round"], pytest.approx(row[key], rel=1e-6)) for row in rows]  # TensorBoard keeps float32
+        assert scalars[f"round/{key}"] == expected and history[f"round/{key}"] == expected, key
+        assert [(r["round"], r[f"round/{key}"]) for r in wandb_rounds] == expected, key
+    # Each client's training loss per step, on one axis across the rounds (3 steps a round).
+    for cid in ("client-0", "client-1", "client-2"):
+        assert [step for step, _ in scalars[f"step/{cid}/train_loss"]] == [1, 2, 3, 4, 5, 6]
+    # The run again (nothing left to do) continues the same tracker runs and logs nothing twice.
+    ok(args)
+    assert mlflow_history(tracked / "mlflow", "tiny-fedsa") == history
+    assert tensorboard_scalars(tracked / "tensorboard" / "tiny-fedsa" / "run") == scalars
+    # evaluate logs under the same names, in the run the global checkpoint belongs to (here into another store).
+    metrics = json.loads(ok(["evaluate", run / "global" / "round-002", "--data", run / "data", "--json",
+                             "--report-to", "mlflow", "--tracking-dir", tmp_path / "elsewhere"]))
+    assert mlflow_history(tmp_path / "elsewhere" / "mlflow", "tiny-fedsa")["round/global_accuracy"] == [
+        (2, pytest.approx(metrics["accuracy"]))] == [(2, pytest.approx(rows[1]["global_accuracy"]))]
+    (_, (first,)), (_, (second,)) = mlflow_runs(tracked / "mlflow", "tiny-fedsa"), mlflow_runs(
+        tmp_path / "elsewhere" / "mlflow", "tiny-fedsa")
+    assert first.data.tags["fedlora.run_id"] == second.data.tags["fedlora.run_id"]  # one fedlora run
+
+
+def test_a_dp_run_logs_no_client_loss_at_the_coordinator(tmp_path, tiny_model_dir, reviews_csv):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    raw["federation"]["rounds"] = 1
+    raw["tracking"] = {"report_to": ["tensorboard", "mlflow"]}  # the recipe asks; no --report-to
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    (row,) = json.loads(ok(["simulate", recipe, "--out", run, "--json"]))["rounds"]
+    scalars = tensorboard_scalars(run / "tracking" / "tensorboard" / "tiny-ffa" / "run")
+    history = mlflow_history(run / "tracking" / "mlflow", "tiny-ffa")
+    assert row["train_loss"] is not None  # the simulation's own table reads it from the client states...
+    for keys in (scalars, history):  # ... its trackers, the coordinator's view, hold no client's loss
+        assert not [key for key in keys if "loss" in key and "global" not in key]
+        assert keys["round/epsilon"] == [(1, pytest.approx(row["epsilon"]))]
+    # The coordinator by hand (the recipe in the global checkpoint asks for the trackers): no loss either, and the
+    # table leaves the empty column out.
+    table = ok(["aggregate", run / "global" / "round-000", *sorted((run / "updates" / "round-001").iterdir()),
+                "--out", tmp_path / "again"])
+    assert "weight" in table and "loss" not in table
+    scalars = tensorboard_scalars(run / "tracking" / "tensorboard" / "tiny-ffa" / "run")
+    assert "round/client-0/weight" in scalars and not [key for key in scalars if "train_loss" in key]
+    # A client tracks its own loss, in its own state folder: that is what it sees anyway.
+    state = tmp_path / "client-0"
+    shutil.copytree(run / "clients" / "client-0", state)
+    ok(["train-client", run / "global" / "round-001", "--data", run / "data" / "client-0.parquet", "--state", state,
+        "--out", tmp_path / "update", "--report-to", "tensorboard"])
+    own = tensorboard_scalars(state / "tracking" / "tensorboard" / "tiny-ffa" / "client-0")
+    assert [step for step, _ in own["step/client-0/train_loss"]] == [4, 5, 6]  # its second round
+    assert own["round/client-0/epsilon"][0][0] == 2
+
+
+def test_a_missing_tracker_package_fails_before_any_work(tmp_path, tiny_model_dir, reviews_csv, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv)))
+    fails(["simulate", recipe, "--out", tmp_path / "run", "--report-to", "tensorboard,mlflow"],
+          "tracker 'mlflow' needs the mlflow-skinny package", "pip install 'fedlora[mlflow]'")
+    fails(["simulate", recipe, "--out", tmp_path / "run", "--report-to", "tensorbored"], "unknown tracker 'tensorbored'")
+    assert not (tmp_path / "run").exists()
