@@ -63,13 +63,22 @@ def init(
 
 
 def task_labels(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> tuple[list[str] | None, int | None]:
-    """Label names and number of classes of a sequence-classification federation; (None, None) for causal-lm."""
+    """Label names and number of classes of a sequence-classification federation; (None, None) for causal-lm.
+
+    Without a partition the recipe's ``data.labels`` name them (partition numbers labels in that order), so a
+    coordinator that never sees the sites' data (the Flower server app) can write round 0.
+    """
     if recipe.model.task == recipes.TASK_CAUSAL_LM:
         return None, None
-    label_names = partition["label_names"] if partition is not None else None
+    if partition is not None:
+        label_names = partition["label_names"]
+    else:
+        label_names = [str(name) for name in recipe.data.labels] if recipe.data.labels else None
     num_labels = recipe.model.num_labels or (len(label_names) if label_names else None)
     if num_labels is None:
-        raise FedloraError("the number of labels is unknown: set model.num_labels or pass a partition folder")
+        raise FedloraError(
+            "the number of labels is unknown: set model.num_labels or data.labels, or pass a partition folder"
+        )
     if label_names is not None and len(label_names) != num_labels:
         raise FedloraError(f"model.num_labels is {num_labels} but the partition has {len(label_names)} labels")
     return label_names, num_labels

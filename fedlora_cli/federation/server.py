@@ -203,6 +203,19 @@ def read_updates(g: Global, recipe: recipes.Recipe, update_dirs: Sequence[Path])
     return updates
 
 
+def check_update(global_checkpoint: Path | Global, update_dir: Path) -> storage.ClientUpdate:
+    """One client update checked in full against the global checkpoint, as :func:`aggregate_round` checks each:
+    its manifest, its tensors' names, dtypes and shapes, finite values and digests.
+
+    For a coordinator that receives updates one at a time (the Flower server app), so a bad one is refused by name
+    while the round goes on with the others.
+    """
+    g = Global.of(global_checkpoint)
+    (update,) = read_updates(g, g.recipe, [update_dir])
+    _load_checked(update)
+    return update
+
+
 def _expected_tensors(
     header: dict[str, tuple[str, tuple[int, ...]]], g: Global, rank: int
 ) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -35,7 +35,7 @@ class Reporter(Protocol):
     def round_done(self, row: dict[str, Any]) -> None: ...
 
 
-def _prepare(recipe: recipes.Recipe, layout: RunLayout) -> None:
+def pin_recipe(recipe: recipes.Recipe, layout: RunLayout) -> None:
     """Pin the run folder to this recipe: a resumed run must be the same federation."""
     layout.root.mkdir(parents=True, exist_ok=True)
     recipe_file = layout.root / RECIPE_FILE
@@ -153,7 +153,7 @@ def _start(recipe: recipes.Recipe, layout: RunLayout, overwrite: bool) -> None:
         if any(layout.root.iterdir()) and not (layout.root / RECIPE_FILE).is_file():
             raise FedloraError(f"{layout.root} is not a fedlora simulate run (no {RECIPE_FILE}); not overwriting it")
         shutil.rmtree(layout.root)
-    _prepare(recipe, layout)
+    pin_recipe(recipe, layout)
 
 
 def _partition(recipe: recipes.Recipe, layout: RunLayout, reporter: Reporter) -> tuple[dict[str, Any], list[str], int | None]:
