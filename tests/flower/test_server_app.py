@@ -1,0 +1,279 @@
+"""The server app driven against an in-process fake Grid that routes each message to the client app (no network,
+no SuperLink): the rounds it writes are the ones fedlora aggregate writes, a restart redoes nothing, a re-sent
+round spends no privacy budget, and a site with another base, a dead node and a bad update are each left out
+by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import yaml
+from flwr.app import Context, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlora_cli import federation, storage
+from fedlora_cli.data.partition import TEST_SHARD, shard_name
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.flower import client_app, server_app
+from fedlora_cli.storage.run_layout import RunLayout
+from tests.conftest import private_recipe, recipe_dict
+
+SUPERLINK_NODE = 0
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """A Message built outside a Flower run needs the task identity a ServerApp process is given."""
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class FakeGrid:
+    """Routes each message to the client app in this process, with the node's --node-config as its context.
+
+    ``silent`` nodes never answer (dead or late); ``tamper`` edits a node's reply on its way back."""
+
+    def __init__(self, node_configs: dict[int, dict]):
+        self.node_configs = node_configs
+        self.silent: set[int] = set()
+        self.tamper: dict[int, callable] = {}
+        self.sent: list[tuple[str, int]] = []  # (message type, node)
+        self.timeouts: list[float | None] = []
+
+    def get_node_ids(self):
+        return list(self.node_configs)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex  # the SuperLink's job
+            node = msg.metadata.dst_node_id
+            self.sent.append((msg.metadata.message_type, node))
+            if node in self.silent:
+                continue
+            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
+                              run_config={})
+            reply = client_app.app(msg, context)
+            if node in self.tamper:
+                self.tamper[node](reply)
+            replies.append(reply)
+        return replies
+
+    def trained(self) -> list[int]:
+        return [node for kind, node in self.sent if kind == "train"]
+
+
+def sites(tmp_path: Path, partition_dir: Path, n: int = 3, **extra) -> dict[int, dict]:
+    """Node ids 101, 102, ... that are not the client ids: each site names itself in its node config."""
+    return {
+        101 + i: {"client-id": f"client-{i}", "data": str(partition_dir / shard_name(f"client-{i}")),
+                  "state-dir": str(tmp_path / "sites" / f"client-{i}"), **extra}
+        for i in range(n)
+    }
+
+
+def run_config(tmp_path: Path, raw: dict, partition_dir: Path, **extra) -> dict:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return {"recipe": str(path), "run-dir": str(tmp_path / "run"), "test": str(partition_dir / TEST_SHARD),
+            "round-timeout": 30.0, "query-timeout": 30.0, **extra}
+
+
+def serve(grid: FakeGrid, config: dict) -> None:
+    server_app.app(grid, Context(run_id=1, node_id=SUPERLINK_NODE, node_config={}, state=RecordDict(),
+                                 run_config=config))
+
+
+def test_each_round_is_what_fedlora_aggregate_writes_from_the_same_updates(tmp_path, tiny_model_dir, reviews_csv,
+                                                                           partition_dir):
+    # Prepare
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    config = run_config(tmp_path, recipe_dict(tiny_model_dir, reviews_csv), partition_dir)
+    # Execute
+    serve(grid, config)
+    # Assert
+    layout = RunLayout(tmp_path / "run")
+    assert [p.name for p in layout.global_checkpoints()] == ["round-000", "round-001", "round-002"]
+    for round_ in (1, 2):
+        updates = [layout.update(round_, f"client-{i}") for i in range(3)]
+        again = federation.aggregate_round(layout.global_checkpoint(round_ - 1), updates, tmp_path / f"again-{round_}")
+        written = storage.read_global(layout.global_checkpoint(round_))
+        assert written.manifest.digest == again.checkpoint.manifest.digest
+        assert written.manifest.clients == ["client-0", "client-1", "client-2"]
+        assert json.loads(layout.metrics(round_).read_text())["global"]["accuracy"] is not None
+    assert grid.trained() == [101, 102, 103] * 2
+    assert grid.timeouts == [30.0, 30.0, 30.0]  # one query, then a deadline on each round
+    # Each site kept its own state under its own id, and Flower's node id appears nowhere in the run.
+    assert storage.state_rounds(tmp_path / "sites" / "client-1") == [1, 2]
+    assert not any("101" in p.name for p in layout.root.rglob("*"))
+
+
+def test_a_restarted_server_redoes_no_round_and_no_update(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    config = run_config(tmp_path, recipe_dict(tiny_model_dir, reviews_csv), partition_dir)
+    serve(grid, config)
+    layout = RunLayout(tmp_path / "run")
+    round_2 = storage.read_global(layout.global_checkpoint(2)).manifest.digest
+    # The server stopped after client-1's update of round 2 came in (round 2 itself not written).
+    shutil.rmtree(layout.global_checkpoint(2))
+    shutil.rmtree(layout.update(2, "client-0"))
+    shutil.rmtree(layout.update(2, "client-2"))
+    grid.sent.clear()
+    # Execute
+    serve(grid, config)
+    # Assert: only the two missing updates were asked for; the sites sent the ones they had made, untrained
+    assert grid.trained() == [101, 103]
+    assert storage.state_rounds(tmp_path / "sites" / "client-0") == [1, 2]
+    assert storage.read_global(layout.global_checkpoint(2)).manifest.digest == round_2
+    grid.sent.clear()
+    serve(grid, config)
+    assert grid.trained() == []
+
+
+def test_a_resent_round_spends_no_privacy_budget_and_no_reply_carries_the_loss(tmp_path, tiny_model_dir,
+                                                                               reviews_csv, partition_dir):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    raw["federation"]["rounds"] = 1
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    replies = []
+    grid.tamper = {101: replies.append}
+    config = run_config(tmp_path, raw, partition_dir)
+    serve(grid, config)
+    state = tmp_path / "sites" / "client-0"
+    spent = storage.latest_state(state).manifest.privacy
+    # No reply names a loss: not the update's manifest, not Flower's records.
+    (reply,) = [r for r in replies if "update.text" in r.content]
+    assert json.loads(reply.content["update.text"]["update.json"])["loss"] is None
+    assert all("loss" not in key for record in reply.content.values() for key in record)
+    # The coordinator lost round 1 (say, its disk) and asks again.
+    layout = RunLayout(tmp_path / "run")
+    shutil.rmtree(layout.global_checkpoint(1))
+    shutil.rmtree(layout.root / "updates")
+    replies.clear()
+    serve(grid, config)
+    (reply,) = [r for r in replies if "update.text" in r.content]
+    assert reply.content[client_app.REPLY][client_app.RESENT_KEY] is True
+    assert storage.latest_state(state).manifest.privacy == spent
+    assert len(spent["history"]) == 1
+
+
+def test_a_site_with_another_base_model_is_refused_before_it_trains(tmp_path, tiny_model_dir, reviews_csv,
+                                                                    partition_dir, tmp_path_factory):
+    from transformers import BertForSequenceClassification
+
+    other = tmp_path_factory.mktemp("other-bert")
+    shutil.copytree(tiny_model_dir, other, dirs_exist_ok=True)
+    model = BertForSequenceClassification.from_pretrained(other)
+    for weight in model.parameters():  # a fine-tune of the same architecture: every weight moved
+        weight.data += 0.5
+    model.save_pretrained(other)
+    nodes = sites(tmp_path, partition_dir)
+    nodes[102]["base"] = str(other)
+    grid = FakeGrid(nodes)
+    said = []
+    config = run_config(tmp_path, recipe_dict(tiny_model_dir, reviews_csv), partition_dir)
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(config),
+                                         lambda level, text: said.append(text))
+    coordinator.run()
+    assert 102 not in grid.trained() and grid.trained() == [101, 103] * 2
+    expected = storage.read_global(RunLayout(tmp_path / "run").global_checkpoint(0)).manifest.base_fingerprint
+    assert [t for t in said if "refused" in t] == [
+        (f"site 'client-1' (node 102) refused: its base model (fingerprint {_fingerprint(said)}) is not the "
+         f"federation's ({expected}); it will not be asked to train")
+    ]
+    assert _fingerprint(said) != expected
+    assert not (tmp_path / "sites" / "client-1").exists()
+
+
+def _fingerprint(said: list[str]) -> str:
+    line = next(t for t in said if "refused" in t)
+    return line.split("fingerprint ")[1].split(")")[0]
+
+
+def test_a_dead_node_is_left_out_and_below_min_clients_the_round_fails_writing_nothing(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    grid.silent = {103}
+    said = []
+    config = run_config(tmp_path, raw, partition_dir)
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(config),
+                                         lambda level, text: said.append(text))
+    # A node that said who it is and then died (or is too slow): the round goes on with the other two.
+    coordinator.clients = {101: "client-0", 102: "client-1", 103: "client-2"}
+    coordinator.run()
+    layout = RunLayout(tmp_path / "run")
+    assert storage.read_global(layout.global_checkpoint(1)).manifest.clients == ["client-0", "client-1"]
+    assert "round 1: client 'client-2' sent no reply within 30 s; left out" in said
+    # With min_clients 3 the same round fails in one line and writes nothing.
+    raw["federation"]["min_clients"] = 3
+    (tmp_path / "strict").mkdir()
+    config = run_config(tmp_path / "strict", raw, partition_dir)
+    grid = FakeGrid(sites(tmp_path / "strict", partition_dir))
+    grid.silent = {103}
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(config), lambda *a: None)
+    coordinator.clients = {101: "client-0", 102: "client-1", 103: "client-2"}
+    with pytest.raises(FedloraError, match=r"^round 1: 2 client update\(s\) of 3 asked, fewer than "
+                                           r"federation.min_clients = 3; nothing written$"):
+        coordinator.run()
+    strict = RunLayout(tmp_path / "strict" / "run")
+    assert [p.name for p in strict.global_checkpoints()] == ["round-000"]
+    assert not (strict.root / "updates").exists()
+    assert not any((strict.root / server_app.STAGING_DIR).rglob("*.json"))
+
+
+def test_an_update_failing_validation_is_refused_by_name_and_the_round_goes_on(tmp_path, tiny_model_dir,
+                                                                               reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+
+    def claims_round_7(reply):
+        if "update.text" not in reply.content:
+            return  # the query's answer
+        manifest = json.loads(reply.content["update.text"]["update.json"])
+        manifest["round"] = 7
+        reply.content["update.text"]["update.json"] = json.dumps(manifest)
+
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    grid.tamper = {102: claims_round_7}
+    said = []
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(
+        run_config(tmp_path, raw, partition_dir)), lambda level, text: said.append(text))
+    coordinator.run()
+    layout = RunLayout(tmp_path / "run")
+    assert storage.read_global(layout.global_checkpoint(1)).manifest.clients == ["client-0", "client-2"]
+    (line,) = [t for t in said if "refused" in t]
+    assert line.startswith("round 1: update of client 'client-1' refused: client update ")
+    assert "is for round 7; this aggregation makes round 1; left out" in line
+    assert not layout.update(1, "client-1").exists()
+
+
+def test_a_site_without_data_says_so_and_the_server_names_it(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+    nodes = sites(tmp_path, partition_dir)
+    del nodes[103]["data"]
+    grid = FakeGrid(nodes)
+    said = []
+    server_app.Coordinator(grid, server_app.Settings.from_run_config(run_config(tmp_path, raw, partition_dir)),
+                           lambda level, text: said.append(text)).run()
+    assert ("round 1: client 'client-2' did not train: site 'client-2' has no data=\"...\" in its --node-config; "
+            "it cannot train; left out") in said
+
+
+def test_the_run_config_is_checked():
+    with pytest.raises(FedloraError, match="the run config lacks 'run-dir'"):
+        server_app.Settings.from_run_config({"recipe": "r.yaml"})
+    with pytest.raises(FedloraError, match="'round-timeout' must be a positive number"):
+        server_app.Settings.from_run_config({"recipe": "r.yaml", "run-dir": "run", "round-timeout": 0})
