@@ -23,7 +23,7 @@ from fedlora_cli.data.partition import TEST_SHARD, shard_name
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.flower import client_app, server_app
 from fedlora_cli.storage.run_layout import RunLayout
-from tests.conftest import private_recipe, recipe_dict
+from conftest import private_recipe, recipe_dict
 
 SUPERLINK_NODE = 0
 

@@ -1,0 +1,85 @@
+"""``fedlora flower ...``: what a person runs to take a federation across machines on Flower (needs
+``pip install 'fedlora[flower]'``). The apps themselves are :mod:`fedlora_cli.flower`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fedlora_cli.cli.app import _recipe_path, app, command
+from fedlora_cli.cli.options import (
+    AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, MixedPrecisionOpt, OverwriteOpt,
+    QuantizationOpt,
+)
+
+flower_app = typer.Typer(
+    help="Across machines with Flower: the app folder for flwr run, and each SuperNode's --node-config.",
+    no_args_is_help=True,
+)
+app.add_typer(flower_app, name="flower")
+
+
+@command(flower_app, "app")
+def app_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe file or shipped recipe name (on the SuperLink host).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The app folder to write (its pyproject.toml).")],
+    run: Annotated[Path, typer.Option("--run", help="The run folder on the SuperLink host (simulate's layout).")],
+    round_timeout: Annotated[
+        Optional[float], typer.Option(help="Seconds a round waits for the sites' updates (default 900).")
+    ] = None,
+    test: Annotated[
+        Optional[str], typer.Option(help="Test data on the SuperLink host, to evaluate each round's global.")
+    ] = None,
+    base_model: BaseModelOpt = None,
+    client_evaluation: Annotated[
+        bool, typer.Option("--client-evaluation", help="Also ask each site to evaluate on its own test-data.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Write the app folder 'flwr run' takes: a pyproject.toml pointing at the installed fedlora's apps.
+
+    Example: fedlora flower app quickstart -o app --run /srv/fedlora/quickstart
+    """
+    from fedlora_cli.cli import ui
+    from fedlora_cli.flower import require_flwr
+    from fedlora_cli.flower.app_folder import write_app
+
+    require_flwr()
+    written = write_app(_recipe_path(recipe), out, run, round_timeout, test, base_model, client_evaluation,
+                        overwrite)
+    ui.out.print(f"app folder: {written.parent}", highlight=False)
+    ui.err.print(
+        "next: flower-superlink on the coordinator, flower-supernode --node-config \"$(fedlora flower node-config "
+        f"...)\" at each site, then: flwr run {written.parent} CONNECTION --stream (README: Across machines with "
+        "Flower)", highlight=False, soft_wrap=True,
+    )
+
+
+@command(flower_app, "node-config")
+def node_config_cmd(
+    client_id: Annotated[str, typer.Option("--client-id", help="This site's client id in the federation.")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="This site's client state folder (kept at home).")],
+    data: Annotated[Optional[str], typer.Option(help="This site's training data (any source partition reads).")] = None,
+    test_data: Annotated[Optional[str], typer.Option(help="This site's test data, for evaluate messages.")] = None,
+    base_model: BaseModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantization: QuantizationOpt = None,
+    mixed_precision: MixedPrecisionOpt = None,
+    gradient_checkpointing: CheckpointingOpt = None,
+    accumulation_steps: AccumulationOpt = None,
+) -> None:
+    """Print the --node-config value of this site's SuperNode (TOML, strings quoted, paths absolute).
+
+    Example: flower-supernode ... --node-config "$(fedlora flower node-config --client-id site-a --data a.csv
+    --state-dir state-a)"
+    """
+    from fedlora_cli.flower.app_folder import node_config
+
+    print(node_config(client_id, data, str(state_dir), **{
+        "test-data": test_data, "base": base_model, "device": device, "dtype": dtype, "quantization": quantization,
+        "mixed-precision": mixed_precision, "gradient-checkpointing": gradient_checkpointing,
+        "accumulation-steps": accumulation_steps,
+    }))
