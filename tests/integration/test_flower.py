@@ -1,11 +1,21 @@
-"""A real Flower deployment on 127.0.0.1: a SuperLink and two SuperNodes (free ports, a temporary FLWR_HOME), two
-rounds of the tiny recipe through ``flwr run``; each global checkpoint is the one fedlora aggregate writes from the
-same update folders. Every process started here (and every child it started) is ended by its PID."""
+"""A real Flower deployment on 127.0.0.1: a SuperLink and two SuperNodes (free ports, a temporary FLWR_HOME) driven
+through ``flwr run``.
+
+- Two rounds of the tiny recipe: each global checkpoint is the one fedlora aggregate writes from the same update
+  folders.
+- One SuperNode killed (SIGKILL) mid-round: with ``federation.min_clients: 1`` the round is the other site's
+  update alone; with ``min_clients: 2`` the run ends finished:failed, its log says why in one line naming
+  min_clients, and no global checkpoint is written for the round.
+
+Every process started here (and every child it started: flower-superexec, the ClientApp and ServerApp
+processes) is ended by its PID when the test ends, passed or not (the ``deployment`` fixture).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,11 +33,13 @@ psutil = pytest.importorskip("psutil")
 from fedlora_cli import federation, storage
 from fedlora_cli.data.partition import TEST_SHARD, shard_name
 from fedlora_cli.flower.app_folder import node_config, write_app
+from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
+SITES = ("site-a", "site-b")
 
 
 def free_port() -> int:
@@ -36,12 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check, seconds: float, what: str) -> None:
+def wait_until(check, seconds: float, what: str, every: float = 0.5) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         if check():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"{what} within {seconds:g} s")
 
 
@@ -53,86 +65,209 @@ def listening(port: int) -> bool:
         return False
 
 
-def end(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM each process and each of its descendants by PID; SIGKILL whatever is left after 30 s."""
-    pids = []
-    for p in processes:
-        try:
-            pids += [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-        pids.append(p.pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for p in processes:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    for pid in pids:
-        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            os.kill(pid, signal.SIGKILL)
-    for p in processes:
-        p.wait(timeout=10)
+def descendants(pid: int) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
-def test_two_rounds_on_a_real_superlink_and_two_supernodes(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    link, health = free_port(), free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
-    )
-    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # flower-superexec is found on PATH
-    raw = recipe_dict(tiny_model_dir, reviews_csv)
-    raw["federation"]["clients"] = 2
-    raw["federation"]["client_ids"] = ["site-a", "site-b"]
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    run = tmp_path / "run"
-    app = write_app(tmp_path / "recipe.yaml", tmp_path / "app", run, round_timeout=240,
-                    test=str(partition_dir / TEST_SHARD)).parent
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes: list[subprocess.Popen] = []
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
-    def start(name: str, *args: str) -> subprocess.Popen:
-        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
-        p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=out, stderr=subprocess.STDOUT,
-                             cwd=tmp_path)
-        processes.append(p)
+
+class Deployment:
+    """A SuperLink and SuperNodes of one test, on 127.0.0.1, with their logs in TMP/logs; :meth:`end` ends them
+    all by PID."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.home = tmp_path / "flwr-home"
+        self.home.mkdir()
+        self.link, self.health = free_port(), free_port()
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.link}"\ninsecure = true\n'
+        )
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # flower-superexec is found on PATH
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.processes: list[subprocess.Popen] = []
+        self.killed: list[int] = []  # PIDs ended by kill(), children included
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "w") as out:  # the child writes to its own copy
+            p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                 cwd=self.tmp)
+        self.processes.append(p)
         return p
 
-    started = time.monotonic()
+    def superlink(self) -> subprocess.Popen:
+        p = self.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link),
+                       "--disable-runtime-dependency-installation", "--health-server-address",
+                       f"127.0.0.1:{self.health}")
+        wait_until(lambda: listening(self.link) and listening(self.health), 60, "the SuperLink was not listening")
+        return p
+
+    def supernode(self, config: str, name: str) -> subprocess.Popen:
+        return self.start(name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link}", "--host",
+                          "127.0.0.1", "--port", str(free_port()), "--node-config", config)
+
+    def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.tmp, check=False,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def run(self, app: Path, timeout: float = 420) -> str:
+        """``flwr run APP --stream``: its output (the ServerApp's log), also kept in logs/flwr-run.log."""
+        done = self.flwr("run", str(app), "local", "--stream", timeout=timeout)
+        (self.logs / "flwr-run.log").write_text(done.stdout + done.stderr)
+        return done.stdout + done.stderr
+
+    def statuses(self) -> list[str]:
+        """Each run's status as ``flwr list --format json`` gives it (``flwr run`` exits 0 even when the ServerApp
+        fails)."""
+        listed = self.flwr("list", "local", "--format", "json", timeout=60)
+        try:
+            runs = json.loads(listed.stdout)["runs"]
+        except (ValueError, KeyError) as exc:
+            raise AssertionError(f"flwr list gave no runs ({exc}): {listed.stdout} {listed.stderr}") from None
+        return [str(run["status"]).replace(" ", "") for run in runs]
+
+    def kill(self, p: subprocess.Popen) -> None:
+        """SIGKILL a SuperNode and the processes it started (its flower-superexec and ClientApp): a site's host gone,
+        with no goodbye to the SuperLink."""
+        pids = [p.pid, *descendants(p.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.killed += pids
+        p.wait(timeout=10)
+
+    def end(self) -> None:
+        """SIGTERM each process and each of its descendants by PID; SIGKILL whatever is left after 30 s."""
+        pids = list(self.killed)
+        for p in self.processes:
+            pids += descendants(p.pid)
+            pids.append(p.pid)
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        for p in self.processes:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for p in self.processes:
+            p.wait(timeout=10)
+
+    def all_ended(self) -> bool:
+        return not any(alive(pid) for pid in [*self.killed, *(p.pid for p in self.processes)])
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
     try:
-        start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link),
-              "--disable-runtime-dependency-installation", "--health-server-address", f"127.0.0.1:{health}")
-        wait_until(lambda: listening(link) and listening(health), 60, "the SuperLink was not listening")
-        for i, cid in enumerate(["site-a", "site-b"]):
-            config = node_config(cid, str(partition_dir / shard_name(f"client-{i}")), str(tmp_path / "sites" / cid))
-            start(cid, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--host", "127.0.0.1",
-                  "--port", str(free_port()), "--node-config", config)
-        flwr = subprocess.run([str(BIN / "flwr"), "run", str(app), "local", "--stream"], env=env, cwd=tmp_path, check=False,
-                              capture_output=True, text=True, timeout=420)
-        (logs / "flwr-run.log").write_text(flwr.stdout + flwr.stderr)
-        listed = subprocess.run([str(BIN / "flwr"), "list", "local", "--format", "json"], env=env, cwd=tmp_path, check=False,
-                                capture_output=True, text=True, timeout=60)
+        yield d
     finally:
-        end(processes)
+        d.end()
+
+
+def two_site_recipe(tmp_path: Path, tiny_model_dir: Path, reviews_csv: Path, **federation_keys) -> Path:
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"].update(clients=2, client_ids=list(SITES), **federation_keys)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def site_config(tmp_path: Path, partition_dir: Path, i: int) -> str:
+    return node_config(SITES[i], str(partition_dir / shard_name(f"client-{i}")), str(tmp_path / "sites" / SITES[i]))
+
+
+def test_two_rounds_on_a_real_superlink_and_two_supernodes(deployment, tmp_path, tiny_model_dir, reviews_csv,
+                                                           partition_dir):
+    run = tmp_path / "run"
+    app = write_app(two_site_recipe(tmp_path, tiny_model_dir, reviews_csv), tmp_path / "app", run, round_timeout=240,
+                    test=str(partition_dir / TEST_SHARD)).parent
+    started = time.monotonic()
+    deployment.superlink()
+    for i, cid in enumerate(SITES):
+        deployment.supernode(site_config(tmp_path, partition_dir, i), cid)
+    deployment.run(app)
+    statuses = deployment.statuses()
+    deployment.end()
     seconds = time.monotonic() - started
     layout = RunLayout(run)
     assert [p.name for p in layout.global_checkpoints()] == ["round-000", "round-001", "round-002"], \
-        (logs / "flwr-run.log").read_text()[-3000:]
-    assert '"finished:completed"' in listed.stdout.replace(" ", ""), listed.stdout
+        (deployment.logs / "flwr-run.log").read_text()[-3000:]
+    assert statuses == ["finished:completed"]
     for round_ in (1, 2):
-        updates = [layout.update(round_, cid) for cid in ("site-a", "site-b")]
+        updates = [layout.update(round_, cid) for cid in SITES]
         again = federation.aggregate_round(layout.global_checkpoint(round_ - 1), updates, tmp_path / f"again-{round_}")
         assert storage.read_global(layout.global_checkpoint(round_)).manifest.digest == again.checkpoint.manifest.digest
     assert storage.state_rounds(tmp_path / "sites" / "site-a") == [1, 2]
-    for p in processes:
-        assert not psutil.pid_exists(p.pid) or psutil.Process(p.pid).status() == psutil.STATUS_ZOMBIE
-    (tmp_path / "timing.json").write_text(json.dumps({"seconds": seconds}))
+    assert deployment.all_ended()
     print(f"flower deployment, 2 rounds: {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("min_clients", [1, 2])
+def test_a_supernode_killed_mid_round(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, min_clients):
+    """site-b's SuperNode (and the processes it started) is SIGKILLed while it trains round 1.
+
+    The moment is found by timing, without a hook in fedlora: the round's train message is the first that makes a
+    site's ClientApp unpack the global checkpoint into its work folder (a query writes nothing there), so the test
+    kills the node as soon as ``WORK/global/round-000`` appears at site-b, before its update can be made (a fresh
+    ClientApp still has to load the model and train). The SuperLink notices a dead node only when its heartbeat
+    lapses (about a minute); the round's deadline (round-timeout, short here) is what ends the round. One round
+    only: a second would ask the dead node again and wait a second deadline.
+    """
+    run = tmp_path / "run"
+    recipe = two_site_recipe(tmp_path, tiny_model_dir, reviews_csv, rounds=1, min_clients=min_clients)
+    # No test data: the coordinator's evaluation is not what this test is about.
+    app = write_app(recipe, tmp_path / "app", run, round_timeout=45).parent
+    started = time.monotonic()
+    deployment.superlink()
+    nodes = [deployment.supernode(site_config(tmp_path, partition_dir, i), cid) for i, cid in enumerate(SITES)]
+    received = SiteConfig.from_node_config({"client-id": "site-b", "state-dir": str(tmp_path / "sites" / "site-b")}
+                                           ).received(0)
+    flwr = deployment.start("flwr-run", "flwr", "run", str(app), "local", "--stream")  # its log: the ServerApp's
+    wait_until(received.is_dir, 180, "site-b never received round 1's train message", every=0.1)
+    deployment.kill(nodes[1])
+    killed_at = time.monotonic() - started
+    flwr.wait(timeout=300)
+    log = (deployment.logs / "flwr-run.log").read_text()
+    statuses = deployment.statuses()
+    deployment.end()
+    seconds = time.monotonic() - started
+    layout = RunLayout(run)
+    assert not layout.update(1, "site-b").exists()
+    assert "round 1: client 'site-b' sent no reply within 45 s; left out" in log, log[-3000:]
+    if min_clients == 1:
+        assert statuses == ["finished:completed"], log[-3000:]
+        written = storage.read_global(layout.global_checkpoint(1))
+        assert written.manifest.clients == ["site-a"]
+        assert [p.name for p in (layout.root / "updates" / "round-001").iterdir()] == ["site-a"]
+        again = federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, "site-a")],
+                                           tmp_path / "again")
+        assert written.manifest.digest == again.checkpoint.manifest.digest
+    else:
+        assert statuses == ["finished:failed"], log[-3000:]
+        # fedlora's one line; Flower then logs the ServerApp's exception with its traceback (it does so for any
+        # exception, and raising one is what marks the run finished:failed).
+        said = [line for line in log.splitlines() if "fedlora:" in line and "min_clients" in line]
+        assert len(said) == 1, said
+        assert re.search(r"fedlora: round 1: [01] client update\(s\) of 2 asked, fewer than "
+                         r"federation.min_clients = 2; nothing written$", said[0]), said
+        assert [p.name for p in layout.global_checkpoints()] == ["round-000"]
+        assert not (layout.root / "updates").exists()
+    assert deployment.all_ended()
+    print(f"flower deployment, min_clients {min_clients}: site-b killed at {killed_at:.1f} s, {seconds:.1f} s in all")
