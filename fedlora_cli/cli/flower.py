@@ -11,7 +11,7 @@ import typer
 from fedlora_cli.cli.app import _recipe_path, app, command
 from fedlora_cli.cli.options import (
     AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, MixedPrecisionOpt, OverwriteOpt,
-    QuantizationOpt,
+    QuantizationOpt, ReportToOpt,
 )
 
 flower_app = typer.Typer(
@@ -37,10 +37,14 @@ def app_cmd(
         bool, typer.Option("--client-evaluation", help="Also ask each site to evaluate on its own test-data.")
     ] = False,
     overwrite: OverwriteOpt = False,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Write the app folder 'flwr run' takes: a pyproject.toml pointing at the installed fedlora's apps.
 
-    Example: fedlora flower app quickstart -o app --run /srv/fedlora/quickstart
+    With --report-to, the ServerApp logs each round's row (simulate's names; never a DP-SGD client's loss) to
+    those trackers, in RUN/tracking on the SuperLink host.
+
+    Example: fedlora flower app quickstart -o app --run /srv/fedlora/quickstart --report-to tensorboard
     """
     from fedlora_cli.cli import ui
     from fedlora_cli.flower import require_flwr
@@ -48,7 +52,7 @@ def app_cmd(
 
     require_flwr()
     written = write_app(_recipe_path(recipe), out, run, round_timeout, test, base_model, client_evaluation,
-                        overwrite)
+                        overwrite, report_to)
     ui.out.print(f"app folder: {written.parent}", highlight=False)
     ui.err.print(
         "next: flower-superlink on the coordinator, flower-supernode --node-config \"$(fedlora flower node-config "

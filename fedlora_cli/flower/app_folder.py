@@ -36,11 +36,15 @@ def app_name(recipe: recipes.Recipe) -> str:
 
 def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float | None = None,
               test: str | None = None, base: str | None = None, client_evaluation: bool = False,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, report_to: str | None = None) -> Path:
     """Write the app folder for the (validated) recipe at ``recipe_file``; returns its pyproject.toml.
 
     Paths are made absolute: the ServerApp runs as a process of the SuperLink host, in another working folder.
+    ``report_to`` (as ``--report-to``: comma-separated trackers, or 'none') is checked here as the ServerApp will
+    check it: an unknown tracker or one whose package is not installed on this host is refused.
     """
+    from fedlora_cli.tracking.fanout import NONE, resolve
+
     recipe_file = Path(recipe_file).resolve()
     recipe = recipes.load(recipe_file)  # refused here, not on the SuperLink, if it does not validate
     if recipe.data.labels is None and recipe.model.num_labels is None and recipe.model.task != recipes.TASK_CAUSAL_LM:
@@ -57,6 +61,8 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
         config["base"] = Path(base).resolve() if Path(base).exists() else base
     if client_evaluation:
         config["client-evaluation"] = True
+    if report_to is not None:
+        config["report-to"] = ",".join(resolve(report_to, recipe)) or NONE
     lines = [
         "# Written by 'fedlora flower app'. Run it with: flwr run . CONNECTION --stream",
         "# The components are modules of the fedlora installed on every host; paths are on the SuperLink host.",

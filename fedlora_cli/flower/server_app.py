@@ -13,7 +13,10 @@ host and, for each round not yet in it:
 4. with at least ``federation.min_clients`` updates writes them to ``updates/round-NNN/CLIENT``, aggregates
    them with :func:`fedlora_cli.federation.aggregate_round` (every strategy, the norm bound, DP-FedAvg and its
    ledger, server optimisers) into ``global/round-NNN``; with fewer it stops with one line and writes nothing;
-5. evaluates the new global on the test data, if there is any, and logs the table of rounds.
+5. evaluates the new global on the test data, if there is any, and logs the table of rounds;
+6. logs the round's row to the trackers ``report-to`` names (default: the recipe's ``tracking.report_to``) under
+   the names ``fedlora simulate`` logs (:func:`fedlora_cli.tracking.round_metrics`), in ``RUN/tracking``; never
+   the training loss of clients that train under DP-SGD (it stays with each client, as in ``fedlora aggregate``).
 
 A restarted run starts after the newest global checkpoint, and within a round sends nothing to a client whose
 update for it is already in the run folder. Settings come from the run config (``[tool.flwr.app.config]``,
@@ -36,7 +39,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora_cli import federation, recipe as recipes, storage
+from fedlora_cli import federation, recipe as recipes, storage, tracking
 from fedlora_cli.errors import FedloraError, first_line
 from fedlora_cli.federation.common import Global
 from fedlora_cli.federation.sampling import asked as sampled_clients, population
@@ -48,8 +51,8 @@ from fedlora_cli.storage.files import write_json
 from fedlora_cli.storage.run_layout import RunLayout
 
 # Run config keys ([tool.flwr.app.config]).
-RECIPE, RUN_DIR, ROUND_TIMEOUT, QUERY_TIMEOUT, TEST, BASE, CLIENT_EVALUATION = (
-    "recipe", "run-dir", "round-timeout", "query-timeout", "test", "base", "client-evaluation",
+RECIPE, RUN_DIR, ROUND_TIMEOUT, QUERY_TIMEOUT, TEST, BASE, CLIENT_EVALUATION, REPORT_TO = (
+    "recipe", "run-dir", "round-timeout", "query-timeout", "test", "base", "client-evaluation", "report-to",
 )
 STAGING_DIR = ".flower-staging"
 
@@ -66,6 +69,8 @@ class Settings:
     test: str | None = None  # [test] test data on this host; default RUN/data/test.parquet when there is one
     base: str | None = None  # [base] the base model's path on this host (default: the recipe's model.base)
     client_evaluation: bool = False  # [client-evaluation] also ask each site to evaluate on its test-data
+    # [report-to] trackers, comma-separated as --report-to ('none': none); default: the recipe's tracking.report_to
+    report_to: str | None = None
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -82,7 +87,8 @@ class Settings:
         return cls(recipe=Path(str(config[RECIPE])), run_dir=Path(str(config[RUN_DIR])), **timeouts,
                    test=str(config[TEST]) if config.get(TEST) else None,
                    base=str(config[BASE]) if config.get(BASE) else None,
-                   client_evaluation=bool(config.get(CLIENT_EVALUATION, False)))
+                   client_evaluation=bool(config.get(CLIENT_EVALUATION, False)),
+                   report_to=str(config[REPORT_TO]) if config.get(REPORT_TO) else None)
 
 
 def _say(level: int, text: str) -> None:
@@ -98,6 +104,9 @@ class Coordinator:
         self.grid, self.settings, self.say = grid, settings, say
         self.recipe = recipes.load(settings.recipe)
         self.layout = RunLayout(settings.run_dir)
+        # An unknown tracker or a missing tracker package fails here, before round 0 is written.
+        self.trackers = tracking.open_run(tracking.resolve(settings.report_to, self.recipe), self.layout.root,
+                                          self.recipe.name)
         pin_recipe(self.recipe, self.layout)
         self.clients: dict[int, str] = {}  # node id -> client id, from the sites' answers
         self.refused: set[int] = set()
@@ -106,17 +115,28 @@ class Coordinator:
 
     # -- the run ---------------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        current = self.start()
-        for round_ in range(current.manifest.round + 1, self.recipe.federation.rounds + 1):
-            started = time.monotonic()
-            current, row = self.round(current)
-            row.update(self.evaluate(current))
-            row["seconds"] = round(time.monotonic() - started, 2)
-            self.rows.append(row)
-            self.say(INFO, f"round {round_} done\n{rounds_table(self.rows)}")
+        with self.trackers:
+            current = self.start()
+            for round_ in range(current.manifest.round + 1, self.recipe.federation.rounds + 1):
+                started = time.monotonic()
+                current, row = self.round(current)
+                row.update(self.evaluate(current))
+                row["seconds"] = round(time.monotonic() - started, 2)
+                self.rows.append(row)
+                self.track(row)
+                self.say(INFO, f"round {round_} done\n{rounds_table(self.rows)}")
         if not self.rows:
             self.say(INFO, f"every round of {self.layout.root} is done (round {current.manifest.round})")
         return self.rows
+
+    def track(self, row: dict[str, Any]) -> None:
+        """The round's row to the trackers, under simulate's names (and aggregate's ``round/clients`` and
+        ``round/server_epsilon``). Under DP-SGD the updates carry no loss, so the row has none; the recipe's privacy
+        section drops it all the same."""
+        metrics = tracking.round_metrics(row, private=self.recipe.privacy is not None)
+        metrics.update({f"round/{key}": float(row[key]) for key in ("clients", "server_epsilon")
+                        if row[key] is not None})
+        self.trackers.log_round(row["round"], metrics)
 
     def start(self) -> Global:
         """The newest global checkpoint of the run folder, or a new round-0 one."""
@@ -186,12 +206,16 @@ class Coordinator:
         self.say(INFO, f"round {r}: aggregating {len(got)} client update(s): {', '.join(got)}")
         result = federation.aggregate_round(g, [self.layout.update(r, c) for c in got], self.layout.global_checkpoint(r))
         rows = result.clients
-        total = sum(row.num_examples for row in rows)
+        total, uploaded = sum(row.num_examples for row in rows), sum(row.bytes for row in rows)
         losses = [row.loss for row in rows]
+        # DP-SGD, as simulate's rows: the largest cumulative epsilon a client has spent so far.
+        privacy = [storage.read_update(self.layout.update(r, c)).manifest.privacy for c in got]
         return result.checkpoint, {
             "round": r, "asked": len(asked), "clients": len(got), "left_out": [c for c in asked if c not in got],
             "train_loss": None if None in losses else sum(row.loss * row.num_examples for row in rows) / total,
-            "upload_bytes": sum(row.bytes for row in rows), "wire_bytes": wire, "epsilon": result.server_epsilon,
+            "upload_bytes": uploaded, "upload_bytes_per_client": uploaded // len(rows),
+            "wire_bytes": wire, "epsilon": max(p["epsilon"] for p in privacy) if privacy[0] else None,
+            "server_epsilon": result.server_epsilon,
         }
 
     def identify(self, g: Global, online: set[int]) -> None:
@@ -313,7 +337,8 @@ class Coordinator:
             with storage.atomic_file(path) as tmp:
                 write_json(tmp, metrics)
         glob = metrics.get("global")
-        return {"global_accuracy": accuracy_of(glob) if glob else None, "global_loss": glob["loss"] if glob else None}
+        return {"global_accuracy": accuracy_of(glob) if glob else None, "global_loss": glob["loss"] if glob else None,
+                "global_macro_f1": glob.get("macro_f1") if glob else None}
 
     def evaluate_at_sites(self, g: Global) -> dict[str, dict[str, float]]:
         from flwr.app import MetricRecord

@@ -55,3 +55,16 @@ def test_without_flwr_flower_commands_say_how_to_install_it_in_one_line(tmp_path
 def test_the_cli_never_imports_flwr():
     code = "import sys, fedlora_cli.cli; import fedlora_cli.flower.app_folder; print('flwr' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_flower_app_report_to_goes_into_the_run_config(tmp_path, tiny_model_dir, reviews_csv):
+    pytest.importorskip("flwr")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv)))
+    ok(["flower", "app", recipe, "-o", tmp_path / "app", "--run", tmp_path / "run",
+        "--report-to", "TensorBoard, mlflow"])
+    config = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    assert config["tool"]["flwr"]["app"]["config"]["report-to"] == "tensorboard,mlflow"
+    fails(["flower", "app", recipe, "-o", tmp_path / "app2", "--run", tmp_path / "run", "--report-to", "tensorbored"],
+          "unknown tracker 'tensorbored'")
+    assert not (tmp_path / "app2").exists()

@@ -277,3 +277,38 @@ def test_the_run_config_is_checked():
         server_app.Settings.from_run_config({"recipe": "r.yaml"})
     with pytest.raises(FedloraError, match="'round-timeout' must be a positive number"):
         server_app.Settings.from_run_config({"recipe": "r.yaml", "run-dir": "run", "round-timeout": 0})
+
+
+def test_report_to_logs_each_rounds_row_under_simulates_names(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    from tracking.helpers import tensorboard_scalars
+
+    # Prepare
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    config = run_config(tmp_path, raw, partition_dir, **{"report-to": "tensorboard"})
+    # Execute
+    rows = server_app.Coordinator(grid, server_app.Settings.from_run_config(config), lambda *a: None).run()
+    # Assert: the event files in the run folder's tracking dir hold each round's global accuracy the server logged
+    scalars = tensorboard_scalars(tmp_path / "run" / "tracking" / "tensorboard" / "tiny-fedavg" / "run")
+    assert [r["round"] for r in rows] == [1, 2] and all(r["global_accuracy"] is not None for r in rows)
+    assert scalars["round/global_accuracy"] == [(r["round"], pytest.approx(r["global_accuracy"])) for r in rows]
+    assert scalars["round/train_loss"] == [(r["round"], pytest.approx(r["train_loss"])) for r in rows]
+    assert scalars["round/clients"] == [(1, 3.0), (2, 3.0)]
+
+
+def test_report_to_never_logs_a_dp_sgd_clients_loss_and_refuses_an_unknown_tracker(tmp_path, tiny_model_dir,
+                                                                                   reviews_csv, partition_dir):
+    from tracking.helpers import tensorboard_scalars
+
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    raw["federation"]["rounds"] = 1
+    config = run_config(tmp_path, raw, partition_dir, **{"report-to": "tensorboard"})
+    server_app.Coordinator(FakeGrid(sites(tmp_path, partition_dir)), server_app.Settings.from_run_config(config),
+                           lambda *a: None).run()
+    (events,) = (tmp_path / "run" / "tracking" / "tensorboard").glob("*/run")
+    tags = set(tensorboard_scalars(events))
+    assert "round/global_accuracy" in tags and "round/epsilon" in tags
+    assert not any("loss" in tag and "global" not in tag for tag in tags), tags
+    with pytest.raises(FedloraError, match="--report-to: unknown tracker 'tensorbored'"):
+        server_app.Coordinator(FakeGrid({}),
+                               server_app.Settings.from_run_config({**config, "report-to": "tensorbored"}))
