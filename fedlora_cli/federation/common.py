@@ -143,6 +143,14 @@ def frozen_labels(plan: Plan) -> str:
     return " / ".join(ROLE_LABELS[r] for r in sorted(plan.frozen, key=order.index)) or "tensors"
 
 
+def build_for_site(recipe: recipes.Recipe, num_labels: int | None, base_override: str | None,
+                   site: Mapping[str, Any] | None, rank: int | None = None) -> Workbench:
+    """A workbench of ``recipe`` loaded the way this site asks (``site``: :data:`fedlora_cli.recipe.SITE_KEYS` ->
+    value, over the recipe's own site settings, validated and named by their command-line options)."""
+    site_recipe = recipes.with_site(recipe, site or {}, SITE_FLAGS)
+    return build(recipe, num_labels, base_override, rank=rank, site=Site.of(site_recipe))
+
+
 def bench_for(g: Global, base_override: str | None, bench: Workbench | None, rank: int | None = None,
               site: Mapping[str, Any] | None = None) -> Workbench:
     """A workbench for this federation with a LoRA adapter of ``rank`` (default: the global rank), built with
@@ -150,8 +158,7 @@ def bench_for(g: Global, base_override: str | None, bench: Workbench | None, ran
     recipe, manifest = g.recipe, g.manifest
     rank = rank or recipe.adapter.r
     if bench is None:
-        site_recipe = recipes.with_site(recipe, site or {}, SITE_FLAGS)
-        bench = build(recipe, manifest.num_labels, base_override, rank=rank, site=Site.of(site_recipe))
+        bench = build_for_site(recipe, manifest.num_labels, base_override, site, rank)
     if manifest.base_fingerprint not in (bench.fingerprint, bench.legacy_fingerprint):
         raise FedloraError(
             f"base model '{bench.base_location}' is not the one this federation started from "

@@ -27,7 +27,7 @@ from typing import Any
 
 from fedlora_cli import recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation.common import Global
+from fedlora_cli.federation.common import Global, build_for_site
 from fedlora_cli.storage.checkpoints import round_dirname
 from fedlora_cli.storage.manifests import GlobalManifest, _from_dict
 
@@ -105,12 +105,7 @@ def describe(site: SiteConfig, manifest: GlobalManifest) -> dict[str, str]:
     Loads the base model as the site would train it (its own path and settings): the fingerprint reads the
     stored weights, so a site loading the same base in 4 bits agrees with one loading it in float32.
     """
-    from fedlora_cli.model.site import SITE_FLAGS, Site
-    from fedlora_cli.model.workbench import build
-
-    recipe = recipes.from_dict(manifest.recipe)
-    site_recipe = recipes.with_site(recipe, site.settings, SITE_FLAGS)
-    bench = build(recipe, manifest.num_labels, site.base, site=Site.of(site_recipe))
+    bench = build_for_site(recipes.from_dict(manifest.recipe), manifest.num_labels, site.base, site.settings)
     return {CLIENT_ID: site.client_id, "base-fingerprint": bench.fingerprint, "site": bench.site.describe()}
 
 
@@ -158,14 +153,11 @@ def evaluate(site: SiteConfig, g: Global) -> dict[str, float]:
     """The global model's metrics on this site's test data, and its personalised model's (``personal.*``) when
     the method keeps tensors at home (FedSA's B, a local head) or the site trains another rank; numbers only."""
     from fedlora_cli import federation
-    from fedlora_cli.model.site import SITE_FLAGS, Site
-    from fedlora_cli.model.workbench import build
 
     if site.test_data is None:
         raise FedloraError(f"site '{site.client_id}' has no test-data=\"...\" in its --node-config; it cannot evaluate")
     recipe = g.recipe
-    bench = build(recipe, g.manifest.num_labels, site.base, site=Site.of(recipes.with_site(recipe, site.settings,
-                                                                                              SITE_FLAGS)))
+    bench = build_for_site(recipe, g.manifest.num_labels, site.base, site.settings)
     metrics = {f"global.{k}": v for k, v in _numbers(
         federation.evaluate(g, site.test_data, base_override=site.base, bench=bench, split=site.split)).items()}
     personal = bool(g.plan.local) or bool(recipe.adapter.client_ranks)
