@@ -13,7 +13,10 @@ it into micro-batches (``training.gradient_accumulation_steps``), one forward an
 optimizer step at the end: without privacy each micro-batch's loss is weighted by its share of the logical batch,
 so the accumulated gradient is the logical batch's; under DP-SGD each micro-batch's per-example gradients are
 clipped and summed, and the logical step adds noise once (Opacus' skipped steps, as its BatchMemoryManager
-does). Either way the step, and what the privacy ledger counts, is the logical one.
+does). Either way the step, and what the privacy ledger counts, is the logical one. The micro-batches are cut
+from the logical batch sorted by length, so each pads only to its own longest example: the step's gradient is
+a sum over the logical batch's examples, which no order changes, so this saves padded compute without touching
+which examples a step trains on (Poisson sampling stays exactly as the accountant assumes).
 
 The loss of a step (:func:`batch_loss`) follows the task: the model's cross-entropy over the classes for
 sequence-classification; for causal-lm the mean over the batch's examples of each example's mean
@@ -130,6 +133,7 @@ def local_train(
     model, optimizer = (bench.model, optimizer) if engine is None else (engine.module, engine.optimizer)
     scaler = bench.site.grad_scaler()
     seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
+    lengths = np.asarray(lengths_of(examples)) if bench.site.accumulation_steps > 1 else None
     # from_pretrained leaves models in eval mode; dropout (and Opacus' hooks) need train mode.
     model.train()
     losses = []
@@ -142,7 +146,7 @@ def local_train(
                 loss = float("nan")
             else:
                 loss = _step(bench, model, optimizer, params, examples, rows, anchor, private=engine is not None,
-                             scaler=scaler)
+                             scaler=scaler, lengths=lengths)
                 losses.append(loss)
             if progress is not None:
                 progress(step, steps, loss)
@@ -193,11 +197,15 @@ def _proximal_anchor(bench: Workbench, plan: Plan) -> list[tuple[Any, Any]]:
 
 
 def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: Examples | PromptResponses,
-          rows: Any, anchor: list[tuple[Any, Any]] | None = None, private: bool = False, scaler: Any = None) -> float:
-    """One optimizer step on the logical batch ``rows``, in micro-batches of the site's size; returns its task
-    loss (without FedProx's proximal term)."""
+          rows: Any, anchor: list[tuple[Any, Any]] | None = None, private: bool = False, scaler: Any = None,
+          lengths: Any = None) -> float:
+    """One optimizer step on the logical batch ``rows``, in micro-batches of the site's size (cut from ``rows``
+    sorted by ``lengths`` when given); returns its task loss (without FedProx's proximal term)."""
+    import numpy as np
     import torch
 
+    if lengths is not None and len(rows) > 1:
+        rows = np.asarray(rows)[np.argsort(-lengths[rows], kind="stable")]
     pieces = list(chunks(rows, bench.site.micro_batch(bench.recipe.training.batch_size)))
     total = 0.0
     for i, piece in enumerate(pieces):
