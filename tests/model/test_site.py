@@ -87,6 +87,30 @@ def test_uneven_micro_batches_weigh_each_example_the_same(still_model_dir, revie
     assert_same_step(one, three)
 
 
+def test_micro_batches_are_cut_from_the_logical_batch_sorted_by_length(still_model_dir, reviews_csv, monkeypatch):
+    """Each micro-batch pads only to its own longest example: the logical batch's examples (the same ones) are
+    sorted by length before it is cut, so the padded width falls from micro-batch to micro-batch."""
+    rng = np.random.default_rng(0)
+    words = [*POSITIVE, *NEGATIVE]
+    texts = [" ".join(rng.choice(words, size=k)) for k in rng.permutation(np.arange(1, 33))]
+    data = Examples(texts, np.arange(32) % 2)
+    bench = build(site_recipe(still_model_dir, reviews_csv, {"training.gradient_accumulation_steps": 4}), 2)
+    seen, widths = [], []
+    original = bench.batch
+
+    def recording(examples_, rows):
+        batch = original(examples_, rows)
+        seen.append(sorted(int(r) for r in rows))
+        widths.append(int(batch["input_ids"].shape[1]))
+        return batch
+
+    monkeypatch.setattr(bench, "batch", recording)
+    local_train(bench, plan("fedavg", "shared"), data, seed=0)
+    assert sorted(r for piece in seen for r in piece) == list(range(32))  # every example, once
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
+    assert sum(widths) * 8 < 4 * 8 * widths[0]  # less padded compute than four micro-batches of the longest
+
+
 def test_causal_lm_micro_batches_give_the_step_of_one_batch(make_causal_recipe):
     """Examples of different lengths: each weighs the same in the logical batch, whichever micro-batch holds it."""
 
