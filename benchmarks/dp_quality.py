@@ -1,7 +1,14 @@
 """FedAvg-LoRA versus FFA-LoRA under DP-SGD: test accuracy at several privacy budgets, one run, side by side.
 
     python benchmarks/dp_quality.py [--epsilons none,3,1] [--methods fedavg,ffa] [--lr fedavg=0.001,ffa=0.005]
+                                    [--strategies dirichlet,iid] [--seeds 0,1,2]
                                     [--set key=value ...] [--out runs/bench-dp] [--json f]
+    python benchmarks/dp_quality.py --summarise a.json b.json ...   # one mean-and-spread table over runs
+
+Every cell of the grid (partition strategy x epsilon x method x training seed) is one run; the training seed
+draws the frozen A and the client-side shuffles (DP-SGD's own noise and Poisson samples always come from the
+operating system's secure source). ``--summarise`` merges the JSON files of several invocations (run in
+parallel, one per core) into one table of the mean and the spread (min-max) over seeds.
 
 Every run is ``fedlora simulate`` on the quickstart data (real MiniLM, Rotten Tomatoes, 4 clients,
 Dirichlet(0.5)), 3 rounds of 30 local steps of batch 64 (Poisson-sampled under DP), LoRA r 8 on query and
@@ -47,40 +54,51 @@ def main() -> None:
     parser.add_argument("--lr", default="fedavg=0.001,ffa=0.005", help="learning rate per method")
     parser.add_argument("--set", "-s", action="append", default=[], help="extra recipe override for every run")
     parser.add_argument("--out", default="runs/bench-dp")
+    parser.add_argument("--strategies", default="dirichlet", help="data.strategy values: dirichlet, iid")
+    parser.add_argument("--seeds", default="0", help="training.seed values")
     parser.add_argument("--json")
+    parser.add_argument("--summarise", nargs="+", metavar="JSON", help="print one table over these result files")
     args = parser.parse_args()
+    if args.summarise:
+        summarise(args.summarise)
+        return
     lrs = {m: float(v) for m, v in (item.split("=") for item in args.lr.split(","))}
     shape = dict(SHAPE, **dict(recipes.parse_override(item) for item in args.set))
     rounds = shape["federation.rounds"]
     results = []
-    for eps in args.epsilons.split(","):
-        for method in args.methods.split(","):
-            overrides = dict(shape, **{"federation.method": method, "training.lr": lrs[method]})
-            if eps != "none":
-                overrides.update({"privacy.target_epsilon": float(eps), "privacy.delta": 1e-5, "privacy.max_grad_norm": 1.0})
-            recipe = recipes.load(recipes_catalog.find("quickstart"), overrides)
-            run = Path(args.out) / f"{method}-eps{eps}"
-            print(f"{method} epsilon={eps} -> {run}", flush=True)
-            started = time.perf_counter()
-            rows = simulate.simulate(recipe, run, Quiet())
-            seconds = time.perf_counter() - started
-            manifest = storage.read_global(run / "global" / "round-000").manifest
-            sigma = (manifest.recipe.get("privacy") or {}).get("noise_multiplier")
-            spent = None
-            if eps != "none":
-                spent = max(
-                    storage.read_update(update).manifest.privacy["epsilon"]
-                    for update in sorted((run / "updates" / storage.round_dirname(rounds)).iterdir())
-                )
-            results.append({
-                "method": method, "lr": lrs[method], "target_epsilon": None if eps == "none" else float(eps), "noise_multiplier": sigma,
-                "epsilon_spent_max": spent, "accuracy_by_round": [r["global_accuracy"] for r in rows],
-                "final_accuracy": rows[-1]["global_accuracy"], "final_macro_f1": rows[-1]["global_macro_f1"],
-                "seconds": seconds,
-            })
-            if args.json:  # after every run, so an interrupted benchmark keeps what it measured
-                Path(args.json).write_text(json.dumps(
-                    {"date": time.strftime("%Y-%m-%d"), "shape": shape, "results": results}, indent=2))
+    grid = [(strategy, eps, method, seed) for strategy in args.strategies.split(",") for eps in args.epsilons.split(",")
+            for method in args.methods.split(",") for seed in args.seeds.split(",")]
+    for strategy, eps, method, seed in grid:
+        overrides = dict(shape, **{"federation.method": method, "training.lr": lrs[method],
+                                   "data.strategy": strategy, "training.seed": int(seed)})
+        if eps != "none":
+            overrides.setdefault("privacy.max_grad_norm", 1.0)
+            overrides.update({"privacy.target_epsilon": float(eps), "privacy.delta": 1e-5})
+        recipe = recipes.load(recipes_catalog.find("quickstart"), overrides)
+        run = Path(args.out) / f"{strategy}-{method}-eps{eps}-seed{seed}"
+        print(f"{strategy} {method} epsilon={eps} seed={seed} -> {run}", flush=True)
+        started = time.perf_counter()
+        rows = simulate.simulate(recipe, run, Quiet())
+        seconds = time.perf_counter() - started
+        manifest = storage.read_global(run / "global" / "round-000").manifest
+        sigma = (manifest.recipe.get("privacy") or {}).get("noise_multiplier")
+        spent = None
+        if eps != "none":
+            spent = max(
+                storage.read_update(update).manifest.privacy["epsilon"]
+                for update in sorted((run / "updates" / storage.round_dirname(rounds)).iterdir())
+            )
+        results.append({
+            "strategy": strategy, "seed": int(seed), "method": method, "lr": lrs[method],
+            "target_epsilon": None if eps == "none" else float(eps), "noise_multiplier": sigma,
+            "epsilon_spent_max": spent, "accuracy_by_round": [r["global_accuracy"] for r in rows],
+            "final_accuracy": rows[-1]["global_accuracy"], "final_macro_f1": rows[-1]["global_macro_f1"],
+            "final_personalised_accuracy": rows[-1]["personalised_accuracy"],
+            "seconds": seconds,
+        })
+        if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+            Path(args.json).write_text(json.dumps(
+                {"date": time.strftime("%Y-%m-%d"), "shape": shape, "results": results}, indent=2))
     print(f"\n# DP quality, {time.strftime('%Y-%m-%d')}, {platform.machine()} python {platform.python_version()}; {shape}")
     print("| method | lr | target eps | noise multiplier | eps spent (max client) | accuracy by round | final acc | final F1 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -90,6 +108,36 @@ def main() -> None:
         sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
         spent = "-" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.3f}"
         print(f"| {r['method']} | {r['lr']:g} | {eps} | {sigma} | {spent} | {by_round} | {r['final_accuracy']:.4f} | {r['final_macro_f1']:.4f} |")
+
+
+def summarise(paths: list[str]) -> None:
+    """Mean and spread over seeds of each (strategy, epsilon, method) cell of several result files."""
+    import statistics
+
+    cells: dict[tuple, list[dict]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for r in data["results"]:
+            strategy = r.get("strategy") or data["shape"].get("data.strategy", "dirichlet")
+            key = (strategy, r["target_epsilon"], r["method"])
+            cells.setdefault(key, []).append(r)
+
+    def spread(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.3f} (1 seed)"
+        return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
+
+    order = {"fedavg": 0, "ffa": 1, "fedsa": 2}
+    print("| partition | target eps | method | noise multiplier | global accuracy, mean (min-max) | personalised |")
+    print("|---|---|---|---|---|---|")
+    for (strategy, eps, method), rs in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1e9), order.get(kv[0][2], 9))
+    ):
+        sigma = rs[0]["noise_multiplier"]
+        personal = [r["final_personalised_accuracy"] for r in rs if r.get("final_personalised_accuracy") is not None]
+        print(f"| {strategy} | {'none' if eps is None else f'{eps:g}'} | {method} | "
+              f"{'-' if sigma is None else f'{sigma:.3f}'} | {spread([r['final_accuracy'] for r in rs])} | "
+              f"{spread(personal) if personal and method == 'fedsa' else '-'} |")
 
 
 if __name__ == "__main__":
