@@ -45,6 +45,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def exact_gaussian_epsilon(releases: list[tuple[float, int]], delta: float) -> float:
+    """An independent reference for Gaussian releases without sampling, each (noise multiplier, count): they
+    compose into one Gaussian with mu^2 = sum count / sigma^2, whose privacy loss is N(mu^2 / 2, mu^2); delta(eps)
+    = E[(1 - e^(eps - L))+] is integrated numerically here and inverted by bisection."""
+    mu = float(np.sqrt(sum(n / s**2 for s, n in releases)))
+    loss = np.linspace(mu**2 / 2 - 40 * mu, mu**2 / 2 + 40 * mu, 400_001)
+    density = np.exp(-((loss - mu**2 / 2) ** 2) / (2 * mu**2)) / (mu * np.sqrt(2 * np.pi))
+
+    def delta_at(eps: float) -> float:
+        return float(np.trapezoid(np.clip(1 - np.exp(np.minimum(eps - loss, 50)), 0, None) * density, loss))
+
+    low, high = 0.0, 200.0
+    for _ in range(80):
+        middle = (low + high) / 2
+        low, high = (middle, high) if delta_at(middle) > delta else (low, middle)
+    return high
+
+
 def make_reviews(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []

@@ -301,6 +301,7 @@ def evaluate_cmd(
 
 def _show_aggregate(result) -> None:
     """The round's table of client updates, the per-layer errors (svd, exact) and the DP-FedAvg spending."""
+    from fedlora_cli import privacy
     from fedlora_cli.cli import ui
 
     m = result.checkpoint.manifest
@@ -337,5 +338,7 @@ def _show_aggregate(result) -> None:
         ))
     if result.server_epsilon is not None:
         releases = len(m.server_privacy_ledger)
+        accountant = privacy.server_accountant(m.server_privacy_ledger)
         ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f} "
-                     f"({releases} release{'s' if releases != 1 else ''}, ledger {result.server_ledger})")
+                     f"({releases} release{'s' if releases != 1 else ''}, {accountant} accountant, "
+                     f"ledger {result.server_ledger})")

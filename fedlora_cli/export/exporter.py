@@ -318,6 +318,7 @@ def privacy_facts(
             sp = manifest.recipe.get("server_privacy") or {}
             facts["dp_fedavg"] = {
                 "epsilon": entry["epsilon"], "delta": entry["delta"], "target_epsilon": sp.get("target_epsilon"),
+                "accountant": entry["accountant"],
                 "releases": len(entry["history"]),
             }
     return facts

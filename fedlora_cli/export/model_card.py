@@ -233,6 +233,15 @@ def _training_rows(
     ]
 
 
+# The neighbouring relation the guarantees hold under (README "Privacy" says the same).
+NEIGHBOURS = (
+    "The guarantees are for *zero-out* neighbours: one example (DP-SGD) or one client's update (DP-FedAvg) "
+    "replaced by one that contributes nothing. Each client update publishes its shard size, so the add-or-remove "
+    "relation is not what they protect; swapping one example for an arbitrary other is covered at twice the "
+    "epsilon and a delta of (1 + e^epsilon) delta (group privacy over two zero-outs)."
+)
+
+
 def _privacy_section(facts: dict[str, Any]) -> list[str]:
     """Sample-level DP-SGD at the clients and client-level DP-FedAvg at the coordinator, as far as they ran."""
     if not facts:
@@ -247,9 +256,10 @@ def _privacy_section(facts: dict[str, Any]) -> list[str]:
         lines += [
             "",
             (f"Client-level DP-FedAvg at the coordinator, {server['releases']} release(s) of an aggregate: "
-             f"ε = {server['epsilon']:.3f} at δ = {server['delta']:g}{target}."),
+             f"ε = {server['epsilon']:.3f} at δ = {server['delta']:g}{target}"
+             f"{', ' + server['accountant'] + ' accountant' if server.get('accountant') else ''}."),
         ]
-    return lines
+    return lines + ["", NEIGHBOURS]
 
 
 def _dp_sgd_lines(dp: dict[str, Any]) -> list[str]:

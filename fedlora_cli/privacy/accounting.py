@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 Entry = tuple[float, float, int]
 
 
+# Exact composition of Gaussian releases without sampling (q = 1 throughout): what DP-FedAvg spends when every
+# client takes part in every round. Not a recipe choice (DP-SGD always samples); see :func:`server_accountant`.
+GAUSSIAN = "gaussian"
+
+
 def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> float:
     """The accountant's epsilon for everything in ``history`` at ``delta``; 0 for an empty history."""
     from opacus.accountants import create_accountant
@@ -39,10 +44,45 @@ def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> 
         return 0.0
     if any(s == 0 for s, _, _ in steps):
         return math.inf
+    if accountant == GAUSSIAN:
+        if any(q != 1.0 for _, q, _ in steps):
+            raise ValueError("the exact Gaussian composition covers releases without sampling (q = 1) only")
+        return gaussian_epsilon(math.sqrt(sum(n / s**2 for s, _, n in steps)), delta)
     acc = create_accountant(mechanism=accountant)
     acc.history = steps
     with _quiet_accountant():
         return float(acc.get_epsilon(delta=delta))
+
+
+def server_accountant(history: Sequence[Entry]) -> str:
+    """The accountant for a DP-FedAvg history: exact Gaussian composition when no release sampled its clients,
+    else RDP, which covers Poisson sampling of clients (amplification by sampling)."""
+    return GAUSSIAN if all(float(q) == 1.0 for _, q, _ in history) else "rdp"
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """The exact epsilon at ``delta`` of a Gaussian mechanism of sensitivity 1 and noise 1 / ``mu``.
+
+    T releases of noise multipliers sigma_i compose exactly into one Gaussian with mu = sqrt(sum 1 / sigma_i^2)
+    (Dong, Roth and Su, "Gaussian Differential Privacy", 2019), whose tight curve is the analytic Gaussian
+    mechanism's (Balle and Wang, ICML 2018): delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu).
+    RDP bounds the same releases loosely (sigma 1, T 10, delta 1e-5: 19.05 against this 17.86). The smallest
+    eps with delta(eps) <= delta is found by bisection and rounded up, so the figure never understates.
+    """
+    from scipy.special import log_ndtr
+
+    def delta_at(eps: float) -> float:
+        return math.exp(log_ndtr(mu / 2 - eps / mu)) - math.exp(eps + log_ndtr(-mu / 2 - eps / mu))
+
+    if delta_at(0.0) <= delta:
+        return 0.0
+    low, high = 0.0, 1.0
+    while delta_at(high) > delta:
+        low, high = high, 2 * high
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (middle, high) if delta_at(middle) > delta else (low, middle)
+    return high
 
 
 @contextlib.contextmanager

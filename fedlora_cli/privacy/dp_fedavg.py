@@ -20,16 +20,13 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli import aggregation
 from fedlora_cli.aggregation.strategy import Aggregate, Contributions, PrivacyRelease, RoundSpec, Strategy
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.privacy.accounting import epsilon
+from fedlora_cli.privacy.accounting import epsilon, server_accountant
 from fedlora_cli.privacy.ledgers import ServerLedger, write_server_ledger
 
 if TYPE_CHECKING:
     import torch
 
     from fedlora_cli.recipe import ServerPrivacySection
-
-ACCOUNTANT = "rdp"
-
 
 @dataclass
 class _Delta:
@@ -75,7 +72,8 @@ class DPFedAvg(Strategy):
     def check_round(self, clients: int) -> None:
         """Refuse a release over the budget, or more updates than the noise is calibrated for; before any work."""
         sp = self.settings
-        self.epsilon = epsilon([tuple(e) for e in self.history], sp.delta, ACCOUNTANT)
+        history = [tuple(e) for e in self.history]
+        self.epsilon = epsilon(history, sp.delta, server_accountant(history))
         if sp.target_epsilon is not None and self.epsilon > sp.target_epsilon:
             raise FedloraError(
                 f"server privacy budget: this release would bring client-level epsilon to {self.epsilon:.3f} "

@@ -46,7 +46,7 @@ def server_entry(global_dir: Path | storage.GlobalCheckpoint) -> dict[str, Any] 
     if not history:
         return None
     delta = ckpt.manifest.server_privacy_delta or float(sp.get("delta", 1e-5))
-    ledger = privacy.Ledger("rdp", delta, sp.get("target_epsilon"), history)
+    ledger = privacy.Ledger(privacy.server_accountant(history), delta, sp.get("target_epsilon"), history)
     return _entry(who, ledger)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import private_recipe
+from conftest import exact_gaussian_epsilon, private_recipe
 from opacus.accountants import create_accountant
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -103,3 +103,26 @@ def test_delta_too_large_for_the_client(tmp_path, tiny_model_dir, reviews_csv, p
     result = runner.invoke(app, ["init", str(recipe_path), "--data", str(partition_dir), "--out", str(tmp_path / "g0")])
     assert result.exit_code == 1 and "privacy.delta" in result.output and "1/n" in result.output
     assert not (tmp_path / "g0").exists()
+
+
+# DP-FedAvg with every client in every round: exact Gaussian composition ---------------------------------------
+
+
+@pytest.mark.parametrize("releases", [[(1.0, 10)], [(0.7, 1)], [(2.0, 3), (1.2, 2)], [(5.0, 40)]])
+def test_unsampled_gaussian_releases_compose_to_the_exact_gaussian_figure(releases):
+    history = [(sigma, 1.0, count) for sigma, count in releases]
+    exact = privacy.epsilon(history, 1e-5, "gaussian")
+    assert exact == pytest.approx(exact_gaussian_epsilon(releases, 1e-5), rel=1e-4)
+    assert exact < privacy.epsilon(history, 1e-5, "rdp")  # RDP over-states the same releases
+
+
+def test_the_issues_example_sigma_1_ten_releases():
+    assert privacy.epsilon([(1.0, 1.0, 10)], 1e-5, "gaussian") == pytest.approx(17.86, abs=0.005)
+    assert privacy.epsilon([(1.0, 1.0, 10)], 1e-5, "rdp") == pytest.approx(19.05, abs=0.01)
+
+
+def test_the_server_accountant_is_exact_without_sampling_and_rdp_with_it():
+    assert privacy.server_accountant([(1.0, 1.0, 1), (1.0, 1.0, 1)]) == "gaussian"
+    assert privacy.server_accountant([(1.0, 1.0, 1), (1.0, 0.5, 1)]) == "rdp"
+    with pytest.raises(ValueError, match="without sampling"):
+        privacy.epsilon([(1.0, 0.5, 1)], 1e-5, "gaussian")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import recipe_dict
+from conftest import exact_gaussian_epsilon, recipe_dict
 from typer.testing import CliRunner
 
 from fedlora_cli import privacy, recipe as recipes, storage
@@ -26,7 +26,7 @@ def test_server_epsilon_reported_later_is_the_one_aggregate_printed(make_recipe,
     assert report.exit_code == 0, report.output
     entry = json.loads(report.stdout)[0]
     assert entry["delta"] == 1e-3 and entry["epsilon"] == pytest.approx(printed)
-    assert printed == pytest.approx(privacy.epsilon([(0.8, 1.0, 1)], 1e-3, "rdp"))
+    assert printed == pytest.approx(exact_gaussian_epsilon([(0.8, 1)], 1e-3), rel=1e-4)
 
 
 def test_privacy_report_of_a_run_counts_releases_its_checkpoints_do_not_show(tiny_model_dir, reviews_csv, federation_copy, tmp_path):
@@ -43,4 +43,5 @@ def test_privacy_report_of_a_run_counts_releases_its_checkpoints_do_not_show(tin
     assert report.exit_code == 0, report.output
     server = [e for e in json.loads(report.stdout) if e["who"].startswith("server")]
     assert len(server) == 1 and len(server[0]["history"]) == 2
-    assert server[0]["epsilon"] == pytest.approx(privacy.epsilon([(2.0, 1.0, 1)] * 2, 1e-5, "rdp"))
+    assert server[0]["epsilon"] == pytest.approx(exact_gaussian_epsilon([(2.0, 2)], 1e-5), rel=1e-4)
+    assert server[0]["accountant"] == "gaussian"
