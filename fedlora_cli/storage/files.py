@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli.errors import FedloraError, first_line
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -94,12 +95,41 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
-    """Write tensors as safetensors; returns the file size in bytes."""
-    from safetensors.torch import save_file
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor] | Mapping[str, np.ndarray]) -> int:
+    """Write tensors (torch tensors, or numpy arrays: the same file either way) as safetensors; returns the file
+    size in bytes."""
+    if is_arrays(tensors):
+        import numpy as np
+        from safetensors.numpy import save_file as save_arrays
 
-    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(path))
+        save_arrays({name: np.ascontiguousarray(a) for name, a in tensors.items()}, str(path))
+    else:
+        from safetensors.torch import save_file
+
+        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(path))
     return path.stat().st_size
+
+
+def is_arrays(tensors: Mapping[str, Any]) -> bool:
+    """Whether a dict of tensors holds numpy arrays (the mean path's) rather than torch tensors; an empty dict
+    holds neither and counts as torch."""
+    import numpy as np
+
+    return any(isinstance(t, np.ndarray) for t in tensors.values())
+
+
+def as_arrays(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """CPU torch tensors as numpy arrays over the same memory: no copy, and no second digest check."""
+    return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+
+
+def as_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Numpy arrays as torch tensors over the same memory: no copy, and no second digest check."""
+    if not arrays:
+        return {}
+    import torch
+
+    return {name: torch.from_numpy(a) for name, a in arrays.items()}
 
 
 def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -137,7 +167,8 @@ def tensor_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]
     if not path.is_file():
         raise FedloraError(f"{what} not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        # The header is the same whatever framework reads the data; numpy's does not import torch.
+        with safe_open(str(path), framework="numpy") as handle:
             header = {}
             for name in handle.keys():
                 piece = handle.get_slice(name)
@@ -177,19 +208,29 @@ def _hasher(algorithm: str) -> Any:
     raise ValueError(f"unknown digest algorithm '{algorithm}'")
 
 
-def _hex_digest(tensor: torch.Tensor, algorithm: str) -> str:
-    import torch
+def _hex_digest(tensor: torch.Tensor | np.ndarray, algorithm: str) -> str:
+    import numpy as np
 
-    t = tensor.detach().contiguous().cpu()  # no copy for a contiguous CPU tensor
+    if isinstance(tensor, np.ndarray):
+        # Named as torch names the dtype ('torch.float32'), so an array and the tensor of the same bytes have one
+        # digest, whichever library read them.
+        dtype, shape = f"torch.{tensor.dtype.name}", tuple(tensor.shape)
+        data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)  # no copy for a contiguous array
+    else:
+        import torch
+
+        t = tensor.detach().contiguous().cpu()  # no copy for a contiguous CPU tensor
+        dtype, shape, data = t.dtype, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy()
     h = _hasher(algorithm)
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # the tensor's own buffer, hashed in place
+    h.update(f"{dtype}|{shape}|".encode())
+    h.update(memoryview(data))  # the tensor's own buffer, hashed in place
     return h.hexdigest()
 
 
-def tensor_digest(tensor: torch.Tensor, algorithm: str | None = None) -> str:
+def tensor_digest(tensor: torch.Tensor | np.ndarray, algorithm: str | None = None) -> str:
     """The digest of a tensor's dtype, shape and raw bytes, named by its algorithm (default
-    :data:`DIGEST_ALGORITHM`): ``xxh128:<32 hex digits>``. Equal digests mean bit-identical tensors."""
+    :data:`DIGEST_ALGORITHM`): ``xxh128:<32 hex digits>``. Equal digests mean bit-identical tensors; a numpy array
+    has the digest of the torch tensor with the same dtype, shape and bytes."""
     algorithm = algorithm or DIGEST_ALGORITHM
     return f"{algorithm}:{_hex_digest(tensor, algorithm)}"
 
@@ -218,18 +259,29 @@ def _parse_digest(digest: str, where: str) -> tuple[str, str]:
     raise FedloraError(f"{where} has a malformed digest {str(digest)!r:.40} (expected '{DIGEST_ALGORITHM}:<hex>')")
 
 
-def digest_matches(tensor: torch.Tensor, expected: str, where: str = "a manifest") -> bool:
+def digest_matches(tensor: torch.Tensor | np.ndarray, expected: str, where: str = "a manifest") -> bool:
     """Whether a tensor is the one a recorded digest describes, hashed with the algorithm that digest names (so
     a digest written before xxh128 still checks)."""
     algorithm, value = _parse_digest(expected, where)
     return _hex_digest(tensor, algorithm) == value
 
 
-def load_verified(path: Path, digests: Mapping[str, str], what: str) -> dict[str, torch.Tensor]:
+def check_digest(tensor: torch.Tensor | np.ndarray, expected: str, where: str) -> None:
+    """Refuse a tensor that is not the one its recorded digest describes: a :class:`FedloraError` that says
+    ``where`` it was read (a file and a tensor name)."""
+    if not digest_matches(tensor, expected, where):
+        raise FedloraError(
+            f"{where} does not match the digest in its manifest (the file was corrupted, truncated or replaced "
+            "since it was written)"
+        )
+
+
+def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: str = "pt") -> dict[str, Any]:
     """Read a safetensors file and check it against the digests its manifest records for it: the same tensor
     names, and every tensor bit-identical to the one written, each checked with the algorithm its digest
     names. Each tensor is hashed as it is read, while its bytes are still in the CPU's cache, rather than in a
-    second pass over the whole file.
+    second pass over the whole file. ``framework`` is safetensors': "pt" (torch tensors, the default) or
+    "numpy" (arrays; torch is not imported).
 
     A missing, truncated, corrupted or swapped file is a :class:`FedloraError` that names the tensor.
     """
@@ -237,10 +289,11 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str) -> dict[str
 
     if not path.is_file():
         raise FedloraError(f"{what} not found: {path}")
-    parsed = {name: _parse_digest(d, f"{what} {path}: tensor '{name}'") for name, d in digests.items()}
+    for name, d in digests.items():  # an unknown or malformed digest is refused before any data is read
+        _parse_digest(d, f"{what} {path}: tensor '{name}'")
     tensors = {}
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework=framework) as handle:
             names = list(handle.keys())
             unrecorded, absent = sorted(set(names) - set(digests)), sorted(set(digests) - set(names))
             if unrecorded:
@@ -249,12 +302,7 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str) -> dict[str
                 raise FedloraError(f"{what} {path} lacks tensor '{absent[0]}', which its manifest has a digest for")
             for name in names:
                 t = handle.get_tensor(name)
-                algorithm, value = parsed[name]
-                if _hex_digest(t, algorithm) != value:
-                    raise FedloraError(
-                        f"{what} {path}: tensor '{name}' does not match the digest in its manifest (the file was "
-                        "corrupted, truncated or replaced since it was written)"
-                    )
+                check_digest(t, digests[name], f"{what} {path}: tensor '{name}'")
                 tensors[name] = t
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FedloraError(f"{what} {path} is not a readable safetensors file ({first_line(exc)})") from None

@@ -169,3 +169,64 @@ def test_identities_stay_sha256_of_the_digest_strings():
     assert re.fullmatch(r"[0-9a-f]{64}", identity)
     assert identity == storage.combined_digest(dict(reversed(digests.items())))
     assert identity == hashlib.sha256(f"a={ARANGE_SHA256};b={ARANGE_XXH128};".encode()).hexdigest()
+
+
+# The numpy round's side of the same files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tensor", [
+    pytest.param(arange, id="float32"),
+    pytest.param(lambda: arange().double(), id="float64"),
+    pytest.param(lambda: arange().half(), id="float16"),
+    pytest.param(lambda: torch.tensor(1.5), id="0-d"),
+    pytest.param(lambda: torch.zeros(0, 3), id="empty"),
+    pytest.param(lambda: torch.arange(12, dtype=torch.float32).reshape(3, 4).t(), id="strided"),
+])
+def test_an_array_has_the_digest_of_its_tensor(tensor):
+    t = tensor()
+    a = t.numpy()
+
+    assert storage.tensor_digest(a) == storage.tensor_digest(t)
+    assert storage.tensor_digest(a, "sha256") == storage.tensor_digest(t, "sha256")
+    assert storage.digest_matches(a, storage.tensor_digest(t)) and storage.digest_matches(a, legacy_tensor_digest(t))
+
+
+def test_the_pinned_digests_hold_for_an_array():
+    a = arange().numpy()
+
+    assert storage.tensor_digest(a) == ARANGE_XXH128 and storage.digest_matches(a, ARANGE_SHA256)
+
+
+def test_arrays_and_tensors_write_the_same_file(tmp_path):
+    tensors = {**two_tensors(), "c": torch.arange(4, dtype=torch.float64)}
+    arrays = {name: t.numpy() for name, t in tensors.items()}
+
+    assert storage.is_arrays(arrays) and not storage.is_arrays(tensors) and not storage.is_arrays({})
+    storage.save_tensors(tmp_path / "a.safetensors", arrays)
+    storage.save_tensors(tmp_path / "t.safetensors", tensors)
+
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "t.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("digest", [storage.tensor_digest, legacy_tensor_digest], ids=["xxh128", "old sha256"])
+def test_load_verified_reads_arrays_without_torch_and_refuses_a_flipped_bit(tmp_path, digest):
+    tensors = two_tensors()
+    path = written(tmp_path, tensors)
+    digests = {n: digest(t) for n, t in tensors.items()}
+
+    loaded = storage.load_verified(path, digests, "client update tensors", framework="numpy")
+
+    assert all(type(a).__module__ == "numpy" and (a == tensors[n].numpy()).all() for n, a in loaded.items())
+    flip_bit(path, 5)
+    with pytest.raises(FedloraError, match=r"tensor 'b' does not match the digest in its manifest"):
+        storage.load_verified(path, digests, "client update tensors", framework="numpy")
+
+
+def test_arrays_and_tensors_are_views_of_each_other():
+    tensors = two_tensors()
+
+    arrays = storage.as_arrays(tensors)
+    back = storage.as_tensors(arrays)
+
+    assert all(arrays[n].ctypes.data == t.data_ptr() == back[n].data_ptr() for n, t in tensors.items())
+    assert storage.as_tensors({}) == {}

@@ -1,0 +1,81 @@
+"""fedlora_cli.storage.mapped: a safetensors file as numpy views of its memory map, parsed as strictly as the
+safetensors library parses it; anything else is one clear line, never a traceback, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.storage.mapped import map_tensors
+
+
+def tensors() -> dict[str, np.ndarray]:
+    return {
+        "a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.linspace(-1, 1, 5),  # float64
+        "c": np.array(2.5, dtype=np.float16), "d": np.zeros((0, 4), np.float32), "e": np.arange(3, dtype=np.int64),
+        "f": np.array([True, False]),
+    }
+
+
+def handmade(path, header: dict, data: bytes, length: int | None = None) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+
+
+def test_maps_every_tensor_safetensors_wrote(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file(tensors(), str(path), metadata={"format": "np"})
+
+    mapped = map_tensors(path, "client update tensors")
+
+    assert set(mapped) == set(tensors())
+    for name, a in tensors().items():
+        assert mapped[name].dtype == a.dtype and mapped[name].shape == a.shape and np.array_equal(mapped[name], a)
+        assert not mapped[name].flags.writeable  # a view of the file, never written through
+
+
+@pytest.mark.parametrize("header, data, length, needle", [
+    ({}, b"", 10**12, "does not fit in the file"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "past the end of the data"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, None, "has 4 bytes for F32[2]"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, None, "a gap or an overlap"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": {"dtype": "F32", "shape": [1],
+      "data_offsets": [0, 4]}}, b"\0" * 4, None, "a gap or an overlap"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "4 bytes after the last tensor"),
+    ({"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, None, "numpy does not hold"),
+    ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4, None, "malformed shape"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4, None, "malformed data offsets"),
+    ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, None, "malformed header entry"),
+    ([1, 2], b"", None, "not a JSON object"),
+])
+def test_a_file_that_is_not_safetensors_is_one_line(tmp_path, header, data, length, needle):
+    path = tmp_path / "bad.safetensors"
+    handmade(path, header, data, length)
+
+    with pytest.raises(FedloraError) as caught:
+        map_tensors(path, "client update tensors")
+
+    message = str(caught.value)
+    assert message.startswith(f"client update tensors {path} is not a readable safetensors file")
+    assert needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content", [b"", b"\x01\x02", b"\x05" + b"\0" * 7 + b"{oops", pickle.dumps({"a": 1})],
+                         ids=["empty", "too short", "not JSON", "a pickle"])
+def test_garbage_and_pickles_are_refused(tmp_path, content):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+
+    with pytest.raises(FedloraError, match="is not a readable safetensors file"):
+        map_tensors(path, "client update tensors")
+
+
+def test_a_missing_file(tmp_path):
+    with pytest.raises(FedloraError, match="client update tensors not found"):
+        map_tensors(tmp_path / "nowhere.safetensors", "client update tensors")
