@@ -66,7 +66,8 @@ def weighted_mean(updates: Iterable[tuple[Tensors, float]]) -> dict[str, torch.T
 
     ``updates`` yields (tensors, weight) pairs; the weights should sum to one. Every update must carry the
     same names, shapes and dtypes as the first; the result keeps the first update's dtypes. Low-precision
-    tensors are summed in float32.
+    tensors are summed in float32. Each update is weighted, then added: two roundings, as the numpy round does
+    (:mod:`.arrays`), not one fused multiply-add, whose use would depend on torch's kernel for the CPU.
     """
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -82,7 +83,7 @@ def weighted_mean(updates: Iterable[tuple[Tensors, float]]) -> dict[str, torch.T
             for name, t in tensors.items():
                 if t.shape != total[name].shape or t.dtype != dtypes[name]:
                     raise FedloraError(f"tensor '{name}' differs in shape or dtype between client updates")
-                total[name].add_(t.to(total[name].dtype), alpha=weight)
+                total[name].add_(t.to(total[name].dtype) * weight)
         count += 1
     if count == 0:
         raise FedloraError("no client updates to aggregate")
@@ -120,14 +121,14 @@ def clipped_delta(update: Tensors, reference: Tensors, bound: float) -> dict[str
 
 
 def update_norm(update: Tensors, reference: Tensors) -> float:
-    """L2 norm of (update - reference) over the update's tensors: how far a client moved the global."""
-    import torch
+    """L2 norm of (update - reference) over the update's tensors: how far a client moved the global.
 
-    squared = 0.0
-    for name, t in update.items():
-        # Per-tensor norms in float32 (torch sums them pairwise); squares are combined in Python's float64.
-        squared += float(torch.linalg.vector_norm(t.float() - reference[name].float())) ** 2
-    return squared**0.5
+    Measured by :func:`.arrays.squared_distance` per tensor (numpy, over the tensors' memory), combined in
+    Python's float64 in name order: exactly as the numpy round measures, so the norm bound judges alike.
+    """
+    from fedlora_cli.aggregation.arrays import squared_distance
+
+    return sum(squared_distance(update[name], reference[name]) for name in sorted(update)) ** 0.5
 
 
 def nonfinite(tensors: Tensors) -> str | None:

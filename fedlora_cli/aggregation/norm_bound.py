@@ -32,7 +32,10 @@ class NormBound:
     action: str = "clip"
 
     def judge(self, tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> Verdict:
-        norm = update_norm(tensors, reference)
+        return self.verdict(update_norm(tensors, reference))
+
+    def verdict(self, norm: float) -> Verdict:
+        """The verdict on an update whose difference from what its client received has this L2 norm."""
         if self.bound is None or not norm > self.bound:
             return Verdict(norm, None, 1.0)
         if self.action == "reject":

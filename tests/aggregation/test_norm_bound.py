@@ -60,3 +60,9 @@ def test_no_bound_passes_everything_and_describes_itself():
     assert NormBound(3.0, "reject").describe() == {"norm_bound": 3.0, "norm_bound_action": "reject"}
     assert NormBound(3.0).describe() == {"norm_bound": 3.0, "norm_bound_action": "clip"}
     assert ACTIONS == ("clip", "reject")
+
+
+@pytest.mark.parametrize("bound", [NormBound(None), NormBound(10.0), NormBound(2.0), NormBound(2.0, "reject")])
+def test_a_verdict_on_a_norm_is_the_verdict_on_the_tensors(bound):
+    # What the numpy round, which measures the norm itself, asks of the bound.
+    assert bound.verdict(update_norm(UPDATE, REFERENCE)) == bound.judge(UPDATE, REFERENCE)

@@ -1,0 +1,126 @@
+"""The arithmetic of the ``mean`` strategy over numpy arrays, for the coordinator's round that never imports
+torch (:mod:`fedlora_cli.federation.numpy_round`).
+
+Pure functions and one accumulator, no I/O. Operation for operation the arithmetic of the torch path
+(:func:`.functions.weighted_mean`, :func:`.functions.clip_to_norm`, :class:`.mean.Mean`), so that both write
+bit-identical checkpoints; each step is one IEEE operation per element, the same in either library::
+
+    first update       S = w_1 T_1                      in T's dtype (float32, or float64)
+    each later one     S = S + (w_k T_k)                a multiply, then an add: never fused into one rounding
+    after rejections   S = S / (sum of the kept w_k)
+    a clipped update   T' = R + (T - R) c               before it is weighted; R what the client received
+
+Norms are measured here for both paths (:func:`squared_distance`, which :func:`.functions.update_norm` calls),
+so the norm bound decides alike wherever the tensors came from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fedlora_cli.errors import FedloraError
+
+# The safetensors dtypes this arithmetic takes as they are: a round whose tensors are all of these needs no torch.
+DTYPES = ("F32", "F64")
+
+
+def as_array(tensor: Any) -> np.ndarray:
+    """A float32 or float64 array as it is, a CPU torch tensor as an array over its memory; any other dtype as a
+    float32 copy."""
+    if isinstance(tensor, np.ndarray):
+        return tensor if tensor.dtype in (np.float32, np.float64) else tensor.astype(np.float32)
+    import torch
+
+    t = tensor.detach().cpu()
+    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+
+
+def scratch_for(tensor: np.ndarray, buffers: dict[np.dtype, np.ndarray] | None) -> np.ndarray:
+    """A work array of ``tensor``'s shape in its dtype (float32 for anything but float64): a view of the matching
+    buffer in ``buffers`` when one is given (kept by the caller across tensors), else a new array."""
+    dtype = np.dtype(np.float64 if tensor.dtype == np.float64 else np.float32)
+    buffer = None if buffers is None else buffers.get(dtype)
+    if buffer is None or buffer.size < tensor.size:
+        return np.empty(tensor.shape, dtype)
+    return buffer[:tensor.size].reshape(tensor.shape)
+
+
+def scratch_buffers(tensors: Mapping[str, np.ndarray]) -> dict[np.dtype, np.ndarray]:
+    """Work buffers large enough for :func:`scratch_for` on any of ``tensors``."""
+    sizes: dict[np.dtype, int] = {}
+    for t in tensors.values():
+        dtype = np.dtype(np.float64 if t.dtype == np.float64 else np.float32)
+        sizes[dtype] = max(sizes.get(dtype, 0), t.size)
+    return {dtype: np.empty(size, dtype) for dtype, size in sizes.items()}
+
+
+def squared_distance(tensor: Any, reference: Any, buffers: dict[np.dtype, np.ndarray] | None = None) -> float:
+    """||tensor - reference||^2, as a Python float.
+
+    The difference is taken in float32 (float64 for float64 tensors) and its squares summed in that dtype by
+    numpy's own loop (not BLAS, whose threads would make the last bits depend on their number). Where that
+    overflows (a float32 difference beyond about 1.8e19 is finite, its square is not), it is taken again in
+    float64. So the result is finite exactly when every element of both tensors is: a norm is also the
+    finiteness check.
+    """
+    t, r = as_array(tensor), as_array(reference)
+    d = scratch_for(t, buffers).reshape(-1)
+    np.subtract(t.reshape(-1), r.reshape(-1), out=d)
+    squared = float(np.einsum("i,i->", d, d))
+    if math.isfinite(squared) or d.dtype == np.float64:
+        return squared
+    d = np.subtract(t.reshape(-1), r.reshape(-1), dtype=np.float64)
+    return float(np.einsum("i,i->", d, d))
+
+
+def nonfinite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the first array holding NaN or Inf, or None (as :func:`.functions.nonfinite` for tensors)."""
+    for name, a in arrays.items():
+        # One cheap reduction clears the usual case; a non-finite sum (NaN, Inf, or finite values that overflow
+        # it) is checked element by element.
+        if a.dtype.kind == "f" and not np.isfinite(a.sum()) and not np.isfinite(a).all():
+            return name
+    return None
+
+
+class WeightedSum:
+    """sum_k w_k T_k for each tensor name, added one tensor at a time (any order across names, the clients'
+    order within each); every array of one name must have the same shape and a dtype of :data:`DTYPES`.
+
+    ``buffers`` (:func:`scratch_buffers`) hold the weighted copy of a tensor before it is added; two threads
+    adding different names at once each pass their own.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, tensor: np.ndarray, weight: float,
+            buffers: dict[np.dtype, np.ndarray] | None = None) -> None:
+        total = self.tensors.get(name)
+        w = tensor.dtype.type(weight)  # the weight rounded to the tensor's dtype, as torch multiplies by it
+        if total is None:
+            self.tensors[name] = np.multiply(tensor, w)
+            return
+        if tensor.shape != total.shape or tensor.dtype != total.dtype:
+            raise FedloraError(f"tensor '{name}' differs in shape or dtype between client updates")
+        weighted = scratch_for(tensor, buffers)
+        np.multiply(tensor, w, out=weighted)
+        np.add(total, weighted, out=total)
+
+    def add_clipped(self, name: str, tensor: np.ndarray, reference: np.ndarray, clip: float, weight: float,
+                    buffers: dict[np.dtype, np.ndarray] | None = None) -> None:
+        """Add ``reference + (tensor - reference) * clip``: an update scaled down to the norm bound."""
+        clipped = scratch_for(tensor, buffers)
+        np.subtract(tensor, reference, out=clipped)
+        np.multiply(clipped, tensor.dtype.type(clip), out=clipped)
+        np.add(reference, clipped, out=clipped)
+        self.add(name, clipped, weight, {clipped.dtype: clipped.reshape(-1)})
+
+    def divide(self, divisor: float) -> None:
+        """Renormalise: every sum divided by ``divisor`` (the kept updates' weights, when some were rejected)."""
+        for total in self.tensors.values():
+            np.divide(total, total.dtype.type(divisor), out=total)
