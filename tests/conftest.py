@@ -406,11 +406,14 @@ def folder_digest(folder: Path) -> str:
 
 def legacy_tensor_digest(tensor) -> str:
     """A tensor's digest as fedlora wrote it before xxh128 (bare sha256 hex), for fixtures written the old way;
-    tests/storage/test_files.py pins it to a digest the old fedlora wrote."""
+    tests/storage/test_files.py pins it to a digest the old fedlora wrote. A numpy array (the numpy round's) is
+    hashed as the torch tensor of its bytes, as the old fedlora would have held it."""
     import hashlib
 
     import torch
 
+    if not isinstance(tensor, torch.Tensor):
+        tensor = torch.from_numpy(tensor)
     t = tensor.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

@@ -15,10 +15,11 @@ from fedlora_cli.adapters.roles import ROLE_LABELS, ROLE_PROJECTION, role_of
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import SITE_FLAGS, Site
 from fedlora_cli.model.workbench import Workbench, build
-from fedlora_cli.storage.checkpoints import CORRECTION_TENSORS, SERVER_STATE_TENSORS, GlobalCheckpoint
+from fedlora_cli.storage.checkpoints import ADAPTER_WEIGHTS, CORRECTION_TENSORS, SERVER_STATE_TENSORS, GlobalCheckpoint
 from fedlora_cli.storage.manifests import GlobalManifest
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -38,12 +39,16 @@ class Global(GlobalCheckpoint):
         return cls(ckpt.path, ckpt.manifest)
 
     @classmethod
-    def written(cls, ckpt: GlobalCheckpoint, recipe: recipes.Recipe, tensors: dict[str, torch.Tensor],
-                correction: dict[str, torch.Tensor], server_state: dict[str, torch.Tensor] | None = None) -> Global:
-        """The checkpoint just written from these tensors (whose digests its manifest records)."""
+    def written(cls, ckpt: GlobalCheckpoint, recipe: recipes.Recipe, tensors: dict[str, Any],
+                correction: dict[str, Any], server_state: dict[str, torch.Tensor] | None = None) -> Global:
+        """The checkpoint just written from these tensors (whose digests its manifest records): torch tensors, or
+        numpy arrays (the numpy round's, which are viewed as torch tensors when a later step asks for them)."""
         written = cls(ckpt.path, ckpt.manifest)
-        written.__dict__.update(recipe=recipe, verified_tensors=tensors, verified_correction=correction,
-                                verified_server_state=dict(server_state or {}))
+        if storage.is_arrays(tensors):
+            written.__dict__.update(verified_arrays=tensors, verified_correction_arrays=correction)
+        else:
+            written.__dict__.update(verified_tensors=tensors, verified_correction=correction)
+        written.__dict__.update(recipe=recipe, verified_server_state=dict(server_state or {}))
         return written
 
     def verify(self) -> Global:
@@ -76,23 +81,50 @@ class Global(GlobalCheckpoint):
         """Names, dtypes and shapes of the adapter tensors, from the safetensors header (no data read)."""
         return storage.tensor_header(self.weights_path, "global checkpoint weights")
 
+    # Each file's tensors are read and checked once, as torch tensors or as numpy arrays (the numpy round's, which
+    # never imports torch); asked for the other kind later, they are viewed over the same memory, not read again.
+
     @cached_property
     def verified_tensors(self) -> dict[str, torch.Tensor]:
-        return storage.load_verified(self.weights_path, self.manifest.tensor_digests, "global checkpoint weights")
+        return self._verified(ADAPTER_WEIGHTS, "pt")
+
+    @cached_property
+    def verified_arrays(self) -> dict[str, np.ndarray]:
+        return self._verified(ADAPTER_WEIGHTS, "numpy")
 
     @cached_property
     def verified_correction(self) -> dict[str, torch.Tensor]:
-        return self._verified(CORRECTION_TENSORS, self.manifest.correction_digests, "global checkpoint correction")
+        return self._verified(CORRECTION_TENSORS, "pt")
+
+    @cached_property
+    def verified_correction_arrays(self) -> dict[str, np.ndarray]:
+        return self._verified(CORRECTION_TENSORS, "numpy")
 
     @cached_property
     def verified_server_state(self) -> dict[str, torch.Tensor]:
-        digests = self.manifest.server_state_digests
-        return self._verified(SERVER_STATE_TENSORS, digests, "global checkpoint server state")
+        return self._verified(SERVER_STATE_TENSORS, "pt")
 
-    def _verified(self, filename: str, expected: dict[str, str], what: str) -> dict[str, torch.Tensor]:
-        """A file of the checkpoint read and checked against its digests; empty when the manifest records none
-        (no correction, no server optimiser)."""
-        return storage.load_verified(self.path / filename, expected, what) if expected else {}
+    def _verified(self, filename: str, framework: str) -> dict[str, Any]:
+        """A file of the checkpoint read and checked against its digests, in ``framework`` ("pt" or "numpy"); the
+        same tensors in the other framework if they are held already; empty when the manifest records none (no
+        correction, no server optimiser)."""
+        digests, what, held_as = _FILES[filename]
+        held = self.__dict__.get(held_as.get("numpy" if framework == "pt" else "pt"))
+        if held is not None:
+            return storage.as_arrays(held) if framework == "numpy" else storage.as_tensors(held)
+        expected = getattr(self.manifest, digests)
+        return storage.load_verified(self.path / filename, expected, what, framework) if expected else {}
+
+
+# Each tensor file of a global checkpoint: the manifest field of its digests, what a message calls it, and the
+# cached properties of Global that hold its tensors, by framework.
+_FILES = {
+    ADAPTER_WEIGHTS: ("tensor_digests", "global checkpoint weights",
+                      {"pt": "verified_tensors", "numpy": "verified_arrays"}),
+    CORRECTION_TENSORS: ("correction_digests", "global checkpoint correction",
+                         {"pt": "verified_correction", "numpy": "verified_correction_arrays"}),
+    SERVER_STATE_TENSORS: ("server_state_digests", "global checkpoint server state", {"pt": "verified_server_state"}),
+}
 
 
 def plan_of(manifest: GlobalManifest) -> Plan:

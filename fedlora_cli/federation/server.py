@@ -2,9 +2,12 @@
 checkpoint, screen them (the norm bound), aggregate them with the recipe's strategy (wrapped by DP-FedAvg under
 server privacy), build the next global manifest, commit (the DP-FedAvg ledger), write the next global checkpoint.
 
-'mean' streams one client update at a time. The layer-wise strategies (svd, exact, median, trimmed-mean) first
-check every update in full, one at a time, then read the tensors back one layer (svd, exact) or one tensor
-name (median, trimmed-mean) at a time, re-checking each tensor's digest as it is read.
+'mean' streams one client update at a time. When it is the plain mean (no DP-FedAvg, no server optimiser) over
+float32/float64 tensors, the screening and averaging are numpy's (:mod:`.numpy_round`), and the round never
+imports torch: the same checks, the same bits, at the speed of memory. Otherwise the updates are read as torch
+tensors: the layer-wise strategies (svd, exact, median, trimmed-mean) first check every update in full, one at
+a time, then read the tensors back one layer (svd, exact) or one tensor name (median, trimmed-mean) at a time,
+re-checking each tensor's digest as it is read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fedlora_cli.aggregation import (
 )
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation import numpy_round
 from fedlora_cli.federation.common import (
     Global, digests, frozen_digest, frozen_labels, next_digests, received_tensors,
 )
@@ -118,11 +122,14 @@ def aggregate_round(
     f = recipe.federation
     counts = [u.manifest.shard_examples if f.weighting == "shard" else u.manifest.num_examples for u in updates]
     weights = aggregation.client_weights(counts, uniform=f.weighting == "uniform")
-    spec = _round_spec(g, recipe)
     strategy.check_round(len(updates))
-    screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress)
-    result = strategy.aggregate(Contributions(screen.items(updates, weights)), spec)
-    manifest, tensors, correction = _next_global(g, recipe, result, strategy, screen, updates)
+    screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress, len(updates))
+    arrays = _numpy_applies(strategy, g)
+    if arrays:
+        result = Aggregate(_numpy_mean(g, recipe, updates, weights, screen))
+    else:
+        result = strategy.aggregate(Contributions(screen.items(updates, weights)), _round_spec(g, recipe))
+    manifest, tensors, correction = _next_global(g, recipe, result, strategy, screen, updates, arrays)
     adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
     strategy.commit()
     written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction,
@@ -168,6 +175,25 @@ def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: 
     if f.server_optimizer in SERVER_OPTIMIZERS:
         strategy = SERVER_OPTIMIZERS[f.server_optimizer].around(strategy, f, g.verified_server_state)
     return strategy
+
+
+def _numpy_applies(strategy: Strategy, g: Global) -> bool:
+    """Whether numpy does this round (:func:`.numpy_round.applies`), judged on every tensor file it reads."""
+    dtypes = [dtype for dtype, _ in g.header.values()]
+    if g.manifest.correction_digests:
+        correction = storage.tensor_header(g.path / storage.CORRECTION_TENSORS, "global checkpoint correction")
+        dtypes += [dtype for dtype, _ in correction.values()]
+    return numpy_round.applies(strategy, dtypes)
+
+
+def _numpy_mean(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate], weights: Sequence[float],
+                screen: _Screen) -> dict[str, Any]:
+    """The plain mean's aggregate, by numpy; every client trains the global rank (only svd mixes ranks)."""
+    expected = _expected_tensors(g.header, g, recipe.adapter.r)
+    reference = {name: g.verified_arrays[name] for name in expected}
+    averaged = numpy_round.weighted_mean(updates, weights, reference, expected, screen.bound, screen.record)
+    screen.finish()
+    return averaged
 
 
 def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate]) -> None:
@@ -322,29 +348,44 @@ class _Contribution:
 
 class _Screen:
     """Reads each client update in turn (checked in full), measures how far it moved from what the client
-    received, applies the norm bound, and keeps a :class:`ClientRow` for each."""
+    received, applies the norm bound, and keeps a :class:`ClientRow` for each (of ``total`` updates).
+
+    The numpy round (:mod:`.numpy_round`) screens by itself and hands its verdicts to :meth:`record`.
+    """
 
     def __init__(self, g: Global, recipe: recipes.Recipe, bound: NormBound,
-                 progress: Callable[[int, int], None] | None) -> None:
-        self.g, self.recipe, self.bound, self.progress = g, recipe, bound, progress
+                 progress: Callable[[int, int], None] | None, total: int) -> None:
+        self.g, self.recipe, self.bound, self.progress, self.total = g, recipe, bound, progress, total
         self.rows: list[ClientRow] = []
 
     def items(self, updates: Sequence[storage.ClientUpdate],
               weights: Sequence[float]) -> Iterator[tuple[_Contribution, bool]]:
-        for i, (update, tensors, weight) in enumerate(_checked_updates(updates, weights), start=1):
+        for update, tensors, weight in _checked_updates(updates, weights):
             reference = self._received(update)
             verdict = self.bound.judge(tensors, reference)
             self.rows.append(self._row(update, weight, verdict))
             kept = self.bound.apply(tensors, reference, verdict)
             yield _Contribution(update, weight, verdict.clip, reference if verdict.bound == CLIPPED else None,
                                 kept), verdict.bound != REJECTED
-            if self.progress is not None:
-                self.progress(i, len(updates))
+            self._advance()
+        self.finish()
+
+    def record(self, update: storage.ClientUpdate, weight: float, verdict: Any) -> None:
+        """An update judged and averaged (or left out) elsewhere."""
+        self.rows.append(self._row(update, weight, verdict))
+        self._advance()
+
+    def finish(self) -> None:
+        """Refuse a round whose every update the norm bound rejected."""
         if all(row.bound == REJECTED for row in self.rows):
             raise FedloraError(
-                f"all {len(updates)} client updates exceed the norm bound {self.bound.bound:g} and were rejected; "
+                f"all {self.total} client updates exceed the norm bound {self.bound.bound:g} and were rejected; "
                 "nothing written"
             )
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress(len(self.rows), self.total)
 
     def _received(self, update: storage.ClientUpdate) -> dict[str, torch.Tensor]:
         rank = self.recipe.adapter.rank_for(update.manifest.client_id)
@@ -367,19 +408,26 @@ def _round_spec(g: Global, recipe: recipes.Recipe) -> RoundSpec:
 
 def _next_global(
     g: Global, recipe: recipes.Recipe, result: Aggregate, strategy: Strategy, screen: _Screen,
-    updates: Sequence[storage.ClientUpdate],
-) -> tuple[GlobalManifest, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The next global checkpoint's manifest, tensors and base-weight correction."""
-    bad = aggregation.nonfinite(result.tensors)
+    updates: Sequence[storage.ClientUpdate], arrays: bool = False,
+) -> tuple[GlobalManifest, dict[str, Any], dict[str, Any]]:
+    """The next global checkpoint's manifest, tensors and base-weight correction: torch tensors, or numpy arrays
+    when the round was numpy's (``arrays``)."""
+    if arrays:
+        from fedlora_cli.aggregation.arrays import nonfinite
+
+        parent, parent_correction = g.verified_arrays, g.verified_correction_arrays
+    else:
+        nonfinite, parent, parent_correction = aggregation.nonfinite, g.verified_tensors, g.verified_correction
+    bad = nonfinite(result.tensors)
     if bad is not None:
         raise FedloraError(f"the aggregate of tensor '{bad}' is not finite (overflow in the client updates); nothing written")
-    correction = dict(g.verified_correction)
+    correction = dict(parent_correction)
     for layer, residual in result.residuals.items():
         previous = correction.get(layer)
         correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
-    tensors = {**g.verified_tensors, **result.tensors}
-    tensor_digests = next_digests(tensors, g.verified_tensors, g.manifest.tensor_digests)
-    correction_digests = next_digests(correction, g.verified_correction, g.manifest.correction_digests)
+    tensors = {**parent, **result.tensors}
+    tensor_digests = next_digests(tensors, parent, g.manifest.tensor_digests)
+    correction_digests = next_digests(correction, parent_correction, g.manifest.correction_digests)
     state_digests = digests(result.server_state)
     release = strategy.privacy
     f = recipe.federation

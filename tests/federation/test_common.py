@@ -83,9 +83,9 @@ def count_reads(monkeypatch) -> dict:
     counts = {"loads": [], "digests": 0, "recipes": 0}
     real_load, real_hash, real_from_dict = storage.load_verified, files._hex_digest, recipes.from_dict
 
-    def load(path, digests, what):
+    def load(path, digests, what, *framework):
         counts["loads"].append(what)
-        return real_load(path, digests, what)
+        return real_load(path, digests, what, *framework)
 
     def hash_(t, algorithm):  # where every digest, written or checked, hashes a tensor's bytes
         counts["digests"] += 1
@@ -117,6 +117,24 @@ def test_global_reads_and_verifies_its_tensors_once(strategy_recipe, cached_fede
     assert counted_reads["digests"] == len(tensors) + len(correction) and correction
     assert counted_reads["recipes"] == 1
     assert set(tensors) == set(g.manifest.tensor_digests) and set(correction) == set(g.manifest.correction_digests)
+
+
+@pytest.mark.parametrize("first", ["tensors", "arrays"])
+def test_a_global_read_as_arrays_or_tensors_is_read_once(first, strategy_recipe, cached_federation, monkeypatch):
+    path = cached_federation(strategy_recipe(aggregation="exact")).global_checkpoint(1)  # with a correction
+    counted_reads = count_reads(monkeypatch)
+    g = Global.of(path)
+    parts = {"tensors": ("verified_tensors", "verified_correction"),
+             "arrays": ("verified_arrays", "verified_correction_arrays")}
+    second = "arrays" if first == "tensors" else "tensors"
+
+    read = [getattr(g, name) for name in parts[first]]
+    viewed = [getattr(g, name) for name in parts[second]]
+
+    assert counted_reads["loads"] == ["global checkpoint weights", "global checkpoint correction"]
+    for held, view in zip(read, viewed):
+        arrays, tensors = (held, view) if first == "arrays" else (view, held)
+        assert set(arrays) == set(tensors) and all(arrays[n].ctypes.data == tensors[n].data_ptr() for n in arrays)
 
 
 def test_global_refuses_tensors_that_do_not_match_its_manifest(make_recipe, cached_federation, strategy_recipe, tmp_path):

@@ -283,16 +283,23 @@ def test_dp_fedavg_checks_the_count_of_the_strategy_it_wraps(tmp_path):
 
 
 def count_tensor_reads(monkeypatch) -> list[Path]:
+    """From now on, list every client update whose tensors are read, by the torch path or by the numpy round."""
     from fedlora_cli.federation import server
+    from fedlora_cli.storage import mapped
 
     reads: list[Path] = []
-    real = server._load_checked
+    real, real_map = server._load_checked, mapped.map_tensors
 
     def counting(update):
         reads.append(update.path)
         return real(update)
 
+    def mapping(path, what):
+        reads.append(Path(path).parent)
+        return real_map(path, what)
+
     monkeypatch.setattr(server, "_load_checked", counting)
+    monkeypatch.setattr(mapped, "map_tensors", mapping)
     return reads
 
 

@@ -1,0 +1,268 @@
+"""fedlora_cli.federation.numpy_round: the plain mean's round in numpy. It writes what the torch path writes, bit
+for bit (tensors, digests, manifest, the per-client table), never imports torch, and refuses what the torch path
+refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import legacy_tensor_digest
+from safetensors.torch import load_file, save_file
+
+import fedlora_cli
+from fedlora_cli import aggregation, federation, storage
+from fedlora_cli.aggregation import NormBound
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation import numpy_round
+
+CLIENTS = ["client-0", "client-1", "client-2"]
+
+
+def sent(update_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(update_dir / storage.UPDATE_TENSORS))
+
+
+def second_largest_norm(g: Path, updates: list[Path]) -> float:
+    """A norm bound that the largest update exceeds and the others do not."""
+    reference = load_file(str(g / storage.ADAPTER_WEIGHTS))
+    return sorted(aggregation.update_norm(sent(u), reference) for u in updates)[-2]
+
+
+@pytest.fixture
+def both_ways(monkeypatch, tmp_path):
+    """Aggregate the same round through the numpy round and through the torch path; returns both results."""
+    calls = []
+    real = numpy_round.weighted_mean
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numpy_round, "weighted_mean", counted)
+
+    def run(g: Path, updates: list[Path], **overrides) -> tuple[federation.AggregateResult, federation.AggregateResult]:
+        calls.clear()  # the federation itself may have been simulated since the spy went in
+        by_numpy = federation.aggregate_round(g, updates, tmp_path / "numpy", **overrides)
+        assert calls == [1], "the numpy round did not run"
+        with monkeypatch.context() as m:
+            m.setattr(numpy_round, "applies", lambda *args: False)
+            by_torch = federation.aggregate_round(g, updates, tmp_path / "torch", **overrides)
+        assert calls == [1], "the torch path ran the numpy round"
+        return by_numpy, by_torch
+
+    return run
+
+
+def assert_identical(by_numpy: federation.AggregateResult, by_torch: federation.AggregateResult) -> None:
+    a, b = by_numpy.checkpoint, by_torch.checkpoint
+    for name in (storage.ADAPTER_WEIGHTS, storage.CORRECTION_TENSORS):
+        assert (a.path / name).exists() == (b.path / name).exists()
+        if (a.path / name).exists():
+            assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
+    manifests = [{k: v for k, v in dataclasses.asdict(c.manifest).items() if k != "created"} for c in (a, b)]
+    assert manifests[0] == manifests[1]  # digests, the identity, the aggregation report
+    assert by_numpy.clients == by_torch.clients  # weights and update norms to the last bit
+
+
+@pytest.mark.parametrize("case", ["fedavg", "ffa", "fedsa-uniform", "clip", "reject", "vera"])
+def test_the_numpy_round_writes_what_the_torch_path_writes(case, make_recipe, strategy_recipe, kind_recipe,
+                                                           cached_federation, both_ways):
+    recipe = {"ffa": make_recipe("ffa"), "fedsa-uniform": strategy_recipe("fedsa"),
+              "vera": kind_recipe("vera", "ffa")}.get(case, make_recipe("fedavg"))
+    layout = cached_federation(recipe)
+    g, updates = layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS]
+    overrides = {"fedsa-uniform": {"weighting": "uniform"},
+                 "clip": {"norm_bound": second_largest_norm(g, updates)},
+                 "reject": {"norm_bound": second_largest_norm(g, updates), "norm_bound_action": "reject"}}.get(case, {})
+
+    by_numpy, by_torch = both_ways(g, updates, **overrides)
+
+    assert_identical(by_numpy, by_torch)
+    assert [row.bound for row in by_numpy.clients if row.bound] == {"clip": ["clipped"], "reject": ["rejected"]}.get(case, [])
+
+
+def test_a_correction_from_an_exact_round_is_carried_as_it_is(strategy_recipe, cached_federation, both_ways):
+    layout = cached_federation(strategy_recipe(aggregation="exact"))
+
+    by_numpy, by_torch = both_ways(layout.global_checkpoint(1), [layout.update(2, c) for c in CLIENTS], strategy="mean")
+
+    assert_identical(by_numpy, by_torch)
+    parent = storage.read_global(layout.global_checkpoint(1)).manifest
+    assert by_numpy.checkpoint.manifest.correction_digests == parent.correction_digests
+
+
+def test_updates_with_old_sha256_digests_verify(make_recipe, cached_federation, tmp_path, both_ways):
+    layout = cached_federation(make_recipe("fedavg"))
+    updates = []
+    for client in CLIENTS:  # as an older fedlora at the client wrote them
+        update = storage.read_update(layout.update(1, client))
+        update.manifest.tensor_digests = {n: legacy_tensor_digest(t) for n, t in sent(update.path).items()}
+        updates.append(storage.write_update(tmp_path / "old" / client, update.manifest, sent(update.path)).path)
+
+    by_numpy, by_torch = both_ways(layout.global_checkpoint(0), updates)
+
+    assert_identical(by_numpy, by_torch)
+
+
+def test_the_result_is_the_next_rounds_global_without_a_read(make_recipe, cached_federation, tmp_path, monkeypatch):
+    layout = cached_federation(make_recipe("fedavg"))
+    result = federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS],
+                                        tmp_path / "g1")
+    monkeypatch.setattr(storage, "load_verified", lambda *args: pytest.fail("read the global again"))
+
+    tensors = result.checkpoint.verified_tensors  # what the next round's clients train from: the same memory
+
+    arrays = result.checkpoint.verified_arrays
+    assert set(tensors) == set(arrays) and all(tensors[n].data_ptr() == arrays[n].ctypes.data for n in arrays)
+    assert all(torch.equal(tensors[n], t) for n, t in load_file(str(tmp_path / "g1" / storage.ADAPTER_WEIGHTS)).items())
+
+
+def test_progress_is_reported_per_update(make_recipe, cached_federation, tmp_path):
+    layout = cached_federation(make_recipe("fedavg"))
+    seen = []
+
+    federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "g1",
+                               progress=lambda done, total: seen.append((done, total)))
+
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch is never imported
+
+
+SCRIPT = """
+import sys
+from fedlora_cli.cli import main
+sys.argv = ["fedlora", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    if exc.code:
+        raise
+print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
+
+
+def fedlora_in_a_fresh_process(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(fedlora_cli.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], capture_output=True, text=True, env=env,
+                          check=False)
+
+
+@pytest.mark.parametrize("options, torch_imported", [
+    ([], False),
+    (["--norm-bound", "BOUND"], False),
+    (["--norm-bound", "BOUND", "--norm-bound-action", "reject"], False),
+    (["--strategy", "median"], True),  # the robust strategies stay on torch: the check can tell
+])
+def test_aggregate_imports_torch_only_for_what_needs_it(options, torch_imported, make_recipe, cached_federation,
+                                                        tmp_path):
+    layout = cached_federation(make_recipe("ffa"))
+    g, updates = layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS]
+    options = [str(second_largest_norm(g, updates)) if o == "BOUND" else o for o in options]
+
+    done = fedlora_in_a_fresh_process("aggregate", g, *updates, "--out", tmp_path / "g1", *options, "--json")
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["round"] == 1
+    assert done.stderr.strip().splitlines()[-1] == ("torch imported" if torch_imported else "torch not imported")
+
+
+def test_which_rounds_are_numpys():
+    mean, median = aggregation.Mean(), aggregation.Median()
+
+    assert numpy_round.applies(mean, ["F32", "F64"])
+    assert not numpy_round.applies(mean, ["F32", "BF16"]) and not numpy_round.applies(mean, ["F16"])
+    assert not numpy_round.applies(median, ["F32"])
+    optimised = aggregation.SERVER_OPTIMIZERS["fedavgm"].around(mean, make_federation_section(), {})
+    assert not numpy_round.applies(optimised, ["F32"])
+
+
+def make_federation_section():
+    from fedlora_cli import recipe as recipes
+
+    return recipes.from_dict({"name": "x", "model": {"base": "b", "num_labels": 2},
+                              "federation": {"server_optimizer": "fedavgm"}}).federation
+
+
+# --------------------------------------------------------------------------------------------------------
+# What it refuses, each in one line
+
+
+def direct(layout, updates: list[Path], bound: float | None = None, expected=None):
+    """numpy_round.weighted_mean on updates of round 1, as aggregate_round calls it."""
+    g = federation.Global.of(layout.global_checkpoint(0))
+    header = {n: d for n, d in g.header.items() if g.plan.sends(n)}
+    reference = {n: g.verified_arrays[n] for n in header}
+    weights = [1 / len(updates)] * len(updates)
+    return numpy_round.weighted_mean([storage.read_update(u) for u in updates], weights, reference,
+                                     expected or header, NormBound(bound), lambda *args: None)
+
+
+def damaged(layout, tmp_path: Path, value: float, keep_digest: bool) -> tuple[Path, str]:
+    """client-0's update with one value replaced; its manifest's digest updated to match if ``keep_digest``."""
+    bad = tmp_path / "bad"
+    update = storage.read_update(layout.update(1, "client-0"))
+    tensors = sent(update.path)
+    name = max(tensors)
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = value
+    if keep_digest:
+        update.manifest.tensor_digests[name] = storage.tensor_digest(tensors[name])
+    storage.write_update(bad, update.manifest, sent(update.path))
+    save_file(tensors, str(bad / storage.UPDATE_TENSORS))
+    return bad, name
+
+
+@pytest.mark.parametrize("bound", [None, 1e9, 1e-9])
+@pytest.mark.parametrize("value, keep_digest, needle", [
+    (float("nan"), True, "holds NaN or Inf"),
+    (float("inf"), True, "holds NaN or Inf"),
+    (float("nan"), False, "does not match the digest"),  # a damaged file is refused as damaged first
+    (0.123, False, "does not match the digest"),
+])
+def test_a_bad_tensor_is_refused_by_name(value, keep_digest, needle, bound, make_recipe, cached_federation, tmp_path):
+    layout = cached_federation(make_recipe("fedavg"))
+    bad, name = damaged(layout, tmp_path, value, keep_digest)
+    good = [layout.update(1, c) for c in CLIENTS[1:]]
+
+    with pytest.raises(FedloraError) as caught:
+        direct(layout, [*good, bad], bound)
+
+    message = str(caught.value)
+    assert needle in message and f"tensor '{name}'" in message and str(bad) in message and "\n" not in message
+
+
+def test_a_tensor_file_that_changed_since_it_was_checked_is_refused(make_recipe, cached_federation):
+    layout = cached_federation(make_recipe("fedavg"))
+    g = federation.Global.of(layout.global_checkpoint(0))
+    header = {n: d for n, d in g.header.items() if g.plan.sends(n)}
+    name = min(header)
+    dtype, shape = header[name]
+
+    with pytest.raises(FedloraError, match="its tensor file changed while aggregating"):
+        direct(layout, [layout.update(1, "client-0")], expected={**header, name: (dtype, (*shape, 1))})
+
+
+def test_the_first_bad_update_is_the_one_named(make_recipe, cached_federation, tmp_path):
+    # The second update is mapped while the first is averaged; its refusal waits for its turn.
+    layout = cached_federation(make_recipe("fedavg"))
+    first, name = damaged(layout, tmp_path, 0.123, keep_digest=False)
+    second = tmp_path / "garbage"
+    shutil.copytree(layout.update(1, "client-1"), second)
+    (second / storage.UPDATE_TENSORS).write_bytes(b"not safetensors at all")
+
+    with pytest.raises(FedloraError, match=rf"{first}.*tensor '{name}' does not match the digest"):
+        direct(layout, [first, second])
+    with pytest.raises(FedloraError, match=rf"{second}.* is not a readable safetensors file"):
+        direct(layout, [layout.update(1, "client-0"), second])
