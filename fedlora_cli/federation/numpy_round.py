@@ -17,19 +17,23 @@ bytes:
   so bytes that changed on disk in between cannot be averaged unnoticed;
 - with a norm bound the whole update's norm must be known before any of it is added: a first visit measures,
   a second adds (clipped, if so) and checks the digests;
-- two threads share the tensors of each update, alternate names each. The sum of one name still runs over the
-  clients in their order, so the result does not depend on the threads, and is bit-identical to the torch
-  path's (:mod:`fedlora_cli.aggregation.arrays`).
+- updates go in pairs, tensor by tensor: one name's running sum and reference are read from memory once for
+  both updates of a pair rather than once for each (a quarter of the memory traffic);
+- two threads share the tensor names, alternate names each. The sum of one name still runs over the clients in
+  their order, so the result does not depend on the threads or the pairing, and is bit-identical to the torch
+  path's (:mod:`fedlora_cli.aggregation.arrays`). When several updates are bad, the first one is named.
 
-Memory: the global's tensors, the running sum, and the pages of at most two mapped updates (the one being
-averaged and the next, mapped meanwhile): flat in the number of clients.
+Memory: the global's tensors, the running sum, and the pages of the pair being averaged (the next pair is
+mapped meanwhile, its pages touched only in its turn): flat in the number of clients.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedlora_cli import storage
@@ -41,7 +45,8 @@ if TYPE_CHECKING:
 
     from fedlora_cli.aggregation.strategy import Strategy
 
-_THREADS = 2  # the old path used two as well: one read and hashed the next update while the other averaged
+_THREADS = 2  # the torch path used two as well: one read and hashed the next update while the other averaged
+_PAIR = 2  # updates visited together
 
 
 def applies(strategy: Strategy, dtypes: Sequence[str]) -> bool:
@@ -71,36 +76,81 @@ def weighted_mean(
     buffers = [scratch_buffers({n: reference[n] for n in half}) for half in halves]
     sums, kept, rejected = WeightedSum(), [], False
     bounded = bound.bound is not None
+    pairs = [list(zip(updates[i:i + _PAIR], weights[i:i + _PAIR])) for i in range(0, len(updates), _PAIR)]
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
 
-        def visit(mapped: _Mapped, **how: Any) -> list[Future[dict[str, float]]]:
-            return [pool.submit(mapped.visit, half, scratch, **how) for half, scratch in zip(halves, buffers)]
+        def visit(visits: list[_Visit]) -> Callable[[], list[dict[str, float]]]:
+            """Start the visits on both threads; the returned call waits for them and raises the first update's
+            refusal, if any, else gives each update's squared distances by name."""
+            parts = [pool.submit(_visit, half, scratch, visits) for half, scratch in zip(halves, buffers)]
 
-        following = _Mapped.of(updates[0], expected, reference)
-        for i, (update, weight) in enumerate(zip(updates, weights)):
+            def outcome() -> list[dict[str, float]]:
+                by_update = list(zip(*(part.result() for part in parts)))  # each update's results from both halves
+                for results in by_update:
+                    refused = next((r for r in results if isinstance(r, FedloraError)), None)
+                    if refused is not None:
+                        raise refused
+                return [{name: sq for result in results for name, sq in result.items()} for results in by_update]
+
+            return outcome
+
+        following = [_Mapped.of(update, expected, reference) for update, _ in pairs[0]]
+        for i, pair in enumerate(pairs):
             mapped = following
-            if isinstance(mapped, FedloraError):
-                raise mapped
+            ready = list(itertools.takewhile(lambda m: isinstance(m, _Mapped), mapped))
             # Without a bound, one visit does everything; with one, nothing is added before the norm is known.
-            measuring = visit(mapped, measure=True, add=None if bounded else (sums, weight, 1.0), check=not bounded)
-            # The next update is mapped (and its header checked) while this one is visited.
-            following = _Mapped.of(updates[i + 1], expected, reference) if i + 1 < len(updates) else None
-            squared = {name: sq for part in measuring for name, sq in part.result().items()}
+            measured = visit([_Visit(m, measure=True, add=None if bounded else (sums, w, 1.0), check=not bounded)
+                              for m, (_, w) in zip(ready, pair)])
+            # The next pair is mapped (and its headers checked) while this one is visited.
+            following = [_Mapped.of(u, expected, reference) for u, _ in pairs[i + 1]] if i + 1 < len(pairs) else []
+            squared = measured()
+            if len(ready) < len(mapped):
+                raise mapped[len(ready)]  # refused when mapped, in its turn
             # Summed in name order, as functions.update_norm sums them: both paths judge the same norm.
-            verdict = bound.verdict(sum(squared[n] for n in names) ** 0.5)
+            verdicts = [bound.verdict(sum(sq[n] for n in names) ** 0.5) for sq in squared]
             if bounded:
-                adding = None if verdict.bound == REJECTED else (sums, weight, verdict.clip)
-                for part in visit(mapped, add=adding, check=True):
-                    part.result()
-            record(update, weight, verdict)
-            if verdict.bound == REJECTED:
-                rejected = True
-            else:
-                kept.append(weight)
-            del mapped  # unmapped now: at most this update's pages and the next one's are ever resident
+                visit([_Visit(m, add=None if v.bound == REJECTED else (sums, w, v.clip), check=True)
+                       for m, (_, w), v in zip(ready, pair, verdicts)])()
+            for (update, weight), verdict in zip(pair, verdicts):
+                record(update, weight, verdict)
+                if verdict.bound == REJECTED:
+                    rejected = True
+                else:
+                    kept.append(weight)
+            del mapped, ready  # unmapped now: only the next pair is still mapped
     if rejected and sums.tensors:
         sums.divide(sum(kept))  # summed as Mean sums the accepted weights (sum() is compensated from Python 3.12)
     return sums.tensors
+
+
+@dataclass(frozen=True)
+class _Visit:
+    """What to do with each tensor of one mapped update: measure its distance from the reference, add it (to
+    ``add`` = (sums, weight, clip)), check its digest."""
+
+    update: _Mapped
+    measure: bool = False
+    add: tuple[Any, float, float] | None = None
+    check: bool = False
+
+
+def _visit(names: Sequence[str], buffers: dict[Any, np.ndarray],
+           visits: Sequence[_Visit]) -> list[dict[str, float] | FedloraError]:
+    """The visits, name by name and, within a name, update by update (so the name's sum and reference stay in
+    the CPU's cache across the updates). Per update, its squared distances, or the refusal that stopped it."""
+    results: list[dict[str, float] | FedloraError] = [{} for _ in visits]
+    for name in names:
+        for k, v in enumerate(visits):
+            if isinstance(results[k], FedloraError):
+                continue
+            try:
+                squared = v.update.visit(name, buffers, v.measure, v.add, v.check)
+            except FedloraError as exc:
+                results[k] = exc
+                continue
+            if squared is not None:
+                results[k][name] = squared
+    return results
 
 
 class _Mapped:
@@ -131,27 +181,26 @@ class _Mapped:
         except FedloraError as exc:
             return exc
 
-    def visit(self, names: Sequence[str], buffers: dict[Any, np.ndarray], measure: bool = False,
-              add: tuple[Any, float, float] | None = None, check: bool = False) -> dict[str, float]:
-        """For each name in one visit: its squared distance from the reference if ``measure``, its weighted add if
-        ``add`` = (sums, weight, clip), then, if ``check``, its digest. Returns the squared distances measured."""
+    def visit(self, name: str, buffers: dict[Any, np.ndarray], measure: bool, add: tuple[Any, float, float] | None,
+              check: bool) -> float | None:
+        """One tensor: its squared distance from the reference if ``measure`` (returned), its weighted add if
+        ``add`` = (sums, weight, clip), then, if ``check``, its digest."""
         from fedlora_cli.aggregation.arrays import squared_distance
 
-        squared = {}
-        for name in names:
-            t = self.arrays[name]
-            if measure:
-                squared[name] = squared_distance(t, self.reference[name], buffers)
-                if not math.isfinite(squared[name]):
-                    self._check_finite(name)
-            if add is not None:
-                sums, weight, clip = add
-                if clip == 1.0:
-                    sums.add(name, t, weight, buffers)
-                else:
-                    sums.add_clipped(name, t, self.reference[name], clip, weight, buffers)
-            if check:
-                self._check_digest(name)
+        t = self.arrays[name]
+        squared = None
+        if measure:
+            squared = squared_distance(t, self.reference[name], buffers)
+            if not math.isfinite(squared):
+                self._check_finite(name)
+        if add is not None:
+            sums, weight, clip = add
+            if clip == 1.0:
+                sums.add(name, t, weight, buffers)
+            else:
+                sums.add_clipped(name, t, self.reference[name], clip, weight, buffers)
+        if check:
+            self._check_digest(name)
         return squared
 
     def _check_digest(self, name: str) -> None:

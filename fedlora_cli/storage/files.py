@@ -208,13 +208,17 @@ def _hasher(algorithm: str) -> Any:
     raise ValueError(f"unknown digest algorithm '{algorithm}'")
 
 
+_TORCH_NAMES: dict[Any, str] = {}
+
+
 def _hex_digest(tensor: torch.Tensor | np.ndarray, algorithm: str) -> str:
     import numpy as np
 
     if isinstance(tensor, np.ndarray):
         # Named as torch names the dtype ('torch.float32'), so an array and the tensor of the same bytes have one
-        # digest, whichever library read them.
-        dtype, shape = f"torch.{tensor.dtype.name}", tuple(tensor.shape)
+        # digest, whichever library read them. (Kept per dtype: numpy works out a dtype's name anew each time.)
+        dtype = _TORCH_NAMES.get(tensor.dtype) or _TORCH_NAMES.setdefault(tensor.dtype, f"torch.{tensor.dtype.name}")
+        shape = tuple(tensor.shape)
         data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)  # no copy for a contiguous array
     else:
         import torch

@@ -209,12 +209,14 @@ def direct(layout, updates: list[Path], bound: float | None = None, expected=Non
                                      expected or header, NormBound(bound), lambda *args: None)
 
 
-def damaged(layout, tmp_path: Path, value: float, keep_digest: bool) -> tuple[Path, str]:
-    """client-0's update with one value replaced; its manifest's digest updated to match if ``keep_digest``."""
-    bad = tmp_path / "bad"
-    update = storage.read_update(layout.update(1, "client-0"))
+def damaged(layout, tmp_path: Path, value: float, keep_digest: bool, client: str = "client-0",
+            pick=max) -> tuple[Path, str]:
+    """A client's update with one value of one tensor (the last by name) replaced; its manifest's digest updated to
+    match if ``keep_digest``."""
+    bad = tmp_path / f"bad-{client}"
+    update = storage.read_update(layout.update(1, client))
     tensors = sent(update.path)
-    name = max(tensors)
+    name = pick(tensors)
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = value
     if keep_digest:
@@ -266,3 +268,9 @@ def test_the_first_bad_update_is_the_one_named(make_recipe, cached_federation, t
         direct(layout, [first, second])
     with pytest.raises(FedloraError, match=rf"{second}.* is not a readable safetensors file"):
         direct(layout, [layout.update(1, "client-0"), second])
+    # Visited together, tensor by tensor: the second update's first tensor is bad, the first's last one.
+    late, late_name = damaged(layout, tmp_path, float("nan"), keep_digest=True, client="client-2")
+    early, _ = damaged(layout, tmp_path, float("nan"), keep_digest=True, client="client-1", pick=min)
+    for bound in (None, 1e9):
+        with pytest.raises(FedloraError, match=rf"{late}: tensor '{late_name}' holds NaN"):
+            direct(layout, [late, early], bound)
