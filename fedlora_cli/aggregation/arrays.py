@@ -80,9 +80,10 @@ def squared_distance(tensor: Any, reference: Any, buffers: dict[np.dtype, np.nda
 def nonfinite(arrays: Mapping[str, np.ndarray]) -> str | None:
     """The name of the first array holding NaN or Inf, or None (as :func:`.functions.nonfinite` for tensors)."""
     for name, a in arrays.items():
-        # One cheap reduction clears the usual case; a non-finite sum (NaN, Inf, or finite values that overflow
-        # it) is checked element by element.
-        if a.dtype.kind == "f" and not np.isfinite(a.sum()) and not np.isfinite(a).all():
+        # One cheap reduction clears the usual case (a sum of squares, by the fastest reduction there is); a
+        # non-finite one (NaN, Inf, or finite values whose squares overflow) is checked element by element.
+        flat = a.reshape(-1)
+        if a.dtype.kind == "f" and not math.isfinite(float(np.dot(flat, flat))) and not np.isfinite(a).all():
             return name
     return None
 
@@ -92,18 +93,22 @@ class WeightedSum:
     order within each); every array of one name must have the same shape and a dtype of :data:`DTYPES`.
 
     ``buffers`` (:func:`scratch_buffers`) hold the weighted copy of a tensor before it is added; two threads
-    adding different names at once each pass their own.
+    adding different names at once each pass their own. ``room``, if given, holds an array for each name's sum
+    (of the dtype and shape of its tensors), so the caller decides how the sums are allocated.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, room: Mapping[str, np.ndarray] | None = None) -> None:
         self.tensors: dict[str, np.ndarray] = {}
+        self._room = dict(room or {})
 
     def add(self, name: str, tensor: np.ndarray, weight: float,
             buffers: dict[np.dtype, np.ndarray] | None = None) -> None:
         total = self.tensors.get(name)
         w = tensor.dtype.type(weight)  # the weight rounded to the tensor's dtype, as torch multiplies by it
         if total is None:
-            self.tensors[name] = np.multiply(tensor, w)
+            room = self._room.pop(name, None)
+            fits = room is not None and room.shape == tensor.shape and room.dtype == tensor.dtype
+            self.tensors[name] = np.multiply(tensor, w, out=room) if fits else np.multiply(tensor, w)
             return
         if tensor.shape != total.shape or tensor.dtype != total.dtype:
             raise FedloraError(f"tensor '{name}' differs in shape or dtype between client updates")

@@ -70,11 +70,12 @@ def weighted_mean(
     told each update's weight and verdict, in order. Empty when every update was rejected.
     """
     from fedlora_cli.aggregation.arrays import WeightedSum, scratch_buffers
+    from fedlora_cli.storage.mapped import empty_like
 
     names = sorted(expected)
     halves = [half for half in (names[0::2], names[1::2]) if half]
     buffers = [scratch_buffers({n: reference[n] for n in half}) for half in halves]
-    sums, kept, rejected = WeightedSum(), [], False
+    sums, kept, rejected = WeightedSum(room=empty_like({n: reference[n] for n in names})), [], False
     bounded = bound.bound is not None
     pairs = [list(zip(updates[i:i + _PAIR], weights[i:i + _PAIR])) for i in range(0, len(updates), _PAIR)]
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:

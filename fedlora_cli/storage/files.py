@@ -29,7 +29,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -284,8 +284,9 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
     """Read a safetensors file and check it against the digests its manifest records for it: the same tensor
     names, and every tensor bit-identical to the one written, each checked with the algorithm its digest
     names. Each tensor is hashed as it is read, while its bytes are still in the CPU's cache, rather than in a
-    second pass over the whole file. ``framework`` is safetensors': "pt" (torch tensors, the default) or
-    "numpy" (arrays; torch is not imported).
+    second pass over the whole file. ``framework`` is "pt" (torch tensors, the default) or "numpy" (arrays,
+    without torch: copied out of the file's memory map into one allocation, which costs far fewer page faults
+    than one allocation per tensor, as safetensors' numpy reader makes).
 
     A missing, truncated, corrupted or swapped file is a :class:`FedloraError` that names the tensor.
     """
@@ -295,15 +296,23 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
         raise FedloraError(f"{what} not found: {path}")
     for name, d in digests.items():  # an unknown or malformed digest is refused before any data is read
         _parse_digest(d, f"{what} {path}: tensor '{name}'")
+    if framework == "numpy":
+        import numpy as np
+
+        from fedlora_cli.storage.mapped import empty_like, map_tensors
+
+        mapped = map_tensors(path, what)
+        _check_names(mapped, digests, f"{what} {path}")
+        tensors = empty_like(mapped)
+        for name, t in tensors.items():
+            np.copyto(t, mapped[name])
+            check_digest(t, digests[name], f"{what} {path}: tensor '{name}'")
+        return tensors
     tensors = {}
     try:
         with safe_open(str(path), framework=framework) as handle:
             names = list(handle.keys())
-            unrecorded, absent = sorted(set(names) - set(digests)), sorted(set(digests) - set(names))
-            if unrecorded:
-                raise FedloraError(f"{what} {path} holds tensor '{unrecorded[0]}', which has no digest in its manifest")
-            if absent:
-                raise FedloraError(f"{what} {path} lacks tensor '{absent[0]}', which its manifest has a digest for")
+            _check_names(names, digests, f"{what} {path}")
             for name in names:
                 t = handle.get_tensor(name)
                 check_digest(t, digests[name], f"{what} {path}: tensor '{name}'")
@@ -311,6 +320,15 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FedloraError(f"{what} {path} is not a readable safetensors file ({first_line(exc)})") from None
     return tensors
+
+
+def _check_names(names: Iterable[str], digests: Mapping[str, str], where: str) -> None:
+    """A file must hold exactly the tensors its manifest has digests for."""
+    unrecorded, absent = sorted(set(names) - set(digests)), sorted(set(digests) - set(names))
+    if unrecorded:
+        raise FedloraError(f"{where} holds tensor '{unrecorded[0]}', which has no digest in its manifest")
+    if absent:
+        raise FedloraError(f"{where} lacks tensor '{absent[0]}', which its manifest has a digest for")
 
 
 def combined_digest(digests: Mapping[str, str]) -> str:

@@ -27,10 +27,12 @@ def bits(t: torch.Tensor | np.ndarray) -> bytes:
     return np.ascontiguousarray(as_array(t)).tobytes()
 
 
+@pytest.mark.parametrize("room", [False, True], ids=["own arrays", "room given"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_weighted_sum_is_the_torch_weighted_mean_bit_for_bit(dtype):
+def test_the_weighted_sum_is_the_torch_weighted_mean_bit_for_bit(dtype, room):
     updates = random_updates(dtype)
-    sums = WeightedSum()
+    given = {n: np.empty_like(t.numpy()) for n, t in updates[0].items()} if room else None
+    sums = WeightedSum(room=given)
     buffers = scratch_buffers({n: t.numpy() for n, t in updates[0].items()})
 
     for update, w in zip(updates, WEIGHTS):
@@ -41,6 +43,7 @@ def test_the_weighted_sum_is_the_torch_weighted_mean_bit_for_bit(dtype):
     assert set(sums.tensors) == set(expected)
     assert all(sums.tensors[n].dtype == expected[n].numpy().dtype for n in expected)
     assert all(bits(sums.tensors[n]) == bits(expected[n]) for n in expected)
+    assert all(sums.tensors[n] is given[n] for n in expected) if room else True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

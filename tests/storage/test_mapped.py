@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.storage.mapped import map_tensors
+from fedlora_cli.storage.mapped import empty_like, map_tensors
 
 
 def tensors() -> dict[str, np.ndarray]:
@@ -79,3 +79,16 @@ def test_garbage_and_pickles_are_refused(tmp_path, content):
 def test_a_missing_file(tmp_path):
     with pytest.raises(FedloraError, match="client update tensors not found"):
         map_tensors(tmp_path / "nowhere.safetensors", "client update tensors")
+
+
+def test_empty_like_carves_writable_arrays_out_of_one_allocation():
+    like = tensors()
+
+    room = empty_like(like)
+
+    assert {n: (a.dtype, a.shape) for n, a in room.items()} == {n: (a.dtype, a.shape) for n, a in like.items()}
+    assert all(a.flags.writeable and a.ctypes.data % 64 == room["a"].ctypes.data % 64 for a in room.values())
+    assert len({id(a.base) for a in room.values()}) == 1  # one block under all of them
+    for name, a in room.items():
+        a[...] = like[name]
+    assert all(np.array_equal(room[n], like[n]) for n in like)
