@@ -3,19 +3,22 @@
     python benchmarks/aggregate.py [--clients 8,32,64] [--repeats 3] [--dir /tmp/fedlora-bench-agg] [--json f]
 
 Client updates are LLaMA-7B shaped LoRA adapters (32 layers, q/k/v/o projections 4096x4096, r = 16,
-float32: 67 MB each), written to disk exactly as `train-client` writes them. Three ways to average them, each
+float32: 67 MB each), written to disk exactly as `train-client` writes them. Four ways to average them, each
 in a fresh process, measured side by side over the same files:
 
     fedlora    `fedlora aggregate GLOBAL UPDATES... --out NEXT --json` end to end (the CLI's own entry point, run
-               in the worker process): validation, digests, streaming mean, the per-client table, writing
+               in the worker process): validation, digests, streaming mean, the per-client table, writing.
+               The default strategy, so fedlora's numpy round (fedlora_cli/federation/numpy_round.py): it
+               never imports torch, maps each update and visits each tensor once (norm, add, digest)
     limit      read each file's bytes into memory and add them into one float32 sum with numpy, one pass
     floor      the same sum over memory-mapped files (no copy out of the page cache): what this machine can
                do at best, and the fair bar for a loader that maps files, as safetensors does
     baseline   load every update into a dict (safetensors), then average key by key (what most projects do)
 
-Each worker's time runs from before its first import (torch or numpy) to the end, so start-up is included
-for all three alike. Throughput is update bytes per second; peak memory is the process's maximum RSS. Files are read from the page
-cache after the first pass (they were just written), so this measures compute and memory traffic, not disk.
+Each worker's time runs from before its first import (fedlora's or numpy's; torch only for the baseline) to
+the end, so start-up is included for all alike. Throughput is update bytes per second; peak memory is the
+process's maximum RSS. Files are read from the page cache after the first pass (they were just written), so
+this measures compute and memory traffic, not disk.
 """
 
 from __future__ import annotations
@@ -193,8 +196,8 @@ def main() -> None:
         print(f"| {r['clients']} | {f['seconds']:.2f} | {l['seconds']:.2f} | {m['seconds']:.2f} | {b['seconds']:.2f} | "
               f"{f['mb_per_s'] / l['mb_per_s']:.2f} | {f['mb_per_s'] / m['mb_per_s']:.2f} | {b['mb_per_s'] / m['mb_per_s']:.2f} | "
               f"{f['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
-    # The cost of one more client, free of start-up (torch's import alone is over a second): the slope between
-    # consecutive N, as throughput ratios of fedlora to the limit and to the floor.
+    # The cost of one more client, free of start-up (imports, and for fedlora reading the global checkpoint and
+    # writing the next): the slope between consecutive N, as throughput ratios of fedlora to the limit and floor.
     for lo, hi in zip(rows, rows[1:]):
         dn = hi["clients"] - lo["clients"]
         slope = {k: (hi[k]["seconds"] - lo[k]["seconds"]) / dn for k in ("fedlora", "limit", "floor", "baseline")}
