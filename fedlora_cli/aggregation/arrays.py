@@ -42,7 +42,7 @@ def as_array(tensor: Any) -> np.ndarray:
 def scratch_for(tensor: np.ndarray, buffers: dict[np.dtype, np.ndarray] | None) -> np.ndarray:
     """A work array of ``tensor``'s shape in its dtype (float32 for anything but float64): a view of the matching
     buffer in ``buffers`` when one is given (kept by the caller across tensors), else a new array."""
-    dtype = np.dtype(np.float64 if tensor.dtype == np.float64 else np.float32)
+    dtype = _work_dtype(tensor.dtype)
     buffer = None if buffers is None else buffers.get(dtype)
     if buffer is None or buffer.size < tensor.size:
         return np.empty(tensor.shape, dtype)
@@ -53,9 +53,13 @@ def scratch_buffers(tensors: Mapping[str, np.ndarray]) -> dict[np.dtype, np.ndar
     """Work buffers large enough for :func:`scratch_for` on any of ``tensors``."""
     sizes: dict[np.dtype, int] = {}
     for t in tensors.values():
-        dtype = np.dtype(np.float64 if t.dtype == np.float64 else np.float32)
+        dtype = _work_dtype(t.dtype)
         sizes[dtype] = max(sizes.get(dtype, 0), t.size)
     return {dtype: np.empty(size, dtype) for dtype, size in sizes.items()}
+
+
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
 def squared_distance(tensor: Any, reference: Any, buffers: dict[np.dtype, np.ndarray] | None = None) -> float:

@@ -129,7 +129,7 @@ class _Visit:
     """What to do with each tensor of one mapped update: measure its distance from the reference, add it (to
     ``add`` = (sums, weight, clip)), check its digest."""
 
-    update: _Mapped
+    mapped: _Mapped
     measure: bool = False
     add: tuple[Any, float, float] | None = None
     check: bool = False
@@ -145,7 +145,7 @@ def _visit(names: Sequence[str], buffers: dict[Any, np.ndarray],
             if isinstance(results[k], FedloraError):
                 continue
             try:
-                squared = v.update.visit(name, buffers, v.measure, v.add, v.check)
+                squared = v.mapped.visit(name, buffers, v.measure, v.add, v.check)
             except FedloraError as exc:
                 results[k] = exc
                 continue
