@@ -55,7 +55,7 @@ def privacy_plan(
     needs and the expected noise-to-signal ratio sigma * sqrt(d) / B, and a recommendation. With --batch-size
     and --steps: the noise multiplier of that one plan (what init calibrates from a recipe).
 
-    Example: [cyan]fedlora privacy plan --recipe ffa-lora-dp --examples 1021 --epsilon 3[/]
+    Example: [cyan]fedlora privacy plan --recipe ffa-lora-dp --examples 2562 --epsilon 3[/]
     """
     from fedlora_cli import privacy, recipe as recipes
     from fedlora_cli.cli import ui
