@@ -256,8 +256,11 @@ def test_a_tensor_file_that_changed_since_it_was_checked_is_refused(make_recipe,
         direct(layout, [layout.update(1, "client-0")], expected={**header, name: (dtype, (*shape, 1))})
 
 
-def test_the_first_bad_update_is_the_one_named(make_recipe, cached_federation, tmp_path):
-    # The second update is mapped while the first is averaged; its refusal waits for its turn.
+@pytest.mark.parametrize("group", [1, 2, numpy_round._GROUP])
+def test_the_first_bad_update_is_the_one_named(group, make_recipe, cached_federation, tmp_path, monkeypatch):
+    # The second update is mapped while the first is averaged (or visited with it, in one group); its refusal
+    # waits for its turn.
+    monkeypatch.setattr(numpy_round, "_GROUP", group)
     layout = cached_federation(make_recipe("fedavg"))
     first, name = damaged(layout, tmp_path, 0.123, keep_digest=False)
     second = tmp_path / "garbage"
@@ -274,3 +277,17 @@ def test_the_first_bad_update_is_the_one_named(make_recipe, cached_federation, t
     for bound in (None, 1e9):
         with pytest.raises(FedloraError, match=rf"{late}: tensor '{late_name}' holds NaN"):
             direct(layout, [late, early], bound)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_the_grouping_changes_no_bit(group, make_recipe, cached_federation, monkeypatch):
+    layout = cached_federation(make_recipe("fedavg"))
+    updates = [layout.update(1, c) for c in CLIENTS]
+    bound = second_largest_norm(layout.global_checkpoint(0), updates)
+    grouped = [direct(layout, updates, b) for b in (None, bound)]
+
+    monkeypatch.setattr(numpy_round, "_GROUP", group)
+    regrouped = [direct(layout, updates, b) for b in (None, bound)]
+
+    for a, b in zip(grouped, regrouped):
+        assert set(a) == set(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
