@@ -168,6 +168,7 @@ class _Mapped:
 
         self.update, self.reference = update, reference
         self.arrays = map_tensors(update.tensors_path, "client update tensors")
+        self._where = f"client update tensors {update.tensors_path}"  # once: a path is slow to join and format
         same = set(self.arrays) == set(expected) and all(
             self.arrays[n].dtype == np.dtype(NUMPY_DTYPES[dtype]) and self.arrays[n].shape == tuple(shape)
             for n, (dtype, shape) in expected.items()
@@ -209,7 +210,7 @@ class _Mapped:
 
     def _check_digest(self, name: str) -> None:
         storage.check_digest(self.arrays[name], self.update.manifest.tensor_digests[name],
-                             f"client update tensors {self.update.tensors_path}: tensor '{name}'")
+                             f"{self._where}: tensor '{name}'")
 
     def _check_finite(self, name: str) -> None:
         """A tensor whose distance is not finite: refused as not matching its digest if it does not (a damaged
