@@ -102,6 +102,10 @@ def privacy_plan(
         f"(sigma {best.noise_multiplier:.3f} by {best.accountant}, noise/signal {best.noise_to_signal:.3f}, "
         f"epsilon {planning.spent(best, rounds, delta):.3f}); raise training.lr with the batch"
     )
+    ui.out.print(
+        "[dim]noise/signal takes the averaged clipped gradient at its largest norm, C; per-example gradients that "
+        "disagree average to less (0.17 C at the quickstart's first step: benchmarks/dp_signal.py measures it)[/]"
+    )
 
 
 def _trained_coordinates(r) -> int:
