@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from fedlora_cli.recipe import ServerPrivacySection
 
+
 @dataclass
 class _Delta:
     """A clipped delta as the wrapped strategy receives it."""

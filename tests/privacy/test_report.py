@@ -9,7 +9,7 @@ import pytest
 from conftest import exact_gaussian_epsilon, recipe_dict
 from typer.testing import CliRunner
 
-from fedlora_cli import privacy, recipe as recipes, storage
+from fedlora_cli import recipe as recipes, storage
 from fedlora_cli.cli import app
 
 runner = CliRunner()
