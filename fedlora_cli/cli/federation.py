@@ -338,7 +338,6 @@ def _show_aggregate(result) -> None:
         ))
     if result.server_epsilon is not None:
         releases = len(m.server_privacy_ledger)
-        accountant = privacy.server_accountant(m.server_privacy_ledger)
         ui.out.print(f"DP-FedAvg: client-level epsilon spent so far {result.server_epsilon:.3f} "
-                     f"({releases} release{'s' if releases != 1 else ''}, {accountant} accountant, "
+                     f"({releases} release{'s' if releases != 1 else ''}, {privacy.SERVER_ACCOUNTANT} accountant, "
                      f"ledger {result.server_ledger})")

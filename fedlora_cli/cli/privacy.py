@@ -104,7 +104,7 @@ def privacy_plan(
     )
     ui.out.print(
         "[dim]noise/signal takes the averaged clipped gradient at its largest norm, C; per-example gradients that "
-        "disagree average to less (0.17 C at the quickstart's first step: benchmarks/dp_signal.py measures it)[/]"
+        "disagree average to less (0.17 C at the first step of ffa-lora-dp's plan: benchmarks/dp_signal.py measures it)[/]"
     )
 
 

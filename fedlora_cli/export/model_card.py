@@ -236,8 +236,8 @@ def _training_rows(
 # The neighbouring relation the guarantees hold under (README "Privacy" says the same).
 NEIGHBOURS = (
     "The guarantees are for *zero-out* neighbours: one example (DP-SGD) or one client's update (DP-FedAvg) "
-    "replaced by one that contributes nothing. Each client update publishes its shard size, so the add-or-remove "
-    "relation is not what they protect; swapping one example for an arbitrary other is covered at twice the "
+    "replaced by one that contributes nothing. Each client update publishes its shard size and each global "
+    "checkpoint names the clients it averaged, so the add-or-remove relation is not what they protect; swapping one example for an arbitrary other is covered at twice the "
     "epsilon and a delta of (1 + e^epsilon) delta (group privacy over two zero-outs)."
 )
 

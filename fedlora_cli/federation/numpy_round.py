@@ -15,8 +15,9 @@ bytes:
   received and the squared norm of that (finite exactly when the tensor is: the NaN/Inf check), its weighted add
   into the running sum, then its digest against the manifest. The digest comes *after* the tensor's last use,
   so bytes that changed on disk in between cannot be averaged unnoticed;
-- with a norm bound the whole update's norm must be known before any of it is added: a first visit measures,
-  a second adds (clipped, if so) and checks the digests;
+- with a norm bound the whole update's norm must be known before any of it is added: a first visit measures
+  and checks the digests (so the norm is judged on checked bytes), a second adds (clipped, if so) and checks
+  them again;
 - updates go in groups of four, tensor by tensor: one name's running sum and reference are read from memory
   once for the four updates of a group rather than once for each. Each update's own bytes must come from memory
   anyway; the sum (read and written) and reference are three quarters of the traffic one update at a time, under
@@ -102,8 +103,9 @@ def weighted_mean(
         for i, group in enumerate(groups):
             mapped = following
             ready = list(itertools.takewhile(lambda m: isinstance(m, _Mapped), mapped))
-            # Without a bound, one visit does everything; with one, nothing is added before the norm is known.
-            measured = visit([_Visit(m, measure=True, add=None if bounded else (sums, w, 1.0), check=not bounded)
+            # Without a bound, one visit does everything; with one, nothing is added before the norm is known, and
+            # both visits check the digests: the norm is judged on checked bytes, and so is what is then added.
+            measured = visit([_Visit(m, measure=True, add=None if bounded else (sums, w, 1.0), check=True)
                               for m, (_, w) in zip(ready, group)])
             # The next group is mapped (and its headers checked) while this one is visited.
             following = [_Mapped.of(u, expected, reference) for u, _ in groups[i + 1]] if i + 1 < len(groups) else []

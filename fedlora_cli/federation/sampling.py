@@ -2,9 +2,10 @@
 
 The draw is seeded by ``training.seed`` and the round, so the coordinator, a simulation and anyone checking a
 global checkpoint get the same clients, and each global checkpoint records who was asked (``asked``) beside
-who answered (``clients``). Poisson sampling (each client independently with rate q = clients_per_round /
-clients) is what DP-FedAvg's amplification by sampling assumes; a fixed-size sample is not covered by its
-accountant, so recipe validation refuses that pair.
+who answered (``clients``). The sample is therefore public, and DP-FedAvg claims no amplification by sampling
+for it (:func:`fedlora_cli.privacy.server_epsilon`). Under DP-FedAvg the sample must be Poisson (each client
+independently with rate q = clients_per_round / clients), whose expected size q N is the release's fixed
+denominator; recipe validation refuses a fixed-size sample there.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ Entry = tuple[float, float, int]
 
 
 # Exact composition of Gaussian releases without sampling (q = 1 throughout): what DP-FedAvg spends when every
-# client takes part in every round. Not a recipe choice (DP-SGD always samples); see :func:`server_accountant`.
+# client takes part in every round. Not a recipe choice (DP-SGD always samples); see :func:`server_epsilon`.
 GAUSSIAN = "gaussian"
 
 
@@ -54,10 +54,19 @@ def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> 
         return float(acc.get_epsilon(delta=delta))
 
 
-def server_accountant(history: Sequence[Entry]) -> str:
-    """The accountant for a DP-FedAvg history: exact Gaussian composition when no release sampled its clients,
-    else RDP, which covers Poisson sampling of clients (amplification by sampling)."""
-    return GAUSSIAN if all(float(q) == 1.0 for _, q, _ in history) else "rdp"
+# The accountant of DP-FedAvg's client-level epsilon (see :func:`server_epsilon`).
+SERVER_ACCOUNTANT = GAUSSIAN
+
+
+def server_epsilon(history: Sequence[Entry], delta: float) -> float:
+    """DP-FedAvg's client-level epsilon for its releases, each (sigma, q, count): their exact composition with
+    every client in every release (q taken as 1).
+
+    A round's sample of clients is drawn from the recipe's seed and recorded in the global checkpoint's manifest:
+    it is public, so amplification by sampling, which needs a secret sample, is not claimed. A client that was
+    not asked counts as a zero update in a release of fixed denominator, which this bound covers.
+    """
+    return epsilon([(s, 1.0, n) for s, _, n in history], delta, GAUSSIAN)
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
@@ -70,6 +79,9 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     eps with delta(eps) <= delta is found by bisection and rounded up, so the figure never understates.
     """
     from scipy.special import log_ndtr
+
+    if mu <= 0:
+        return 0.0
 
     def delta_at(eps: float) -> float:
         return math.exp(log_ndtr(mu / 2 - eps / mu)) - math.exp(eps + log_ndtr(-mu / 2 - eps / mu))

@@ -6,8 +6,9 @@ weights, add Gaussian noise of standard deviation sigma * C / m for m clients.
 strategy it wraps (which must be linear: ``mean``), adds the noise, and commits the release to the
 coordinator's ledger (:mod:`.ledgers`) just before the new global checkpoint is written, so a round aggregated
 twice counts as two releases. Each global checkpoint's manifest also carries the releases made up to it.
-Accounting is RDP over the releases at the rate q at which a round asks each client: 1 when every client is
-asked, clients_per_round / clients under Poisson sampling (amplification by sampling, as in McMahan et al.).
+Accounting composes the releases exactly as Gaussian releases with every client in every one
+(:func:`.accounting.server_epsilon`): a round's sample of clients is public (seeded by the recipe, recorded in
+the manifest), so no amplification by sampling is claimed, although the ledger records the rate q it asked at.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli import aggregation
 from fedlora_cli.aggregation.strategy import Aggregate, Contributions, PrivacyRelease, RoundSpec, Strategy
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.privacy.accounting import epsilon, server_accountant
+from fedlora_cli.privacy.accounting import server_epsilon
 from fedlora_cli.privacy.ledgers import ServerLedger, write_server_ledger
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class DPFedAvg(Strategy):
 
     ``num_clients`` is the fixed denominator m: the expected number of clients a round asks (q N, all N when the
     federation does not sample). ``sample_rate`` is q, the Poisson rate at which each of the ``population``
-    clients is asked (1: all of them), which the accountant composes (amplification by sampling).
+    clients is asked (1: all of them), which the ledger records (the accountant takes the sample as public).
     """
 
     inner: Strategy
@@ -73,8 +74,7 @@ class DPFedAvg(Strategy):
     def check_round(self, clients: int) -> None:
         """Refuse a release over the budget, or more updates than the noise is calibrated for; before any work."""
         sp = self.settings
-        history = [tuple(e) for e in self.history]
-        self.epsilon = epsilon(history, sp.delta, server_accountant(history))
+        self.epsilon = server_epsilon([tuple(e) for e in self.history], sp.delta)
         if sp.target_epsilon is not None and self.epsilon > sp.target_epsilon:
             raise FedloraError(
                 f"server privacy budget: this release would bring client-level epsilon to {self.epsilon:.3f} "

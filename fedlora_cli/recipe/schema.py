@@ -248,9 +248,9 @@ class FederationSection:
     )
     sampling: str = _help(
         "How a round's clients are drawn: 'fixed' (clients_per_round of them, uniformly without replacement) or "
-        "'poisson' (each client independently with rate clients_per_round / clients, what DP-FedAvg's "
-        "amplification by sampling assumes). Seeded by training.seed and the round; recorded in each global "
-        "checkpoint.",
+        "'poisson' (each client independently with rate clients_per_round / clients; DP-FedAvg needs it). Seeded "
+        "by training.seed and the round and recorded in each global checkpoint, so the sample is public and "
+        "DP-FedAvg claims no amplification by sampling.",
         "fixed",
     )
     client_ids: list[str] | None = _help(

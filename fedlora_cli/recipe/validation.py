@@ -319,8 +319,8 @@ def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -
     c.require(
         f.clients_per_round is None or f.sampling == "poisson",
         "server_privacy",
-        "(DP-FedAvg) with federation.clients_per_round needs federation.sampling 'poisson': its accountant covers "
-        "Poisson sampling (amplification by sampling), not a fixed-size sample",
+        "(DP-FedAvg) with federation.clients_per_round needs federation.sampling 'poisson': its fixed "
+        "denominator is the expected number of clients a Poisson sample asks",
     )
     c.require(sp.clip_norm > 0, "server_privacy.clip_norm", "must be > 0")
     c.require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")

@@ -121,8 +121,8 @@ def test_the_issues_example_sigma_1_ten_releases():
     assert privacy.epsilon([(1.0, 1.0, 10)], 1e-5, "rdp") == pytest.approx(19.05, abs=0.01)
 
 
-def test_the_server_accountant_is_exact_without_sampling_and_rdp_with_it():
-    assert privacy.server_accountant([(1.0, 1.0, 1), (1.0, 1.0, 1)]) == "gaussian"
-    assert privacy.server_accountant([(1.0, 1.0, 1), (1.0, 0.5, 1)]) == "rdp"
+def test_dp_fedavg_epsilon_takes_every_release_at_q_1_and_the_gaussian_accountant_refuses_sampling():
+    sampled = [(1.0, 1.0, 1), (1.0, 0.5, 1)]
+    assert privacy.server_epsilon(sampled, 1e-5) == privacy.epsilon([(1.0, 1.0, 2)], 1e-5, "gaussian")
     with pytest.raises(ValueError, match="without sampling"):
         privacy.epsilon([(1.0, 0.5, 1)], 1e-5, "gaussian")
