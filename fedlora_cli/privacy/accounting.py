@@ -54,19 +54,24 @@ def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> 
         return float(acc.get_epsilon(delta=delta))
 
 
-# The accountant of DP-FedAvg's client-level epsilon (see :func:`server_epsilon`).
+# The accountant of DP-FedAvg's client-level epsilon (see :func:`server_accounted`).
 SERVER_ACCOUNTANT = GAUSSIAN
 
 
-def server_epsilon(history: Sequence[Entry], delta: float) -> float:
-    """DP-FedAvg's client-level epsilon for its releases, each (sigma, q, count): their exact composition with
-    every client in every release (q taken as 1).
+def server_accounted(history: Sequence[Entry]) -> list[Entry]:
+    """DP-FedAvg's releases, each (sigma, q, count), as they are accounted: with every client in every release
+    (q taken as 1).
 
     A round's sample of clients is drawn from the recipe's seed and recorded in the global checkpoint's manifest:
     it is public, so amplification by sampling, which needs a secret sample, is not claimed. A client that was
     not asked counts as a zero update in a release of fixed denominator, which this bound covers.
     """
-    return epsilon([(s, 1.0, n) for s, _, n in history], delta, GAUSSIAN)
+    return [(float(s), 1.0, int(n)) for s, _, n in history]
+
+
+def server_epsilon(history: Sequence[Entry], delta: float) -> float:
+    """DP-FedAvg's client-level epsilon for its releases: the exact composition of :func:`server_accounted`."""
+    return epsilon(server_accounted(history), delta, SERVER_ACCOUNTANT)
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:

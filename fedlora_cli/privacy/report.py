@@ -46,8 +46,7 @@ def server_entry(global_dir: Path | storage.GlobalCheckpoint) -> dict[str, Any] 
     if not history:
         return None
     delta = ckpt.manifest.server_privacy_delta or float(sp.get("delta", 1e-5))
-    # The sample of clients is public, so every release is accounted as if every client took part (q = 1).
-    accounted = [(s, 1.0, n) for s, _, n in history]
+    accounted = privacy.server_accounted(history)
     entry = _entry(who, privacy.Ledger(privacy.SERVER_ACCOUNTANT, delta, sp.get("target_epsilon"), accounted))
     return {**entry, "history": [list(e) for e in history]}
 
