@@ -13,7 +13,7 @@ from fedlora_cli.privacy.ledgers import (
 )
 
 __all__ = [
-    "SERVER_ACCOUNTANT", "ClientPlan", "DPSGD", "Entry", "Ledger", "ServerLedger", "calibrate", "calibrate_federation", "check_delta",
-    "client_plan", "coordinator_ledger", "dp_fedavg", "epsilon", "gaussian_epsilon", "poisson_batches",
+    "SERVER_ACCOUNTANT", "ClientPlan", "DPSGD", "Entry", "Ledger", "ServerLedger", "calibrate", "calibrate_federation",
+    "check_delta", "client_plan", "coordinator_ledger", "dp_fedavg", "epsilon", "gaussian_epsilon", "poisson_batches",
     "read_server_ledger", "server_accounted", "server_epsilon", "server_ledger_path", "write_server_ledger"
 ]
