@@ -226,6 +226,12 @@ def _write_adapter(bench: Workbench, folder: Path, dtype: str, base_ref: str) ->
     import torch
     from safetensors.torch import save_file
 
+    if bench.recipe.model.pooling == "mean":
+        # A stock base reads its pooler; this adapter's head was trained on the masked mean (card: how to load).
+        from fedlora_cli.model import pooling
+
+        code, _ = pooling.remote_code(type(bench.model.get_base_model()).__name__)
+        (folder / pooling.REMOTE_CODE_FILE).write_text(code)
     path = folder / storage.ADAPTER_WEIGHTS
     target = getattr(torch, dtype)
     tensors = storage.load_tensors(path, "exported adapter")
@@ -248,6 +254,14 @@ def _write_merged(bench: Workbench, folder: Path, dtype: str, manifest: GlobalMa
         merged.config.id2label = dict(enumerate(names))
         merged.config.label2id = {name: i for i, name in enumerate(names)}
     merged = merged.to(getattr(torch, dtype))
+    if bench.recipe.model.pooling == "mean":
+        # The head reads a masked mean that no stock architecture computes: the export carries it as custom code.
+        from fedlora_cli.model import pooling
+
+        code, name = pooling.remote_code(type(merged).__name__)
+        (folder / pooling.REMOTE_CODE_FILE).write_text(code)
+        module = pooling.REMOTE_CODE_FILE.removesuffix(".py")
+        merged.config.auto_map = {"AutoModelForSequenceClassification": f"{module}.{name}"}
     merged.save_pretrained(str(folder))
 
 

@@ -212,7 +212,9 @@ def _training_rows(
     method = METHODS[manifest.method]
     aggregated = f" (last round aggregated: {', '.join(manifest.clients)})" if manifest.clients else ""
     task = ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model")
-    head = ("classifier head", f"{manifest.head}: {HEAD_POLICIES[manifest.head]}")
+    pooling = recipe["model"].get("pooling", "default")
+    read = "the masked mean of the last hidden states" if pooling == "mean" else "the architecture's own pooling"
+    head = ("classifier head", f"{manifest.head}: {HEAD_POLICIES[manifest.head]}; it reads {read}")
     inputs = ("data", f"prompt column '{data.get('prompt_column')}', response column '{data.get('response_column')}'"
               + (", chat template" if data.get("chat_template") else "") + f", max length {data.get('max_length')}")
     labels = ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(_labels(manifest))))
@@ -308,19 +310,25 @@ def _usage_lines(manifest: GlobalManifest, kind: str, base_model: str, causal: b
     """The Python snippet that loads this export, without its closing fence."""
     if causal:
         return _causal_usage(kind, base_model, bool(manifest.recipe["data"].get("chat_template")))
+    mean = manifest.recipe["model"].get("pooling", "default") == "mean"
     if kind == "adapter":
         lines = [
             "from peft import PeftModel",
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
             f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}", num_labels={manifest.num_labels})',
-            'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()',
         ]
+        if mean:  # fedlora_pooling.py ships in this folder
+            lines[1:1] = ["import sys", "", 'sys.path.insert(0, "LOCAL_COPY_OF_THIS_FOLDER")',
+                          "from fedlora_pooling import install"]
+            lines.append("install(base)  # the head reads the masked mean of the last hidden states, as trained")
+        lines.append('model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()')
     else:
+        remote = ", trust_remote_code=True" if mean else ""  # fedlora_pooling.py: the masked mean the head reads
         lines = [
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
-            'model = AutoModelForSequenceClassification.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER").eval()',
+            f'model = AutoModelForSequenceClassification.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER"{remote}).eval()',
         ]
     return lines + [
         'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")',

@@ -156,6 +156,13 @@ def _load_base(recipe: Recipe, location: str, num_labels: int | None, site: Site
         model = AutoModelForSequenceClassification.from_pretrained(
             location, num_labels=num_labels, revision=recipe.model.revision, **kwargs
         )
+        if recipe.model.pooling == "mean":
+            from fedlora_cli.model import pooling
+
+            try:
+                pooling.install(model)
+            except ValueError as exc:
+                raise FedloraError(f"model.pooling 'mean': {exc}") from None
     # Non-reentrant checkpointing needs no gradient at the (frozen) inputs, and Opacus' hooks see each
     # adapter layer's forward pass once per backward pass.
     checkpointing = {"use_reentrant": False}

@@ -61,6 +61,7 @@ TRACKERS = tuple(tracking.BACKENDS)
 # How a site loads and runs the model (fedlora_cli.model.site): precision, quantisation, device and memory.
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+POOLINGS = ("default", "mean")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -98,6 +99,12 @@ class ModelSection:
         "Number of classes; default: the number of labels in the partition manifest. Not used by causal-lm.", None
     )
     revision: str | None = _help("Hub revision of the base model (branch, tag or commit).", None)
+    pooling: str = _help(
+        "sequence-classification: what the task head reads. 'default' is the architecture's own (BERT: its pooler "
+        "over the first token); 'mean' is the mean of the last hidden states over the real tokens, as "
+        "sentence-embedding checkpoints (all-MiniLM, e5, gte) are trained to be read (BERT-family encoders).",
+        "default",
+    )
     dtype: str = _help(
         "Site setting: precision of the frozen base model's weights, 'float32', 'bfloat16', 'float16' or 'auto' "
         "(the checkpoint's own). Adapter tensors (and a trained head) are float32 whatever this is.",

@@ -16,7 +16,7 @@ from fedlora_cli.aggregation.norm_bound import ACTIONS as NORM_BOUND_ACTIONS
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import (
     ACCOUNTANTS, ANSWER_EXTRACTORS, COMPUTE_DTYPES, DEVICES, DTYPES, MIXED_PRECISIONS, OPTIMIZERS, QUANT_TYPES,
-    QUANTIZATIONS, PARTITIONERS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS, TRACKERS,
+    QUANTIZATIONS, PARTITIONERS, POOLINGS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS, TRACKERS,
     VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection, ModelSection,
     PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
 )
@@ -77,6 +77,7 @@ def _model(c: _Check, m: ModelSection) -> None:
     c.one_of(m.quantization, "model.quantization", QUANTIZATIONS)
     c.one_of(m.quant_type, "model.quant_type", QUANT_TYPES)
     c.one_of(m.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
+    c.one_of(m.pooling, "model.pooling", POOLINGS)
 
 
 def _data(c: _Check, d: DataSection, clients: int) -> None:
@@ -100,6 +101,7 @@ def _task(c: _Check, recipe: Recipe) -> None:
         c.require(not d.chat_template, "data.chat_template", "applies only to model.task 'causal-lm'")
         return
     c.require(m.num_labels is None, "model.num_labels", "does not apply to model.task 'causal-lm' (a causal LM has no classes)")
+    c.require(m.pooling == "default", "model.pooling", "does not apply to model.task 'causal-lm' (it has no task head)")
     c.require(d.labels is None, "data.labels", "does not apply to model.task 'causal-lm' (its data has no labels)")
     c.require(
         d.strategy != "dirichlet" or d.by is not None,

@@ -283,3 +283,44 @@ def test_failure_while_writing_leaves_nothing(ffa_run, tmp_path, monkeypatch):
     fails([ffa_run.global_checkpoint(LAST), "--out", out], "disk full")
     assert not out.exists()
     no_leftovers(tmp_path, "export")
+
+
+def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federation_of, tmp_path):
+    import sys
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedlora_cli.model import pooling
+
+    g = federation_of("ffa", model={"pooling": "mean"}).global_checkpoint(LAST)
+    ok([g, "--out", tmp_path / "merged", "--merge"])
+    ok([g, "--out", tmp_path / "adapter"])
+    expected = fedlora_logits(g)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", trust_remote_code=True)
+    assert type(merged).__name__ == "MeanPooledBertForSequenceClassification"
+    torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-4, rtol=0)
+    # Without its custom code the same weights read BERT's (untrained) pooler: the card's usage says so.
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert not torch.allclose(logits(stock, tokenizer), expected, atol=1e-3)
+
+    # The adapter carries the same file; the card's usage installs it on the base before PEFT loads the adapter.
+    assert (tmp_path / "adapter" / pooling.REMOTE_CODE_FILE).read_text() == (
+        tmp_path / "merged" / pooling.REMOTE_CODE_FILE).read_text()
+    _, body, table = card_of(tmp_path / "adapter")
+    assert "install(base)" in body and "masked mean" in table["classifier head"]
+    assert "trust_remote_code=True" in card_of(tmp_path / "merged")[1]
+    sys.path.insert(0, str(tmp_path / "adapter"))
+    try:
+        from fedlora_pooling import install
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("fedlora_pooling", None)
+    from peft import PeftModel
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"], num_labels=2)
+    install(base)
+    adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    torch.testing.assert_close(logits(adapter, tokenizer), expected, atol=1e-5, rtol=0)

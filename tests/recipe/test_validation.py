@@ -49,6 +49,7 @@ def base() -> dict:
         ({"adapter": {"kind": "vera"}, "privacy": {"target_epsilon": 1.0}}, "privacy"),
         ({"model": {"base": "m", "task": "translation"}}, "model.task"),
         ({"federation": {"rounds": True}}, "federation.rounds"),
+        ({"model": {"base": "m", "pooling": "max"}}, "model.pooling"),
     ],
 )
 def test_bad_values_name_the_key(patch, key):
@@ -84,6 +85,7 @@ def test_the_combinations_that_mean_something_validate(kind, method, aggregation
         ({"evaluation": {"max_new_tokens": 0}}, "evaluation.max_new_tokens"),
         ({"data": {"strategy": "size", "sizes": [1, 2]}}, "data.sizes"),
         ({"data": {"response_column": "question"}}, "data.response_column"),
+        ({"model": {"pooling": "mean"}}, "model.pooling"),
     ],
 )
 def test_causal_recipe_errors_name_the_key(patch, key, tiny_causal_dir, math_jsonl):
