@@ -30,10 +30,12 @@ class MaskedMeanPooler(torch.nn.Module):
         self.mask: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Summed in float32 whatever the base's precision (a bfloat16 sum of 64 states loses the low bits).
+        states = hidden_states.float()
         if self.mask is None:
-            return hidden_states.mean(dim=1)
-        keep = self.mask[:, : hidden_states.shape[1], None].to(hidden_states.dtype)
-        return (hidden_states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+            return states.mean(dim=1).to(hidden_states.dtype)
+        keep = self.mask[:, : states.shape[1], None].to(states.dtype)
+        return ((states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)).to(hidden_states.dtype)
 
 
 def _remember_mask(pooler: MaskedMeanPooler) -> Any:

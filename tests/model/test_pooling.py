@@ -73,3 +73,17 @@ def test_an_encoder_without_a_pooler_is_refused_by_name(tmp_path, tiny_model_dir
     raw["adapter"]["target_modules"] = ["q_lin", "v_lin"]
     with pytest.raises(FedloraError, match=r"model\.pooling 'mean': DistilBertForSequenceClassification has no pooler"):
         build(recipes.from_dict(raw), num_labels=2)
+
+
+def test_a_bfloat16_base_pools_in_float32_and_feeds_the_float32_head(tiny_model_dir, reviews_csv):
+    raw = recipe_dict(tiny_model_dir, reviews_csv, "ffa")
+    raw["model"].update(pooling="mean", dtype="bfloat16")
+    bench = build(recipes.from_dict(raw), num_labels=2)
+    batch = bench.tokenizer(["good film", "a really very dull and boring plot"], padding=True, return_tensors="pt")
+    seen = {}
+    pooler = bench.model.get_base_model().bert.pooler
+    pooler.register_forward_hook(lambda _m, args, out: seen.update(dtype=args[0].dtype, out=out))
+    with torch.no_grad():
+        logits = bench.model(**batch).logits
+    assert seen["dtype"] == torch.bfloat16 and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all() and logits.shape == (2, 2)
