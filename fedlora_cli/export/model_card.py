@@ -318,9 +318,10 @@ def _usage_lines(manifest: GlobalManifest, kind: str, base_model: str, causal: b
             "",
             f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}", num_labels={manifest.num_labels})',
         ]
-        if mean:  # fedlora_pooling.py ships in this folder
-            lines[1:1] = ["import sys", "", 'sys.path.insert(0, "LOCAL_COPY_OF_THIS_FOLDER")',
-                          "from fedlora_pooling import install"]
+        if mean:
+            lines[0:0] = ["import sys", ""]
+            lines[-1:-1] = ['sys.path.insert(0, "LOCAL_COPY_OF_THIS_FOLDER")  # fedlora_pooling.py ships in it',
+                            "from fedlora_pooling import install", ""]
             lines.append("install(base)  # the head reads the masked mean of the last hidden states, as trained")
         lines.append('model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()')
     else:
