@@ -15,7 +15,8 @@ policy:
   all per-example gradients agreed, 0 if they were random), estimated without the 1 / sqrt(n) bias of the
   sample's own mean;
 - the measured noise-to-signal of one step at (``--sigma``, ``--batch``): sigma sqrt(d) / (a B), against the
-  plan's sigma sqrt(d) / B.
+  plan's sigma sqrt(d) / B; and the head's own, over its coordinates alone (a new head holds nearly all of the
+  signal in a few coordinates, so the noise on the others does not drown it: it damages the features instead).
 
 At the round-0 adapter, so it describes the first steps; the gradients of a trained model differ.
 """
@@ -64,10 +65,12 @@ def measure(recipe, shard, num_labels: int, examples: int, head: str) -> dict:
         n = len(clipped)
         mean_sq = float(clipped.mean(dim=0).norm() ** 2)
         signal_sq = max(0.0, (n * mean_sq - float((clipped.norm(dim=1) ** 2).mean())) / (n - 1))
+        head = clipped[:, is_head]
+        head_sq = max(0.0, (n * float(head.mean(dim=0).norm() ** 2) - float((head.norm(dim=1) ** 2).mean())) / (n - 1))
         clips.append({"C": c, "clipped": float((norms > c).double().mean()), "alignment": signal_sq**0.5 / c,
-                      "alignment_of_sample": mean_sq**0.5 / c})
+                      "alignment_of_sample": mean_sq**0.5 / c, "head_alignment": head_sq**0.5 / c})
     return {
-        "d": int(g.shape[1]), "tensors": len(names), "examples": len(rows),
+        "d": int(g.shape[1]), "d_head": int(is_head.sum()), "tensors": len(names), "examples": len(rows),
         "norm_quantiles": [float(q) for q in torch.quantile(norms, torch.tensor([0.1, 0.5, 0.9], dtype=norms.dtype))],
         "head_share": float(head_share), "clips": clips,
     }
@@ -110,15 +113,17 @@ def main() -> None:
           f"recipe {args.recipe} {overrides}, {args.examples} examples of client-0, step judged at sigma "
           f"{args.sigma:g}, B {args.batch}")
     print("| method | head | d | per-example norm 10/50/90% | head share of norm^2 | alignment a at C = "
-          + " / ".join(f"{c:g}" for c in CLIPS) + " | noise/signal planned | measured (smallest C) |")
-    print("|---|---|---|---|---|---|---|---|")
+          + " / ".join(f"{c:g}" for c in CLIPS) + " | noise/signal planned | measured (smallest C) | the head's own |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         planned = args.sigma * r["d"] ** 0.5 / args.batch
-        a = r["clips"][-1]["alignment"]
+        a, a_head = r["clips"][-1]["alignment"], r["clips"][-1]["head_alignment"]
+        # The head's coordinates alone: their own noise (sigma C sqrt(d_head) / B) against their share of the signal.
+        head_ratio = f"{args.sigma * r['d_head'] ** 0.5 / args.batch / a_head:.2f}" if a_head > 0 else "-"
         alignments = " / ".join(f"{c['alignment']:.3f}" for c in r["clips"])
         print(f"| {r['method']} | {r['head']} | {r['d']:,} | {' / '.join(f'{q:.3g}' for q in r['norm_quantiles'])} | "
               f"{r['head_share']:.3f} | {alignments} | "
-              f"{planned:.2f} | {planned / a:.2f} |")
+              f"{planned:.2f} | {planned / a:.2f} | {head_ratio} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "recipe": args.recipe,
                                                "overrides": overrides, "sigma": args.sigma, "batch": args.batch,

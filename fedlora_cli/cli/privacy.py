@@ -103,8 +103,10 @@ def privacy_plan(
         f"epsilon {planning.spent(best, rounds, delta):.3f}); raise training.lr with the batch"
     )
     ui.out.print(
-        "[dim]noise/signal takes the averaged clipped gradient at its largest norm, C; per-example gradients that "
-        "disagree average to less (0.17 C at the first step of ffa-lora-dp's plan: benchmarks/dp_signal.py measures it)[/]"
+        "[dim]noise/signal takes the averaged clipped gradient at its largest norm, C, spread over all d coordinates; "
+        "per-example gradients that disagree average to less (0.12 C at ffa-lora-dp's first step), and a new head "
+        "holds nearly all of it (99.9% there) in few coordinates, whose own ratio is far lower: "
+        "benchmarks/dp_signal.py measures both. Fewer steps also learn less: benchmarks/results/RESULTS.md[/]"
     )
 
 
