@@ -41,7 +41,10 @@ class MaskedMeanPooler(torch.nn.Module):
 def _remember_mask(pooler: MaskedMeanPooler) -> Any:
     def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         # BertModel.forward(input_ids, attention_mask, ...): by keyword from every HF head, positionally otherwise.
-        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is not None and mask.dim() != 2:
+            raise ValueError(f"mean pooling reads a (batch, tokens) attention mask; got one of shape {tuple(mask.shape)}")
+        pooler.mask = mask
 
     return hook
 
