@@ -65,8 +65,9 @@ def measure(recipe, shard, num_labels: int, examples: int, head: str) -> dict:
         n = len(clipped)
         mean_sq = float(clipped.mean(dim=0).norm() ** 2)
         signal_sq = max(0.0, (n * mean_sq - float((clipped.norm(dim=1) ** 2).mean())) / (n - 1))
-        head = clipped[:, is_head]
-        head_sq = max(0.0, (n * float(head.mean(dim=0).norm() ** 2) - float((head.norm(dim=1) ** 2).mean())) / (n - 1))
+        in_head = clipped[:, is_head]
+        head_sq = max(0.0, (n * float(in_head.mean(dim=0).norm() ** 2) - float((in_head.norm(dim=1) ** 2).mean()))
+                      / (n - 1))
         clips.append({"C": c, "clipped": float((norms > c).double().mean()), "alignment": signal_sq**0.5 / c,
                       "alignment_of_sample": mean_sq**0.5 / c, "head_alignment": head_sq**0.5 / c})
     return {

@@ -14,7 +14,8 @@ fits a linear head on those features:
   recipe's local steps of Poisson-sampled logical batches (the recipe's batch size) with per-example clipping at
   ``privacy.max_grad_norm`` and Gaussian noise, from the global head; the server averages the clients' heads.
   The noise multiplier is calibrated with fedlora's accountant for the recipe's rounds and the smallest client,
-  as ``fedlora init`` does. Plain SGD at ``--lr`` rates; the best mean over seeds is reported per cell.
+  as ``fedlora init`` does. Plain SGD at ``--lr`` rates; the best mean over seeds is reported per cell. The
+  rate is chosen on the test split itself, so these cells are optimistic by the choice of one of four rates.
 
 It trains only the head (d = hidden + 1 per class), so it says what the features allow, not what a federation
 that also trains B reaches; benchmarks/dp_quality.py runs those.

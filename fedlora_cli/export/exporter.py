@@ -11,6 +11,11 @@ Two kinds of folder, both written atomically (a temporary sibling renamed into p
                         README.md) that AutoModelForSequenceClassification.from_pretrained(folder) loads with
                         no PEFT. config.id2label / label2id carry the partition's label names.
 
+With ``model.pooling: mean`` either folder also holds ``fedlora_pooling.py`` (fedlora's pooling module): a
+merged folder names it in ``config.auto_map``, so ``from_pretrained(folder, trust_remote_code=True)`` reads the
+mean as fedlora trained it; for an adapter, the base needs ``fedlora_pooling.install(base)`` before PEFT loads
+it (the card's snippet). Loaded without it, the stock class has no trained pooler: a random one, not the model.
+
 Either holds the global model, or the model personalised for one client (``state_dir``): the global adapter
 plus the tensors that client kept at home (FedSA-LoRA's B, a local head), the model ``fedlora evaluate
 --state`` scores.

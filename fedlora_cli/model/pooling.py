@@ -13,7 +13,7 @@ pooling fedlora trained and evaluated with.
 
 from __future__ import annotations
 
-from typing import Any
+import threading
 
 import torch
 
@@ -21,47 +21,53 @@ import torch
 class MaskedMeanPooler(torch.nn.Module):
     """The mean of the hidden states over the tokens the attention mask keeps (all of them without a mask).
 
-    The mask reaches it from the encoder's own call (a forward pre-hook that ``install`` registers), because a
-    BERT encoder hands its pooler the hidden states alone.
+    The mask reaches it from the encoder's own call: a forward pre-hook that ``install`` registers hands it over
+    per thread, and the pooler takes it when it runs, so no call can read another's mask (or a stale one).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.mask: torch.Tensor | None = None
+        self.masks: dict[int, torch.Tensor] = {}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Summed in float32 whatever the base's precision (a bfloat16 sum of 64 states loses the low bits).
+        mask = self.masks.pop(threading.get_ident(), None)
+        # Summed in float32 whatever the base's precision, then rounded once to it.
         states = hidden_states.float()
-        if self.mask is None:
+        if mask is None:
             return states.mean(dim=1).to(hidden_states.dtype)
-        keep = self.mask[:, : states.shape[1], None].to(states.dtype)
+        if tuple(mask.shape) != tuple(states.shape[:2]):
+            raise ValueError(f"attention mask of shape {tuple(mask.shape)} for hidden states {tuple(states.shape)}")
+        keep = mask[:, :, None].to(states.dtype)
         return ((states * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)).to(hidden_states.dtype)
 
 
-def _remember_mask(pooler: MaskedMeanPooler) -> Any:
-    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        # BertModel.forward(input_ids, attention_mask, ...): by keyword from every HF head, positionally otherwise.
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        if mask is not None and mask.dim() != 2:
-            raise ValueError(f"mean pooling reads a (batch, tokens) attention mask; got one of shape {tuple(mask.shape)}")
-        pooler.mask = mask
-
-    return hook
+def _hand_over_mask(encoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    # BertModel.forward(input_ids, attention_mask, ...): by keyword from every HF head, positionally otherwise.
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"mean pooling reads a (batch, tokens) attention mask; got one of shape {tuple(mask.shape)}")
+    masks = encoder.pooler.masks  # this encoder's own pooler, also in a deep copy of the model
+    if mask is None:
+        masks.pop(threading.get_ident(), None)
+    else:
+        masks[threading.get_ident()] = mask
 
 
 def install(model: torch.nn.Module) -> None:
     """Replace the pooler of a Hugging Face sequence classifier's encoder by ``MaskedMeanPooler``.
 
-    Raises ValueError for an architecture whose encoder has no pooler (its head reads the first token itself).
+    Only a BERT-style pooler (a dense layer and an activation over the first token's state, fed the whole
+    sequence) is replaced; ValueError for an encoder without one (its head reads the first token itself, or its
+    pooler is fed that token alone, as ALBERT's).
     """
     encoder = getattr(model, "base_model", model)
-    if getattr(encoder, "pooler", None) is None:
+    pooler = getattr(encoder, "pooler", None)
+    if pooler is None or not (hasattr(pooler, "dense") and hasattr(pooler, "activation")):
         raise ValueError(
-            f"{type(model).__name__} has no pooler to replace (mean pooling supports BERT-family encoders)"
+            f"{type(model).__name__} has no BERT-style pooler to replace (mean pooling supports BERT-family encoders)"
         )
-    pooler = MaskedMeanPooler()
-    encoder.pooler = pooler
-    encoder.register_forward_pre_hook(_remember_mask(pooler), with_kwargs=True)
+    encoder.pooler = MaskedMeanPooler()
+    encoder.register_forward_pre_hook(_hand_over_mask, with_kwargs=True)
 
 
 # The custom-code file an export carries: this module, and a subclass of the architecture that installs it.

@@ -285,7 +285,7 @@ def test_failure_while_writing_leaves_nothing(ffa_run, tmp_path, monkeypatch):
     no_leftovers(tmp_path, "export")
 
 
-def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federation_of, tmp_path):
+def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federation_of, tmp_path, reviews_csv):
     import sys
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -301,7 +301,7 @@ def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federat
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", trust_remote_code=True)
     assert type(merged).__name__ == "MeanPooledBertForSequenceClassification"
     torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-4, rtol=0)
-    # Without its custom code the same weights read BERT's (untrained) pooler: the card's usage says so.
+    # Without its custom code the stock class gets a random pooler (the weights have none): not the model.
     stock = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert not torch.allclose(logits(stock, tokenizer), expected, atol=1e-3)
 
@@ -324,3 +324,16 @@ def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federat
     install(base)
     adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(logits(adapter, tokenizer), expected, atol=1e-5, rtol=0)
+
+    # As a recipe's base, the export needs its pooling again: its weights have no pooler to read.
+    from conftest import recipe_dict
+
+    from fedlora_cli.errors import FedloraError
+    from fedlora_cli.model.workbench import build
+
+    raw = recipe_dict(tmp_path / "merged", reviews_csv, "ffa")
+    with pytest.raises(FedloraError, match=r"mean-pooled fedlora export .* set model\.pooling 'mean'"):
+        build(recipes.from_dict(raw), num_labels=2)
+    raw["model"]["pooling"] = "mean"
+    rebuilt = build(recipes.from_dict(raw), num_labels=2)
+    torch.testing.assert_close(logits(rebuilt.model, tokenizer), expected, atol=1e-4, rtol=0)

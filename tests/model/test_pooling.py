@@ -71,7 +71,7 @@ def test_an_encoder_without_a_pooler_is_refused_by_name(tmp_path, tiny_model_dir
     raw = recipe_dict(tmp_path, reviews_csv, "ffa")
     raw["model"]["pooling"] = "mean"
     raw["adapter"]["target_modules"] = ["q_lin", "v_lin"]
-    with pytest.raises(FedloraError, match=r"model\.pooling 'mean': DistilBertForSequenceClassification has no pooler"):
+    with pytest.raises(FedloraError, match=r"model\.pooling 'mean': DistilBertForSequenceClassification has no BERT-style pooler"):
         build(recipes.from_dict(raw), num_labels=2)
 
 
@@ -82,8 +82,35 @@ def test_a_bfloat16_base_pools_in_float32_and_feeds_the_float32_head(tiny_model_
     batch = bench.tokenizer(["good film", "a really very dull and boring plot"], padding=True, return_tensors="pt")
     seen = {}
     pooler = bench.model.get_base_model().bert.pooler
-    pooler.register_forward_hook(lambda _m, args, out: seen.update(dtype=args[0].dtype, out=out))
+    pooler.register_forward_hook(lambda _m, args, out: seen.update(states=args[0], out=out))
     with torch.no_grad():
         logits = bench.model(**batch).logits
-    assert seen["dtype"] == torch.bfloat16 and logits.dtype == torch.float32
+    assert seen["states"].dtype == torch.bfloat16 and logits.dtype == torch.float32
     assert torch.isfinite(logits).all() and logits.shape == (2, 2)
+    # Rounded once: within half a bfloat16 step (2^-8 relative) of the exact mean, which a bfloat16 sum is not.
+    keep = batch["attention_mask"][:, :, None].double()
+    exact = (seen["states"].double() * keep).sum(dim=1) / keep.sum(dim=1)
+    assert ((seen["out"].double() - exact).abs() <= exact.abs() * 2**-8 + 1e-12).all()
+
+
+def test_a_deep_copy_pools_with_its_own_mask():
+    import copy
+
+    model = tiny_bert()
+    pooling.install(model)
+    twin = copy.deepcopy(model)
+    ids = torch.tensor([[2, 8, 3, 0, 0, 0], [2, 7, 9, 11, 12, 3]])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6])
+    with torch.no_grad():
+        alone = twin(input_ids=ids[:1, :3], attention_mask=mask[:1, :3]).logits
+        padded = twin(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(padded[0], alone[0], atol=1e-5)
+
+
+def test_an_albert_pooler_fed_only_the_first_token_is_not_replaced():
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    config = AlbertConfig(vocab_size=40, embedding_size=8, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    with pytest.raises(ValueError, match="no BERT-style pooler"):
+        pooling.install(AlbertForSequenceClassification(config))
