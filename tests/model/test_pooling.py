@@ -71,7 +71,8 @@ def test_an_encoder_without_a_pooler_is_refused_by_name(tmp_path, tiny_model_dir
     raw = recipe_dict(tmp_path, reviews_csv, "ffa")
     raw["model"]["pooling"] = "mean"
     raw["adapter"]["target_modules"] = ["q_lin", "v_lin"]
-    with pytest.raises(FedloraError, match=r"model\.pooling 'mean': DistilBertForSequenceClassification has no BERT-style pooler"):
+    message = r"model\.pooling 'mean': DistilBertForSequenceClassification has no BERT-style pooler"
+    with pytest.raises(FedloraError, match=message):
         build(recipes.from_dict(raw), num_labels=2)
 
 
