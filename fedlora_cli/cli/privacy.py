@@ -106,7 +106,7 @@ def privacy_plan(
         "[dim]noise/signal takes the averaged clipped gradient at its largest norm, C, spread over all d coordinates; "
         "per-example gradients that disagree average to less (0.12 C at ffa-lora-dp's first step), and a new head "
         "holds nearly all of it (99.9% there) in few coordinates, whose own ratio is far lower: "
-        "benchmarks/dp_signal.py measures both. Fewer steps also learn less: benchmarks/results/RESULTS.md[/]"
+        "benchmarks/dp_signal.py measures both, and benchmarks/results/RESULTS.md says which plans learned[/]"
     )
 
 
