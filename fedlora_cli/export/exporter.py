@@ -231,12 +231,8 @@ def _write_adapter(bench: Workbench, folder: Path, dtype: str, base_ref: str) ->
     import torch
     from safetensors.torch import save_file
 
-    if bench.recipe.model.pooling == "mean":
-        # A stock base reads its pooler; this adapter's head was trained on the masked mean (card: how to load).
-        from fedlora_cli.model import pooling
-
-        code, _ = pooling.remote_code(type(bench.model.get_base_model()).__name__)
-        (folder / pooling.REMOTE_CODE_FILE).write_text(code)
+    # A stock base reads its pooler; a mean-pooled head needs the pooling installed first (card: how to load).
+    _write_pooling(bench, folder, type(bench.model.get_base_model()).__name__)
     path = folder / storage.ADAPTER_WEIGHTS
     target = getattr(torch, dtype)
     tensors = storage.load_tensors(path, "exported adapter")
@@ -259,15 +255,21 @@ def _write_merged(bench: Workbench, folder: Path, dtype: str, manifest: GlobalMa
         merged.config.id2label = dict(enumerate(names))
         merged.config.label2id = {name: i for i, name in enumerate(names)}
     merged = merged.to(getattr(torch, dtype))
-    if bench.recipe.model.pooling == "mean":
-        # The head reads a masked mean that no stock architecture computes: the export carries it as custom code.
-        from fedlora_cli.model import pooling
-
-        code, name = pooling.remote_code(type(merged).__name__)
-        (folder / pooling.REMOTE_CODE_FILE).write_text(code)
-        module = pooling.REMOTE_CODE_FILE.removesuffix(".py")
-        merged.config.auto_map = {"AutoModelForSequenceClassification": f"{module}.{name}"}
+    auto_map = _write_pooling(bench, folder, type(merged).__name__)
+    if auto_map is not None:  # no stock architecture computes the masked mean: it loads as custom code
+        merged.config.auto_map = auto_map
     merged.save_pretrained(str(folder))
+
+
+def _write_pooling(bench: Workbench, folder: Path, architecture: str) -> dict[str, str] | None:
+    """With ``model.pooling: mean``, write the pooling module into the export; the ``auto_map`` that loads it."""
+    if bench.recipe.model.pooling != "mean":
+        return None
+    from fedlora_cli.model import pooling
+
+    code, auto_map = pooling.remote_code(architecture)
+    (folder / pooling.REMOTE_CODE_FILE).write_text(code)
+    return auto_map
 
 
 def _eval_row(metrics: dict[str, Any], model: str, data: str) -> dict[str, Any]:

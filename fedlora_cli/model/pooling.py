@@ -14,6 +14,7 @@ pooling fedlora trained and evaluated with.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import torch
 
@@ -71,7 +72,8 @@ def install(model: torch.nn.Module) -> None:
 
 
 # The custom-code file an export carries: this module, and a subclass of the architecture that installs it.
-REMOTE_CODE_FILE = "fedlora_pooling.py"
+REMOTE_CODE_MODULE = "fedlora_pooling"
+REMOTE_CODE_FILE = f"{REMOTE_CODE_MODULE}.py"
 
 _SUBCLASS = '''
 
@@ -87,10 +89,17 @@ class {name}(_Architecture):
 '''
 
 
-def remote_code(architecture: str) -> tuple[str, str]:
-    """The text of ``REMOTE_CODE_FILE`` for a model of class ``architecture``, and the class it defines, which
-    ``AutoModelForSequenceClassification`` loads with ``trust_remote_code=True`` (through ``config.auto_map``)."""
+def remote_code(architecture: str) -> tuple[str, dict[str, str]]:
+    """The text of ``REMOTE_CODE_FILE`` for a model of class ``architecture``, and the ``config.auto_map`` through
+    which ``AutoModelForSequenceClassification`` loads the class it defines with ``trust_remote_code=True``."""
     from pathlib import Path
 
     name = f"MeanPooled{architecture}"
-    return Path(__file__).read_text() + _SUBCLASS.format(architecture=architecture, name=name), name
+    text = Path(__file__).read_text() + _SUBCLASS.format(architecture=architecture, name=name)
+    return text, {"AutoModelForSequenceClassification": f"{REMOTE_CODE_MODULE}.{name}"}
+
+
+def is_export(config: Any) -> bool:
+    """Whether a model config is a mean-pooled export's (its ``auto_map`` names this module's code)."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    return any(str(v).startswith(f"{REMOTE_CODE_MODULE}.") for v in auto_map.values())

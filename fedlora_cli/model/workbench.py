@@ -156,15 +156,14 @@ def _load_base(recipe: Recipe, location: str, num_labels: int | None, site: Site
         model = AutoModelForSequenceClassification.from_pretrained(
             location, num_labels=num_labels, revision=recipe.model.revision, **kwargs
         )
-        exported = any("fedlora_pooling" in str(v) for v in (getattr(model.config, "auto_map", None) or {}).values())
-        if exported and recipe.model.pooling != "mean":
+        from fedlora_cli.model import pooling
+
+        if pooling.is_export(model.config) and recipe.model.pooling != "mean":
             raise FedloraError(
                 f"model.base '{location}' is a mean-pooled fedlora export (its pooler is not in its weights): set "
                 "model.pooling 'mean'"
             )
         if recipe.model.pooling == "mean":
-            from fedlora_cli.model import pooling
-
             try:
                 pooling.install(model)
             except ValueError as exc:
