@@ -32,6 +32,15 @@ def privacy_report(
         ui.out.print(ui.table(title, ["entry", "noise", "sample rate", "steps", "epsilon after"], rows))
 
 
+# What the plans' noise/signal ratio leaves out (benchmarks/dp_signal.py, on ffa-lora-dp).
+_RATIO_NOTE = (
+    "noise/signal takes the averaged clipped gradient at its largest norm, C, spread over all d coordinates; "
+    "per-example gradients that disagree average to less (0.12 C at ffa-lora-dp's first step), and a new head "
+    "holds nearly all of it (99.9% there) in few coordinates, whose own ratio is far lower: "
+    "benchmarks/dp_signal.py measures both, and benchmarks/results/RESULTS.md says which plans learned"
+)
+
+
 @command(privacy_app, "plan")
 def privacy_plan(
     examples: Annotated[int, typer.Option("--examples", help="The (smallest) client's number of examples.")],
@@ -102,12 +111,7 @@ def privacy_plan(
         f"(sigma {best.noise_multiplier:.3f} by {best.accountant}, noise/signal {best.noise_to_signal:.3f}, "
         f"epsilon {planning.spent(best, rounds, delta):.3f}); raise training.lr with the batch"
     )
-    ui.out.print(
-        "[dim]noise/signal takes the averaged clipped gradient at its largest norm, C, spread over all d coordinates; "
-        "per-example gradients that disagree average to less (0.12 C at ffa-lora-dp's first step), and a new head "
-        "holds nearly all of it (99.9% there) in few coordinates, whose own ratio is far lower: "
-        "benchmarks/dp_signal.py measures both, and benchmarks/results/RESULTS.md says which plans learned[/]"
-    )
+    ui.out.print(f"[dim]{_RATIO_NOTE}[/]")
 
 
 def _trained_coordinates(r) -> int:

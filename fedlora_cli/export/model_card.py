@@ -212,8 +212,7 @@ def _training_rows(
     method = METHODS[manifest.method]
     aggregated = f" (last round aggregated: {', '.join(manifest.clients)})" if manifest.clients else ""
     task = ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model")
-    pooling = recipe["model"].get("pooling", "default")
-    read = "the masked mean of the last hidden states" if pooling == "mean" else "the architecture's own pooling"
+    read = "the masked mean of the last hidden states" if _mean_pooled(manifest) else "the architecture's own pooling"
     head = ("classifier head", f"{manifest.head}: {HEAD_POLICIES[manifest.head]}; it reads {read}")
     inputs = ("data", f"prompt column '{data.get('prompt_column')}', response column '{data.get('response_column')}'"
               + (", chat template" if data.get("chat_template") else "") + f", max length {data.get('max_length')}")
@@ -239,8 +238,9 @@ def _training_rows(
 NEIGHBOURS = (
     "The guarantees are for *zero-out* neighbours: one example (DP-SGD) or one client's update (DP-FedAvg) "
     "replaced by one that contributes nothing. Each client update publishes its shard size and each global "
-    "checkpoint names the clients it averaged, so the add-or-remove relation is not what they protect; swapping one example for an arbitrary other is covered at twice the "
-    "epsilon and a delta of (1 + e^epsilon) delta (group privacy over two zero-outs)."
+    "checkpoint names the clients it averaged, so the add-or-remove relation is not what they protect; swapping "
+    "one example for an arbitrary other is covered at twice the epsilon and a delta of (1 + e^epsilon) delta "
+    "(group privacy over two zero-outs)."
 )
 
 
@@ -310,7 +310,7 @@ def _usage_lines(manifest: GlobalManifest, kind: str, base_model: str, causal: b
     """The Python snippet that loads this export, without its closing fence."""
     if causal:
         return _causal_usage(kind, base_model, bool(manifest.recipe["data"].get("chat_template")))
-    mean = manifest.recipe["model"].get("pooling", "default") == "mean"
+    mean = _mean_pooled(manifest)
     if kind == "adapter":
         lines = [
             "from peft import PeftModel",
@@ -336,6 +336,11 @@ def _usage_lines(manifest: GlobalManifest, kind: str, base_model: str, causal: b
         'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
         f"labels = {_labels(manifest)!r}",
     ]
+
+
+def _mean_pooled(manifest: GlobalManifest) -> bool:
+    """Whether the head reads the masked mean (``model.pooling``; checkpoints from before it read the default)."""
+    return manifest.recipe["model"].get("pooling", "default") == "mean"
 
 
 def _causal_usage(kind: str, base_model: str, chat_template: bool) -> list[str]:
