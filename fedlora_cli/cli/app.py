@@ -90,12 +90,15 @@ def _main(
     """
 
 
-def _load_recipe(path: Path, sets: list[str] | None, extra: dict[str, Any] | None = None):
+def _load_recipe(path: Path, sets: list[str] | None, extra: dict[str, Any] | None = None,
+                 labels: dict[str, str] | None = None):
+    """The recipe with the --set overrides, then the command's own options (``extra``: recipe key -> value, None
+    keeping the recipe's) over it; ``labels`` names each option key as the user typed it (``--rounds``)."""
     from fedlora_cli import recipe as recipes
 
-    overrides = dict(recipes.parse_override(s) for s in sets or [])
-    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return recipes.load(_recipe_path(path), overrides)
+    options = {k: v for k, v in (extra or {}).items() if v is not None}
+    overrides = {**dict(recipes.parse_override(s) for s in sets or []), **options}
+    return recipes.load(_recipe_path(path), overrides, {k: v for k, v in (labels or {}).items() if k in options})
 
 
 def _recipe_path(path: Path) -> Path:

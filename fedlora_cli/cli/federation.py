@@ -125,7 +125,8 @@ def train_client_cmd(
         written = federation.train_client(
             g, data, state, out, cid, base_override=base_model, overwrite=overwrite,
             progress=tracking.step_logger(tracked.log_metrics, cid, round_, progress),
-            site=site_settings(device, dtype, quantization, mixed_precision, gradient_checkpointing, accumulation_steps),
+            site=site_settings(device=device, dtype=dtype, quantization=quantization, mixed_precision=mixed_precision,
+                               gradient_checkpointing=gradient_checkpointing, accumulation_steps=accumulation_steps),
             split=split,
         )
         # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
@@ -255,26 +256,23 @@ def evaluate_cmd(
     round, under simulate's names (round/global_accuracy, ...): in the global checkpoints' run, or with --state
     in the client's.
     """
-    import dataclasses
-
     from fedlora_cli import federation, recipe as recipes, tracking
     from fedlora_cli.cli import ui
 
     g = federation.Global.of(global_checkpoint)
     trackers = tracking.resolve(report_to, g.recipe)
     settings = None
-    overrides = {"max_new_tokens": max_new_tokens, "generate_examples": generate_examples, "answer": answer}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if given:
+    overrides = {"evaluation.max_new_tokens": max_new_tokens, "evaluation.generate_examples": generate_examples,
+                 "evaluation.answer": answer}
+    if any(v is not None for v in overrides.values()):
         if g.recipe.model.task != recipes.TASK_CAUSAL_LM:
             raise FedloraError("--max-new-tokens, --generate-examples and --answer apply to a causal-lm federation")
-        settings = dataclasses.replace(g.recipe.evaluation, **given)
-        recipes.validate(dataclasses.replace(g.recipe, evaluation=settings))
+        settings = recipes.override(g.recipe, overrides, _EVALUATION_FLAGS).evaluation
     with ui.step_progress("evaluating") as progress:
         metrics = federation.evaluate(
             g, data, state_dir=state, client_id=client_id, base_override=base_model,
             progress=lambda done, total: progress(done, total), settings=settings, split=split,
-            site=site_settings(device, dtype, quantization),
+            site=site_settings(device=device, dtype=dtype, quantization=quantization),
         )
     home = state if state is not None else tracking.coordinator_home(global_checkpoint)
     with tracking.open_run(trackers, home, g.recipe.name, tracking_dir) as tracked:
@@ -297,6 +295,11 @@ def evaluate_cmd(
         columns = ["model", "examples", "accuracy", "macro-F1", "loss"]
     ui.out.print(ui.table(title, columns, rows))
     ui.out.print(f"ran on: {Site(**metrics['site']).describe()}")
+
+
+# How evaluate's options name the evaluation keys they override, in messages.
+_EVALUATION_FLAGS = {"evaluation.max_new_tokens": "--max-new-tokens",
+                     "evaluation.generate_examples": "--generate-examples", "evaluation.answer": "--answer"}
 
 
 def _show_aggregate(result) -> None:

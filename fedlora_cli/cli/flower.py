@@ -81,9 +81,10 @@ def node_config_cmd(
     --state-dir state-a)"
     """
     from fedlora_cli.flower.app_folder import node_config
+    from fedlora_cli.recipe.site_settings import BY_NAME
 
+    site = {"device": device, "dtype": dtype, "quantization": quantization, "mixed_precision": mixed_precision,
+            "gradient_checkpointing": gradient_checkpointing, "accumulation_steps": accumulation_steps}
     print(node_config(client_id, data, str(state_dir), **{
-        "test-data": test_data, "base": base_model, "device": device, "dtype": dtype, "quantization": quantization,
-        "mixed-precision": mixed_precision, "gradient-checkpointing": gradient_checkpointing,
-        "accumulation-steps": accumulation_steps,
+        "test-data": test_data, "base": base_model, **{BY_NAME[name].node_key: value for name, value in site.items()},
     }))

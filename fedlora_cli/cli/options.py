@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+
+from fedlora_cli.recipe import site_settings as sites
+from fedlora_cli.recipe.site_settings import SiteSetting
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
@@ -18,42 +21,33 @@ BaseModelOpt = Annotated[
     typer.Option("--base-model", help="Where this site keeps the base model, if not where the recipe says."),
 ]
 
-# Site settings (fedlora_cli.model.site): how this site loads and runs the model; default: the recipe's.
-DeviceOpt = Annotated[
-    Optional[str],
-    typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; default: the recipe's."),
-]
-DtypeOpt = Annotated[
-    Optional[str],
-    typer.Option("--dtype", help="Precision of the frozen base: float32, bfloat16, float16 or auto; default: the recipe's."),
-]
-QuantizationOpt = Annotated[
-    Optional[str],
-    typer.Option("--quantization", help="Quantised base (QLoRA): none, 4bit or 8bit (needs fedlora[quantization])."),
-]
-MixedPrecisionOpt = Annotated[
-    Optional[str], typer.Option("--mixed-precision", help="Autocast the forward pass: no, bf16 or fp16."),
-]
-CheckpointingOpt = Annotated[
-    Optional[bool],
-    typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory."),
-]
-AccumulationOpt = Annotated[
-    Optional[int],
-    typer.Option("--accumulation-steps", help="Micro-batches per logical batch (same step, less memory)."),
-]
+# Site settings: how this site loads and runs the model; default: the recipe's. Each option's flag and help are
+# its setting's in fedlora_cli.recipe.site_settings (the one declaration); Typer wants the types written out.
+def _site_option(setting: SiteSetting) -> Any:
+    flag = setting.flag
+    if setting.flag is None:
+        raise ValueError(f"site setting '{setting.name}' has no command-line option")
+    if isinstance(setting.default, bool):
+        flag = f"{flag}/--no-{flag[2:]}"
+    return typer.Option(flag, help=setting.flag_help)
 
 
-def site_settings(
-    device: str | None = None, dtype: str | None = None, quantization: str | None = None,
-    mixed_precision: str | None = None, checkpointing: bool | None = None, accumulation: int | None = None,
-) -> dict[str, object]:
-    """The site-setting overrides a command's options give (unset ones left to the recipe)."""
-    return {
-        "training.device": device, "model.dtype": dtype, "model.quantization": quantization,
-        "training.mixed_precision": mixed_precision, "training.gradient_checkpointing": checkpointing,
-        "training.gradient_accumulation_steps": accumulation,
-    }
+DeviceOpt = Annotated[Optional[str], _site_option(sites.DEVICE)]
+DtypeOpt = Annotated[Optional[str], _site_option(sites.DTYPE)]
+QuantizationOpt = Annotated[Optional[str], _site_option(sites.QUANTIZATION)]
+MixedPrecisionOpt = Annotated[Optional[str], _site_option(sites.MIXED_PRECISION)]
+CheckpointingOpt = Annotated[Optional[bool], _site_option(sites.GRADIENT_CHECKPOINTING)]
+AccumulationOpt = Annotated[Optional[int], _site_option(sites.ACCUMULATION_STEPS)]
+
+
+def site_settings(**options: Any) -> dict[str, Any]:
+    """The site-setting overrides a command's options give, by recipe key (``device='cuda'`` gives
+    ``{'training.device': 'cuda'}``; None leaves the recipe's). Pass them to :func:`fedlora_cli.recipe.with_site`
+    (or ``site=`` of the federation's functions) with :data:`SITE_FLAGS`, which names each by its option."""
+    return sites.site_keys(**options)
+
+
+SITE_FLAGS = sites.FLAGS
 
 
 # What the --data of train-client and evaluate takes besides a partition's shard (one text, so both say the same;

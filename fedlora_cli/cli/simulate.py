@@ -8,8 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
-from fedlora_cli.cli.options import DeviceOpt, JsonOpt, ReportToOpt, SetOpt, TrackingDirOpt
+from fedlora_cli.cli.options import SITE_FLAGS, DeviceOpt, JsonOpt, ReportToOpt, SetOpt, TrackingDirOpt, site_settings
 from fedlora_cli.errors import FedloraError
+
+# How simulate's options name the recipe keys they override, in messages.
+_OPTION_FLAGS = {"federation.rounds": "--rounds", "federation.clients": "--clients", "federation.method": "--method"}
 
 
 @command(app, "simulate")
@@ -44,8 +47,9 @@ def simulate_cmd(
     from fedlora_cli.cli import plots, ui
     from fedlora_cli.federation import simulate as sim
 
-    r = _load_recipe(recipe, sets, {"federation.rounds": rounds, "federation.clients": clients,
-                                    "federation.method": method, "training.device": device})
+    options = {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method,
+               **site_settings(device=device)}
+    r = _load_recipe(recipe, sets, options, {**_OPTION_FLAGS, **SITE_FLAGS})
     run_dir = out or Path("runs") / r.name
     ui.check_plot_path(plot)  # before the federation runs, so a bad path does not fail after the work
     if keep_state_rounds is not None and keep_state_rounds < 1:

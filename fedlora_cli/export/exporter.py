@@ -42,6 +42,7 @@ from fedlora_cli.export.hub import HubTarget, check_hub_access, push_to_hub
 from fedlora_cli.export.model_card import (
     MODEL_CARD, _model_label, _notes, _title, base_license, base_reference, hub_id_of, model_card,
 )
+from fedlora_cli.recipe.site_settings import plain_load
 from fedlora_cli.storage.manifests import GlobalManifest
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def export(
         )
     replace = _check_out(out, overwrite, [global_dir, *([Path(state_dir)] if state_dir is not None else [])])
     state_dir, who = _client_state(g, state_dir, client_id)
-    bench, manifest = federation.load_for_evaluation(g, state_dir, client_id, base_override, site=export_site(device))
+    bench, manifest = federation.load_for_evaluation(g, state_dir, client_id, base_override, site=plain_load(device))
 
     # Saved as loaded: tokenising for evaluation leaves truncation and padding settings in a fast tokenizer.
     tokenizer = copy.deepcopy(bench.tokenizer)
@@ -211,12 +212,6 @@ def _run_state_dir(g: federation.Global, client_id: str) -> Path:
     if not state_dir.is_dir():
         raise FedloraError(f"client '{client_id}' has no state in this run ({state_dir} not found)")
     return state_dir
-
-
-def export_site(device: str | None) -> dict[str, Any]:
-    """The site settings an export loads its base model with: float32, unquantised, on ``device``."""
-    return {"model.dtype": "float32", "model.quantization": "none", "training.mixed_precision": "no",
-            "training.device": device}
 
 
 def _write_adapter(bench: Workbench, folder: Path, dtype: str, base_ref: str) -> None:

@@ -77,15 +77,16 @@ class RoundOverrides(TypedDict, total=False):
 
 # The recipe key each override replaces, and how a message names it.
 _OVERRIDDEN = {
-    "weighting": ("weighting", "weighting"),
-    "strategy": ("aggregation", "aggregation strategy"),
-    "trim_fraction": ("trim_fraction", "trim fraction"),
-    "norm_bound": ("norm_bound", "norm bound"),
-    "norm_bound_action": ("norm_bound_action", "norm bound action"),
+    "weighting": ("federation.weighting", "weighting"),
+    "strategy": ("federation.aggregation", "aggregation strategy"),
+    "trim_fraction": ("federation.trim_fraction", "trim fraction"),
+    "norm_bound": ("federation.norm_bound", "norm bound"),
+    "norm_bound_action": ("federation.norm_bound_action", "norm bound action"),
+    "server_privacy": ("server_privacy", "server privacy"),
 }
 _SERVER_PRIVACY_LABELS = {
-    "server_privacy": "server privacy", "server_privacy.clip_norm": "--dp-clip",
-    "server_privacy.noise_multiplier": "--dp-noise", "server_privacy.delta": "--dp-delta",
+    "server_privacy.clip_norm": "--dp-clip", "server_privacy.noise_multiplier": "--dp-noise",
+    "server_privacy.delta": "--dp-delta",
 }
 
 
@@ -141,22 +142,18 @@ def aggregate_round(
 
 
 def round_recipe(recipe: recipes.Recipe, overrides: Mapping[str, Any]) -> recipes.Recipe:
-    """The recipe with this round's overrides, checked by the same validation as the recipe itself."""
-    unknown = sorted(set(overrides) - set(_OVERRIDDEN) - {"server_privacy"})
+    """The recipe with this round's overrides (:func:`fedlora_cli.recipe.override`), checked by the same validation
+    as the recipe itself; the trim count is left to the updates that arrive."""
+    unknown = sorted(set(overrides) - set(_OVERRIDDEN))
     if unknown:
         raise TypeError(f"aggregate_round() got unknown override '{unknown[0]}'")
-    given = {name: value for name, value in overrides.items() if value is not None and name != "server_privacy"}
-    federation = dataclasses.replace(recipe.federation, **{_OVERRIDDEN[n][0]: v for n, v in given.items()})
-    labels = {f"federation.{_OVERRIDDEN[n][0]}": _OVERRIDDEN[n][1] for n in given}
     server_privacy = overrides.get("server_privacy")
-    if server_privacy is not None:
-        labels.update(_SERVER_PRIVACY_LABELS)
-        if recipe.server_privacy is not None and server_privacy.target_epsilon is None:
-            # A budget in the recipe binds DP-FedAvg asked for on the command line too.
-            server_privacy = dataclasses.replace(server_privacy, target_epsilon=recipe.server_privacy.target_epsilon)
-    changed = dataclasses.replace(recipe, federation=federation,
-                                  server_privacy=server_privacy or recipe.server_privacy)
-    return recipes.validate(changed, labels, planned_clients=False)
+    if server_privacy is not None and recipe.server_privacy is not None and server_privacy.target_epsilon is None:
+        # A budget in the recipe binds DP-FedAvg asked for on the command line too.
+        server_privacy = dataclasses.replace(server_privacy, target_epsilon=recipe.server_privacy.target_epsilon)
+    values = {_OVERRIDDEN[name][0]: value for name, value in {**overrides, "server_privacy": server_privacy}.items()}
+    labels = {**dict(_OVERRIDDEN.values()), **_SERVER_PRIVACY_LABELS}
+    return recipes.override(recipe, values, labels, planned_clients=False)
 
 
 def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: Path | None,

@@ -34,18 +34,8 @@ from fedlora_cli.storage.manifests import GlobalManifest, _from_dict
 CLIENT_ID, DATA, STATE_DIR, WORK_DIR, TEST_DATA, BASE, SPLIT = (
     "client-id", "data", "state-dir", "work-dir", "test-data", "base", "split",
 )
-# node-config key -> the recipe's site setting it overrides.
-SITE_SETTINGS = {
-    "device": "training.device",
-    "dtype": "model.dtype",
-    "quantization": "model.quantization",
-    "quant-type": "model.quant_type",
-    "double-quant": "model.double_quant",
-    "compute-dtype": "model.compute_dtype",
-    "mixed-precision": "training.mixed_precision",
-    "gradient-checkpointing": "training.gradient_checkpointing",
-    "accumulation-steps": "training.gradient_accumulation_steps",
-}
+# node-config key -> the recipe's site setting it overrides (fedlora_cli.recipe.site_settings declares both).
+SITE_SETTINGS = {setting.node_key: setting.key for setting in recipes.SITE_SETTINGS}
 _PATHS = (CLIENT_ID, DATA, STATE_DIR, WORK_DIR, TEST_DATA, BASE, SPLIT)
 WORK_SUBDIR = "flower"
 

@@ -1,6 +1,6 @@
 """How one site loads the base model and runs its steps: device, precision, a quantised base, memory.
 
-These are the recipe's site settings (:data:`fedlora_cli.recipe.schema.SITE_KEYS`). They change how a site
+These are the recipe's site settings (:mod:`fedlora_cli.recipe.site_settings`). They change how a site
 computes, not what the federation computes, so each site chooses its own: a site with a 24 GB GPU loads the base
 in 4 bits (QLoRA), a site with a larger one in bfloat16, a laptop in float32 on the CPU, and all of them train the
 same adapter on the same base model. What a federation checks is unchanged: the base model's fingerprint (its
@@ -22,19 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, Recipe
+from fedlora_cli.recipe.site_settings import DEVICE, FLAGS, SITE_SETTINGS
 
 if TYPE_CHECKING:
     import torch
 
-# How a command's options name the site settings it overrides, for messages (``--device 'cuda'`` ...).
-SITE_FLAGS = {
-    "training.device": "--device",
-    "model.dtype": "--dtype",
-    "model.quantization": "--quantization",
-    "training.mixed_precision": "--mixed-precision",
-    "training.gradient_checkpointing": "--gradient-checkpointing",
-    "training.gradient_accumulation_steps": "--accumulation-steps",
-}
+# How a command's options name the site settings it overrides, for messages (``--device must be one of ...``).
+SITE_FLAGS = FLAGS
 # Task heads (PEFT's modules_to_save for sequence classification): never quantised, always float32.
 HEAD_MODULES = ("classifier", "score")
 _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -42,7 +36,8 @@ _AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 @dataclass(frozen=True)
 class Site:
-    """A site's settings, with the device resolved (``auto`` becomes the device actually used)."""
+    """A site's settings, with the device resolved (``auto`` becomes the device actually used); one field per
+    setting of :mod:`fedlora_cli.recipe.site_settings`, by its name."""
 
     device: str
     dtype: str
@@ -56,12 +51,8 @@ class Site:
 
     @classmethod
     def of(cls, recipe: Recipe) -> Site:
-        m, t = recipe.model, recipe.training
-        return cls(
-            device=resolve_device(t.device), dtype=m.dtype, quantization=m.quantization, quant_type=m.quant_type,
-            double_quant=m.double_quant, compute_dtype=m.compute_dtype, mixed_precision=t.mixed_precision,
-            gradient_checkpointing=t.gradient_checkpointing, accumulation_steps=t.gradient_accumulation_steps,
-        )
+        values = {setting.name: setting.of(recipe) for setting in SITE_SETTINGS}
+        return cls(**{**values, DEVICE.name: resolve_device(values[DEVICE.name])})
 
     @property
     def quantized(self) -> bool:

@@ -1,7 +1,9 @@
 """Reading recipes: YAML files, parsed mappings and ``section.key=value`` overrides, into validated recipes.
 
-Overrides are applied to the raw mapping before validation (``--set training.lr=0.01``), so an override is
-checked exactly like a value written in the file.
+Every override goes through :func:`override`: ``--set training.lr=0.01``, a command's options (``--rounds``,
+``--device``, aggregate's ``--strategy``), a site's settings (:func:`with_site`, a SuperNode's node config).
+It applies the values to the recipe's raw mapping and reads that like a file, so an override is checked exactly
+like a value written in the file, and a message names the option the user typed.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.recipe.schema import _OPTIONAL_SECTIONS, _SECTIONS, SITE_KEYS, TASK_DEFAULTS, Recipe
+from fedlora_cli.recipe.schema import _OPTIONAL_SECTIONS, _SECTIONS, TASK_DEFAULTS, Recipe
+from fedlora_cli.recipe.site_settings import SITE_KEYS
 from fedlora_cli.recipe.validation import validate
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+def _coerce(key: str, value: Any, annotation: Any, subject: str) -> Any:
+    """Check a YAML value against a field's type; ints are accepted where floats are expected. ``subject`` names
+    the key in messages (``recipe key 'training.lr'``, or the option that set it)."""
     is_union = get_origin(annotation) in (Union, types.UnionType)
     options = get_args(annotation) if is_union else (annotation,)
     if value is None:
         if type(None) in options:
             return None
-        raise FedloraError(f"recipe key '{key}' must not be empty")
+        raise FedloraError(f"{subject} must not be empty")
     for option in options:
         if option is type(None):
             continue
@@ -72,14 +76,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         for o in options
         if o is not type(None)
     )
-    raise FedloraError(f"recipe key '{key}' must be {names}, got {value!r}")
+    raise FedloraError(f"{subject} must be {names}, got {value!r}")
 
 
-def _build_section(name: str, cls: type, raw: Any) -> Any:
+def _build_section(name: str, cls: type, raw: Any, labels: Mapping[str, str]) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise FedloraError(f"recipe key '{name}' must be a mapping")
+        raise FedloraError(f"{labels.get(name, f'recipe key {name!r}')} must be a mapping")
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -88,14 +92,16 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
-            values[f.name] = _coerce(f"{name}.{f.name}", raw[f.name], hints[f.name])
+            key = f"{name}.{f.name}"
+            values[f.name] = _coerce(key, raw[f.name], hints[f.name], labels.get(key, f"recipe key '{key}'"))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise FedloraError(f"recipe key '{name}.{f.name}' is required")
     return cls(**values)
 
 
-def from_dict(raw: Any) -> Recipe:
-    """Build and validate a recipe from a parsed YAML mapping."""
+def from_dict(raw: Any, labels: Mapping[str, str] | None = None, planned_clients: bool = True) -> Recipe:
+    """Build and validate a recipe from a parsed YAML mapping; ``labels`` and ``planned_clients`` as for
+    :func:`fedlora_cli.recipe.validation.validate`."""
     if not isinstance(raw, dict):
         raise FedloraError("a recipe must be a YAML mapping with sections model, data, adapter, federation, training")
     allowed = set(_SECTIONS) | {"name"}
@@ -106,14 +112,14 @@ def from_dict(raw: Any) -> Recipe:
         raise FedloraError("recipe key 'model' is required")
     raw = with_task_defaults(raw)
     sections = {
-        name: _build_section(name, cls, raw.get(name))
+        name: _build_section(name, cls, raw.get(name), labels or {})
         for name, cls in _SECTIONS.items()
         if not (name in _OPTIONAL_SECTIONS and raw.get(name) is None)
     }
     name = raw.get("name", "federation")
     if not isinstance(name, str) or not name:
         raise FedloraError("recipe key 'name' must be a non-empty string")
-    return validate(Recipe(name=name, **sections))
+    return validate(Recipe(name=name, **sections), labels, planned_clients)
 
 
 def with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
@@ -132,25 +138,39 @@ def with_task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return apply_overrides(raw, missing) if missing else raw
 
 
+def override(
+    base: Recipe | Mapping[str, Any],
+    values: Mapping[str, Any],
+    labels: Mapping[str, str] | None = None,
+    *,
+    planned_clients: bool = True,
+) -> Recipe:
+    """``base`` (a recipe, or a raw mapping as read from YAML) with ``values`` over it, checked as a recipe file is.
+
+    ``values`` maps a recipe key ``section.key`` (or a whole optional ``section``: a mapping or a section object)
+    to its value; None keeps the base's. ``labels`` names keys as the user gave them (``{'training.device':
+    '--device'}``): a message about a given key, or about a key inside a given section, names it so; the other
+    keys keep their recipe names. ``planned_clients`` as for :func:`fedlora_cli.recipe.validation.validate`.
+    """
+    given = {key: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for key, v in values.items()
+             if v is not None}
+    if isinstance(base, Recipe):
+        if not given:
+            return base
+        base = base.to_dict()
+    named = {key: label for key, label in (labels or {}).items() if key in given or key.split(".", 1)[0] in given}
+    return from_dict(apply_overrides(dict(base), given), named, planned_clients)
+
+
 def with_site(recipe: Recipe, settings: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> Recipe:
     """The recipe with this site's own settings (:data:`SITE_KEYS`, ``None`` values skipped), validated.
 
     ``labels`` names each setting as the user gave it (``{'training.device': '--device'}``) in messages.
     """
-    given = {key: value for key, value in settings.items() if value is not None}
-    unknown = sorted(set(given) - set(SITE_KEYS))
+    unknown = sorted(key for key, value in settings.items() if value is not None and key not in SITE_KEYS)
     if unknown:
         raise FedloraError(f"'{unknown[0]}' is not a site setting (site settings: {', '.join(SITE_KEYS)})")
-    if not given:
-        return recipe
-    sections: dict[str, dict[str, Any]] = {}
-    for key, value in given.items():
-        section, name = key.split(".", 1)
-        sections.setdefault(section, {})[name] = value
-    changed = dataclasses.replace(
-        recipe, **{section: dataclasses.replace(getattr(recipe, section), **values) for section, values in sections.items()}
-    )
-    return validate(changed, {key: labels[key] for key in given if labels and key in labels})
+    return override(recipe, settings, labels)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -170,12 +190,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of a raw recipe mapping with ``section.key`` overrides applied."""
+    """Return a copy of a raw recipe mapping with ``section.key`` overrides applied; a key without a dot replaces
+    a whole section."""
     merged = json.loads(json.dumps(raw))
     for key, value in overrides.items():
-        section, name = key.split(".", 1)
+        section, _, name = key.partition(".")
         if section not in _SECTIONS:
             raise FedloraError(f"unknown recipe key '{key}' (sections: {', '.join(_SECTIONS)})")
+        if not name:
+            merged[section] = value
+            continue
         if not isinstance(merged.get(section) or {}, dict):
             raise FedloraError(f"recipe key '{section}' must be a mapping")
         merged.setdefault(section, {})
@@ -185,8 +209,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
-def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a YAML recipe file, apply overrides, validate."""
+def load(
+    path: str | Path, overrides: Mapping[str, Any] | None = None, labels: Mapping[str, str] | None = None
+) -> Recipe:
+    """Read a YAML recipe file, apply overrides (:func:`override`), validate."""
     import yaml
 
     path = Path(path)
@@ -202,7 +228,7 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
         raise FedloraError(f"recipe {path} is empty")
     if not isinstance(raw, dict):
         raise FedloraError(f"recipe {path} must be a YAML mapping")
-    return from_dict(apply_overrides(raw, overrides or {}))
+    return override(raw, overrides or {}, labels)
 
 
 def dump(recipe: Recipe) -> str:

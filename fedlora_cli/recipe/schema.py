@@ -15,6 +15,9 @@ and optional sections that switch something on: ``privacy`` (DP-SGD at every cli
 The task is one axis the rest of fedlora dispatches on: how a shard is read and encoded (:mod:`data`), which
 model class is built (:mod:`modeling`), and which metrics are computed (:mod:`evaluation`). A few defaults
 depend on it (:data:`TASK_DEFAULTS`): a causal LM adapts the attention projections and has no task head.
+
+A few keys of model and training are site settings (how one site loads and runs the model: dtype, quantisation,
+device, memory), declared in :mod:`.site_settings` and left out of the recipe's digest.
 """
 
 from __future__ import annotations
@@ -25,17 +28,22 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlora_cli import adapters, aggregation, tracking
-from fedlora_cli.aggregation import norm_bound
+from fedlora_cli.recipe.site_settings import (
+    ACCUMULATION_STEPS, COMPUTE_DTYPE, DEVICE, DOUBLE_QUANT, DTYPE, GRADIENT_CHECKPOINTING, MIXED_PRECISION,
+    QUANT_TYPE, QUANTIZATION, SITE_SETTINGS, SiteSetting,
+)
 
-# The choices of the keys whose values are objects elsewhere (adapter kinds, methods, strategies) are read from
-# those objects, so there is one list of each.
-METHODS = tuple(adapters.METHODS)
-HEAD_POLICIES = tuple(adapters.HEAD_POLICIES)
-ADAPTER_KINDS = tuple(adapters.ADAPTER_KINDS)
-AGGREGATIONS = tuple(aggregation.STRATEGIES)
-NORM_BOUND_ACTIONS = norm_bound.ACTIONS
-SERVER_OPTIMIZERS = ("none", *aggregation.SERVER_OPTIMIZERS)
+# The choices of the keys whose values name objects elsewhere, as plain data: the schema imports no runtime code.
+# tests/recipe/test_schema.py checks each list against its registry (adapters.METHODS, aggregation.STRATEGIES, ...),
+# so they cannot drift apart; validation asks the registries' objects what each choice can do.
+METHOD_NAMES = ("fedavg", "ffa", "fedsa")  # adapters.METHODS
+HEAD_POLICY_NAMES = ("shared", "local", "frozen")  # adapters.HEAD_POLICIES
+ADAPTER_KIND_NAMES = ("lora", "rslora", "vera")  # adapters.ADAPTER_KINDS
+AGGREGATIONS = ("mean", "svd", "exact", "median", "trimmed-mean")  # aggregation.STRATEGIES
+NORM_BOUND_ACTIONS = ("clip", "reject")  # aggregation.norm_bound.ACTIONS
+# federation.server_optimizer: 'none', or one of aggregation.SERVER_OPTIMIZERS
+SERVER_OPTIMIZER_NAMES = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # tracking.BACKENDS
 TASK_CLASSIFICATION = "sequence-classification"
 TASK_CAUSAL_LM = "causal-lm"
 TASKS = (TASK_CLASSIFICATION, TASK_CAUSAL_LM)
@@ -57,24 +65,7 @@ WEIGHTINGS = ("examples", "shard", "uniform")
 SAMPLINGS = ("fixed", "poisson")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
-TRACKERS = tuple(tracking.BACKENDS)
-# How a site loads and runs the model (fedlora_cli.model.site): precision, quantisation, device and memory.
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-QUANTIZATIONS = ("none", "4bit", "8bit")
 POOLINGS = ("default", "mean")
-QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda", "mps")  # and 'cuda:N'
-# Site settings: how one site loads the base model and runs its steps, not what the federation computes. Each
-# site may set its own (train-client --device/--dtype/--quantization/...) whatever the global checkpoint's recipe
-# says: a 4-bit site and a bfloat16 site train the same adapter on the same base model. The base model itself
-# (its fingerprint) and every other key are the federation's and must agree.
-SITE_KEYS = (
-    "model.dtype", "model.quantization", "model.quant_type", "model.double_quant", "model.compute_dtype",
-    "training.device", "training.mixed_precision", "training.gradient_checkpointing",
-    "training.gradient_accumulation_steps",
-)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -82,6 +73,11 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     if default is not dataclasses.MISSING:
         kwargs["default"] = default
     return field(metadata={"help": text}, **kwargs)
+
+
+def _site(setting: SiteSetting) -> Any:
+    """The field of a site setting, its default and help as :mod:`.site_settings` declares them."""
+    return _help(setting.help, setting.default)
 
 
 @dataclass
@@ -105,22 +101,11 @@ class ModelSection:
         "sentence-embedding checkpoints (all-MiniLM, e5, gte) are trained to be read (BERT-family encoders).",
         "default",
     )
-    dtype: str = _help(
-        "Site setting: precision of the frozen base model's weights, 'float32', 'bfloat16', 'float16' or 'auto' "
-        "(the checkpoint's own). Adapter tensors (and a trained head) are float32 whatever this is.",
-        "float32",
-    )
-    quantization: str = _help(
-        "Site setting: a quantised frozen base (QLoRA, bitsandbytes: pip install 'fedlora[quantization]'): "
-        "'none', '4bit' or '8bit'. The task head is never quantised; export --merge reloads the base unquantised.",
-        "none",
-    )
-    quant_type: str = _help("Site setting, 4bit: 'nf4' (QLoRA's NormalFloat) or 'fp4'.", "nf4")
-    double_quant: bool = _help("Site setting, 4bit: quantise the quantisation constants too (QLoRA).", True)
-    compute_dtype: str = _help(
-        "Site setting, 4bit: the dtype de-quantised weights compute in: 'bfloat16', 'float16' or 'float32'.",
-        "bfloat16",
-    )
+    dtype: str = _site(DTYPE)
+    quantization: str = _site(QUANTIZATION)
+    quant_type: str = _site(QUANT_TYPE)
+    double_quant: bool = _site(DOUBLE_QUANT)
+    compute_dtype: str = _site(COMPUTE_DTYPE)
 
 
 @dataclass
@@ -318,27 +303,10 @@ class TrainingSection:
         "(not those it keeps); 0 turns it off.",
         0.0,
     )
-    device: str = _help(
-        "Site setting: where the model trains and evaluates, 'auto' (CUDA, then MPS, then the CPU), 'cpu', "
-        "'cuda', 'cuda:N' or 'mps'. Aggregation always runs on the CPU.",
-        "auto",
-    )
-    mixed_precision: str = _help(
-        "Site setting: autocast the forward pass, 'no', 'bf16' or 'fp16' (with a gradient scaler; not under "
-        "DP-SGD). Adapter tensors and optimizer state stay float32.",
-        "no",
-    )
-    gradient_checkpointing: bool = _help(
-        "Site setting: recompute activations in the backward pass instead of keeping them (less memory, about a "
-        "third more compute).",
-        False,
-    )
-    gradient_accumulation_steps: int = _help(
-        "Site setting: split each logical batch of batch_size into this many micro-batches, one forward and "
-        "backward each, one optimizer step: the same step in less memory. Under DP-SGD the Poisson-sampled "
-        "logical batch is split into micro-batches of ceil(batch_size / steps) and clipped and noised once.",
-        1,
-    )
+    device: str = _site(DEVICE)
+    mixed_precision: str = _site(MIXED_PRECISION)
+    gradient_checkpointing: bool = _site(GRADIENT_CHECKPOINTING)
+    gradient_accumulation_steps: int = _site(ACCUMULATION_STEPS)
 
 
 @dataclass
@@ -412,13 +380,12 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON form without the site settings (:data:`SITE_KEYS`) and the trackers;
+        """sha256 of the canonical JSON form without the site settings (:mod:`.site_settings`) and the trackers;
         identifies the federation's recipe in checkpoint manifests, however each site runs and watches it."""
         content = self.to_dict()
         content.pop("tracking")
-        for key in SITE_KEYS:
-            section, name = key.split(".", 1)
-            content[section].pop(name)
+        for setting in SITE_SETTINGS:
+            content[setting.section].pop(setting.field)
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fedlora_cli.adapters import ADAPTER_KINDS, HEAD_POLICIES, METHODS, adapter_kind
+from fedlora_cli.adapters import ADAPTER_KINDS, METHODS, adapter_kind
 from fedlora_cli.aggregation import STRATEGIES, make_strategy
-from fedlora_cli.aggregation.norm_bound import ACTIONS as NORM_BOUND_ACTIONS
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import (
-    ACCOUNTANTS, ANSWER_EXTRACTORS, COMPUTE_DTYPES, DEVICES, DTYPES, MIXED_PRECISIONS, OPTIMIZERS, QUANT_TYPES,
-    QUANTIZATIONS, PARTITIONERS, POOLINGS, SAMPLINGS, SERVER_OPTIMIZERS, TASK_CAUSAL_LM, TASKS, TRACKERS,
-    VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection, ModelSection,
-    PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
+    ACCOUNTANTS, ADAPTER_KIND_NAMES, AGGREGATIONS, ANSWER_EXTRACTORS, HEAD_POLICY_NAMES, METHOD_NAMES,
+    NORM_BOUND_ACTIONS, OPTIMIZERS, PARTITIONERS, POOLINGS, SAMPLINGS, SERVER_OPTIMIZER_NAMES, TASK_CAUSAL_LM, TASKS,
+    TRACKERS, VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection,
+    ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
 )
+from fedlora_cli.recipe.site_settings import DEVICE, SITE_SETTINGS
 from fedlora_cli.storage.checkpoints import valid_client_id
 
 
@@ -59,6 +59,7 @@ def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_cl
     _adapter(c, recipe.adapter)
     _federation(c, recipe.federation, recipe.adapter)
     _training(c, recipe.training)
+    _site_values(c, recipe)
     _site(c, recipe)
     if recipe.privacy is not None:
         _privacy(c, recipe.privacy, recipe.adapter, recipe.training)
@@ -73,10 +74,6 @@ def _model(c: _Check, m: ModelSection) -> None:
     c.require(bool(m.base.strip()), "model.base", "must name a model")
     c.one_of(m.task, "model.task", TASKS)
     c.require(m.num_labels is None or m.num_labels >= 2, "model.num_labels", "must be at least 2")
-    c.one_of(m.dtype, "model.dtype", DTYPES)
-    c.one_of(m.quantization, "model.quantization", QUANTIZATIONS)
-    c.one_of(m.quant_type, "model.quant_type", QUANT_TYPES)
-    c.one_of(m.compute_dtype, "model.compute_dtype", COMPUTE_DTYPES)
     c.one_of(m.pooling, "model.pooling", POOLINGS)
 
 
@@ -124,7 +121,7 @@ def _evaluation(c: _Check, e: EvaluationSection) -> None:
 
 
 def _adapter(c: _Check, a: AdapterSection) -> None:
-    c.one_of(a.kind, "adapter.kind", ADAPTER_KINDS)
+    c.one_of(a.kind, "adapter.kind", ADAPTER_KIND_NAMES)
     c.require(a.r >= 1, "adapter.r", "must be at least 1")
     c.require(a.alpha > 0, "adapter.alpha", "must be > 0")
     c.require(0 <= a.dropout < 1, "adapter.dropout", "must be in [0, 1)")
@@ -139,8 +136,8 @@ def _adapter(c: _Check, a: AdapterSection) -> None:
 
 
 def _federation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
-    c.one_of(f.method, "federation.method", METHODS)
-    c.one_of(f.head, "federation.head", HEAD_POLICIES)
+    c.one_of(f.method, "federation.method", METHOD_NAMES)
+    c.one_of(f.head, "federation.head", HEAD_POLICY_NAMES)
     c.one_of(f.weighting, "federation.weighting", WEIGHTINGS)
     c.require(f.rounds >= 1, "federation.rounds", "must be at least 1")
     c.require(f.clients >= 1, "federation.clients", "must be at least 1")
@@ -170,7 +167,7 @@ def _federation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
 
 def _aggregation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
     """The strategy must fit the method and the adapter kind, and the federation's number of clients."""
-    c.one_of(f.aggregation, "federation.aggregation", STRATEGIES)
+    c.one_of(f.aggregation, "federation.aggregation", AGGREGATIONS)
     strategy, label = STRATEGIES[f.aggregation], c.subject("federation.aggregation")
     if strategy.needs_factors:
         senders = [name for name, m in METHODS.items() if m.sends_both_factors]
@@ -210,7 +207,7 @@ def _participation(c: _Check, f: FederationSection) -> None:
 
 
 def _server_optimizer(c: _Check, f: FederationSection) -> None:
-    c.one_of(f.server_optimizer, "federation.server_optimizer", SERVER_OPTIMIZERS)
+    c.one_of(f.server_optimizer, "federation.server_optimizer", SERVER_OPTIMIZER_NAMES)
     c.require(f.server_lr is None or f.server_lr > 0, "federation.server_lr", "must be > 0")
     c.require(0 <= f.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)")
     c.require(0 <= f.server_beta2 < 1, "federation.server_beta2", "must be in [0, 1)")
@@ -242,19 +239,28 @@ def _training(c: _Check, t: TrainingSection) -> None:
     c.require(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
     c.require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     c.require(t.proximal_mu >= 0, "training.proximal_mu", "must be >= 0")
-    device, _, index = t.device.partition(":")
-    c.require(
-        device in DEVICES and (not index or (device == "cuda" and index.isdigit())),
-        "training.device",
-        f"must be one of {', '.join(DEVICES)} or 'cuda:N'; got '{t.device}'",
-    )
-    c.one_of(t.mixed_precision, "training.mixed_precision", MIXED_PRECISIONS)
     c.require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be at least 1")
     c.require(
         t.gradient_accumulation_steps <= t.batch_size,
         "training.gradient_accumulation_steps",
         f"must be at most training.batch_size ({t.batch_size}): each micro-batch holds at least one example",
     )
+
+
+def _site_values(c: _Check, recipe: Recipe) -> None:
+    """Each site setting with a list of choices holds one of them (:mod:`.site_settings`); a device may also be
+    'cuda:N'."""
+    for setting in SITE_SETTINGS:
+        value = setting.of(recipe)
+        if setting is DEVICE:
+            device, _, index = value.partition(":")
+            c.require(
+                device in DEVICE.choices and (not index or (device == "cuda" and index.isdigit())),
+                DEVICE.key,
+                f"must be one of {', '.join(DEVICE.choices)} or 'cuda:N'; got '{value}'",
+            )
+        elif setting.choices:
+            c.one_of(value, setting.key, setting.choices)
 
 
 def _site(c: _Check, recipe: Recipe) -> None:

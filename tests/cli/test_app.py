@@ -46,3 +46,20 @@ def test_unknown_override_key_is_named(tmp_path, tiny_model_dir, reviews_csv):
     path.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv)))
     fails(["recipes", "validate", path, "--set", "federation.methd=ffa"], "federation.methd")
     fails(["recipes", "validate", path, "--set", "federation.method=fedprox"], "federation.method")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--method", "fedprox"], "--method must be one of fedavg, ffa, fedsa; got 'fedprox'"),
+        (["--device", "tpu"], "--device must be one of auto, cpu, cuda, mps or 'cuda:N'; got 'tpu'"),
+        (["--set", "federation.rounds=0"], "recipe key 'federation.rounds' must be at least 1"),
+    ],
+)
+def test_an_option_over_the_recipe_is_named_as_the_user_typed_it(tmp_path, tiny_model_dir, reviews_csv, options,
+                                                                 message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv)))
+    fails(["simulate", path, "--out", tmp_path / "run", *options], message)
+    assert not (tmp_path / "run").exists()

@@ -99,7 +99,8 @@ def test_a_causal_federation_round_by_hand(method, tmp_path, tiny_causal_dir, ma
                 "--max-new-tokens", "4", "--generate-examples", "3"])
     row = next(line for line in table.splitlines() if "personalised" in line)
     assert "exact" in table and row.split("│")[6].strip() == "3"  # 3 generations scored
-    refused(["evaluate", tmp_path / "g1", "--data", data, "--answer", "regex"], "evaluation.answer")
+    refused(["evaluate", tmp_path / "g1", "--data", data, "--answer", "regex"], "--answer must be one of none, number")
+    refused(["evaluate", tmp_path / "g1", "--data", data, "--max-new-tokens", "0"], "--max-new-tokens must be at least 1")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,8 +1,16 @@
-"""fedlora_cli.recipe.schema: the recipe's identity (its digest), which the trackers are not part of."""
+"""fedlora_cli.recipe.schema: the recipe's identity (its digest), which the trackers and the site settings are not
+part of; the choice lists, plain data checked against the runtime registries; a schema that imports no runtime code."""
 
 from __future__ import annotations
 
-from fedlora_cli import recipe as recipes, tracking
+import ast
+import inspect
+
+import pytest
+
+from fedlora_cli import adapters, aggregation, recipe as recipes, tracking
+from fedlora_cli.aggregation import norm_bound
+from fedlora_cli.recipe import catalog, schema, site_settings
 
 
 def base() -> dict:
@@ -17,8 +25,70 @@ def test_digest_changes_with_any_value():
 
 
 def test_the_tracking_section_lists_the_trackers_and_stays_out_of_the_digest():
-    assert recipes.TRACKERS == tuple(tracking.BACKENDS) == ("tensorboard", "mlflow", "wandb")
+    assert recipes.TRACKERS == ("tensorboard", "mlflow", "wandb")
     tracked = recipes.from_dict({**base(), "tracking": {"report_to": "tensorboard,wandb"}})
     assert tracked.tracking.report_to == ["tensorboard", "wandb"] and recipes.from_dict(base()).tracking is None
     # Each site may watch the federation with its own trackers: the checkpoints' recipe digest ignores them.
     assert tracked.digest() == recipes.from_dict(base()).digest()
+
+
+@pytest.mark.parametrize(
+    ("choices", "registry"),
+    [
+        (recipes.METHOD_NAMES, adapters.METHODS),
+        (recipes.HEAD_POLICY_NAMES, adapters.HEAD_POLICIES),
+        (recipes.ADAPTER_KIND_NAMES, adapters.ADAPTER_KINDS),
+        (recipes.AGGREGATIONS, aggregation.STRATEGIES),
+        (recipes.NORM_BOUND_ACTIONS, norm_bound.ACTIONS),
+        (recipes.SERVER_OPTIMIZER_NAMES[1:], aggregation.SERVER_OPTIMIZERS),
+        (recipes.TRACKERS, tracking.BACKENDS),
+    ],
+)
+def test_each_choice_list_names_its_registry_in_order(choices, registry):
+    # The schema lists the choices as plain data; the runtime objects must be exactly those, in the same order
+    # (the order of the "must be one of" messages).
+    assert choices == tuple(registry)
+
+
+def test_server_optimizer_none_is_a_choice_of_the_recipe_not_an_optimiser():
+    assert recipes.SERVER_OPTIMIZER_NAMES[0] == "none" and "none" not in aggregation.SERVER_OPTIMIZERS
+
+
+def test_a_choice_list_does_not_share_a_name_with_a_registry():
+    registries = {name for module in (adapters, aggregation, tracking) for name in dir(module) if name.isupper()}
+    choice_lists = {name for name in dir(schema) if name.isupper() and isinstance(getattr(schema, name), tuple)}
+    assert choice_lists and not choice_lists & registries, choice_lists & registries
+
+
+@pytest.mark.parametrize("module", [schema, site_settings])
+def test_the_schema_imports_no_runtime_package(module):
+    tree = ast.parse(inspect.getsource(module))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    ours = {name for name in imported if name and name.startswith("fedlora_cli")}
+    assert ours <= {"fedlora_cli.recipe.site_settings"}, ours
+
+
+# Digests computed before the site settings moved to one registry (fedlora_cli.recipe.site_settings): a run folder
+# of an existing recipe must resume, so its digest may never change.
+QUICKSTART_DIGEST = "58e021f7f7ae9573e0fb3c6584c57e5d377bd101dd58a001878da8202274d353"
+OLD_SITE_RECIPE_DIGEST = "14d968bab13dcf9c011d0daa33d28384732304bb4aa91ae36000385d8f75766f"
+
+
+def test_the_digest_of_a_shipped_recipe_is_what_it_was():
+    assert recipes.load(catalog.find("quickstart")).digest() == QUICKSTART_DIGEST
+
+
+def test_a_recipe_with_site_settings_under_model_and_training_loads_and_keeps_its_digest():
+    old = {
+        "name": "old",
+        "model": {"base": "some/model", "dtype": "bfloat16", "quantization": "4bit", "quant_type": "fp4",
+                  "double_quant": False, "compute_dtype": "float16"},
+        "training": {"device": "cpu", "mixed_precision": "bf16", "gradient_checkpointing": True,
+                     "gradient_accumulation_steps": 2, "lr": 0.001},
+        "tracking": {"report_to": ["tensorboard"]},
+    }
+    r = recipes.from_dict(old)
+    assert (r.model.quantization, r.training.device, r.training.gradient_accumulation_steps) == ("4bit", "cpu", 2)
+    plain = recipes.from_dict({"name": "old", "model": {"base": "some/model"}, "training": {"lr": 0.001}})
+    assert r.digest() == plain.digest() == OLD_SITE_RECIPE_DIGEST
