@@ -111,8 +111,6 @@ def train_client_cmd(
 
     Example: [cyan]fedlora train-client global/round-002 --data our-reviews.csv --state state --out update[/]
     """
-    from dataclasses import asdict
-
     from fedlora_cli import federation, tracking
     from fedlora_cli.cli import ui
 
@@ -132,7 +130,16 @@ def train_client_cmd(
         # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
         local_loss = written.state.manifest.loss
         tracked.log_metrics(round_, tracking.client_round_metrics(written.update.manifest, local_loss))
-    update, m = written.update, written.update.manifest
+    _show_update(written.update, local_loss, as_json)
+
+
+def _show_update(update, local_loss: float | None, as_json: bool) -> None:
+    """The client update written: JSON, or a one-row table, where it ran and its privacy spending."""
+    from dataclasses import asdict
+
+    from fedlora_cli.cli import ui
+
+    m = update.manifest
     if as_json:
         ui.print_json({"path": str(update.path), **{k: v for k, v in asdict(m).items() if k != "tensor_digests"},
                        "local_loss": local_loss})
@@ -256,18 +263,12 @@ def evaluate_cmd(
     round, under simulate's names (round/global_accuracy, ...): in the global checkpoints' run, or with --state
     in the client's.
     """
-    from fedlora_cli import federation, recipe as recipes, tracking
+    from fedlora_cli import federation, tracking
     from fedlora_cli.cli import ui
 
     g = federation.Global.of(global_checkpoint)
     trackers = tracking.resolve(report_to, g.recipe)
-    settings = None
-    overrides = {"evaluation.max_new_tokens": max_new_tokens, "evaluation.generate_examples": generate_examples,
-                 "evaluation.answer": answer}
-    if any(v is not None for v in overrides.values()):
-        if g.recipe.model.task != recipes.TASK_CAUSAL_LM:
-            raise FedloraError("--max-new-tokens, --generate-examples and --answer apply to a causal-lm federation")
-        settings = recipes.override(g.recipe, overrides, _EVALUATION_FLAGS).evaluation
+    settings = _evaluation_settings(g.recipe, max_new_tokens, generate_examples, answer)
     with ui.step_progress("evaluating") as progress:
         metrics = federation.evaluate(
             g, data, state_dir=state, client_id=client_id, base_override=base_model,
@@ -280,7 +281,27 @@ def evaluate_cmd(
     if as_json:
         ui.print_json(metrics)
         return
-    # The paths go in the title, so the row's cells stay short.
+    _show_evaluation(metrics, global_checkpoint, state)
+
+
+def _evaluation_settings(recipe, max_new_tokens: int | None, generate_examples: int | None, answer: str | None):
+    """evaluate's options over the recipe's evaluation section, or None when none is given (causal-lm only)."""
+    from fedlora_cli import recipe as recipes
+
+    overrides = {"evaluation.max_new_tokens": max_new_tokens, "evaluation.generate_examples": generate_examples,
+                 "evaluation.answer": answer}
+    if all(v is None for v in overrides.values()):
+        return None
+    if recipe.model.task != recipes.TASK_CAUSAL_LM:
+        raise FedloraError("--max-new-tokens, --generate-examples and --answer apply to a causal-lm federation")
+    return recipes.override(recipe, overrides, _EVALUATION_FLAGS).evaluation
+
+
+def _show_evaluation(metrics: dict, global_checkpoint: Path, state: Path | None) -> None:
+    """evaluate's one-row table (the paths in its title, so the cells stay short) and where it ran."""
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.cli import ui
+
     who = "personalised" if state else "global"
     title = f"evaluation of {global_checkpoint} (round {metrics['round']})" + (f" with the state {state}" if state else "")
     if metrics["task"] == recipes.TASK_CAUSAL_LM:
