@@ -88,8 +88,7 @@ def _partition_recipe(
     n = clients or (len(sizes.split(",")) if sizes else 2)
     model = {"base": "-", **({"task": task} if task else {})}
     raw = {"model": model, "federation": {"clients": n}}
-    raw = recipes.apply_overrides(raw, {k: v for k, v in overrides.items() if v is not None})
-    r = recipes.from_dict(raw)
+    r = recipes.override(raw, overrides)
     return r.data, n, r.model.task
 
 
