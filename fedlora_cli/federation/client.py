@@ -162,7 +162,7 @@ def _privacy_for_round(
         ledger = privacy.Ledger.from_dict(state.manifest.privacy)
     t = recipe.training
     plan = privacy.client_plan(examples, t.batch_size, t.local_steps, t.local_epochs)
-    dp = DPSettings(p.noise_multiplier, p.max_grad_norm, plan.sample_rate)
+    dp = DPSettings(noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm, sample_rate=plan.sample_rate)
     if p.target_epsilon is not None:
         after = ledger.epsilon([(dp.noise_multiplier, dp.sample_rate, plan.steps_per_round)])
         if after > p.target_epsilon:

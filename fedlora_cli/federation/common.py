@@ -200,8 +200,7 @@ def bench_for(g: Global, base_override: str | None, bench: Workbench | None, ran
         raise FedloraError(f"the model was built with adapter rank {bench.rank}, this client trains rank {rank}")
     _check_projections(bench, manifest)
     # The global checkpoint's recipe governs (it carries the calibrated DP noise, for one).
-    bench.recipe = recipe
-    return bench
+    return bench.for_recipe(recipe)
 
 
 def _check_projections(bench: Workbench, manifest: GlobalManifest) -> None:

@@ -76,7 +76,7 @@ def evaluate(
                                  g.label_names, split)
     bench, manifest = load_for_evaluation(g, state_dir, client_id, base_override, bench, site)
     if settings is not None:
-        bench.recipe = dataclasses.replace(bench.recipe, evaluation=settings)
+        bench = bench.for_recipe(dataclasses.replace(bench.recipe, evaluation=settings))
     metrics = evaluation.evaluate(bench, examples, progress)
     return {"round": manifest.round, "personalised": state_dir is not None, "task": bench.recipe.model.task, **metrics,
             "site": bench.site.to_dict()}

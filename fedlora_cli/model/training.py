@@ -37,14 +37,14 @@ from typing import Any
 from fedlora_cli.adapters.methods import Plan
 from fedlora_cli.data.examples import Examples, PromptResponses, batch_schedule, lengths_of, steps_for
 from fedlora_cli.model.site import chunks
-from fedlora_cli.model.workbench import Workbench
+from fedlora_cli.model.workbench import Workbench, seeded
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
 
 # progress(step_done, total_steps, loss)
 Progress = Callable[[int, int, float], None]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     steps: int
     loss: float  # mean training loss over the round's steps
@@ -52,7 +52,7 @@ class TrainResult:
     seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
@@ -119,27 +119,43 @@ def local_train(
     progress: Progress | None = None,
     dp: DPSettings | None = None,
 ) -> TrainResult:
+    """One round of local training; dropout draws from torch's generators seeded with ``seed``, which the process
+    gets back as they were (as it gets back its warning filters)."""
     import numpy as np
-    import torch
 
     t = bench.recipe.training
     started = time.perf_counter()
     params = bench.set_trainable(plan)
     optimizer = make_optimizer(bench, params)
     steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
-    torch.manual_seed(seed)
-    anchor = _proximal_anchor(bench, plan) if t.proximal_mu > 0 else None
-    batches, engine = _schedule(bench, optimizer, examples, steps, seed, dp)
+    with seeded(seed, bench.site.device), warnings.catch_warnings():
+        # Opacus' hooks fire on modules whose inputs need no gradient (frozen layers below the adapter): harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        anchor = _proximal_anchor(bench, plan) if t.proximal_mu > 0 else None
+        batches, engine = _schedule(bench, optimizer, examples, steps=steps, seed=seed, dp=dp)
+        losses = _run_steps(bench, optimizer, params, examples, batches, engine=engine, anchor=anchor,
+                            progress=progress)
+    seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
+    return TrainResult(
+        steps=steps, loss=float(np.mean(losses)) if losses else float("nan"), num_examples=int(seen.size),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _run_steps(
+    bench: Workbench, optimizer: Any, params: list, examples: Examples | PromptResponses, batches: list, *,
+    engine: Any, anchor: list[tuple[Any, Any]] | None, progress: Progress | None,
+) -> list[float]:
+    """Every step of the round in train mode; the losses of the steps that had examples."""
+    import numpy as np
+
     model, optimizer = (bench.model, optimizer) if engine is None else (engine.module, engine.optimizer)
     scaler = bench.site.grad_scaler()
-    seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
     lengths = np.asarray(lengths_of(examples)) if bench.site.accumulation_steps > 1 else None
     # from_pretrained leaves models in eval mode; dropout (and Opacus' hooks) need train mode.
     model.train()
     losses = []
     try:
-        # Opacus' hooks fire on modules whose inputs need no gradient (frozen layers below the adapter): harmless.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for step, rows in enumerate(batches, start=1):
             if len(rows) == 0:
                 _noise_only_step(optimizer, params)
@@ -149,16 +165,15 @@ def local_train(
                              scaler=scaler, lengths=lengths)
                 losses.append(loss)
             if progress is not None:
-                progress(step, steps, loss)
+                progress(step, len(batches), loss)
     finally:
         if engine is not None:
             engine.close()
         bench.model.eval()
-    mean_loss = float(np.mean(losses)) if losses else float("nan")
-    return TrainResult(steps, mean_loss, int(seen.size), time.perf_counter() - started)
+    return losses
 
 
-def _schedule(bench: Workbench, optimizer: Any, examples: Examples | PromptResponses, steps: int, seed: int,
+def _schedule(bench: Workbench, optimizer: Any, examples: Examples | PromptResponses, *, steps: int, seed: int,
               dp: DPSettings | None) -> tuple[list, Any]:
     """Each step's rows, and the DP-SGD engine around the model and optimizer (None without privacy)."""
     import numpy as np
@@ -173,8 +188,8 @@ def _schedule(bench: Workbench, optimizer: Any, examples: Examples | PromptRespo
     secret = dp.secret_seed if dp.secret_seed is not None else secrets.randbits(63)
     batches = list(poisson_batches(n, dp.sample_rate, steps, np.random.default_rng(secret)))
     expected = max(1, round(dp.sample_rate * n))
-    engine = DPSGD(bench.model, optimizer, dp.noise_multiplier, dp.max_grad_norm, expected, secret + 1,
-                   bench.site.device)
+    engine = DPSGD(bench.model, optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                   expected_batch=expected, seed=secret + 1, device=bench.site.device)
     return batches, engine
 
 

@@ -6,10 +6,12 @@ Adapter tensors are named as PEFT saves them (``get_peft_model_state_dict``: no 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class Workbench:
     """A base model wrapped with the recipe's adapter, its tokenizer, and the base model's fingerprint.
 
@@ -34,6 +36,9 @@ class Workbench:
     the global's base-weight correction (``exact`` aggregation) and the client's own state into it, so nothing
     leaks from one client to the next. ``rank`` is the rank of its LoRA adapter (clients may train a lower
     rank than the global's, see ``adapter.client_ranks``); ``site`` how this site loaded and runs it.
+
+    Frozen: a caller that needs the same model under another recipe of its federation (the global checkpoint's,
+    or other evaluation settings) asks :meth:`for_recipe` for a view of it.
     """
 
     recipe: Recipe
@@ -48,6 +53,18 @@ class Workbench:
     legacy_fingerprint: str | None = None
     # The original base weights of the layers a correction has touched, to restore them (layer name -> W0).
     _base_weights: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def for_recipe(self, recipe: Recipe) -> Workbench:
+        """This workbench read with ``recipe`` (training, evaluation and privacy settings): the same loaded model,
+        tokenizer and base weights, not a copy of them. ``recipe`` must describe the model that was built: the
+        same task and adapter kind."""
+        built = (self.recipe.model.task, self.recipe.adapter.kind)
+        if (recipe.model.task, recipe.adapter.kind) != built:
+            raise FedloraError(
+                f"a workbench built for a {built[0]} model with a {built[1]} adapter cannot serve a recipe for a "
+                f"{recipe.model.task} model with a {recipe.adapter.kind} adapter"
+            )
+        return dataclasses.replace(self, recipe=recipe)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors (and a trained head's), copied to the CPU."""
@@ -217,17 +234,18 @@ def build(
     ``site`` (default: the recipe's site settings) says where and how the base model is loaded; the adapter is
     float32 on the same device.
     """
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     location = resolve_location(base_override or recipe.model.base)
     site = site or Site.of(recipe)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    torch.manual_seed(recipe.training.seed)
+    # The head (from_pretrained) and the adapter (get_peft_model) are initialised from the seeded generators,
+    # which the process gets back as they were, as it gets back transformers' logging.
+    with quiet_loading(), seeded(recipe.training.seed, site.device):
+        return _build(recipe, num_labels, location, rank, site)
+
+
+def _build(recipe: Recipe, num_labels: int | None, location: str, rank: int | None, site: Site) -> Workbench:
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=recipe.model.revision)
         model = _load_base(recipe, location, num_labels, site)
@@ -257,7 +275,51 @@ def build(
         )
     _float32_heads(peft_model)
     peft_model.eval()  # training switches to train mode for its steps and back
-    return Workbench(recipe, peft_model, tokenizer, fingerprint, location, site, rank, legacy_fingerprint=legacy)
+    return Workbench(
+        recipe=recipe, model=peft_model, tokenizer=tokenizer, fingerprint=fingerprint, base_location=location,
+        site=site, rank=rank, legacy_fingerprint=legacy,
+    )
+
+
+@contextmanager
+def seeded(seed: int, device: str) -> Iterator[None]:
+    """Seed torch's generators of the CPU and of ``device``'s kind, as ``torch.manual_seed(seed)`` does for
+    them; on leaving, every generator seeded is back in the state it had (``torch.random.fork_rng``).
+
+    Only the generators the work draws from are touched: a CPU site neither seeds nor initialises CUDA.
+    """
+    import torch
+
+    kind = torch.device(device).type
+    with ExitStack() as stack:
+        cuda = list(range(torch.cuda.device_count())) if kind == "cuda" else []
+        stack.enter_context(torch.random.fork_rng(devices=cuda, device_type="cuda"))
+        torch.random.default_generator.manual_seed(seed)
+        if kind == "cuda":
+            torch.cuda.manual_seed_all(seed)
+        elif kind == "mps":
+            stack.enter_context(torch.random.fork_rng(devices=[0], device_type="mps"))
+            torch.mps.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loading a model without transformers' progress bars, notices and FutureWarnings; on leaving, its verbosity,
+    its progress bars and the warning filters are as they were."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def trained_coordinates(recipe: Recipe, plan: Plan, num_labels: int | None) -> int:
@@ -265,10 +327,22 @@ def trained_coordinates(recipe: Recipe, plan: Plan, num_labels: int | None) -> i
     the model's skeleton: built from its config on the meta device, so no weight is loaded."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     location = resolve_location(recipe.model.base)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    with quiet_loading():
+        config, factory = _skeleton_config(recipe, location, num_labels)
+        with torch.device("meta"):
+            model = get_peft_model(factory.from_config(config), adapter_config(recipe, recipe.adapter.r))
+    return sum(
+        p.numel() for name, p in model.named_parameters()
+        if any(marker in name for marker in ADAPTER_PARAMETER_MARKERS) and plan.trains(name)
+    )
+
+
+def _skeleton_config(recipe: Recipe, location: str, num_labels: int | None) -> tuple[Any, Any]:
+    """The base model's config and the Auto class of the recipe's task."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
     try:
         if recipe.model.task == TASK_CAUSAL_LM:
             config = AutoConfig.from_pretrained(location, revision=recipe.model.revision)
@@ -278,12 +352,7 @@ def trained_coordinates(recipe: Recipe, plan: Plan, num_labels: int | None) -> i
             factory = AutoModelForSequenceClassification
     except (OSError, ValueError) as exc:
         raise FedloraError(f"cannot read the config of base model '{location}': {first_line(exc)}") from None
-    with torch.device("meta"):
-        model = get_peft_model(factory.from_config(config), adapter_config(recipe, recipe.adapter.r))
-    return sum(
-        p.numel() for name, p in model.named_parameters()
-        if any(marker in name for marker in ADAPTER_PARAMETER_MARKERS) and plan.trains(name)
-    )
+    return config, factory
 
 
 def adapter_config(recipe: Recipe, rank: int) -> Any:

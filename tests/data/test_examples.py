@@ -168,6 +168,7 @@ def test_dp_sgd_poisson_sampling_is_never_grouped(make_recipe, partition_dir):
         r = make_recipe("ffa", optimizer="sgd", lr=0.5)
         r = dataclasses.replace(r, training=dataclasses.replace(r.training, group_by_length=grouped))
         bench = build(r, 2)
-        local_train(bench, plan("ffa", "shared"), examples, seed=0, dp=DPSettings(1.0, 1.0, 0.1, secret_seed=5))
+        dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, secret_seed=5)
+        local_train(bench, plan("ffa", "shared"), examples, seed=0, dp=dp)
         results.append(bench.adapter_tensors())
     assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])

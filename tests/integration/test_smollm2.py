@@ -60,6 +60,6 @@ def test_ffa_recipe_trains_and_evaluates_the_real_smollm2(smollm2: Path):
     assert 0 < before["loss"] < 3 and before["generated"] == 1
     result = local_train(bench, plan("ffa", "frozen"), examples, seed=0)
     assert result.steps == 1 and np.isfinite(result.loss)
-    bench.recipe = recipes.from_dict({**bench.recipe.to_dict(), "evaluation": {"answer": "none"}})
+    bench = bench.for_recipe(recipes.from_dict({**bench.recipe.to_dict(), "evaluation": {"answer": "none"}}))
     after = evaluation.evaluate(bench, examples)
     assert after["loss"] < before["loss"], "an FFA step on these examples lowers their loss"

@@ -19,7 +19,7 @@ from fedlora_cli.data.partition import read_source
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import Site, resolve_device
 from fedlora_cli.model.training import DPSettings, local_train
-from fedlora_cli.model.workbench import build
+from fedlora_cli.model.workbench import Workbench, build
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -96,15 +96,15 @@ def test_micro_batches_are_cut_from_the_logical_batch_sorted_by_length(still_mod
     data = Examples(texts, np.arange(32) % 2)
     bench = build(site_recipe(still_model_dir, reviews_csv, {"training.gradient_accumulation_steps": 4}), 2)
     seen, widths = [], []
-    original = bench.batch
+    original = Workbench.batch
 
-    def recording(examples_, rows):
-        batch = original(examples_, rows)
+    def recording(self, examples_, rows):
+        batch = original(self, examples_, rows)
         seen.append(sorted(int(r) for r in rows))
         widths.append(int(batch["input_ids"].shape[1]))
         return batch
 
-    monkeypatch.setattr(bench, "batch", recording)
+    monkeypatch.setattr(Workbench, "batch", recording)  # a workbench is frozen: its class is spied on
     local_train(bench, plan("fedavg", "shared"), data, seed=0)
     assert sorted(r for piece in seen for r in piece) == list(range(32))  # every example, once
     assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]
@@ -282,7 +282,7 @@ def test_cuda_site_trains_and_sends_cpu_float32_tensors(still_model_dir, reviews
 def test_cuda_dp_sgd_draws_its_noise_on_the_gpu(still_model_dir, reviews_csv):
     privacy = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3}
     recipe = site_recipe(still_model_dir, reviews_csv, {"training.device": "cuda"}, privacy=privacy)
-    step = one_step(recipe, dp=DPSettings(1.0, 1.0, 0.5, secret_seed=1))
+    step = one_step(recipe, dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, secret_seed=1))
     assert any(float(t.norm()) > 0 for t in step.values())
 
 

@@ -84,7 +84,8 @@ def test_model_in_eval_mode_trains_under_dp(bench_and_batch, partition_dir):
     bench.model.eval()  # as from_pretrained leaves it
     examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
     before = bench.adapter_tensors()
-    result = local_train(bench, plan("ffa", "shared"), examples, seed=0, dp=DPSettings(1.0, 1.0, 0.1, secret_seed=3))
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, secret_seed=3)
+    result = local_train(bench, plan("ffa", "shared"), examples, seed=0, dp=dp)
     after = bench.adapter_tensors()
     assert result.steps == bench.recipe.training.local_steps
     moved = [n for n in before if not torch.equal(before[n], after[n])]
@@ -98,7 +99,8 @@ def test_an_empty_poisson_batch_still_releases_noise(make_recipe, partition_dir)
     bench = build(make_recipe("ffa", "frozen", optimizer="sgd", lr=0.1), 2)
     examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
     before = bench.adapter_tensors()
-    result = local_train(bench, plan("ffa", "frozen"), examples, seed=0, dp=DPSettings(1.0, 1.0, 1e-6, secret_seed=2))
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1e-6, secret_seed=2)
+    result = local_train(bench, plan("ffa", "frozen"), examples, seed=0, dp=dp)
     after = bench.adapter_tensors()
     assert result.steps == bench.recipe.training.local_steps
     assert all(not torch.equal(before[n], after[n]) for n in before if role_of(n) == "lora_B")
@@ -111,7 +113,8 @@ def test_dp_sgd_trains_exactly_the_planned_roles(method, head, make_recipe, part
     p = plan(method, head)
     examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
     before = bench.adapter_tensors()
-    local_train(bench, p, examples, seed=0, dp=DPSettings(0.5, 1.0, 0.1, secret_seed=1))
+    local_train(bench, p, examples, seed=0,
+                dp=DPSettings(noise_multiplier=0.5, max_grad_norm=1.0, sample_rate=0.1, secret_seed=1))
     after = bench.adapter_tensors()
     for role in ("lora_A", "lora_B", "head"):
         moved = [not torch.equal(before[n], after[n]) for n in before if role_of(n) == role]
