@@ -40,7 +40,7 @@ from fedlora_cli import federation, privacy, storage
 from fedlora_cli.errors import FedloraError, first_line
 from fedlora_cli.export.hub import HubTarget, check_hub_access, push_to_hub
 from fedlora_cli.export.model_card import (
-    MODEL_CARD, _model_label, _notes, _title, base_license, base_reference, hub_id_of, model_card,
+    MODEL_CARD, CardFacts, PrivacySpent, ServerPrivacy, base_reference, model_card, model_label,
 )
 from fedlora_cli.recipe.site_settings import plain_load
 from fedlora_cli.storage.manifests import GlobalManifest
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExportResult:
     path: Path
     kind: str  # "adapter" or "merged"
@@ -101,17 +101,7 @@ def export(
     where the evaluation runs.
     """
     global_dir, out = Path(global_dir), Path(out)
-    if dtype not in DTYPES:
-        raise FedloraError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
-    if hub is not None:
-        check_hub_access(hub)
-    # Read once: the evaluation and the model card's facts all use this checkpoint, its tensors checked once.
-    g = federation.Global.of(global_dir)
-    if g.manifest.correction_digests and not merge:
-        raise FedloraError(
-            f"{global_dir} carries a dense base-weight correction ('exact' aggregation) that a PEFT adapter cannot "
-            "hold: export it with --merge"
-        )
+    g = _checkpoint(global_dir, dtype, merge, hub)
     replace = _check_out(out, overwrite, [global_dir, *([Path(state_dir)] if state_dir is not None else [])])
     state_dir, who = _client_state(g, state_dir, client_id)
     bench, manifest = federation.load_for_evaluation(g, state_dir, client_id, base_override, site=plain_load(device))
@@ -119,10 +109,11 @@ def export(
     # Saved as loaded: tokenising for evaluation leaves truncation and padding settings in a fast tokenizer.
     tokenizer = copy.deepcopy(bench.tokenizer)
     evaluation = _evaluation(g, bench, eval_data, state_dir, who, base_override, progress)
-    base_ref = base_reference(manifest.recipe["model"]["base"], bench.base_location)
-    notes = _notes(manifest, who)
-    kind = "merged" if merge else "adapter"
-    card = _card(g, bench, kind, who, base_ref, evaluation, state_dir, dtype)
+    base_ref = base_reference(g.recipe.model.base, bench.base_location)
+    facts = CardFacts.of_export(
+        g, kind="merged" if merge else "adapter", dtype=dtype, client_id=who, base_model=base_ref,
+        base_location=bench.base_location, evaluation=evaluation, privacy=privacy_facts(g, state_dir),
+    )
 
     with storage.atomic_dir(out, overwrite=replace) as tmp:
         if merge:
@@ -130,14 +121,31 @@ def export(
         else:
             _write_adapter(bench, tmp, dtype, base_ref)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / MODEL_CARD).write_text(card)
+        (tmp / MODEL_CARD).write_text(model_card(facts))
     files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
     result = ExportResult(
-        out, kind, dtype, manifest.round, manifest.method, manifest.head, who, base_ref, files, evaluation, notes
+        path=out, kind=facts.kind, dtype=dtype, round=manifest.round, method=manifest.method, head=manifest.head,
+        client_id=who, base_model=base_ref, files=files, evaluation=evaluation, notes=facts.notes,
     )
     if hub is not None:
-        result.hub_url = push_to_hub(out, hub, default_message=f"fedlora export: {_title(manifest, who)}")
+        result.hub_url = push_to_hub(out, hub, default_message=f"fedlora export: {facts.title}")
     return result
+
+
+def _checkpoint(global_dir: Path, dtype: str, merge: bool, hub: HubTarget | None) -> federation.Global:
+    """The checkpoint to export, once the options and the Hub credentials are known to be good. Read once: the
+    evaluation and the model card's facts all use it, its tensors checked once."""
+    if dtype not in DTYPES:
+        raise FedloraError(f"--dtype must be one of {', '.join(DTYPES)}; got '{dtype}'")
+    if hub is not None:
+        check_hub_access(hub)
+    g = federation.Global.of(global_dir)
+    if g.manifest.correction_digests and not merge:
+        raise FedloraError(
+            f"{global_dir} carries a dense base-weight correction ('exact' aggregation) that a PEFT adapter cannot "
+            "hold: export it with --merge"
+        )
+    return g
 
 
 def _client_state(
@@ -169,19 +177,7 @@ def _evaluation(
     if eval_data is None:
         return run_metrics(g, g.manifest, who)
     metrics = federation.evaluate(g, eval_data, state_dir, who, base_override, bench=bench, progress=progress)
-    return [_eval_row(metrics, _model_label(who), f"{eval_data} (evaluated at export)")]
-
-
-def _card(
-    g: federation.Global, bench: Workbench, kind: str, who: str | None, base_ref: str,
-    evaluation: list[dict[str, Any]], state_dir: Path | None, dtype: str,
-) -> str:
-    recipe_model = g.manifest.recipe["model"]
-    return model_card(
-        g.manifest, kind=kind, client_id=who, base_model=base_ref, hub_base_model=hub_id_of(recipe_model["base"]),
-        license_id=base_license(bench.base_location, recipe_model.get("revision")), evaluation=evaluation,
-        privacy_facts=privacy_facts(g, g.manifest, state_dir), dtype=dtype, global_dir=g.path,
-    )
+    return [_eval_row(metrics, model_label(who), f"{eval_data} (evaluated at export)")]
 
 
 def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> bool:
@@ -298,46 +294,35 @@ def run_metrics(
     rows = []
     personal = (data.get("personalised") or {}).get(client_id) if client_id else None
     if isinstance(personal, dict):
-        rows.append(_eval_row(personal, _model_label(client_id), where))
+        rows.append(_eval_row(personal, model_label(client_id), where))
     if isinstance(data.get("global"), dict):
         rows.append(_eval_row(data["global"], "global", where))
     return rows
 
 
-def privacy_facts(
-    global_dir: Path | storage.GlobalCheckpoint, manifest: GlobalManifest, state_dir: Path | None
-) -> dict[str, Any]:
-    """The recipe's differential-privacy settings and the budget spent, from the ledgers fedlora keeps.
+def privacy_facts(global_checkpoint: Path | federation.Global, state_dir: Path | None = None) -> PrivacySpent:
+    """The privacy budget spent up to the checkpoint's round, from the ledgers fedlora keeps.
 
-    Sample-level DP-SGD spending is per client: the client's ledger (in its state) for a personalised
-    export; for a global export the ledgers of every client found in the run folder, if it is one.
-    DP-FedAvg spending at the coordinator is in the global checkpoint's manifest.
+    Sample-level DP-SGD spending (with the recipe's ``privacy``) is per client: the client's ledger (in its state,
+    ``state_dir``) for a personalised export; for a global export the ledgers of every client found in the run
+    folder, if it is one. DP-FedAvg spending at the coordinator is in the global checkpoint's manifest.
     """
     from fedlora_cli.privacy import report as privacy_report
 
-    facts: dict[str, Any] = {}
-    p = manifest.recipe.get("privacy")
-    if p:
+    g = federation.Global.of(global_checkpoint)
+    clients: dict[str, float] = {}
+    if g.recipe.privacy is not None:
         if state_dir is not None:
             states = [Path(state_dir)]
         else:
-            run = storage.RunLayout.of_global(global_dir)
+            run = storage.RunLayout.of_global(g)
             states = [s for s in run.client_states() if s.is_dir()] if run is not None else []
-        facts["dp_sgd"] = {
-            "target_epsilon": p.get("target_epsilon"), "delta": p.get("delta"), "noise_multiplier": p.get("noise_multiplier"),
-            "max_grad_norm": p.get("max_grad_norm"), "accountant": p.get("accountant"),
-            "spent": _dp_sgd_spent(states, manifest.round),
-        }
-    if manifest.server_privacy_ledger:
-        entry = privacy_report.server_entry(global_dir)
-        if entry is not None:
-            sp = manifest.recipe.get("server_privacy") or {}
-            facts["dp_fedavg"] = {
-                "epsilon": entry["epsilon"], "delta": entry["delta"], "target_epsilon": sp.get("target_epsilon"),
-                "accountant": entry["accountant"],
-                "releases": len(entry["history"]),
-            }
-    return facts
+        clients = _dp_sgd_spent(states, g.manifest.round)
+    entry = privacy_report.server_entry(g) if g.manifest.server_privacy_ledger else None
+    server = None if entry is None else ServerPrivacy(
+        epsilon=entry["epsilon"], delta=entry["delta"], accountant=entry["accountant"], releases=len(entry["history"])
+    )
+    return PrivacySpent(clients=clients, server=server)
 
 
 def _dp_sgd_spent(states: list[Path], round_: int) -> dict[str, float]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -13,14 +16,13 @@ from fedlora_cli import federation
 from fedlora_cli.adapters import HEAD_POLICIES, METHODS, adapter_kind
 from fedlora_cli.adapters.roles import ROLE_HEAD, ROLE_LABELS
 from fedlora_cli.recipe.loading import resolve_location
-from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
-from fedlora_cli.storage.manifests import GlobalManifest
+from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, DataSection, PrivacySection, Recipe, TrainingSection
 from fedlora_cli.text import fmt
 
 MODEL_CARD = "README.md"
 
 
-# The card's layout; model_card() computes what goes into each ${placeholder}.
+# The card's layout; model_card() renders what goes into each ${placeholder} from a CardFacts.
 _TEMPLATE_FILE = "model_card.md"
 
 
@@ -82,9 +84,106 @@ def _front_matter(text: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _title(manifest: GlobalManifest, client_id: str | None) -> str:
-    who = f", personalised for {client_id}" if client_id else ""
-    return f"{METHODS[manifest.method].label} round {manifest.round}{who}"
+@dataclass(frozen=True, kw_only=True)
+class ServerPrivacy:
+    """DP-FedAvg at the coordinator as its ledger in the global checkpoint states it: epsilon at delta, after
+    ``releases`` released aggregates."""
+
+    epsilon: float
+    delta: float
+    accountant: str | None
+    releases: int
+
+
+@dataclass(frozen=True)
+class PrivacySpent:
+    """The privacy budget spent up to the exported round, from the ledgers fedlora keeps (the settings it was spent
+    under are the recipe's ``privacy`` and ``server_privacy``)."""
+
+    # Each client's DP-SGD epsilon (client id -> epsilon), from the client ledgers found; empty: none found.
+    clients: Mapping[str, float] = field(default_factory=dict)
+    server: ServerPrivacy | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CardFacts:
+    """Everything the model card states about an export, gathered in one place (:meth:`of_export`).
+
+    What was exported (``kind`` 'adapter' or 'merged', in ``dtype``; the global model or ``client_id``'s), from
+    which checkpoint (its round, method, head, adapter kind, labels, digests and the clients its round aggregated),
+    under which recipe, with which base model (``base_model`` as the export names it; ``hub_base_model`` the Hub id
+    for the card's metadata, None for a local base: the Hub rejects anything else), and what was measured and
+    spent (``evaluation`` rows, ``privacy``).
+    """
+
+    recipe: Recipe
+    round: int
+    method: str
+    head: str
+    adapter_kind: str
+    num_labels: int | None
+    label_names: tuple[str, ...]
+    aggregated: tuple[str, ...]
+    kept_home: frozenset[str]  # the roles the method's clients keep at home
+    recipe_digest: str
+    checkpoint_digest: str
+    checkpoint_name: str | None
+    base_model: str
+    kind: str = "adapter"
+    dtype: str = "float32"
+    client_id: str | None = None
+    hub_base_model: str | None = None
+    license_id: str | None = None
+    evaluation: tuple[Mapping[str, Any], ...] = ()
+    privacy: PrivacySpent = field(default_factory=PrivacySpent)
+
+    @classmethod
+    def of_export(
+        cls, g: federation.Global, *, kind: str = "adapter", dtype: str = "float32", client_id: str | None = None,
+        base_model: str | None = None, base_location: str | None = None,
+        evaluation: Sequence[Mapping[str, Any]] = (), privacy: PrivacySpent | None = None,
+    ) -> CardFacts:
+        """The facts of an export of global checkpoint ``g``. ``base_model`` (default the recipe's) is where the
+        export says its base is; ``base_location``, the folder the base was loaded from, is where its license is
+        read (none without it)."""
+        m, recipe = g.manifest, g.recipe
+        labels = m.label_names or [f"LABEL_{i}" for i in range(m.num_labels or 0)]
+        return cls(
+            recipe=recipe, round=m.round, method=m.method, head=m.head, adapter_kind=m.adapter_kind,
+            num_labels=m.num_labels, label_names=tuple(str(x) for x in labels), aggregated=tuple(m.clients),
+            kept_home=frozenset(g.plan.local), recipe_digest=m.recipe_digest, checkpoint_digest=m.digest,
+            checkpoint_name=g.path.name, base_model=base_model or recipe.model.base, kind=kind, dtype=dtype,
+            client_id=client_id, hub_base_model=hub_id_of(recipe.model.base),
+            license_id=base_license(base_location, recipe.model.revision) if base_location else None,
+            evaluation=tuple(evaluation), privacy=privacy or PrivacySpent(),
+        )
+
+    @property
+    def causal(self) -> bool:
+        return self.recipe.model.task == TASK_CAUSAL_LM
+
+    @property
+    def mean_pooled(self) -> bool:
+        """Whether the head reads the masked mean (``model.pooling``; checkpoints from before it read the default)."""
+        return self.recipe.model.pooling == "mean"
+
+    @property
+    def title(self) -> str:
+        who = f", personalised for {self.client_id}" if self.client_id else ""
+        return f"{METHODS[self.method].label} round {self.round}{who}"
+
+    @property
+    def notes(self) -> list[str]:
+        """What a global export lacks: the tensors the method's clients keep at home."""
+        kept = self.kept_home
+        if self.client_id is not None or not kept:
+            return []
+        what = " and ".join(sorted("the classifier head" if r == ROLE_HEAD else ROLE_LABELS[r] for r in kept))
+        return [
+            f"{METHODS[self.method].label} clients keep {what} at home: in the global model "
+            f"{'they are' if len(kept) > 1 else 'it is'} still at the round-0 initialisation. "
+            "Export with --state CLIENT_STATE for a client's personalised model."
+        ]
 
 
 def _dataset_id(source: str | None) -> str | None:
@@ -93,46 +192,19 @@ def _dataset_id(source: str | None) -> str | None:
     return hub_id_of(source)
 
 
-def _notes(manifest: GlobalManifest, client_id: str | None) -> list[str]:
-    kept = federation.plan_of(manifest).local
-    if client_id is not None or not kept:
-        return []
-    what = " and ".join(sorted("the classifier head" if r == ROLE_HEAD else ROLE_LABELS[r] for r in kept))
-    return [
-        f"{METHODS[manifest.method].label} clients keep {what} at home: in the global model "
-        f"{'they are' if len(kept) > 1 else 'it is'} still at the round-0 initialisation. "
-        "Export with --state CLIENT_STATE for a client's personalised model."
-    ]
-
-
-def model_card(
-    manifest: GlobalManifest,
-    kind: str = "adapter",
-    client_id: str | None = None,
-    base_model: str | None = None,
-    hub_base_model: str | None = None,
-    license_id: str | None = None,
-    evaluation: list[dict[str, Any]] | None = None,
-    privacy_facts: dict[str, Any] | None = None,
-    dtype: str = "float32",
-    global_dir: Path | None = None,
-) -> str:
+def model_card(facts: CardFacts) -> str:
     """README.md with Hub metadata (YAML front matter) describing how the federation trained this model."""
-    recipe = manifest.recipe
-    base_model = base_model or recipe["model"]["base"]
-    causal = recipe["model"].get("task") == TASK_CAUSAL_LM
-    rows = _training_rows(manifest, base_model, causal, global_dir)
     return _template().substitute(
-        front_matter=_metadata(manifest, kind, client_id, hub_base_model, license_id, bool(privacy_facts), causal),
-        name=recipe.get("name", "federation"),
-        title=_title(manifest, client_id),
-        intro=_intro(manifest, kind, base_model, dtype, causal),
-        aside=_block(_aside(manifest, client_id)),
-        training_rows="\n".join(f"| {k} | {v} |" for k, v in rows),
-        privacy_section=_block(_privacy_section(privacy_facts or {})),
-        evaluation="\n".join(_evaluation_lines(evaluation or [], causal)),
-        usage="\n".join(_usage_lines(manifest, kind, base_model, causal)),
-        base_note=_block(_base_note(kind, base_model)),
+        front_matter=_metadata(facts),
+        name=facts.recipe.name,
+        title=facts.title,
+        intro=_intro(facts),
+        aside=_block(_aside(facts)),
+        training_rows="\n".join(f"| {k} | {v} |" for k, v in _training_rows(facts)),
+        privacy_section=_block(_privacy_section(facts)),
+        evaluation="\n".join(_evaluation_lines(facts.evaluation, facts.causal)),
+        usage="\n".join(_usage_lines(facts)),
+        base_note=_block(_base_note(facts)),
     )
 
 
@@ -149,88 +221,79 @@ def _block(lines: list[str]) -> str:
     return "\n" + "\n".join(lines) + "\n" if lines else ""
 
 
-def _labels(manifest: GlobalManifest) -> list[str]:
-    return [str(x) for x in manifest.label_names or [f"LABEL_{i}" for i in range(manifest.num_labels or 0)]]
+# The front matter's keys in the order fedlora has always written them (ModelCardData's own order differs).
+_METADATA_ORDER = ["base_model", "library_name", "pipeline_tag", "license", "datasets", "tags"]
 
 
-def _metadata(
-    manifest: GlobalManifest, kind: str, client_id: str | None, hub_base_model: str | None, license_id: str | None,
-    differential_privacy: bool, causal: bool,
-) -> str:
+def _metadata(facts: CardFacts) -> str:
     """The YAML front matter the Hub reads (its base_model only for a Hub id: the Hub rejects anything else)."""
-    import yaml
+    from huggingface_hub import ModelCardData
 
-    pipeline_tag = "text-generation" if causal else "text-classification"
-    tags = ["fedlora", "federated-learning", "lora", f"{METHODS[manifest.method].label.lower()}", pipeline_tag]
-    if kind == "merged":
+    pipeline_tag = "text-generation" if facts.causal else "text-classification"
+    tags = ["fedlora", "federated-learning", "lora", METHODS[facts.method].label.lower(), pipeline_tag]
+    if facts.kind == "merged":
         tags.append("merged-lora")
-    if differential_privacy:
+    if _has_privacy(facts):
         tags.append("differential-privacy")
-    if client_id:
+    if facts.client_id:
         tags.append("personalized")
-    meta: dict[str, Any] = {}
-    if hub_base_model:
-        meta["base_model"] = hub_base_model
-    meta["library_name"] = "peft" if kind == "adapter" else "transformers"
-    meta["pipeline_tag"] = pipeline_tag
-    if license_id:
-        meta["license"] = license_id
-    dataset = _dataset_id(manifest.recipe["data"].get("source"))
-    if dataset:
-        meta["datasets"] = [dataset]
-    meta["tags"] = tags
-    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
+    dataset = _dataset_id(facts.recipe.data.source)
+    data = ModelCardData(
+        base_model=facts.hub_base_model or None, library_name="peft" if facts.kind == "adapter" else "transformers",
+        pipeline_tag=pipeline_tag, license=facts.license_id or None, datasets=[dataset] if dataset else None,
+        tags=tags,
+    )
+    return data.to_yaml(original_order=_METADATA_ORDER)
 
 
-def _intro(manifest: GlobalManifest, kind: str, base_model: str, dtype: str, causal: bool) -> str:
-    what = "A LoRA adapter for" if kind == "adapter" else (
-        "A causal language model fine-tuned from" if causal else "A sequence classifier fine-tuned from"
+def _intro(facts: CardFacts) -> str:
+    what = "A LoRA adapter for" if facts.kind == "adapter" else (
+        "A causal language model fine-tuned from" if facts.causal else "A sequence classifier fine-tuned from"
     )
     return (
-        f"{what} `{base_model}`, trained with federated learning by fedlora: "
-        f"{manifest.recipe['federation']['clients']} clients each trained on their own data, which never left them; "
+        f"{what} `{facts.base_model}`, trained with federated learning by fedlora: "
+        f"{facts.recipe.federation.clients} clients each trained on their own data, which never left them; "
         "only adapter tensors travelled to the coordinator."
-        + (f" The LoRA update is merged into the base weights (saved in {dtype})." if kind == "merged" else "")
+        + (f" The LoRA update is merged into the base weights (saved in {facts.dtype})." if facts.kind == "merged"
+           else "")
     )
 
 
-def _aside(manifest: GlobalManifest, client_id: str | None) -> list[str]:
+def _aside(facts: CardFacts) -> list[str]:
     """Whose model this is: a client's personalised one, or a global one still missing what clients keep."""
-    if client_id:
+    if facts.client_id:
         return [(
-            f"This is client **{client_id}**'s personalised model: the global adapter of round {manifest.round} "
+            f"This is client **{facts.client_id}**'s personalised model: the global adapter of round {facts.round} "
             "plus the tensors this client kept at home."
         )]
-    return ["> " + note for note in _notes(manifest, None)]
+    return ["> " + note for note in facts.notes]
 
 
-def _training_rows(
-    manifest: GlobalManifest, base_model: str, causal: bool, global_dir: Path | None
-) -> list[tuple[str, str]]:
-    recipe = manifest.recipe
-    data, fed = recipe["data"], recipe["federation"]
-    method = METHODS[manifest.method]
-    aggregated = f" (last round aggregated: {', '.join(manifest.clients)})" if manifest.clients else ""
+def _training_rows(facts: CardFacts) -> list[tuple[str, str]]:
+    recipe = facts.recipe
+    data, fed = recipe.data, recipe.federation
+    method = METHODS[facts.method]
+    aggregated = f" (last round aggregated: {', '.join(facts.aggregated)})" if facts.aggregated else ""
     task = ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model")
-    read = "the masked mean of the last hidden states" if _mean_pooled(manifest) else "the architecture's own pooling"
-    head = ("classifier head", f"{manifest.head}: {HEAD_POLICIES[manifest.head]}; it reads {read}")
-    inputs = ("data", f"prompt column '{data.get('prompt_column')}', response column '{data.get('response_column')}'"
-              + (", chat template" if data.get("chat_template") else "") + f", max length {data.get('max_length')}")
-    labels = ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(_labels(manifest))))
-    where = f" ({global_dir.name})" if global_dir is not None else ""
+    read = "the masked mean of the last hidden states" if facts.mean_pooled else "the architecture's own pooling"
+    head = ("classifier head", f"{facts.head}: {HEAD_POLICIES[facts.head]}; it reads {read}")
+    inputs = ("data", f"prompt column '{data.prompt_column}', response column '{data.response_column}'"
+              + (", chat template" if data.chat_template else "") + f", max length {data.max_length}")
+    labels = ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(facts.label_names)))
+    where = f" ({facts.checkpoint_name})" if facts.checkpoint_name is not None else ""
     return [
-        ("method", f"{manifest.method} ({method.label}): {method.explanation}"),
-        task if causal else head,
-        ("rounds", f"{manifest.round} (of {fed['rounds']} planned)"),
-        ("clients", f"{fed['clients']}" + aggregated),
-        ("client weighting", str(fed.get("weighting", "-"))),
+        ("method", f"{facts.method} ({method.label}): {method.explanation}"),
+        task if facts.causal else head,
+        ("rounds", f"{facts.round} (of {fed.rounds} planned)"),
+        ("clients", f"{fed.clients}" + aggregated),
+        ("client weighting", fed.weighting),
         ("partition", _partition_text(data)),
-        inputs if causal else labels,
-        ("adapter", adapter_kind(manifest.adapter_kind).describe(recipe["adapter"])),
-        ("local training", _training_text(recipe["training"])),
-        ("base model", f"`{base_model}`"),
-        ("recipe digest", f"`{manifest.recipe_digest[:16]}`"),
-        ("checkpoint digest", f"`{manifest.digest[:16]}`" + where),
+        inputs if facts.causal else labels,
+        ("adapter", adapter_kind(facts.adapter_kind).describe(dataclasses.asdict(recipe.adapter))),
+        ("local training", _training_text(recipe.training)),
+        ("base model", f"`{facts.base_model}`"),
+        ("recipe digest", f"`{facts.recipe_digest[:16]}`"),
+        ("checkpoint digest", f"`{facts.checkpoint_digest[:16]}`" + where),
     ]
 
 
@@ -244,35 +307,38 @@ NEIGHBOURS = (
 )
 
 
-def _privacy_section(facts: dict[str, Any]) -> list[str]:
+def _has_privacy(facts: CardFacts) -> bool:
+    return facts.recipe.privacy is not None or facts.privacy.server is not None
+
+
+def _privacy_section(facts: CardFacts) -> list[str]:
     """Sample-level DP-SGD at the clients and client-level DP-FedAvg at the coordinator, as far as they ran."""
-    if not facts:
+    if not _has_privacy(facts):
         return []
     lines = ["## Differential privacy", ""]
-    dp = facts.get("dp_sgd")
-    if dp:
-        lines += _dp_sgd_lines(dp)
-    server = facts.get("dp_fedavg")
-    if server:
-        target = f" (budget {server['target_epsilon']:g})" if server.get("target_epsilon") is not None else ""
+    if facts.recipe.privacy is not None:
+        lines += _dp_sgd_lines(facts.recipe.privacy, facts.privacy.clients)
+    server = facts.privacy.server
+    if server is not None:
+        budget = facts.recipe.server_privacy.target_epsilon if facts.recipe.server_privacy is not None else None
+        target = f" (budget {budget:g})" if budget is not None else ""
         lines += [
             "",
-            (f"Client-level DP-FedAvg at the coordinator, {server['releases']} release(s) of an aggregate: "
-             f"ε = {server['epsilon']:.3f} at δ = {server['delta']:g}{target}"
-             f"{', ' + server['accountant'] + ' accountant' if server.get('accountant') else ''}."),
+            (f"Client-level DP-FedAvg at the coordinator, {server.releases} release(s) of an aggregate: "
+             f"ε = {server.epsilon:.3f} at δ = {server.delta:g}{target}"
+             f"{', ' + server.accountant + ' accountant' if server.accountant else ''}."),
         ]
     return lines + ["", NEIGHBOURS]
 
 
-def _dp_sgd_lines(dp: dict[str, Any]) -> list[str]:
-    budget = f", budget ε = {dp['target_epsilon']:g} per client" if dp.get("target_epsilon") is not None else ""
+def _dp_sgd_lines(dp: PrivacySection, spent: Mapping[str, float]) -> list[str]:
+    budget = f", budget ε = {dp.target_epsilon:g} per client" if dp.target_epsilon is not None else ""
     lines = [(
         "Sample-level DP-SGD at every client: per-example gradients clipped to norm "
-        f"{fmt(dp.get('max_grad_norm'), 3)}, "
-        f"Gaussian noise multiplier {fmt(dp.get('noise_multiplier'), 4)}, δ = {dp.get('delta'):g}, "
-        f"{dp.get('accountant')} accountant{budget}."
+        f"{fmt(dp.max_grad_norm, 3)}, "
+        f"Gaussian noise multiplier {fmt(dp.noise_multiplier, 4)}, δ = {dp.delta:g}, "
+        f"{dp.accountant} accountant{budget}."
     )]
-    spent = dp.get("spent") or {}
     if not spent:
         return lines + [
             "",
@@ -280,11 +346,11 @@ def _dp_sgd_lines(dp: dict[str, Any]) -> list[str]:
              "(`fedlora privacy report STATE`)."),
         ]
     return lines + ["", "Privacy spent up to this round (each client's own ledger):", ""] + [
-        f"- {cid}: ε = {eps:.3f} (δ = {dp.get('delta'):g})" for cid, eps in spent.items()
+        f"- {cid}: ε = {eps:.3f} (δ = {dp.delta:g})" for cid, eps in spent.items()
     ]
 
 
-def _evaluation_lines(evaluation: list[dict[str, Any]], causal: bool) -> list[str]:
+def _evaluation_lines(evaluation: Sequence[Mapping[str, Any]], causal: bool) -> list[str]:
     if not evaluation:
         return ["Not evaluated at export (pass `--eval-data` to `fedlora export`)."]
     if not causal:
@@ -306,26 +372,26 @@ def _evaluation_lines(evaluation: list[dict[str, Any]], causal: bool) -> list[st
     return lines
 
 
-def _usage_lines(manifest: GlobalManifest, kind: str, base_model: str, causal: bool) -> list[str]:
+def _usage_lines(facts: CardFacts) -> list[str]:
     """The Python snippet that loads this export, without its closing fence."""
-    if causal:
-        return _causal_usage(kind, base_model, bool(manifest.recipe["data"].get("chat_template")))
-    mean = _mean_pooled(manifest)
+    kind, base_model = facts.kind, facts.base_model
+    if facts.causal:
+        return _causal_usage(kind, base_model, facts.recipe.data.chat_template)
     if kind == "adapter":
         lines = [
             "from peft import PeftModel",
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
-            f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}", num_labels={manifest.num_labels})',
+            f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}", num_labels={facts.num_labels})',
         ]
-        if mean:
+        if facts.mean_pooled:
             lines[0:0] = ["import sys", ""]
             lines[-1:-1] = ['sys.path.insert(0, "LOCAL_COPY_OF_THIS_FOLDER")  # fedlora_pooling.py ships in it',
                             "from fedlora_pooling import install", ""]
             lines.append("install(base)  # the head reads the masked mean of the last hidden states, as trained")
         lines.append('model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()')
     else:
-        remote = ", trust_remote_code=True" if mean else ""  # fedlora_pooling.py: the masked mean the head reads
+        remote = ", trust_remote_code=True" if facts.mean_pooled else ""  # fedlora_pooling.py: the mean the head reads
         lines = [
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
@@ -334,13 +400,8 @@ def _usage_lines(manifest: GlobalManifest, kind: str, base_model: str, causal: b
     return lines + [
         'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_OF_THIS_FOLDER")',
         'logits = model(**tokenizer(["some text"], return_tensors="pt")).logits',
-        f"labels = {_labels(manifest)!r}",
+        f"labels = {list(facts.label_names)!r}",
     ]
-
-
-def _mean_pooled(manifest: GlobalManifest) -> bool:
-    """Whether the head reads the masked mean (``model.pooling``; checkpoints from before it read the default)."""
-    return manifest.recipe["model"].get("pooling", "default") == "mean"
 
 
 def _causal_usage(kind: str, base_model: str, chat_template: bool) -> list[str]:
@@ -373,31 +434,32 @@ def _causal_usage(kind: str, base_model: str, chat_template: bool) -> list[str]:
     ]
 
 
-def _base_note(kind: str, base_model: str) -> list[str]:
-    if kind != "adapter" or hub_id_of(base_model) is not None:
+def _base_note(facts: CardFacts) -> list[str]:
+    if facts.kind != "adapter" or hub_id_of(facts.base_model) is not None:
         return []
     return [(
-        f"`{base_model}` is where the base model was on the machine that exported this adapter; "
+        f"`{facts.base_model}` is where the base model was on the machine that exported this adapter; "
         "replace it with your copy of the same base model."
     )]
 
 
-def _partition_text(data: dict[str, Any]) -> str:
-    text = f"{data['strategy']}"
-    if data["strategy"] == "dirichlet":
-        text += f", alpha {fmt(data['alpha'], 3)}"
-    if data["strategy"] in ("natural", "dirichlet") and data.get("by"):
-        text += f", by column '{data['by']}'"
-    if data["strategy"] == "size":
-        sizes = data.get("sizes")
-        text += f", sizes {', '.join(fmt(v, 3) for v in sizes)}" if sizes else f", Dirichlet({fmt(data['alpha'], 3)}) sizes"
-    return text + f", seed {data['seed']}, test fraction {fmt(data['test_fraction'], 3)}"
+def _partition_text(data: DataSection) -> str:
+    text = data.strategy
+    if data.strategy == "dirichlet":
+        text += f", alpha {fmt(data.alpha, 3)}"
+    if data.strategy in ("natural", "dirichlet") and data.by:
+        text += f", by column '{data.by}'"
+    if data.strategy == "size":
+        sizes = data.sizes
+        text += f", sizes {', '.join(fmt(v, 3) for v in sizes)}" if sizes else f", Dirichlet({fmt(data.alpha, 3)}) sizes"
+    return text + f", seed {data.seed}, test fraction {fmt(data.test_fraction, 3)}"
 
 
-def _training_text(t: dict[str, Any]) -> str:
-    amount = f"{t['local_steps']} steps" if t.get("local_steps") is not None else f"{t['local_epochs']:g} epochs"
-    return f"{t['optimizer']}, lr {t['lr']:g}, {amount} of batch {t['batch_size']} per round, seed {t['seed']}"
+def _training_text(t: TrainingSection) -> str:
+    amount = f"{t.local_steps} steps" if t.local_steps is not None else f"{t.local_epochs:g} epochs"
+    return f"{t.optimizer}, lr {t.lr:g}, {amount} of batch {t.batch_size} per round, seed {t.seed}"
 
 
-def _model_label(client_id: str | None) -> str:
+def model_label(client_id: str | None) -> str:
+    """Which model an evaluation row is of: the global one, or the one personalised for ``client_id``."""
     return f"personalised for {client_id}" if client_id else "global"

@@ -3,6 +3,7 @@ and the privacy ledgers; Hub ids and base references."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import yaml
 
 from export.helpers import LAST, card_of, ok
 from fedlora_cli import export as exports, federation, storage
+from fedlora_cli.export.model_card import CardFacts
 from fedlora_cli.federation import simulate
 from fedlora_cli.privacy import report as privacy_report
 
@@ -99,11 +101,12 @@ def test_card_without_privacy_or_metrics(federation_of, tmp_path):
 
 
 def test_card_metadata_for_a_hub_base_with_a_license(federation_of, tmp_path):
-    manifest = storage.read_global(federation_of("ffa").global_checkpoint(LAST)).manifest
+    g = federation.Global.of(federation_of("ffa").global_checkpoint(LAST))
     (tmp_path / "README.md").write_text("---\nlanguage: en\nlicense: apache-2.0\n---\n# a base model\n")
     license_id = exports.base_license(str(tmp_path))
     assert license_id == "apache-2.0"
-    text = exports.model_card(manifest, kind="merged", base_model="org/base", hub_base_model="org/base", license_id=license_id)
+    facts = CardFacts.of_export(g, kind="merged", base_model="org/base")
+    text = exports.model_card(dataclasses.replace(facts, hub_base_model="org/base", license_id=license_id))
     front = yaml.safe_load(text.split("---\n")[1])
     assert front["base_model"] == "org/base" and front["license"] == "apache-2.0"
     assert front["library_name"] == "transformers" and "merged-lora" in front["tags"]
@@ -119,3 +122,27 @@ def test_hub_ids_and_base_reference(tmp_path):
     # A Hub base stays a Hub id even when this site loaded a local copy; a local base points where it was loaded.
     assert exports.base_reference("org/model", str(tmp_path)) == "org/model"
     assert exports.base_reference("/elsewhere/model", str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_front_matter_reads_back_through_huggingface_hubs_model_card(federation_of):
+    from huggingface_hub import ModelCard
+
+    g = federation.Global.of(federation_of("ffa").global_checkpoint(LAST))
+    facts = CardFacts.of_export(g, client_id="client-1", base_model="org/base")
+    recipe = dataclasses.replace(facts.recipe, data=dataclasses.replace(facts.recipe.data, source="org/reviews"))
+    text = exports.model_card(dataclasses.replace(facts, recipe=recipe, hub_base_model="org/base", license_id="mit"))
+
+    card = ModelCard(text)
+    assert card.data.to_dict() == {
+        "base_model": "org/base", "library_name": "peft", "pipeline_tag": "text-classification", "license": "mit",
+        "datasets": ["org/reviews"],
+        "tags": ["fedlora", "federated-learning", "lora", "ffa-lora", "text-classification", "personalized"],
+    }
+    assert card.text.lstrip().startswith("# tiny-ffa: FFA-LoRA round 2, personalised for client-1\n")
+    # Byte for byte the front matter fedlora wrote by hand before it went through ModelCardData (a fixed point of
+    # the old code): same keys, same order, same quoting.
+    assert text.startswith(
+        "---\nbase_model: org/base\nlibrary_name: peft\npipeline_tag: text-classification\nlicense: mit\n"
+        "datasets:\n- org/reviews\ntags:\n- fedlora\n- federated-learning\n- lora\n- ffa-lora\n- text-classification\n"
+        "- personalized\n---\n\n# tiny-ffa"
+    )
