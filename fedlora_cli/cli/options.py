@@ -42,12 +42,9 @@ AccumulationOpt = Annotated[Optional[int], _site_option(sites.ACCUMULATION_STEPS
 
 def site_settings(**options: Any) -> dict[str, Any]:
     """The site-setting overrides a command's options give, by recipe key (``device='cuda'`` gives
-    ``{'training.device': 'cuda'}``; None leaves the recipe's). Pass them to :func:`fedlora_cli.recipe.with_site`
-    (or ``site=`` of the federation's functions) with :data:`SITE_FLAGS`, which names each by its option."""
+    ``{'training.device': 'cuda'}``; None leaves the recipe's). :data:`fedlora_cli.recipe.site_settings.FLAGS`
+    names each by its option in messages."""
     return sites.site_keys(**options)
-
-
-SITE_FLAGS = sites.FLAGS
 
 
 # What the --data of train-client and evaluate takes besides a partition's shard (one text, so both say the same;

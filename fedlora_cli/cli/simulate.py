@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
-from fedlora_cli.cli.options import SITE_FLAGS, DeviceOpt, JsonOpt, ReportToOpt, SetOpt, TrackingDirOpt, site_settings
+from fedlora_cli.cli.options import DeviceOpt, JsonOpt, ReportToOpt, SetOpt, TrackingDirOpt, site_settings
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.recipe.site_settings import FLAGS as SITE_FLAGS
 
 # How simulate's options name the recipe keys they override, in messages.
 _OPTION_FLAGS = {"federation.rounds": "--rounds", "federation.clients": "--clients", "federation.method": "--method"}
