@@ -41,9 +41,7 @@ def test_the_registry_names_the_keys_the_site_runs_with():
         "training.gradient_accumulation_steps",
     )
     # A Site has one field per setting, by its name, so Site.of reads them all from the registry.
-    assert [f.name for f in dataclasses.fields(Site)] == [s.name for s in SITE_SETTINGS if s is DEVICE] + [
-        s.name for s in SITE_SETTINGS if s is not DEVICE
-    ]
+    assert {f.name for f in dataclasses.fields(Site)} == set(BY_NAME)
 
 
 def test_a_setting_is_named_alike_in_a_node_config_and_on_the_command_line():
@@ -122,3 +120,12 @@ def test_validation_reads_each_settings_choices_from_the_registry(setting, value
     section, name = setting.split(".")
     with pytest.raises(FedloraError, match=message):
         recipes.from_dict({**base(), section: {**base().get(section, {}), name: value}})
+
+
+def test_a_site_runs_with_every_setting_the_recipe_gives():
+    chosen = {"dtype": "bfloat16", "quantization": "4bit", "quant_type": "fp4", "double_quant": False,
+              "compute_dtype": "float16", "device": "cpu", "mixed_precision": "bf16", "gradient_checkpointing": True,
+              "accumulation_steps": 4}
+    assert set(chosen) == set(BY_NAME) and all(chosen[s.name] != s.default for s in SITE_SETTINGS)
+    site = Site.of(recipes.with_site(recipes.from_dict(base()), site_keys(**chosen)))
+    assert dataclasses.asdict(site) == chosen
