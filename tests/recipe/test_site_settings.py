@@ -16,7 +16,7 @@ from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import SITE_FLAGS, Site
 from fedlora_cli.recipe import schema
 from fedlora_cli.recipe.site_settings import (
-    BY_NAME, DEVICE, FLAGS, GRADIENT_CHECKPOINTING, SITE_KEYS, SITE_SETTINGS, plain_load, site_keys,
+    BY_NAME, FLAGS, GRADIENT_CHECKPOINTING, SITE_KEYS, SITE_SETTINGS, plain_load, site_keys,
 )
 
 SECTIONS = {"model": schema.ModelSection, "training": schema.TrainingSection}
