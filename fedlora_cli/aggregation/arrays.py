@@ -1,42 +1,38 @@
-"""The arithmetic of the ``mean`` strategy over numpy arrays, for the coordinator's round that never imports
-torch (:mod:`fedlora_cli.federation.numpy_round`).
+"""The arithmetic of the ``mean`` over numpy arrays: a weighted sum added one tensor at a time, the norm every
+strategy's norm bound measures, and the finiteness check.
 
-Pure functions and one accumulator, no I/O. Operation for operation the arithmetic of the torch path
-(:func:`.functions.weighted_mean`, :func:`.functions.clip_to_norm`, :class:`.mean.Mean`), so that both write
-bit-identical checkpoints; each step is one IEEE operation per element, the same in either library::
+Pure functions and one accumulator, no I/O. Used by the coordinator's mean round
+(:mod:`fedlora_cli.federation.numpy_round`) and by :func:`.functions.weighted_mean`, so both give the same bits;
+each step is one IEEE operation per element (the arithmetic of the torch backend this replaced, bit for bit)::
 
     first update       S = w_1 T_1                      in T's dtype (float32, or float64)
     each later one     S = S + (w_k T_k)                a multiply, then an add: never fused into one rounding
     after rejections   S = S / (sum of the kept w_k)
     a clipped update   T' = R + (T - R) c               before it is weighted; R what the client received
 
-Norms are measured here for both paths (:func:`squared_distance`, which :func:`.functions.update_norm` calls),
-so the norm bound decides alike wherever the tensors came from.
+Norms are measured here for every strategy (:func:`squared_distance`, which :func:`.functions.update_norm` calls),
+so the norm bound decides alike whichever strategy runs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
 from fedlora_cli.errors import FedloraError
 
-# The safetensors dtypes this arithmetic takes as they are: a round whose tensors are all of these needs no torch.
-DTYPES = ("F32", "F64")
 
+def as_array(tensor: np.ndarray) -> np.ndarray:
+    """A float32 or float64 array as it is; bfloat16 (:data:`fedlora_cli.storage.mapped.BF16`) or float16 widened
+    to float32 exactly, anything else as a float32 copy."""
+    from fedlora_cli.storage.mapped import widen
 
-def as_array(tensor: Any) -> np.ndarray:
-    """A float32 or float64 array as it is, a CPU torch tensor as an array over its memory; any other dtype as a
-    float32 copy."""
-    if isinstance(tensor, np.ndarray):
-        return tensor if tensor.dtype in (np.float32, np.float64) else tensor.astype(np.float32)
-    import torch
-
-    t = tensor.detach().cpu()
-    return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+    if tensor.dtype in (np.float32, np.float64) and tensor.dtype.metadata is None:
+        return tensor
+    widened = widen(tensor)
+    return widened if widened.dtype in (np.float32, np.float64) else tensor.astype(np.float32)
 
 
 def scratch_for(tensor: np.ndarray, buffers: dict[np.dtype, np.ndarray] | None) -> np.ndarray:
@@ -62,7 +58,7 @@ def _work_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
-def squared_distance(tensor: Any, reference: Any, buffers: dict[np.dtype, np.ndarray] | None = None) -> float:
+def squared_distance(tensor: np.ndarray, reference: np.ndarray, buffers: dict[np.dtype, np.ndarray] | None = None) -> float:
     """||tensor - reference||^2, as a Python float.
 
     The difference is taken in float32 (float64 for float64 tensors) into a work array and its squares summed in
@@ -82,10 +78,11 @@ def squared_distance(tensor: Any, reference: Any, buffers: dict[np.dtype, np.nda
 
 
 def nonfinite(arrays: Mapping[str, np.ndarray]) -> str | None:
-    """The name of the first array holding NaN or Inf, or None (as :func:`.functions.nonfinite` for tensors)."""
+    """The name of the first array holding NaN or Inf, or None (bfloat16 arrays widened first)."""
     for name, a in arrays.items():
         # One cheap reduction clears the usual case (a sum of squares, by the fastest reduction there is); a
         # non-finite one (NaN, Inf, or finite values whose squares overflow) is checked element by element.
+        a = as_array(a) if a.dtype.metadata is not None else a
         flat = a.reshape(-1)
         if a.dtype.kind == "f" and not math.isfinite(float(np.dot(flat, flat))) and not np.isfinite(a).all():
             return name
@@ -94,7 +91,7 @@ def nonfinite(arrays: Mapping[str, np.ndarray]) -> str | None:
 
 class WeightedSum:
     """sum_k w_k T_k for each tensor name, added one tensor at a time (any order across names, the clients'
-    order within each); every array of one name must have the same shape and a dtype of :data:`DTYPES`.
+    order within each); every array of one name must have the same shape and be float32 or float64.
 
     ``buffers`` (:func:`scratch_buffers`) hold the weighted copy of a tensor before it is added; two threads
     adding different names at once each pass their own. ``room``, if given, holds an array for each name's sum
@@ -108,7 +105,7 @@ class WeightedSum:
     def add(self, name: str, tensor: np.ndarray, weight: float,
             buffers: dict[np.dtype, np.ndarray] | None = None) -> None:
         total = self.tensors.get(name)
-        w = tensor.dtype.type(weight)  # the weight rounded to the tensor's dtype, as torch multiplies by it
+        w = tensor.dtype.type(weight)  # the weight rounded to the tensor's dtype (as torch multiplied by it)
         if total is None:
             room = self._room.pop(name, None)
             fits = room is not None and room.shape == tensor.shape and room.dtype == tensor.dtype

@@ -1,7 +1,10 @@
-"""Aggregation math: pure functions over named tensors.
+"""Aggregation math: pure functions over named tensors, numpy arrays of float32 or float64.
 
-No I/O and no state: the coordinator (``fedlora_cli.federation.aggregate_round``) reads client updates and
-the strategies (:mod:`fedlora_cli.aggregation.strategies`) feed them here. The strategies
+No I/O and no state: the coordinator (``fedlora_cli.federation.aggregate_round``) reads client updates, widens
+bfloat16 and float16 tensors to float32 exactly (:func:`fedlora_cli.storage.mapped.widen`), and the strategies
+(:mod:`fedlora_cli.aggregation`) feed them here; the coordinator rounds the results back to the clients' dtype
+when it writes them. torch is never imported here except by the two helpers the client side also calls on its
+torch tensors (:func:`nonfinite`, :func:`to_rank`). The strategies
 (``federation.aggregation``)::
 
     mean          sum_k p_k T_k for every sent tensor T (FedAvg; FedIT when T is A or B). Streams one client
@@ -10,7 +13,8 @@ the strategies (:mod:`fedlora_cli.aggregation.strategies`) feed them here. The s
                   clients' effective updates M = sum_k p_k s_k B_k A_k, then a truncated SVD M / s = U S V^T
                   back to the global rank r, stored as B = U_r S_r and A = V_r^T. Clients may train lower
                   ranks (HetLoRA's setting, Cho et al. 2024); each receives the global truncated to its rank.
-                  Streams clients into one dense (out x in) sum per layer: flat in the number of clients.
+                  Streams clients into one dense (out x in) sum per layer, in groups of clients whose factors
+                  are multiplied in one product: flat in the number of clients.
     exact         FedEx-LoRA (Singhal et al., ACL 2025, arXiv 2410.09432): A and B are averaged as in FedIT and
                   the residual s (sum_k p_k B_k A_k - avg(B) avg(A)) is folded into a dense per-layer
                   correction of the base weight, so the global update is exactly the weighted mean of the
@@ -31,16 +35,15 @@ units (each factor scaled by the square root of its LoRA scale, ranks zero-padde
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
+
+import numpy as np
 
 from fedlora_cli.errors import FedloraError
 
-if TYPE_CHECKING:
-    import torch
-
-Tensors = Mapping[str, "torch.Tensor"]
+Tensors = Mapping[str, np.ndarray]
 
 
 def client_weights(num_examples: Sequence[int], uniform: bool = False) -> list[float]:
@@ -55,48 +58,41 @@ def client_weights(num_examples: Sequence[int], uniform: bool = False) -> list[f
     return [n / total for n in num_examples]
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    import torch
+def accumulator_dtype(dtype: np.dtype) -> np.dtype:
+    """float64 for float64, float32 for anything else."""
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
-
-def weighted_mean(updates: Iterable[tuple[Tensors, float]]) -> dict[str, torch.Tensor]:
+def weighted_mean(updates: Iterable[tuple[Tensors, float]]) -> dict[str, np.ndarray]:
     """sum_k w_k * T_k for every tensor name, consuming ``updates`` one at a time.
 
     ``updates`` yields (tensors, weight) pairs; the weights should sum to one. Every update must carry the
-    same names, shapes and dtypes as the first; the result keeps the first update's dtypes. Low-precision
-    tensors are summed in float32. Each update is weighted, then added: two roundings, as the numpy round does
-    (:mod:`.arrays`), not one fused multiply-add, whose use would depend on torch's kernel for the CPU.
+    same names, shapes and dtypes as the first. Each update is weighted, then added: two roundings in the
+    tensors' dtype (:class:`.arrays.WeightedSum`), as the coordinator's mean round does.
     """
-    total: dict[str, torch.Tensor] = {}
-    dtypes: dict[str, torch.dtype] = {}
-    count = 0
+    from fedlora_cli.aggregation.arrays import WeightedSum
+
+    sums = WeightedSum()
+    names: set[str] | None = None
     for tensors, weight in updates:
-        if count == 0:
-            for name, t in tensors.items():
-                dtypes[name] = t.dtype
-                total[name] = t.to(accumulator_dtype(t.dtype)) * weight
-        else:
-            if set(tensors) != set(total):
-                raise FedloraError("client updates carry different tensor names")
-            for name, t in tensors.items():
-                if t.shape != total[name].shape or t.dtype != dtypes[name]:
-                    raise FedloraError(f"tensor '{name}' differs in shape or dtype between client updates")
-                total[name].add_(t.to(total[name].dtype) * weight)
-        count += 1
-    if count == 0:
+        if names is None:
+            names = set(tensors)
+        elif set(tensors) != names:
+            raise FedloraError("client updates carry different tensor names")
+        for name, t in tensors.items():
+            sums.add(name, t, weight)
+    if names is None:
         raise FedloraError("no client updates to aggregate")
-    return {name: t.to(dtypes[name]) for name, t in total.items()}
+    return sums.tensors
 
 
-def clip_to_norm(update: Tensors, reference: Tensors, bound: float) -> dict[str, torch.Tensor]:
+def clip_to_norm(update: Tensors, reference: Tensors, bound: float) -> dict[str, np.ndarray]:
     """reference + (update - reference) scaled to L2 norm at most ``bound`` (over all tensors together)."""
     norm = update_norm(update, reference)
     scale = min(1.0, bound / norm) if norm > 0 else 1.0
     if scale == 1.0:
         return dict(update)
-    return {name: (reference[name] + (t - reference[name]) * scale).to(t.dtype) for name, t in update.items()}
+    return {name: reference[name] + (t - reference[name]) * t.dtype.type(scale) for name, t in update.items()}
 
 
 # A clipped delta is scaled a hair below the bound: float32 rounding of the scaled elements (relative 2^-24 each)
@@ -104,43 +100,57 @@ def clip_to_norm(update: Tensors, reference: Tensors, bound: float) -> dict[str,
 _CLIP_MARGIN = 1 - 2**-20
 
 
-def clipped_delta(update: Tensors, reference: Tensors, bound: float) -> dict[str, torch.Tensor]:
+def clipped_delta(update: Tensors, reference: Tensors, bound: float) -> dict[str, np.ndarray]:
     """The float32 difference (update - reference), scaled to L2 norm at most ``bound`` over all tensors.
 
-    Taken in float32 before any scaling, and never rounded back to the tensors' own dtype: a bfloat16 update
-    clipped as ``reference + scaled delta`` and rounded to bfloat16 could land well beyond the bound.
+    Taken in float32 before any scaling (float64 tensors too), and never rounded back to the tensors' own dtype:
+    a bfloat16 update clipped as ``reference + scaled delta`` and rounded to bfloat16 could land well beyond the
+    bound. The norm is summed in float64.
     """
-    import torch
-
-    deltas = {name: t.float() - reference[name].float() for name, t in update.items()}
-    norm = sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in deltas.values()) ** 0.5
+    deltas = {name: np.subtract(t, reference[name], dtype=np.float32) for name, t in update.items()}
+    norm = sum(_squared64(d) for d in deltas.values()) ** 0.5
     if norm <= bound:
         return deltas
-    scale = bound / norm * _CLIP_MARGIN
+    scale = np.float32(bound / norm * _CLIP_MARGIN)
     return {name: d * scale for name, d in deltas.items()}
+
+
+def _squared64(d: np.ndarray) -> float:
+    flat = d.reshape(-1).astype(np.float64)
+    return float(np.dot(flat, flat))
 
 
 def update_norm(update: Tensors, reference: Tensors) -> float:
     """L2 norm of (update - reference) over the update's tensors: how far a client moved the global.
 
-    Measured by :func:`.arrays.squared_distance` per tensor (numpy, over the tensors' memory), combined in
-    Python's float64 in name order: exactly as the numpy round measures, so the norm bound judges alike.
+    Measured by :func:`.arrays.squared_distance` per tensor, combined in Python's float64 in name order: exactly
+    as the coordinator's mean round measures, so the norm bound judges alike whichever strategy runs.
     """
     from fedlora_cli.aggregation.arrays import squared_distance
 
     return sum(squared_distance(update[name], reference[name]) for name in sorted(update)) ** 0.5
 
 
-def nonfinite(tensors: Tensors) -> str | None:
-    """The name of the first tensor holding NaN or Inf, or None."""
-    import torch
+def nonfinite(tensors: Mapping[str, Any]) -> str | None:
+    """The name of the first tensor holding NaN or Inf, or None: numpy arrays (the coordinator's), or torch
+    tensors (a client checks what it is about to send)."""
+    from fedlora_cli.aggregation.arrays import nonfinite as nonfinite_array
 
     for name, t in tensors.items():
-        # A sum is finite whenever every element is (NaN and Inf propagate), so one cheap reduction clears the
-        # usual case; only a non-finite sum (which a float overflow of finite values can also cause) is checked
-        # element by element.
-        if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            return name
+        bad = nonfinite_array({name: t}) if isinstance(t, np.ndarray) else _nonfinite_tensor(name, t)
+        if bad is not None:
+            return bad
+    return None
+
+
+def _nonfinite_tensor(name: str, t: Any) -> str | None:
+    import torch
+
+    # A sum is finite whenever every element is (NaN and Inf propagate), so one cheap reduction clears the usual
+    # case; only a non-finite sum (which a float overflow of finite values can also cause) is checked element by
+    # element.
+    if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        return name
     return None
 
 
@@ -170,35 +180,35 @@ def trim_count(fraction: float, clients: int, label: str | None = None) -> int:
     raise FedloraError(f"{label} is {fraction:g}, which trims every one of {clients} clients")
 
 
-def _stacked(values: Sequence[torch.Tensor]) -> torch.Tensor:
-    import torch
-
+def _stacked(values: Sequence[np.ndarray]) -> np.ndarray:
     if not values:
         raise FedloraError("no client updates to aggregate")
     first = values[0]
     for v in values[1:]:
         if v.shape != first.shape or v.dtype != first.dtype:
             raise FedloraError("a tensor differs in shape or dtype between client updates")
-    return torch.stack([v.to(accumulator_dtype(v.dtype)) for v in values])
+    return np.stack([v.astype(accumulator_dtype(v.dtype), copy=False) for v in values])
 
 
-def coordinate_median(values: Sequence[torch.Tensor]) -> torch.Tensor:
+def coordinate_median(values: Sequence[np.ndarray]) -> np.ndarray:
     """The median of every coordinate over the clients; with an even count, the mean of the two middle values."""
     stacked = _stacked(values)
-    ordered = stacked.sort(dim=0).values
-    k = ordered.shape[0]
-    middle = ordered[(k - 1) // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
-    return middle.to(values[0].dtype)
+    k = stacked.shape[0]
+    middle = [(k - 1) // 2] if k % 2 else [k // 2 - 1, k // 2]
+    ordered = np.partition(stacked, middle, axis=0)  # only the middle values in their places: no full sort
+    if k % 2:
+        return ordered[middle[0]]
+    return (ordered[middle[0]] + ordered[middle[1]]) / stacked.dtype.type(2)
 
 
-def trimmed_mean(values: Sequence[torch.Tensor], trim: int) -> torch.Tensor:
+def trimmed_mean(values: Sequence[np.ndarray], trim: int) -> np.ndarray:
     """The mean of every coordinate after dropping its ``trim`` smallest and ``trim`` largest client values."""
     stacked = _stacked(values)
     k = stacked.shape[0]
     if trim < 0 or k - 2 * trim < 1:
         raise FedloraError(f"cannot trim {trim} values at each end of {k}")
-    ordered = stacked.sort(dim=0).values
-    return ordered[trim : k - trim].mean(dim=0).to(values[0].dtype)
+    ordered = np.sort(stacked, axis=0)
+    return ordered[trim : k - trim].mean(axis=0, dtype=stacked.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -226,10 +236,51 @@ def _relative(diff: float, norm: float) -> float | None:
 
 
 # One client's factors of one layer: (A_k, B_k, weight p_k, LoRA scale s_k).
-Factors = tuple["torch.Tensor", "torch.Tensor", float, float]
+Factors = tuple[np.ndarray, np.ndarray, float, float]
+
+# Clients whose factors are multiplied in one product: one pass over a layer's dense sum per group of clients
+# rather than one per client, and a product of inner dimension 16 r rather than r.
+_GROUP = 16
 
 
-def svd_layer(factors: Iterable[Factors], rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, LayerReport]:
+class _ProductSum:
+    """sum_k c_k B_k A_k in float64 for one layer, the clients taken in groups of :data:`_GROUP`: each group's
+    factors side by side, [c_1 B_1 ... c_G B_G] [A_1; ...; A_G], one matrix product per group."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        self.total = np.zeros((out_features, in_features))
+        self._a: list[np.ndarray] = []
+        self._b: list[np.ndarray] = []
+
+    def add(self, a64: np.ndarray, b64: np.ndarray, coefficient: float) -> None:
+        self._a.append(a64)
+        self._b.append(b64 * coefficient)
+        if len(self._a) == _GROUP:
+            self._flush()
+
+    def result(self) -> np.ndarray:
+        self._flush()
+        return self.total
+
+    def _flush(self) -> None:
+        if self._a:
+            self.total += np.concatenate(self._b, axis=1) @ np.concatenate(self._a, axis=0)
+            self._a, self._b = [], []
+
+
+def _pairs(factors: Iterable[Factors]) -> Iterator[tuple[np.ndarray, np.ndarray, float, float, np.dtype]]:
+    """Each client's factors in float64 (with its weight, LoRA scale and own dtype), checked to form B A."""
+    for a, b, weight, s in factors:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise FedloraError(f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a product B A")
+        yield a.astype(np.float64), b.astype(np.float64), weight, s, a.dtype
+
+
+def _frobenius(m: np.ndarray) -> float:
+    return float(np.linalg.norm(m))
+
+
+def svd_layer(factors: Iterable[Factors], rank: int, scale: float) -> tuple[np.ndarray, np.ndarray, LayerReport]:
     """FlexLoRA for one layer: rank-``rank`` factors (A, B) whose ``scale * B A`` best approximates
     M = sum_k p_k s_k B_k A_k (Eckart-Young); exact when M has rank at most ``rank``.
 
@@ -238,88 +289,70 @@ def svd_layer(factors: Iterable[Factors], rank: int, scale: float) -> tuple[torc
     A keeps unit-norm rows even where a singular value is zero, so no direction of the next round's B starts
     with a zero gradient (splitting sqrt(S) into both factors would leave such directions dead for good).
     ``factors`` is consumed one client at a time: memory is one dense (out x in) sum, whatever the number of
-    clients. Computed in float64; returned in the clients' dtype.
+    clients. Computed in float64 (numpy's SVD, LAPACK's gesdd); returned in the clients' dtype.
     """
-    import torch
-
     total = a_plain = b_plain = None
     dtype = None
-    for a, b, weight, s in factors:
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise FedloraError(f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a product B A")
-        r_k = a.shape[0]
+    for a64, b64, weight, s, dtype in _pairs(factors):
+        r_k = a64.shape[0]
         if r_k > rank:
             raise FedloraError(f"a client update has rank {r_k}, above the global rank {rank}")
         if total is None:
-            dtype = a.dtype
-            total = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
-            a_plain = torch.zeros(rank, a.shape[1], dtype=torch.float64)
-            b_plain = torch.zeros(b.shape[0], rank, dtype=torch.float64)
-        elif (b.shape[0], a.shape[1]) != tuple(total.shape):
+            total = _ProductSum(b64.shape[0], a64.shape[1])
+            a_plain, b_plain = np.zeros((rank, a64.shape[1])), np.zeros((b64.shape[0], rank))
+        elif (b64.shape[0], a64.shape[1]) != total.total.shape:
             raise FedloraError("lora_A / lora_B shapes of one layer differ between client updates")
-        a64, b64 = a.double(), b.double()
-        total.addmm_(b64, a64, alpha=weight * s)
+        total.add(a64, b64, weight * s)
         root = (s / scale) ** 0.5
-        a_plain[:r_k].add_(a64, alpha=weight * root)
-        b_plain[:, :r_k].add_(b64, alpha=weight * root)
+        a_plain[:r_k] += (weight * root) * a64
+        b_plain[:, :r_k] += (weight * root) * b64
     if total is None:
         raise FedloraError("no client updates to aggregate")
-    target = total / scale  # M in the global adapter's units: scale * B A = M
-    u, sv, vh = torch.linalg.svd(target, full_matrices=False)
+    target = total.result() / scale  # M in the global adapter's units: scale * B A = M
+    u, sv, vh = np.linalg.svd(target, full_matrices=False)
     keep = min(rank, sv.shape[0])
-    a_new = torch.zeros(rank, target.shape[1], dtype=torch.float64)
-    b_new = torch.zeros(target.shape[0], rank, dtype=torch.float64)
+    a_new, b_new = np.zeros((rank, target.shape[1])), np.zeros((target.shape[0], rank))
     a_new[:keep] = vh[:keep]
     b_new[:, :keep] = u[:, :keep] * sv[:keep]
-    norm = float(torch.linalg.vector_norm(sv))
-    lost = float(torch.linalg.vector_norm(sv[keep:])) if sv.shape[0] > keep else 0.0
-    tolerance = float(sv[0]) * max(target.shape) * torch.finfo(torch.float64).eps if sv.numel() else 0.0
+    norm = float(np.linalg.norm(sv))
+    lost = float(np.linalg.norm(sv[keep:])) if sv.shape[0] > keep else 0.0
+    tolerance = float(sv[0]) * max(target.shape) * np.finfo(np.float64).eps if sv.size else 0.0
     report = LayerReport(
-        mean_error=_relative(float(torch.linalg.matrix_norm(b_plain @ a_plain - target)), norm),
+        mean_error=_relative(_frobenius(b_plain @ a_plain - target), norm),
         truncation_error=_relative(lost, norm),
         rank=int((sv > tolerance).sum()),
     )
-    return a_new.to(dtype), b_new.to(dtype), report
+    return a_new.astype(dtype), b_new.astype(dtype), report
 
 
-def exact_layer(
-    factors: Iterable[Factors], scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LayerReport]:
+def exact_layer(factors: Iterable[Factors], scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, LayerReport]:
     """FedEx-LoRA for one layer: A = sum p_k A_k, B = sum p_k B_k, and the dense residual
     R = sum_k p_k s_k B_k A_k - scale * B A, so that ``scale * B A + R`` is exactly the weighted mean of the
     clients' effective updates. Every client must have the same rank. Returns (A, B, R, report); R is float32
     (float64 inputs stay float64). Consumed one client at a time: memory is one dense (out x in) sum.
     """
-    import torch
-
     total = a_sum = b_sum = None
     dtype = None
-    for a, b, weight, s in factors:
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise FedloraError(f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a product B A")
+    for a64, b64, weight, s, dtype in _pairs(factors):
         if total is None:
-            dtype = a.dtype
-            total = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64)
-            a_sum = torch.zeros(a.shape, dtype=torch.float64)
-            b_sum = torch.zeros(b.shape, dtype=torch.float64)
-        elif a.shape != a_sum.shape or b.shape != b_sum.shape:
+            total = _ProductSum(b64.shape[0], a64.shape[1])
+            a_sum, b_sum = np.zeros(a64.shape), np.zeros(b64.shape)
+        elif a64.shape != a_sum.shape or b64.shape != b_sum.shape:
             raise FedloraError("exact aggregation needs every client to train the same rank")
-        a64, b64 = a.double(), b.double()
-        total.addmm_(b64, a64, alpha=weight * s)
-        a_sum.add_(a64, alpha=weight)
-        b_sum.add_(b64, alpha=weight)
+        total.add(a64, b64, weight * s)
+        a_sum += weight * a64
+        b_sum += weight * b64
     if total is None:
         raise FedloraError("no client updates to aggregate")
-    residual = total - scale * (b_sum @ a_sum)
-    report = LayerReport(
-        mean_error=_relative(float(torch.linalg.matrix_norm(residual)), float(torch.linalg.matrix_norm(total)))
-    )
-    out = torch.float64 if dtype == torch.float64 else torch.float32
-    return a_sum.to(dtype), b_sum.to(dtype), residual.to(out), report
+    product = total.result()
+    residual = product - scale * (b_sum @ a_sum)
+    report = LayerReport(mean_error=_relative(_frobenius(residual), _frobenius(product)))
+    return a_sum.astype(dtype), b_sum.astype(dtype), residual.astype(accumulator_dtype(dtype)), report
 
 
-def to_rank(a: torch.Tensor, b: torch.Tensor, rank: int, scale_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The global factors of one layer as a client of rank ``rank`` receives them.
+def to_rank(a: Any, b: Any, rank: int, scale_ratio: float) -> tuple[Any, Any]:
+    """The global factors of one layer as a client of rank ``rank`` receives them: numpy arrays at the
+    coordinator, torch tensors at a client.
 
     The first ``rank`` rows of A and columns of B (the best rank-``rank`` part, since svd aggregation sorts
     them by singular value), with B multiplied by ``scale_ratio`` = s_global / s_client so that the client's
@@ -327,8 +360,19 @@ def to_rank(a: torch.Tensor, b: torch.Tensor, rank: int, scale_ratio: float) -> 
     """
     if rank > a.shape[0]:
         raise FedloraError(f"cannot give rank {rank} from a global adapter of rank {a.shape[0]}")
-    a_k = a[:rank].clone()
-    b_k = b[:, :rank].clone()
+    if not isinstance(a, np.ndarray):
+        return _tensors_to_rank(a, b, rank, scale_ratio)
+    a_k, b_k = a[:rank].copy(), b[:, :rank].copy()
     if scale_ratio != 1.0:
-        b_k = (b_k.to(accumulator_dtype(b_k.dtype)) * scale_ratio).to(b.dtype)
+        b_k *= b_k.dtype.type(scale_ratio)
+    return a_k, b_k
+
+
+def _tensors_to_rank(a: Any, b: Any, rank: int, scale_ratio: float) -> tuple[Any, Any]:
+    import torch
+
+    a_k, b_k = a[:rank].clone(), b[:, :rank].clone()
+    if scale_ratio != 1.0:
+        work = torch.float64 if b_k.dtype == torch.float64 else torch.float32
+        b_k = (b_k.to(work) * scale_ratio).to(b.dtype)
     return a_k, b_k

@@ -7,7 +7,6 @@ the mean is renormalised over the weights of those that stayed.
 
 from __future__ import annotations
 
-from fedlora_cli.aggregation.functions import accumulator_dtype, weighted_mean
 from fedlora_cli.aggregation.strategy import Aggregate, Contributions, RoundSpec, Strategy
 
 
@@ -16,8 +15,4 @@ class Mean(Strategy):
     linear = True
 
     def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
-        averaged = weighted_mean((c.tensors, c.weight) for c in contributions)
-        if contributions.rejected:
-            kept = sum(c.weight for c in contributions.accepted)
-            averaged = {n: (t.to(accumulator_dtype(t.dtype)) / kept).to(t.dtype) for n, t in averaged.items()}
-        return Aggregate(averaged)
+        return Aggregate(contributions.weighted_mean())

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from fedlora_cli.aggregation.functions import clip_to_norm, update_norm
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 ACTIONS = ("clip", "reject")
 CLIPPED, REJECTED = "clipped", "rejected"
@@ -31,7 +31,7 @@ class NormBound:
     bound: float | None  # None: no bound, every update passes
     action: str = "clip"
 
-    def judge(self, tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> Verdict:
+    def judge(self, tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Verdict:
         return self.verdict(update_norm(tensors, reference))
 
     def verdict(self, norm: float) -> Verdict:
@@ -42,8 +42,8 @@ class NormBound:
             return Verdict(norm, REJECTED, 0.0)
         return Verdict(norm, CLIPPED, self.bound / norm)
 
-    def apply(self, tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
-              verdict: Verdict) -> Mapping[str, torch.Tensor]:
+    def apply(self, tensors: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+              verdict: Verdict) -> Mapping[str, np.ndarray]:
         """The update as the strategy receives it: clipped to the bound where the verdict says so."""
         return tensors if verdict.bound != CLIPPED else clip_to_norm(tensors, reference, self.bound)
 

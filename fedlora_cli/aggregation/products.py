@@ -14,7 +14,7 @@ from fedlora_cli.aggregation.functions import weighted_mean
 from fedlora_cli.aggregation.strategy import Aggregate, Contribution, Contributions, RoundSpec, Strategy, normalised
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 
 class ProductStrategy(Strategy):
@@ -44,5 +44,5 @@ class ProductStrategy(Strategy):
         raise NotImplementedError
 
 
-def _mean_of(accepted: Sequence[Contribution], weights: Sequence[float], name: str) -> torch.Tensor:
+def _mean_of(accepted: Sequence[Contribution], weights: Sequence[float], name: str) -> np.ndarray:
     return weighted_mean(({name: c.get(name)}, w) for c, w in zip(accepted, weights))[name]

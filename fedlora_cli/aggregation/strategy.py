@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from fedlora_cli.aggregation.functions import LayerReport
+import numpy as np
+
+from fedlora_cli.aggregation.functions import LayerReport, weighted_mean
 
 if TYPE_CHECKING:
-    import torch
-
     from fedlora_cli.adapters.kinds import AdapterKind
 
 
@@ -31,10 +31,11 @@ class Contribution(Protocol):
 
     client_id: str
     weight: float  # p_k, normalised over every update of the round (before any was rejected)
-    # The whole update while it is the one being streamed; None once the strategy has moved on to the next.
-    tensors: Mapping[str, torch.Tensor] | None
+    # The whole update while it is the one being streamed (float32 or float64 arrays: bfloat16 and float16 are
+    # widened exactly); None once the strategy has moved on to the next.
+    tensors: Mapping[str, np.ndarray] | None
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         """One tensor of this update, read again (and checked again) on demand."""
         ...
 
@@ -60,6 +61,17 @@ class Contributions:
             yield contribution
             contribution.tensors = None  # at most the update being aggregated (and the next, being read) in memory
 
+    def weighted_mean(self) -> dict[str, np.ndarray]:
+        """sum_k p_k T_k over the accepted updates (:func:`.functions.weighted_mean`), streamed, renormalised over
+        their weights when the screen rejected some. The coordinator's own contributions do this in one pass over
+        the mapped files (:mod:`fedlora_cli.federation.numpy_round`), with the same bits."""
+        averaged = weighted_mean((c.tensors, c.weight) for c in self)
+        if self.rejected:
+            kept = sum(c.weight for c in self.accepted)
+            for t in averaged.values():
+                np.divide(t, t.dtype.type(kept), out=t)
+        return averaged
+
     def drain(self) -> list[Contribution]:
         """Screen every update (one at a time) without aggregating; the accepted ones, to be read back by name."""
         for _ in self:
@@ -76,20 +88,21 @@ class RoundSpec:
     alpha: float
     rank: int  # the global adapter's rank
     rank_for: Callable[[str], int]  # a client's LoRA rank
-    reference: Mapping[str, torch.Tensor]  # the global's values of the sent tensors (what a global-rank client received)
+    # The global's values of the sent tensors (what a global-rank client received), widened as the updates are.
+    reference: Mapping[str, np.ndarray]
 
 
 @dataclass
 class Aggregate:
     """What a strategy produced: the new sent tensors, and what it reports."""
 
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]
     # Per adapted layer, how far plain averaging of A and B is from the exact mean of the products (svd, exact).
     layers: dict[str, LayerReport] = field(default_factory=dict)
     # Per adapted layer, a dense residual to fold into the base weights (exact).
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)
+    residuals: dict[str, np.ndarray] = field(default_factory=dict)
     # A server optimiser's state after the round (its moments), kept in the global checkpoint.
-    server_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

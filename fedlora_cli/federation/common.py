@@ -101,8 +101,9 @@ class Global(GlobalCheckpoint):
         return self._verified(CORRECTION_TENSORS, "numpy")
 
     @cached_property
-    def verified_server_state(self) -> dict[str, torch.Tensor]:
-        return self._verified(SERVER_STATE_TENSORS, "pt")
+    def verified_server_state(self) -> dict[str, np.ndarray]:
+        """A server optimiser's moments, which only the coordinator reads: numpy arrays."""
+        return self._verified(SERVER_STATE_TENSORS, "numpy")
 
     def _verified(self, filename: str, framework: str) -> dict[str, Any]:
         """A file of the checkpoint read and checked against its digests, in ``framework`` ("pt" or "numpy"); the
@@ -123,7 +124,8 @@ _FILES = {
                       {"pt": "verified_tensors", "numpy": "verified_arrays"}),
     CORRECTION_TENSORS: ("correction_digests", "global checkpoint correction",
                          {"pt": "verified_correction", "numpy": "verified_correction_arrays"}),
-    SERVER_STATE_TENSORS: ("server_state_digests", "global checkpoint server state", {"pt": "verified_server_state"}),
+    SERVER_STATE_TENSORS: ("server_state_digests", "global checkpoint server state",
+                           {"numpy": "verified_server_state"}),
 }
 
 

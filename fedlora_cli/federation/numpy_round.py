@@ -1,16 +1,15 @@
-"""The coordinator's round when it is the plain weighted mean: numpy from the first byte read to the last byte
-written, and torch never imported (issue 17: a process that spends a second or more importing torch cannot
-aggregate at the speed of memory).
+"""The coordinator's weighted mean over the client update files: numpy from the first byte read to the last byte
+added (issue 17: a process that spends a second or more importing torch cannot aggregate at the speed of memory).
 
-``aggregate_round`` takes this path when the round's strategy is ``mean`` itself (not wrapped by DP-FedAvg or
-a server optimiser, which draw noise and keep moments in torch) and every tensor it reads or writes is float32
-or float64 (:func:`applies`). The norm bound needs only norms, so it works here too; svd, exact, median and
-trimmed-mean stay on the torch path. Every check of the torch path happens here, with fewer passes over the
-bytes:
+Every strategy's coordinator is numpy (:mod:`fedlora_cli.federation.server`); this module is how the ``mean``
+(:class:`fedlora_cli.aggregation.Mean`, through :meth:`fedlora_cli.aggregation.Contributions.weighted_mean`,
+also under a server optimiser) gets there in the fewest passes over the bytes, with every check the other
+strategies' reading makes:
 
 - the manifests and tensor headers are validated up front, by the same code (``read_updates``);
 - each update is memory-mapped (:func:`fedlora_cli.storage.mapped.map_tensors`), not copied out, and its
-  mapped header must still be the one validated;
+  mapped header must still be the one validated; bfloat16 and float16 tensors are widened to float32 exactly
+  (:func:`fedlora_cli.storage.mapped.widen`), one tensor at a time;
 - each tensor is visited once while its bytes are in the CPU's cache: its difference from what the client
   received and the squared norm of that (finite exactly when the tensor is: the NaN/Inf check), its weighted add
   into the running sum, then its digest against the manifest. The digest comes *after* the tensor's last use,
@@ -24,8 +23,9 @@ bytes:
   half in groups of four (on one core, 2026-12-01: 27 ms per update against 30 in pairs; 24 in groups of eight,
   which keep twice the pages mapped);
 - two threads share the tensor names, alternate names each. The sum of one name still runs over the clients in
-  their order, so the result does not depend on the threads or the grouping, and is bit-identical to the torch
-  path's (:mod:`fedlora_cli.aggregation.arrays`). When several updates are bad, the first one is named.
+  their order, so the result does not depend on the threads or the grouping, and is bit-identical to
+  :func:`fedlora_cli.aggregation.weighted_mean` over the same updates (:mod:`fedlora_cli.aggregation.arrays`).
+  When several updates are bad, the first one is named.
 
 Memory: the global's tensors, the running sum, and the pages of the group being averaged (the next group is
 mapped meanwhile, its pages touched only in its turn): flat in the number of clients.
@@ -47,19 +47,8 @@ from fedlora_cli.errors import FedloraError
 if TYPE_CHECKING:
     import numpy as np
 
-    from fedlora_cli.aggregation.strategy import Strategy
-
 _THREADS = 2  # the torch path used two as well: one read and hashed the next update while the other averaged
 _GROUP = 4  # updates visited together
-
-
-def applies(strategy: Strategy, dtypes: Sequence[str]) -> bool:
-    """Whether a round with this strategy over tensors of these safetensors dtypes (every one the round reads or
-    writes) is numpy's: the plain mean, unwrapped, over float32 and float64."""
-    from fedlora_cli.aggregation import Mean
-    from fedlora_cli.aggregation.arrays import DTYPES
-
-    return type(strategy) is Mean and all(dtype in DTYPES for dtype in dtypes)
 
 
 def weighted_mean(
@@ -70,8 +59,9 @@ def weighted_mean(
     """The mean of the updates' tensors under the norm bound, each update checked in full (digests, finite
     values, its header still ``expected``), renormalised over the kept weights when the bound rejected some.
 
-    ``reference`` holds what every client received (the global's values of the sent tensors); ``record`` is
-    told each update's weight and verdict, in order. Empty when every update was rejected.
+    ``reference`` holds what every client received (the global's values of the sent tensors, widened to float32
+    or float64); ``record`` is told each update's weight and verdict, in order. Empty when every update was
+    rejected. The sums are float32 (float64 for float64 tensors).
     """
     from fedlora_cli.aggregation.arrays import WeightedSum, scratch_buffers
     from fedlora_cli.storage.mapped import empty_like
@@ -164,15 +154,13 @@ class _Mapped:
 
     def __init__(self, update: storage.ClientUpdate, expected: Mapping[str, tuple[str, tuple[int, ...]]],
                  reference: Mapping[str, np.ndarray]) -> None:
-        import numpy as np
-
-        from fedlora_cli.storage.mapped import NUMPY_DTYPES, map_tensors
+        from fedlora_cli.storage.mapped import map_tensors, numpy_dtype
 
         self.update, self.reference = update, reference
         self.arrays = map_tensors(update.tensors_path, "client update tensors")
         self._where = f"client update tensors {update.tensors_path}"  # once: a path is slow to join and format
         same = set(self.arrays) == set(expected) and all(
-            self.arrays[n].dtype == np.dtype(NUMPY_DTYPES[dtype]) and self.arrays[n].shape == tuple(shape)
+            _same_dtype(self.arrays[n].dtype, numpy_dtype(dtype)) and self.arrays[n].shape == tuple(shape)
             for n, (dtype, shape) in expected.items()
         )
         if not same:
@@ -193,8 +181,9 @@ class _Mapped:
         """One tensor: its squared distance from the reference if ``measure`` (returned), its weighted add if
         ``add`` = (sums, weight, clip), then, if ``check``, its digest."""
         from fedlora_cli.aggregation.arrays import squared_distance
+        from fedlora_cli.storage.mapped import widen
 
-        t = self.arrays[name]
+        t = widen(self.arrays[name])
         squared = None
         if measure:
             squared = squared_distance(t, self.reference[name], buffers)
@@ -220,7 +209,14 @@ class _Mapped:
         only in float64, beyond 1e154, and is left to the norm bound.)"""
         import numpy as np
 
+        from fedlora_cli.storage.mapped import widen
+
         self._check_digest(name)
-        if not np.isfinite(self.arrays[name]).all():
+        if not np.isfinite(widen(self.arrays[name])).all():
             raise FedloraError(f"client update {self.update.path}: tensor '{name}' holds NaN or Inf")
 
+
+
+def _same_dtype(a: np.dtype, b: np.dtype) -> bool:
+    """Equal dtypes, bfloat16 told apart from uint16 (numpy's equality ignores the tag)."""
+    return a == b and a.metadata == b.metadata

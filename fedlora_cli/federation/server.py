@@ -2,12 +2,13 @@
 checkpoint, screen them (the norm bound), aggregate them with the recipe's strategy (wrapped by DP-FedAvg under
 server privacy), build the next global manifest, commit (the DP-FedAvg ledger), write the next global checkpoint.
 
-'mean' streams one client update at a time. When it is the plain mean (no DP-FedAvg, no server optimiser) over
-float32/float64 tensors, the screening and averaging are numpy's (:mod:`.numpy_round`), and the round never
-imports torch: the same checks, the same bits, at the speed of memory. Otherwise the updates are read as torch
-tensors: the layer-wise strategies (svd, exact, median, trimmed-mean) first check every update in full, one at
-a time, then read the tensors back one layer (svd, exact) or one tensor name (median, trimmed-mean) at a time,
-re-checking each tensor's digest as it is read.
+Every strategy runs on numpy, and the round never imports torch. Tensor files are read through one reader
+(:mod:`fedlora_cli.storage.mapped`); bfloat16 and float16 tensors are widened to float32 exactly, aggregated, and
+the results rounded back to the global checkpoint's dtype when they are written. The weighted mean (``mean``,
+also under a server optimiser) screens and averages each mapped update in one pass (:mod:`.numpy_round`). The
+others receive the updates screened one at a time, each checked in full (digests, finite values); DP-FedAvg
+streams them, and the layer-wise strategies (svd, exact, median, trimmed-mean) then read the tensors back one
+layer (svd, exact) or one tensor name (median, trimmed-mean) at a time, re-checking each tensor's digest.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from fedlora_cli.federation.sampling import asked as sampled_clients, sample_rat
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
 from fedlora_cli.storage.manifests import GlobalManifest
+from fedlora_cli.storage.mapped import Layout, narrow, read_layout, widen
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 
 @dataclass
@@ -125,12 +127,8 @@ def aggregate_round(
     weights = aggregation.client_weights(counts, uniform=f.weighting == "uniform")
     strategy.check_round(len(updates))
     screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress, len(updates))
-    arrays = _numpy_applies(strategy, g)
-    if arrays:
-        result = Aggregate(_numpy_mean(g, recipe, updates, weights, screen))
-    else:
-        result = strategy.aggregate(Contributions(screen.items(updates, weights)), _round_spec(g, recipe))
-    manifest, tensors, correction = _next_global(g, recipe, result, strategy, screen, updates, arrays)
+    result = strategy.aggregate(_RoundContributions(screen, updates, weights), _round_spec(g, screen))
+    manifest, tensors, correction = _next_global(g, recipe, result, strategy, screen, updates)
     adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
     strategy.commit()
     written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction,
@@ -168,29 +166,11 @@ def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: 
         release = {"round": g.manifest.round + 1, "parent_digest": g.manifest.digest, "out": str(out.resolve())}
         seed = noise_seed if noise_seed is not None else secrets.randbits(63)
         q = sample_rate(f)
-        strategy = DPFedAvg(strategy, sp, ledger, f.clients_per_round or f.clients, seed, release, q, f.clients)
+        strategy = DPFedAvg(inner=strategy, settings=sp, ledger=ledger, num_clients=f.clients_per_round or f.clients,
+                            seed=seed, release=release, sample_rate=q, population=f.clients)
     if f.server_optimizer in SERVER_OPTIMIZERS:
         strategy = SERVER_OPTIMIZERS[f.server_optimizer].around(strategy, f, g.verified_server_state)
     return strategy
-
-
-def _numpy_applies(strategy: Strategy, g: Global) -> bool:
-    """Whether numpy does this round (:func:`.numpy_round.applies`), judged on every tensor file it reads."""
-    dtypes = [dtype for dtype, _ in g.header.values()]
-    if g.manifest.correction_digests:
-        correction = storage.tensor_header(g.path / storage.CORRECTION_TENSORS, "global checkpoint correction")
-        dtypes += [dtype for dtype, _ in correction.values()]
-    return numpy_round.applies(strategy, dtypes)
-
-
-def _numpy_mean(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate], weights: Sequence[float],
-                screen: _Screen) -> dict[str, Any]:
-    """The plain mean's aggregate, by numpy; every client trains the global rank (only svd mixes ranks)."""
-    expected = _expected_tensors(g.header, g, recipe.adapter.r)
-    reference = {name: g.verified_arrays[name] for name in expected}
-    averaged = numpy_round.weighted_mean(updates, weights, reference, expected, screen.bound, screen.record)
-    screen.finish()
-    return averaged
 
 
 def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate]) -> None:
@@ -289,9 +269,12 @@ def _validate_update(update: storage.ClientUpdate, g: Global, expected: dict[str
         storage.digest_algorithm(digest, f"client update {where}: tensor '{name}'")
 
 
-def _load_checked(update: storage.ClientUpdate) -> dict[str, torch.Tensor]:
-    """A client update's tensors, refused if any does not match its manifest's digest or is not finite."""
-    tensors = storage.load_verified(update.tensors_path, update.manifest.tensor_digests, "client update tensors")
+def _load_checked(update: storage.ClientUpdate) -> dict[str, np.ndarray]:
+    """A client update's tensors (widened to float32 or float64), refused if any does not match its manifest's
+    digest or is not finite."""
+    read = storage.load_verified(update.tensors_path, update.manifest.tensor_digests, "client update tensors",
+                                 framework="numpy")
+    tensors = {name: widen(t) for name, t in read.items()}
     bad = aggregation.nonfinite(tensors)
     if bad is not None:
         raise FedloraError(f"client update {update.path}: tensor '{bad}' holds NaN or Inf")
@@ -300,7 +283,7 @@ def _load_checked(update: storage.ClientUpdate) -> dict[str, torch.Tensor]:
 
 def _checked_updates(
     updates: Sequence[storage.ClientUpdate], weights: Sequence[float]
-) -> Iterator[tuple[storage.ClientUpdate, dict[str, torch.Tensor], float]]:
+) -> Iterator[tuple[storage.ClientUpdate, dict[str, np.ndarray], float]]:
     """Each update's tensors, read and checked (finite, digests) before they are yielded.
 
     The next update is read and checked on a second thread while the caller works on this one (hashing and
@@ -318,42 +301,68 @@ def _checked_updates(
             del tensors
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Contribution:
     """A client update in the round (see :class:`fedlora_cli.aggregation.Contribution`), read back by name."""
 
     update: storage.ClientUpdate
     weight: float
     clip: float  # the norm bound's scale of its difference from ``reference`` (1: untouched)
-    reference: Mapping[str, torch.Tensor] | None  # what the client received, kept only when clipping needs it
-    tensors: Mapping[str, torch.Tensor] | None
+    reference: Mapping[str, np.ndarray] | None  # what the client received, kept only when clipping needs it
+    tensors: Mapping[str, np.ndarray] | None
+    layout: Layout | None = None  # the update's file, parsed on the first read back
 
     @property
     def client_id(self) -> str:
         return self.update.manifest.client_id
 
-    def get(self, name: str) -> torch.Tensor:
-        t = storage.read_tensor(self.update.tensors_path, name, "client update tensors")
+    def get(self, name: str) -> np.ndarray:
+        if self.layout is None:
+            self.layout = read_layout(self.update.tensors_path, "client update tensors")
+        t = self.layout.read(name) if name in self.layout.entries else None
         # Checked again as it is read: the file must still be the one screened in the first pass.
-        if not storage.digest_matches(t, self.update.manifest.tensor_digests[name]):
+        if t is None or not storage.digest_matches(t, self.update.manifest.tensor_digests[name]):
             raise FedloraError(f"client update {self.update.path}: tensor '{name}' changed while aggregating")
+        t = widen(t)
         if self.clip != 1.0:
             ref = self.reference[name]
-            t = (ref + (t - ref) * self.clip).to(t.dtype)
+            t = ref + (t - ref) * t.dtype.type(self.clip)
         return t
+
+
+class _RoundContributions(Contributions):
+    """The round's client updates as a strategy receives them: screened one at a time (:meth:`_Screen.items`),
+    or for the weighted mean screened and averaged in one pass over the mapped files (:mod:`.numpy_round`)."""
+
+    def __init__(self, screen: _Screen, updates: Sequence[storage.ClientUpdate], weights: Sequence[float]) -> None:
+        super().__init__(screen.items(updates, weights))
+        self._screen, self._updates, self._weights = screen, updates, weights
+
+    def weighted_mean(self) -> dict[str, np.ndarray]:
+        """Every client trains the global rank here (only svd mixes ranks), so each received the global."""
+        screen = self._screen
+        expected = _expected_tensors(screen.g.header, screen.g, screen.recipe.adapter.r)
+        reference = {name: screen.reference[name] for name in expected}
+        averaged = numpy_round.weighted_mean(self._updates, self._weights, reference, expected, screen.bound,
+                                             screen.record)
+        screen.finish()
+        return averaged
 
 
 class _Screen:
     """Reads each client update in turn (checked in full), measures how far it moved from what the client
     received, applies the norm bound, and keeps a :class:`ClientRow` for each (of ``total`` updates).
 
-    The numpy round (:mod:`.numpy_round`) screens by itself and hands its verdicts to :meth:`record`.
+    The numpy mean round (:mod:`.numpy_round`) screens by itself and hands its verdicts to :meth:`record`.
     """
 
     def __init__(self, g: Global, recipe: recipes.Recipe, bound: NormBound,
                  progress: Callable[[int, int], None] | None, total: int) -> None:
         self.g, self.recipe, self.bound, self.progress, self.total = g, recipe, bound, progress, total
         self.rows: list[ClientRow] = []
+        # The global's tensors widened as the updates are: what a client of the global rank received.
+        self.reference = {name: widen(t) for name, t in g.verified_arrays.items()}
+        self._by_rank: dict[int, dict[str, np.ndarray]] = {}
 
     def items(self, updates: Sequence[storage.ClientUpdate],
               weights: Sequence[float]) -> Iterator[tuple[_Contribution, bool]]:
@@ -362,8 +371,8 @@ class _Screen:
             verdict = self.bound.judge(tensors, reference)
             self.rows.append(self._row(update, weight, verdict))
             kept = self.bound.apply(tensors, reference, verdict)
-            yield _Contribution(update, weight, verdict.clip, reference if verdict.bound == CLIPPED else None,
-                                kept), verdict.bound != REJECTED
+            yield _Contribution(update=update, weight=weight, clip=verdict.clip, tensors=kept,
+                                reference=reference if verdict.bound == CLIPPED else None), verdict.bound != REJECTED
             self._advance()
         self.finish()
 
@@ -384,9 +393,11 @@ class _Screen:
         if self.progress is not None:
             self.progress(len(self.rows), self.total)
 
-    def _received(self, update: storage.ClientUpdate) -> dict[str, torch.Tensor]:
+    def _received(self, update: storage.ClientUpdate) -> dict[str, np.ndarray]:
         rank = self.recipe.adapter.rank_for(update.manifest.client_id)
-        received = received_tensors(self.recipe, self.g.verified_tensors, rank)
+        if rank not in self._by_rank:
+            self._by_rank[rank] = received_tensors(self.recipe, self.reference, rank)
+        received = self._by_rank[rank]
         return {name: received[name] for name in update.manifest.tensor_digests}
 
     def _row(self, update: storage.ClientUpdate, weight: float, verdict: Any) -> ClientRow:
@@ -396,33 +407,28 @@ class _Screen:
                          update.tensors_path.stat().st_size, m.loss, rank, verdict.bound)
 
 
-def _round_spec(g: Global, recipe: recipes.Recipe) -> RoundSpec:
+def _round_spec(g: Global, screen: _Screen) -> RoundSpec:
     sent = sorted(name for name in g.header if g.plan.sends(name))
-    tensors = g.verified_tensors
-    a = recipe.adapter
-    return RoundSpec(sent, g.plan.kind, a.alpha, a.r, a.rank_for, {name: tensors[name] for name in sent})
+    a = screen.recipe.adapter
+    return RoundSpec(sent, g.plan.kind, a.alpha, a.r, a.rank_for, {name: screen.reference[name] for name in sent})
 
 
 def _next_global(
     g: Global, recipe: recipes.Recipe, result: Aggregate, strategy: Strategy, screen: _Screen,
-    updates: Sequence[storage.ClientUpdate], arrays: bool = False,
-) -> tuple[GlobalManifest, dict[str, Any], dict[str, Any]]:
-    """The next global checkpoint's manifest, tensors and base-weight correction: torch tensors, or numpy arrays
-    when the round was numpy's (``arrays``)."""
-    if arrays:
-        from fedlora_cli.aggregation.arrays import nonfinite
-
-        parent, parent_correction = g.verified_arrays, g.verified_correction_arrays
-    else:
-        nonfinite, parent, parent_correction = aggregation.nonfinite, g.verified_tensors, g.verified_correction
-    bad = nonfinite(result.tensors)
+    updates: Sequence[storage.ClientUpdate],
+) -> tuple[GlobalManifest, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The next global checkpoint's manifest, tensors (rounded to the global's dtypes) and base-weight
+    correction."""
+    parent, parent_correction = g.verified_arrays, g.verified_correction_arrays
+    aggregated = {name: narrow(t, g.header[name][0]) for name, t in result.tensors.items()}
+    bad = aggregation.nonfinite(aggregated)
     if bad is not None:
         raise FedloraError(f"the aggregate of tensor '{bad}' is not finite (overflow in the client updates); nothing written")
     correction = dict(parent_correction)
     for layer, residual in result.residuals.items():
         previous = correction.get(layer)
-        correction[layer] = residual if previous is None else (previous.to(residual.dtype) + residual)
-    tensors = {**parent, **result.tensors}
+        correction[layer] = residual if previous is None else (previous.astype(residual.dtype) + residual)
+    tensors = {**parent, **aggregated}
     tensor_digests = next_digests(tensors, parent, g.manifest.tensor_digests)
     correction_digests = next_digests(correction, parent_correction, g.manifest.correction_digests)
     state_digests = digests(result.server_state)

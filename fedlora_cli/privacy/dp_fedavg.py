@@ -9,6 +9,10 @@ twice counts as two releases. Each global checkpoint's manifest also carries the
 Accounting composes the releases exactly as Gaussian releases with every client in every one
 (:func:`.accounting.server_epsilon`): a round's sample of clients is public (seeded by the recipe, recorded in
 the manifest), so no amplification by sampling is claimed, although the ledger records the rate q it asked at.
+
+All of it is numpy: the deltas are clipped in float32, the noise is drawn from numpy's ``Generator`` (PCG64)
+seeded with the round's noise seed (by default 63 bits from the OS's secure source, :func:`secrets.randbits`), as
+float32 normals, one tensor name at a time in name order. A given seed reproduces the round.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from fedlora_cli import aggregation
 from fedlora_cli.aggregation.strategy import Aggregate, Contributions, PrivacyRelease, RoundSpec, Strategy
 from fedlora_cli.errors import FedloraError
@@ -25,8 +31,6 @@ from fedlora_cli.privacy.accounting import server_epsilon
 from fedlora_cli.privacy.ledgers import ServerLedger, write_server_ledger
 
 if TYPE_CHECKING:
-    import torch
-
     from fedlora_cli.recipe import ServerPrivacySection
 
 
@@ -34,17 +38,17 @@ if TYPE_CHECKING:
 class _Delta:
     """A clipped delta as the wrapped strategy receives it."""
 
-    tensors: Mapping[str, torch.Tensor] | None
+    tensors: Mapping[str, np.ndarray] | None
     weight: float
     client_id: str = "delta"
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str) -> np.ndarray:
         raise FedloraError("DP-FedAvg wraps only strategies that stream (linear ones)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DPFedAvg(Strategy):
-    """DP-FedAvg around ``inner``, releasing into ``ledger``.
+    """DP-FedAvg around ``inner``, releasing into ``ledger``. Keyword-only: its counts and rates sit side by side.
 
     ``num_clients`` is the fixed denominator m: the expected number of clients a round asks (q N, all N when the
     federation does not sample). ``sample_rate`` is q, the Poisson rate at which each of the ``population``
@@ -90,7 +94,7 @@ class DPFedAvg(Strategy):
             )
 
     def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
-        def average(deltas: Iterable[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+        def average(deltas: Iterable[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
             inner = Contributions((_Delta(d, w), True) for d, w in deltas)
             return self.inner.aggregate(inner, spec).tensors
 
@@ -121,8 +125,8 @@ def dp_fedavg(
     noise_multiplier: float,
     num_clients: int,
     seed: int,
-    average: Callable[[Iterable[tuple[dict[str, torch.Tensor], float]]], dict[str, torch.Tensor]] | None = None,
-) -> dict[str, torch.Tensor]:
+    average: Callable[[Iterable[tuple[dict[str, np.ndarray], float]]], dict[str, np.ndarray]] | None = None,
+) -> dict[str, np.ndarray]:
     """DP-FedAvg around :func:`aggregation.weighted_mean`: clip each update's delta, average equally, add noise.
 
     The client weights in ``updates`` are ignored: DP-FedAvg's sensitivity bound C / m needs equal weights.
@@ -130,19 +134,20 @@ def dp_fedavg(
     still divided by m, which keeps the sensitivity at C / m. ``average`` (default
     :func:`aggregation.weighted_mean`) sums the weighted clipped deltas: the wrapped strategy's linear mean.
     """
-    import torch
 
-    def clipped_deltas() -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    def clipped_deltas() -> Iterator[tuple[dict[str, np.ndarray], float]]:
         for tensors, _ in updates:
             yield aggregation.clipped_delta(tensors, reference, clip), 1.0 / num_clients
 
     # The mean is taken over the deltas, so that with fewer than m updates the reference is not shrunk with them.
     mean_delta = (average or aggregation.weighted_mean)(clipped_deltas())
-    generator = torch.Generator().manual_seed(seed)
-    std = noise_multiplier * clip / num_clients
+    generator = np.random.default_rng(seed)
+    std = np.float32(noise_multiplier * clip / num_clients)
     result = {}
     for name, d in sorted(mean_delta.items()):
         if noise_multiplier != 0:
-            d = d + torch.normal(0.0, std, size=d.shape, generator=generator, dtype=torch.float32)
-        result[name] = (reference[name].float() + d).to(reference[name].dtype)
+            d = d + generator.standard_normal(d.shape, dtype=np.float32) * std
+        ref = reference[name]
+        # In float32 (float64 references too), then back to the reference's dtype, as the delta was taken.
+        result[name] = (ref.astype(np.float32) + d).astype(aggregation.accumulator_dtype(ref.dtype))
     return result

@@ -96,13 +96,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor] | Mapping[str, np.ndarray]) -> int:
-    """Write tensors (torch tensors, or numpy arrays: the same file either way) as safetensors; returns the file
-    size in bytes."""
+    """Write tensors (torch tensors, or numpy arrays: the same file either way, a :data:`.mapped.BF16` array as
+    bfloat16) as safetensors; returns the file size in bytes."""
     if is_arrays(tensors):
-        import numpy as np
-        from safetensors.numpy import save_file as save_arrays
-
-        save_arrays({name: np.ascontiguousarray(a) for name, a in tensors.items()}, str(path))
+        _save_arrays(path, tensors)
     else:
         from safetensors.torch import save_file
 
@@ -110,8 +107,25 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor] | Mapping[str, 
     return path.stat().st_size
 
 
+def _save_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """safetensors.numpy.save_file, but naming each dtype as :func:`.mapped.dtype_name` does (numpy has no
+    bfloat16 of its own)."""
+    import numpy as np
+    import safetensors
+
+    from fedlora_cli.storage.mapped import dtype_name
+
+    held = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+    if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.8 takes the arrays' memory as it is
+        specs = {name: safetensors.TensorSpec(dtype=dtype_name(a), shape=a.shape, data_ptr=a.ctypes.data,
+                                              data_len=a.nbytes) for name, a in held.items()}
+    else:
+        specs = {name: {"dtype": dtype_name(a), "shape": a.shape, "data": a.tobytes()} for name, a in held.items()}
+    safetensors.serialize_file(specs, str(path), metadata=None)
+
+
 def is_arrays(tensors: Mapping[str, Any]) -> bool:
-    """Whether a dict of tensors holds numpy arrays (the mean path's) rather than torch tensors; an empty dict
+    """Whether a dict of tensors holds numpy arrays (the coordinator's) rather than torch tensors; an empty dict
     holds neither and counts as torch."""
     import numpy as np
 
@@ -119,17 +133,31 @@ def is_arrays(tensors: Mapping[str, Any]) -> bool:
 
 
 def as_arrays(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """CPU torch tensors as numpy arrays over the same memory: no copy, and no second digest check."""
-    return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+    """CPU torch tensors as numpy arrays over the same memory (bfloat16 as :data:`.mapped.BF16` arrays of its
+    bits): no copy, and no second digest check."""
+    import torch
+
+    from fedlora_cli.storage.mapped import BF16
+
+    def array(t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu()
+        return t.view(torch.int16).numpy().view(BF16) if t.dtype == torch.bfloat16 else t.numpy()
+
+    return {name: array(t) for name, t in tensors.items()}
 
 
 def as_tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Numpy arrays as torch tensors over the same memory: no copy, and no second digest check."""
+    """Numpy arrays as torch tensors over the same memory (a :data:`.mapped.BF16` array as bfloat16): no copy,
+    and no second digest check."""
     if not arrays:
         return {}
+    import numpy as np
     import torch
 
-    return {name: torch.from_numpy(a) for name, a in arrays.items()}
+    from fedlora_cli.storage.mapped import is_bf16
+
+    return {name: torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if is_bf16(a) else torch.from_numpy(a)
+            for name, a in arrays.items()}
 
 
 def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -216,8 +244,15 @@ def _hex_digest(tensor: torch.Tensor | np.ndarray, algorithm: str) -> str:
 
     if isinstance(tensor, np.ndarray):
         # Named as torch names the dtype ('torch.float32'), so an array and the tensor of the same bytes have one
-        # digest, whichever library read them. (Kept per dtype: numpy works out a dtype's name anew each time.)
-        dtype = _TORCH_NAMES.get(tensor.dtype) or _TORCH_NAMES.setdefault(tensor.dtype, f"torch.{tensor.dtype.name}")
+        # digest, whichever library read them. (Kept per dtype: numpy works out a dtype's name anew each time. A
+        # bfloat16 array equals uint16 as a dtype, so it is looked up by its name, not by the dtype.)
+        dtype = _TORCH_NAMES.get(tensor.dtype) if tensor.dtype.metadata is None else None
+        if dtype is None:
+            from fedlora_cli.storage.mapped import dtype_name
+
+            dtype = f"torch.{dtype_name(tensor)}"
+            if tensor.dtype.metadata is None:
+                _TORCH_NAMES[tensor.dtype] = dtype
         shape = tuple(tensor.shape)
         data = np.ascontiguousarray(tensor).reshape(-1).view(np.uint8)  # no copy for a contiguous array
     else:

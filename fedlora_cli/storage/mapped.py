@@ -1,11 +1,21 @@
-"""A safetensors file as numpy arrays over its memory map: no copy out of the page cache.
+"""A safetensors file as numpy arrays over its memory map: the coordinator's one reader of tensors.
 
-The coordinator's mean round (:mod:`fedlora_cli.federation.numpy_round`) reads each client update this way, so
-the only pass over an update's bytes is the one that averages them (and the digest that checks them). The
-format is parsed here, not by the safetensors library, because the library hands numpy a copy of every tensor;
-the parse is as strict as the library's: an 8-byte little-endian header length, a JSON header of names,
-dtypes, shapes and byte offsets that must tile the data exactly (no gaps, no overlaps, nothing after the last
-tensor). Nothing is unpickled, and a file that is not this is a :class:`FedloraError`.
+The coordinator (``fedlora aggregate``: :mod:`fedlora_cli.federation.server`, :mod:`fedlora_cli.federation.numpy_round`)
+reads every tensor file through here: the global checkpoint (:func:`fedlora_cli.storage.load_verified` with
+``framework="numpy"``), each client update, its server state. Why not the safetensors library's own numpy reader
+(``safe_open(path, framework="numpy")``), measured on this project's 2-core machine (2026-12-07, a 67 MB
+LLaMA-7B-shaped update, page cache warm, benchmarks/results/RESULTS.md):
+
+- it copies every tensor out of the page cache into a new array; the mean round's only pass over an update's
+  bytes is the one that averages them (and the digest that checks them), over the mapped pages;
+- it refuses bfloat16, the dtype LLM adapters are most often trained in: numpy has no bfloat16. Here a bfloat16
+  tensor is an array of its raw 16-bit patterns with the dtype :data:`BF16` (uint16, tagged), which
+  :func:`widen` turns into float32 exactly (the bits shifted left by 16) and :func:`narrow` rounds back to, the
+  nearest even as torch rounds; its digest and the file written from it name it bfloat16, as torch's do.
+
+The format is parsed as strictly as the library parses it: an 8-byte little-endian header length, a JSON header of
+names, dtypes, shapes and byte offsets that must tile the data exactly (no gaps, no overlaps, nothing after the
+last tensor). Nothing is unpickled, and a file that is not this is a :class:`FedloraError`.
 
 The arrays are read-only views of the file as it is on disk *while they are read*: a caller that must know the
 bytes it used are the ones the manifest describes checks each tensor's digest after its last use of it, so a
@@ -17,18 +27,22 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from fedlora_cli.errors import FedloraError
 
-if TYPE_CHECKING:
-    import numpy as np
-
-# safetensors' dtype codes that numpy holds as they are stored (little-endian).
-NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-                "U8": "u1", "BOOL": "?"}
+# bfloat16 as numpy holds it: its 16-bit patterns, as uint16 tagged so that digests, files and widen() know it.
+BF16 = np.dtype(np.uint16, metadata={"safetensors": "BF16"})
+# safetensors' dtype codes that numpy holds as they are stored (little-endian); bfloat16 as its raw bits.
+_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": BF16,
+           "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+           "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
 # The safetensors library's own limit on the header (100 MB): a larger length field is a corrupted file.
 _MAX_HEADER = 100_000_000
 
@@ -37,12 +51,27 @@ class _Malformed(ValueError):
     """What is wrong with a file that is not safetensors; reported as a :class:`FedloraError`."""
 
 
-def map_tensors(path: Path, what: str) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, as a read-only numpy array over the file's memory map (unchecked
-    against any digest: that is the caller's job). Tensors of a dtype numpy does not hold (bfloat16, float8) are
-    refused."""
-    import numpy as np
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor of a safetensors file lies: its header, parsed and checked once."""
 
+    path: Path
+    start: int  # the first byte of the data, after the header
+    entries: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> (dtype code, shape, begin, end) in the data
+
+    def read(self, name: str) -> np.ndarray | None:
+        """One tensor, read (copied) from the file at its offsets: no mapping is held, so no page of the file
+        stays resident in this process. None when the file no longer holds those bytes."""
+        code, shape, begin, end = self.entries[name]
+        with open(self.path, "rb") as handle:
+            data = os.pread(handle.fileno(), end - begin, self.start + begin)
+        if len(data) != end - begin:
+            return None
+        return np.frombuffer(data, numpy_dtype(code)).reshape(shape)
+
+
+def read_layout(path: Path, what: str) -> Layout:
+    """The layout of a safetensors file, every field checked (the tensors must tile the data exactly)."""
     path = Path(path)
     if not path.is_file():
         raise FedloraError(f"{what} not found: {path}")
@@ -51,32 +80,48 @@ def map_tensors(path: Path, what: str) -> dict[str, np.ndarray]:
             size = handle.seek(0, 2)
             if size < 8:
                 raise _Malformed(f"{size} bytes, shorter than a header")
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        header_size = int.from_bytes(mapped[:8], "little")
-        if header_size > min(_MAX_HEADER, size - 8):
-            raise _Malformed(f"header length {header_size} does not fit in the file")
-        entries = _entries(mapped[8:8 + header_size])
-        start, data_size = 8 + header_size, size - 8 - header_size
-        arrays = {}
-        end = 0
-        for name, (dtype, shape, begin, stop) in sorted(entries.items(), key=lambda e: e[1][2:]):
-            if begin != end:
-                raise _Malformed(f"tensor '{name}' starts at byte {begin}, not {end}: the data has a gap or an overlap")
-            dt = np.dtype(NUMPY_DTYPES[dtype])
-            if stop > data_size:
-                raise _Malformed(f"tensor '{name}' ends at byte {stop}, past the end of the data ({data_size})")
-            if stop - begin != math.prod(shape) * dt.itemsize:
-                raise _Malformed(f"tensor '{name}' has {stop - begin} bytes for {dtype}{shape}")
-            arrays[name] = np.frombuffer(mapped, dt, math.prod(shape), start + begin).reshape(shape)
-            end = stop
-        if end != data_size:
-            raise _Malformed(f"{data_size - end} bytes after the last tensor")
+            handle.seek(0)
+            header_size = int.from_bytes(handle.read(8), "little")
+            if header_size > min(_MAX_HEADER, size - 8):
+                raise _Malformed(f"header length {header_size} does not fit in the file")
+            entries = _entries(handle.read(header_size))
+        _check_tiling(entries, size - 8 - header_size)
     except (OSError, _Malformed) as exc:
         raise FedloraError(f"{what} {path} is not a readable safetensors file ({exc})") from None
-    return arrays
+    return Layout(path, 8 + header_size, entries)
 
 
-def _entries(raw: bytes) -> dict[str, tuple[str, list[int], int, int]]:
+def _check_tiling(entries: Mapping[str, tuple[str, tuple[int, ...], int, int]], data_size: int) -> None:
+    end = 0
+    for name, (dtype, shape, begin, stop) in sorted(entries.items(), key=lambda e: e[1][2:]):
+        if begin != end:
+            raise _Malformed(f"tensor '{name}' starts at byte {begin}, not {end}: the data has a gap or an overlap")
+        if stop > data_size:
+            raise _Malformed(f"tensor '{name}' ends at byte {stop}, past the end of the data ({data_size})")
+        if stop - begin != math.prod(shape) * numpy_dtype(dtype).itemsize:
+            raise _Malformed(f"tensor '{name}' has {stop - begin} bytes for {dtype}{list(shape)}")
+        end = stop
+    if end != data_size:
+        raise _Malformed(f"{data_size - end} bytes after the last tensor")
+
+
+def map_tensors(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, as a read-only numpy array over the file's memory map (unchecked
+    against any digest: that is the caller's job). bfloat16 tensors are :data:`BF16` arrays of their bits; other
+    dtypes numpy does not hold (float8) are refused."""
+    layout = read_layout(path, what)
+    try:
+        with open(layout.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:
+        raise FedloraError(f"{what} {layout.path} is not a readable safetensors file ({exc})") from None
+    if len(mapped) != layout.start + sum(e[3] - e[2] for e in layout.entries.values()):
+        raise FedloraError(f"{what} {layout.path} changed while it was read")
+    return {name: np.frombuffer(mapped, numpy_dtype(code), math.prod(shape), layout.start + begin).reshape(shape)
+            for name, (code, shape, begin, _) in layout.entries.items()}
+
+
+def _entries(raw: bytes) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """name -> (dtype, shape, begin, end) from a safetensors header, every field checked."""
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -91,14 +136,14 @@ def _entries(raw: bytes) -> dict[str, tuple[str, list[int], int, int]]:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _Malformed(f"tensor '{name}' has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in NUMPY_DTYPES:
+        if dtype not in _DTYPES:
             raise _Malformed(f"tensor '{name}' has dtype {dtype!r:.20}, which numpy does not hold")
         if not isinstance(shape, list) or not all(_natural(n) for n in shape):
             raise _Malformed(f"tensor '{name}' has a malformed shape")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(n) for n in offsets) \
                 or offsets[0] > offsets[1]:
             raise _Malformed(f"tensor '{name}' has malformed data offsets")
-        entries[name] = (dtype, shape, offsets[0], offsets[1])
+        entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
     return entries
 
 
@@ -110,8 +155,6 @@ def empty_like(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Uninitialised writable arrays of the same names, dtypes and shapes, carved out of one allocation: large
     enough for the kernel to back it with huge pages, where an allocation per tensor costs more in page faults
     than filling it does."""
-    import numpy as np
-
     offsets, size = {}, 0
     for name, a in arrays.items():
         offsets[name] = size
@@ -119,3 +162,40 @@ def empty_like(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     block = np.empty(size, np.uint8)
     return {name: block[offset:offset + arrays[name].nbytes].view(arrays[name].dtype).reshape(arrays[name].shape)
             for name, offset in offsets.items()}
+
+
+def numpy_dtype(code: str) -> np.dtype:
+    """The numpy dtype of a safetensors dtype code: :data:`BF16` for "BF16"."""
+    return _DTYPES[code]
+
+
+def is_bf16(array: np.ndarray) -> bool:
+    metadata = array.dtype.metadata
+    return metadata is not None and metadata.get("safetensors") == "BF16"
+
+
+def dtype_name(array: np.ndarray) -> str:
+    """The dtype's name as torch and safetensors spell it ('float32', 'bfloat16')."""
+    return "bfloat16" if is_bf16(array) else array.dtype.name
+
+
+def widen(array: np.ndarray) -> np.ndarray:
+    """A tensor in the dtype aggregation computes in, exactly: bfloat16 and float16 as float32 (a new array),
+    float32 and float64 as they are (the same array)."""
+    if is_bf16(array):
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    return array
+
+
+def narrow(array: np.ndarray, code: str) -> np.ndarray:
+    """A float32 or float64 array rounded to the safetensors dtype ``code`` (to nearest, ties to even, as torch
+    rounds; a NaN stays a NaN), or the same array when it is of that dtype already."""
+    if code != "BF16":
+        return array.astype(numpy_dtype(code), copy=False)
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(array)
+    rounded[nan] = (bits[nan] >> 16).astype(np.uint16) | 0x0040  # quiet, whatever the rounding would carry into
+    return rounded.view(numpy_dtype("BF16"))

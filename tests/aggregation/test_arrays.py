@@ -1,5 +1,6 @@
-"""fedlora_cli.aggregation.arrays: the mean's arithmetic over numpy arrays, bit for bit the torch path's
-(weighted_mean, clip_to_norm, Mean's renormalisation), and the norms both paths measure with."""
+"""fedlora_cli.aggregation.arrays: the mean's arithmetic over numpy arrays, bit for bit the torch backend's it
+replaced (its weighted_mean, clip_to_norm and Mean's renormalisation, restated here in torch as the reference), and
+the norms every strategy measures with."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from fedlora_cli import aggregation
 from fedlora_cli.aggregation.arrays import WeightedSum, as_array, nonfinite, scratch_buffers, squared_distance
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.storage.mapped import narrow
 
 # Weights that are not exact in float32 (or binary at all), as example counts give them.
 WEIGHTS = aggregation.client_weights([137, 1009, 4, 77])
@@ -24,7 +26,23 @@ def random_updates(dtype: torch.dtype, seed: int = 0) -> list[dict[str, torch.Te
 
 
 def bits(t: torch.Tensor | np.ndarray) -> bytes:
-    return np.ascontiguousarray(as_array(t)).tobytes()
+    return np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t).tobytes()
+
+
+def torch_weighted_mean(updates) -> dict[str, torch.Tensor]:
+    """The torch backend's weighted mean, as it was: each update weighted in its dtype, then added."""
+    total: dict[str, torch.Tensor] = {}
+    for tensors, weight in updates:
+        for name, t in tensors.items():
+            if name in total:
+                total[name].add_(t * weight)
+            else:
+                total[name] = t * weight
+    return total
+
+
+def arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: t.numpy() for n, t in tensors.items()}
 
 
 @pytest.mark.parametrize("room", [False, True], ids=["own arrays", "room given"])
@@ -38,9 +56,11 @@ def test_the_weighted_sum_is_the_torch_weighted_mean_bit_for_bit(dtype, room):
     for update, w in zip(updates, WEIGHTS):
         for name, t in update.items():
             sums.add(name, t.numpy(), w, buffers)
-    expected = aggregation.weighted_mean(zip(updates, WEIGHTS))
+    expected = torch_weighted_mean(zip(updates, WEIGHTS))
 
     assert set(sums.tensors) == set(expected)
+    by_function = aggregation.weighted_mean(zip(map(arrays, updates), WEIGHTS))
+    assert all(bits(by_function[n]) == bits(expected[n]) for n in expected)
     assert all(sums.tensors[n].dtype == expected[n].numpy().dtype for n in expected)
     assert all(bits(sums.tensors[n]) == bits(expected[n]) for n in expected)
     assert all(sums.tensors[n] is given[n] for n in expected) if room else True
@@ -63,7 +83,7 @@ def test_clipped_and_renormalised_sums_are_the_torch_paths_bit_for_bit(dtype):
     # The torch path: Mean over NormBound.apply's clipped updates, renormalised over the kept weights.
     clipped = [u if c == 1.0 else {n: (reference[n] + (t - reference[n]) * c).to(t.dtype) for n, t in u.items()}
                for u, c in zip(updates, clips)]
-    expected = {n: t / sum(WEIGHTS[:3]) for n, t in aggregation.weighted_mean(zip(clipped, WEIGHTS)).items()}
+    expected = {n: t / sum(WEIGHTS[:3]) for n, t in torch_weighted_mean(zip(clipped, WEIGHTS)).items()}
 
     assert all(bits(sums.tensors[n]) == bits(expected[n]) for n in expected)
 
@@ -87,16 +107,16 @@ def test_a_sum_refuses_another_shape_or_dtype():
         sums.add("w", np.ones(3, np.float64), 0.5)
 
 
-def test_squared_distance_is_the_same_for_tensors_and_arrays():
+def test_squared_distance_is_the_same_with_or_without_buffers():
     update, reference = random_updates(torch.float32)[:2]
 
     for name in update:
-        by_tensor = squared_distance(update[name], reference[name])
+        unbuffered = squared_distance(update[name].numpy(), reference[name].numpy())
         buffers = scratch_buffers({n: t.numpy() for n, t in reference.items()})
         by_array = squared_distance(update[name].numpy(), reference[name].numpy(), buffers)
         exact = float(((update[name].double() - reference[name].double()) ** 2).sum())
-        assert by_tensor == by_array and by_tensor == pytest.approx(exact, rel=1e-5)
-    assert aggregation.update_norm(update, reference) == math.sqrt(
+        assert unbuffered == by_array and unbuffered == pytest.approx(exact, rel=1e-5)
+    assert aggregation.update_norm(arrays(update), arrays(reference)) == math.sqrt(
         sum(squared_distance(update[n].numpy(), reference[n].numpy()) for n in sorted(update)))
 
 
@@ -105,7 +125,8 @@ def test_squared_distance_is_finite_exactly_when_both_tensors_are():
     assert squared_distance(big, -big) == pytest.approx(4 * (3e38**2 + 1))
     for bad in (np.nan, np.inf, -np.inf):
         assert not math.isfinite(squared_distance(np.array([1.0, bad], dtype=np.float32), np.zeros(2, np.float32)))
-    assert squared_distance(torch.ones(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16)) == 3.0
+    ones, zeros = (narrow(np.full(3, v, np.float32), "BF16") for v in (1.0, 0.0))  # bfloat16, as read
+    assert squared_distance(ones, zeros) == 3.0 and as_array(ones).dtype == np.float32
 
 
 def test_nonfinite_names_the_first_array_with_nan_or_inf():

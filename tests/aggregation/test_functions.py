@@ -1,38 +1,57 @@
-"""fedlora_cli.aggregation.functions: the aggregation math on hand-made tensors (Prepare / Execute / Assert)."""
+"""fedlora_cli.aggregation.functions: the aggregation math on hand-made numpy arrays (Prepare / Execute / Assert)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fedlora_cli import aggregation
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.storage.mapped import narrow, widen
+
+
+def tensor(values, dtype=np.float32) -> np.ndarray:
+    return np.array(values, dtype=dtype)
+
+
+def assert_close(actual: np.ndarray, expected, rtol: float = 1.3e-6, atol: float = 1e-5) -> None:
+    """torch.testing.assert_close's float32 defaults (and its dtype check), for arrays."""
+    expected = np.asarray(expected)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
 
 
 def test_weighted_mean_matches_hand_computation():
-    a = {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([[0.0, 4.0]])}
-    b = {"x": torch.tensor([3.0, 6.0]), "y": torch.tensor([[2.0, 0.0]])}
+    a = {"x": tensor([1.0, 2.0]), "y": tensor([[0.0, 4.0]])}
+    b = {"x": tensor([3.0, 6.0]), "y": tensor([[2.0, 0.0]])}
     weights = aggregation.client_weights([1, 3])
 
     result = aggregation.weighted_mean(iter([(a, weights[0]), (b, weights[1])]))
 
     assert weights == [0.25, 0.75]
-    torch.testing.assert_close(result["x"], torch.tensor([0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 6]))
-    torch.testing.assert_close(result["y"], torch.tensor([[1.5, 1.0]]))
+    assert_close(result["x"], tensor([0.25 * 1 + 0.75 * 3, 0.25 * 2 + 0.75 * 6]))
+    assert_close(result["y"], tensor([[1.5, 1.0]]))
 
 
 def test_weighted_mean_keeps_dtype_and_sums_low_precision_in_float32():
-    a = {"w": torch.full((4,), 1.0, dtype=torch.bfloat16)}
+    stored = narrow(np.full(4, 1.0, np.float32), "BF16")  # a bfloat16 tensor as the coordinator reads it
+    a = {"w": widen(stored)}
     result = aggregation.weighted_mean([(a, 0.5), (a, 0.5)])
-    assert result["w"].dtype == torch.bfloat16
-    assert torch.equal(result["w"], a["w"])
+    assert result["w"].dtype == np.float32
+    assert np.array_equal(narrow(result["w"], "BF16"), stored)
+    assert aggregation.weighted_mean([({"w": np.ones(2)}, 0.5)])["w"].dtype == np.float64
 
 
 def test_identical_updates_are_a_fixed_point():
-    t = {"w": torch.randn(5, 3, generator=torch.Generator().manual_seed(0))}
+    t = {"w": rng(0).standard_normal((5, 3), dtype=np.float32)}
     weights = aggregation.client_weights([7, 1, 100])
     result = aggregation.weighted_mean((t, w) for w in weights)
-    torch.testing.assert_close(result["w"], t["w"])
+    assert_close(result["w"], t["w"])
 
 
 def test_uniform_weights():
@@ -48,7 +67,7 @@ def test_consumes_one_update_at_a_time():
             if k == 2:
                 raise FedloraError("third update is bad")
             fed.append(k)
-            yield {"w": torch.ones(2) * k}, 0.5
+            yield {"w": np.ones(2, np.float32) * k}, 0.5
 
     with pytest.raises(FedloraError, match="third"):
         aggregation.weighted_mean(stream())
@@ -58,14 +77,14 @@ def test_consumes_one_update_at_a_time():
 @pytest.mark.parametrize(
     "second, message",
     [
-        ({"v": torch.ones(2)}, "names"),
-        ({"w": torch.ones(3)}, "shape"),
-        ({"w": torch.ones(2, dtype=torch.float64)}, "dtype"),
+        ({"v": np.ones(2, np.float32)}, "names"),
+        ({"w": np.ones(3, np.float32)}, "shape"),
+        ({"w": np.ones(2, np.float64)}, "dtype"),
     ],
 )
 def test_mismatched_updates_are_rejected(second, message):
     with pytest.raises(FedloraError, match=message):
-        aggregation.weighted_mean([({"w": torch.ones(2)}, 0.5), (second, 0.5)])
+        aggregation.weighted_mean([({"w": np.ones(2, np.float32)}, 0.5), (second, 0.5)])
 
 
 def test_no_updates_or_bad_counts():
@@ -78,38 +97,40 @@ def test_no_updates_or_bad_counts():
 
 
 def test_update_norm_and_nonfinite():
-    ref = {"w": torch.zeros(2), "v": torch.ones(1)}
-    assert aggregation.update_norm({"w": torch.tensor([3.0, 4.0])}, ref) == pytest.approx(5.0)
-    assert aggregation.nonfinite({"w": torch.tensor([1.0, float("nan")])}) == "w"
-    assert aggregation.nonfinite({"w": torch.tensor([1.0, float("-inf")])}) == "w"
+    ref = {"w": np.zeros(2, np.float32), "v": np.ones(1, np.float32)}
+    assert aggregation.update_norm({"w": tensor([3.0, 4.0])}, ref) == pytest.approx(5.0)
+    assert aggregation.nonfinite({"w": tensor([1.0, float("nan")])}) == "w"
+    assert aggregation.nonfinite({"w": tensor([1.0, float("-inf")])}) == "w"
     assert aggregation.nonfinite(ref) is None
     # Finite values whose float32 sum overflows are still finite.
+    assert aggregation.nonfinite({"w": tensor([3e38, 3e38, -1.0])}) is None
+    assert aggregation.nonfinite({"w": tensor([3e38, 3e38, float("inf")])}) == "w"
+    # A client checks its torch tensors with the same function before it sends them.
+    assert aggregation.nonfinite({"w": torch.tensor([1.0, float("nan")])}) == "w"
     assert aggregation.nonfinite({"w": torch.tensor([3e38, 3e38, -1.0])}) is None
-    assert aggregation.nonfinite({"w": torch.tensor([3e38, 3e38, float("inf")])}) == "w"
 
 
 # Robust statistics -----------------------------------------------------------------------------------------
 
 
 def test_median_matches_hand_computation():
-    values = [torch.tensor([1.0, 9.0, -2.0]), torch.tensor([3.0, 5.0, 0.0]), torch.tensor([2.0, 7.0, 4.0])]
+    values = [tensor([1.0, 9.0, -2.0]), tensor([3.0, 5.0, 0.0]), tensor([2.0, 7.0, 4.0])]
 
     odd = aggregation.coordinate_median(values)
-    even = aggregation.coordinate_median([*values, torch.tensor([10.0, 6.0, 1.0])])
+    even = aggregation.coordinate_median([*values, tensor([10.0, 6.0, 1.0])])
 
-    torch.testing.assert_close(odd, torch.tensor([2.0, 7.0, 0.0]))
+    assert_close(odd, tensor([2.0, 7.0, 0.0]))
     # Four values: the mean of the two middle ones, coordinate by coordinate.
-    torch.testing.assert_close(even, torch.tensor([(2.0 + 3.0) / 2, (6.0 + 7.0) / 2, (0.0 + 1.0) / 2]))
+    assert_close(even, tensor([(2.0 + 3.0) / 2, (6.0 + 7.0) / 2, (0.0 + 1.0) / 2]))
 
 
 def test_trimmed_mean_matches_hand_computation():
-    values = [torch.tensor([1.0, 100.0]), torch.tensor([2.0, -50.0]), torch.tensor([3.0, 4.0]),
-              torch.tensor([4.0, 6.0]), torch.tensor([50.0, 5.0])]
+    values = [tensor([1.0, 100.0]), tensor([2.0, -50.0]), tensor([3.0, 4.0]), tensor([4.0, 6.0]), tensor([50.0, 5.0])]
 
     result = aggregation.trimmed_mean(values, trim=1)
 
     # Drop the smallest and largest per coordinate: [2, 3, 4] and [4, 5, 6].
-    torch.testing.assert_close(result, torch.tensor([3.0, 5.0]))
+    assert_close(result, tensor([3.0, 5.0]))
     assert aggregation.trim_count(0.2, 5) == 1
     assert aggregation.trim_count(0.25, 8) == 2
     with pytest.raises(FedloraError, match="drops none"):
@@ -118,9 +139,9 @@ def test_trimmed_mean_matches_hand_computation():
 
 @pytest.mark.parametrize("statistic", ["median", "trimmed-mean"])
 def test_one_poisoned_client_stays_within_the_honest_range(statistic):
-    generator = torch.Generator().manual_seed(3)
-    honest = [torch.randn(6, 5, generator=generator) * 0.1 for _ in range(4)]
-    poisoned = torch.full((6, 5), 1e6)
+    generator = rng(3)
+    honest = [generator.standard_normal((6, 5), dtype=np.float32) * np.float32(0.1) for _ in range(4)]
+    poisoned = np.full((6, 5), 1e6, np.float32)
     values = [honest[0], honest[1], poisoned, honest[2], honest[3]]
 
     if statistic == "median":
@@ -128,8 +149,7 @@ def test_one_poisoned_client_stays_within_the_honest_range(statistic):
     else:
         result = aggregation.trimmed_mean(values, aggregation.trim_count(0.2, len(values)))
 
-    low = torch.stack(honest).min(dim=0).values
-    high = torch.stack(honest).max(dim=0).values
+    low, high = np.stack(honest).min(axis=0), np.stack(honest).max(axis=0)
     assert bool(((result >= low) & (result <= high)).all())
     # The plain mean is dragged far out: the test would fail without a robust statistic.
     mean = aggregation.weighted_mean(({"w": v}, 0.2) for v in values)["w"]
@@ -137,28 +157,32 @@ def test_one_poisoned_client_stays_within_the_honest_range(statistic):
 
 
 def test_clip_to_norm_scales_the_difference_only():
-    ref = {"w": torch.tensor([1.0, 1.0]), "v": torch.tensor([0.0])}
-    update = {"w": torch.tensor([4.0, 5.0]), "v": torch.tensor([0.0])}  # difference (3, 4, 0): norm 5
+    ref = {"w": tensor([1.0, 1.0]), "v": tensor([0.0])}
+    update = {"w": tensor([4.0, 5.0]), "v": tensor([0.0])}  # difference (3, 4, 0): norm 5
 
     clipped = aggregation.clip_to_norm(update, ref, 1.0)
     untouched = aggregation.clip_to_norm(update, ref, 10.0)
 
-    torch.testing.assert_close(clipped["w"], torch.tensor([1.6, 1.8]))
+    assert_close(clipped["w"], tensor([1.6, 1.8]))
     assert aggregation.update_norm(clipped, ref) == pytest.approx(1.0)
-    assert all(torch.equal(untouched[n], update[n]) for n in update)
+    assert all(np.array_equal(untouched[n], update[n]) for n in update)
 
 
 # Products B A: svd (FlexLoRA) and exact (FedEx-LoRA) ---------------------------------------------------------
 
 
-def factors(seed: int, rank: int, d: int = 7, k: int = 5, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rank, k, generator=g, dtype=dtype), torch.randn(d, rank, generator=g, dtype=dtype)
+def factors(seed: int, rank: int, d: int = 7, k: int = 5, dtype=np.float64):
+    g = rng(seed)
+    return g.standard_normal((rank, k)).astype(dtype), g.standard_normal((d, rank)).astype(dtype)
 
 
 def weighted_product(clients, weights, scales):
     """sum_k p_k s_k B_k A_k, computed directly."""
-    return sum(w * s * (b.double() @ a.double()) for (a, b), w, s in zip(clients, weights, scales))
+    return sum(w * s * (b.astype(np.float64) @ a.astype(np.float64)) for (a, b), w, s in zip(clients, weights, scales))
+
+
+def svdvals(m: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(m, compute_uv=False)
 
 
 def test_svd_reproduces_a_weighted_sum_of_rank_at_most_r():
@@ -168,7 +192,7 @@ def test_svd_reproduces_a_weighted_sum_of_rank_at_most_r():
 
     a, b, report = aggregation.svd_layer(((a, b, w, scale) for (a, b), w in zip(clients, weights)), rank=4, scale=scale)
 
-    torch.testing.assert_close(scale * (b @ a), weighted_product(clients, weights, [scale] * 2), rtol=1e-10, atol=1e-10)
+    assert_close(scale * (b @ a), weighted_product(clients, weights, [scale] * 2), rtol=1e-10, atol=1e-10)
     assert a.shape == (4, 5) and b.shape == (7, 4)
     assert report.truncation_error == pytest.approx(0.0, abs=1e-12)
     assert report.rank == 4
@@ -182,13 +206,13 @@ def test_svd_truncates_to_the_best_rank_r_approximation():
     a, b, report = aggregation.svd_layer(((a, b, w, 1.0) for (a, b), w in zip(clients, weights)), rank=4, scale=1.0)
 
     target = weighted_product(clients, weights, [1.0] * 3)
-    s = torch.linalg.svdvals(target)
-    best = float(torch.linalg.vector_norm(s[4:]) / torch.linalg.vector_norm(s))
+    s = svdvals(target)
+    best = float(np.linalg.norm(s[4:]) / np.linalg.norm(s))
     assert report.truncation_error == pytest.approx(best)
-    assert float(torch.linalg.matrix_norm(b @ a - target) / torch.linalg.matrix_norm(target)) == pytest.approx(best)
+    assert float(np.linalg.norm(b @ a - target) / np.linalg.norm(target)) == pytest.approx(best)
     # A has orthonormal rows; B carries the singular values, largest first.
-    torch.testing.assert_close(a @ a.T, torch.eye(4, dtype=torch.float64))
-    torch.testing.assert_close(torch.linalg.vector_norm(b, dim=0), s[:4])
+    assert_close(a @ a.T, np.eye(4), rtol=1e-7, atol=1e-7)
+    assert_close(np.linalg.norm(b, axis=0), s[:4], rtol=1e-7, atol=1e-7)
 
 
 def test_svd_heterogeneous_ranks_and_what_each_client_receives():
@@ -210,9 +234,9 @@ def test_svd_heterogeneous_ranks_and_what_each_client_receives():
         a_k, b_k = aggregation.to_rank(a, b, r, (alpha / global_rank) / (alpha / r))
         assert a_k.shape == (r, 5) and b_k.shape == (7, r)
         # What the client holds, at its own scale, is the best rank-r approximation of the global's update.
-        s = torch.linalg.svdvals(target)
-        err = torch.linalg.matrix_norm((alpha / r) * (b_k @ a_k) - target)
-        assert float(err) == pytest.approx(float(torch.linalg.vector_norm(s[r:])), rel=1e-9)
+        s = svdvals(target)
+        err = np.linalg.norm((alpha / r) * (b_k @ a_k) - target)
+        assert float(err) == pytest.approx(float(np.linalg.norm(s[r:])), rel=1e-9)
 
 
 def test_svd_of_identical_updates_is_a_fixed_point_of_the_product():
@@ -222,33 +246,35 @@ def test_svd_of_identical_updates_is_a_fixed_point_of_the_product():
     a, b, report = aggregation.svd_layer(((a0, b0, w, 2.0) for w in weights), rank=3, scale=2.0)
 
     # Factors are re-expressed (A orthonormal), the update B A they make is the same.
-    torch.testing.assert_close(b @ a, b0 @ a0, rtol=1e-10, atol=1e-10)
+    assert_close(b @ a, b0 @ a0, rtol=1e-10, atol=1e-10)
     assert report.mean_error == pytest.approx(0.0, abs=1e-12)
     assert report.truncation_error == pytest.approx(0.0, abs=1e-12)
     again_a, again_b, _ = aggregation.svd_layer(((a, b, w, 2.0) for w in weights), rank=3, scale=2.0)
-    torch.testing.assert_close(again_b @ again_a, b0 @ a0, rtol=1e-10, atol=1e-10)
+    assert_close(again_b @ again_a, b0 @ a0, rtol=1e-10, atol=1e-10)
 
 
 def test_svd_keeps_float32_inputs_float32():
-    clients = [factors(k, 2, dtype=torch.float32) for k in range(2)]
+    clients = [factors(k, 2, dtype=np.float32) for k in range(2)]
     a, b, _ = aggregation.svd_layer(((a, b, 0.5, 1.0) for a, b in clients), rank=2, scale=1.0)
-    assert a.dtype == b.dtype == torch.float32
+    assert a.dtype == b.dtype == np.float32
 
 
 def test_exact_equals_the_weighted_mean_of_the_products():
-    clients = [factors(20 + k, 3, dtype=torch.float32) for k in range(4)]
+    clients = [factors(20 + k, 3, dtype=np.float32) for k in range(4)]
     weights = aggregation.client_weights([10, 20, 30, 40])
     scale = 16.0 / 3
 
     a, b, residual, report = aggregation.exact_layer(((a, b, w, scale) for (a, b), w in zip(clients, weights)), scale)
 
     expected = weighted_product(clients, weights, [scale] * 4)
-    torch.testing.assert_close((scale * (b.double() @ a.double()) + residual.double()), expected, rtol=1e-5, atol=1e-5)
+    f64 = np.float64
+    assert_close(scale * (b.astype(f64) @ a.astype(f64)) + residual.astype(f64), expected, rtol=1e-5, atol=1e-5)
     # A and B are FedIT's averages; the residual is exactly FedIT's error.
-    torch.testing.assert_close(a, sum(w * x for (x, _), w in zip(clients, weights)))
-    torch.testing.assert_close(b, sum(w * y for (_, y), w in zip(clients, weights)))
-    fedit = scale * (b.double() @ a.double())
-    error = float(torch.linalg.matrix_norm(fedit - expected) / torch.linalg.matrix_norm(expected))
+    assert_close(a, sum(np.float32(w) * x for (x, _), w in zip(clients, weights)))
+    assert_close(b, sum(np.float32(w) * y for (_, y), w in zip(clients, weights)))
+    assert residual.dtype == np.float32
+    fedit = scale * (b.astype(f64) @ a.astype(f64))
+    error = float(np.linalg.norm(fedit - expected) / np.linalg.norm(expected))
     assert report.mean_error == pytest.approx(error, rel=1e-5)
     assert error > 0.01
 

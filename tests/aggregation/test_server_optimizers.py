@@ -1,8 +1,9 @@
-"""Server optimisers (FedAvgM, FedAdam, FedYogi) against hand computations, and their state in the global
-checkpoint."""
+"""Server optimisers (FedAvgM, FedAdam, FedYogi) on numpy arrays against hand computations (in torch), and their
+state in the global checkpoint."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import run
@@ -24,29 +25,34 @@ class Fixed(Strategy):
     name = "mean"
 
     def __init__(self, tensors):
-        self.tensors = tensors
+        self.tensors = {n: t.numpy() for n, t in tensors.items()}
 
     def aggregate(self, contributions, spec):
         return Aggregate(dict(self.tensors))
 
 
 def spec_for(reference) -> RoundSpec:
-    return RoundSpec(sorted(reference), None, 16.0, 8, lambda c: 8, reference)
+    return RoundSpec(sorted(reference), None, 16.0, 8, lambda c: 8, {n: t.numpy() for n, t in reference.items()})
+
+
+def tensors(arrays) -> dict[str, torch.Tensor]:
+    assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays.values())
+    return {n: torch.from_numpy(a) for n, a in arrays.items()}
 
 
 def test_fedavgm_step_equals_the_hand_computation():
     x = {"w": torch.tensor([1.0, -2.0, 0.5])}
     agg1, agg2 = torch.tensor([1.5, -2.5, 0.5]), torch.tensor([2.0, -3.0, 1.5])
-    opt = FedAvgM(Fixed({"w": agg1}), lr=0.5, beta1=0.9, beta2=0.0, tau=1.0)
+    opt = FedAvgM(inner=Fixed({"w": agg1}), lr=0.5, beta1=0.9, beta2=0.0, tau=1.0)
     first = opt.aggregate(Contributions([]), spec_for(x))
     delta1 = agg1 - x["w"]
-    torch.testing.assert_close(first.tensors["w"], x["w"] + 0.5 * delta1)
-    x2 = {"w": first.tensors["w"]}
-    opt2 = FedAvgM(Fixed({"w": agg2}), lr=0.5, beta1=0.9, beta2=0.0, tau=1.0, state=first.server_state)
+    torch.testing.assert_close(tensors(first.tensors)["w"], x["w"] + 0.5 * delta1)
+    x2 = {"w": tensors(first.tensors)["w"]}
+    opt2 = FedAvgM(inner=Fixed({"w": agg2}), lr=0.5, beta1=0.9, beta2=0.0, tau=1.0, state=first.server_state)
     second = opt2.aggregate(Contributions([]), spec_for(x2))
     v = 0.9 * delta1 + (agg2 - x2["w"])
-    torch.testing.assert_close(second.tensors["w"], x2["w"] + 0.5 * v)
-    torch.testing.assert_close(second.server_state[state_name("momentum", "w")], v)
+    torch.testing.assert_close(tensors(second.tensors)["w"], x2["w"] + 0.5 * v)
+    torch.testing.assert_close(tensors(second.server_state)[state_name("momentum", "w")], v)
 
 
 def test_fedadam_and_fedyogi_steps_equal_the_hand_computation():
@@ -55,15 +61,21 @@ def test_fedadam_and_fedyogi_steps_equal_the_hand_computation():
     delta = agg - x["w"]
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     m = (1 - b1) * delta
-    adam = FedAdam(Fixed({"w": agg}), lr, b1, b2, tau).aggregate(Contributions([]), spec_for(x))
+    settings = {"lr": lr, "beta1": b1, "beta2": b2, "tau": tau}
+    adam = FedAdam(inner=Fixed({"w": agg}), **settings).aggregate(Contributions([]), spec_for(x))
     v_adam = b2 * tau**2 + (1 - b2) * delta**2
-    torch.testing.assert_close(adam.tensors["w"], x["w"] + lr * m / (v_adam.sqrt() + tau))
-    yogi = FedYogi(Fixed({"w": agg}), lr, b1, b2, tau).aggregate(Contributions([]), spec_for(x))
+    torch.testing.assert_close(tensors(adam.tensors)["w"], x["w"] + lr * m / (v_adam.sqrt() + tau))
+    yogi = FedYogi(inner=Fixed({"w": agg}), **settings).aggregate(Contributions([]), spec_for(x))
     v0 = torch.full_like(delta, tau**2)
     v_yogi = v0 - (1 - b2) * delta**2 * torch.sign(v0 - delta**2)
-    torch.testing.assert_close(yogi.tensors["w"], x["w"] + lr * m / (v_yogi.sqrt() + tau))
-    torch.testing.assert_close(adam.server_state[state_name("variance", "w")], v_adam)
-    assert not torch.equal(adam.tensors["w"], yogi.tensors["w"])  # the two second moments differ
+    torch.testing.assert_close(tensors(yogi.tensors)["w"], x["w"] + lr * m / (v_yogi.sqrt() + tau))
+    torch.testing.assert_close(tensors(adam.server_state)[state_name("variance", "w")], v_adam)
+    assert not np.array_equal(adam.tensors["w"], yogi.tensors["w"])  # the two second moments differ
+
+
+def test_server_optimizers_take_their_settings_by_name():
+    with pytest.raises(TypeError):
+        FedAdam(Fixed({}), 0.1, 0.9, 0.99, 1e-3)  # four floats side by side: which is which?
 
 
 def test_fedavgm_without_momentum_at_rate_one_is_plain_fedavg(scaled, tmp_path):

@@ -1,15 +1,19 @@
 """The aggregation strategies (strategy.py, mean.py, median.py, trimmed.py, svd.py, exact.py, products.py) and their
 registry (``STRATEGIES``, ``make_strategy``), each through ``Strategy.aggregate`` on hand-made contributions and
-checked against the pure functions of :mod:`fedlora_cli.aggregation.functions` or a sum written out here.
+checked against the pure functions of :mod:`fedlora_cli.aggregation.functions` or a sum written out here. The
+updates are numpy arrays, as the coordinator hands them over (float32; bfloat16 widened).
 
 On the files a real federation writes, the same strategies are checked in tests/federation/test_server.py.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 import torch
-from conftest import FakeContribution
+from conftest import FakeContribution as TensorContribution
 
 from fedlora_cli import recipe as recipes
 from fedlora_cli.adapters.kinds import adapter_kind
@@ -19,10 +23,25 @@ from fedlora_cli.aggregation import (
 )
 from fedlora_cli.aggregation.strategy import normalised
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.storage.mapped import narrow, widen
 
 HEAD = "base_model.model.classifier.modules_to_save.default.weight"
 LAYERS = ["base_model.model.l0.attention.query", "base_model.model.l1.attention.value"]
 D_OUT, D_IN, ALPHA, RANK = 6, 5, 8.0, 4
+
+
+@dataclass
+class FakeContribution(TensorContribution):
+    """conftest's hand-made contribution over numpy arrays: read back as a copy."""
+
+    def get(self, name: str) -> np.ndarray:
+        self.reads.append(name)
+        return self.stored[name].copy()
+
+
+def close(actual: np.ndarray, expected: np.ndarray, **tolerances) -> None:
+    torch.testing.assert_close(torch.from_numpy(np.asarray(actual)), torch.from_numpy(np.asarray(expected)),
+                               **tolerances)
 
 
 def screened(*items: tuple[FakeContribution, bool]) -> Contributions:
@@ -31,15 +50,15 @@ def screened(*items: tuple[FakeContribution, bool]) -> Contributions:
 
 def spec_for(names, kind: str = "lora", rank_for=lambda client_id: RANK) -> RoundSpec:
     names = sorted(names)
-    return RoundSpec(names, adapter_kind(kind), ALPHA, RANK, rank_for, {n: torch.zeros(1) for n in names})
+    return RoundSpec(names, adapter_kind(kind), ALPHA, RANK, rank_for, {n: np.zeros(1, np.float32) for n in names})
 
 
-def random_tensors(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+def random_tensors(seed: int, scale: float = 1.0) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(3, 4, generator=g) * scale, "v": torch.randn(5, generator=g) * scale}
+    return {"w": (torch.randn(3, 4, generator=g) * scale).numpy(), "v": (torch.randn(5, generator=g) * scale).numpy()}
 
 
-def lora_update(seed: int, rank: int = RANK) -> dict[str, torch.Tensor]:
+def lora_update(seed: int, rank: int = RANK) -> dict[str, np.ndarray]:
     """A LoRA update of two adapted layers of ``rank`` and a shared head, in float32."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -47,7 +66,7 @@ def lora_update(seed: int, rank: int = RANK) -> dict[str, torch.Tensor]:
         tensors[f"{layer}.lora_A.default.weight"] = torch.randn(rank, D_IN, generator=g)
         tensors[f"{layer}.lora_B.default.weight"] = torch.randn(D_OUT, rank, generator=g)
     tensors[HEAD] = torch.randn(2, 3, generator=g)
-    return tensors
+    return {name: t.numpy() for name, t in tensors.items()}
 
 
 def factor_names(layer: str) -> tuple[str, str]:
@@ -98,7 +117,7 @@ def test_mean_is_the_weighted_sum_and_streams():
 
     for name in ("w", "v"):
         by_hand = sum(w * c.stored[name] for c, w in zip(items, weights))
-        torch.testing.assert_close(result.tensors[name], by_hand)
+        close(result.tensors[name], by_hand)
     assert all(c.reads == [] for c in items), "mean streams: it never reads an update back"
     assert result.layers == {} and result.residuals == {}
 
@@ -111,7 +130,7 @@ def test_mean_does_not_renormalise_when_nothing_was_rejected():
     result = Mean().aggregate(screened(*((c, True) for c in items)), spec_for(["v", "w"]))
 
     for name in ("w", "v"):
-        torch.testing.assert_close(result.tensors[name], 0.25 * (items[0].stored[name] + items[1].stored[name]))
+        close(result.tensors[name], 0.25 * (items[0].stored[name] + items[1].stored[name]))
 
 
 def test_mean_renormalises_over_the_accepted_weights_when_the_screen_rejected_some():
@@ -123,16 +142,17 @@ def test_mean_renormalises_over_the_accepted_weights_when_the_screen_rejected_so
 
     for name in ("w", "v"):
         by_hand = (0.2 * honest[0].stored[name] + 0.3 * honest[1].stored[name]) / (0.2 + 0.3)
-        torch.testing.assert_close(result.tensors[name], by_hand)
+        close(result.tensors[name], by_hand)
     assert contributions.rejected == [outlier] and outlier.reads == []
 
 
-def test_mean_keeps_low_precision_dtypes():
-    t = {"w": torch.full((4,), 0.5, dtype=torch.bfloat16)}
+def test_mean_keeps_low_precision_values_exactly():
+    stored = narrow(np.full(4, 0.5, np.float32), "BF16")  # bfloat16, handed over widened to float32
+    t = {"w": widen(stored)}
     a, b, c = (FakeContribution(f"c{k}", 1 / 3, t) for k in range(3))
     result = Mean().aggregate(screened((a, True), (b, False), (c, True)), spec_for(["w"]))
-    assert result.tensors["w"].dtype == torch.bfloat16
-    assert torch.equal(result.tensors["w"], t["w"])
+    assert result.tensors["w"].dtype == np.float32
+    assert np.array_equal(narrow(result.tensors["w"], "BF16"), stored)
 
 
 # median and trimmed mean ---------------------------------------------------------------------------------------
@@ -146,9 +166,9 @@ def test_median_is_the_coordinate_median_of_the_accepted_updates():
 
     for name in ("w", "v"):
         expected = coordinate_median([c.stored[name] for c in items])
-        assert torch.equal(result.tensors[name], expected)
+        assert np.array_equal(result.tensors[name], expected)
         # The weights play no part, and neither does the rejected update.
-        assert not torch.equal(expected, coordinate_median([c.stored[name] for c in [*items, outlier]]))
+        assert not np.array_equal(expected, coordinate_median([c.stored[name] for c in [*items, outlier]]))
     assert all(sorted(c.reads) == ["v", "w"] for c in items) and outlier.reads == []
 
 
@@ -168,8 +188,8 @@ def test_trimmed_mean_is_the_trimmed_mean_with_the_count_of_the_accepted_updates
 
     for name in ("w", "v"):
         values = [c.stored[name] for c in items]
-        assert torch.equal(result.tensors[name], trimmed_mean(values, 1))
-        assert not torch.equal(result.tensors[name], trimmed_mean(values, 2))
+        assert np.array_equal(result.tensors[name], trimmed_mean(values, 1))
+        assert not np.array_equal(result.tensors[name], trimmed_mean(values, 2))
     assert strategy.describe() == {"strategy": "trimmed-mean", "trim_fraction": 0.34}
 
 
@@ -204,13 +224,13 @@ def test_svd_is_svd_layer_per_layer_and_the_weighted_mean_for_the_head():
         factors = [(items[c].stored[a_name], items[c].stored[b_name], p[c], kind.scale(ALPHA, rank_for(c)))
                    for c in accepted]
         a, b, report = svd_layer(iter(factors), rank=RANK, scale=kind.scale(ALPHA, RANK))
-        torch.testing.assert_close(result.tensors[a_name], a, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(result.tensors[b_name], b, rtol=1e-6, atol=1e-6)
+        close(result.tensors[a_name], a, rtol=1e-6, atol=1e-6)
+        close(result.tensors[b_name], b, rtol=1e-6, atol=1e-6)
         assert result.layers[layer].truncation_error == pytest.approx(report.truncation_error)
         assert result.layers[layer].mean_error == pytest.approx(report.mean_error)
         assert result.layers[layer].rank == report.rank
     # The head is not a factor: the plain weighted mean over the accepted updates.
-    torch.testing.assert_close(result.tensors[HEAD], sum(p[c] * items[c].stored[HEAD] for c in accepted))
+    close(result.tensors[HEAD], sum(p[c] * items[c].stored[HEAD] for c in accepted))
     assert set(result.tensors) == set(spec.sent) and set(result.layers) == set(LAYERS)
     assert result.residuals == {}
     assert items["c2"].reads == []
@@ -231,22 +251,23 @@ def test_exact_is_exact_layer_per_layer_and_the_weighted_mean_for_the_head():
         a_name, b_name = factor_names(layer)
         factors = [(items[c].stored[a_name], items[c].stored[b_name], p[c], scale) for c in accepted]
         a, b, residual, report = exact_layer(iter(factors), scale)
-        torch.testing.assert_close(result.tensors[a_name], a)
-        torch.testing.assert_close(result.tensors[b_name], b)
-        torch.testing.assert_close(result.residuals[layer], residual)
+        close(result.tensors[a_name], a)
+        close(result.tensors[b_name], b)
+        close(result.residuals[layer], residual)
         assert result.layers[layer].mean_error == pytest.approx(report.mean_error)
         # And what exact means: s B A + R is the weighted mean of the clients' s B_k A_k.
-        by_hand = sum(p[c] * scale * (items[c].stored[b_name].double() @ items[c].stored[a_name].double())
+        f64 = np.float64
+        by_hand = sum(p[c] * scale * (items[c].stored[b_name].astype(f64) @ items[c].stored[a_name].astype(f64))
                       for c in accepted)
-        torch.testing.assert_close((scale * (result.tensors[b_name].double() @ result.tensors[a_name].double())
-                                    + result.residuals[layer].double()), by_hand, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(result.tensors[HEAD], sum(p[c] * items[c].stored[HEAD] for c in accepted))
+        close((scale * (result.tensors[b_name].astype(f64) @ result.tensors[a_name].astype(f64))
+               + result.residuals[layer].astype(f64)), by_hand, rtol=1e-5, atol=1e-5)
+    close(result.tensors[HEAD], sum(p[c] * items[c].stored[HEAD] for c in accepted))
     assert set(result.tensors) == set(spec.sent) and set(result.residuals) == set(LAYERS)
     assert items["c1"].reads == []
 
 
 def test_product_strategies_refuse_a_kind_without_factors():
-    items = [FakeContribution("c0", 1.0, {"base_model.model.l0.query.vera_lambda_d": torch.ones(4)})]
+    items = [FakeContribution("c0", 1.0, {"base_model.model.l0.query.vera_lambda_d": np.ones(4, np.float32)})]
     for strategy in (Svd(), Exact()):
         with pytest.raises(FedloraError, match="adapter kind 'vera' has no"):
             strategy.aggregate(screened(*((c, True) for c in items)), spec_for(items[0].stored, kind="vera"))

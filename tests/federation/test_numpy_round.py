@@ -1,6 +1,7 @@
-"""fedlora_cli.federation.numpy_round: the plain mean's round in numpy. It writes what the torch path writes, bit
-for bit (tensors, digests, manifest, the per-client table), never imports torch, and refuses what the torch path
-refuses."""
+"""fedlora_cli.federation.numpy_round: the mean's one-pass round over the mapped update files. It writes what the
+coordinator's screened path (each update read and checked, then streamed into aggregation.weighted_mean) writes, bit
+for bit (tensors, digests, manifest, the per-client table), never imports torch, and refuses what the screened path
+refuses. (Both against the torch backend they replaced: benchmarks/backend_equivalence.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import fedlora_cli
 from fedlora_cli import aggregation, federation, storage
 from fedlora_cli.aggregation import NormBound
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation import numpy_round
+from fedlora_cli.federation import numpy_round, server
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 
@@ -32,13 +33,14 @@ def sent(update_dir: Path) -> dict[str, torch.Tensor]:
 
 def second_largest_norm(g: Path, updates: list[Path]) -> float:
     """A norm bound that the largest update exceeds and the others do not."""
-    reference = load_file(str(g / storage.ADAPTER_WEIGHTS))
-    return sorted(aggregation.update_norm(sent(u), reference) for u in updates)[-2]
+    reference = {n: t.numpy() for n, t in load_file(str(g / storage.ADAPTER_WEIGHTS)).items()}
+    return sorted(aggregation.update_norm({n: t.numpy() for n, t in sent(u).items()}, reference) for u in updates)[-2]
 
 
 @pytest.fixture
 def both_ways(monkeypatch, tmp_path):
-    """Aggregate the same round through the numpy round and through the torch path; returns both results."""
+    """Aggregate the same round through the one-pass numpy round and through the screened path (the update
+    streamed into aggregation.weighted_mean, as every other strategy receives them); returns both results."""
     calls = []
     real = numpy_round.weighted_mean
 
@@ -53,9 +55,9 @@ def both_ways(monkeypatch, tmp_path):
         by_numpy = federation.aggregate_round(g, updates, tmp_path / "numpy", **overrides)
         assert calls == [1], "the numpy round did not run"
         with monkeypatch.context() as m:
-            m.setattr(numpy_round, "applies", lambda *args: False)
-            by_torch = federation.aggregate_round(g, updates, tmp_path / "torch", **overrides)
-        assert calls == [1], "the torch path ran the numpy round"
+            m.setattr(server._RoundContributions, "weighted_mean", aggregation.Contributions.weighted_mean)
+            by_torch = federation.aggregate_round(g, updates, tmp_path / "screened", **overrides)
+        assert calls == [1], "the screened path ran the numpy round"
         return by_numpy, by_torch
 
     return run
@@ -163,7 +165,7 @@ def fedlora_in_a_fresh_process(*args) -> subprocess.CompletedProcess:
     ([], False),
     (["--norm-bound", "BOUND"], False),
     (["--norm-bound", "BOUND", "--norm-bound-action", "reject"], False),
-    (["--strategy", "median"], True),  # the robust strategies stay on torch: the check can tell
+    (["--strategy", "median"], False),  # every strategy: tests/federation/test_coordinator_imports.py
 ])
 def test_aggregate_imports_torch_only_for_what_needs_it(options, torch_imported, make_recipe, cached_federation,
                                                         tmp_path):
@@ -178,21 +180,28 @@ def test_aggregate_imports_torch_only_for_what_needs_it(options, torch_imported,
     assert done.stderr.strip().splitlines()[-1] == ("torch imported" if torch_imported else "torch not imported")
 
 
-def test_which_rounds_are_numpys():
-    mean, median = aggregation.Mean(), aggregation.Median()
-
-    assert numpy_round.applies(mean, ["F32", "F64"])
-    assert not numpy_round.applies(mean, ["F32", "BF16"]) and not numpy_round.applies(mean, ["F16"])
-    assert not numpy_round.applies(median, ["F32"])
-    optimised = aggregation.SERVER_OPTIMIZERS["fedavgm"].around(mean, make_federation_section(), {})
-    assert not numpy_round.applies(optimised, ["F32"])
-
-
-def make_federation_section():
+@pytest.mark.parametrize("options, one_pass", [
+    ({}, True),
+    ({"norm_bound": 1e9, "norm_bound_action": "reject"}, True),
+    ({"strategy": "median"}, False),
+    ({"strategy": "svd"}, False),
+    ({"server_privacy": "DP"}, False),  # DP-FedAvg streams the clipped deltas into the mean instead
+])
+def test_the_mean_takes_the_one_pass_round_and_nothing_else_does(options, one_pass, make_recipe, cached_federation,
+                                                                 tmp_path, monkeypatch):
     from fedlora_cli import recipe as recipes
 
-    return recipes.from_dict({"name": "x", "model": {"base": "b", "num_labels": 2},
-                              "federation": {"server_optimizer": "fedavgm"}}).federation
+    layout = cached_federation(make_recipe("fedavg"))
+    calls = []
+    real = numpy_round.weighted_mean
+    monkeypatch.setattr(numpy_round, "weighted_mean", lambda *args: calls.append(1) or real(*args))
+    if options.get("server_privacy"):
+        options = {"server_privacy": recipes.ServerPrivacySection(clip_norm=1.0, noise_multiplier=0.0)}
+
+    federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS], tmp_path / "g1",
+                               server_ledger=tmp_path / "ledger.json", **options)
+
+    assert calls == ([1] if one_pass else [])
 
 
 # --------------------------------------------------------------------------------------------------------

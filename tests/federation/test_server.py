@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run
@@ -27,6 +28,11 @@ ALPHA, RANK = 8.0, 4  # conftest's adapter: r = 4, alpha = 8
 
 
 runner = CliRunner()
+
+
+def arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Tensors as the coordinator measures them: numpy arrays."""
+    return {name: t.numpy() for name, t in tensors.items()}
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:
@@ -195,7 +201,7 @@ def test_a_poisoned_client_does_not_move_the_robust_aggregate(options, strategy_
     updates = [layout.update(1, c) for c in CLIENTS] + [poisoned_copy(layout, tmp_path)]
     if "NORM" in options:
         g0 = weights_of(layout.global_checkpoint(0))
-        largest = max(aggregation.update_norm(h, g0) for h in honest)
+        largest = max(aggregation.update_norm(arrays(h), arrays(g0)) for h in honest)
         options = [str(2 * largest) if o == "NORM" else o for o in options]
     out = tmp_path / "g1"
     result = runner.invoke(app, ["aggregate", str(layout.global_checkpoint(0)), *map(str, updates), "--out", str(out),
@@ -229,7 +235,7 @@ def test_norm_bound_clip_is_the_mean_of_clipped_updates(strategy_recipe, cached_
     layout = cached_federation(strategy_recipe("fedavg"))
     g0 = weights_of(layout.global_checkpoint(0))
     updates = [sent(layout, 1, c) for c in CLIENTS]
-    norms = [aggregation.update_norm(u, g0) for u in updates]
+    norms = [aggregation.update_norm(arrays(u), arrays(g0)) for u in updates]
     bound = sorted(norms)[1]  # clips the largest update only
     result = federation.aggregate_round(layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS],
                                         tmp_path / "c", norm_bound=bound)

@@ -5,11 +5,13 @@ scale, the budget, and every release counted."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import FakeContribution, exact_gaussian_epsilon, recipe_dict, run
+from conftest import FakeContribution as TensorContribution, exact_gaussian_epsilon, recipe_dict, run
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -20,20 +22,39 @@ from fedlora_cli.aggregation import Contributions, Mean, RoundSpec, TrimmedMean
 from fedlora_cli.cli import app
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
+from fedlora_cli.storage.mapped import narrow, widen
 
 runner = CliRunner()
 
 
+def arrays(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Torch tensors as the coordinator holds them: numpy arrays, bfloat16 widened to float32 exactly."""
+    return {n: widen(a) for n, a in storage.as_arrays(tensors).items()}
+
+
+def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {n: torch.from_numpy(np.asarray(a)) for n, a in arrays.items()}
+
+
+@dataclass
+class FakeContribution(TensorContribution):
+    """conftest's hand-made contribution over numpy arrays: read back as a copy."""
+
+    def get(self, name: str) -> np.ndarray:
+        self.reads.append(name)
+        return self.stored[name].copy()
+
+
 def test_dp_fedavg_with_zero_noise_is_the_mean_of_clipped_updates():
-    ref = {"w": torch.zeros(3)}
-    updates = [{"w": torch.tensor([3.0, 4.0, 0.0])}, {"w": torch.tensor([0.1, 0.0, 0.0])}]
+    ref = arrays({"w": torch.zeros(3)})
+    updates = [arrays({"w": torch.tensor([3.0, 4.0, 0.0])}), arrays({"w": torch.tensor([0.1, 0.0, 0.0])})]
     result = privacy.dp_fedavg(((u, 0.9 if i == 0 else 0.1) for i, u in enumerate(updates)), ref, 1.0, 0.0, 2, seed=0)
-    clipped = [aggregation.clip_to_norm(u, ref, 1.0) for u in updates]
-    torch.testing.assert_close(result["w"], (clipped[0]["w"] + clipped[1]["w"]) / 2)
+    clipped = [tensors(aggregation.clip_to_norm(u, ref, 1.0)) for u in updates]
+    torch.testing.assert_close(tensors(result)["w"], (clipped[0]["w"] + clipped[1]["w"]) / 2)
     torch.testing.assert_close(clipped[0]["w"], torch.tensor([0.6, 0.8, 0.0]))
-    torch.testing.assert_close(clipped[1]["w"], updates[1]["w"])  # already within the bound
+    torch.testing.assert_close(clipped[1]["w"], tensors(updates[1])["w"])  # already within the bound
     # The large update lands exactly on the bound; the small one keeps its own norm.
-    assert [aggregation.update_norm(c, ref) for c in clipped] == pytest.approx([1.0, 0.1])
+    assert [aggregation.update_norm(arrays(c), ref) for c in clipped] == pytest.approx([1.0, 0.1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -45,13 +66,14 @@ def test_dp_fedavg_clips_the_float32_delta_so_no_update_exceeds_the_bound(dtype)
     for trial in range(20):
         ref = {"a": (torch.randn(257, generator=generator) * 3).to(dtype), "b": torch.randn(3, 5, generator=generator).to(dtype)}
         update = {n: (t.float() + torch.randn(t.shape, generator=generator) * (trial + 1)).to(dtype) for n, t in ref.items()}
-        delta = aggregation.clipped_delta(update, ref, bound)
+        delta = tensors(aggregation.clipped_delta(arrays(update), arrays(ref), bound))
         assert {t.dtype for t in delta.values()} == {torch.float32}
         norm = sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in delta.values()) ** 0.5
         assert norm <= bound, f"trial {trial}: clipped norm {norm!r} above the bound"
         assert norm == pytest.approx(bound, rel=1e-5), "an update beyond the bound lands on it"
     small = {"a": ref["a"].float() + 1e-3, "b": ref["b"].float()}
-    torch.testing.assert_close(aggregation.clipped_delta(small, ref, bound)["a"], small["a"] - ref["a"].float())
+    torch.testing.assert_close(tensors(aggregation.clipped_delta(arrays(small), arrays(ref), bound))["a"],
+                               small["a"] - ref["a"].float())
 
 
 def test_the_old_clipping_in_the_tensors_dtype_could_exceed_the_bound_in_bfloat16():
@@ -59,15 +81,17 @@ def test_the_old_clipping_in_the_tensors_dtype_could_exceed_the_bound_in_bfloat1
     generator = torch.Generator().manual_seed(1)
     ref = {"w": torch.randn(1000, generator=generator).to(torch.bfloat16)}
     update = {"w": (ref["w"].float() + torch.randn(1000, generator=generator)).to(torch.bfloat16)}
-    rounded = aggregation.clip_to_norm(update, ref, 0.5)
-    assert aggregation.update_norm(rounded, ref) > 0.5
+    clipped = aggregation.clip_to_norm(arrays(update), arrays(ref), 0.5)
+    rounded = {n: widen(narrow(t, "BF16")) for n, t in clipped.items()}  # back in the update's own dtype
+    assert aggregation.update_norm(rounded, arrays(ref)) > 0.5
 
 
 def test_dp_fedavg_noise_has_the_promised_scale():
-    ref = {"w": torch.zeros(20000)}
-    updates = [({"w": torch.zeros(20000)}, 0.25)] * 4
+    ref = {"w": np.zeros(20000, np.float32)}
+    updates = [({"w": np.zeros(20000, np.float32)}, 0.25)] * 4
     result = privacy.dp_fedavg(iter(updates), ref, clip=2.0, noise_multiplier=1.5, num_clients=4, seed=1)
     assert float(result["w"].std()) == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
+    assert float(result["w"].mean()) == pytest.approx(0.0, abs=0.03) and result["w"].dtype == np.float32
 
 
 def test_server_dp_aggregation_through_the_cli(make_recipe, federation_copy, tmp_path):
@@ -88,8 +112,8 @@ def test_server_dp_aggregation_through_the_cli(make_recipe, federation_copy, tmp
     )
     g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
     sent = [load_file(str(Path(u) / storage.UPDATE_TENSORS)) for u in updates]
-    ref = {n: g0[n] for n in sent[0]}
-    by_hand = aggregation.weighted_mean((aggregation.clip_to_norm(s, ref, 0.5), 1 / 3) for s in sent)
+    ref = arrays({n: g0[n] for n in sent[0]})
+    by_hand = tensors(aggregation.weighted_mean((aggregation.clip_to_norm(arrays(s), ref, 0.5), 1 / 3) for s in sent))
     got = load_file(str(tmp_path / "g0noise" / storage.ADAPTER_WEIGHTS))
     for n, t in by_hand.items():
         torch.testing.assert_close(got[n], t)
@@ -115,7 +139,7 @@ def test_dp_fedavg_divides_by_the_federation_size_not_the_arrivals(make_recipe, 
     g0 = load_file(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
     sent = [load_file(str(u / storage.UPDATE_TENSORS)) for u in arrived]
     ref = {n: g0[n] for n in sent[0]}
-    clipped = [aggregation.clip_to_norm(s, ref, 0.5) for s in sent]
+    clipped = [tensors(aggregation.clip_to_norm(arrays(s), arrays(ref), 0.5)) for s in sent]
     got = load_file(str(tmp_path / "g" / storage.ADAPTER_WEIGHTS))
     for n in ref:
         # ref + sum_k clip(delta_k) / m with m = 3: a missing client counts as a zero update.
@@ -180,10 +204,21 @@ class CountingMean(Mean):
 def dp_strategy(tmp_path, inner, noise=0.0, clip=1.0, target=None, num_clients=3, releases=(), seed=0) -> DPFedAvg:
     settings = recipes.ServerPrivacySection(clip_norm=clip, noise_multiplier=noise, delta=1e-5, target_epsilon=target)
     ledger = privacy.ServerLedger(tmp_path / "ledger.json", [dict(r) for r in releases])
-    return DPFedAvg(inner, settings, ledger, num_clients, seed, release={"round": 4, "out": "g4"})
+    return DPFedAvg(inner=inner, settings=settings, ledger=ledger, num_clients=num_clients, seed=seed,
+                    release={"round": 4, "out": "g4"})
 
 
-REF = {"w": torch.tensor([1.0, 1.0, 0.0]), "v": torch.tensor([2.0])}
+def test_dp_fedavg_takes_its_counts_and_rates_by_name(tmp_path):
+    settings = recipes.ServerPrivacySection(clip_norm=1.0, noise_multiplier=1.0)
+    ledger = privacy.ServerLedger(tmp_path / "ledger.json", [])
+    with pytest.raises(TypeError):
+        DPFedAvg(Mean(), settings, ledger, 3, 0, {}, 1.0, 3)  # which 3 is m, which the population?
+    strategy = DPFedAvg(inner=Mean(), settings=settings, ledger=ledger, num_clients=2, seed=0, release={},
+                        sample_rate=0.5, population=4)
+    assert (strategy.num_clients, strategy.population, strategy.sample_rate) == (2, 4, 0.5)
+
+
+REF = arrays({"w": torch.tensor([1.0, 1.0, 0.0]), "v": torch.tensor([2.0])})
 
 
 def dp_spec() -> RoundSpec:
@@ -193,8 +228,8 @@ def dp_spec() -> RoundSpec:
 def two_updates() -> list[FakeContribution]:
     # Client 0 moved by (3, 4, 0, 0): norm 5, clipped to 1. Client 1 by (0.1, 0, 0, 0): within the bound.
     # Their weights (0.9 / 0.1) must play no part: DP-FedAvg weighs every client 1 / m.
-    big = {"w": REF["w"] + torch.tensor([3.0, 4.0, 0.0]), "v": REF["v"].clone()}
-    small = {"w": REF["w"] + torch.tensor([0.1, 0.0, 0.0]), "v": REF["v"].clone()}
+    big = {"w": REF["w"] + np.float32([3.0, 4.0, 0.0]), "v": REF["v"].copy()}
+    small = {"w": REF["w"] + np.float32([0.1, 0.0, 0.0]), "v": REF["v"].copy()}
     return [FakeContribution("c0", 0.9, big), FakeContribution("c1", 0.1, small)]
 
 
@@ -207,8 +242,9 @@ def test_dp_fedavg_delegates_the_mean_of_clipped_deltas_to_the_wrapped_strategy(
     assert inner.calls == 1
     assert inner.weights == pytest.approx([1 / 3, 1 / 3])  # 1/m for m = 3, not renormalised over 2 arrivals
     # ref + (clip(delta_0) + clip(delta_1)) / m, by hand: clip(3, 4, 0) = (0.6, 0.8, 0).
-    torch.testing.assert_close(result.tensors["w"], REF["w"] + (torch.tensor([0.6, 0.8, 0.0]) + torch.tensor([0.1, 0.0, 0.0])) / 3)
-    torch.testing.assert_close(result.tensors["v"], REF["v"])
+    got, ref = tensors(result.tensors), tensors(REF)
+    torch.testing.assert_close(got["w"], ref["w"] + (torch.tensor([0.6, 0.8, 0.0]) + torch.tensor([0.1, 0.0, 0.0])) / 3)
+    torch.testing.assert_close(got["v"], ref["v"])
     assert not (tmp_path / "ledger.json").exists(), "nothing is recorded before commit"
 
 
@@ -222,14 +258,15 @@ def test_dp_fedavg_uses_what_the_wrapped_strategy_returns(tmp_path):
     plain = dp_strategy(tmp_path, Mean()).aggregate(Contributions([(c, True) for c in two_updates()]), dp_spec())
     doubled = dp_strategy(tmp_path, Doubling()).aggregate(Contributions([(c, True) for c in two_updates()]), dp_spec())
     # The wrapped strategy averages the deltas: doubling its output doubles the step away from the reference.
-    torch.testing.assert_close(doubled.tensors["w"] - REF["w"], 2 * (plain.tensors["w"] - REF["w"]))
+    np.testing.assert_allclose(doubled.tensors["w"] - REF["w"], 2 * (plain.tensors["w"] - REF["w"]), rtol=1.3e-6,
+                               atol=1e-6)
 
 
 def test_dp_fedavg_noise_follows_its_seed(tmp_path):
     run = lambda seed: dp_strategy(tmp_path, Mean(), noise=1.0, seed=seed).aggregate(  # noqa: E731
         Contributions([(c, True) for c in two_updates()]), dp_spec()).tensors["w"]
-    assert torch.equal(run(3), run(3))
-    assert not torch.equal(run(3), run(4))
+    assert np.array_equal(run(3), run(3))
+    assert not np.array_equal(run(3), run(4))
 
 
 def test_dp_fedavg_refuses_a_release_over_the_budget_before_any_work(tmp_path):
@@ -283,23 +320,18 @@ def test_dp_fedavg_checks_the_count_of_the_strategy_it_wraps(tmp_path):
 
 
 def count_tensor_reads(monkeypatch) -> list[Path]:
-    """From now on, list every client update whose tensors are read, by the torch path or by the numpy round."""
-    from fedlora_cli.federation import server
+    """From now on, list every client update whose tensors are read (all through the coordinator's one reader,
+    screened one at a time or by the mean round)."""
     from fedlora_cli.storage import mapped
 
     reads: list[Path] = []
-    real, real_map = server._load_checked, mapped.map_tensors
-
-    def counting(update):
-        reads.append(update.path)
-        return real(update)
+    real_map = mapped.map_tensors
 
     def mapping(path, what):
         if what == "client update tensors":
             reads.append(Path(path).parent)
         return real_map(path, what)
 
-    monkeypatch.setattr(server, "_load_checked", counting)
     monkeypatch.setattr(mapped, "map_tensors", mapping)
     return reads
 
