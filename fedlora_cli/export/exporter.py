@@ -115,7 +115,9 @@ def export(
         base_location=bench.base_location, evaluation=evaluation, privacy=privacy_facts(g, state_dir),
     )
 
-    with storage.atomic_dir(out, overwrite=replace) as tmp:
+    from fedlora_cli.model.workbench import quiet_transformers
+
+    with storage.atomic_dir(out, overwrite=replace) as tmp, quiet_transformers():
         if merge:
             _write_merged(bench, tmp, dtype, manifest)
         else:

@@ -238,7 +238,7 @@ def build(
     site = site or Site.of(recipe)
     # The head (from_pretrained) and the adapter (get_peft_model) are initialised from the seeded generators,
     # which the process gets back as they were, as it gets back transformers' logging.
-    with quiet_loading(), seeded(recipe.training.seed, site.device):
+    with quiet_transformers(), seeded(recipe.training.seed, site.device):
         return _build(recipe, num_labels, location, rank, site)
 
 
@@ -304,9 +304,9 @@ def seeded(seed: int, device: str) -> Iterator[None]:
 
 
 @contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Loading a model without transformers' progress bars, notices and FutureWarnings; on leaving, its verbosity,
-    its progress bars and the warning filters are as they were."""
+def quiet_transformers() -> Iterator[None]:
+    """Loading (or saving) a model without transformers' progress bars, notices and FutureWarnings; on leaving, its
+    verbosity, its progress bars and the warning filters are as they were."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -329,7 +329,7 @@ def trained_coordinates(recipe: Recipe, plan: Plan, num_labels: int | None) -> i
     from peft import get_peft_model
 
     location = resolve_location(recipe.model.base)
-    with quiet_loading():
+    with quiet_transformers():
         config, factory = _skeleton_config(recipe, location, num_labels)
         with torch.device("meta"):
             model = get_peft_model(factory.from_config(config), adapter_config(recipe, recipe.adapter.r))

@@ -23,8 +23,10 @@ from export.helpers import (
     logits,
     no_leftovers,
     ok,
+    runner,
 )
 from fedlora_cli import export as exports, federation, recipe as recipes, storage
+from fedlora_cli.cli import app
 from fedlora_cli.data import partition
 from fedlora_cli.data.examples import read_examples
 from fedlora_cli.export import exporter
@@ -91,6 +93,16 @@ def test_merged_export_is_a_plain_transformers_model_with_the_same_logits(method
     torch.testing.assert_close(logits(merged, tokenizer), fedlora_logits(g), atol=1e-4, rtol=0)
     front, _, _ = card_of(tmp_path / "merged")
     assert front["library_name"] == "transformers"
+
+
+def test_a_merged_export_shows_no_progress_bar_of_transformers(federation_of, tmp_path, capfd):
+    # Building the workbench no longer silences transformers for the rest of the process: the export's own
+    # writing does, for its duration.
+    result = runner.invoke(app, ["export", str(federation_of("fedavg").global_checkpoint(LAST)), "--out",
+                                 str(tmp_path / "merged"), "--merge"])
+    assert result.exit_code == 0, result.output
+    shown = result.output + "".join(capfd.readouterr())
+    assert "Writing model shards" not in shown and "it/s" not in shown, shown
 
 
 def test_personalised_fedsa_export_carries_the_clients_b_and_head(federation_of, tmp_path):
