@@ -146,6 +146,9 @@ class QuietReporter:
     def stage(self, text):
         pass
 
+    def warn(self, text):
+        pass
+
     def training(self, round_, client_id):
         return None
 

@@ -120,8 +120,9 @@ def train_client_cmd(
     round_ = g.manifest.round + 1
     with tracking.open_run(trackers, state, g.recipe.name, tracking_dir) as tracked, \
             ui.step_progress(f"training {cid}") as progress:
-        written = federation.train_client(
-            g, data, state, out, cid, base_override=base_model, overwrite=overwrite,
+        # Asked again for a round it has answered (a script re-run after a crash), a client sends what it made.
+        written = federation.site_round(
+            g, data, state, out, cid, resend=not overwrite, overwrite=overwrite, base_override=base_model,
             progress=tracking.step_logger(tracked.log_metrics, cid, round_, progress),
             site=site_settings(device=device, dtype=dtype, quantization=quantization, mixed_precision=mixed_precision,
                                gradient_checkpointing=gradient_checkpointing, accumulation_steps=accumulation_steps),
@@ -129,7 +130,11 @@ def train_client_cmd(
         )
         # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
         local_loss = written.state.manifest.loss
-        tracked.log_metrics(round_, tracking.client_round_metrics(written.update.manifest, local_loss))
+        if not written.resent:
+            tracked.log_metrics(round_, tracking.client_round_metrics(written.update.manifest, local_loss))
+    if written.resent:
+        ui.err.print(f"{out} already holds client '{cid}''s update of round {round_} from this global checkpoint: "
+                     "not trained again (--overwrite trains it again)", soft_wrap=True)
     _show_update(written.update, local_loss, as_json)
 
 

@@ -117,6 +117,9 @@ class SimulationReporter:
         if not self.quiet:
             err.print(f"[cyan]>[/] {text}")
 
+    def warn(self, text: str) -> None:
+        err.print(f"[yellow]warning:[/] {text}")
+
     def training(self, round_: int, client_id: str) -> Callable[[int, int, float], None] | None:
         if self.quiet:
             return None

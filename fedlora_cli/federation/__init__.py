@@ -5,7 +5,7 @@
 A round ``t`` takes global checkpoint ``t-1`` to client updates of round ``t`` to global checkpoint ``t``.
 """
 
-from fedlora_cli.federation.client import ClientRound, train_client
+from fedlora_cli.federation.client import ClientRound, existing_update, site_round, train_client
 from fedlora_cli.federation.common import Global, digests, frozen_digest, frozen_labels, plan_of, received_tensors
 from fedlora_cli.federation.evaluate import evaluate, load_for_evaluation, test_path
 from fedlora_cli.federation.init import CALIBRATION_MARGIN, calibrated, init, task_labels
@@ -14,5 +14,5 @@ from fedlora_cli.federation.server import AggregateResult, ClientRow, RoundOverr
 __all__ = [
     "CALIBRATION_MARGIN", "AggregateResult", "ClientRound", "ClientRow", "Global", "RoundOverrides", "aggregate_round",
     "calibrated", "digests", "evaluate", "frozen_digest", "frozen_labels", "init", "load_for_evaluation", "plan_of",
-    "received_tensors", "round_recipe", "task_labels", "test_path", "train_client",
+    "received_tensors", "round_recipe", "site_round", "existing_update", "task_labels", "test_path", "train_client",
 ]

@@ -26,6 +26,52 @@ class ClientRound:
 
     update: storage.ClientUpdate
     state: storage.ClientState
+    # The update was made before from this very global checkpoint and is sent again, not trained again.
+    resent: bool = False
+
+
+def existing_update(out: Path, g: Global, client_id: str) -> storage.ClientUpdate | None:
+    """The client update at ``out`` if it is ``client_id``'s, made from this very global checkpoint (same parent
+    digest); None when there is none, it is unreadable, or it is stale (made from another parent).
+
+    The one answer to "is this update already current?", for the coordinator resuming a round and for a site asked
+    again for a round it has answered.
+    """
+    if not Path(out).is_dir():
+        return None
+    try:
+        update = storage.read_update(Path(out))
+    except FedloraError:
+        return None
+    m = update.manifest
+    return update if m.parent_digest == g.manifest.digest and m.client_id == client_id else None
+
+
+def site_round(
+    global_checkpoint: Path | Global, data: Path | str | None, state_dir: Path, out: Path, client_id: str, *,
+    resend: bool = True, overwrite: bool = True, no_data: str | None = None, **training: Any,
+) -> ClientRound:
+    """This client's update for the round after the global checkpoint: the one it already made from this very
+    global (with ``resend``; sent again, not trained again, so a round asked twice never spends the client's
+    privacy budget twice), else a new one from :func:`train_client` (``training``: its keyword arguments).
+
+    ``train-client``, ``simulate`` and the Flower client all answer a round through here. A stale update at ``out``
+    (another parent) is replaced when ``overwrite``; ``no_data`` is the message when ``data`` is None.
+    """
+    g = Global.of(global_checkpoint)
+    round_ = g.manifest.round + 1
+    if resend:
+        before = existing_update(out, g, client_id)
+        state = storage.latest_state(state_dir, before_round=round_ + 1) if before is not None else None
+        # The state of the round is written before its update: without it, the update is not this client's.
+        if state is not None and state.manifest.round == round_:
+            return ClientRound(before, state, resent=True)
+    if data is None:
+        raise FedloraError(no_data or f"client '{client_id}' has no training data")
+    # An update of this round from another parent is stale. If the state already holds this round (a crash between
+    # writing state and update) the round is trained again and its ledger counts it twice: an over-count, never an
+    # under-count.
+    return train_client(g, data, state_dir, out, client_id, overwrite=overwrite, **training)
 
 
 def check_state(state: storage.ClientState | None, client_id: str, manifest: GlobalManifest) -> None:
@@ -45,6 +91,7 @@ def train_client(
     state_dir: Path,
     out: Path,
     client_id: str,
+    *,
     base_override: str | None = None,
     bench: Workbench | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -79,8 +126,9 @@ def train_client(
     result = local_train(bench, g.plan, examples, round_seed(recipe.training.seed, client_id, round_), progress, dp)
     if ledger is not None:
         ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
-    return _write_round(g, bench.adapter_tensors(), result, ledger, len(examples), client_id, Path(state_dir), out,
-                        overwrite, bench.site.to_dict())
+    return _write_round(g, bench.adapter_tensors(), result, ledger=ledger, shard_size=len(examples),
+                        client_id=client_id, state_dir=Path(state_dir), out=out, overwrite=overwrite,
+                        site=bench.site.to_dict())
 
 
 def _states(
@@ -105,8 +153,8 @@ def _states(
 
 
 def _write_round(
-    g: Global, tensors: dict[str, torch.Tensor], result: TrainResult, ledger: privacy.Ledger | None, shard_size: int,
-    client_id: str, state_dir: Path, out: Path, overwrite: bool, site: dict[str, Any] | None = None,
+    g: Global, tensors: dict[str, torch.Tensor], result: TrainResult, *, ledger: privacy.Ledger | None,
+    shard_size: int, client_id: str, state_dir: Path, out: Path, overwrite: bool, site: dict[str, Any] | None = None,
 ) -> ClientRound:
     """Check what training produced, split it into what is sent and what is kept, write state then update."""
     plan, manifest = g.plan, g.manifest

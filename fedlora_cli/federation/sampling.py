@@ -1,4 +1,4 @@
-"""Which clients a round asks: every client, a fixed-size sample, or a Poisson sample.
+"""Which clients a round asks (every client, a fixed-size sample, or a Poisson sample) and how many must answer.
 
 The draw is seeded by ``training.seed`` and the round, so the coordinator, a simulation and anyone checking a
 global checkpoint get the same clients, and each global checkpoint records who was asked (``asked``) beside
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from fedlora_cli.errors import FedloraError
 
 POISSON = "poisson"
 
@@ -44,3 +46,37 @@ def asked(federation: Any, seed: int, round_: int) -> list[str]:
     else:
         chosen = np.sort(rng.choice(len(clients), size=k, replace=False))
     return [clients[i] for i in chosen]
+
+
+# The participation rule, at each stage of a round where it can fail: what a message says of the count.
+_SHORT_OF = {
+    "reachable": "{count} of the {asked} client(s) asked are online or done",
+    "collected": "{count} client update(s) of {asked} asked",
+    "given": "{count} client update(s)",
+}
+
+
+def require_enough(federation: Any, round_: int, count: int, asked: int | None = None, *, stage: str) -> None:
+    """Refuse a round with fewer than ``federation.min_clients`` clients at ``stage``: 'asked' (the round's
+    sample), 'reachable' (asked clients online or done), 'collected' (updates that came back), 'given' (the
+    updates handed to ``fedlora aggregate``)."""
+    need = federation.min_clients
+    if count >= need:
+        return
+    if stage == "asked":
+        how = "Poisson sampling" if federation.sampling == POISSON else "the round's sample"
+        raise FedloraError(
+            f"round {round_}: {how} asked {count} client(s), fewer than federation.min_clients = {need}; lower "
+            "min_clients or raise clients_per_round"
+        )
+    short = _SHORT_OF[stage].format(count=count, asked=asked)
+    raise FedloraError(f"round {round_}: {short}, fewer than federation.min_clients = {need}; nothing written")
+
+
+def require_asked(federation: Any, seed: int, round_: int, client_id: str, where: Any) -> None:
+    """Refuse a client update (at ``where``) from a client the round did not ask, when the federation samples."""
+    if federation.clients_per_round is not None and client_id not in asked(federation, seed, round_):
+        raise FedloraError(
+            f"client update {where} is from client '{client_id}', which round {round_} did not ask (see "
+            "'fedlora sample'); nothing written"
+        )

@@ -32,7 +32,7 @@ from fedlora_cli.federation import numpy_round
 from fedlora_cli.federation.common import (
     Global, digests, frozen_digest, frozen_labels, next_digests, received_tensors,
 )
-from fedlora_cli.federation.sampling import asked as sampled_clients, sample_rate
+from fedlora_cli.federation.sampling import asked as sampled_clients, require_asked, require_enough, sample_rate
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
 from fedlora_cli.storage.manifests import GlobalManifest
@@ -174,22 +174,12 @@ def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: 
 
 
 def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate]) -> None:
-    """Enough updates (federation.min_clients), and under sampling only from the clients this round asked."""
+    """The participation rule (:mod:`.sampling`): enough updates, and under sampling only from the clients this
+    round asked."""
     f, round_ = recipe.federation, g.manifest.round + 1
-    if len(updates) < f.min_clients:
-        raise FedloraError(
-            f"round {round_}: {len(updates)} client update(s), fewer than federation.min_clients = {f.min_clients}; "
-            "nothing written"
-        )
-    if f.clients_per_round is None:
-        return
-    asked = set(sampled_clients(f, recipe.training.seed, round_))
+    require_enough(f, round_, len(updates), stage="given")
     for update in updates:
-        if update.manifest.client_id not in asked:
-            raise FedloraError(
-                f"client update {update.path} is from client '{update.manifest.client_id}', which round {round_} did "
-                f"not ask (see 'fedlora sample'); nothing written"
-            )
+        require_asked(f, recipe.training.seed, round_, update.manifest.client_id, update.path)
 
 
 def read_updates(g: Global, recipe: recipes.Recipe, update_dirs: Sequence[Path]) -> list[storage.ClientUpdate]:

@@ -65,9 +65,9 @@ def _query(site: sites.SiteConfig, msg: Message) -> dict[str, Any]:
 
 
 def _train(site: sites.SiteConfig, msg: Message) -> dict[str, Any]:
-    update, resent = sites.train(site, _received(site, msg))
-    return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id, RESENT_KEY: resent}),
-            **transport.pack(Path(update.path), UPDATE)}
+    done = sites.train(site, _received(site, msg))
+    return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id, RESENT_KEY: done.resent}),
+            **transport.pack(Path(done.update.path), UPDATE)}
 
 
 def _evaluate(site: sites.SiteConfig, msg: Message) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from fedlora_cli import recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation.client import ClientRound, site_round
 from fedlora_cli.federation.common import Global, build_for_site
 from fedlora_cli.storage.checkpoints import round_dirname
 from fedlora_cli.storage.manifests import GlobalManifest, _from_dict
@@ -109,34 +110,12 @@ def keep_received(site: SiteConfig, folder: Path) -> Global:
     return g
 
 
-def sent_before(site: SiteConfig, g: Global) -> storage.ClientUpdate | None:
-    """The update this site already made from this very global checkpoint (same parent digest), if any."""
-    path = site.update(g.manifest.round + 1)
-    if not path.is_dir():
-        return None
-    try:
-        update = storage.read_update(path)
-    except FedloraError:
-        return None
-    m = update.manifest
-    return update if m.parent_digest == g.manifest.digest and m.client_id == site.client_id else None
-
-
-def train(site: SiteConfig, g: Global) -> tuple[storage.ClientUpdate, bool]:
-    """This site's update for the round after ``g``, and whether it was made before (sent again, not trained)."""
-    from fedlora_cli import federation
-
-    before = sent_before(site, g)
-    if before is not None:
-        return before, True
-    if site.data is None:
-        raise FedloraError(f"site '{site.client_id}' has no data=\"...\" in its --node-config; it cannot train")
-    # overwrite: an update of this round from another parent is stale. If the state already holds this round (a
-    # crash between writing state and update) the round is trained again and its ledger counts it twice: an
-    # over-count, never an under-count.
-    done = federation.train_client(g, site.data, site.state_dir, site.update(g.manifest.round + 1), site.client_id,
-                                   base_override=site.base, overwrite=True, site=site.settings, split=site.split)
-    return done.update, False
+def train(site: SiteConfig, g: Global) -> ClientRound:
+    """This site's update for the round after ``g`` (:func:`fedlora_cli.federation.client.site_round`): the one it
+    made before from this very global, sent again (``resent``), or a new one."""
+    return site_round(g, site.data, site.state_dir, site.update(g.manifest.round + 1), site.client_id,
+                      no_data=f"site '{site.client_id}' has no data=\"...\" in its --node-config; it cannot train",
+                      base_override=site.base, site=site.settings, split=site.split)
 
 
 def evaluate(site: SiteConfig, g: Global) -> dict[str, float]:

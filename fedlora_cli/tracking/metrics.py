@@ -1,7 +1,7 @@
 """What each command logs, as flat tracker metrics (keys ``round/...`` by round, ``step/<client>/...`` by the
 client's training step; see :class:`~fedlora_cli.tracking.base.Tracker`).
 
-The names are those of ``--json``: ``round/global_accuracy`` is the ``global_accuracy`` of simulate's round row,
+The names are those of ``--json``: ``round/global_accuracy`` is the ``global_accuracy`` of the round's row,
 so a tracker's curve and the JSON a script reads agree.
 
 Under DP-SGD a client's training loss is a function of its data with no noise: it stays on that client. A client
@@ -15,10 +15,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# simulate's round row: the keys logged as round/<key> (those of --json).
+# A round's row (fedlora_cli.federation.rounds.round_row, simulate's and the Flower server app's): the keys logged
+# as round/<key> (those of --json).
 ROUND_KEYS = (
-    "train_loss", "global_loss", "global_accuracy", "global_macro_f1", "personalised_loss", "personalised_accuracy",
-    "personalised_accuracy_own_mix", "upload_bytes", "upload_bytes_per_client", "seconds", "epsilon",
+    "clients", "train_loss", "global_loss", "global_accuracy", "global_macro_f1", "personalised_loss",
+    "personalised_accuracy", "personalised_accuracy_own_mix", "upload_bytes", "upload_bytes_per_client", "wire_bytes",
+    "seconds", "wall_seconds", "epsilon", "server_epsilon",
 )
 TRAIN_LOSS = "train_loss"
 
@@ -28,7 +30,7 @@ def _present(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def round_metrics(row: Mapping[str, Any], private: bool) -> dict[str, float]:
-    """A simulate round row; under DP-SGD without the clients' training loss."""
+    """A round's row; under DP-SGD without the clients' training loss."""
     return _present({f"round/{key}": row.get(key) for key in ROUND_KEYS if not (private and key == TRAIN_LOSS)})
 
 

@@ -1,4 +1,4 @@
-"""A simulation's trackers: a reporter (:class:`fedlora_cli.federation.simulate.Reporter`) that passes every
+"""A simulation's trackers: a reporter (:class:`fedlora_cli.federation.rounds.Reporter`) that passes every
 report on to the one it wraps and logs each round's row and, unless the clients train under DP-SGD, each
 client's training loss per step."""
 
@@ -19,6 +19,9 @@ class SimulationTracker:
 
     def stage(self, text: str) -> None:
         self.inner.stage(text)
+
+    def warn(self, text: str) -> None:
+        self.inner.warn(text)
 
     def training(self, round_: int, client_id: str) -> Callable[[int, int, float], None] | None:
         progress = self.inner.training(round_, client_id)

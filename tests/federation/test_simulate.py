@@ -36,7 +36,7 @@ def test_simulate_resumes_without_redoing_work(tmp_path, make_recipe, cached_fed
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(federation, "train_client", crash_on_fifth)
+    monkeypatch.setattr(federation.client, "train_client", crash_on_fifth)
     layout = simulate.RunLayout(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
         simulate.simulate(recipe, layout.root, QuietReporter())
@@ -47,9 +47,9 @@ def test_simulate_resumes_without_redoing_work(tmp_path, make_recipe, cached_fed
     done = {p: p.stat().st_mtime_ns for p in [layout.global_checkpoint(1), layout.update(2, "client-0")]}
 
     calls.clear()
-    monkeypatch.setattr(federation, "train_client", real)
+    monkeypatch.setattr(federation.client, "train_client", real)
     resumed = []
-    monkeypatch.setattr(federation, "train_client", lambda *a, **k: (resumed.append(a[4]), real(*a, **k))[1])
+    monkeypatch.setattr(federation.client, "train_client", lambda *a, **k: (resumed.append(a[4]), real(*a, **k))[1])
     simulate.simulate(recipe, layout.root, QuietReporter())
     assert resumed == ["client-1", "client-2"]
     assert {p: p.stat().st_mtime_ns for p in done} == done
@@ -75,7 +75,7 @@ def test_a_run_written_with_sha256_digests_resumes(tmp_path, make_recipe, cached
     # It finished round 1 and was interrupted in round 2, after client-0's update.
     with monkeypatch.context() as old:
         old.setattr(storage, "tensor_digest", lambda t, algorithm=None: legacy_tensor_digest(t))
-        old.setattr(federation, "train_client", crash_on_fifth)
+        old.setattr(federation.client, "train_client", crash_on_fifth)
         with pytest.raises(KeyboardInterrupt):
             simulate.simulate(recipe, layout.root, QuietReporter())
     g0, g1 = (storage.read_global(layout.global_checkpoint(r)).manifest for r in (0, 1))

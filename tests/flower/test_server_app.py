@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlora_cli import federation, storage
 from fedlora_cli.data.partition import TEST_SHARD, shard_name
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation import rounds
 from fedlora_cli.flower import client_app, server_app
 from fedlora_cli.storage.run_layout import RunLayout
 from conftest import private_recipe, recipe_dict
@@ -230,7 +231,7 @@ def test_a_dead_node_is_left_out_and_below_min_clients_the_round_fails_writing_n
     strict = RunLayout(tmp_path / "strict" / "run")
     assert [p.name for p in strict.global_checkpoints()] == ["round-000"]
     assert not (strict.root / "updates").exists()
-    assert not any((strict.root / server_app.STAGING_DIR).rglob("*.json"))
+    assert not any((strict.root / rounds.STAGING_DIR).rglob("*.json"))
 
 
 def test_an_update_failing_validation_is_refused_by_name_and_the_round_goes_on(tmp_path, tiny_model_dir,

@@ -1,0 +1,335 @@
+"""The federated round from the coordinator's side, once for every way a federation runs.
+
+A round t takes global checkpoint t-1 to global checkpoint t, in a run folder (:class:`RunLayout`):
+
+1. who is asked: every client of the federation, or the recipe's seeded sample (:mod:`.sampling`);
+2. whose update is already in the run folder, made from this very parent (a resumed round asks nobody twice);
+3. the others are asked through :class:`Sites`, the one thing that differs between deployments: in this process
+   (:class:`InProcessSites`, ``fedlora simulate``) or by Flower messages (``fedlora_cli.flower.server_app``);
+4. the participation rule (:func:`.sampling.require_enough`: at least ``federation.min_clients`` updates);
+5. aggregation (:func:`.server.aggregate_round`: validation, the strategy, DP-FedAvg, server optimisers) into
+   the global checkpoint;
+6. evaluation: the global on the test data the coordinator holds, and whatever the sites evaluate (each client's
+   personalised model), into ``RUN/metrics/round-NNN.json``;
+7. the round's row (:func:`round_row`), from the files the round wrote, so a resumed round's row is the same.
+
+Everything is written atomically and a re-run skips what is complete: an interrupted federation resumes at the
+first missing client update or global checkpoint, whichever way it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedlora_cli import recipe as recipes, storage
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation.client import existing_update, site_round
+from fedlora_cli.federation.common import Global
+from fedlora_cli.federation.evaluate import evaluate as evaluate_checkpoint
+from fedlora_cli.federation.init import init, task_labels
+from fedlora_cli.federation.sampling import asked as sampled_clients, require_enough
+from fedlora_cli.federation.server import aggregate_round
+from fedlora_cli.storage.checkpoints import round_dirname
+from fedlora_cli.storage.files import read_json, write_json
+from fedlora_cli.storage.run_layout import RECIPE_FILE, RunLayout
+
+if TYPE_CHECKING:
+    from fedlora_cli.model.workbench import Workbench
+
+# Where updates that arrived over a network wait until the round has enough of them (RUN/.staging/round-NNN).
+STAGING_DIR = ".staging"
+
+
+@dataclass
+class Collected:
+    """The client updates a round's :meth:`Sites.train` obtained."""
+
+    updates: dict[str, Path]  # client id -> its update folder: in the run folder already, or staged
+    wire_bytes: int | None = None  # bytes the updates took on the network (None in process)
+
+
+class Sites(Protocol):
+    """How the coordinator reaches the clients: the part of a round that differs between deployments."""
+
+    def reachable(self, g: Global, clients: list[str]) -> list[str]:
+        """Which of ``clients`` can be asked to train the round after ``g`` now (online, known)."""
+        ...
+
+    def train(self, g: Global, clients: list[str], staging: Path) -> Collected:
+        """Ask each client for its update of the round after ``g``; those that came back and passed every check.
+        Updates that are not written into the run folder directly are staged under ``staging``."""
+        ...
+
+    def evaluate(self, g: Global) -> dict[str, Any]:
+        """What the sites evaluate of ``g`` (entries of the round's metrics file beside ``global``)."""
+        ...
+
+    def kept_loss(self, round_: int, client_id: str) -> float | None:
+        """A client's training loss of the round when its update leaves it out (DP-SGD), if this side can see it."""
+        ...
+
+
+class Reporter(Protocol):
+    """What a federation tells its caller: the CLI renders it with rich, the Flower server app logs it."""
+
+    def stage(self, text: str) -> None: ...
+
+    def warn(self, text: str) -> None: ...
+
+    def round_done(self, row: dict[str, Any]) -> None: ...
+
+
+def pin_recipe(recipe: recipes.Recipe, layout: RunLayout) -> None:
+    """Pin the run folder to this recipe: a resumed run must be the same federation."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    recipe_file = layout.root / RECIPE_FILE
+    if recipe_file.exists():
+        previous = recipes.load(recipe_file)
+        if previous.digest() != recipe.digest():
+            raise FedloraError(
+                f"{layout.root} holds a run of a different recipe ({recipe_file}); use another --out or --overwrite"
+            )
+        return
+    with storage.atomic_file(recipe_file) as tmp:
+        tmp.write_text(recipes.dump(recipe))
+
+
+class Benches:
+    """The coordinator's workbenches, one per LoRA rank in use (clients of other ranks, ``adapter.client_ranks``,
+    need other adapters on the same base model), each loaded once with its own copy of the base model."""
+
+    def __init__(self, recipe: recipes.Recipe, num_labels: int | None, base: str | None = None) -> None:
+        self.recipe, self.num_labels, self.base = recipe, num_labels, base
+        self._by_rank: dict[int, Workbench] = {}
+
+    def get(self, client_id: str | None) -> Workbench:
+        """The workbench of ``client_id``'s rank (None: the global rank)."""
+        from fedlora_cli.model.workbench import build
+
+        rank = self.recipe.adapter.rank_for(client_id)
+        if rank not in self._by_rank:
+            self._by_rank[rank] = build(self.recipe, self.num_labels, self.base, rank=rank)
+        return self._by_rank[rank]
+
+
+class TestData:
+    """The coordinator's test data (a partition's test split or any source ``fedlora evaluate`` reads), read once
+    on first use; None when the coordinator holds none."""
+
+    def __init__(self, source: Path | str | None, recipe: recipes.Recipe, num_labels: int | None) -> None:
+        self.source, self.recipe, self.num_labels = source, recipe, num_labels
+        self._examples: Any = None
+
+    def examples(self, g: Global) -> Any:
+        from fedlora_cli.data.examples import read_examples
+        from fedlora_cli.federation.evaluate import test_path
+
+        if self._examples is None and self.source is not None:
+            self._examples = read_examples(test_path(self.source), self.recipe.data, self.recipe.model.task,
+                                           self.num_labels, g.label_names)
+        return self._examples
+
+
+class Federation:
+    """A federation's rounds over a run folder, with the clients reached through ``sites``."""
+
+    def __init__(self, recipe: recipes.Recipe, layout: RunLayout, sites: Sites, reporter: Reporter, *,
+                 benches: Benches, test: TestData, partition: Mapping[str, Any] | None = None) -> None:
+        self.recipe, self.layout, self.sites, self.reporter = recipe, layout, sites, reporter
+        self.benches, self.test, self.partition = benches, test, partition
+
+    def start(self) -> Global:
+        """The round-0 global checkpoint of the run folder, written now if it is not there."""
+        path = self.layout.global_checkpoint(0)
+        if path.is_dir():
+            return Global.of(path)
+        self.reporter.stage(f"writing the round-0 global checkpoint of {self.recipe.name} in {self.layout.root}")
+        return init(self.recipe, path, partition=dict(self.partition) if self.partition else None,
+                    bench=self.benches.get(None))
+
+    def rounds(self) -> Iterator[dict[str, Any]]:
+        """Run (or resume) every round of the recipe; yields each round's row as it is done."""
+        current = self.start()
+        done = len(self.layout.global_checkpoints()) - 1
+        if done >= self.recipe.federation.rounds:
+            self.reporter.stage(f"every round of {self.layout.root} is done (round {done})")
+        elif done > 0:
+            self.reporter.stage(f"resuming {self.layout.root} after round {done}")
+        for round_ in range(1, self.recipe.federation.rounds + 1):
+            target = self.layout.global_checkpoint(round_)
+            started, wire, ran = time.monotonic(), None, not target.is_dir()
+            current, wire = self.round(current) if ran else (Global.of(target), None)
+            metrics = self.evaluate(current)
+            row = round_row(self.layout, current, metrics, self.partition, kept_loss=self.sites.kept_loss,
+                            wire_bytes=wire, wall_seconds=time.monotonic() - started if ran else None)
+            self.reporter.round_done(row)
+            yield row
+
+    def round(self, parent: Global) -> tuple[Global, int | None]:
+        """One round from ``parent``: the new global checkpoint and the bytes its updates took on the network."""
+        r, f = parent.manifest.round + 1, self.recipe.federation
+        asked = sampled_clients(f, self.recipe.training.seed, r)
+        require_enough(f, r, len(asked), stage="asked")
+        done = [c for c in asked if existing_update(self.layout.update(r, c), parent, c) is not None]
+        if done:
+            self.reporter.stage(f"round {r}: updates of {', '.join(done)} already in the run folder; not asked again")
+        reachable = self.sites.reachable(parent, [c for c in asked if c not in done])
+        require_enough(f, r, len(done) + len(reachable), asked=len(asked), stage="reachable")
+        staging = self.layout.root / STAGING_DIR / round_dirname(r)
+        try:
+            collected = self.sites.train(parent, reachable, staging) if reachable else Collected({})
+            got = [c for c in asked if c in done or c in collected.updates]
+            require_enough(f, r, len(got), asked=len(asked), stage="collected")
+            for cid, path in collected.updates.items():
+                _place(path, self.layout.update(r, cid))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                staging.parent.rmdir()  # gone when no other round is staging
+        self.reporter.stage(f"round {r}: aggregating {len(got)} client update(s): {', '.join(got)}")
+        result = aggregate_round(parent, [self.layout.update(r, c) for c in got], self.layout.global_checkpoint(r))
+        return result.checkpoint, collected.wire_bytes
+
+    def evaluate(self, g: Global) -> dict[str, Any]:
+        """The round's metrics file: read back when it is there, else the global on the test data and whatever the
+        sites evaluate, written when there is anything."""
+        round_ = g.manifest.round
+        path = self.layout.metrics(round_)
+        if path.is_file():
+            return read_json(path, "round metrics")
+        self.reporter.stage(f"round {round_}: evaluating")
+        metrics: dict[str, Any] = {"round": round_}
+        examples = self.test.examples(g)
+        if examples is not None:
+            metrics["global"] = evaluate_checkpoint(g, bench=self.benches.get(None), examples=examples)
+        metrics.update(self.sites.evaluate(g))
+        if len(metrics) > 1:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with storage.atomic_file(path) as tmp:
+                write_json(tmp, metrics)
+        return metrics
+
+
+def _place(path: Path, final: Path) -> None:
+    """A staged client update moved into the run folder (replacing a stale one); in place already: nothing."""
+    if Path(path).resolve() == final.resolve():
+        return
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, final)
+
+
+class InProcessSites:
+    """Every client trained in this process on its partition shard, its state in the run folder (``simulate``).
+
+    ``progress(round, client)`` gives a training progress callback and ``done()`` closes it, as
+    :class:`fedlora_cli.cli.ui.SimulationReporter` does."""
+
+    def __init__(self, layout: RunLayout, clients: list[str], benches: Benches, test: TestData, reporter: Any) -> None:
+        self.layout, self.clients, self.benches, self.test, self.reporter = layout, clients, benches, test, reporter
+
+    def reachable(self, g: Global, clients: list[str]) -> list[str]:
+        return clients
+
+    def train(self, g: Global, clients: list[str], staging: Path) -> Collected:
+        from fedlora_cli.data.partition import shard_name
+
+        r = g.manifest.round + 1
+        for cid in clients:
+            site_round(g, self.layout.data / shard_name(cid), self.layout.state(cid), self.layout.update(r, cid), cid,
+                       bench=self.benches.get(cid), progress=self.reporter.training(r, cid))
+            self.reporter.done_training()
+        return Collected({cid: self.layout.update(r, cid) for cid in clients})
+
+    def evaluate(self, g: Global) -> dict[str, Any]:
+        """Each client's personalised model (the global at its rank plus its own state) on the test data, when the
+        method keeps tensors at home or clients train other ranks."""
+        round_, recipe = g.manifest.round, g.recipe
+        if not (g.plan.local or recipe.adapter.client_ranks):
+            return {}
+        examples = self.test.examples(g)
+        return {"personalised": {
+            cid: evaluate_checkpoint(g, state_dir=self.layout.state(cid), client_id=cid, bench=self.benches.get(cid),
+                                     examples=examples)
+            for cid in self.clients if storage.latest_state(self.layout.state(cid), round_ + 1) is not None
+        }}
+
+    def kept_loss(self, round_: int, client_id: str) -> float | None:
+        path = self.layout.state(client_id) / round_dirname(round_) / storage.STATE_MANIFEST
+        return read_json(path, "client state manifest").get("loss") if path.is_file() else None
+
+
+def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partition: Mapping[str, Any] | None, *,
+              kept_loss: Callable[[int, str], float | None], wire_bytes: int | None = None,
+              wall_seconds: float | None = None) -> dict[str, Any]:
+    """The row of the round that wrote global checkpoint ``g``, from its manifest, its client updates and its
+    metrics: the same whether the round ran now or before a restart (``wire_bytes`` and ``wall_seconds`` are only
+    known for a round run now)."""
+    m, round_ = g.manifest, g.manifest.round
+    updates = [storage.read_update(layout.update(round_, cid)).manifest for cid in m.clients]
+    asked = m.asked if m.asked is not None else m.clients
+    # Under DP-SGD the update omits the training loss (it is not noised); a side that holds the client's state
+    # (simulate) reads it from there.
+    losses = [u.loss if u.loss is not None else kept_loss(round_, u.client_id) for u in updates]
+    total = sum(u.num_examples for u in updates)
+    uploaded = sum(u.bytes for u in updates)
+    return {
+        "round": round_, "asked": len(asked), "clients": len(updates),
+        "left_out": [c for c in asked if c not in m.clients],
+        "train_loss": None if None in losses else sum(loss * u.num_examples for loss, u in zip(losses, updates)) / total,
+        **_scores(metrics, partition),
+        "upload_bytes": uploaded, "upload_bytes_per_client": uploaded // len(updates), "wire_bytes": wire_bytes,
+        "seconds": sum(u.seconds for u in updates),  # the clients' training time
+        "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
+        # DP-SGD: the largest cumulative epsilon any client has spent so far.
+        "epsilon": max(u.privacy["epsilon"] for u in updates) if updates[0].privacy else None,
+        "server_epsilon": _server_epsilon(g),
+    }
+
+
+def _scores(metrics: Mapping[str, Any], partition: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """The global model's scores and the mean of the personalised models' (each also on its client's label mix)."""
+    from fedlora_cli.model import evaluation
+
+    glob = metrics.get("global")
+    personal = metrics.get("personalised") or {}
+    accuracies = [accuracy_of(p) for p in personal.values()]
+    # Each personalised model scored on the shared test split reweighted to its own client's label mix.
+    mix = {c["id"]: c["label_counts"] for c in (partition or {}).get("clients", []) if "label_counts" in c}
+    matched = [evaluation.accuracy_on_mix(p["class_recall"], mix[cid]) if "class_recall" in p and cid in mix else None
+               for cid, p in personal.items()]
+    return {
+        "global_accuracy": accuracy_of(glob) if glob else None,
+        "global_macro_f1": glob.get("macro_f1") if glob else None,
+        "global_loss": glob["loss"] if glob else None,
+        "personalised_accuracy": _mean(accuracies),
+        "personalised_accuracy_own_mix": _mean(matched),
+        "personalised_loss": _mean([p["loss"] for p in personal.values()]),
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return sum(values) / len(values) if values and None not in values else None
+
+
+def _server_epsilon(g: Global) -> float | None:
+    """DP-FedAvg: the client-level epsilon after the releases up to this global checkpoint."""
+    m = g.manifest
+    if not m.server_privacy_ledger:
+        return None
+    from fedlora_cli.privacy.accounting import server_epsilon
+
+    return server_epsilon([tuple(e) for e in m.server_privacy_ledger], m.server_privacy_delta)
+
+
+def accuracy_of(metrics: Mapping[str, Any]) -> float | None:
+    """Classification accuracy, or a causal LM's exact-match accuracy (None when it generated nothing)."""
+    return metrics["accuracy"] if "accuracy" in metrics else metrics.get("exact_match")
