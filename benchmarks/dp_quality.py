@@ -38,6 +38,7 @@ SHAPE = {
 
 class Quiet:
     def stage(self, text): pass
+    def warn(self, text): print(f"  warning: {text}", flush=True)
     def training(self, round_, client_id): return None
     def done_training(self): pass
     def round_done(self, row): print(f"  round {row['round']}: global accuracy {row['global_accuracy']:.4f}", flush=True)

@@ -51,6 +51,9 @@ class Rounds:
     def stage(self, text: str) -> None:
         pass
 
+    def warn(self, text: str) -> None:
+        print(f"  warning: {text}", flush=True)
+
     def training(self, round_: int, client_id: str) -> None:
         return None
 

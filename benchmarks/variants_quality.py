@@ -46,6 +46,7 @@ DEFAULT = ["fedavg-lora", "ffa-lora", "fedsa-lora", "fedsa-rslora", "fedsa-vera"
 
 class Quiet:
     def stage(self, text): pass
+    def warn(self, text): print(f"  warning: {text}", flush=True)
     def training(self, round_, client_id): return None
     def done_training(self): pass
 
