@@ -92,7 +92,8 @@ def _hub_target(
 
     if repo_id is None and (private or revision or commit_message or token):
         raise FedloraError("--private, --revision, --commit-message and --token go with --push-to-hub")
-    return exports.HubTarget(repo_id, private, revision, commit_message, token) if repo_id is not None else None
+    return exports.HubTarget(repo_id=repo_id, private=private, revision=revision, commit_message=commit_message,
+                             token=token) if repo_id is not None else None
 
 
 def _with_feedback(

@@ -79,6 +79,7 @@ class ExportResult:
 def export(
     global_dir: Path,
     out: Path,
+    *,
     state_dir: Path | None = None,
     client_id: str | None = None,
     merge: bool = False,
@@ -121,7 +122,7 @@ def export(
         if merge:
             _write_merged(bench, tmp, dtype, manifest)
         else:
-            _write_adapter(bench, tmp, dtype, base_ref)
+            _write_adapter(bench, tmp, dtype=dtype, base_ref=base_ref)
         tokenizer.save_pretrained(str(tmp))
         (tmp / MODEL_CARD).write_text(model_card(facts))
     files = sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file())
@@ -179,7 +180,7 @@ def _evaluation(
     if eval_data is None:
         return run_metrics(g, g.manifest, who)
     metrics = federation.evaluate(g, eval_data, state_dir, who, base_override, bench=bench, progress=progress)
-    return [_eval_row(metrics, model_label(who), f"{eval_data} (evaluated at export)")]
+    return [_eval_row(metrics, model=model_label(who), data=f"{eval_data} (evaluated at export)")]
 
 
 def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> bool:
@@ -212,7 +213,7 @@ def _run_state_dir(g: federation.Global, client_id: str) -> Path:
     return state_dir
 
 
-def _write_adapter(bench: Workbench, folder: Path, dtype: str, base_ref: str) -> None:
+def _write_adapter(bench: Workbench, folder: Path, *, dtype: str, base_ref: str) -> None:
     config = bench.model.peft_config["default"]
     previous = config.base_model_name_or_path
     config.base_model_name_or_path = base_ref
@@ -265,7 +266,7 @@ def _write_pooling(bench: Workbench, folder: Path, architecture: str) -> dict[st
     return auto_map
 
 
-def _eval_row(metrics: dict[str, Any], model: str, data: str) -> dict[str, Any]:
+def _eval_row(metrics: dict[str, Any], *, model: str, data: str) -> dict[str, Any]:
     row = {
         "model": model, "data": data, "examples": metrics.get("examples"), "accuracy": metrics.get("accuracy"),
         "macro_f1": metrics.get("macro_f1"), "loss": metrics.get("loss"),
@@ -296,9 +297,9 @@ def run_metrics(
     rows = []
     personal = (data.get("personalised") or {}).get(client_id) if client_id else None
     if isinstance(personal, dict):
-        rows.append(_eval_row(personal, model_label(client_id), where))
+        rows.append(_eval_row(personal, model=model_label(client_id), data=where))
     if isinstance(data.get("global"), dict):
-        rows.append(_eval_row(data["global"], "global", where))
+        rows.append(_eval_row(data["global"], model="global", data=where))
     return rows
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from fedlora_cli.errors import FedloraError, first_line
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class HubTarget:
     """Where and how ``--push-to-hub`` uploads the exported folder."""
 

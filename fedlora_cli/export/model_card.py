@@ -376,7 +376,7 @@ def _usage_lines(facts: CardFacts) -> list[str]:
     """The Python snippet that loads this export, without its closing fence."""
     kind, base_model = facts.kind, facts.base_model
     if facts.causal:
-        return _causal_usage(kind, base_model, facts.recipe.data.chat_template)
+        return _causal_usage(kind, base_model, chat_template=facts.recipe.data.chat_template)
     if kind == "adapter":
         lines = [
             "from peft import PeftModel",
@@ -404,7 +404,7 @@ def _usage_lines(facts: CardFacts) -> list[str]:
     ]
 
 
-def _causal_usage(kind: str, base_model: str, chat_template: bool) -> list[str]:
+def _causal_usage(kind: str, base_model: str, *, chat_template: bool) -> list[str]:
     if kind == "adapter":
         lines = [
             "from peft import PeftModel",

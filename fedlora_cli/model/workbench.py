@@ -218,7 +218,7 @@ def _float32_heads(model: Any) -> None:
 
 
 def build(
-    recipe: Recipe, num_labels: int | None, base_override: str | None = None, rank: int | None = None,
+    recipe: Recipe, num_labels: int | None, base_override: str | None = None, *, rank: int | None = None,
     site: Site | None = None,
 ) -> Workbench:
     """Load the base model and tokenizer, attach a freshly initialised adapter (seeded by ``training.seed``).
@@ -239,10 +239,10 @@ def build(
     # The head (from_pretrained) and the adapter (get_peft_model) are initialised from the seeded generators,
     # which the process gets back as they were, as it gets back transformers' logging.
     with quiet_transformers(), seeded(recipe.training.seed, site.device):
-        return _build(recipe, num_labels, location, rank, site)
+        return _build(recipe, num_labels, location, rank=rank, site=site)
 
 
-def _build(recipe: Recipe, num_labels: int | None, location: str, rank: int | None, site: Site) -> Workbench:
+def _build(recipe: Recipe, num_labels: int | None, location: str, *, rank: int | None, site: Site) -> Workbench:
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
