@@ -1,4 +1,5 @@
-"""The model card (README.md) of an export: Hub metadata and how the federation trained the model."""
+"""The model card (README.md) of an export: Hub metadata and how the federation trained the model, rendered by
+:func:`model_card` from one :class:`CardFacts` (gathered by :meth:`CardFacts.of_export`)."""
 
 from __future__ import annotations
 

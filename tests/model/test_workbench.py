@@ -17,9 +17,9 @@ from fedlora_cli.model.training import local_train
 from fedlora_cli.model.workbench import build
 
 # sha256 over every adapter tensor (name, dtype, shape, bytes; by name) of a workbench built by fedlora before
-# build() stopped seeding the global generator (commit 5743242), on conftest's tiny BERT (BertConfig, seed 1234):
-# a fixed point computed from the old code, not from the code under test. A different init would make the round-0
-# digests recorded in old run folders unreachable, and those folders would no longer resume.
+# build() stopped seeding the global generator (commit 5743242, torch 2.13 on the CPU), on conftest's tiny BERT
+# (BertConfig, seed 1234): a fixed point computed from the old code, not from the code under test. A different init
+# would make the round-0 digests recorded in old run folders unreachable, and those folders would no longer resume.
 OLD_INIT = {
     ("lora", "ffa", 0): "c467afd5c6681106fcbc377bcb898210bfd677848ae887317c07402484265df0",
     ("lora", "ffa", 7): "889a3d7f7e8077cc4d1a1b51455cfe780c0abca0ae41e74016161bbbb09850fd",
