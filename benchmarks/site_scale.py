@@ -95,7 +95,8 @@ def fedlora_worker(model: str, mode: str, steps: int, batch: int, length: int, d
     warm = PromptResponses([p for p, _ in pairs[:batch]], [r for _, r in pairs[:batch]])
     timed = PromptResponses([p for p, _ in pairs[batch:]], [r for _, r in pairs[batch:]])
     local_train(bench, plan("fedavg", "frozen"), warm, seed=0)
-    bench.recipe = dataclasses.replace(bench.recipe, training=dataclasses.replace(bench.recipe.training, local_steps=steps))
+    bench = bench.for_recipe(
+        dataclasses.replace(bench.recipe, training=dataclasses.replace(bench.recipe.training, local_steps=steps)))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     result = local_train(bench, plan("fedavg", "frozen"), timed, seed=1)
