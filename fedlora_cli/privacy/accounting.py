@@ -37,8 +37,6 @@ GAUSSIAN = "gaussian"
 
 def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> float:
     """The accountant's epsilon for everything in ``history`` at ``delta``; 0 for an empty history."""
-    from opacus.accountants import create_accountant
-
     steps = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
     if not steps:
         return 0.0
@@ -48,6 +46,8 @@ def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> 
         if any(q != 1.0 for _, q, _ in steps):
             raise ValueError("the exact Gaussian composition covers releases without sampling (q = 1) only")
         return gaussian_epsilon(math.sqrt(sum(n / s**2 for s, _, n in steps)), delta)
+    from opacus.accountants import create_accountant  # imports torch: not for the exact Gaussian (the coordinator)
+
     acc = create_accountant(mechanism=accountant)
     acc.history = steps
     with _quiet_accountant():
