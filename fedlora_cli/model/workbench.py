@@ -233,6 +233,9 @@ def build(
 
     ``site`` (default: the recipe's site settings) says where and how the base model is loaded; the adapter is
     float32 on the same device.
+
+    The process's global state is left as it was: torch's random generators (seeded for the initialisation only),
+    transformers' verbosity and progress bars, the warning filters.
     """
     location = resolve_location(base_override or recipe.model.base)
     site = site or Site.of(recipe)
