@@ -275,7 +275,9 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
     known for a round run now)."""
     m, round_ = g.manifest, g.manifest.round
     updates = [storage.read_update(layout.update(round_, cid)).manifest for cid in m.clients]
-    asked = m.asked if m.asked is not None else m.clients
+    # Who the round asked: the recipe's population or its seeded sample, whoever was online (the manifest records it
+    # only under sampling).
+    asked = sampled_clients(g.recipe.federation, g.recipe.training.seed, round_)
     # Under DP-SGD the update omits the training loss (it is not noised); a side that holds the client's state
     # (simulate) reads it from there.
     losses = [u.loss if u.loss is not None else kept_loss(round_, u.client_id) for u in updates]

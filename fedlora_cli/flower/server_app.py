@@ -185,19 +185,28 @@ class FlowerSites:
             return
         text = (g.path / storage.GLOBAL_MANIFEST).read_text()
         content = {messages.QUERY: ConfigRecord({messages.MANIFEST_KEY: text})}
-        sent = [Message(RecordDict(content), node, MessageType.QUERY, group_id=f"round-{g.manifest.round + 1}",
-                        ttl=self.settings.query_timeout) for node in new]
-        answered = set()
-        for reply in self.grid.send_and_receive(sent, timeout=self.settings.query_timeout):
-            node = reply.metadata.src_node_id
-            answered.add(node)
+        sent = {node: Message(RecordDict(content), node, MessageType.QUERY, group_id=f"round-{g.manifest.round + 1}",
+                              ttl=self.settings.query_timeout) for node in new}
+        answered = self.exchange(sent, self.settings.query_timeout)
+        for node, reply in answered.items():
             if reply.has_error():
                 self.say(WARNING, f"node {node}: no answer to who it is ({_flower_error(reply)}); asked again next round")
                 continue
             self.admit(node, reply.content.get(messages.REPLY) or ConfigRecord(), g)
-        for node in sorted(set(new) - answered):
+        for node in sorted(set(new) - set(answered)):
             self.say(WARNING, f"node {node}: no answer to who it is within {self.settings.query_timeout:g} s; "
                               "asked again next round")
+
+    def exchange(self, sent: Mapping[Any, Message], timeout: float) -> dict[Any, Message]:
+        """Send the messages and wait up to ``timeout`` s; the replies, keyed as ``sent`` is (by node or client).
+
+        A reply is matched to the message it answers, not to its sender: when a node is gone, Flower's
+        NODE_UNAVAILABLE error reply comes from the SuperLink, and its reason must still reach the right client."""
+        replies = self.grid.send_and_receive(list(sent.values()), timeout=timeout)
+        # The Grid gives each message its id as it pushes it.
+        key_of = {msg.metadata.message_id: key for key, msg in sent.items()}
+        return {key_of[r.metadata.reply_to_message_id]: r for r in replies
+                if r.metadata.reply_to_message_id in key_of}
 
     def admit(self, node: int, answer: ConfigRecord, g: Global) -> None:
         """Take a node's answer to who it is: its client id, or a refusal for the whole run."""
@@ -229,14 +238,9 @@ class FlowerSites:
                         ttl=self.settings.round_timeout) for cid in clients]
         self.say(INFO, f"round {r}: sending the global checkpoint to {', '.join(clients)} "
                        f"({transport.wire_bytes(sent[0].content, messages.GLOBAL)} bytes each)")
-        client_of = {node_of[cid]: cid for cid in clients}
         collected = Collected({}, 0)
-        replied = set()
-        for reply in self.grid.send_and_receive(sent, timeout=self.settings.round_timeout):
-            cid = client_of.get(reply.metadata.src_node_id)
-            if cid is None:
-                continue
-            replied.add(cid)
+        replied = self.exchange(dict(zip(clients, sent)), self.settings.round_timeout)
+        for cid, reply in replied.items():
             self.receive(g, cid, reply, staging / cid, collected)
         for cid in clients:
             if cid not in replied:
@@ -278,13 +282,12 @@ class FlowerSites:
         online = set(self.grid.get_node_ids())
         nodes = {cid: node for node, cid in self.clients.items() if node in online}
         records = transport.pack(g.path, messages.GLOBAL)
-        sent = [Message(RecordDict(dict(records)), node, MessageType.EVALUATE, group_id=f"round-{g.manifest.round}",
-                        ttl=self.settings.round_timeout) for node in nodes.values()]
-        client_of = {node: cid for cid, node in nodes.items()}
+        sent = {cid: Message(RecordDict(dict(records)), node, MessageType.EVALUATE, group_id=f"round-{g.manifest.round}",
+                             ttl=self.settings.round_timeout) for cid, node in nodes.items()}
         out: dict[str, dict[str, float]] = {}
-        for reply in self.grid.send_and_receive(sent, timeout=self.settings.round_timeout):
-            cid = client_of.get(reply.metadata.src_node_id)
-            if cid is None or reply.has_error():
+        for cid, reply in self.exchange(sent, self.settings.round_timeout).items():
+            if reply.has_error():
+                self.say(WARNING, f"client '{cid}' did not evaluate ({_flower_error(reply)})")
                 continue
             answer = reply.content.get(messages.REPLY) or ConfigRecord()
             if messages.ERROR_KEY in answer:

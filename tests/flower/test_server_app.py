@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("flwr")
 
 import yaml
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora_cli import federation, storage
@@ -41,11 +42,14 @@ def task_identity():
 class FakeGrid:
     """Routes each message to the client app in this process, with the node's --node-config as its context.
 
-    ``silent`` nodes never answer (dead or late); ``tamper`` edits a node's reply on its way back."""
+    ``silent`` nodes never answer (dead or late); ``gone`` nodes are answered for by the SuperLink with Flower's
+    NODE_UNAVAILABLE error reply (its sender is the SuperLink, not the node); ``tamper`` edits a node's reply on its
+    way back."""
 
     def __init__(self, node_configs: dict[int, dict]):
         self.node_configs = node_configs
         self.silent: set[int] = set()
+        self.gone: set[int] = set()
         self.tamper: dict[int, callable] = {}
         self.sent: list[tuple[str, int]] = []  # (message type, node)
         self.timeouts: list[float | None] = []
@@ -61,6 +65,11 @@ class FakeGrid:
             node = msg.metadata.dst_node_id
             self.sent.append((msg.metadata.message_type, node))
             if node in self.silent:
+                continue
+            if node in self.gone:
+                reply = Message(Error(ErrorCode.NODE_UNAVAILABLE, "Node is unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE
+                replies.append(reply)
                 continue
             context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
                               run_config={})
@@ -232,6 +241,23 @@ def test_a_dead_node_is_left_out_and_below_min_clients_the_round_fails_writing_n
     assert [p.name for p in strict.global_checkpoints()] == ["round-000"]
     assert not (strict.root / "updates").exists()
     assert not any((strict.root / rounds.STAGING_DIR).rglob("*.json"))
+
+
+def test_a_node_gone_mid_round_is_left_out_with_flowers_reason(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    grid.gone = {103}
+    said = []
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(run_config(tmp_path, raw, partition_dir)),
+                                         lambda level, text: said.append(text))
+    coordinator.clients = {101: "client-0", 102: "client-1", 103: "client-2"}
+    # Execute
+    rows = coordinator.run()
+    # Assert: the SuperLink's reply for the node is matched to the message it answers, and its reason named
+    (line,) = [t for t in said if t.startswith("round 1: client 'client-2'")]
+    assert line == f"round 1: client 'client-2' failed (Flower error {ErrorCode.NODE_UNAVAILABLE}: Node is unavailable); left out"
+    assert rows[0]["left_out"] == ["client-2"] and rows[0]["clients"] == 2
 
 
 def test_an_update_failing_validation_is_refused_by_name_and_the_round_goes_on(tmp_path, tiny_model_dir,
