@@ -1,6 +1,7 @@
 """Coordinator cost: `fedlora aggregate` against the memory-bandwidth limit and the common load-everything baseline.
 
     python benchmarks/aggregate.py [--clients 8,32,64] [--repeats 3] [--dir /tmp/fedlora-bench-agg] [--json f]
+                                   [--strategy mean|median|svd] [--server-privacy] [--layers 32] [--kinds ...]
 
 Client updates are LLaMA-7B shaped LoRA adapters (32 layers, q/k/v/o projections 4096x4096, r = 16,
 float32: 67 MB each), written to disk exactly as `train-client` writes them. Four ways to average them, each
@@ -14,6 +15,12 @@ in a fresh process, measured side by side over the same files:
     floor      the same sum over memory-mapped files (no copy out of the page cache): what this machine can
                do at best, and the fair bar for a loader that maps files, as safetensors does
     baseline   load every update into a dict (safetensors), then average key by key (what most projects do)
+
+``--strategy`` (median, svd) and ``--server-privacy`` (DP-FedAvg: ``--dp-clip 0.01 --dp-noise 1.0``) measure
+`fedlora aggregate` with that strategy instead of the mean; the other three ways average, so they are measured for
+the plain mean only (``--kinds`` chooses). ``--layers`` keeps fewer LLaMA-7B layers (each still 4 projections of
+4096 x 4096 at r = 16), for svd, whose dense 4096 x 4096 SVD per projection costs seconds each. Run it with an older
+fedlora first on PYTHONPATH (``PYTHONPATH=/tmp/fedlora-before``) for a before / after comparison.
 
 Each worker's time runs from before its first import (fedlora's or numpy's; torch only for the baseline) to
 the end, so start-up is included for all alike. Throughput is update bytes per second; peak memory is the
@@ -36,11 +43,12 @@ from pathlib import Path
 
 LAYERS, HIDDEN, RANK = 32, 4096, 16
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+KINDS = ("fedlora", "limit", "floor", "baseline")
 
 
-def tensor_names() -> list[tuple[str, tuple[int, int]]]:
+def tensor_names(layers: int = LAYERS) -> list[tuple[str, tuple[int, int]]]:
     names = []
-    for layer in range(LAYERS):
+    for layer in range(layers):
         for proj in PROJECTIONS:
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
             names.append((f"{prefix}.lora_A.weight", (RANK, HIDDEN)))
@@ -48,7 +56,7 @@ def tensor_names() -> list[tuple[str, tuple[int, int]]]:
     return names
 
 
-def make_federation(root: Path, clients: int) -> tuple[Path, list[Path]]:
+def make_federation(root: Path, clients: int, layers: int = LAYERS) -> tuple[Path, list[Path]]:
     """A round-0 global checkpoint and ``clients`` round-1 updates, through fedlora's own writers."""
     import torch
 
@@ -61,7 +69,7 @@ def make_federation(root: Path, clients: int) -> tuple[Path, list[Path]]:
         "federation": {"method": "fedavg", "head": "frozen", "clients": clients},
     })
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: torch.randn(shape, generator=generator) * 0.01 for name, shape in tensor_names()}
+    tensors = {name: torch.randn(shape, generator=generator) * 0.01 for name, shape in tensor_names(layers)}
     digests = federation.digests(tensors)
     manifest = storage.GlobalManifest(
         round=0, method="fedavg", head="frozen", adapter_kind="lora", base_model=recipe.model.base,
@@ -116,7 +124,7 @@ def run_baseline(files: list[str]) -> None:
     _ = {name: sum(u[name] for u in updates) / n for name in updates[0]}
 
 
-def worker(kind: str, global_dir: str, update_dirs: list[str], out: str) -> None:
+def worker(kind: str, global_dir: str, update_dirs: list[str], out: str, options: list[str]) -> None:
     from fedlora_cli import storage
 
     files = [str(Path(d) / storage.UPDATE_TENSORS) for d in update_dirs]
@@ -130,7 +138,7 @@ def worker(kind: str, global_dir: str, update_dirs: list[str], out: str) -> None
 
         from fedlora_cli import cli
 
-        sys.argv = ["fedlora", "aggregate", global_dir, *update_dirs, "--out", out, "--overwrite", "--json"]
+        sys.argv = ["fedlora", "aggregate", global_dir, *update_dirs, "--out", out, "--overwrite", "--json", *options]
         with contextlib.redirect_stdout(io.StringIO()):
             try:
                 cli.main()
@@ -147,60 +155,55 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", default="8,32,64")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default="/tmp/fedlora-bench-agg")
-    parser.add_argument("--json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        kind, global_dir, update_dirs, out = json.loads(args.worker)
-        start = time.perf_counter()
-        worker(kind, global_dir, update_dirs, out)
-        seconds = time.perf_counter() - start
-        print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
-        return
+def aggregate_options(args: argparse.Namespace) -> list[str]:
+    """What `fedlora aggregate` is asked for besides the mean."""
+    options = ["--strategy", args.strategy] if args.strategy != "mean" else []
+    return options + (["--dp-clip", "0.01", "--dp-noise", "1.0"] if args.server_privacy else [])
 
-    root = Path(args.dir)
-    rows = []
-    for n in [int(x) for x in args.clients.split(",")]:
-        shutil.rmtree(root, ignore_errors=True)
-        global_dir, updates = make_federation(root, n)
-        update_bytes = sum((u / "update.safetensors").stat().st_size for u in updates)
-        results: dict[str, list[dict]] = {"fedlora": [], "limit": [], "floor": [], "baseline": []}
-        for _ in range(args.repeats):
-            for kind in results:
-                payload = json.dumps([kind, str(global_dir), [str(u) for u in updates], str(root / "global-001")])
-                proc = subprocess.run([sys.executable, __file__, "--worker", payload], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{kind} failed: {proc.stderr.strip().splitlines()[-1]}")
-                results[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        row = {"clients": n, "update_mb": update_bytes / n / 1e6}
-        for kind, runs in results.items():
-            seconds = statistics.median(r["seconds"] for r in runs)
-            row[kind] = {"seconds": seconds, "mb_per_s": update_bytes / seconds / 1e6,
-                         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}
-        rows.append(row)
-        print(f"N={n} done", file=sys.stderr, flush=True)
+
+def measure(args: argparse.Namespace, root: Path, n: int, kinds: list[str]) -> dict:
+    """Every kind on a fresh federation of ``n`` updates, ``args.repeats`` times each: the medians."""
     shutil.rmtree(root, ignore_errors=True)
+    global_dir, updates = make_federation(root, n, args.layers)
+    update_bytes = sum((u / "update.safetensors").stat().st_size for u in updates)
+    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for _ in range(args.repeats):
+        for kind in results:
+            payload = json.dumps([kind, str(global_dir), [str(u) for u in updates], str(root / "global-001"),
+                                  aggregate_options(args)])
+            proc = subprocess.run([sys.executable, __file__, "--worker", payload], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"{kind} failed: {proc.stderr.strip().splitlines()[-1]}")
+            results[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    row = {"clients": n, "update_mb": update_bytes / n / 1e6}
+    for kind, runs in results.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        row[kind] = {"seconds": seconds, "mb_per_s": update_bytes / seconds / 1e6,
+                     "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}
+    print(f"N={n} done", file=sys.stderr, flush=True)
+    return row
 
-    print(f"# Aggregation of LLaMA-7B-shaped LoRA updates (r={RANK}, {rows[0]['update_mb']:.0f} MB each), "
-          f"median of {args.repeats}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, python {platform.python_version()}")
-    print("| N | fedlora s | limit s | floor s | baseline s | fedlora / limit | fedlora / floor | baseline / floor "
-          "| fedlora RSS MB | limit RSS MB | floor RSS MB | baseline RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+def print_table(rows: list[dict], kinds: list[str], args: argparse.Namespace) -> None:
+    import fedlora_cli
+
+    what = " ".join(["fedlora aggregate", *aggregate_options(args)])
+    print(f"# `{what}` of LLaMA-7B-shaped LoRA updates ({args.layers} layers, r={RANK}, {rows[0]['update_mb']:.0f} MB "
+          f"each), median of {args.repeats}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, python "
+          f"{platform.python_version()}, fedlora from {Path(fedlora_cli.__file__).parent}")
+    print("| N | " + " | ".join(f"{k} s" for k in kinds) + " | " + " | ".join(f"{k} RSS MB" for k in kinds) + " |")
+    print("|---|" + "---|" * (2 * len(kinds)))
     for r in rows:
-        f, l, m, b = r["fedlora"], r["limit"], r["floor"], r["baseline"]
-        print(f"| {r['clients']} | {f['seconds']:.2f} | {l['seconds']:.2f} | {m['seconds']:.2f} | {b['seconds']:.2f} | "
-              f"{f['mb_per_s'] / l['mb_per_s']:.2f} | {f['mb_per_s'] / m['mb_per_s']:.2f} | {b['mb_per_s'] / m['mb_per_s']:.2f} | "
-              f"{f['peak_rss_mb']:.0f} | {l['peak_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
-    # The cost of one more client, free of start-up (imports, and for fedlora reading the global checkpoint and
-    # writing the next): the slope between consecutive N, as throughput ratios of fedlora to the limit and floor.
+        print(f"| {r['clients']} | " + " | ".join(f"{r[k]['seconds']:.2f}" for k in kinds) + " | "
+              + " | ".join(f"{r[k]['peak_rss_mb']:.0f}" for k in kinds) + " |")
+
+
+def print_marginal(rows: list[dict]) -> None:
+    """The cost of one more client, free of start-up (imports, and for fedlora reading the global checkpoint and
+    writing the next): the slope between consecutive N, as throughput ratios of fedlora to the limit and floor."""
     for lo, hi in zip(rows, rows[1:]):
         dn = hi["clients"] - lo["clients"]
-        slope = {k: (hi[k]["seconds"] - lo[k]["seconds"]) / dn for k in ("fedlora", "limit", "floor", "baseline")}
+        slope = {k: (hi[k]["seconds"] - lo[k]["seconds"]) / dn for k in KINDS}
         hi["marginal_seconds_per_update"] = slope
 
         def ratio(k: str) -> float:
@@ -210,9 +213,39 @@ def main() -> None:
               f"limit {slope['limit'] * 1000:.0f}, floor {slope['floor'] * 1000:.0f}, baseline "
               f"{slope['baseline'] * 1000:.0f} ms/update; fedlora throughput / limit {ratio('limit'):.2f}, "
               f"/ floor {ratio('floor'):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="8,32,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/fedlora-bench-agg")
+    parser.add_argument("--json")
+    parser.add_argument("--strategy", choices=("mean", "median", "svd"), default="mean")
+    parser.add_argument("--server-privacy", action="store_true", help="DP-FedAvg around the strategy")
+    parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument("--kinds", help=f"any of {','.join(KINDS)}; default all for the mean, else fedlora")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, global_dir, update_dirs, out, options = json.loads(args.worker)
+        start = time.perf_counter()
+        worker(kind, global_dir, update_dirs, out, options)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
+        return
+    plain = args.strategy == "mean" and not args.server_privacy
+    kinds = args.kinds.split(",") if args.kinds else list(KINDS if plain else ("fedlora",))
+    root = Path(args.dir)
+    rows = [measure(args, root, int(n), kinds) for n in args.clients.split(",")]
+    shutil.rmtree(root, ignore_errors=True)
+    print_table(rows, kinds, args)
+    if kinds == list(KINDS):
+        print_marginal(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
-                                               "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "repeats": args.repeats,
+            "options": aggregate_options(args), "layers": args.layers, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ bound clip, norm bound reject), DP-FedAvg (noise multiplier 0, so the noise cann
 and every server optimiser around mean, median, trimmed-mean and DP-FedAvg. The written tensors (adapter,
 correction, server state) are compared: max |new - old| and max |new - old| / max |old| per case, and for the
 adapter tensors the largest difference in units in the last place (of the tensor's largest value, in the written
-dtype); a case both refuse must be refused with the same message.
+dtype); a case both refuse must be refused with the same message. svd's factors are compared with each component's
+sign fixed alike (the torch backend kept the signs its LAPACK chose; the numpy one fixes them, :func:`signed`).
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def compare(old: Path, new: Path) -> list[dict]:
                 if not paths[0].exists():
                     continue
                 x, y = (load_file(str(p)) for p in paths)
+                if case["strategy"] == "svd" and filename == FILES[0]:
+                    x, y = signed(x), signed(y)
                 if set(x) != set(y) or any(x[n].dtype != y[n].dtype or x[n].shape != y[n].shape for n in x):
                     row["new"] = f"{filename}: other names, dtypes or shapes"
                     continue
@@ -175,6 +178,21 @@ def compare(old: Path, new: Path) -> list[dict]:
                         row["ulps"] = max(row["ulps"], ulps(x[n], y[n]))
         rows.append(row)
     return rows
+
+
+def signed(tensors: dict) -> dict:
+    """svd's factors with each component's sign fixed as the numpy backend fixes it (the largest entry of each row
+    of A positive, the matching column of B with it): the torch backend kept whatever signs its LAPACK chose."""
+    import torch
+
+    out = dict(tensors)
+    for name, a in tensors.items():
+        if name.endswith("lora_A.weight"):
+            b_name = name.replace("lora_A", "lora_B")
+            picked = a.gather(1, a.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+            flip = torch.where(picked < 0, -1.0, 1.0).to(a.dtype)
+            out[name], out[b_name] = a * flip[:, None], tensors[b_name] * flip[None, :]
+    return out
 
 
 def ulps(old, new) -> float:

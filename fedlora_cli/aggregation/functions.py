@@ -13,8 +13,8 @@ torch tensors (:func:`nonfinite`, :func:`to_rank`). The strategies
                   clients' effective updates M = sum_k p_k s_k B_k A_k, then a truncated SVD M / s = U S V^T
                   back to the global rank r, stored as B = U_r S_r and A = V_r^T. Clients may train lower
                   ranks (HetLoRA's setting, Cho et al. 2024); each receives the global truncated to its rank.
-                  Streams clients into one dense (out x in) sum per layer, in groups of clients whose factors
-                  are multiplied in one product: flat in the number of clients.
+                  M is kept as its factors side by side (K r (out + in) floats per layer, growing with the
+                  clients, but never the dense out x in M) and its SVD taken through their QR decompositions.
     exact         FedEx-LoRA (Singhal et al., ACL 2025, arXiv 2410.09432): A and B are averaged as in FedIT and
                   the residual s (sum_k p_k B_k A_k - avg(B) avg(A)) is folded into a dense per-layer
                   correction of the base weight, so the global update is exactly the weighted mean of the
@@ -287,42 +287,76 @@ def svd_layer(factors: Iterable[Factors], rank: int, scale: float) -> tuple[np.n
     Clients may have any ranks up to ``rank``. Returns A = V_r^T (orthonormal rows) and B = U_r S_r / scale,
     sorted by singular value, so the first r' rows of A and columns of B are the best rank-r' approximation.
     A keeps unit-norm rows even where a singular value is zero, so no direction of the next round's B starts
-    with a zero gradient (splitting sqrt(S) into both factors would leave such directions dead for good).
-    ``factors`` is consumed one client at a time: memory is one dense (out x in) sum, whatever the number of
-    clients. Computed in float64 (numpy's SVD, LAPACK's gesdd); returned in the clients' dtype.
+    with a zero gradient (splitting sqrt(S) into both factors would leave such directions dead for good). Each
+    component's sign is fixed (the largest entry of its row of A is positive), so the result does not depend on
+    the LAPACK that computed it. Computed in float64 (:func:`_svd_of_product`); returned in the clients' dtype.
+    Memory: the clients' factors of the layer side by side, K r (out + in) floats, never the dense out x in M.
     """
-    total = a_plain = b_plain = None
+    b_parts: list[np.ndarray] = []
+    a_parts: list[np.ndarray] = []
+    a_plain = b_plain = None
     dtype = None
     for a64, b64, weight, s, dtype in _pairs(factors):
         r_k = a64.shape[0]
         if r_k > rank:
             raise FedloraError(f"a client update has rank {r_k}, above the global rank {rank}")
-        if total is None:
-            total = _ProductSum(b64.shape[0], a64.shape[1])
+        if a_plain is None:
             a_plain, b_plain = np.zeros((rank, a64.shape[1])), np.zeros((b64.shape[0], rank))
-        elif (b64.shape[0], a64.shape[1]) != total.total.shape:
+        elif (b64.shape[0], a64.shape[1]) != (b_plain.shape[0], a_plain.shape[1]):
             raise FedloraError("lora_A / lora_B shapes of one layer differ between client updates")
-        total.add(a64, b64, weight * s)
+        b_parts.append(b64 * (weight * s / scale))  # M in the global adapter's units: scale * B A = M
+        a_parts.append(a64)
         root = (s / scale) ** 0.5
         a_plain[:r_k] += (weight * root) * a64
         b_plain[:, :r_k] += (weight * root) * b64
-    if total is None:
+    if a_plain is None:
         raise FedloraError("no client updates to aggregate")
-    target = total.result() / scale  # M in the global adapter's units: scale * B A = M
-    u, sv, vh = np.linalg.svd(target, full_matrices=False)
+    b_all, a_all = np.concatenate(b_parts, axis=1), np.concatenate(a_parts, axis=0)  # M = b_all a_all
+    u, sv, vh = _svd_of_product(b_all, a_all)
     keep = min(rank, sv.shape[0])
-    a_new, b_new = np.zeros((rank, target.shape[1])), np.zeros((target.shape[0], rank))
+    a_new, b_new = np.zeros((rank, a_all.shape[1])), np.zeros((b_all.shape[0], rank))
     a_new[:keep] = vh[:keep]
     b_new[:, :keep] = u[:, :keep] * sv[:keep]
     norm = float(np.linalg.norm(sv))
     lost = float(np.linalg.norm(sv[keep:])) if sv.shape[0] > keep else 0.0
-    tolerance = float(sv[0]) * max(target.shape) * np.finfo(np.float64).eps if sv.size else 0.0
-    report = LayerReport(
-        mean_error=_relative(_frobenius(b_plain @ a_plain - target), norm),
-        truncation_error=_relative(lost, norm),
-        rank=int((sv > tolerance).sum()),
-    )
+    tolerance = float(sv[0]) * max(b_all.shape[0], a_all.shape[1]) * np.finfo(np.float64).eps if sv.size else 0.0
+    # avg(B) avg(A) - M as one product: [avg(B), -b_all] [avg(A); a_all].
+    plain_error = _product_norm(np.concatenate([b_plain, -b_all], axis=1), np.concatenate([a_plain, a_all]))
+    report = LayerReport(mean_error=_relative(plain_error, norm), truncation_error=_relative(lost, norm),
+                         rank=int((sv > tolerance).sum()))
     return a_new.astype(dtype), b_new.astype(dtype), report
+
+
+def _svd_of_product(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD U S V^T of M = b a, signs fixed by :func:`_signed`.
+
+    When the inner dimension p (the clients' ranks together) is below M's smaller side, M is never formed: with
+    b = Q_b R_b and a^T = Q_a R_a, M = Q_b (R_b R_a^T) Q_a^T, so the SVD of the p x p core gives M's (U = Q_b U_c,
+    V = Q_a V_c), exactly in exact arithmetic, at O((out + in) p^2) instead of O(out in min(out, in)).
+    """
+    if b.shape[1] >= min(b.shape[0], a.shape[1]):
+        return _signed(*np.linalg.svd(b @ a, full_matrices=False))
+    q_b, r_b = np.linalg.qr(b)
+    q_a, r_a = np.linalg.qr(a.T)
+    u_core, sv, vh_core = np.linalg.svd(r_b @ r_a.T)
+    return _signed(q_b @ u_core, sv, vh_core @ q_a.T)
+
+
+def _signed(u: np.ndarray, sv: np.ndarray, vh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each singular pair (u_j, v_j) or its negation, whichever gives v_j's largest entry (the first, if tied) a
+    positive sign: an SVD's signs are otherwise whatever its LAPACK chose."""
+    flip = vh[np.arange(vh.shape[0]), np.abs(vh).argmax(axis=1)] < 0
+    u[:, flip] *= -1
+    vh[flip] *= -1
+    return u, sv, vh
+
+
+def _product_norm(x: np.ndarray, y: np.ndarray) -> float:
+    """||x y||_F without forming x y when its inner dimension is the smaller: ||R_x R_y^T||_F, R the triangular
+    factors of the QR decompositions of x and y^T."""
+    if x.shape[1] >= min(x.shape[0], y.shape[1]):
+        return _frobenius(x @ y)
+    return _frobenius(np.linalg.qr(x, mode="r") @ np.linalg.qr(y.T, mode="r").T)
 
 
 def exact_layer(factors: Iterable[Factors], scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, LayerReport]:

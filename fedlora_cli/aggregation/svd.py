@@ -2,7 +2,8 @@
 updates M = sum_k p_k s_k B_k A_k, then a truncated SVD back to the global rank r.
 
 Clients may train lower ranks (HetLoRA's setting, Cho et al. 2024; ``adapter.client_ranks``); each receives the
-global truncated to its own rank. Streams clients into one dense (out x in) sum per layer.
+global truncated to its own rank. M is kept as the clients' factors side by side, never as a dense (out x in) matrix
+when their ranks together are smaller (:func:`.functions.svd_layer`).
 """
 
 from __future__ import annotations

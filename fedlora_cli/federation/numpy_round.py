@@ -33,6 +33,7 @@ mapped meanwhile, its pages touched only in its turn): flat in the number of cli
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -73,22 +74,7 @@ def weighted_mean(
     bounded = bound.bound is not None
     groups = [list(zip(updates[i:i + _GROUP], weights[i:i + _GROUP])) for i in range(0, len(updates), _GROUP)]
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-
-        def visit(visits: list[_Visit]) -> Callable[[], list[dict[str, float]]]:
-            """Start the visits on both threads; the returned call waits for them and raises the first update's
-            refusal, if any, else gives each update's squared distances by name."""
-            parts = [pool.submit(_visit, half, scratch, visits) for half, scratch in zip(halves, buffers)]
-
-            def outcome() -> list[dict[str, float]]:
-                by_update = list(zip(*(part.result() for part in parts)))  # each update's results from both halves
-                for results in by_update:
-                    refused = next((r for r in results if isinstance(r, FedloraError)), None)
-                    if refused is not None:
-                        raise refused
-                return [{name: sq for result in results for name, sq in result.items()} for results in by_update]
-
-            return outcome
-
+        visit = functools.partial(_start, pool, halves, buffers)
         following = [_Mapped.of(update, expected, reference) for update, _ in groups[0]]
         for i, group in enumerate(groups):
             mapped = following
@@ -117,6 +103,23 @@ def weighted_mean(
     if rejected and sums.tensors:
         sums.divide(sum(kept))  # summed as Mean sums the accepted weights (sum() is compensated from Python 3.12)
     return sums.tensors
+
+
+def _start(pool: ThreadPoolExecutor, halves: Sequence[Sequence[str]], buffers: Sequence[dict[Any, np.ndarray]],
+           visits: list[_Visit]) -> Callable[[], list[dict[str, float]]]:
+    """Start the visits on both threads, each over its half of the names; the returned call waits for them and
+    raises the first update's refusal, if any, else gives each update's squared distances by name."""
+    parts = [pool.submit(_visit, half, scratch, visits) for half, scratch in zip(halves, buffers)]
+
+    def outcome() -> list[dict[str, float]]:
+        by_update = list(zip(*(part.result() for part in parts)))  # each update's results from both halves
+        for results in by_update:
+            refused = next((r for r in results if isinstance(r, FedloraError)), None)
+            if refused is not None:
+                raise refused
+        return [{name: sq for result in results for name, sq in result.items()} for results in by_update]
+
+    return outcome
 
 
 @dataclass(frozen=True)

@@ -283,3 +283,25 @@ def test_exact_refuses_different_ranks():
     with pytest.raises(FedloraError, match="same rank"):
         aggregation.exact_layer(iter([(*factors(1, 2), 0.5, 1.0), (*factors(2, 3), 0.5, 1.0)]), 1.0)
 
+
+
+def test_svd_of_the_factors_is_the_dense_svd_and_its_signs_are_fixed():
+    # Three clients of rank 2 on a 40 x 30 layer: M has rank 6 < 30, so svd_layer never forms it densely.
+    clients = [factors(30 + k, 2, d=40, k=30) for k in range(3)]
+    weights = [0.2, 0.3, 0.5]
+
+    a, b, report = aggregation.svd_layer(((a, b, w, 1.0) for (a, b), w in zip(clients, weights)), rank=4, scale=1.0)
+
+    target = weighted_product(clients, weights, [1.0] * 3)
+    u, s, vh = np.linalg.svd(target)
+    assert_close(b @ a, (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-10, atol=1e-10)  # the best rank-4 approximation
+    assert_close(np.abs(a), np.abs(vh[:4]), rtol=1e-9, atol=1e-12)
+    assert (a[np.arange(4), np.abs(a).argmax(axis=1)] > 0).all(), "each row of A has its largest entry positive"
+    assert report.rank == 6
+    assert report.truncation_error == pytest.approx(float(np.linalg.norm(s[4:]) / np.linalg.norm(s)))
+    a_plain, b_plain = np.zeros((4, 30)), np.zeros((40, 4))
+    for (a_k, b_k), w in zip(clients, weights):
+        a_plain[:2] += w * a_k
+        b_plain[:, :2] += w * b_k
+    by_hand = float(np.linalg.norm(b_plain @ a_plain - target) / np.linalg.norm(s))
+    assert report.mean_error == pytest.approx(by_hand, rel=1e-10)
