@@ -88,3 +88,39 @@ def node_config_cmd(
     print(node_config(client_id, data, str(state_dir), **{
         "test-data": test_data, "base": base_model, **{BY_NAME[name].node_key: value for name, value in site.items()},
     }))
+
+
+@command(flower_app, "worker")
+def worker_cmd(
+    node_config: Annotated[str, typer.Option(
+        "--node-config", help="This site's SuperNode --node-config: the very same string (or its .toml file).")],
+    max_benches: Annotated[int, typer.Option(
+        "--max-benches", help="Workbenches (copies of a base model) kept in memory at most; least recently used "
+        "dropped first.")] = 1,
+) -> None:
+    """Run this site's resident worker beside its SuperNode, until SIGTERM or Ctrl-C.
+
+    It loads torch once and the base model once per federation, and does the work of every message of every
+    round; the ClientApp only relays to it over STATE-DIR/worker.sock (0600). A first signal lets the request in
+    progress finish, a second stops at once.
+
+    Example: fedlora flower worker --node-config "$(fedlora flower node-config --client-id site-a --data a.csv
+    --state-dir state-a)"
+    """
+    import time
+
+    from fedlora_cli.cli import ui
+    from fedlora_cli.errors import FedloraError
+    from fedlora_cli.flower import require_flwr, worker
+    from fedlora_cli.flower.site import SiteConfig
+
+    require_flwr()
+    site = SiteConfig.from_node_config(worker.parse_node_config(node_config))
+    if site.worker == "off":
+        raise FedloraError('this --node-config says worker="off": its ClientApp would never relay to a worker')
+    worker.Benches(max_benches)  # refuses a bad --max-benches before torch is imported
+
+    def log(line: str) -> None:
+        ui.err.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, soft_wrap=True, markup=False)
+
+    raise typer.Exit(worker.run(site, capacity=max_benches, log=log))

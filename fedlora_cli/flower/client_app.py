@@ -9,13 +9,22 @@ Messages (the record names are the constants below; folders travel as :mod:`.tra
 
 A site that cannot do what is asked (no data, another base model, a spent privacy budget) replies
 REPLY {client-id, error} with fedlora's one-line message instead of raising, so the server names the client and
-the reason. Under DP-SGD no reply carries the training loss (the update's manifest leaves it out, and no metric
+the reason.
+
+With a resident site worker (:mod:`.worker`; the node config's ``worker``: "auto" uses one when its socket
+STATE-DIR/worker.sock exists, "required" always, "off" never) this app is a relay that imports no torch: it unpacks
+the received global into the site's work folder, asks the worker over :mod:`.channel` (one JSON line each way), and
+packs the update the worker wrote. A worker that stops mid-request becomes an error reply naming the client and what
+it was doing ("the site worker at ... stopped while training round N"), so the round goes on without it. Without a
+worker the app does the work itself, loading the base model for the message. Under DP-SGD no reply carries the training loss (the update's manifest leaves it out, and no metric
 is added here): it is a function of the private data with no noise, and Flower logs metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +32,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora_cli.errors import FedloraError, first_line
-from fedlora_cli.flower import site as sites, transport
+from fedlora_cli.flower import channel, site as sites, transport
 
 QUERY = "fedlora.query"
 REPLY = "fedlora.reply"
@@ -37,11 +46,35 @@ RESENT_KEY = "resent"
 app = ClientApp()
 
 
-def _answer(msg: Message, context: Context, work: Callable[[sites.SiteConfig, Message], dict[str, Any]]) -> Message:
+@dataclass(frozen=True)
+class Relay:
+    """The site's resident worker, reached at ``path``; every request carries the SuperNode's node config."""
+
+    path: Path
+    node_config: dict[str, Any]
+
+    def ask(self, request: dict[str, Any], doing: str) -> dict[str, Any]:
+        return channel.ask(self.path, {**request, "node-config": self.node_config}, doing)
+
+
+def relay_for(site: sites.SiteConfig, node_config: Mapping[str, Any]) -> Relay | None:
+    """The worker to relay to, or None when this app does the work itself (worker "off", or "auto" and no socket)."""
+    if site.worker == "off":
+        return None
+    path = channel.socket_path(site.state_dir)
+    if site.worker == "auto" and not os.path.lexists(path):
+        return None
+    return Relay(path, dict(node_config))
+
+
+Work = Callable[[sites.SiteConfig, Message, "Relay | None"], dict[str, Any]]
+
+
+def _answer(msg: Message, context: Context, work: Work) -> Message:
     client_id = str(context.node_config.get(sites.CLIENT_ID, ""))
     try:
         site = sites.SiteConfig.from_node_config(context.node_config)
-        records = work(site, msg)
+        records = work(site, msg, relay_for(site, context.node_config))
     except FedloraError as exc:
         records = {REPLY: ConfigRecord({sites.CLIENT_ID: client_id, ERROR_KEY: first_line(exc)})}
     return Message(RecordDict(records), reply_to=msg)
@@ -59,19 +92,39 @@ def _received(site: sites.SiteConfig, msg: Message):
     return sites.keep_received(site, folder)
 
 
-def _query(site: sites.SiteConfig, msg: Message) -> dict[str, Any]:
-    manifest = sites.manifest_of(str(msg.content[QUERY][MANIFEST_KEY]))
-    return {REPLY: ConfigRecord(sites.describe(site, manifest))}
+def _query(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
+    text = str(msg.content[QUERY][MANIFEST_KEY])
+    manifest = sites.manifest_of(text)
+    if relay is None:
+        return {REPLY: ConfigRecord(sites.describe(site, manifest))}
+    answer = relay.ask({"op": "query", "manifest": text}, "saying who the site is")
+    return {REPLY: ConfigRecord({str(k): str(v) for k, v in answer.items()})}
 
 
-def _train(site: sites.SiteConfig, msg: Message) -> dict[str, Any]:
-    done = sites.train(site, _received(site, msg))
-    return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id, RESENT_KEY: done.resent}),
-            **transport.pack(Path(done.update.path), UPDATE)}
+def _train(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
+    g = _received(site, msg)
+    r = g.manifest.round + 1
+    if relay is None:
+        done = sites.train(site, g)
+        resent, update = done.resent, Path(done.update.path)
+    else:
+        answer = relay.ask({"op": "train", "round": g.manifest.round, "digest": g.manifest.digest},
+                           f"training round {r}")
+        # The worker reads the same node config (it checked), so the update is where this site keeps it.
+        resent, update = bool(answer.get(RESENT_KEY)), site.update(r)
+    return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id, RESENT_KEY: resent}),
+            **transport.pack(update, UPDATE)}
 
 
-def _evaluate(site: sites.SiteConfig, msg: Message) -> dict[str, Any]:
-    metrics = sites.evaluate(site, _received(site, msg))
+def _evaluate(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
+    g = _received(site, msg)
+    if relay is None:
+        metrics = sites.evaluate(site, g)
+    else:
+        answer = relay.ask({"op": "evaluate", "round": g.manifest.round, "digest": g.manifest.digest},
+                           f"evaluating round {g.manifest.round}")
+        found = answer.get("metrics")
+        metrics = {str(k): float(v) for k, v in (found if isinstance(found, dict) else {}).items()}
     return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id}), METRICS: MetricRecord(metrics)}
 
 
