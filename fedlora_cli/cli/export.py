@@ -18,6 +18,20 @@ if TYPE_CHECKING:
     from fedlora_cli.export import ExportResult, HubTarget
 
 
+# The Hub options of export (with --push-to-hub only).
+_PushToHubOpt = Annotated[
+    Optional[str], typer.Option("--push-to-hub", help="Upload the export to this Hub model repo (user/name).")
+]
+_PrivateOpt = Annotated[
+    bool, typer.Option("--private", help="Create the Hub repo private (an existing repo keeps its visibility).")
+]
+_RevisionOpt = Annotated[Optional[str], typer.Option("--revision", help="Push to this branch (created if missing).")]
+_CommitMessageOpt = Annotated[Optional[str], typer.Option("--commit-message", help="Hub commit message.")]
+_TokenOpt = Annotated[
+    Optional[str], typer.Option("--token", help="Hub token; default: HF_TOKEN or the token saved by 'hf auth login'.")
+]
+
+
 @command(app, "export")
 def export_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder to export.")],
@@ -44,20 +58,11 @@ def export_cmd(
     ] = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,
-    push_to_hub: Annotated[
-        Optional[str], typer.Option("--push-to-hub", help="Upload the export to this Hub model repo (user/name).")
-    ] = None,
-    private: Annotated[
-        bool, typer.Option("--private", help="Create the Hub repo private (an existing repo keeps its visibility).")
-    ] = False,
-    revision: Annotated[
-        Optional[str], typer.Option("--revision", help="Push to this branch (created if missing).")
-    ] = None,
-    commit_message: Annotated[Optional[str], typer.Option("--commit-message", help="Hub commit message.")] = None,
-    token: Annotated[
-        Optional[str],
-        typer.Option("--token", help="Hub token; default: HF_TOKEN or the token saved by 'hf auth login'."),
-    ] = None,
+    push_to_hub: _PushToHubOpt = None,
+    private: _PrivateOpt = False,
+    revision: _RevisionOpt = None,
+    commit_message: _CommitMessageOpt = None,
+    token: _TokenOpt = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:

@@ -160,36 +160,48 @@ def _show_update(update, local_loss: float | None, as_json: bool) -> None:
         ui.out.print(f"privacy: epsilon {p['epsilon']:.3f}{budget} at delta {p['delta']:g}, {p['accountant']} accountant")
 
 
+# aggregate's options: this round's settings over the recipe's.
+_WeightingOpt = Annotated[
+    Optional[str],
+    typer.Option(help="examples (trained this round), shard (shard size) or uniform; default: the recipe's."),
+]
+_StrategyOpt = Annotated[
+    Optional[str],
+    typer.Option(help="mean, svd, exact, median or trimmed-mean; default: the recipe's federation.aggregation."),
+]
+_TrimFractionOpt = Annotated[
+    Optional[float], typer.Option(help="trimmed-mean: fraction of clients dropped at each end of every coordinate.")
+]
+_NormBoundOpt = Annotated[
+    Optional[float],
+    typer.Option(help="Clip or reject client updates whose difference from the global is larger than this L2 norm."),
+]
+_NormBoundActionOpt = Annotated[Optional[str], typer.Option(help="clip or reject (with --norm-bound).")]
+_DPClipOpt = Annotated[
+    Optional[float], typer.Option(help="DP-FedAvg: clip each client's update to this L2 norm (with --dp-noise).")
+]
+_DPNoiseOpt = Annotated[Optional[float], typer.Option(help="DP-FedAvg: noise multiplier (std = noise * clip / clients).")]
+_DPDeltaOpt = Annotated[float, typer.Option(help="DP-FedAvg: delta of the client-level guarantee.")]
+_ServerLedgerOpt = Annotated[
+    Optional[Path],
+    typer.Option(help="DP-FedAvg: the coordinator's ledger of releases [default: dp-fedavg-ledger-*.json beside GLOBAL_CHECKPOINT]."),
+]
+
+
 @command(app, "aggregate")
 def aggregate_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="The global checkpoint the clients trained from.")],
     updates: Annotated[list[Path], typer.Argument(help="Client update folders of this round.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the next global checkpoint.")],
-    weighting: Annotated[
-        Optional[str],
-        typer.Option(help="examples (trained this round), shard (shard size) or uniform; default: the recipe's."),
-    ] = None,
-    strategy: Annotated[
-        Optional[str],
-        typer.Option(help="mean, svd, exact, median or trimmed-mean; default: the recipe's federation.aggregation."),
-    ] = None,
-    trim_fraction: Annotated[
-        Optional[float], typer.Option(help="trimmed-mean: fraction of clients dropped at each end of every coordinate.")
-    ] = None,
-    norm_bound: Annotated[
-        Optional[float],
-        typer.Option(help="Clip or reject client updates whose difference from the global is larger than this L2 norm."),
-    ] = None,
-    norm_bound_action: Annotated[Optional[str], typer.Option(help="clip or reject (with --norm-bound).")] = None,
-    dp_clip: Annotated[
-        Optional[float], typer.Option(help="DP-FedAvg: clip each client's update to this L2 norm (with --dp-noise).")
-    ] = None,
-    dp_noise: Annotated[Optional[float], typer.Option(help="DP-FedAvg: noise multiplier (std = noise * clip / clients).")] = None,
-    dp_delta: Annotated[float, typer.Option(help="DP-FedAvg: delta of the client-level guarantee.")] = 1e-5,
-    server_ledger: Annotated[
-        Optional[Path],
-        typer.Option(help="DP-FedAvg: the coordinator's ledger of releases [default: dp-fedavg-ledger-*.json beside GLOBAL_CHECKPOINT]."),
-    ] = None,
+    weighting: _WeightingOpt = None,
+    strategy: _StrategyOpt = None,
+    trim_fraction: _TrimFractionOpt = None,
+    norm_bound: _NormBoundOpt = None,
+    norm_bound_action: _NormBoundActionOpt = None,
+    dp_clip: _DPClipOpt = None,
+    dp_noise: _DPNoiseOpt = None,
+    dp_delta: _DPDeltaOpt = 1e-5,
+    server_ledger: _ServerLedgerOpt = None,
     report_to: ReportToOpt = None,
     tracking_dir: TrackingDirOpt = None,
     overwrite: OverwriteOpt = False,
@@ -206,8 +218,6 @@ def aggregate_cmd(
 
     Example: [cyan]fedlora aggregate global/round-002 updates/round-003/* --out global/round-003 --strategy median[/]
     """
-    from dataclasses import asdict
-
     from fedlora_cli import federation, recipe as recipes, tracking
     from fedlora_cli.cli import ui
 
@@ -226,13 +236,21 @@ def aggregate_cmd(
     with tracking.open_run(trackers, tracking.coordinator_home(global_checkpoint), g.recipe.name, tracking_dir) as tracked:
         tracked.log_metrics(result.checkpoint.manifest.round, tracking.aggregate_metrics(result))
     if as_json:
-        m = result.checkpoint.manifest
-        ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
-                       "server_epsilon": result.server_epsilon, "aggregation": m.aggregation,
-                       "server_ledger": None if result.server_ledger is None else str(result.server_ledger),
-                       "clients": [asdict(r) for r in result.clients]})
+        _print_aggregate_json(result)
     else:
         _show_aggregate(result)
+
+
+def _print_aggregate_json(result) -> None:
+    from dataclasses import asdict
+
+    from fedlora_cli.cli import ui
+
+    m = result.checkpoint.manifest
+    ui.print_json({"path": str(result.checkpoint.path), "round": m.round, "digest": m.digest,
+                   "server_epsilon": result.server_epsilon, "aggregation": m.aggregation,
+                   "server_ledger": None if result.server_ledger is None else str(result.server_ledger),
+                   "clients": [asdict(r) for r in result.clients]})
 
 
 @command(app, "evaluate")

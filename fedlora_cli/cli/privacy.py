@@ -93,6 +93,17 @@ def privacy_plan(
     with ui.step_progress("calibrating candidates") as progress:
         found = planning.candidates(examples, epsilon, delta, rounds, d, progress=lambda i, n: progress(i, n, float("nan")))
     best = planning.recommend(found, examples, epsilon, delta, rounds, d, accountant)
+    _show_candidates(found, best, examples=examples, epsilon=epsilon, delta=delta, rounds=rounds, coordinates=d,
+                     as_json=as_json)
+
+
+def _show_candidates(found, best, *, examples: int, epsilon: float, delta: float, rounds: int, coordinates: int,
+                     as_json: bool) -> None:
+    """The candidate plans as a table (or JSON) and the recommended one."""
+    from fedlora_cli.cli import ui
+    from fedlora_cli.privacy import planning
+
+    d = coordinates
     if as_json:
         ui.print_json({"examples": examples, "epsilon": epsilon, "delta": delta, "rounds": rounds, "coordinates": d,
                        "candidates": [c.to_dict() for c in found], "recommended": best and best.to_dict(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,9 @@ def hub(monkeypatch):
     original_init = HfApi.__init__
 
     def init(self, *args, **kwargs):
-        calls.append(("init", args, kwargs))
+        # Only fedlora's own clients: a library loading the base model (bitsandbytes' kernels) makes its own HfApi.
+        if sys._getframe(1).f_globals.get("__name__") == "fedlora_cli.export.hub":
+            calls.append(("init", args, kwargs))
         original_init(self, *args, **kwargs)
 
     def create_repo(self, repo_id, **kwargs):
