@@ -251,13 +251,11 @@ class FlowerSites:
     def receive(self, g: Global, cid: str, reply: Message, folder: Path, collected: Collected) -> None:
         """One client's reply: its update unpacked into ``folder`` and checked in full, or left out by name."""
         r = g.manifest.round + 1
-        if reply.has_error():
-            self.say(WARNING, f"round {r}: client '{cid}' failed ({_flower_error(reply)}); left out")
+        failed = _failure(reply, "train")
+        if failed is not None:
+            self.say(WARNING, f"round {r}: client '{cid}' {failed}; left out")
             return
-        answer = reply.content.get(messages.REPLY) or ConfigRecord()
-        if messages.ERROR_KEY in answer:
-            self.say(WARNING, f"round {r}: client '{cid}' did not train: {answer[messages.ERROR_KEY]}; left out")
-            return
+        answer = reply.content[messages.REPLY]
         try:
             path = transport.unpack(reply.content, messages.UPDATE, folder, overwrite=True)
             update = check_update(g, path)
@@ -286,12 +284,9 @@ class FlowerSites:
                              ttl=self.settings.round_timeout) for cid, node in nodes.items()}
         out: dict[str, dict[str, float]] = {}
         for cid, reply in self.exchange(sent, self.settings.round_timeout).items():
-            if reply.has_error():
-                self.say(WARNING, f"client '{cid}' did not evaluate ({_flower_error(reply)})")
-                continue
-            answer = reply.content.get(messages.REPLY) or ConfigRecord()
-            if messages.ERROR_KEY in answer:
-                self.say(WARNING, f"client '{cid}' did not evaluate: {answer[messages.ERROR_KEY]}")
+            failed = _failure(reply, "evaluate")
+            if failed is not None:
+                self.say(WARNING, f"client '{cid}' {failed}")
                 continue
             found = reply.content.get(messages.METRICS)
             if isinstance(found, MetricRecord):
@@ -300,6 +295,18 @@ class FlowerSites:
 
     def kept_loss(self, round_: int, client_id: str) -> float | None:
         return None  # a DP-SGD client's loss stays at its site
+
+
+def _failure(reply: Message, doing: str) -> str | None:
+    """Why a site's reply carries no result: Flower's error, or the site's own one-line refusal; None if it does."""
+    if reply.has_error():
+        return f"failed ({_flower_error(reply)})"
+    answer = reply.content.get(messages.REPLY)
+    if answer is None:
+        return "failed (its reply carries no answer)"
+    if messages.ERROR_KEY in answer:
+        return f"did not {doing}: {answer[messages.ERROR_KEY]}"
+    return None
 
 
 def _flower_error(reply: Message) -> str:
