@@ -94,10 +94,9 @@ def _received(site: sites.SiteConfig, msg: Message):
 
 def _query(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
     text = str(msg.content[QUERY][MANIFEST_KEY])
-    manifest = sites.manifest_of(text)
     if relay is None:
-        return {REPLY: ConfigRecord(sites.describe(site, manifest))}
-    answer = relay.ask({"op": "query", "manifest": text}, "saying who the site is")
+        return {REPLY: ConfigRecord(sites.describe(site, sites.manifest_of(text)))}
+    answer = relay.ask({"op": "query", "manifest": text}, "saying who the site is")  # the worker reads it
     return {REPLY: ConfigRecord({str(k): str(v) for k, v in answer.items()})}
 
 

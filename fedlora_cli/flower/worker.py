@@ -103,7 +103,7 @@ class Worker:
 
     def __init__(self, site: sites.SiteConfig, benches: Benches | None = None, log: Log = print) -> None:
         self.site, self.log = site, log
-        self.benches = benches or Benches()
+        self.benches = benches if benches is not None else Benches()
         self.lock = threading.Lock()
         self.served = 0
 

@@ -132,3 +132,144 @@ def test_a_workers_third_round_is_bit_identical_to_a_fresh_train_client(case, sh
     assert tensor_digests(worker_update, storage.UPDATE_MANIFEST) == tensor_digests(fresh, storage.UPDATE_MANIFEST)
     assert (tensor_digests(state / "round-003", storage.STATE_MANIFEST)
             == tensor_digests(before / "round-003", storage.STATE_MANIFEST))
+
+
+def test_a_bench_shared_by_two_federations_carries_nothing_from_the_first(short_tmp, tiny_model_dir, reviews_csv,
+                                                                          partition_dir):
+    from fedlora_cli.federation import train_client
+
+    # Prepare: federation A aggregates exactly (a base-weight correction from round 1 on), B plainly; one workbench.
+    benches = workers.Benches()
+    layouts = {}
+    for name, aggregation, rounds in (("a", "exact", 2), ("b", "mean", 3)):
+        raw = recipe_dict(tiny_model_dir, reviews_csv)
+        raw["federation"].update(rounds=rounds, clients=2, client_ids=["client-0", "client-1"],
+                                 aggregation=aggregation)
+        nodes = sites(short_tmp / name, partition_dir, n=2)
+        nodes[101]["worker"] = "required"
+        resident = InProcessWorker(nodes[101], benches)
+        try:
+            serve(FakeGrid(nodes), run_config(short_tmp / name, raw, partition_dir))
+        finally:
+            resident.close()
+        layouts[name] = RunLayout(short_tmp / name / "run")
+    assert storage.read_global(layouts["a"].global_checkpoint(1)).manifest.correction_digests
+    assert benches.loads == 1, resident.lines  # B was trained on the model A's corrections went through
+    # Execute: B's third round again, on a workbench built afresh
+    state = short_tmp / "b" / "sites" / "client-0"
+    before = short_tmp / "before"
+    shutil.copytree(state, before, ignore=shutil.ignore_patterns("round-003", "flower", "*.sock"))
+    fresh = train_client(layouts["b"].global_checkpoint(2), sites(short_tmp, partition_dir)[101]["data"], before,
+                         short_tmp / "fresh", "client-0")
+    # Assert
+    assert fresh.update.manifest.tensor_digests == tensor_digests(layouts["b"].update(3, "client-0"),
+                                                                  storage.UPDATE_MANIFEST)
+
+
+def _toml(node: dict) -> str:
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in node.items())
+
+
+class Spawned:
+    """Worker processes a test starts, each ended by its PID when the test ends."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.procs = folder, []
+
+    def start(self, node: dict) -> subprocess.Popen:
+        log = open(self.folder / f"worker-{len(self.procs)}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "-m", "fedlora_cli", "flower", "worker", "--node-config", _toml(node)],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        log.close()
+        self.procs.append(proc)
+        sock = channel.socket_path(Path(node["state-dir"]))
+        deadline = time.monotonic() + 120
+        while not self._listening(sock):
+            assert proc.poll() is None, self.log(proc)
+            assert time.monotonic() < deadline, "the worker did not listen within 120 s"
+            time.sleep(0.1)
+        return proc
+
+    @staticmethod
+    def _listening(path: Path) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                return True
+            except OSError:
+                return False
+
+    def log(self, proc: subprocess.Popen) -> str:
+        return (self.folder / f"worker-{self.procs.index(proc)}.log").read_text()
+
+    def end_all(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+@pytest.fixture
+def spawned(short_tmp):
+    procs = Spawned(short_tmp)
+    try:
+        yield procs
+    finally:
+        procs.end_all()
+
+
+class RoundHooks(FakeGrid):
+    """The fake Grid, calling ``before_train(round)`` before it routes a round's train message to node 101."""
+
+    def __init__(self, nodes, before_train):
+        super().__init__(nodes)
+        self.before_train = before_train
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for msg in messages:
+            if msg.metadata.message_type == "train" and msg.metadata.dst_node_id == 101:
+                self.before_train(int(msg.metadata.group_id.split("-")[1]))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_worker_killed_mid_round_costs_that_round_its_client_and_a_restarted_one_serves_the_next(
+        short_tmp, spawned, tiny_model_dir, reviews_csv, partition_dir):
+    # Prepare: client-0 relays to a worker process; client-1 works in its ClientApp. Rounds take seconds.
+    raw = recipe_dict(tiny_model_dir, reviews_csv, local_steps=300)
+    raw["federation"].update(clients=2, client_ids=["client-0", "client-1"])
+    nodes = sites(short_tmp, partition_dir, n=2)
+    nodes[101]["worker"] = "required"
+    first = spawned.start(nodes[101])
+    workers_started = [first]
+    killer = []
+
+    def before_train(round_: int) -> None:
+        if round_ == 1:  # SIGKILL by PID while it trains (its model is warm from the query: it starts at once)
+            killer.append(threading.Timer(1.0, os.kill, (first.pid, signal.SIGKILL)))
+            killer[0].start()
+        else:
+            workers_started.append(spawned.start(nodes[101]))
+
+    said = []
+    grid = RoundHooks(nodes, before_train)
+    config = run_config(short_tmp, raw, partition_dir)
+    # Execute
+    rows = server_app.Coordinator(grid, server_app.Settings.from_run_config(config),
+                                  lambda level, text: said.append(text)).run()
+    killer[0].join()
+    # Assert: round 1 went on without client-0, named with what its worker was doing; round 2 had both
+    sock = channel.socket_path(Path(nodes[101]["state-dir"]))
+    assert first.wait(timeout=30) == -signal.SIGKILL
+    assert (f"round 1: client 'client-0' did not train: the site worker at {sock} stopped while training round 1; "
+            "left out") in said
+    assert [(row["clients"], row["left_out"]) for row in rows] == [(1, ["client-0"]), (2, [])]
+    layout = RunLayout(short_tmp / "run")
+    assert storage.read_global(layout.global_checkpoint(2)).manifest.clients == ["client-0", "client-1"]
+    # The restarted worker removed the socket the killed one left, and stops cleanly on SIGTERM, removing its own.
+    second = workers_started[1]
+    os.kill(second.pid, signal.SIGTERM)
+    assert second.wait(timeout=60) == 0, spawned.log(second)
+    log = spawned.log(second)
+    assert "removed the socket a stopped worker left at" in log and "trained round 2 (tiny-fedavg)" in log
+    assert not sock.exists()
