@@ -13,13 +13,13 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.adapters.kinds import adapter_kind
 from fedlora_cli.adapters.methods import Plan
 from fedlora_cli.adapters.roles import ADAPTER_PARAMETER_MARKERS
 from fedlora_cli.errors import FedloraError, first_line
+from fedlora_cli.model import fingerprint as fingerprints
 from fedlora_cli.model.site import HEAD_MODULES, Site, to_device
 from fedlora_cli.recipe.loading import resolve_location
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, TASK_CLASSIFICATION, Recipe
@@ -260,7 +260,7 @@ def _build(recipe: Recipe, num_labels: int | None, location: str, *, rank: int |
         model.config.pad_token_id = tokenizer.pad_token_id
     if recipe.model.task == TASK_CAUSAL_LM and getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    fingerprint = base_fingerprint(location, recipe.model.revision, model, site)
+    fingerprint = fingerprints.of_loaded(location, recipe.model.revision, model, site)
     legacy = _legacy_fingerprint(model) if not site.quantized and site.dtype == "float32" else None
     rank = rank or recipe.adapter.r
     config = adapter_config(recipe, rank)
@@ -364,60 +364,6 @@ def adapter_config(recipe: Recipe, rank: int) -> Any:
     return adapter_kind(adapter.kind).peft_config(adapter, rank, PEFT_TASK_TYPES[recipe.model.task], recipe.training.seed)
 
 
-# Config keys that say how or where a model was loaded, not which model it is.
-_LOADING_KEYS = (
-    "_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype",
-    "quantization_config", "_pre_quantization_dtype", "use_cache",
-)
-
-
-def base_fingerprint(location: str, revision: str | None, model: Any, site: Site) -> str:
-    """Identifies the base model by its architecture and its weights as stored, however a site loads them.
-
-    Hashes the config (without paths, versions and loading settings), the names, dtypes and shapes of every
-    stored weight, and the bytes of the first and last weight matrix (by name) as the safetensors files hold
-    them. Two sites with the same base model at different paths, one loading it in 4 bits and one in bfloat16,
-    agree; a different model or a different fine-tune does not. Task heads (``classifier``, ``score``) are left
-    out: they are initialised by the recipe's seed, not part of the base.
-
-    A base stored without safetensors is fingerprinted from its loaded float32 weights, which only a float32,
-    unquantised load can reproduce.
-    """
-    import torch
-
-    config = model.config.to_dict()
-    for key in _LOADING_KEYS:
-        config.pop(key, None)
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    files = _safetensors_files(location, revision)
-    if files:
-        from safetensors import safe_open
-
-        where: dict[str, Any] = {}
-        for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    where[name] = (path, str(piece.get_dtype()), tuple(piece.get_shape()))
-        names = sorted(n for n in where if not _is_head(n))
-        h.update(json.dumps([[n, where[n][1], where[n][2]] for n in names]).encode())
-        matrices = [n for n in names if len(where[n][2]) == 2]
-        for name in (matrices[0], matrices[-1]) if matrices else ():
-            with safe_open(str(where[name][0]), framework="pt") as handle:
-                t = handle.get_tensor(name).contiguous()
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        return h.hexdigest()[:16]
-    if site.quantized or site.dtype != "float32":
-        raise FedloraError(
-            f"base model '{location}' has no safetensors weights, so fedlora can identify it only from its float32 "
-            "weights: load it with model.dtype 'float32' and no quantization, or re-save it with save_pretrained"
-        )
-    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and not _is_head(name)]
-    for p in (weights[0], weights[-1]) if weights else ():
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _legacy_fingerprint(model: Any) -> str:
     """The fingerprint of fedlora before 2026-12 (the loaded config, the first and last loaded float32 weight
     matrices): what global checkpoints written then record."""
@@ -431,22 +377,3 @@ def _legacy_fingerprint(model: Any) -> str:
     for p in (weights[0], weights[-1]) if weights else ():
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _is_head(name: str) -> bool:
-    return any(part in HEAD_MODULES for part in name.split("."))
-
-
-def _safetensors_files(location: str, revision: str | None) -> list[Path]:
-    """The base model's safetensors files: in its folder, or in the Hub cache for a Hub id (from_pretrained
-    has just put them there)."""
-    folder = Path(location)
-    if not folder.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(location, revision=revision, local_files_only=True,
-                                            allow_patterns=["*.safetensors", "*.json"]))
-        except Exception:  # noqa: BLE001 - no cached snapshot: fall back to the loaded weights
-            return []
-    return sorted(folder.glob("*.safetensors"))
