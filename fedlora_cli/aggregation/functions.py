@@ -116,8 +116,10 @@ def clipped_delta(update: Tensors, reference: Tensors, bound: float) -> dict[str
 
 
 def _squared64(d: np.ndarray) -> float:
+    # einsum's own loop, not BLAS's dot: OpenBLAS starts its threads for a dot of this size, and they spin against
+    # the thread reading the next update (9.6 s against 1.4 s for 8 LLaMA-7B-shaped updates, 2 cores, 2026-12-07).
     flat = d.reshape(-1).astype(np.float64)
-    return float(np.dot(flat, flat))
+    return float(np.einsum("i,i->", flat, flat))
 
 
 def update_norm(update: Tensors, reference: Tensors) -> float:
@@ -194,11 +196,10 @@ def coordinate_median(values: Sequence[np.ndarray]) -> np.ndarray:
     """The median of every coordinate over the clients; with an even count, the mean of the two middle values."""
     stacked = _stacked(values)
     k = stacked.shape[0]
-    middle = [(k - 1) // 2] if k % 2 else [k // 2 - 1, k // 2]
-    ordered = np.partition(stacked, middle, axis=0)  # only the middle values in their places: no full sort
+    ordered = np.sort(stacked, axis=0)  # faster than np.partition here (2026-12-07: 3.4 against 9.8 ms, 8 x 65536)
     if k % 2:
-        return ordered[middle[0]]
-    return (ordered[middle[0]] + ordered[middle[1]]) / stacked.dtype.type(2)
+        return ordered[(k - 1) // 2]
+    return (ordered[k // 2 - 1] + ordered[k // 2]) / stacked.dtype.type(2)
 
 
 def trimmed_mean(values: Sequence[np.ndarray], trim: int) -> np.ndarray:

@@ -48,7 +48,7 @@ from fedlora_cli.errors import FedloraError
 if TYPE_CHECKING:
     import numpy as np
 
-_THREADS = 2  # the torch path used two as well: one read and hashed the next update while the other averaged
+_THREADS = 2  # as the screened path: one reads and hashes the next update while the other aggregates
 _GROUP = 4  # updates visited together
 
 
@@ -173,7 +173,7 @@ class _Mapped:
     def of(cls, update: storage.ClientUpdate, expected: Mapping[str, tuple[str, tuple[int, ...]]],
            reference: Mapping[str, np.ndarray]) -> _Mapped | FedloraError:
         """The update mapped, or why it cannot be: mapped ahead of its turn, it is refused in its turn, so a round
-        reports the first bad update first, as the torch path does."""
+        reports the first bad update first, as the screened path does."""
         try:
             return cls(update, expected, reference)
         except FedloraError as exc:
