@@ -18,7 +18,7 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,9 @@ LOADING_KEYS = (
     "_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype",
     "quantization_config", "_pre_quantization_dtype", "use_cache",
 )
+# What the fingerprint before 2026-12 left out of the config (it kept the loading settings, so a load in another
+# precision changed it).
+_LEGACY_LOADING_KEYS = ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash")
 _HEADER_LENGTH = struct.Struct("<Q")  # a safetensors file starts with its JSON header's length, little-endian u64
 
 
@@ -164,10 +167,20 @@ def of_loaded(location: str, revision: str | None, model: Any, site: Site) -> st
     return digest(text, None, _loaded_matrices(model))
 
 
-def _loaded_matrices(model: Any) -> list[bytes]:
+def legacy_of_loaded(model: Any) -> str:
+    """The fingerprint of fedlora before 2026-12, which global checkpoints written then record: the loaded config
+    (without paths and versions only) and the first and last loaded weight matrices outside ``classifier``, so a
+    float32, unquantised load alone reproduces it."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _LEGACY_LOADING_KEYS}
+    text = json.dumps(config, sort_keys=True, default=str)
+    return digest(text, None, _loaded_matrices(model, lambda name: "classifier" in name))
+
+
+def _loaded_matrices(model: Any, left_out: Callable[[str], bool] = is_head) -> list[bytes]:
+    """The bytes of the first and last loaded 2-D parameters (in the model's order) not ``left_out``."""
     import torch
 
-    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and not is_head(name)]
+    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and not left_out(name)]
     return [p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
             for p in ((weights[0], weights[-1]) if weights else ())]
 

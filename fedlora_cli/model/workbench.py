@@ -7,7 +7,6 @@ Adapter tensors are named as PEFT saves them (``get_peft_model_state_dict``: no 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import warnings
 from collections.abc import Iterator, Mapping
@@ -261,7 +260,7 @@ def _build(recipe: Recipe, num_labels: int | None, location: str, *, rank: int |
     if recipe.model.task == TASK_CAUSAL_LM and getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     fingerprint = fingerprints.of_loaded(location, recipe.model.revision, model, site)
-    legacy = _legacy_fingerprint(model) if not site.quantized and site.dtype == "float32" else None
+    legacy = fingerprints.legacy_of_loaded(model) if not site.quantized and site.dtype == "float32" else None
     rank = rank or recipe.adapter.r
     config = adapter_config(recipe, rank)
     try:
@@ -362,18 +361,3 @@ def adapter_config(recipe: Recipe, rank: int) -> Any:
     """The PEFT config of the recipe's adapter kind at ``rank``."""
     adapter = recipe.adapter
     return adapter_kind(adapter.kind).peft_config(adapter, rank, PEFT_TASK_TYPES[recipe.model.task], recipe.training.seed)
-
-
-def _legacy_fingerprint(model: Any) -> str:
-    """The fingerprint of fedlora before 2026-12 (the loaded config, the first and last loaded float32 weight
-    matrices): what global checkpoints written then record."""
-    import torch
-
-    config = model.config.to_dict()
-    for key in ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash"):
-        config.pop(key, None)
-    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    weights = [p for name, p in model.named_parameters() if p.dim() == 2 and "classifier" not in name]
-    for p in (weights[0], weights[-1]) if weights else ():
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]

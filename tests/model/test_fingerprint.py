@@ -189,3 +189,21 @@ def test_a_recipe_names_the_base_and_labels_its_workbench_loads(bases, reviews_c
     recipe = _recipe(tmp_path / "not-there", causal, math_jsonl if causal else reviews_csv, {})
     expected = build(recipe, 2, base_override=str(elsewhere)).fingerprint
     assert fingerprints.of_recipe(recipe, 2, str(elsewhere)) == expected
+
+
+def test_the_legacy_fingerprint_is_the_loaded_config_and_first_and_last_float32_matrices(tiny_model_dir, reviews_csv):
+    import hashlib
+
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2, dtype=torch.float32)
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash"):
+        config.pop(key, None)
+    assert "dtype" in config  # the old fingerprint kept the loading settings
+    by_hand = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and "classifier" not in name]
+    for p in (matrices[0], matrices[-1]):
+        by_hand.update(p.detach().numpy().tobytes())
+    assert build(_recipe(tiny_model_dir, False, reviews_csv, {}), 2).legacy_fingerprint == by_hand.hexdigest()[:16]
+    assert build(_recipe(tiny_model_dir, False, reviews_csv, {"model.dtype": "bfloat16"}), 2).legacy_fingerprint is None
