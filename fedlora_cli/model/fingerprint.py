@@ -7,7 +7,13 @@ model or fine-tune does not. Task heads (``classifier``, ``score``) are left out
 
 Every fingerprint goes through :func:`digest`, whether a workbench computes it after loading the base
 (:func:`of_loaded`) or a site identifies itself from the files alone (:func:`fingerprint`: headers and two
-tensors read from disk, no model load and no torch import), so the two cannot drift apart.
+tensors read from disk, no model load and no torch import), so the two cannot drift apart. The config it hashes
+is the one ``from_pretrained`` builds (class defaults, labels, the pad token the workbench settles), which only
+transformers' config classes reproduce; they import torch whenever it is installed, so a process without torch
+has them read by a child process in which torch is hidden (about 1 s, most of it ``import transformers``).
+
+A base without safetensors files (a GGUF or ``.bin`` base, a Hub id not downloaded yet) cannot be identified
+without loading it: its fingerprint hashes its loaded float32 weights (:func:`of_loaded`).
 """
 
 from __future__ import annotations
