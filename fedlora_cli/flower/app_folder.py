@@ -50,6 +50,7 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
     if recipe.data.labels is None and recipe.model.num_labels is None and recipe.model.task != recipes.TASK_CAUSAL_LM:
         raise FedloraError("the coordinator never sees the sites' data: the recipe must name data.labels (or "
                            "model.num_labels) for the round-0 global checkpoint")
+    _check_calibration(recipe, Path(run_dir))
     config: dict[str, object] = {"recipe": recipe_file, "run-dir": Path(run_dir).resolve()}
     if round_timeout is not None:
         if round_timeout <= 0:
@@ -94,6 +95,22 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / PYPROJECT).write_text("\n".join(lines))
     return out / PYPROJECT
+
+
+def _check_calibration(recipe: recipes.Recipe, run_dir: Path) -> None:
+    """Refuse a DP-SGD budget the server app cannot turn into a noise multiplier: calibrating it needs every site's
+    dataset size, which the coordinator knows only from a partition in the run folder (a simulation's data)."""
+    from fedlora_cli.data.partition import PARTITION_MANIFEST
+    from fedlora_cli.storage.run_layout import RunLayout
+
+    p = recipe.privacy
+    if p is None or p.noise_multiplier is not None or (RunLayout(run_dir).data / PARTITION_MANIFEST).is_file():
+        return
+    raise FedloraError(
+        "privacy.target_epsilon needs every site's dataset size to calibrate the DP-SGD noise, and the coordinator "
+        "never sees the sites' data: calibrate for the smallest site with 'fedlora privacy plan --recipe RECIPE "
+        "--examples N --batch-size B --steps S' and set privacy.noise_multiplier in the recipe"
+    )
 
 
 def node_config(client_id: str, data: str | None, state_dir: str, **settings: object) -> str:

@@ -68,3 +68,23 @@ def test_flower_app_report_to_goes_into_the_run_config(tmp_path, tiny_model_dir,
     fails(["flower", "app", recipe, "-o", tmp_path / "app2", "--run", tmp_path / "run", "--report-to", "tensorbored"],
           "unknown tracker 'tensorbored'")
     assert not (tmp_path / "app2").exists()
+
+
+def test_flower_app_refuses_a_dp_budget_it_cannot_calibrate(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    import shutil
+
+    from conftest import private_recipe
+
+    raw = private_recipe(tiny_model_dir, reviews_csv, target_epsilon=3.0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    # The coordinator never sees the sites' data: no noise multiplier can be calibrated for the budget.
+    fails(["flower", "app", recipe, "-o", tmp_path / "app", "--run", tmp_path / "run"],
+          "privacy.target_epsilon needs every site's dataset size", "set privacy.noise_multiplier")
+    assert not (tmp_path / "app").exists()
+    # With the noise multiplier set, or a partition in the run folder (a rehearsal on one host), it is written.
+    shutil.copytree(partition_dir, tmp_path / "run" / "data")
+    ok(["flower", "app", recipe, "-o", tmp_path / "app", "--run", tmp_path / "run"])
+    raw["privacy"]["noise_multiplier"] = 1.1
+    recipe.write_text(yaml.safe_dump(raw))
+    ok(["flower", "app", recipe, "-o", tmp_path / "app2", "--run", tmp_path / "elsewhere"])
