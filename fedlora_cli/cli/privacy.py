@@ -14,7 +14,7 @@ from fedlora_cli.errors import FedloraError
 
 @command(privacy_app, "report")
 def privacy_report(
-    path: Annotated[Path, typer.Argument(help="A client state folder, a simulate run folder, or a global checkpoint.")],
+    path: Annotated[Path, typer.Argument(help="A client state folder, a run folder (simulate's or the Flower server app's), or a global checkpoint.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Privacy spent: each round's (noise, sample rate, steps) and the cumulative (epsilon, delta)."""

@@ -324,12 +324,16 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
     def fmt(value: Any, spec: str = ".4f") -> str:
         return "-" if value is None else format(value, spec)
 
+    # Epsilon columns where there is spending: the sites' DP-SGD (the largest any update reports), DP-FedAvg's.
+    spent = [(key, label) for key, label in (("epsilon", "max eps"), ("server_epsilon", "server eps"))
+             if any(row[key] is not None for row in rows)]
     table = Table("round", "clients", "left out", "train loss", "global acc", "global loss", "upload B", "wire B",
-                  "seconds")
+                  "seconds", *(label for _, label in spent))
     for row in rows:
         table.add_row(str(row["round"]), f"{row['clients']}/{row['asked']}", ", ".join(row["left_out"]) or "-",
                       fmt(row["train_loss"]), fmt(row["global_accuracy"]), fmt(row["global_loss"]),
-                      str(row["upload_bytes"]), fmt(row["wire_bytes"], "d"), fmt(row["wall_seconds"], ".1f"))
+                      str(row["upload_bytes"]), fmt(row["wire_bytes"], "d"), fmt(row["wall_seconds"], ".1f"),
+                      *(fmt(row[key], ".3f") for key, _ in spent))
     console = Console(file=StringIO(), width=120, color_system=None)
     console.print(table)
     return console.file.getvalue().rstrip()

@@ -31,6 +31,23 @@ def client_entry(state_dir: Path) -> dict[str, Any] | None:
     return _entry(f"client {state.manifest.client_id} (round {state.manifest.round})", privacy.Ledger.from_dict(state.manifest.privacy))
 
 
+def reported_entries(run: storage.RunLayout) -> list[dict[str, Any]]:
+    """Each client's DP-SGD spending as its newest client update in the run folder reports it: the epsilon its own
+    accountant computed (an update carries no history; the client's state folder, at its site, has it)."""
+    newest: dict[str, storage.ClientUpdate] = {}
+    for path in run.client_updates():
+        update = storage.read_update(path)
+        newest[update.manifest.client_id] = update  # in round order: the last one read is the newest
+    entries = []
+    for cid, update in sorted(newest.items()):
+        p = update.manifest.privacy
+        if p is not None:
+            entries.append({"who": f"client {cid} (round {update.manifest.round}, as its update reports)",
+                            "accountant": p["accountant"], "delta": p["delta"], "budget": p["budget"],
+                            "history": [], "epsilon_after": [], "epsilon": p["epsilon"]})
+    return entries
+
+
 def server_entry(global_dir: Path | storage.GlobalCheckpoint) -> dict[str, Any] | None:
     """DP-FedAvg spending: the coordinator's ledger beside the checkpoint if it knows more releases than the
     checkpoint's own history (a round aggregated again since), else that history. Takes the checkpoint's folder,
@@ -60,7 +77,9 @@ def collect(path: Path) -> list[dict[str, Any]]:
     if (path / storage.GLOBAL_MANIFEST).is_file():
         entries.append(server_entry(path))
     elif run.is_run():
-        entries += [client_entry(state_dir) for state_dir in run.client_states()]
+        states = run.client_states()
+        # A Flower run's client states stay at the sites: what each client's update reports is what there is.
+        entries += [client_entry(state_dir) for state_dir in states] if states else reported_entries(run)
         rounds = run.global_checkpoints()
         if rounds:
             entries.append(server_entry(rounds[-1]))

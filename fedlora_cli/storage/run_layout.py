@@ -66,6 +66,11 @@ class RunLayout:
         folder = self.root / CLIENTS_DIR
         return sorted(folder.iterdir()) if folder.is_dir() else []
 
+    def client_updates(self) -> list[Path]:
+        """Every client update folder in updates/, in round order (by number), then by client id."""
+        rounds = [p for p in (self.root / UPDATES_DIR).glob("round-*") if p.name[6:].isdigit()]
+        return [u for r in sorted(rounds, key=lambda p: int(p.name[6:])) for u in sorted(r.iterdir()) if u.is_dir()]
+
     def global_checkpoints(self) -> list[Path]:
         """The round folders in global/, in round order (by number: round-1000 comes after round-999)."""
         folder = self.root / GLOBAL_DIR

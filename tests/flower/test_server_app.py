@@ -177,6 +177,18 @@ def test_a_resent_round_spends_no_privacy_budget_and_no_reply_carries_the_loss(t
     assert len(spent["history"]) == 1
 
 
+def test_the_round_table_shows_the_epsilon_the_sites_report(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    raw["federation"]["rounds"] = 1
+    said = []
+    rows = server_app.Coordinator(FakeGrid(sites(tmp_path, partition_dir)), server_app.Settings.from_run_config(
+        run_config(tmp_path, raw, partition_dir)), lambda level, text: said.append(text)).run()
+    spent = max(storage.latest_state(tmp_path / "sites" / f"client-{i}").manifest.privacy["epsilon"] for i in range(3))
+    assert rows[0]["epsilon"] == pytest.approx(spent)
+    table = [t for t in said if t.startswith("round 1 done")][-1]
+    assert "max eps" in table and f"{spent:.3f}" in table and "server eps" not in table
+
+
 def test_a_site_with_another_base_model_is_refused_before_it_trains(tmp_path, tiny_model_dir, reviews_csv,
                                                                     partition_dir, tmp_path_factory):
     from transformers import BertForSequenceClassification

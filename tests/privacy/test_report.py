@@ -45,3 +45,21 @@ def test_privacy_report_of_a_run_counts_releases_its_checkpoints_do_not_show(tin
     assert len(server) == 1 and len(server[0]["history"]) == 2
     assert server[0]["epsilon"] == pytest.approx(exact_gaussian_epsilon([(2.0, 2)], 1e-5), rel=1e-4)
     assert server[0]["accountant"] == "gaussian"
+
+
+def test_privacy_report_of_a_flower_run_shows_what_each_clients_update_reports(tiny_model_dir, reviews_csv,
+                                                                               federation_copy):
+    from conftest import private_recipe
+
+    import shutil
+
+    layout = federation_copy(recipes.from_dict(private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)))
+    spent = {c: storage.latest_state(layout.state(c)).manifest.privacy["epsilon"]
+             for c in ("client-0", "client-1", "client-2")}
+    # A Flower run folder: the client states stayed at the sites.
+    shutil.rmtree(layout.root / "clients")
+    report = runner.invoke(app, ["privacy", "report", str(layout.root), "--json"])
+    assert report.exit_code == 0, report.output
+    entries = json.loads(report.stdout)
+    assert {e["who"].split()[1]: e["epsilon"] for e in entries} == pytest.approx(spent)
+    assert all(e["epsilon"] > 0 and "as its update reports" in e["who"] for e in entries)
