@@ -74,19 +74,28 @@ def node_config_cmd(
     mixed_precision: MixedPrecisionOpt = None,
     gradient_checkpointing: CheckpointingOpt = None,
     accumulation_steps: AccumulationOpt = None,
+    worker: Annotated[Optional[str], typer.Option(
+        help="When the ClientApp relays to this site's resident worker (fedlora flower worker): auto (default: "
+        "when its socket exists), required, off.")] = None,
 ) -> None:
     """Print the --node-config value of this site's SuperNode (TOML, strings quoted, paths absolute).
 
     Example: flower-supernode ... --node-config "$(fedlora flower node-config --client-id site-a --data a.csv
     --state-dir state-a)"
     """
+    from fedlora_cli.errors import FedloraError
     from fedlora_cli.flower.app_folder import node_config
+    from fedlora_cli.flower.site import WORKER_MODES
     from fedlora_cli.recipe.site_settings import BY_NAME
+
+    if worker is not None and worker not in WORKER_MODES:
+        raise FedloraError(f"--worker must be one of {', '.join(WORKER_MODES)}; got '{worker}'")
 
     site = {"device": device, "dtype": dtype, "quantization": quantization, "mixed_precision": mixed_precision,
             "gradient_checkpointing": gradient_checkpointing, "accumulation_steps": accumulation_steps}
     print(node_config(client_id, data, str(state_dir), **{
         "test-data": test_data, "base": base_model, **{BY_NAME[name].node_key: value for name, value in site.items()},
+        "worker": worker,
     }))
 
 

@@ -9,15 +9,15 @@ Messages (the record names are the constants below; folders travel as :mod:`.tra
 
 A site that cannot do what is asked (no data, another base model, a spent privacy budget) replies
 REPLY {client-id, error} with fedlora's one-line message instead of raising, so the server names the client and
-the reason.
+the reason. Under DP-SGD no reply carries the training loss (the update's manifest leaves it out, and no metric
+is added here): it is a function of the private data with no noise, and Flower logs metrics.
 
 With a resident site worker (:mod:`.worker`; the node config's ``worker``: "auto" uses one when its socket
 STATE-DIR/worker.sock exists, "required" always, "off" never) this app is a relay that imports no torch: it unpacks
 the received global into the site's work folder, asks the worker over :mod:`.channel` (one JSON line each way), and
 packs the update the worker wrote. A worker that stops mid-request becomes an error reply naming the client and what
 it was doing ("the site worker at ... stopped while training round N"), so the round goes on without it. Without a
-worker the app does the work itself, loading the base model for the message. Under DP-SGD no reply carries the training loss (the update's manifest leaves it out, and no metric
-is added here): it is a function of the private data with no noise, and Flower logs metrics.
+worker the app does the work itself, loading the base model for the message.
 """
 
 from __future__ import annotations

@@ -113,13 +113,17 @@ class Worker:
         with self.lock:
             try:
                 self._check(request)
-                result, what = _OPS[str(op)](self, request)
+                result, what = getattr(self, str(op))(request)
             except FedloraError as exc:
                 self.log(f"{self.site.client_id}: {op} refused in {time.perf_counter() - started:.1f} s: "
                          f"{first_line(exc)}")
                 return {"error": first_line(exc)}
             except Exception as exc:  # noqa: BLE001 - one line to the relay, the worker serves on
                 self.log(f"{self.site.client_id}: {op} failed: {exc.__class__.__name__}: {first_line(exc)}")
+                if os.environ.get("FEDLORA_DEBUG"):
+                    import traceback
+
+                    traceback.print_exc()
                 return {"error": f"the site worker failed: {exc.__class__.__name__}: {first_line(exc)}"}
             finally:
                 self.served += 1
@@ -177,9 +181,8 @@ class Worker:
         return {"metrics": metrics}, f"evaluated round {g.manifest.round} ({g.recipe.name})"
 
 
-_OPS: dict[str, Callable[[Worker, Mapping[str, Any]], tuple[dict[str, Any], str]]] = {
-    "query": Worker.query, "train": Worker.train, "evaluate": Worker.evaluate,
-}
+# The requests a worker answers, each by its method of the same name.
+_OPS = ("query", "train", "evaluate")
 
 
 class _Handler(socketserver.StreamRequestHandler):

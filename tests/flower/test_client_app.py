@@ -154,7 +154,8 @@ def answer():  # a stand-in worker: the relay's requests, canned answers
 threading.Thread(target=answer, daemon=True).start()
 context = Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config={})
 manifest = (global_dir / "fedlora.json").read_text()
-query = Message(RecordDict({client_app.QUERY: client_app.ConfigRecord({client_app.MANIFEST_KEY: manifest})}), 5, "query")
+query = Message(RecordDict({client_app.QUERY: client_app.ConfigRecord({client_app.MANIFEST_KEY: manifest})}), 5,
+                "query")
 train = Message(RecordDict(transport.pack(global_dir, client_app.GLOBAL)), 5, "train")
 replies = []
 for i, msg in enumerate((query, train)):

@@ -19,13 +19,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora_cli import storage
 from fedlora_cli.data.partition import TEST_SHARD
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.flower import channel, client_app, server_app, worker as workers
+from fedlora_cli.flower import channel, server_app, worker as workers
 from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
 from conftest import private_recipe, recipe_dict
@@ -273,3 +272,92 @@ def test_a_worker_killed_mid_round_costs_that_round_its_client_and_a_restarted_o
     log = spawned.log(second)
     assert "removed the socket a stopped worker left at" in log and "trained round 2 (tiny-fedavg)" in log
     assert not sock.exists()
+
+
+def test_two_requests_never_run_at_once_the_second_waits_its_turn(short_tmp):
+    node = {"client-id": "a", "state-dir": str(short_tmp / "s")}
+
+    class Slow(workers.Worker):
+        running, most = 0, 0
+
+        def query(self, request):
+            Slow.running += 1
+            Slow.most = max(Slow.most, Slow.running)
+            time.sleep(0.3)
+            Slow.running -= 1
+            return {"client-id": "a"}, "said who it is"
+
+    service = workers.Service(Slow(SiteConfig.from_node_config(node), log=lambda line: None))
+    answers = []
+    try:
+        asking = [threading.Thread(target=lambda: answers.append(channel.ask(
+            service.path, {"op": "query", "node-config": node}, "saying who the site is"))) for _ in range(2)]
+        for thread in asking:
+            thread.start()
+        for thread in asking:
+            thread.join(timeout=30)
+    finally:
+        service.close()
+    assert answers == [{"client-id": "a"}] * 2
+    assert Slow.most == 1
+
+
+def test_a_worker_refuses_unknown_requests_and_another_protocol_in_one_line():
+    worker = workers.Worker(SiteConfig.from_node_config({"client-id": "a", "state-dir": "/s"}), log=lambda line: None)
+    node = {"client-id": "a", "state-dir": "/s"}
+    assert worker.handle({"protocol": 1, "op": "shell", "node-config": node}) == {
+        "error": "unknown request 'shell' (known: query, train, evaluate)"}
+    assert worker.handle({"protocol": 2, "op": "query", "node-config": node})["error"].startswith(
+        "the relay speaks protocol 2, this worker 1")
+    assert worker.handle({"protocol": 1, "op": "train", "node-config": node, "round": "1"}) == {
+        "error": "a train or evaluate request needs the received global's round and digest"}
+
+
+def test_a_worker_will_not_start_beside_a_live_one_or_over_a_file_that_is_not_a_socket(short_tmp):
+    site = SiteConfig.from_node_config({"client-id": "a", "state-dir": str(short_tmp / "s")})
+    first = workers.Service(workers.Worker(site, log=lambda line: None))
+    try:
+        assert oct(os.stat(first.path).st_mode & 0o777) == "0o600"
+        with pytest.raises(FedloraError, match="^a site worker already listens at .*; stop it first$"):
+            workers.Service(workers.Worker(site, log=lambda line: None))
+    finally:
+        first.close()
+    assert not first.path.exists()
+    first.path.write_text("mine")
+    with pytest.raises(FedloraError, match="exists and is not a socket; refusing to replace it$"):
+        workers.Service(workers.Worker(site, log=lambda line: None))
+    assert first.path.read_text() == "mine"
+
+
+def test_at_most_capacity_workbenches_are_kept_least_recently_used_dropped_first(make_recipe):
+    site = SiteConfig.from_node_config({"client-id": "a", "state-dir": "/s"})
+    one, other = make_recipe(), make_recipe(seed=1)  # another seed initialises another head and adapter
+    benches = workers.Benches(capacity=1)
+    first = benches.get(site, one, 2, 4)
+    assert benches.get(site, one, 2, 4) is first and benches.loads == 1
+    benches.get(site, other, 2, 4)
+    assert benches.loads == 2 and len(benches) == 1
+    assert benches.get(site, one, 2, 4) is not first and benches.loads == 3
+    with pytest.raises(FedloraError, match="at least one workbench"):
+        workers.Benches(capacity=0)
+
+
+def test_the_worker_command_refuses_a_bad_node_config_in_one_line(tmp_path):
+    from cli.helpers import fails
+
+    fails(["flower", "worker", "--node-config", "client-id=a b"], "--node-config: The provided configuration string")
+    fails(["flower", "worker", "--node-config", f'client-id="a" state-dir="{tmp_path}" worker="off"'],
+          'this --node-config says worker="off"')
+    fails(["flower", "worker", "--node-config", f'client-id="a" state-dir="{tmp_path}" devise="cpu"'],
+          "node config key 'devise' is unknown")
+    fails(["flower", "worker", "--node-config", f'client-id="a" state-dir="{tmp_path}"', "--max-benches", "0"],
+          "a site worker holds at least one workbench; got 0")
+    fails(["flower", "node-config", "--client-id", "a", "--state-dir", str(tmp_path), "--worker", "maybe"],
+          "--worker must be one of auto, required, off; got 'maybe'")
+
+
+def test_node_config_writes_the_worker_key_the_site_reads(tmp_path):
+    from cli.helpers import ok
+
+    written = ok(["flower", "node-config", "--client-id", "a", "--state-dir", tmp_path, "--worker", "required"])
+    assert SiteConfig.from_node_config(workers.parse_node_config(written.strip())).worker == "required"
