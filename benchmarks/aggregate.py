@@ -18,7 +18,8 @@ in a fresh process, measured side by side over the same files:
 
 ``--strategy`` (median, svd) and ``--server-privacy`` (DP-FedAvg: ``--dp-clip 0.01 --dp-noise 1.0``) measure
 `fedlora aggregate` with that strategy instead of the mean; the other three ways average, so they are measured for
-the plain mean only (``--kinds`` chooses). ``--layers`` keeps fewer LLaMA-7B layers (each still 4 projections of
+the plain mean only (``--kinds`` chooses). ``--kinds safe_open,mapped`` compares the two safetensors readers alone
+(every tensor read and digested). ``--layers`` keeps fewer LLaMA-7B layers (each still 4 projections of
 4096 x 4096 at r = 16), for svd, whose dense 4096 x 4096 SVD per projection costs seconds each. Run it with an older
 fedlora first on PYTHONPATH (``PYTHONPATH=/tmp/fedlora-before``) for a before / after comparison.
 
@@ -124,11 +125,31 @@ def run_baseline(files: list[str]) -> None:
     _ = {name: sum(u[name] for u in updates) / n for name in updates[0]}
 
 
+def run_reader(files: list[str], kind: str) -> None:
+    """Every tensor of every update read and digested (what the coordinator does to each before it may use it), by
+    the safetensors library's numpy reader ('safe_open', which copies each tensor out) or fedlora's ('mapped')."""
+    from safetensors import safe_open
+
+    from fedlora_cli import storage
+    from fedlora_cli.storage.mapped import map_tensors
+
+    for f in files:
+        if kind == "mapped":
+            for t in map_tensors(Path(f), "client update tensors").values():
+                storage.tensor_digest(t)
+        else:
+            with safe_open(f, framework="numpy") as handle:
+                for name in handle.keys():
+                    storage.tensor_digest(handle.get_tensor(name))
+
+
 def worker(kind: str, global_dir: str, update_dirs: list[str], out: str, options: list[str]) -> None:
     from fedlora_cli import storage
 
     files = [str(Path(d) / storage.UPDATE_TENSORS) for d in update_dirs]
-    if kind in ("limit", "floor"):
+    if kind in ("safe_open", "mapped"):
+        run_reader(files, kind)
+    elif kind in ("limit", "floor"):
         run_sum(files, mapped=kind == "floor")
     elif kind == "baseline":
         run_baseline(files)
@@ -224,7 +245,8 @@ def main() -> None:
     parser.add_argument("--strategy", choices=("mean", "median", "svd"), default="mean")
     parser.add_argument("--server-privacy", action="store_true", help="DP-FedAvg around the strategy")
     parser.add_argument("--layers", type=int, default=LAYERS)
-    parser.add_argument("--kinds", help=f"any of {','.join(KINDS)}; default all for the mean, else fedlora")
+    parser.add_argument("--kinds", help=f"any of {','.join(KINDS)}; default all for the mean, else fedlora; or the "
+                        "readers alone, safe_open and mapped (each tensor read and digested)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

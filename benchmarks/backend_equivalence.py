@@ -12,7 +12,8 @@ bound clip, norm bound reject), DP-FedAvg (noise multiplier 0, so the noise cann
 and every server optimiser around mean, median, trimmed-mean and DP-FedAvg. The written tensors (adapter,
 correction, server state) are compared: max |new - old| and max |new - old| / max |old| per case, and for the
 adapter tensors the largest difference in units in the last place (of the tensor's largest value, in the written
-dtype); a case both refuse must be refused with the same message. svd's factors are compared with each component's
+dtype), and the per-layer reports svd and exact write in the manifest; a case both refuse must be refused with the
+same message. svd's factors are compared with each component's
 sign fixed alike (the torch backend kept the signs its LAPACK chose; the numpy one fixes them, :func:`signed`).
 """
 
@@ -153,7 +154,7 @@ def compare(old: Path, new: Path) -> list[dict]:
     for case in cases():
         a, b = results[0][case["name"]], results[1][case["name"]]
         row = {**case, "old": "ok" if "ok" in a else a["refused"], "new": "ok" if "ok" in b else b["refused"],
-               "abs": 0.0, "rel": 0.0, "tensors": 0, "ulps": 0.0}
+               "abs": 0.0, "rel": 0.0, "tensors": 0, "ulps": 0.0, "report": 0.0}
         if "ok" in a and "ok" in b:
             for filename in FILES:
                 paths = [d / case["name"] / filename for d in (old, new)]
@@ -176,8 +177,24 @@ def compare(old: Path, new: Path) -> list[dict]:
                     row["tensors"] += 1
                     if filename == FILES[0]:
                         row["ulps"] = max(row["ulps"], ulps(x[n], y[n]))
+            row["report"] = report_difference(*(d / case["name"] / "fedlora.json" for d in (old, new)))
         rows.append(row)
     return rows
+
+
+def report_difference(old: Path, new: Path) -> float:
+    """The largest relative difference between the two manifests' per-layer reports (svd, exact: the error of
+    plain averaging, svd's truncation error; its numerical rank must be equal), 0 without one."""
+    layers = [json.loads(p.read_text())["aggregation"].get("layers", {}) for p in (old, new)]
+    worst = 0.0
+    for layer, report in layers[0].items():
+        other = layers[1][layer]
+        if report.get("rank") != other.get("rank"):
+            return float("inf")
+        for key in ("mean_error", "truncation_error"):
+            if report.get(key) is not None:
+                worst = max(worst, abs(other[key] - report[key]) / max(abs(report[key]), 1e-300))
+    return worst
 
 
 def signed(tensors: dict) -> dict:
@@ -211,13 +228,13 @@ def ulps(old, new) -> float:
 
 def table(rows: list[dict]) -> str:
     lines = ["| dtype | server optimiser | strategy | norm bound | tensors | max abs diff | max rel diff | adapter ulps "
-             "| outcome |", "|---|---|---|---|---|---|---|---|---|"]
+             "| layer report rel diff | outcome |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = r["old"] == r["new"]
         outcome = "both wrote" if same and r["old"] == "ok" else (f"both refuse: {r['old']}" if same else
                                                                    f"DIFFER: old {r['old']!r}, new {r['new']!r}")
         lines.append(f"| {r['dtype']} | {r['optimizer']} | {r['strategy']} | {r['bound']} | {r['tensors']} | "
-                     f"{r['abs']:.3g} | {r['rel']:.3g} | {r['ulps']:.3g} | {outcome} |")
+                     f"{r['abs']:.3g} | {r['rel']:.3g} | {r['ulps']:.3g} | {r['report']:.3g} | {outcome} |")
     return "\n".join(lines)
 
 

@@ -112,7 +112,9 @@ def clipped_delta(update: Tensors, reference: Tensors, bound: float) -> dict[str
     if norm <= bound:
         return deltas
     scale = np.float32(bound / norm * _CLIP_MARGIN)
-    return {name: d * scale for name, d in deltas.items()}
+    for d in deltas.values():
+        d *= scale  # in place: the deltas are this function's own arrays
+    return deltas
 
 
 def _squared64(d: np.ndarray) -> float:
@@ -290,7 +292,7 @@ def svd_layer(factors: Iterable[Factors], rank: int, scale: float) -> tuple[np.n
     A keeps unit-norm rows even where a singular value is zero, so no direction of the next round's B starts
     with a zero gradient (splitting sqrt(S) into both factors would leave such directions dead for good). Each
     component's sign is fixed (the largest entry of its row of A is positive), so the result does not depend on
-    the LAPACK that computed it. Computed in float64 (:func:`_svd_of_product`); returned in the clients' dtype.
+    the LAPACK that computed it. Computed in float64 (:func:`_bases`); returned in the clients' dtype.
     Memory: the clients' factors of the layer side by side, K r (out + in) floats, never the dense out x in M.
     """
     b_parts: list[np.ndarray] = []
@@ -313,51 +315,44 @@ def svd_layer(factors: Iterable[Factors], rank: int, scale: float) -> tuple[np.n
     if a_plain is None:
         raise FedloraError("no client updates to aggregate")
     b_all, a_all = np.concatenate(b_parts, axis=1), np.concatenate(a_parts, axis=0)  # M = b_all a_all
-    u, sv, vh = _svd_of_product(b_all, a_all)
+    (q_b, core, q_a), plain = _bases(b_all, a_all), [b_plain, a_plain]
+    if q_b is not None:  # avg(B) and avg(A) lie in the same bases as M: their columns and rows combine the clients'
+        plain = [q_b.T @ b_plain, a_plain @ q_a]
+    u, sv, vh = np.linalg.svd(core, full_matrices=False)
     keep = min(rank, sv.shape[0])
+    u, vh = (u[:, :keep], vh[:keep]) if q_b is None else (q_b @ u[:, :keep], vh[:keep] @ q_a.T)
+    _fix_signs(u, vh)
     a_new, b_new = np.zeros((rank, a_all.shape[1])), np.zeros((b_all.shape[0], rank))
-    a_new[:keep] = vh[:keep]
-    b_new[:, :keep] = u[:, :keep] * sv[:keep]
+    a_new[:keep] = vh
+    b_new[:, :keep] = u * sv[:keep]
     norm = float(np.linalg.norm(sv))
     lost = float(np.linalg.norm(sv[keep:])) if sv.shape[0] > keep else 0.0
     tolerance = float(sv[0]) * max(b_all.shape[0], a_all.shape[1]) * np.finfo(np.float64).eps if sv.size else 0.0
-    # avg(B) avg(A) - M as one product: [avg(B), -b_all] [avg(A); a_all].
-    plain_error = _product_norm(np.concatenate([b_plain, -b_all], axis=1), np.concatenate([a_plain, a_all]))
-    report = LayerReport(mean_error=_relative(plain_error, norm), truncation_error=_relative(lost, norm),
-                         rank=int((sv > tolerance).sum()))
+    report = LayerReport(mean_error=_relative(_frobenius(plain[0] @ plain[1] - core), norm),
+                         truncation_error=_relative(lost, norm), rank=int((sv > tolerance).sum()))
     return a_new.astype(dtype), b_new.astype(dtype), report
 
 
-def _svd_of_product(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The thin SVD U S V^T of M = b a, signs fixed by :func:`_signed`.
+def _bases(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """M = b a as (Q_b, C, Q_a) with M = Q_b C Q_a^T, Q_b and Q_a of orthonormal columns.
 
     When the inner dimension p (the clients' ranks together) is below M's smaller side, M is never formed: with
-    b = Q_b R_b and a^T = Q_a R_a, M = Q_b (R_b R_a^T) Q_a^T, so the SVD of the p x p core gives M's (U = Q_b U_c,
-    V = Q_a V_c), exactly in exact arithmetic, at O((out + in) p^2) instead of O(out in min(out, in)).
+    b = Q_b R_b and a^T = Q_a R_a, C = R_b R_a^T is p x p, so the SVD of C gives M's (U = Q_b U_C, V = Q_a V_C)
+    exactly in exact arithmetic, at O((out + in) p^2) instead of O(out in min(out, in)). Otherwise C = M (no Q).
     """
     if b.shape[1] >= min(b.shape[0], a.shape[1]):
-        return _signed(*np.linalg.svd(b @ a, full_matrices=False))
+        return None, b @ a, None
     q_b, r_b = np.linalg.qr(b)
     q_a, r_a = np.linalg.qr(a.T)
-    u_core, sv, vh_core = np.linalg.svd(r_b @ r_a.T)
-    return _signed(q_b @ u_core, sv, vh_core @ q_a.T)
+    return q_b, r_b @ r_a.T, q_a
 
 
-def _signed(u: np.ndarray, sv: np.ndarray, vh: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each singular pair (u_j, v_j) or its negation, whichever gives v_j's largest entry (the first, if tied) a
-    positive sign: an SVD's signs are otherwise whatever its LAPACK chose."""
+def _fix_signs(u: np.ndarray, vh: np.ndarray) -> None:
+    """Each singular pair (u_j, v_j), or its negation, in place: whichever gives v_j's largest entry (the first, if
+    tied) a positive sign. An SVD's signs are otherwise whatever its LAPACK chose."""
     flip = vh[np.arange(vh.shape[0]), np.abs(vh).argmax(axis=1)] < 0
     u[:, flip] *= -1
     vh[flip] *= -1
-    return u, sv, vh
-
-
-def _product_norm(x: np.ndarray, y: np.ndarray) -> float:
-    """||x y||_F without forming x y when its inner dimension is the smaller: ||R_x R_y^T||_F, R the triangular
-    factors of the QR decompositions of x and y^T."""
-    if x.shape[1] >= min(x.shape[0], y.shape[1]):
-        return _frobenius(x @ y)
-    return _frobenius(np.linalg.qr(x, mode="r") @ np.linalg.qr(y.T, mode="r").T)
 
 
 def exact_layer(factors: Iterable[Factors], scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, LayerReport]:
