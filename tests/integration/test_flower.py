@@ -13,13 +13,7 @@ processes) is ended by its PID when the test ends, passed or not (the ``deployme
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +22,7 @@ import yaml
 from conftest import recipe_dict
 
 pytest.importorskip("flwr")
-psutil = pytest.importorskip("psutil")
+pytest.importorskip("psutil")
 
 from fedlora_cli import federation, storage
 from fedlora_cli.data.partition import TEST_SHARD, shard_name
@@ -36,140 +30,10 @@ from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
 
+from .flower_deploy import Deployment, wait_until
+
 pytestmark = pytest.mark.integration
-BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[2]
 SITES = ("site-a", "site-b")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, seconds: float, what: str, every: float = 0.5) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(every)
-    raise AssertionError(f"{what} within {seconds:g} s")
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def descendants(pid: int) -> list[int]:
-    try:
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-class Deployment:
-    """A SuperLink and SuperNodes of one test, on 127.0.0.1, with their logs in TMP/logs; :meth:`end` ends them
-    all by PID."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.home = tmp_path / "flwr-home"
-        self.home.mkdir()
-        self.link, self.health = free_port(), free_port()
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.link}"\ninsecure = true\n'
-        )
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # flower-superexec is found on PATH
-        self.logs = tmp_path / "logs"
-        self.logs.mkdir()
-        self.processes: list[subprocess.Popen] = []
-        self.killed: list[int] = []  # PIDs ended by kill(), children included
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "w") as out:  # the child writes to its own copy
-            p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                 cwd=self.tmp)
-        self.processes.append(p)
-        return p
-
-    def superlink(self) -> subprocess.Popen:
-        p = self.start("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.link),
-                       "--disable-runtime-dependency-installation", "--health-server-address",
-                       f"127.0.0.1:{self.health}")
-        wait_until(lambda: listening(self.link) and listening(self.health), 60, "the SuperLink was not listening")
-        return p
-
-    def supernode(self, config: str, name: str) -> subprocess.Popen:
-        return self.start(name, "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link}", "--host",
-                          "127.0.0.1", "--port", str(free_port()), "--node-config", config)
-
-    def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.tmp, check=False,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def run(self, app: Path, timeout: float = 420) -> str:
-        """``flwr run APP --stream``: its output (the ServerApp's log), also kept in logs/flwr-run.log."""
-        done = self.flwr("run", str(app), "local", "--stream", timeout=timeout)
-        (self.logs / "flwr-run.log").write_text(done.stdout + done.stderr)
-        return done.stdout + done.stderr
-
-    def statuses(self) -> list[str]:
-        """Each run's status as ``flwr list --format json`` gives it (``flwr run`` exits 0 even when the ServerApp
-        fails)."""
-        listed = self.flwr("list", "local", "--format", "json", timeout=60)
-        try:
-            runs = json.loads(listed.stdout)["runs"]
-        except (ValueError, KeyError) as exc:
-            raise AssertionError(f"flwr list gave no runs ({exc}): {listed.stdout} {listed.stderr}") from None
-        return [str(run["status"]).replace(" ", "") for run in runs]
-
-    def kill(self, p: subprocess.Popen) -> None:
-        """SIGKILL a SuperNode and the processes it started (its flower-superexec and ClientApp): a site's host gone,
-        with no goodbye to the SuperLink."""
-        pids = [p.pid, *descendants(p.pid)]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.killed += pids
-        p.wait(timeout=10)
-
-    def end(self) -> None:
-        """SIGTERM each process and each of its descendants by PID; SIGKILL whatever is left after 30 s."""
-        pids = list(self.killed)
-        for p in self.processes:
-            pids += descendants(p.pid)
-            pids.append(p.pid)
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGTERM)
-        for p in self.processes:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        for p in self.processes:
-            p.wait(timeout=10)
-
-    def all_ended(self) -> bool:
-        return not any(alive(pid) for pid in [*self.killed, *(p.pid for p in self.processes)])
 
 
 @pytest.fixture
