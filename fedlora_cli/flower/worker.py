@@ -185,6 +185,10 @@ class Worker:
 _OPS = ("query", "train", "evaluate")
 
 
+class _HungUp(FedloraError):
+    """The other end connected and closed without a request."""
+
+
 class _Handler(socketserver.StreamRequestHandler):
     """One connection: one request in, one answer out."""
 
@@ -195,7 +199,9 @@ class _Handler(socketserver.StreamRequestHandler):
         try:
             if uid is not None and uid != os.getuid():
                 raise FedloraError(f"a process of uid {uid} connected; only uid {os.getuid()} is served")
-            request = channel.read_frame(self.rfile, closed=FedloraError)
+            request = channel.read_frame(self.rfile, closed=_HungUp)
+        except _HungUp:
+            return  # a probe (is a worker listening?), not a request
         except FedloraError as exc:
             self.server.worker.log(f"{self.server.worker.site.client_id}: a connection refused: {first_line(exc)}")
             return
@@ -208,6 +214,8 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # Closing does not wait for a request in progress: run() decides whether to wait for it.
+    block_on_close = False
 
     def __init__(self, path: Path, worker: Worker) -> None:
         self.worker = worker

@@ -247,8 +247,10 @@ def test_a_worker_killed_mid_round_costs_that_round_its_client_and_a_restarted_o
         if round_ == 1:  # SIGKILL by PID while it trains (its model is warm from the query: it starts at once)
             killer.append(threading.Timer(1.0, os.kill, (first.pid, signal.SIGKILL)))
             killer[0].start()
-        else:
+        else:  # a restarted worker, asked to stop (SIGTERM) while it trains: it finishes the round first
             workers_started.append(spawned.start(nodes[101]))
+            killer.append(threading.Timer(1.0, os.kill, (workers_started[1].pid, signal.SIGTERM)))
+            killer[1].start()
 
     said = []
     grid = RoundHooks(nodes, before_train)
@@ -256,7 +258,8 @@ def test_a_worker_killed_mid_round_costs_that_round_its_client_and_a_restarted_o
     # Execute
     rows = server_app.Coordinator(grid, server_app.Settings.from_run_config(config),
                                   lambda level, text: said.append(text)).run()
-    killer[0].join()
+    for timer in killer:
+        timer.join()
     # Assert: round 1 went on without client-0, named with what its worker was doing; round 2 had both
     sock = channel.socket_path(Path(nodes[101]["state-dir"]))
     assert first.wait(timeout=30) == -signal.SIGKILL
@@ -265,12 +268,14 @@ def test_a_worker_killed_mid_round_costs_that_round_its_client_and_a_restarted_o
     assert [(row["clients"], row["left_out"]) for row in rows] == [(1, ["client-0"]), (2, [])]
     layout = RunLayout(short_tmp / "run")
     assert storage.read_global(layout.global_checkpoint(2)).manifest.clients == ["client-0", "client-1"]
-    # The restarted worker removed the socket the killed one left, and stops cleanly on SIGTERM, removing its own.
+    # The restarted worker removed the socket the killed one left; told to stop mid-round, it answered the round,
+    # then stopped cleanly, removing its own socket.
     second = workers_started[1]
-    os.kill(second.pid, signal.SIGTERM)
     assert second.wait(timeout=60) == 0, spawned.log(second)
     log = spawned.log(second)
-    assert "removed the socket a stopped worker left at" in log and "trained round 2 (tiny-fedavg)" in log
+    assert "removed the socket a stopped worker left at" in log
+    assert log.index("stopping after the request in progress") < log.index("trained round 2 (tiny-fedavg)")
+    assert "client-0: stopped (1 request(s) served, 1 base load(s))" in log
     assert not sock.exists()
 
 
@@ -315,13 +320,16 @@ def test_a_worker_refuses_unknown_requests_and_another_protocol_in_one_line():
 
 def test_a_worker_will_not_start_beside_a_live_one_or_over_a_file_that_is_not_a_socket(short_tmp):
     site = SiteConfig.from_node_config({"client-id": "a", "state-dir": str(short_tmp / "s")})
-    first = workers.Service(workers.Worker(site, log=lambda line: None))
+    said = []
+    first = workers.Service(workers.Worker(site, log=said.append))
     try:
         assert oct(os.stat(first.path).st_mode & 0o777) == "0o600"
         with pytest.raises(FedloraError, match="^a site worker already listens at .*; stop it first$"):
             workers.Service(workers.Worker(site, log=lambda line: None))
+        time.sleep(0.5)  # the probe's handler thread has had its turn
     finally:
         first.close()
+    assert said == []  # the second one's probe (connect, hang up) is no request, and not logged as one
     assert not first.path.exists()
     first.path.write_text("mine")
     with pytest.raises(FedloraError, match="exists and is not a socket; refusing to replace it$"):
