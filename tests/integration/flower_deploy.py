@@ -116,9 +116,11 @@ class Deployment:
                     self.seen[child.pid] = child
                     stack.append(child.pid)
 
-    def superlink(self, *security: str) -> subprocess.Popen:
-        """The SuperLink, ``security`` its TLS and authentication options (default ``--insecure``)."""
-        p = self.start("superlink", "flower-superlink", *(security or INSECURE), "--host", "127.0.0.1", "--port",
+    def superlink(self, *security: str, name: str = "superlink") -> subprocess.Popen:
+        """The SuperLink, ``security`` its TLS and authentication options (default ``--insecure``); started again
+        after a restart, it listens on the same port (the health check on a new one)."""
+        self.health = free_port()
+        p = self.start(name, "flower-superlink", *(security or INSECURE), "--host", "127.0.0.1", "--port",
                        str(self.link), "--disable-runtime-dependency-installation", "--health-server-address",
                        f"127.0.0.1:{self.health}")
         wait_until(lambda: listening(self.link) and listening(self.health), 60, "the SuperLink was not listening")
@@ -161,6 +163,11 @@ class Deployment:
         except (ValueError, KeyError) as exc:
             raise AssertionError(f"flwr list gave no runs ({exc}): {listed.stdout} {listed.stderr}") from None
         return [str(run["status"]).replace(" ", "") for run in runs]
+
+    def stop(self, p: subprocess.Popen) -> None:
+        """SIGTERM one process started here, by its PID, and wait for it (its children are left to :meth:`end`)."""
+        send(self.seen[p.pid], signal.SIGTERM)
+        p.wait(timeout=60)
 
     def kill(self, p: subprocess.Popen) -> None:
         """SIGKILL a SuperNode and the processes it started (its flower-superexec and ClientApp): a site's host gone,

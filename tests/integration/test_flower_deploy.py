@@ -99,20 +99,46 @@ def options(words: list[str], *, drop: tuple[str, ...], files: Path, rename: dic
     return out
 
 
-def make_credentials(steps: dict[int, list[str]], folder: Path, keys: list[str]) -> None:
-    """Step 1 (the CA and the SuperLink's certificate) as the README gives it, run by bash in ``folder``; step 3's
-    ssh-keygen once per key name (the README's 'site-a' renamed)."""
-    folder.mkdir()
-    assert any(c.startswith("openssl ") for c in steps.get(1, [])), steps.get(1)
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(steps[1])], cwd=folder, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    keygen = readme_command(steps, 3, "ssh-keygen")
-    for key in keys:
-        done = subprocess.run([key if w == "site-a" else w for w in keygen], cwd=folder, capture_output=True,
-                              text=True, timeout=60)
+class ReadmeTLS:
+    """The README's TLS block, run: the credentials its commands make (in ``certs``), the SuperLink's and a
+    SuperNode's TLS and authentication options as its commands give them, and its key registration."""
+
+    def __init__(self, certs: Path, keys: list[str]) -> None:
+        """Step 1 (the CA and the SuperLink's certificate) run by bash in ``certs`` as the README gives it; step 3's
+        ssh-keygen once per key name (the README's 'site-a' renamed)."""
+        self.steps, self.certs = readme_tls_steps(), certs
+        certs.mkdir()
+        assert any(c.startswith("openssl ") for c in self.steps.get(1, [])), self.steps.get(1)
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(self.steps[1])], cwd=certs,
+                              capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert (folder / key).is_file() and (folder / f"{key}.pub").is_file()
+        keygen = readme_command(self.steps, 3, "ssh-keygen")
+        for key in keys:
+            done = subprocess.run([key if w == "site-a" else w for w in keygen], cwd=certs, capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert (certs / key).is_file() and (certs / f"{key}.pub").is_file()
+
+    def superlink_options(self) -> list[str]:
+        found = options(readme_command(self.steps, 2, "flower-superlink"), files=self.certs, rename={},
+                        drop=("--host", "--port", "--database", "--disable-runtime-dependency-installation"))
+        assert sorted(o for o in found if o.startswith("--")) == [
+            "--enable-supernode-auth", "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"], found
+        return found
+
+    def supernode_options(self, key: str) -> list[str]:
+        found = options(readme_command(self.steps, 4, "flower-supernode"), files=self.certs, rename={"site-a": key},
+                        drop=("--superlink", "--port", "--node-config"))
+        assert sorted(o for o in found if o.startswith("--")) == [
+            "--auth-supernode-private-key", "--root-certificates"], found
+        return found
+
+    def register(self, deployment: Deployment, key: str) -> None:
+        """Step 3's ``flwr supernode register`` of ``key``'s public key, over the connection 'local'."""
+        words = readme_command(self.steps, 3, "flwr", "supernode", "register")
+        done = deployment.flwr(*[str(self.certs / f"{key}.pub") if w == "site-a.pub" else "local" if w == "fed" else w
+                                 for w in words[1:]], timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def recipe_file(tmp_path: Path, tiny_model_dir: Path, reviews_csv: Path, **federation_keys) -> Path:
@@ -130,22 +156,12 @@ def log_of(deployment: Deployment, name: str) -> str:
 def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deployment, tmp_path, tiny_model_dir,
                                                                         reviews_csv, partition_dir):
     sites, stranger = ["site-a", "site-b"], "site-x"
-    steps = readme_tls_steps()
-    certs = tmp_path / "certs"
     started = time.monotonic()
-    make_credentials(steps, certs, [*sites, stranger])
-    link_security = options(readme_command(steps, 2, "flower-superlink"), files=certs, rename={},
-                            drop=("--host", "--port", "--database", "--disable-runtime-dependency-installation"))
-    assert sorted(o for o in link_security if o.startswith("--")) == [
-        "--enable-supernode-auth", "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"], link_security
-    register = readme_command(steps, 3, "flwr", "supernode", "register")
-
-    deployment.connect(root_certificates=certs / "ca.crt")
-    deployment.superlink(*link_security)
+    tls = ReadmeTLS(tmp_path / "certs", [*sites, stranger])
+    deployment.connect(root_certificates=tls.certs / "ca.crt")
+    deployment.superlink(*tls.superlink_options())
     for site in sites:
-        done = deployment.flwr(*[str(certs / f"{site}.pub") if w == "site-a.pub" else "local" if w == "fed" else w
-                                 for w in register[1:]], timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
+        tls.register(deployment, site)
     run = tmp_path / "run"
     app = write_app(recipe_file(tmp_path, tiny_model_dir, reviews_csv, clients=2, client_ids=sites), tmp_path / "app",
                     run, round_timeout=240).parent
@@ -154,11 +170,8 @@ def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deploymen
                                  worker="required") for i, site in enumerate([*sites, stranger])}
     deployment.workers({site: (configs[site], tmp_path / "sites" / site) for site in sites})
     for site in [*sites, stranger]:
-        security = options(readme_command(steps, 4, "flower-supernode"), files=certs, rename={"site-a": site},
-                           drop=("--superlink", "--port", "--node-config"))
-        assert sorted(o for o in security if o.startswith("--")) == [
-            "--auth-supernode-private-key", "--root-certificates"], security
-        deployment.supernode(configs[site], site, *security, home=tmp_path / "sites" / f"{site}-flwr-home")
+        deployment.supernode(configs[site], site, *tls.supernode_options(site),
+                             home=tmp_path / "sites" / f"{site}-flwr-home")
     refused = deployment.processes[-1]
 
     log = deployment.run(app)
@@ -190,11 +203,60 @@ def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deploymen
 
 
 
+
+def node_statuses(deployment: Deployment) -> list[str]:
+    listed = deployment.flwr("supernode", "list", "local", "--format", "json", timeout=60)
+    try:
+        return [node["status"] for node in json.loads(listed.stdout)["nodes"]]
+    except (ValueError, KeyError):
+        return []
+
+
+def test_a_registered_key_is_refused_until_the_restarted_superlinks_record_of_it_lapses(deployment, tmp_path):
+    """Everything restarts, the SuperLink first (so its node never signed off) and with its --database: the key
+    stays registered, but the SuperLink still counts the node online, and refuses the restarted SuperNode (exit
+    status 1, 305 in its log) until that record lapses with the node's heartbeat (about a minute); then it is
+    admitted. README: 'a registered key is refused for about a minute after a restart'."""
+    tls = ReadmeTLS(tmp_path / "certs", ["site-a"])
+    database = str(tmp_path / "superlink.db")
+    config = node_config("site-a", None, str(tmp_path / "sites" / "site-a"))
+    deployment.connect(root_certificates=tls.certs / "ca.crt")
+    link = deployment.superlink(*tls.superlink_options(), "--database", database)
+    tls.register(deployment, "site-a")
+    node = deployment.supernode(config, "site-a", *tls.supernode_options("site-a"))
+    wait_until(lambda: node_statuses(deployment) == ["online"], 90, "site-a's SuperNode was not online")
+    deployment.stop(link)
+    deployment.stop(node)
+    deployment.superlink(*tls.superlink_options(), "--database", database, name="superlink-again")
+    restarted = time.monotonic()
+    # Each start of the SuperNode: (seconds after the restart, its exit status; None: still up 8 s later).
+    tries: list[tuple[float, int | None]] = []
+    while not tries or tries[-1][1] is not None:
+        assert time.monotonic() - restarted < 150, f"site-a's SuperNode was refused for 150 s: {tries}"
+        name, at = f"site-a-try-{len(tries)}", time.monotonic() - restarted
+        again = deployment.supernode(config, name, *tls.supernode_options("site-a"))
+        try:
+            again.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            tries.append((at, None))
+        else:
+            tries.append((at, again.returncode))
+            assert again.returncode == 1 and "Exit Code: 305" in log_of(deployment, name), log_of(deployment, name)
+            time.sleep(2)
+    wait_until(lambda: node_statuses(deployment) == ["online"], 60, "site-a's SuperNode was not online")
+    deployment.end()
+    refused_for = tries[-1][0]
+    assert len(tries) > 1 and 20 < refused_for < 120, tries
+    assert deployment.all_ended()
+    print(f"flower deployment restarted: the registered key refused {len(tries) - 1} time(s), admitted when started "
+          f"{refused_for:.1f} s after the restart")
+
+
 def test_two_of_three_sites_sampled_each_round_and_the_sites_evaluate(deployment, tmp_path, tiny_model_dir,
                                                                       reviews_csv, partition_dir):
     """federation.clients_per_round: 2 of 3 (fixed-size sampling, training.seed 0): round 1 asks client-1 and
     client-2, round 2 client-0 and client-1. With --client-evaluation each site evaluates each round's global on its
-    own test data (here its own shard, so that the sites' scores differ)."""
+    own test data (here its own shard, so that the sites' scores differ), with a worker or without one."""
     clients = ["client-0", "client-1", "client-2"]
     recipe = recipe_file(tmp_path, tiny_model_dir, reviews_csv, clients=3, clients_per_round=2)
     f = recipes.load(recipe).federation
@@ -202,11 +264,15 @@ def test_two_of_three_sites_sampled_each_round_and_the_sites_evaluate(deployment
     assert expected[1] != expected[2], "each round should leave another site out, so that the rounds differ"
     run = tmp_path / "run"
     app = write_app(recipe, tmp_path / "app", run, round_timeout=240, client_evaluation=True).parent
+    # client-0 does its work in Flower's fresh ClientApp processes (worker "off"), the others through their workers.
+    configs = {cid: node_config(cid, str(partition_dir / shard_name(cid)), str(tmp_path / "sites" / cid),
+                                worker="off" if cid == "client-0" else "required",
+                                **{"test-data": str(partition_dir / shard_name(cid))}) for cid in clients}
     started = time.monotonic()
     deployment.superlink()
+    deployment.workers({cid: (configs[cid], tmp_path / "sites" / cid) for cid in clients[1:]})
     for cid in clients:
-        shard = str(partition_dir / shard_name(cid))
-        deployment.supernode(node_config(cid, shard, str(tmp_path / "sites" / cid), **{"test-data": shard}), cid)
+        deployment.supernode(configs[cid], cid)
     log = deployment.run(app)
     statuses = deployment.statuses()
     deployment.end()
