@@ -189,21 +189,12 @@ def read_tensor(path: Path, name: str, what: str) -> torch.Tensor:
 
 
 def tensor_header(path: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Names, dtypes and shapes from a safetensors header, without reading the data."""
-    from safetensors import SafetensorError, safe_open
+    """Names (sorted), dtypes and shapes from a safetensors header, without reading the data: parsed and checked
+    by the coordinator's one reader (:func:`.mapped.read_layout`)."""
+    from fedlora_cli.storage.mapped import read_layout
 
-    if not path.is_file():
-        raise FedloraError(f"{what} not found: {path}")
-    try:
-        # The header is the same whatever framework reads the data; numpy's does not import torch.
-        with safe_open(str(path), framework="numpy") as handle:
-            header = {}
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                header[name] = (str(piece.get_dtype()), tuple(piece.get_shape()))
-            return header
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise FedloraError(f"{what} {path} is not a readable safetensors file ({first_line(exc)})") from None
+    entries = read_layout(path, what).entries
+    return {name: entries[name][:2] for name in sorted(entries)}
 
 
 # The digest choice, in one place. Every tensor's digest: xxh3-128 (the xxhash package), not BLAKE3 or sha256.
