@@ -88,6 +88,10 @@ class Benches:
     def __len__(self) -> int:
         return len(self._held)
 
+    def held(self) -> list[Workbench]:
+        """The workbenches held now, least recently used first."""
+        return list(self._held.values())
+
 
 def _release_memory() -> None:
     import torch

@@ -24,6 +24,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlora_cli import storage
 from fedlora_cli.data.partition import TEST_SHARD
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.federation.common import Global, build_for_site
 from fedlora_cli.flower import channel, server_app, worker as workers
 from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
@@ -79,6 +80,18 @@ def fresh_train_client(g: Path, node: dict, state: Path, out: Path, *options: st
     assert done.returncode == 0, done.stderr
 
 
+def residue(bench) -> dict:
+    """What a round could leave on a workbench beyond its tensors: train mode, gradients, Opacus' per-example
+    gradients, and hooks (each module's counts)."""
+    modules = list(bench.model.modules())
+    return {
+        "training": [m.training for m in modules],
+        "grads": [n for n, p in bench.model.named_parameters() if p.grad is not None],
+        "grad_samples": [n for n, p in bench.model.named_parameters() if hasattr(p, "grad_sample")],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in modules],
+    }
+
+
 CASES = {
     "fedavg": (lambda m, d: recipe_dict(m, d, "fedavg"), {}),
     "ffa": (lambda m, d: recipe_dict(m, d, "ffa"), {}),
@@ -109,6 +122,15 @@ def test_a_workers_third_round_is_bit_identical_to_a_fresh_train_client(case, sh
     nodes[101]["test-data"] = str(partition_dir / TEST_SHARD)
     grid = FakeGrid(nodes)
     resident = InProcessWorker(nodes[101])
+    after_training = []
+    train = workers.Worker.train
+
+    def train_and_look(self, request):
+        answer = train(self, request)
+        after_training.append(residue(self.benches.held()[-1]))
+        return answer
+
+    monkeypatch.setattr(workers.Worker, "train", train_and_look)
     try:
         # Three rounds through the relay, an evaluation at the site after each (client-evaluation).
         serve(grid, run_config(short_tmp, raw, partition_dir, **{"client-evaluation": True}))
@@ -117,6 +139,11 @@ def test_a_workers_third_round_is_bit_identical_to_a_fresh_train_client(case, sh
     layout = RunLayout(short_tmp / "run")
     assert [kind for kind, _ in grid.sent] == ["query"] + ["train", "evaluate"] * 3
     assert resident.worker.benches.loads == 1
+    # After each round (and each evaluation) the workbench is as a fresh one: eval mode, no gradient, no hook.
+    (used,) = resident.worker.benches.held()
+    g = Global.of(layout.global_checkpoint(2))
+    unused = build_for_site(g.recipe, g.manifest.num_labels, None, SiteConfig.from_node_config(nodes[101]).settings)
+    assert after_training == [residue(unused)] * 3 and residue(used) == residue(unused)
     state = short_tmp / "sites" / "client-0"
     before = short_tmp / "state-before-round-3"
     shutil.copytree(state, before, ignore=shutil.ignore_patterns("round-003", "flower", "*.sock"))
