@@ -218,7 +218,7 @@ def trimmed_mean(values: Sequence[np.ndarray], trim: int) -> np.ndarray:
 # Aggregating the products B_k A_k of LoRA-type adapters, one layer at a time
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayerReport:
     """How far plain averaging of A and B is from the exact weighted mean of the products, for one layer.
 
@@ -250,7 +250,7 @@ class _ProductSum:
     """sum_k c_k B_k A_k in float64 for one layer, the clients taken in groups of :data:`_GROUP`: each group's
     factors side by side, [c_1 B_1 ... c_G B_G] [A_1; ...; A_G], one matrix product per group."""
 
-    def __init__(self, out_features: int, in_features: int) -> None:
+    def __init__(self, *, out_features: int, in_features: int) -> None:
         self.total = np.zeros((out_features, in_features))
         self._a: list[np.ndarray] = []
         self._b: list[np.ndarray] = []
@@ -365,7 +365,7 @@ def exact_layer(factors: Iterable[Factors], scale: float) -> tuple[np.ndarray, n
     dtype = None
     for a64, b64, weight, s, dtype in _pairs(factors):
         if total is None:
-            total = _ProductSum(b64.shape[0], a64.shape[1])
+            total = _ProductSum(out_features=b64.shape[0], in_features=a64.shape[1])
             a_sum, b_sum = np.zeros(a64.shape), np.zeros(b64.shape)
         elif a64.shape != a_sum.shape or b64.shape != b_sum.shape:
             raise FedloraError("exact aggregation needs every client to train the same rank")
