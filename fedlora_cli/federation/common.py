@@ -81,8 +81,9 @@ class Global(GlobalCheckpoint):
         """Names, dtypes and shapes of the adapter tensors, from the safetensors header (no data read)."""
         return storage.tensor_header(self.weights_path, "global checkpoint weights")
 
-    # Each file's tensors are read and checked once, as torch tensors or as numpy arrays (the numpy round's, which
-    # never imports torch); asked for the other kind later, they are viewed over the same memory, not read again.
+    # Each file's tensors are read and checked once, as torch tensors (a client's) or as numpy arrays (the
+    # coordinator's, which never imports torch); asked for the other kind later, they are viewed over the same memory,
+    # not read again. A server optimiser's state is the coordinator's alone: numpy only.
 
     @cached_property
     def verified_tensors(self) -> dict[str, torch.Tensor]:

@@ -56,26 +56,26 @@ def both_ways(monkeypatch, tmp_path):
         assert calls == [1], "the numpy round did not run"
         with monkeypatch.context() as m:
             m.setattr(server._RoundContributions, "weighted_mean", aggregation.Contributions.weighted_mean)
-            by_torch = federation.aggregate_round(g, updates, tmp_path / "screened", **overrides)
+            by_screen = federation.aggregate_round(g, updates, tmp_path / "screened", **overrides)
         assert calls == [1], "the screened path ran the numpy round"
-        return by_numpy, by_torch
+        return by_numpy, by_screen
 
     return run
 
 
-def assert_identical(by_numpy: federation.AggregateResult, by_torch: federation.AggregateResult) -> None:
-    a, b = by_numpy.checkpoint, by_torch.checkpoint
+def assert_identical(by_numpy: federation.AggregateResult, by_screen: federation.AggregateResult) -> None:
+    a, b = by_numpy.checkpoint, by_screen.checkpoint
     for name in (storage.ADAPTER_WEIGHTS, storage.CORRECTION_TENSORS):
         assert (a.path / name).exists() == (b.path / name).exists()
         if (a.path / name).exists():
             assert (a.path / name).read_bytes() == (b.path / name).read_bytes(), name
     manifests = [{k: v for k, v in dataclasses.asdict(c.manifest).items() if k != "created"} for c in (a, b)]
     assert manifests[0] == manifests[1]  # digests, the identity, the aggregation report
-    assert by_numpy.clients == by_torch.clients  # weights and update norms to the last bit
+    assert by_numpy.clients == by_screen.clients  # weights and update norms to the last bit
 
 
 @pytest.mark.parametrize("case", ["fedavg", "ffa", "fedsa-uniform", "clip", "reject", "vera"])
-def test_the_numpy_round_writes_what_the_torch_path_writes(case, make_recipe, strategy_recipe, kind_recipe,
+def test_the_numpy_round_writes_what_the_screened_path_writes(case, make_recipe, strategy_recipe, kind_recipe,
                                                            cached_federation, both_ways):
     recipe = {"ffa": make_recipe("ffa"), "fedsa-uniform": strategy_recipe("fedsa"),
               "vera": kind_recipe("vera", "ffa")}.get(case, make_recipe("fedavg"))
@@ -85,18 +85,18 @@ def test_the_numpy_round_writes_what_the_torch_path_writes(case, make_recipe, st
                  "clip": {"norm_bound": second_largest_norm(g, updates)},
                  "reject": {"norm_bound": second_largest_norm(g, updates), "norm_bound_action": "reject"}}.get(case, {})
 
-    by_numpy, by_torch = both_ways(g, updates, **overrides)
+    by_numpy, by_screen = both_ways(g, updates, **overrides)
 
-    assert_identical(by_numpy, by_torch)
+    assert_identical(by_numpy, by_screen)
     assert [row.bound for row in by_numpy.clients if row.bound] == {"clip": ["clipped"], "reject": ["rejected"]}.get(case, [])
 
 
 def test_a_correction_from_an_exact_round_is_carried_as_it_is(strategy_recipe, cached_federation, both_ways):
     layout = cached_federation(strategy_recipe(aggregation="exact"))
 
-    by_numpy, by_torch = both_ways(layout.global_checkpoint(1), [layout.update(2, c) for c in CLIENTS], strategy="mean")
+    by_numpy, by_screen = both_ways(layout.global_checkpoint(1), [layout.update(2, c) for c in CLIENTS], strategy="mean")
 
-    assert_identical(by_numpy, by_torch)
+    assert_identical(by_numpy, by_screen)
     parent = storage.read_global(layout.global_checkpoint(1)).manifest
     assert by_numpy.checkpoint.manifest.correction_digests == parent.correction_digests
 
@@ -109,9 +109,9 @@ def test_updates_with_old_sha256_digests_verify(make_recipe, cached_federation, 
         update.manifest.tensor_digests = {n: legacy_tensor_digest(t) for n, t in sent(update.path).items()}
         updates.append(storage.write_update(tmp_path / "old" / client, update.manifest, sent(update.path)).path)
 
-    by_numpy, by_torch = both_ways(layout.global_checkpoint(0), updates)
+    by_numpy, by_screen = both_ways(layout.global_checkpoint(0), updates)
 
-    assert_identical(by_numpy, by_torch)
+    assert_identical(by_numpy, by_screen)
 
 
 def test_the_result_is_the_next_rounds_global_without_a_read(make_recipe, cached_federation, tmp_path, monkeypatch):
