@@ -5,7 +5,9 @@
   ``flwr supernode register`` registers two of them, and the SuperLink and SuperNodes start with the TLS and
   authentication options its commands give. Two rounds with a resident worker at each site; each global checkpoint
   is the one ``fedlora aggregate`` writes from the same update folders. A SuperNode whose key was not registered is
-  refused, never becomes a node, and exits.
+  refused, never becomes a node, and exits with status 1.
+- A restart of everything, the SuperLink first: a registered key is refused the same way until the SuperLink's
+  record of its node lapses (about a minute), then admitted.
 - Sampling and evaluation at the sites through Flower: 3 sites, ``federation.clients_per_round: 2``: only the sites
   ``fedlora sample`` names train each round (their state folders and the global manifests say so), and with
   ``--client-evaluation`` each round's metrics file has each site's scores of the global on its own test data.
@@ -155,6 +157,8 @@ def log_of(deployment: Deployment, name: str) -> str:
 
 def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deployment, tmp_path, tiny_model_dir,
                                                                         reviews_csv, partition_dir):
+    """site-a and site-b registered, each with a worker (worker="required": the round fails without one); site-x's
+    key made the same way but never registered."""
     sites, stranger = ["site-a", "site-b"], "site-x"
     started = time.monotonic()
     tls = ReadmeTLS(tmp_path / "certs", [*sites, stranger])
@@ -165,18 +169,17 @@ def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deploymen
     run = tmp_path / "run"
     app = write_app(recipe_file(tmp_path, tiny_model_dir, reviews_csv, clients=2, client_ids=sites), tmp_path / "app",
                     run, round_timeout=240).parent
-    # worker="required": every message goes through the site's worker, or the round fails.
     configs = {site: node_config(site, str(partition_dir / shard_name(f"client-{i}")), str(tmp_path / "sites" / site),
                                  worker="required") for i, site in enumerate([*sites, stranger])}
     deployment.workers({site: (configs[site], tmp_path / "sites" / site) for site in sites})
-    for site in [*sites, stranger]:
-        deployment.supernode(configs[site], site, *tls.supernode_options(site),
-                             home=tmp_path / "sites" / f"{site}-flwr-home")
-    refused = deployment.processes[-1]
+    supernodes = {site: deployment.supernode(configs[site], site, *tls.supernode_options(site),
+                                             home=tmp_path / "sites" / f"{site}-flwr-home")
+                  for site in [*sites, stranger]}
+    refused = supernodes[stranger]
 
     log = deployment.run(app)
     statuses = deployment.statuses()
-    nodes = deployment.flwr("supernode", "list", "local", "--format", "json", timeout=60)
+    listed = deployment.flwr("supernode", "list", "local", "--format", "json", timeout=60)
     wait_until(lambda: refused.poll() is not None, 120, "the SuperNode with an unregistered key did not exit")
     deployment.end()
     seconds = time.monotonic() - started
@@ -194,14 +197,12 @@ def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deploymen
     assert stranger not in log
     assert refused.returncode == 1, (refused.returncode, log_of(deployment, stranger)[-2000:])
     assert "Exit Code: 305" in log_of(deployment, stranger), log_of(deployment, stranger)[-2000:]
-    assert len(json.loads(nodes.stdout)["nodes"]) == len(sites), nodes.stdout
+    assert len(json.loads(listed.stdout)["nodes"]) == len(sites), listed.stdout
     # A SuperNode installs the run's app under its own FLWR_HOME (~/.flwr by default), fedlora installed or not.
     for site in sites:
         assert list((tmp_path / "sites" / f"{site}-flwr-home").glob("apps/*/pyproject.toml")), site
     assert deployment.all_ended()
     print(f"flower deployment, TLS + SuperNode authentication, 2 rounds with workers: {seconds:.1f} s")
-
-
 
 
 def node_statuses(deployment: Deployment) -> list[str]:
@@ -229,6 +230,7 @@ def test_a_registered_key_is_refused_until_the_restarted_superlinks_record_of_it
     deployment.stop(node)
     deployment.superlink(*tls.superlink_options(), "--database", database, name="superlink-again")
     restarted = time.monotonic()
+    assert node_statuses(deployment) == ["online"], "the restarted SuperLink should still count site-a online"
     # Each start of the SuperNode: (seconds after the restart, its exit status; None: still up 8 s later).
     tries: list[tuple[float, int | None]] = []
     while not tries or tries[-1][1] is not None:
@@ -254,13 +256,13 @@ def test_a_registered_key_is_refused_until_the_restarted_superlinks_record_of_it
 
 def test_two_of_three_sites_sampled_each_round_and_the_sites_evaluate(deployment, tmp_path, tiny_model_dir,
                                                                       reviews_csv, partition_dir):
-    """federation.clients_per_round: 2 of 3 (fixed-size sampling, training.seed 0): round 1 asks client-1 and
-    client-2, round 2 client-0 and client-1. With --client-evaluation each site evaluates each round's global on its
-    own test data (here its own shard, so that the sites' scores differ), with a worker or without one."""
+    """federation.clients_per_round: 2 of 3 (fixed-size sampling; with training.seed 0 each round leaves another
+    site out). With --client-evaluation each site evaluates each round's global on its own test data (here its own
+    shard, so that the sites' scores differ), with a worker or without one."""
     clients = ["client-0", "client-1", "client-2"]
     recipe = recipe_file(tmp_path, tiny_model_dir, reviews_csv, clients=3, clients_per_round=2)
-    f = recipes.load(recipe).federation
-    expected = {n: sampling.asked(f, 0, n) for n in (1, 2)}
+    loaded = recipes.load(recipe)
+    expected = {n: sampling.asked(loaded.federation, loaded.training.seed, n) for n in (1, 2)}
     assert expected[1] != expected[2], "each round should leave another site out, so that the rounds differ"
     run = tmp_path / "run"
     app = write_app(recipe, tmp_path / "app", run, round_timeout=240, client_evaluation=True).parent
