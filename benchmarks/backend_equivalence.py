@@ -6,10 +6,11 @@ OLD_TREE is a checkout of fedlora from before the numpy backend (``git worktree 
 <commit>``). Small LLaMA-shaped federations (2 layers, q/k/v/o projections 48 x 48, r = 4, 6 clients whose
 updates move the global by different amounts) are written once, in float32, bfloat16 and float64, each without a
 server optimiser and with each of fedavgm, fedadam, fedyogi and fedadagrad (their global at round 1 carries
-non-zero moments, so the state is continued, not started). Both trees then aggregate every case in a fresh
-process each (``fedlora_cli.federation.aggregate_round``, the CLI's core): every strategy x (no bound, norm
-bound clip, norm bound reject), DP-FedAvg (noise multiplier 0, so the noise cannot differ) x the same bounds,
-and every server optimiser around mean, median, trimmed-mean and DP-FedAvg. The written tensors (adapter,
+non-zero moments, so the state is continued, not started), and one whose clients 0 and 1 train ranks 2 and 3
+(svd's HetLoRA setting: each received the global truncated and rescaled). Both trees then aggregate every case in
+one fresh process per tree (``fedlora_cli.federation.aggregate_round``, the CLI's core): every strategy x (no bound,
+norm bound clip, norm bound reject), DP-FedAvg (noise multiplier 0, so the noise cannot differ) x the same bounds,
+every server optimiser around mean, median, trimmed-mean and DP-FedAvg, and svd over the mixed ranks x the bounds. The written tensors (adapter,
 correction, server state) are compared: max |new - old| and max |new - old| / max |old| per case, and for the
 adapter tensors the largest difference in units in the last place (of the tensor's largest value, in the written
 dtype), and the per-layer reports svd and exact write in the manifest; a case both refuse must be refused with the
@@ -31,6 +32,9 @@ LAYERS, HIDDEN, RANK, CLIENTS = 2, 48, 4, 6
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DTYPES = ("float32", "bfloat16", "float64")
 OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# Federations: without and with each server optimiser, and one whose clients train different ranks (svd's HetLoRA).
+VARIANTS = (*OPTIMIZERS, "client-ranks")
+CLIENT_RANKS = {"client-0": 2, "client-1": 3}
 STRATEGIES = ("mean", "median", "trimmed-mean", "svd", "exact")
 BOUNDS = ("none", "clip", "reject")
 FILES = ("adapter_model.safetensors", "correction.safetensors", "server_state.safetensors")
@@ -40,10 +44,11 @@ def cases() -> list[dict]:
     """Every aggregation to compare: the federation it reads and the options it passes."""
     found = []
     for dtype in DTYPES:
-        for optimizer in OPTIMIZERS:
-            strategies = STRATEGIES if optimizer == "none" else ("mean", "median", "trimmed-mean")
-            bounds = BOUNDS if optimizer == "none" else ("none",)
-            for strategy in (*strategies, "dp-fedavg"):
+        for optimizer in VARIANTS:
+            strategies = {"none": (*STRATEGIES, "dp-fedavg"), "client-ranks": ("svd",)}.get(
+                optimizer, ("mean", "median", "trimmed-mean", "dp-fedavg"))
+            bounds = BOUNDS if optimizer in ("none", "client-ranks") else ("none",)
+            for strategy in strategies:
                 for bound in bounds:
                     found.append({"dtype": dtype, "optimizer": optimizer, "strategy": strategy, "bound": bound,
                                   "name": f"{dtype}-{optimizer}-{strategy}-{bound}"})
@@ -66,20 +71,22 @@ def make_federation(root: Path, dtype_name: str, optimizer: str) -> dict:
 
     from fedlora_cli import federation, recipe as recipes, storage
     from fedlora_cli.adapters.methods import plan
-    from fedlora_cli.aggregation.server_optimizers import MOMENTUM, VARIANCE, state_name
+    from fedlora_cli.aggregation.server_optimizers import MOMENTUM, SERVER_OPTIMIZERS, VARIANCE, state_name
 
     dtype = getattr(torch, dtype_name)
     fed = {"method": "fedavg", "head": "frozen", "clients": CLIENTS}
-    if optimizer != "none":
+    adapter = {"r": RANK, "alpha": 8, "target_modules": list(PROJECTIONS)}
+    if optimizer == "client-ranks":
+        adapter["client_ranks"], fed["aggregation"] = CLIENT_RANKS, "svd"
+    elif optimizer != "none":
         fed.update(server_optimizer=optimizer, server_lr=0.05)
     recipe = recipes.from_dict({"name": "equivalence", "model": {"base": "synthetic/llama-shaped", "num_labels": 2},
-                                "adapter": {"r": RANK, "alpha": 8, "target_modules": list(PROJECTIONS)},
-                                "federation": fed})
+                                "adapter": adapter, "federation": fed})
     generator = torch.Generator().manual_seed(0)
     tensors = {name: (torch.randn(shape, generator=generator, dtype=torch.float64) * 0.1).to(dtype)
                for name, shape in tensor_names()}
     state = {}
-    if optimizer != "none":
+    if optimizer in SERVER_OPTIMIZERS:
         moments = torch.float64 if dtype == torch.float64 else torch.float32
         for name, t in tensors.items():
             state[state_name(MOMENTUM, name)] = torch.randn(t.shape, generator=generator, dtype=moments) * 1e-3
@@ -94,12 +101,33 @@ def make_federation(root: Path, dtype_name: str, optimizer: str) -> dict:
     )
     global_dir = root / "global-001"
     storage.write_global(global_dir, manifest, tensors, {"peft_type": "LORA"}, overwrite=True, server_state=state)
+    return {"global": str(global_dir), **write_updates(root, manifest, tensors, generator, recipe.adapter.rank_for)}
+
+
+def received(tensors: dict, rank: int) -> dict:
+    """The global as a client of ``rank`` receives it: truncated, B rescaled to its LoRA scale (alpha / r)."""
+    if rank == RANK:
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        out[name] = t[:rank] if "lora_A" in name else (t[:, :rank].double() * (rank / RANK)).to(t.dtype)
+    return out
+
+
+def write_updates(root: Path, manifest, tensors: dict, generator, rank_for) -> dict:
+    """CLIENTS updates of round 2, moved from what each received by different amounts; the folders and a norm bound
+    that only the largest update exceeds."""
+    import torch
+
+    from fedlora_cli import federation, storage
+
     updates, norms = [], []
     for k in range(CLIENTS):
         step = 0.002 * (k + 1) ** 1.5  # clients move the global by different amounts: the bound tells them apart
-        update = {name: (t.double() + torch.randn(t.shape, generator=generator, dtype=torch.float64) * step).to(dtype)
-                  for name, t in tensors.items()}
-        norms.append(sum(float((update[n].double() - t.double()).square().sum()) for n, t in tensors.items()) ** 0.5)
+        start = received(tensors, rank_for(f"client-{k}"))
+        update = {name: (t.double() + torch.randn(t.shape, generator=generator, dtype=torch.float64) * step).to(t.dtype)
+                  for name, t in start.items()}
+        norms.append(sum(float((update[n].double() - t.double()).square().sum()) for n, t in start.items()) ** 0.5)
         m = storage.UpdateManifest(
             client_id=f"client-{k}", round=2, parent_digest=manifest.digest, method="fedavg",
             recipe_digest=manifest.recipe_digest, base_fingerprint="equivalence", frozen_digest=manifest.frozen_digest,
@@ -109,7 +137,7 @@ def make_federation(root: Path, dtype_name: str, optimizer: str) -> dict:
         path = root / "updates" / f"client-{k}"
         storage.write_update(path, m, update, overwrite=True)
         updates.append(str(path))
-    return {"global": str(global_dir), "updates": updates, "bound": sorted(norms)[-2]}
+    return {"updates": updates, "bound": sorted(norms)[-2]}
 
 
 def run_case(case: dict, federations: dict, out: Path) -> dict:
@@ -227,7 +255,7 @@ def ulps(old, new) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| dtype | server optimiser | strategy | norm bound | tensors | max abs diff | max rel diff | adapter ulps "
+    lines = ["| dtype | federation | strategy | norm bound | tensors | max abs diff | max rel diff | adapter ulps "
              "| layer report rel diff | outcome |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = r["old"] == r["new"]
@@ -261,7 +289,7 @@ def main() -> None:
         worker(args.old_tree, root, Path(args.worker))
         return
     shutil.rmtree(root, ignore_errors=True)
-    federations = {f"{d}-{o}": make_federation(root / f"{d}-{o}", d, o) for d in DTYPES for o in OPTIMIZERS}
+    federations = {f"{d}-{o}": make_federation(root / f"{d}-{o}", d, o) for d in DTYPES for o in VARIANTS}
     (root / "federations.json").write_text(json.dumps(federations))
     run_tree(args.old_tree, root, root / "old")
     run_tree(args.new_tree, root, root / "new")
