@@ -47,10 +47,7 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
 
     recipe_file = Path(recipe_file).resolve()
     recipe = recipes.load(recipe_file)  # refused here, not on the SuperLink, if it does not validate
-    if recipe.data.labels is None and recipe.model.num_labels is None and recipe.model.task != recipes.TASK_CAUSAL_LM:
-        raise FedloraError("the coordinator never sees the sites' data: the recipe must name data.labels (or "
-                           "model.num_labels) for the round-0 global checkpoint")
-    _check_calibration(recipe, Path(run_dir))
+    _check_coordinator_can_start(recipe, Path(run_dir))
     config: dict[str, object] = {"recipe": recipe_file, "run-dir": Path(run_dir).resolve()}
     if round_timeout is not None:
         if round_timeout <= 0:
@@ -97,12 +94,16 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
     return out / PYPROJECT
 
 
-def _check_calibration(recipe: recipes.Recipe, run_dir: Path) -> None:
-    """Refuse a DP-SGD budget the server app cannot turn into a noise multiplier: calibrating it needs every site's
-    dataset size, which the coordinator knows only from a partition in the run folder (a simulation's data)."""
+def _check_coordinator_can_start(recipe: recipes.Recipe, run_dir: Path) -> None:
+    """Refuse a recipe whose round-0 global checkpoint the server app cannot write without the sites' data: one
+    that does not name its labels, or a DP-SGD budget it cannot turn into a noise multiplier (calibrating needs
+    every site's dataset size, which the coordinator knows only from a partition in the run folder)."""
     from fedlora_cli.data.partition import PARTITION_MANIFEST
     from fedlora_cli.storage.run_layout import RunLayout
 
+    if recipe.data.labels is None and recipe.model.num_labels is None and recipe.model.task != recipes.TASK_CAUSAL_LM:
+        raise FedloraError("the coordinator never sees the sites' data: the recipe must name data.labels (or "
+                           "model.num_labels) for the round-0 global checkpoint")
     p = recipe.privacy
     if p is None or p.noise_multiplier is not None or (RunLayout(run_dir).data / PARTITION_MANIFEST).is_file():
         return
