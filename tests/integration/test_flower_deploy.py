@@ -5,7 +5,7 @@
   ``flwr supernode register`` registers two of them, and the SuperLink and SuperNodes start with the TLS and
   authentication options its commands give. Two rounds with a resident worker at each site; each global checkpoint
   is the one ``fedlora aggregate`` writes from the same update folders. A SuperNode whose key was not registered is
-  refused, never becomes a node, and exits with status 1.
+  refused, never becomes a node, and exits with status 1. The SuperLink refuses authentication without TLS.
 - A restart of everything, the SuperLink first: a registered key is refused the same way until the SuperLink's
   record of its node lapses (about a minute), then admitted.
 - Sampling and evaluation at the sites through Flower: 3 sites, ``federation.clients_per_round: 2``: only the sites
@@ -203,6 +203,18 @@ def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deploymen
         assert list((tmp_path / "sites" / f"{site}-flwr-home").glob("apps/*/pyproject.toml")), site
     assert deployment.all_ended()
     print(f"flower deployment, TLS + SuperNode authentication, 2 rounds with workers: {seconds:.1f} s")
+
+
+
+def test_the_superlink_refuses_supernode_authentication_without_tls(deployment):
+    """README: 'the SuperLink refuses --enable-supernode-auth together with --insecure'."""
+    link = deployment.start("superlink", "flower-superlink", "--insecure", "--enable-supernode-auth", "--host",
+                            "127.0.0.1", "--port", str(deployment.link), "--disable-runtime-dependency-installation",
+                            "--health-server-address", f"127.0.0.1:{deployment.health}")
+    assert link.wait(timeout=60) == 1
+    assert "`--enable-supernode-auth` flag requires encrypted TLS" in log_of(deployment, "superlink")
+    deployment.end()
+    assert deployment.all_ended()
 
 
 def node_statuses(deployment: Deployment) -> list[str]:
