@@ -1,6 +1,7 @@
 """The coordinator never imports torch (issue 25): `fedlora aggregate`, run in a fresh process through the CLI's own
-entry point, completes for every strategy, with the norm bound, under DP-FedAvg and with a server optimiser, and
-torch is not in sys.modules at the end."""
+entry point, completes for every strategy, with the norm bound, under DP-FedAvg and with a server optimiser, for
+FedAvg-LoRA and FFA-LoRA, and torch is not in sys.modules at the end. (Moved here from test_numpy_round.py, where it
+covered the plain mean only.)"""
 
 from __future__ import annotations
 
@@ -76,6 +77,19 @@ def test_every_strategy_aggregates_without_torch(name, bound, strategy_recipe, c
     screened = {"clip": "clipped", "reject": "rejected"}.get(bound[-1] if bound else "", None)
     if screened:  # the bound did its work, one update
         assert len(result["aggregation"][screened]) == 1
+
+
+@pytest.mark.parametrize("options", [[], ["--norm-bound", "BOUND"], ["--norm-bound", "BOUND", "--norm-bound-action",
+                                                                   "reject"], strategy_options("median")],
+                         ids=["mean", "clip", "reject", "median"])
+def test_ffa_aggregates_without_torch(options, make_recipe, cached_federation, tmp_path):
+    """FFA-LoRA sends B alone: the frozen A stays the global's, read but never aggregated."""
+    layout = cached_federation(make_recipe("ffa"))
+    options = [second_largest_norm(layout) if o == "BOUND" else o for o in options]
+
+    result = aggregate_in_a_fresh_process(layout, tmp_path / "g1", *options)
+
+    assert result["round"] == 1
 
 
 def test_dp_fedavg_aggregates_without_torch(strategy_recipe, federation_copy, tmp_path):

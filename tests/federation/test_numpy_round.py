@@ -6,11 +6,7 @@ refuses. (Both against the torch backend they replaced: benchmarks/backend_equiv
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,6 @@ import torch
 from conftest import legacy_tensor_digest
 from safetensors.torch import load_file, save_file
 
-import fedlora_cli
 from fedlora_cli import aggregation, federation, storage
 from fedlora_cli.aggregation import NormBound
 from fedlora_cli.errors import FedloraError
@@ -135,49 +130,6 @@ def test_progress_is_reported_per_update(make_recipe, cached_federation, tmp_pat
                                progress=lambda done, total: seen.append((done, total)))
 
     assert seen == [(1, 3), (2, 3), (3, 3)]
-
-
-# --------------------------------------------------------------------------------------------------------
-# torch is never imported
-
-
-SCRIPT = """
-import sys
-from fedlora_cli.cli import main
-sys.argv = ["fedlora", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as exc:
-    if exc.code:
-        raise
-print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
-"""
-
-
-def fedlora_in_a_fresh_process(*args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(fedlora_cli.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], capture_output=True, text=True, env=env,
-                          check=False)
-
-
-@pytest.mark.parametrize("options, torch_imported", [
-    ([], False),
-    (["--norm-bound", "BOUND"], False),
-    (["--norm-bound", "BOUND", "--norm-bound-action", "reject"], False),
-    (["--strategy", "median"], False),  # every strategy: tests/federation/test_coordinator_imports.py
-])
-def test_aggregate_imports_torch_only_for_what_needs_it(options, torch_imported, make_recipe, cached_federation,
-                                                        tmp_path):
-    layout = cached_federation(make_recipe("ffa"))
-    g, updates = layout.global_checkpoint(0), [layout.update(1, c) for c in CLIENTS]
-    options = [str(second_largest_norm(g, updates)) if o == "BOUND" else o for o in options]
-
-    done = fedlora_in_a_fresh_process("aggregate", g, *updates, "--out", tmp_path / "g1", *options, "--json")
-
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["round"] == 1
-    assert done.stderr.strip().splitlines()[-1] == ("torch imported" if torch_imported else "torch not imported")
 
 
 @pytest.mark.parametrize("options, one_pass", [
