@@ -44,6 +44,10 @@ class WorkerStopped(FedloraError):
     """The site worker took the request and closed the connection without an answer (killed, crashed)."""
 
 
+class WorkerLate(FedloraError):
+    """The site worker gave no answer before the message expired (it may still be working)."""
+
+
 def socket_path(state_dir: Path) -> Path:
     """Where the worker of the site whose client state folder is ``state_dir`` listens."""
     return Path(state_dir).absolute() / SOCKET_NAME
@@ -101,17 +105,18 @@ def read_frame(stream: BinaryIO, closed: type[FedloraError] = WorkerStopped) -> 
         raise closed("the other end closed the connection")
     try:
         value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer of thousands of digits, deep nesting
         raise FedloraError("a message on the site worker's socket is not JSON; refused") from None
     if not isinstance(value, dict):
         raise FedloraError("a message on the site worker's socket is not a JSON object; refused")
     return value
 
 
-def ask(path: Path, request: dict[str, Any], doing: str) -> dict[str, Any]:
+def ask(path: Path, request: dict[str, Any], doing: str, timeout: float | None = None) -> dict[str, Any]:
     """Send ``request`` to the worker at ``path`` and return its answer's ``ok`` object; the worker's error, a
-    broken connection (":class:`WorkerStopped`: the site worker at PATH stopped while ``doing``") or a worker
-    that is not there (:class:`WorkerUnavailable`) is raised as one line."""
+    broken connection (":class:`WorkerStopped`: the site worker at PATH stopped while ``doing``"), no answer within
+    ``timeout`` seconds (:class:`WorkerLate`; None: wait as long as it takes) or a worker that is not there
+    (:class:`WorkerUnavailable`) is raised as one line."""
     check_socket(path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
@@ -122,12 +127,16 @@ def ask(path: Path, request: dict[str, Any], doing: str) -> dict[str, Any]:
         uid = peer_uid(sock)
         if uid is not None and uid != os.getuid():
             raise FedloraError(f"the process behind {path} runs as uid {uid}, not as this user; refused")
+        sock.settimeout(timeout)
         stream = sock.makefile("rwb")
         try:
             write_frame(stream, {"protocol": PROTOCOL, **request})
             answer = read_frame(stream)
         except (WorkerStopped, ConnectionError, BrokenPipeError):
             raise WorkerStopped(f"the site worker at {path} stopped while {doing}") from None
+        except TimeoutError:
+            raise WorkerLate(f"the site worker at {path} gave no answer within {timeout:.1f} s while {doing} (the "
+                             "message expires; a round asked again is sent the update it makes)") from None
         finally:
             stream.close()
     if "error" in answer:

@@ -23,6 +23,7 @@ worker the app does the work itself, loading the base model for the message.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,23 +49,31 @@ app = ClientApp()
 
 @dataclass(frozen=True)
 class Relay:
-    """The site's resident worker, reached at ``path``; every request carries the SuperNode's node config."""
+    """The site's resident worker, reached at ``path``; every request carries the SuperNode's node config, and
+    waits for its answer until ``deadline`` (a time.time(); None: as long as it takes)."""
 
     path: Path
     node_config: dict[str, Any]
+    deadline: float | None = None
 
     def ask(self, request: dict[str, Any], doing: str) -> dict[str, Any]:
-        return channel.ask(self.path, {**request, "node-config": self.node_config}, doing)
+        timeout = None if self.deadline is None else max(0.1, self.deadline - time.time())
+        return channel.ask(self.path, {**request, "node-config": self.node_config}, doing, timeout)
 
 
-def relay_for(site: sites.SiteConfig, node_config: Mapping[str, Any]) -> Relay | None:
-    """The worker to relay to, or None when this app does the work itself (worker "off", or "auto" and no socket)."""
+def relay_for(site: sites.SiteConfig, node_config: Mapping[str, Any], msg: Message | None = None) -> Relay | None:
+    """The worker to relay to, or None when this app does the work itself (worker "off", or "auto" and no socket).
+    With ``msg``, the relay waits no longer than the message lives (its TTL), less a margin to send the reply."""
     if site.worker == "off":
         return None
     path = channel.socket_path(site.state_dir)
     if site.worker == "auto" and not os.path.lexists(path):
         return None
-    return Relay(path, dict(node_config))
+    deadline = None
+    if msg is not None and msg.metadata.ttl:
+        ttl = float(msg.metadata.ttl)
+        deadline = float(msg.metadata.created_at) + ttl - min(5.0, 0.1 * ttl)
+    return Relay(path, dict(node_config), deadline)
 
 
 Work = Callable[[sites.SiteConfig, Message, "Relay | None"], dict[str, Any]]
@@ -74,7 +83,7 @@ def _answer(msg: Message, context: Context, work: Work) -> Message:
     client_id = str(context.node_config.get(sites.CLIENT_ID, ""))
     try:
         site = sites.SiteConfig.from_node_config(context.node_config)
-        records = work(site, msg, relay_for(site, context.node_config))
+        records = work(site, msg, relay_for(site, context.node_config, msg))
     except FedloraError as exc:
         records = {REPLY: ConfigRecord({sites.CLIENT_ID: client_id, ERROR_KEY: first_line(exc)})}
     return Message(RecordDict(records), reply_to=msg)

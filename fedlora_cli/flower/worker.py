@@ -315,8 +315,13 @@ def run(site: sites.SiteConfig, *, capacity: int = 1, log: Log = print) -> int:
         signals.append(signum)
         stop.set()
 
+    from fedlora_cli.model.site import resolve_device
+    from fedlora_cli.recipe.site_settings import DEVICE
+
     log(f"{site.client_id}: loading torch, transformers and peft")
     warm_imports()
+    if DEVICE.key in site.settings:
+        resolve_device(str(site.settings[DEVICE.key]))  # a device this machine lacks is refused now, not in round 1
     service = Service(Worker(site, Benches(capacity), log))
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     log(f"{site.client_id}: serving at {service.path} (pid {os.getpid()}; the base model loads with the first "

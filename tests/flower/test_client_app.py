@@ -4,6 +4,7 @@ one line instead of raising (the re-sent round and the DP reply are in test_serv
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,33 @@ def test_the_relay_imports_no_torch_and_sends_the_update_the_worker_wrote(short_
     assert out["ops"] == ["query", "train"] and out["node-config"] == node
     assert out["answer"] == {"client-id": "client-0", "base-fingerprint": "f" * 16, "site": "cpu"}
     assert out["train"] == ["fedlora.reply", "update.files", "update.text"]
+
+
+def test_the_relay_waits_for_the_worker_no_longer_than_the_message_lives(short_tmp):
+    import time
+
+    from fedlora_cli.flower import worker as workers
+
+    node = {"client-id": "a", "state-dir": str(short_tmp / "s")}
+
+    class Stuck(workers.Worker):
+        def query(self, request):
+            time.sleep(2.0)
+            return {"client-id": "a"}, "said who it is"
+
+    service = workers.Service(Stuck(SiteConfig.from_node_config(node), log=lambda line: None))
+    try:
+        msg = client_app.Message(RecordDict({client_app.QUERY: ConfigRecord({client_app.MANIFEST_KEY: "{}"})}), 5,
+                                 "query", ttl=1.0)
+        msg.metadata.__dict__["_message_id"] = "m1"
+        started = time.monotonic()
+        reply = client_app.app(msg, Context(run_id=1, node_id=5, node_config=node, state=RecordDict(),
+                                            run_config={}))
+        waited = time.monotonic() - started
+    finally:
+        service.close()
+    error = reply.content[client_app.REPLY][client_app.ERROR_KEY]
+    assert re.fullmatch(rf"the site worker at {re.escape(str(service.path))} gave no answer within 0\.[789] s while "
+                        r"saying who the site is \(the message expires; a round asked again is sent the update it "
+                        r"makes\)", error), error
+    assert 0.8 < waited < 1.5

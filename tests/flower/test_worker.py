@@ -387,6 +387,9 @@ def test_the_worker_command_refuses_a_bad_node_config_in_one_line(tmp_path):
           "node config key 'devise' is unknown")
     fails(["flower", "worker", "--node-config", f'client-id="a" state-dir="{tmp_path}"', "--max-benches", "0"],
           "a site worker holds at least one workbench; got 0")
+    fails(["flower", "worker", "--node-config", f'client-id="a" state-dir="{tmp_path}" device="cuda:7"'],
+          "training.device 'cuda:7': this machine has")
+    assert not (tmp_path / "worker.sock").exists()
     fails(["flower", "node-config", "--client-id", "a", "--state-dir", str(tmp_path), "--worker", "maybe"],
           "--worker must be one of auto, required, off; got 'maybe'")
 
@@ -396,3 +399,13 @@ def test_node_config_writes_the_worker_key_the_site_reads(tmp_path):
 
     written = ok(["flower", "node-config", "--client-id", "a", "--state-dir", tmp_path, "--worker", "required"])
     assert SiteConfig.from_node_config(workers.parse_node_config(written.strip())).worker == "required"
+
+
+@pytest.mark.parametrize("frame", [b"[" * 200_000 + b"\n", b'{"round": ' + b"9" * 5000 + b"}\n", b"\xff\n", b"[1]\n",
+                                   b"{" * (channel.MAX_BYTES + 10)])
+def test_a_frame_that_is_not_one_small_json_object_is_refused_in_one_line(frame):
+    import io
+
+    with pytest.raises(FedloraError, match="^a message on the site worker's socket (is not JSON|is not a JSON object|"
+                                           "is longer than 1048576 bytes); refused$"):
+        channel.read_frame(io.BytesIO(frame))
