@@ -88,7 +88,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise FedloraError(f"{what} not found: {path}")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # also an integer of thousands of digits, or nesting past the stack
         raise FedloraError(f"{what} {path} is not valid JSON") from None
     if not isinstance(data, dict):
         raise FedloraError(f"{what} {path} is not a JSON object")
@@ -182,7 +182,7 @@ def read_tensor(path: Path, name: str, what: str) -> torch.Tensor:
     try:
         with safe_open(str(path), framework="pt") as handle:
             if name not in handle.keys():
-                raise FedloraError(f"{what} {path} has no tensor '{name}'")
+                raise FedloraError(f"{what} {path} has no tensor {name!r}")
             return handle.get_tensor(name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FedloraError(f"{what} {path} is not a readable safetensors file ({first_line(exc)})") from None
@@ -321,7 +321,7 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
     if not path.is_file():
         raise FedloraError(f"{what} not found: {path}")
     for name, d in digests.items():  # an unknown or malformed digest is refused before any data is read
-        _parse_digest(d, f"{what} {path}: tensor '{name}'")
+        _parse_digest(d, f"{what} {path}: tensor {name!r}")
     if framework == "numpy":
         import numpy as np
 
@@ -332,7 +332,7 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
         tensors = empty_like(mapped)
         for name, t in tensors.items():
             np.copyto(t, mapped[name])
-            check_digest(t, digests[name], f"{what} {path}: tensor '{name}'")
+            check_digest(t, digests[name], f"{what} {path}: tensor {name!r}")
         return tensors
     tensors = {}
     try:
@@ -341,7 +341,7 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
             _check_names(names, digests, f"{what} {path}")
             for name in names:
                 t = handle.get_tensor(name)
-                check_digest(t, digests[name], f"{what} {path}: tensor '{name}'")
+                check_digest(t, digests[name], f"{what} {path}: tensor {name!r}")
                 tensors[name] = t
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise FedloraError(f"{what} {path} is not a readable safetensors file ({first_line(exc)})") from None
@@ -352,9 +352,9 @@ def _check_names(names: Iterable[str], digests: Mapping[str, str], where: str) -
     """A file must hold exactly the tensors its manifest has digests for."""
     unrecorded, absent = sorted(set(names) - set(digests)), sorted(set(digests) - set(names))
     if unrecorded:
-        raise FedloraError(f"{where} holds tensor '{unrecorded[0]}', which has no digest in its manifest")
+        raise FedloraError(f"{where} holds tensor {unrecorded[0]!r}, which has no digest in its manifest")
     if absent:
-        raise FedloraError(f"{where} lacks tensor '{absent[0]}', which its manifest has a digest for")
+        raise FedloraError(f"{where} lacks tensor {absent[0]!r}, which its manifest has a digest for")
 
 
 def combined_digest(digests: Mapping[str, str]) -> str:

@@ -99,11 +99,11 @@ def _check_tiling(entries: Mapping[str, tuple[str, tuple[int, ...], int, int]], 
     end = 0
     for name, (dtype, shape, begin, stop) in sorted(entries.items(), key=lambda e: e[1][2:]):
         if begin != end:
-            raise _Malformed(f"tensor '{name}' starts at byte {begin}, not {end}: the data has a gap or an overlap")
+            raise _Malformed(f"tensor {name!r} starts at byte {begin}, not {end}: the data has a gap or an overlap")
         if stop > data_size:
-            raise _Malformed(f"tensor '{name}' ends at byte {stop}, past the end of the data ({data_size})")
+            raise _Malformed(f"tensor {name!r} ends at byte {stop}, past the end of the data ({data_size})")
         if stop - begin != math.prod(shape) * numpy_dtype(dtype).itemsize:
-            raise _Malformed(f"tensor '{name}' has {stop - begin} bytes for {dtype}{list(shape)}")
+            raise _Malformed(f"tensor {name!r} has {stop - begin} bytes for {dtype}{list(shape)}")
         end = stop
     if end != data_size:
         raise _Malformed(f"{data_size - end} bytes after the last tensor")
@@ -129,24 +129,26 @@ def _entries(raw: bytes) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """name -> (dtype, shape, begin, end) from a safetensors header, every field checked."""
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # also an integer of thousands of digits, or nesting past the stack
         raise _Malformed("the header is not JSON") from None
     if not isinstance(header, dict):
         raise _Malformed("the header is not a JSON object")
     entries = {}
     for name, entry in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__":  # as the library reads it: absent, null, or text -> text
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise _Malformed("its __metadata__ is not a mapping of text to text")
             continue
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _Malformed(f"tensor '{name}' has a malformed header entry")
+            raise _Malformed(f"tensor {name!r} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPES:
-            raise _Malformed(f"tensor '{name}' has dtype {dtype!r:.20}, which numpy does not hold")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise _Malformed(f"tensor {name!r} has dtype {dtype!r:.20}, which numpy does not hold")
         if not isinstance(shape, list) or not all(_natural(n) for n in shape):
-            raise _Malformed(f"tensor '{name}' has a malformed shape")
+            raise _Malformed(f"tensor {name!r} has a malformed shape")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(n) for n in offsets) \
                 or offsets[0] > offsets[1]:
-            raise _Malformed(f"tensor '{name}' has malformed data offsets")
+            raise _Malformed(f"tensor {name!r} has malformed data offsets")
         entries[name] = (dtype, tuple(shape), offsets[0], offsets[1])
     return entries
 
