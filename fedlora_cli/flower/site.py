@@ -66,7 +66,7 @@ class SiteConfig:
         unknown = sorted(set(node_config) - set(_PATHS) - set(SITE_SETTINGS))
         if unknown:
             raise FedloraError(
-                f"node config key '{unknown[0]}' is unknown (known: {', '.join((*_PATHS, *SITE_SETTINGS))})"
+                f"node config key {unknown[0]!r} is unknown (known: {', '.join((*_PATHS, *SITE_SETTINGS))})"
             )
         for key in (CLIENT_ID, STATE_DIR):
             if not isinstance(node_config.get(key), str) or not node_config[key]:
@@ -98,7 +98,11 @@ class SiteConfig:
 
 def manifest_of(text: str) -> GlobalManifest:
     """A global checkpoint's manifest from its JSON text (as a query carries it)."""
-    return _from_dict(GlobalManifest, json.loads(text), Path("fedlora.json"), "global checkpoint manifest")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):  # a relay's text, so far checked by nobody
+        raise FedloraError("the global checkpoint manifest sent is not valid JSON") from None
+    return _from_dict(GlobalManifest, data, Path("fedlora.json"), "global checkpoint manifest")
 
 
 def describe(site: SiteConfig, manifest: GlobalManifest, bench: Workbench | None = None) -> dict[str, str]:
