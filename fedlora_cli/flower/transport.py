@@ -43,12 +43,12 @@ def record_names(name: str) -> tuple[str, str]:
 
 def _kind(file_name: str, where: str) -> str:
     if not _FILE_NAME.match(file_name) or ".." in file_name:
-        raise FedloraError(f"{where}: '{file_name}' is not a plain file name; refused")
+        raise FedloraError(f"{where}: {file_name!r} is not a plain file name; refused")
     if file_name.endswith(TENSOR_SUFFIX):
         return FILES
     if file_name.endswith(TEXT_SUFFIX):
         return TEXT
-    raise FedloraError(f"{where}: '{file_name}' is neither a safetensors nor a JSON file; only those travel")
+    raise FedloraError(f"{where}: {file_name!r} is neither a safetensors nor a JSON file; only those travel")
 
 
 def _check_safetensors(data: bytes, where: str) -> None:
@@ -61,7 +61,7 @@ def _check_safetensors(data: bytes, where: str) -> None:
         raise FedloraError(f"{where} is not a safetensors file (header length {size} out of range)")
     try:
         header = json.loads(data[8:8 + size])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # also an integer of thousands of digits, or nesting past the stack
         raise FedloraError(f"{where} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise FedloraError(f"{where} is not a safetensors file (its header is not a JSON object)")
@@ -70,7 +70,7 @@ def _check_safetensors(data: bytes, where: str) -> None:
 def _check_json(text: str, where: str) -> None:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise FedloraError(f"{where} is not valid JSON") from None
     if not isinstance(value, dict):
         raise FedloraError(f"{where} is not a JSON object")
@@ -90,7 +90,7 @@ def pack(folder: Path, name: str) -> dict[str, object]:
     for path in sorted(folder.iterdir()):
         where = f"{folder}"
         if not path.is_file():
-            raise FedloraError(f"{where}: '{path.name}' is not a file; only safetensors and JSON files travel")
+            raise FedloraError(f"{where}: {path.name!r} is not a file; only safetensors and JSON files travel")
         if _kind(path.name, where) == FILES:
             data = path.read_bytes()
             _check_safetensors(data, f"{path}")
@@ -119,20 +119,20 @@ def unpack(content: RecordDict, name: str, out: Path, overwrite: bool = False) -
     files: dict[str, bytes | str] = {}
     for file_name, array in arrays.items():
         if _kind(file_name, where) != FILES:
-            raise FedloraError(f"{where}: '{file_name}' came as an array; only safetensors files do")
+            raise FedloraError(f"{where}: {file_name!r} came as an array; only safetensors files do")
         if not isinstance(array, Array) or array.dtype != "uint8" or len(array.shape) != 1:
-            raise FedloraError(f"{where}: '{file_name}' is not one 1-D uint8 array of file bytes")
+            raise FedloraError(f"{where}: {file_name!r} is not one 1-D uint8 array of file bytes")
         data = array.numpy().tobytes()
         if len(data) != array.shape[0]:
-            raise FedloraError(f"{where}: '{file_name}' holds {len(data)} bytes, its array says {array.shape[0]}")
-        _check_safetensors(data, f"{where}: '{file_name}'")
+            raise FedloraError(f"{where}: {file_name!r} holds {len(data)} bytes, its array says {array.shape[0]}")
+        _check_safetensors(data, f"{where}: {file_name!r}")
         files[file_name] = data
     for file_name, value in text.items():
         if _kind(file_name, where) != TEXT:
-            raise FedloraError(f"{where}: '{file_name}' came as text; only JSON files do")
+            raise FedloraError(f"{where}: {file_name!r} came as text; only JSON files do")
         if not isinstance(value, str):
-            raise FedloraError(f"{where}: '{file_name}' is not text")
-        _check_json(value, f"{where}: '{file_name}'")
+            raise FedloraError(f"{where}: {file_name!r} is not text")
+        _check_json(value, f"{where}: {file_name!r}")
         files[file_name] = value
     if not files:
         raise FedloraError(f"{where} holds no files")
@@ -153,7 +153,7 @@ def text_of(content: RecordDict, name: str, file_name: str) -> str:
     value = text.get(file_name) if isinstance(text, ConfigRecord) else None
     if not isinstance(value, str):
         raise FedloraError(f"the {name} sent carries no {file_name}")
-    _check_json(value, f"the {name} sent: '{file_name}'")
+    _check_json(value, f"the {name} sent: {file_name!r}")
     return value
 
 

@@ -9,7 +9,6 @@ like a value written in the file, and a message names the option the user typed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,7 +45,7 @@ def _coerce(key: str, value: Any, annotation: Any, subject: str) -> Any:
                 try:
                     if isinstance(value, list) and not any(isinstance(v, bool) for v in value):
                         return [float(v) for v in value]
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, OverflowError):
                     pass
                 continue
             if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
@@ -57,6 +56,8 @@ def _coerce(key: str, value: Any, annotation: Any, subject: str) -> Any:
                 return value
             continue
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > 2**1023:
+                raise FedloraError(f"{subject} is too large for a float (an integer of {value.bit_length()} bits)")
             return float(value)
         if option is float and isinstance(value, str):
             # YAML 1.1 reads 1e-3 (no dot) as a string; accept what any person means by it.
@@ -88,7 +89,7 @@ def _build_section(name: str, cls: type, raw: Any, labels: Mapping[str, str]) ->
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise FedloraError(f"unknown recipe key '{name}.{key}' (known: {', '.join(sorted(known))})")
+            raise FedloraError(f"unknown recipe key {f'{name}.{key}'!r} (known: {', '.join(sorted(known))})")
     values = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
@@ -107,7 +108,7 @@ def from_dict(raw: Any, labels: Mapping[str, str] | None = None, planned_clients
     allowed = set(_SECTIONS) | {"name"}
     for key in raw:
         if key not in allowed:
-            raise FedloraError(f"unknown recipe key '{key}' (known: {', '.join(sorted(allowed))})")
+            raise FedloraError(f"unknown recipe key {key!r} (known: {', '.join(sorted(allowed))})")
     if "model" not in raw:
         raise FedloraError("recipe key 'model' is required")
     raw = with_task_defaults(raw)
@@ -169,7 +170,7 @@ def with_site(recipe: Recipe, settings: Mapping[str, Any], labels: Mapping[str, 
     """
     unknown = sorted(key for key, value in settings.items() if value is not None and key not in SITE_KEYS)
     if unknown:
-        raise FedloraError(f"'{unknown[0]}' is not a site setting (site settings: {', '.join(SITE_KEYS)})")
+        raise FedloraError(f"{unknown[0]!r} is not a site setting (site settings: {', '.join(SITE_KEYS)})")
     return override(recipe, settings, labels)
 
 
@@ -185,18 +186,18 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise FedloraError(f"override key '{key}' must look like section.key")
     try:
         return key, yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise FedloraError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise FedloraError(f"override {text!r:.80}: value is not valid YAML ({exc.__class__.__name__})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of a raw recipe mapping with ``section.key`` overrides applied; a key without a dot replaces
     a whole section."""
-    merged = json.loads(json.dumps(raw))
+    merged = _plain_copy(raw)
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         if section not in _SECTIONS:
-            raise FedloraError(f"unknown recipe key '{key}' (sections: {', '.join(_SECTIONS)})")
+            raise FedloraError(f"unknown recipe key {key!r} (sections: {', '.join(_SECTIONS)})")
         if not name:
             merged[section] = value
             continue
@@ -207,6 +208,36 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             merged[section] = {}
         merged[section][name] = value
     return merged
+
+
+# A recipe holds a few hundred values, a few levels deep: far more is YAML's aliases expanded (a "billion laughs").
+_MAX_VALUES = 1_000_000
+_MAX_DEPTH = 32
+
+
+def _plain_copy(raw: Any) -> Any:
+    """A deep copy of a raw recipe as JSON data. What YAML reads but JSON cannot hold (a date, bytes, a set, a key
+    that is not text), nesting past :data:`_MAX_DEPTH` and more than :data:`_MAX_VALUES` values once its aliases
+    are expanded are refused, before anything walks the whole of it."""
+    left = [_MAX_VALUES]
+
+    def copy(value: Any, depth: int) -> Any:
+        left[0] -= 1
+        if left[0] < 0 or depth > _MAX_DEPTH:
+            raise FedloraError(f"a recipe holds at most {_MAX_VALUES} values nested at most {_MAX_DEPTH} deep "
+                               "(are YAML aliases expanding?)")
+        if isinstance(value, dict):
+            odd = next((k for k in value if not isinstance(k, str)), "")
+            if odd != "":
+                raise FedloraError(f"recipe keys must be text, not {type(odd).__name__}")
+            return {k: copy(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):  # a tuple from a Recipe's own to_dict, as JSON would have listed it
+            return [copy(v, depth + 1) for v in value]
+        if value is None or isinstance(value, (str, int, float)):
+            return value
+        raise FedloraError(f"a recipe value must be text, a number, a list or a mapping, not a {type(value).__name__}")
+
+    return copy(raw, 0)
 
 
 def load(
@@ -224,6 +255,9 @@ def load(
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise FedloraError(f"recipe {path} is not valid YAML{where}") from None
+    except (ValueError, RecursionError):  # not UTF-8, an integer of thousands of digits, nesting past the stack
+        raise FedloraError(f"recipe {path} is not a YAML text fedlora reads (not UTF-8, or too long a number or "
+                           "too deep a nesting)") from None
     if raw is None:
         raise FedloraError(f"recipe {path} is empty")
     if not isinstance(raw, dict):

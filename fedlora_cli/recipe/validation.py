@@ -41,7 +41,7 @@ class _Check:
             raise FedloraError(f"{self.subject(key)} {message}")
 
     def one_of(self, value: str, key: str, allowed: tuple[str, ...] | Mapping[str, object]) -> None:
-        self.require(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+        self.require(value in allowed, key, f"must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_clients: bool = True) -> Recipe:
@@ -84,7 +84,7 @@ def _data(c: _Check, d: DataSection, clients: int) -> None:
     if d.strategy == "size" and d.sizes is not None:
         c.require(len(d.sizes) == clients, "data.sizes", f"must give one size per client ({clients}); got {len(d.sizes)}")
         c.require(all(v > 0 for v in d.sizes), "data.sizes", "must all be > 0")
-    c.require(d.sizes is None or d.strategy == "size", "data.sizes", f"applies only to data.strategy 'size'; got '{d.strategy}'")
+    c.require(d.sizes is None or d.strategy == "size", "data.sizes", f"applies only to data.strategy 'size'; got {d.strategy!r}")
     c.require(0 < d.test_fraction < 1, "data.test_fraction", "must be between 0 and 1")
     c.require(d.max_length >= 2, "data.max_length", "must be at least 2")
     c.require(d.labels is None or len(d.labels) >= 2, "data.labels", "must list at least two labels")
@@ -109,7 +109,7 @@ def _task(c: _Check, recipe: Recipe) -> None:
         f.head == "frozen",
         "federation.head",
         f"must be 'frozen' for model.task 'causal-lm': a causal LM has no task head (its LM head is part of the "
-        f"frozen base model); got '{f.head}'",
+        f"frozen base model); got {f.head!r}",
     )
     c.require(d.prompt_column != d.response_column, "data.response_column", "must differ from data.prompt_column")
 
@@ -154,14 +154,14 @@ def _federation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
         STRATEGIES[f.aggregation].mixes_ranks,
         "adapter.client_ranks",
         f"needs {c.name('federation.aggregation')} {' or '.join(repr(s) for s in mixing)} "
-        f"(only {', '.join(mixing)} combines different ranks); got '{f.aggregation}'",
+        f"(only {', '.join(mixing)} combines different ranks); got {f.aggregation!r}",
     )
     for client_id, rank in a.client_ranks.items():
-        c.require(valid_client_id(client_id), "adapter.client_ranks", f"names an invalid client id '{client_id}'")
+        c.require(valid_client_id(client_id), "adapter.client_ranks", f"names an invalid client id {client_id!r}")
         c.require(
             1 <= rank <= a.r,
             "adapter.client_ranks",
-            f"gives '{client_id}' rank {rank}, which must lie between 1 and adapter.r ({a.r})",
+            f"gives {client_id!r} rank {rank}, which must lie between 1 and adapter.r ({a.r})",
         )
 
 
@@ -200,7 +200,7 @@ def _participation(c: _Check, f: FederationSection) -> None:
                   f"must list federation.clients ({f.clients}) ids; got {len(f.client_ids)}")
         c.require(len(set(f.client_ids)) == len(f.client_ids), "federation.client_ids", "must not repeat an id")
         bad = next((i for i in f.client_ids if not valid_client_id(i)), None)
-        c.require(bad is None, "federation.client_ids", f"names an invalid client id '{bad}'")
+        c.require(bad is None, "federation.client_ids", f"names an invalid client id {bad!r}")
     most = f.clients if k is None or f.sampling == "poisson" else k
     c.require(1 <= f.min_clients <= most, "federation.min_clients",
               f"must lie between 1 and the clients a round asks ({most}); got {f.min_clients}")
@@ -218,7 +218,7 @@ def _server_optimizer(c: _Check, f: FederationSection) -> None:
             STRATEGIES[f.aggregation].optimisable,
             "federation.server_optimizer",
             f"steps along aggregate - global, which needs {c.name('federation.aggregation')} "
-            f"{', '.join(repr(x) for x in fitting)}; got '{f.aggregation}'",
+            f"{', '.join(repr(x) for x in fitting)}; got {f.aggregation!r}",
         )
 
 
@@ -257,7 +257,7 @@ def _site_values(c: _Check, recipe: Recipe) -> None:
             c.require(
                 device in DEVICE.choices and (not index or (device == "cuda" and index.isdigit())),
                 DEVICE.key,
-                f"must be one of {', '.join(DEVICE.choices)} or 'cuda:N'; got '{value}'",
+                f"must be one of {', '.join(DEVICE.choices)} or 'cuda:N'; got {value!r}",
             )
         elif setting.choices:
             c.one_of(value, setting.key, setting.choices)
@@ -317,7 +317,7 @@ def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -
     c.require(
         STRATEGIES[f.aggregation].linear,
         "server_privacy",
-        f"(DP-FedAvg) needs {c.name('federation.aggregation')} 'mean'; got '{f.aggregation}'",
+        f"(DP-FedAvg) needs {c.name('federation.aggregation')} 'mean'; got {f.aggregation!r}",
     )
     c.require(
         f.norm_bound is None,

@@ -49,13 +49,14 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def valid_client_id(client_id: str) -> bool:
-    return bool(_CLIENT_ID.match(client_id))
+    return isinstance(client_id, str) and bool(_CLIENT_ID.fullmatch(client_id))  # '$' would let "a\n" through
 
 
 def check_client_id(client_id: str) -> str:
     if not valid_client_id(client_id):
         raise FedloraError(
-            f"client id '{client_id}' must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"client id {client_id!r:.80} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit"
         )
     return client_id
 

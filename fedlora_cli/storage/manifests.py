@@ -17,6 +17,8 @@ FORMAT_VERSION = 1
 
 
 def _from_dict(cls: type, data: dict[str, Any], path: Path, what: str) -> Any:
+    if not isinstance(data, dict):
+        raise FedloraError(f"{what} {path} is not a JSON object")
     names = {f.name for f in fields(cls)}
     missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
     if data.get("format_version") != FORMAT_VERSION:
@@ -27,8 +29,21 @@ def _from_dict(cls: type, data: dict[str, Any], path: Path, what: str) -> Any:
         raise FedloraError(f"{what} {path} is missing field(s): {', '.join(missing)}")
     for f in fields(cls):
         if f.name in data and not _has_type(data[f.name], str(f.type)):
-            raise FedloraError(f"{what} {path}: field '{f.name}' must be {f.type}; got {data[f.name]!r:.60}")
+            raise FedloraError(f"{what} {path}: field '{f.name}' must be {f.type}; got {_shown(data[f.name])}")
+        if f.name in _COUNTS and f.name in data and data[f.name] < 0:
+            raise FedloraError(f"{what} {path}: field '{f.name}' must not be negative; got {data[f.name]}")
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# The fields that count something (rounds, examples, steps, bytes): never negative.
+_COUNTS = ("round", "num_examples", "shard_examples", "steps", "bytes")
+
+
+def _shown(value: Any) -> str:
+    """A value in a one-line message: its repr, cut short (an integer of thousands of digits by its size)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return f"{value!r:.60}"
 
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
@@ -43,18 +58,35 @@ def _has_type(value: Any, annotation: str) -> bool:
     Manifests come from other sites: a count that is a string, a bool or NaN must be refused by name, not
     crash later or poison an average.
     """
-    for option in annotation.split("|"):
-        option = option.strip()
+    for option in _split(annotation, "|"):
         if option == "None":
             if value is None:
                 return True
             continue
-        kinds = _JSON_TYPES.get(option.split("[", 1)[0], (object,))
-        if isinstance(value, bool) and bool not in kinds:
+        head, _, args = option.partition("[")
+        kinds = _JSON_TYPES.get(head, (object,))
+        if isinstance(value, bool) and bool not in kinds and object not in kinds:  # True is an int to Python
             continue
-        if isinstance(value, kinds):
+        if isinstance(value, kinds) and (not args or _items_have_type(value, _split(args[:-1], ","))):
             return True
     return False
+
+
+def _items_have_type(value: list[Any] | dict[str, Any], args: list[str]) -> bool:
+    """Whether a list's items (``list[X]``) or a mapping's values (``dict[str, X]``) are of their annotation."""
+    items = value.values() if isinstance(value, dict) else value
+    return all(_has_type(item, args[-1]) for item in items)
+
+
+def _split(annotation: str, separator: str) -> list[str]:
+    """``annotation`` split at ``separator`` outside brackets: ``dict[str, str] | None`` -> the two options."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(annotation):
+        depth += (char == "[") - (char == "]")
+        if char == separator and depth == 0:
+            parts.append(annotation[start:i].strip())
+            start = i + 1
+    return [*parts, annotation[start:].strip()]
 
 
 @dataclass
