@@ -181,5 +181,5 @@ ADAPTER_KINDS: dict[str, AdapterKind] = {
 
 def adapter_kind(name: str) -> AdapterKind:
     if name not in ADAPTER_KINDS:
-        raise FedloraError(f"unknown adapter kind '{name}' (known: {', '.join(ADAPTER_KINDS)})")
+        raise FedloraError(f"unknown adapter kind {name!r} (known: {', '.join(ADAPTER_KINDS)})")
     return ADAPTER_KINDS[name]

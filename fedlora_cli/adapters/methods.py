@@ -77,7 +77,7 @@ _HEAD_SENT = ("shared",)
 
 def method(name: str) -> Method:
     if name not in METHODS:
-        raise FedloraError(f"unknown method '{name}' (known: {', '.join(METHODS)})")
+        raise FedloraError(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     return METHODS[name]
 
 
@@ -144,7 +144,7 @@ def plan(method_name: str, head: str, kind: str = "lora") -> Plan:
     trained = {k.role(side) for side in m.trains}
     sent = {k.role(side) for side in m.sends}
     if head not in HEAD_POLICIES:
-        raise FedloraError(f"unknown head policy '{head}' (known: {', '.join(HEAD_POLICIES)})")
+        raise FedloraError(f"unknown head policy {head!r} (known: {', '.join(HEAD_POLICIES)})")
     if head in _HEAD_TRAINED:
         trained.add(ROLE_HEAD)
     if head in _HEAD_SENT:

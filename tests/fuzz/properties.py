@@ -127,6 +127,11 @@ def global_manifest(document: bytes, folder: Path) -> str:
     outcome, value = read_only(folder, lambda: storage.read_global(folder))
     if outcome == "accepted":
         check_manifest_fields(value.manifest)
+        # What every site and the coordinator read next: its recipe, and the plan of its method, head and adapter.
+        from fedlora_cli.federation.common import Global
+
+        g = Global.of(value)
+        outcome = read_only(folder, lambda: (g.recipe, g.plan))[0]
     return outcome
 
 

@@ -146,3 +146,12 @@ def test_a_worker_query_whose_manifest_is_not_json_is_refused_not_failed(tmp_pat
         {"protocol": 1, "op": "query", "node-config": properties.site_node_config(tmp_path), "manifest": "None"})
     assert answer == {"error": "the global checkpoint manifest sent is not valid JSON"}
     assert not any(" failed: " in line for line in lines)
+
+
+def test_a_global_manifest_naming_an_adapter_kind_with_a_line_break_is_refused_in_one_line(tmp_path):
+    from fedlora_cli.federation.common import Global
+
+    manifest = {**strategies.valid_manifests()["global"], "adapter_kind": "lora\n"}
+    (tmp_path / storage.GLOBAL_MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
+    assert "'lora\\n'" in refused(lambda: Global.of(tmp_path).plan)
