@@ -121,14 +121,14 @@ class Worker:
             except FedloraError as exc:
                 self.log(f"{self.site.client_id}: {op} refused in {time.perf_counter() - started:.1f} s: "
                          f"{first_line(exc)}")
-                return {"error": first_line(exc)}
+                return {"error": first_line(exc)[:_MAX_ERROR]}  # it may quote the request: keep it to one frame
             except Exception as exc:  # noqa: BLE001 - one line to the relay, the worker serves on
                 self.log(f"{self.site.client_id}: {op} failed: {exc.__class__.__name__}: {first_line(exc)}")
                 if os.environ.get("FEDLORA_DEBUG"):
                     import traceback
 
                     traceback.print_exc()
-                return {"error": f"the site worker failed: {exc.__class__.__name__}: {first_line(exc)}"}
+                return {"error": f"the site worker failed: {exc.__class__.__name__}: {first_line(exc)[:_MAX_ERROR]}"}
             finally:
                 self.served += 1
         self.log(f"{self.site.client_id}: {what} in {time.perf_counter() - started:.1f} s "
@@ -185,6 +185,8 @@ class Worker:
         return {"metrics": metrics}, f"evaluated round {g.manifest.round} ({g.recipe.name})"
 
 
+# An error answer's length: a message quoting a request of up to a frame (1 MB) could otherwise not be sent back.
+_MAX_ERROR = 2000
 # The requests a worker answers, each by its method of the same name.
 _OPS = ("query", "train", "evaluate")
 

@@ -276,7 +276,7 @@ class StubBenches:
 def worker_request(request: dict[str, Any], folder: Path) -> str:
     """Worker.handle answers every request with {"ok": ...} or {"error": one line} from a FedloraError: never
     raises, never reaches its "the site worker failed" branch for internal errors."""
-    from fedlora_cli.flower import site as sites, worker
+    from fedlora_cli.flower import channel, site as sites, worker
 
     lines: list[str] = []
     site = sites.SiteConfig.from_node_config(site_node_config(folder))
@@ -284,6 +284,7 @@ def worker_request(request: dict[str, Any], folder: Path) -> str:
         request = {**request, "node-config": site_node_config(folder)}
     answer = verdict(lambda: worker.Worker(site, StubBenches(), lines.append).handle(request))[1]
     assert set(answer) in ({"ok"}, {"error"}), answer
+    channel.write_frame(io.BytesIO(), answer)  # the answer fits in one frame: the relay gets it
     assert not any(" failed: " in line for line in lines), lines
     if "error" in answer:
         assert len(answer["error"].splitlines()) == 1, answer
@@ -357,7 +358,8 @@ def _worker_requests() -> st.SearchStrategy[dict[str, Any]]:
     valid = {"protocol": 1, "op": "query", "node-config": "own", "manifest": valid_manifest}
     base = st.fixed_dictionaries({
         "protocol": st.one_of(st.just(1), st.just(1), st.just(1), s.JUNK),
-        "op": st.one_of(st.sampled_from(["query", "query", "train", "evaluate", "handle", "__init__", "_check"]), s.JUNK),
+        "op": st.one_of(st.sampled_from(["query", "query", "train", "evaluate", "handle", "__init__", "_check"]), s.JUNK,
+                        st.integers(100_000, 300_000).map(lambda n: "\x7f" * n)),  # 1 byte in JSON, 4 in a repr
         "node-config": st.one_of(st.just("own"), st.just("own"), st.just("own"), s.JUNK),
         "manifest": st.one_of(st.just(valid_manifest), manifest, s.JUNK),
         "round": st.one_of(st.integers(-2, 5), s.JUNK),

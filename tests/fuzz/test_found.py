@@ -155,3 +155,29 @@ def test_a_global_manifest_naming_an_adapter_kind_with_a_line_break_is_refused_i
     (tmp_path / storage.GLOBAL_MANIFEST).write_text(json.dumps(manifest))
     (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
     assert "'lora\\n'" in refused(lambda: Global.of(tmp_path).plan)
+
+
+def test_the_worker_answers_a_request_whose_refusal_would_outgrow_a_frame_over_its_socket():
+    # Prepare: an op of 300,000 DEL bytes, raw in the JSON as any client may send it, is 1.2 MB once quoted by repr
+    import socket
+
+    from fedlora_cli.flower import channel, site as sites, worker
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        config = properties.site_node_config(Path(tmp))
+        frame = b'{"protocol": 1, "op": "' + b"\x7f" * 300_000 + b'", "node-config": ' + json.dumps(config).encode() + b"}\n"
+        service = worker.Service(worker.Worker(sites.SiteConfig.from_node_config(config), properties.StubBenches(),
+                                               lambda line: None))
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(service.path))
+                stream = sock.makefile("rwb")
+                # Execute
+                stream.write(frame)
+                stream.flush()
+                answer = channel.read_frame(stream)
+                stream.close()
+        finally:
+            service.close()
+    # Assert: the worker's own refusal arrives (before: the handler thread's traceback, and no answer)
+    assert answer["error"].startswith("unknown request '\\x7f") and len(answer["error"]) <= 2000

@@ -15,7 +15,7 @@ pytest.importorskip("flwr")
 from tests.fuzz import properties  # noqa: E402
 
 PROPERTIES = properties.PROPERTIES()
-CI = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+CI = settings(max_examples=100, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 
@@ -48,19 +48,19 @@ def test_the_coordinators_safetensors_parser_reads_what_the_library_reads_or_ref
     holds("safetensors (storage.mapped)", data)
 
 
-@settings(CI, max_examples=100)
+@settings(CI, max_examples=150)
 @given(PROPERTIES["safetensors (library)"][0])
 def test_the_safetensors_library_readers_read_or_refuse_in_one_line(data):
     holds("safetensors (library)", data)
 
 
-@settings(CI, max_examples=100)
+@settings(CI, max_examples=150)
 @given(PROPERTIES["transport records"][0])
 def test_a_flower_message_is_unpacked_whole_or_refused_with_nothing_written(entries):
     holds("transport records", entries)
 
 
-@settings(CI, max_examples=100)
+@settings(CI, max_examples=150)
 @given(PROPERTIES["recipe YAML"][0])
 def test_a_recipe_file_is_loaded_or_refused_in_one_line(text):
     holds("recipe YAML", text)
@@ -72,7 +72,7 @@ def test_a_recipe_mapping_is_validated_or_refused_in_one_line(raw):
     holds("recipe mapping", raw)
 
 
-@settings(CI, max_examples=100)
+@settings(CI, max_examples=150)
 @given(PROPERTIES["node config"][0])
 def test_a_node_config_is_a_site_or_refused_in_one_line(config):
     holds("node config", config)
@@ -84,7 +84,7 @@ def test_a_frame_on_the_worker_socket_is_a_request_or_refused_in_one_line(data):
     holds("worker frame", data)
 
 
-@settings(CI, max_examples=100)
+@settings(CI, max_examples=150)
 @given(PROPERTIES["worker request"][0])
 def test_the_site_worker_answers_every_request_in_one_line_without_an_internal_error(request_):
     holds("worker request", request_)
