@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli import aggregation, privacy, recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation.common import Global, bench_for, digests, frozen_labels, frozen_unchanged, load_client_model
+from fedlora_cli.federation.sampling import not_asked
 from fedlora_cli.model.workbench import Workbench
 from fedlora_cli.storage.manifests import GlobalManifest, StateManifest, UpdateManifest
 
@@ -118,6 +119,11 @@ def train_client(
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
     examples = read_examples(shard, recipe.data, recipe.model.task, g.manifest.num_labels, g.label_names, split)
+    # An update the coordinator would refuse is not trained: under DP-SGD it would spend budget for nothing.
+    why = not_asked(recipe.federation, recipe.training.seed, round_, client_id)
+    if why is not None:
+        raise FedloraError(f"refusing to train client '{client_id}', which {why}: the coordinator would refuse its "
+                           "update; nothing written")
     state, newest = _states(g, state_dir, client_id, overwrite)
     g.verify()  # before the base model is loaded
     bench = bench_for(g, base_override, bench, recipe.adapter.rank_for(client_id), site)

@@ -73,10 +73,16 @@ def require_enough(federation: Any, round_: int, count: int, asked: int | None =
     raise FedloraError(f"round {round_}: {short}, fewer than federation.min_clients = {need}; nothing written")
 
 
+def not_asked(federation: Any, seed: int, round_: int, client_id: str) -> str | None:
+    """Why ``client_id`` has no part in round ``round_`` (to follow "which ..."), or None: when the federation
+    samples its clients, a client the round's sample left out."""
+    if federation.clients_per_round is not None and client_id not in asked(federation, seed, round_):
+        return f"round {round_} did not ask (see 'fedlora sample')"
+    return None
+
+
 def require_asked(federation: Any, seed: int, round_: int, client_id: str, where: Any) -> None:
     """Refuse a client update (at ``where``) from a client the round did not ask, when the federation samples."""
-    if federation.clients_per_round is not None and client_id not in asked(federation, seed, round_):
-        raise FedloraError(
-            f"client update {where} is from client '{client_id}', which round {round_} did not ask (see "
-            "'fedlora sample'); nothing written"
-        )
+    why = not_asked(federation, seed, round_, client_id)
+    if why is not None:
+        raise FedloraError(f"client update {where} is from client '{client_id}', which {why}; nothing written")

@@ -174,3 +174,23 @@ def test_train_client_run_again_sends_what_it_made_and_overwrite_trains_again(ma
     assert storage.state_rounds(tmp_path / "client-0") == [1]
     assert run_cli(args + ["--overwrite"]).exit_code == 0
     assert (tmp_path / "u" / storage.UPDATE_MANIFEST).stat().st_mtime_ns != written
+
+
+def test_a_client_the_round_did_not_ask_is_refused_before_training(tiny_model_dir, reviews_csv, partition_dir,
+                                                                   tmp_path):
+    from conftest import recipe_dict
+
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.federation import sampling
+
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"].update(clients_per_round=1)
+    recipe = recipes.from_dict(raw)
+    g0 = federation.init(recipe, tmp_path / "g0", partition=json.loads((partition_dir / "partition.json").read_text()))
+    (asked,) = sampling.asked(recipe.federation, recipe.training.seed, 1)
+    other = next(c for c in ("client-0", "client-1", "client-2") if c != asked)
+    # Under DP-SGD its training would spend budget on an update the coordinator refuses: nothing is trained.
+    with pytest.raises(FedloraError, match=rf"^refusing to train client '{other}', which round 1 did not ask \(see "
+                                           r"'fedlora sample'\): the coordinator would refuse its update; nothing written$"):
+        federation.train_client(g0, partition_dir / f"{other}.parquet", tmp_path / "state", tmp_path / "u", other)
+    assert not (tmp_path / "u").exists() and not (tmp_path / "state").exists()

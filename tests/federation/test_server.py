@@ -353,7 +353,11 @@ def test_aggregate_refuses_a_client_the_round_did_not_ask(scaled, tmp_path):
     g0 = federation.init(sampled, tmp_path / "g0", partition=json.loads((layout.data / "partition.json").read_text()))
     asked = sampling.asked(sampled.federation, sampled.training.seed, 1)
     other = next(c for c in ("client-0", "client-1", "client-2") if c not in asked)
-    update = federation.train_client(g0, layout.data / f"{other}.parquet", tmp_path / "state", tmp_path / "u", other)
+    # train-client refuses to train it (tests/federation/test_rounds.py); an update that claims it is made by hand.
+    update = federation.train_client(g0, layout.data / f"{asked[0]}.parquet", tmp_path / "state", tmp_path / "u",
+                                     asked[0])
+    manifest = json.loads((update.update.path / storage.UPDATE_MANIFEST).read_text())
+    (update.update.path / storage.UPDATE_MANIFEST).write_text(json.dumps({**manifest, "client_id": other}))
     out = tmp_path / "g1"
     result = runner.invoke(app, ["aggregate", str(g0.path), str(update.update.path), "--out", str(out)])
     assert result.exit_code == 1 and "did not ask" in result.output and other in result.output
