@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora_cli import aggregation, privacy, recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
-from fedlora_cli.federation.common import Global, bench_for, digests, frozen_labels, frozen_unchanged, load_client_model
+from fedlora_cli.federation.common import (
+    Global, bench_for, digests, frozen_labels, frozen_unchanged, load_client_model, received_tensors,
+)
 from fedlora_cli.federation.sampling import not_asked
 from fedlora_cli.model.workbench import Workbench
+from fedlora_cli.storage import encoding as encodings
 from fedlora_cli.storage.manifests import GlobalManifest, StateManifest, UpdateManifest
 
 if TYPE_CHECKING:
@@ -134,7 +137,7 @@ def train_client(
         ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
     return _write_round(g, bench.adapter_tensors(), result, ledger=ledger, shard_size=len(examples),
                         client_id=client_id, state_dir=Path(state_dir), out=out, overwrite=overwrite,
-                        site=bench.site.to_dict())
+                        site=bench.site.to_dict(), carried=_residuals(state))
 
 
 def _states(
@@ -161,8 +164,12 @@ def _states(
 def _write_round(
     g: Global, tensors: dict[str, torch.Tensor], result: TrainResult, *, ledger: privacy.Ledger | None,
     shard_size: int, client_id: str, state_dir: Path, out: Path, overwrite: bool, site: dict[str, Any] | None = None,
+    carried: Mapping[str, Any] | None = None,
 ) -> ClientRound:
-    """Check what training produced, split it into what is sent and what is kept, write state then update."""
+    """Check what training produced, split it into what is sent and what is kept, write state then update.
+
+    Under an update encoding other than float32 what is sent is the encoded difference from what the client
+    received, and the rounding error joins what is kept (``carried``: the last round's, error feedback)."""
     plan, manifest = g.plan, g.manifest
     if not frozen_unchanged(plan, tensors, manifest):
         raise FedloraError(f"a frozen adapter tensor ({frozen_labels(plan)}) changed during training; nothing written")
@@ -171,6 +178,10 @@ def _write_round(
     bad = aggregation.nonfinite(sent) or aggregation.nonfinite(kept)
     if bad is not None:
         raise FedloraError(f"training diverged: tensor '{bad}' holds NaN or Inf (lower training.lr); nothing written")
+    encoding = g.recipe.federation.update_encoding
+    if encoding != encodings.RAW:
+        sent, residuals = _encoded(g, sent, carried or {}, g.recipe.adapter.rank_for(client_id), encoding)
+        kept.update(residuals)
     spending = None if ledger is None else ledger.to_dict()  # the accountant, once for the round
     # Under DP-SGD only the noised tensors may leave the client. The mean training loss is a function of the data
     # with no noise, so it stays at home; the example count sent is the shard size, which the sample rate
@@ -184,6 +195,7 @@ def _write_round(
         shard_examples=shard_size, steps=result.steps, loss=None if private else result.loss,
         seconds=round(result.seconds, 3), bytes=0, tensor_digests=digests(sent),
         privacy=None if spending is None else {k: v for k, v in spending.items() if k != "history"}, site=site,
+        encoding=encoding,
     )
     state_manifest = StateManifest(
         client_id=client_id, round=manifest.round + 1, parent_digest=manifest.digest,
@@ -194,6 +206,41 @@ def _write_round(
     # update's write fails the ledger over-counts one round, never under-counts a release.
     state = storage.write_state(state_dir, state_manifest, kept)
     return ClientRound(storage.write_update(out, update_manifest, sent, overwrite=overwrite), state)
+
+
+def _residuals(state: storage.ClientState | None) -> dict[str, torch.Tensor]:
+    """The rounding errors the client's last round kept (error feedback), by sent tensor name."""
+    if state is None:
+        return {}
+    return {name.rsplit(encodings.SEPARATOR, 1)[0]: t for name, t in state.tensors().items()
+            if encodings.is_residual(name)}
+
+
+def _encoded(
+    g: Global, sent: Mapping[str, torch.Tensor], carried: Mapping[str, torch.Tensor], rank: int, encoding: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The sent tensors as they travel under ``encoding`` (:mod:`fedlora_cli.storage.encoding`): each one's
+    difference from what this client received (the global at its rank, computed in numpy as the coordinator
+    computes it), plus the error the last round's encoding left (error feedback, Seide et al. 2014; Karimireddy
+    et al. 2019), encoded; and this round's error, to keep in the client state as ``NAME::residual``.
+
+    Under DP-SGD the tensors are already noised, and the received global and the carried error are functions of
+    earlier released, noised outputs: both the update and the error are post-processing of what the accountant
+    covers, so encoding changes no epsilon.
+    """
+    import torch
+
+    from fedlora_cli.storage.mapped import widen
+
+    received = received_tensors(g.recipe, {n: widen(a) for n, a in g.verified_arrays.items()}, rank)
+    deltas = {}
+    for name, t in sent.items():
+        delta = t.detach().float().cpu().numpy() - received[name]
+        if name in carried:
+            delta = delta + carried[name].float().numpy()
+        deltas[name] = delta
+    stored, residuals = encodings.encode_update(deltas, encoding)
+    return stored, {encodings.residual_name(name): torch.from_numpy(r) for name, r in residuals.items()}
 
 
 def _privacy_for_round(

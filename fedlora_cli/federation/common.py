@@ -15,6 +15,7 @@ from fedlora_cli.adapters.roles import ROLE_LABELS, ROLE_PROJECTION, role_of
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import SITE_FLAGS, Site
 from fedlora_cli.model.workbench import Workbench, build
+from fedlora_cli.storage import encoding
 from fedlora_cli.storage.checkpoints import ADAPTER_WEIGHTS, CORRECTION_TENSORS, SERVER_STATE_TENSORS, GlobalCheckpoint
 from fedlora_cli.storage.manifests import GlobalManifest
 
@@ -254,7 +255,8 @@ def load_client_model(
     bench.apply_correction(correction)
     bench.load_adapter_tensors(received_tensors(bench.recipe, global_tensors, bench.rank))
     if state is not None:
-        kept = state.tensors()
+        # Error feedback's residuals (NAME::residual) are the encoder's, not the model's.
+        kept = {name: t for name, t in state.tensors().items() if not encoding.is_residual(name)}
         if any(not plan.keeps(name) for name in kept):
             raise FedloraError(f"client state {state.path} holds tensors this method does not keep locally")
         bench.load_adapter_tensors(kept, partial=True)

@@ -157,17 +157,22 @@ class _Mapped:
 
     def __init__(self, update: storage.ClientUpdate, expected: Mapping[str, tuple[str, tuple[int, ...]]],
                  reference: Mapping[str, np.ndarray]) -> None:
+        from fedlora_cli.storage.encoding import RAW, decode_update, stored_header
         from fedlora_cli.storage.mapped import map_tensors, numpy_dtype
 
-        self.update, self.reference = update, reference
-        self.arrays = map_tensors(update.tensors_path, "client update tensors")
+        self.update, self.reference, self.encoding = update, reference, update.manifest.encoding
+        self.stored = map_tensors(update.tensors_path, "client update tensors")
         self._where = f"client update tensors {update.tensors_path}"  # once: a path is slow to join and format
-        same = set(self.arrays) == set(expected) and all(
-            _same_dtype(self.arrays[n].dtype, numpy_dtype(dtype)) and self.arrays[n].shape == tuple(shape)
-            for n, (dtype, shape) in expected.items()
+        stored = stored_header(expected, self.encoding)
+        same = set(self.stored) == set(stored) and all(
+            _same_dtype(self.stored[n].dtype, numpy_dtype(dtype)) and self.stored[n].shape == tuple(shape)
+            for n, (dtype, shape) in stored.items()
         )
         if not same:
             raise FedloraError(f"client update {update.path}: its tensor file changed while aggregating")
+        # An encoded update is decoded onto the reference (float32, in memory) and visited as any other; its
+        # stored parts stay mapped, and their digests are checked after the decoded tensor's last use.
+        self.arrays = self.stored if self.encoding == RAW else decode_update(self.stored, self.encoding, reference)
 
     @classmethod
     def of(cls, update: storage.ClientUpdate, expected: Mapping[str, tuple[str, tuple[int, ...]]],
@@ -203,8 +208,11 @@ class _Mapped:
         return squared
 
     def _check_digest(self, name: str) -> None:
-        storage.check_digest(self.arrays[name], self.update.manifest.tensor_digests[name],
-                             f"{self._where}: tensor '{name}'")
+        from fedlora_cli.storage.encoding import parts_of
+
+        for part in parts_of(name, self.encoding):
+            storage.check_digest(self.stored[part], self.update.manifest.tensor_digests[part],
+                                 f"{self._where}: tensor '{part}'")
 
     def _check_finite(self, name: str) -> None:
         """A tensor whose distance is not finite: refused as not matching its digest if it does not (a damaged

@@ -35,6 +35,7 @@ from fedlora_cli.federation.common import (
 from fedlora_cli.federation.sampling import asked as sampled_clients, require_asked, require_enough, sample_rate
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
+from fedlora_cli.storage import encoding as encodings
 from fedlora_cli.storage.manifests import GlobalManifest
 from fedlora_cli.storage.mapped import Layout, narrow, read_layout, widen
 
@@ -205,7 +206,11 @@ def check_update(global_checkpoint: Path | Global, update_dir: Path) -> storage.
     """
     g = Global.of(global_checkpoint)
     (update,) = read_updates(g, g.recipe, [update_dir])
-    _load_checked(update)
+    received = None
+    if update.manifest.encoding != encodings.RAW:
+        reference = {name: widen(t) for name, t in g.verified_arrays.items()}
+        received = received_tensors(g.recipe, reference, g.recipe.adapter.rank_for(update.manifest.client_id))
+    _load_checked(update, received)
     return update
 
 
@@ -227,6 +232,11 @@ def _expected_tensors(
 
 def _validate_update(update: storage.ClientUpdate, g: Global, expected: dict[str, Any]) -> None:
     m, where, manifest, plan = update.manifest, update.path, g.manifest, g.plan
+    encoding = g.recipe.federation.update_encoding
+    if m.encoding != encoding:
+        raise FedloraError(f"client update {where} is encoded '{m.encoding}'; the federation's recipe sends "
+                           f"'{encoding}' (federation.update_encoding)")
+    expected = encodings.stored_header(expected, encoding)
     if m.round != manifest.round + 1:
         raise FedloraError(f"client update {where} is for round {m.round}; this aggregation makes round {manifest.round + 1}")
     if m.method != manifest.method:
@@ -259,11 +269,14 @@ def _validate_update(update: storage.ClientUpdate, g: Global, expected: dict[str
         storage.digest_algorithm(digest, f"client update {where}: tensor '{name}'")
 
 
-def _load_checked(update: storage.ClientUpdate) -> dict[str, np.ndarray]:
-    """A client update's tensors (widened to float32 or float64), refused if any does not match its manifest's
-    digest or is not finite."""
+def _load_checked(update: storage.ClientUpdate,
+                  received: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A client update's tensors (widened to float32 or float64; an encoded update decoded onto what the client
+    ``received``), refused if any stored tensor does not match its manifest's digest or any is not finite."""
     read = storage.load_verified(update.tensors_path, update.manifest.tensor_digests, "client update tensors",
                                  framework="numpy")
+    if update.manifest.encoding != encodings.RAW:
+        read = encodings.decode_update(read, update.manifest.encoding, received)
     tensors = {name: widen(t) for name, t in read.items()}
     bad = aggregation.nonfinite(tensors)
     if bad is not None:
@@ -272,7 +285,8 @@ def _load_checked(update: storage.ClientUpdate) -> dict[str, np.ndarray]:
 
 
 def _checked_updates(
-    updates: Sequence[storage.ClientUpdate], weights: Sequence[float]
+    updates: Sequence[storage.ClientUpdate], weights: Sequence[float],
+    received: Callable[[storage.ClientUpdate], Mapping[str, np.ndarray]],
 ) -> Iterator[tuple[storage.ClientUpdate, dict[str, np.ndarray], float]]:
     """Each update's tensors, read and checked (finite, digests) before they are yielded.
 
@@ -282,11 +296,11 @@ def _checked_updates(
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_load_checked, updates[0])
+        pending = pool.submit(_load_checked, updates[0], received(updates[0]))
         for i, (update, weight) in enumerate(zip(updates, weights)):
             tensors = pending.result()
             if i + 1 < len(updates):
-                pending = pool.submit(_load_checked, updates[i + 1])
+                pending = pool.submit(_load_checked, updates[i + 1], received(updates[i + 1]))
             yield update, tensors, weight
             del tensors
 
@@ -298,7 +312,8 @@ class _Contribution:
     update: storage.ClientUpdate
     weight: float
     clip: float  # the norm bound's scale of its difference from ``reference`` (1: untouched)
-    reference: Mapping[str, np.ndarray] | None  # what the client received, kept only when clipping needs it
+    # What the client received, kept only when clipping or decoding (an encoded update) needs it.
+    reference: Mapping[str, np.ndarray] | None
     tensors: Mapping[str, np.ndarray] | None
     layout: Layout | None = None  # the update's file, parsed on the first read back
 
@@ -309,11 +324,16 @@ class _Contribution:
     def get(self, name: str) -> np.ndarray:
         if self.layout is None:
             self.layout = read_layout(self.update.tensors_path, "client update tensors")
-        t = self.layout.read(name) if name in self.layout.entries else None
-        # Checked again as it is read: the file must still be the one screened in the first pass.
-        if t is None or not storage.digest_matches(t, self.update.manifest.tensor_digests[name]):
-            raise FedloraError(f"client update {self.update.path}: tensor '{name}' changed while aggregating")
-        t = widen(t)
+        encoding = self.update.manifest.encoding
+        stored = {}
+        for part in encodings.parts_of(name, encoding):
+            t = self.layout.read(part) if part in self.layout.entries else None
+            # Checked again as it is read: the file must still be the one screened in the first pass.
+            if t is None or not storage.digest_matches(t, self.update.manifest.tensor_digests[part]):
+                raise FedloraError(f"client update {self.update.path}: tensor '{part}' changed while aggregating")
+            stored[part] = t
+        t = widen(stored[name] if encoding == encodings.RAW else
+                  encodings.decode_update(stored, encoding, {name: self.reference[name]})[name])
         if self.clip != 1.0:
             ref = self.reference[name]
             t = ref + (t - ref) * t.dtype.type(self.clip)
@@ -356,13 +376,14 @@ class _Screen:
 
     def items(self, updates: Sequence[storage.ClientUpdate],
               weights: Sequence[float]) -> Iterator[tuple[_Contribution, bool]]:
-        for update, tensors, weight in _checked_updates(updates, weights):
+        for update, tensors, weight in _checked_updates(updates, weights, self._received):
             reference = self._received(update)
             verdict = self.bound.judge(tensors, reference)
             self.rows.append(self._row(update, weight, verdict))
             kept = self.bound.apply(tensors, reference, verdict)
+            needed = verdict.bound == CLIPPED or update.manifest.encoding != encodings.RAW
             yield _Contribution(update=update, weight=weight, clip=verdict.clip, tensors=kept,
-                                reference=reference if verdict.bound == CLIPPED else None), verdict.bound != REJECTED
+                                reference=reference if needed else None), verdict.bound != REJECTED
             self._advance()
         self.finish()
 
@@ -388,7 +409,8 @@ class _Screen:
         if rank not in self._by_rank:
             self._by_rank[rank] = received_tensors(self.recipe, self.reference, rank)
         received = self._by_rank[rank]
-        return {name: received[name] for name in update.manifest.tensor_digests}
+        return {name: received[name] for name in encodings.sent_names(update.manifest.tensor_digests,
+                                                                       update.manifest.encoding)}
 
     def _row(self, update: storage.ClientUpdate, weight: float, verdict: Any) -> ClientRow:
         m = update.manifest

@@ -63,6 +63,8 @@ OPTIMIZERS = ("sgd", "adamw")
 PARTITIONERS = ("iid", "dirichlet", "natural", "size")
 WEIGHTINGS = ("examples", "shard", "uniform")
 SAMPLINGS = ("fixed", "poisson")
+# federation.update_encoding: storage.encoding.ENCODINGS
+UPDATE_ENCODINGS = ("float32", "bfloat16", "int8")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
 POOLINGS = ("default", "mean")
@@ -273,6 +275,13 @@ class FederationSection:
         "starts at tau^2.",
         1e-3,
     )
+    update_encoding: str = _help(
+        "How client updates travel: 'float32' (the sent tensors as they are), or their difference from the "
+        "received global as 'bfloat16' (half the bytes) or blockwise absmax 'int8' (256 values per float32 scale: "
+        "about a quarter), with the rounding error kept in the client state and added to the next round's "
+        "difference (error feedback). Under DP-SGD the noised update is encoded: post-processing.",
+        "float32",
+    )
 
 
 @dataclass
@@ -386,6 +395,8 @@ class Recipe:
         content.pop("tracking")
         for setting in SITE_SETTINGS:
             content[setting.section].pop(setting.field)
+        if content["federation"]["update_encoding"] == "float32":  # the default leaves digests as they were
+            content["federation"].pop("update_encoding")
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

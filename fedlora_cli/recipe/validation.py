@@ -19,6 +19,7 @@ from fedlora_cli.recipe.schema import (
     TRACKERS, VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection,
     ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
 )
+from fedlora_cli.recipe.schema import UPDATE_ENCODINGS
 from fedlora_cli.recipe.site_settings import DEVICE, SITE_SETTINGS
 from fedlora_cli.storage.checkpoints import valid_client_id
 
@@ -147,6 +148,7 @@ def _federation(c: _Check, f: FederationSection, a: AdapterSection) -> None:
     c.require(0 < f.trim_fraction < 0.5, "federation.trim_fraction", f"must be between 0 and 0.5; got {f.trim_fraction:g}")
     c.require(f.norm_bound is None or f.norm_bound > 0, "federation.norm_bound", f"must be > 0; got {f.norm_bound or 0:g}")
     c.one_of(f.norm_bound_action, "federation.norm_bound_action", NORM_BOUND_ACTIONS)
+    c.one_of(f.update_encoding, "federation.update_encoding", UPDATE_ENCODINGS)
     if not a.client_ranks:
         return
     mixing = [name for name, cls in STRATEGIES.items() if cls.mixes_ranks]

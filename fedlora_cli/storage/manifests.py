@@ -152,6 +152,9 @@ class UpdateManifest:
     # How the site loaded and ran the model (device, base precision or quantisation, micro-batches): for the
     # record only, since sites may differ in all of it (see fedlora_cli.model.site).
     site: dict[str, Any] | None = None
+    # How the tensors travel (federation.update_encoding, see fedlora_cli.storage.encoding): 'float32' (as
+    # they are), or the difference from what the client received in 'bfloat16' or blockwise 'int8'.
+    encoding: str = "float32"
     format_version: int = FORMAT_VERSION
 
 
