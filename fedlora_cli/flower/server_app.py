@@ -60,7 +60,8 @@ class Settings:
     recipe: Path  # [recipe] the recipe file on the SuperLink host
     run_dir: Path  # [run-dir] the run folder (RunLayout), created on the first run
     round_timeout: float = 900.0  # [round-timeout] seconds a round waits for its updates
-    # [query-timeout] seconds a site has to say who it is: a fresh ClientApp process loads the base model to answer.
+    # [query-timeout] seconds a site has to say who it is: a fresh ClientApp process imports fedlora and reads the
+    # base's files (a base without safetensors weights is loaded to be identified).
     query_timeout: float = 300.0
     test: str | None = None  # [test] test data on this host; default RUN/data/test.parquet when there is one
     base: str | None = None  # [base] the base model's path on this host (default: the recipe's model.base)
