@@ -22,7 +22,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from fedlora_cli.errors import FedloraError
-from tests.fuzz import strategies as s
+from . import strategies as s
 
 TIME_LIMIT = 10.0  # seconds; every reader here answers a hostile input in well under one
 

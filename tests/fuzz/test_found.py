@@ -13,7 +13,7 @@ import pytest
 from fedlora_cli import recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.storage import mapped
-from tests.fuzz import properties, strategies
+from . import properties, strategies
 
 
 def refused(call) -> str:

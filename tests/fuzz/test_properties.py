@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 
 pytest.importorskip("flwr")
 
-from tests.fuzz import properties  # noqa: E402
+from . import properties  # noqa: E402
 
 PROPERTIES = properties.PROPERTIES()
 CI = settings(max_examples=100, deadline=None, derandomize=True, database=None,
