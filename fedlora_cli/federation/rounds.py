@@ -33,7 +33,7 @@ from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation.client import existing_update, site_round
 from fedlora_cli.federation.common import Global
 from fedlora_cli.federation.evaluate import evaluate as evaluate_checkpoint
-from fedlora_cli.federation.init import init, task_labels
+from fedlora_cli.federation.init import init
 from fedlora_cli.federation.sampling import asked as sampled_clients, require_enough
 from fedlora_cli.federation.server import aggregate_round
 from fedlora_cli.storage.checkpoints import round_dirname
@@ -84,6 +84,16 @@ class Reporter(Protocol):
     def warn(self, text: str) -> None: ...
 
     def round_done(self, row: dict[str, Any]) -> None: ...
+
+
+class InProcessReporter(Reporter, Protocol):
+    """A reporter that also shows each client's training as it happens in this process (``simulate``)."""
+
+    def training(self, round_: int, client_id: str) -> Callable[[int, int, float], None] | None:
+        """A progress callback (steps done, steps in all, loss) for one client's round."""
+        ...
+
+    def done_training(self) -> None: ...
 
 
 def pin_recipe(recipe: recipes.Recipe, layout: RunLayout) -> None:
@@ -164,7 +174,7 @@ class Federation:
             self.reporter.stage(f"resuming {self.layout.root} after round {done}")
         for round_ in range(1, self.recipe.federation.rounds + 1):
             target = self.layout.global_checkpoint(round_)
-            started, wire, ran = time.monotonic(), None, not target.is_dir()
+            started, ran = time.monotonic(), not target.is_dir()
             current, wire = self.round(current) if ran else (Global.of(target), None)
             metrics = self.evaluate(current)
             row = round_row(self.layout, current, metrics, self.partition, kept_loss=self.sites.kept_loss,
@@ -228,12 +238,10 @@ def _place(path: Path, final: Path) -> None:
 
 
 class InProcessSites:
-    """Every client trained in this process on its partition shard, its state in the run folder (``simulate``).
+    """Every client trained in this process on its partition shard, its state in the run folder (``simulate``)."""
 
-    ``progress(round, client)`` gives a training progress callback and ``done()`` closes it, as
-    :class:`fedlora_cli.cli.ui.SimulationReporter` does."""
-
-    def __init__(self, layout: RunLayout, clients: list[str], benches: Benches, test: TestData, reporter: Any) -> None:
+    def __init__(self, layout: RunLayout, clients: list[str], benches: Benches, test: TestData,
+                 reporter: InProcessReporter) -> None:
         self.layout, self.clients, self.benches, self.test, self.reporter = layout, clients, benches, test, reporter
 
     def reachable(self, g: Global, clients: list[str]) -> list[str]:

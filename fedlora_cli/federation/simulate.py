@@ -9,30 +9,19 @@ and redoes nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fedlora_cli import recipe as recipes, storage
 from fedlora_cli.data import partition as partitions
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation.init import task_labels
-from fedlora_cli.federation.rounds import Benches, Federation, InProcessSites, TestData, pin_recipe
+from fedlora_cli.federation.rounds import Benches, Federation, InProcessReporter, InProcessSites, TestData, pin_recipe
 from fedlora_cli.storage.run_layout import RECIPE_FILE, RunLayout
 
 
-class Reporter(Protocol):
-    """What the simulation tells its caller; the CLI renders it with rich."""
-
-    def stage(self, text: str) -> None: ...
-
-    def warn(self, text: str) -> None: ...
-
-    def training(self, round_: int, client_id: str) -> Callable[[int, int, float], None] | None: ...
-
-    def done_training(self) -> None: ...
-
-    def round_done(self, row: dict[str, Any]) -> None: ...
+# What the simulation tells its caller (the CLI renders it with rich): the rounds' reports and each client's training.
+Reporter = InProcessReporter
 
 
 def simulate(
