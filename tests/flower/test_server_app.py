@@ -351,3 +351,23 @@ def test_report_to_never_logs_a_dp_sgd_clients_loss_and_refuses_an_unknown_track
     with pytest.raises(FedloraError, match="--report-to: unknown tracker 'tensorbored'"):
         server_app.Coordinator(FakeGrid({}),
                                server_app.Settings.from_run_config({**config, "report-to": "tensorbored"}))
+
+
+def test_int8_updates_travel_through_flower_and_aggregate_as_by_hand(tmp_path, tiny_model_dir, reviews_csv,
+                                                                      partition_dir):
+    """federation.update_encoding int8: the sites send codes and scales, the server app decodes them as `fedlora
+    aggregate` does, and every site keeps its rounding error in its own state."""
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["update_encoding"] = "int8"
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+
+    serve(grid, run_config(tmp_path, raw, partition_dir))
+
+    layout = RunLayout(tmp_path / "run")
+    for round_ in (1, 2):
+        updates = [layout.update(round_, f"client-{i}") for i in range(3)]
+        assert {storage.read_update(u).manifest.encoding for u in updates} == {"int8"}
+        again = federation.aggregate_round(layout.global_checkpoint(round_ - 1), updates, tmp_path / f"again-{round_}")
+        assert storage.read_global(layout.global_checkpoint(round_)).manifest.digest == again.checkpoint.manifest.digest
+    kept = storage.latest_state(tmp_path / "sites" / "client-1").tensors()
+    assert any(name.endswith("::residual") for name in kept)
