@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from conftest import private_recipe
 from typer.testing import CliRunner
 
-from fedlora_cli import storage
+from fedlora_cli import recipe as recipes, storage
 from fedlora_cli.cli import app
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation import client as client_module
@@ -258,3 +259,20 @@ def test_int8_updates_aggregate_without_torch(options, encoded, tmp_path):
     if not options:
         expected, got = global_tensors(layout.global_checkpoint(1)), global_tensors(tmp_path / "g1")
         assert all(np.array_equal(got[n], expected[n]) for n in expected)
+
+
+def test_a_dp_sgd_update_is_encoded_after_its_noise_and_spends_what_float32_spends(
+        tiny_model_dir, reviews_csv, cached_federation):
+    """Encoding is post-processing of the noised update: the ledgers are the float32 run's, round by round."""
+    def run(encoding):
+        raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+        raw["federation"]["update_encoding"] = encoding
+        return cached_federation(recipes.from_dict(raw))
+
+    plain, layout = run("float32"), run("int8")
+
+    for round_ in (1, 2):
+        for c in CLIENTS:
+            encoded = storage.read_update(layout.update(round_, c)).manifest
+            assert encoded.encoding == "int8" and encoded.loss is None
+            assert encoded.privacy == storage.read_update(plain.update(round_, c)).manifest.privacy
