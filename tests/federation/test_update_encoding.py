@@ -276,3 +276,17 @@ def test_a_dp_sgd_update_is_encoded_after_its_noise_and_spends_what_float32_spen
             encoded = storage.read_update(layout.update(round_, c)).manifest
             assert encoded.encoding == "int8" and encoded.loss is None
             assert encoded.privacy == storage.read_update(plain.update(round_, c)).manifest.privacy
+
+
+def test_a_client_of_a_lower_rank_encodes_its_difference_from_the_truncated_global(strategy_recipe, cached_federation,
+                                                                                  tmp_path):
+    """svd with client ranks: a rank-2 client received the global cut to rank 2 and rescaled; its codes have its rank's
+    shape, and the coordinator decodes them onto the same truncated global."""
+    layout = cached_federation(strategy_recipe(client_ranks={"client-1": 2}, aggregation="svd",
+                                               update_encoding="int8"))
+
+    stored = read_layout(layout.update(1, "client-1") / storage.UPDATE_TENSORS, "update").entries
+    assert any(name.endswith("lora_A.weight::q") and shape[0] == 2 for name, (_, shape, _, _) in stored.items())
+    aggregate_round(layout.global_checkpoint(1), update_paths(layout, 2), tmp_path / "g2")
+    expected, got = global_tensors(layout.global_checkpoint(2)), global_tensors(tmp_path / "g2")
+    assert all(np.array_equal(got[n], expected[n]) for n in expected)
