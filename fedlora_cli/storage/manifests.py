@@ -6,6 +6,7 @@ string, a bool or NaN is refused by name), and the format version must be the on
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -32,7 +33,43 @@ def _from_dict(cls: type, data: dict[str, Any], path: Path, what: str) -> Any:
             raise FedloraError(f"{what} {path}: field '{f.name}' must be {f.type}; got {_shown(data[f.name])}")
         if f.name in _COUNTS and f.name in data and data[f.name] < 0:
             raise FedloraError(f"{what} {path}: field '{f.name}' must not be negative; got {data[f.name]}")
+    _check_privacy(data, f"{what} {path}")
     return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# A privacy record as privacy.Ledger.to_dict writes it (an update's without its history): number -> may be None. The
+# coordinator takes the largest epsilon of a round's updates, a client reads its ledger back from its state.
+_PRIVACY_NUMBERS = {"delta": False, "epsilon": False, "budget": True, "remaining": True}
+
+
+def _check_privacy(data: dict[str, Any], where: str) -> None:
+    record = data.get("privacy")
+    if isinstance(record, dict):
+        if not isinstance(record.get("accountant"), str):
+            raise FedloraError(f"{where}: privacy 'accountant' must be text; got {_shown(record.get('accountant'))}")
+        for key, optional in _PRIVACY_NUMBERS.items():
+            value = record.get(key)
+            if not (optional and value is None) and not _amount(value):
+                raise FedloraError(f"{where}: privacy '{key}' must be a non-negative number; got {_shown(value)}")
+        if "history" in record:
+            _check_ledger(record["history"], f"{where}: privacy 'history'")
+    if "server_privacy_ledger" in data:
+        _check_ledger(data["server_privacy_ledger"], f"{where}: field 'server_privacy_ledger'")
+
+
+def _check_ledger(history: Any, where: str) -> None:
+    """Releases as [noise multiplier, sample rate, steps]: three non-negative finite numbers, whole steps."""
+    for entry in history if isinstance(history, list) else [None]:
+        if not (isinstance(entry, list) and len(entry) == 3 and all(_amount(x) and x != math.inf for x in entry)
+                and float(entry[2]).is_integer()):
+            raise FedloraError(f"{where} must list [noise multiplier, sample rate, steps]; got {_shown(entry)}")
+
+
+def _amount(value: Any) -> bool:
+    """A JSON number that is not NaN, not negative and (an integer) fits in 64 bits; infinity passes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 and (value < 2**63 if isinstance(value, int) else not math.isnan(value))
 
 
 # The fields that count something (rounds, examples, steps, bytes): never negative.

@@ -130,8 +130,10 @@ def global_manifest(document: bytes, folder: Path) -> str:
         # What every site and the coordinator read next: its recipe, and the plan of its method, head and adapter.
         from fedlora_cli.federation.common import Global
 
+        from fedlora_cli.privacy.report import server_entry
+
         g = Global.of(value)
-        outcome = read_only(folder, lambda: (g.recipe, g.plan))[0]
+        outcome = read_only(folder, lambda: (g.recipe, g.plan, server_entry(value)))[0]
     return outcome
 
 
@@ -142,6 +144,9 @@ def update_manifest(document: bytes, folder: Path) -> str:
     outcome, value = read_only(folder, lambda: storage.read_update(folder))
     if outcome == "accepted":
         check_manifest_fields(value.manifest)
+        spent = value.manifest.privacy
+        # The round table takes the largest epsilon of a round's updates (federation.rounds).
+        assert spent is None or isinstance(spent["epsilon"], (int, float)) and spent["epsilon"] >= 0, spent
     return outcome
 
 
@@ -153,6 +158,10 @@ def state_manifest(document: bytes, folder: Path) -> str:
     outcome, value = read_only(folder, lambda: storage.latest_state(folder))
     if outcome == "accepted":
         check_manifest_fields(value.manifest)
+        if value.manifest.privacy is not None:  # what the client reads next: its ledger
+            from fedlora_cli.privacy import Ledger
+
+            outcome = read_only(folder, lambda: Ledger.from_dict(value.manifest.privacy))[0]
     return outcome
 
 

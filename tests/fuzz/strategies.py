@@ -55,10 +55,12 @@ def valid_manifests() -> dict[str, dict[str, Any]]:
                              aggregation={"strategy": "mean", "clipped": [], "norm_bound": None}, **common)
     update = UpdateManifest(client_id="client-0", parent_digest="cd" * 32, method="ffa", base_fingerprint="f" * 64,
                             frozen_digest=None, num_examples=10, shard_examples=12, steps=3, loss=0.5, seconds=1.0,
-                            bytes=100, privacy={"epsilon": 1.2, "delta": 1e-5, "budget": 3.0, "remaining": 1.8},
+                            bytes=100, privacy={"accountant": "prv", "epsilon": 1.2, "delta": 1e-5, "budget": 3.0, "remaining": 1.8},
                             site={"device": "cpu", "dtype": "float32", "quantization": None,
                                   "gradient_checkpointing": False, "accumulation_steps": 1}, **common)
-    state = StateManifest(client_id="client-0", parent_digest="cd" * 32, **common)
+    ledger = {"accountant": "prv", "delta": 1e-5, "budget": 3.0, "epsilon": 1.2, "remaining": 1.8,
+              "history": [[1.1, 0.01, 5], [1.1, 0.01, 5]]}
+    state = StateManifest(client_id="client-0", parent_digest="cd" * 32, privacy=ledger, loss=0.4, **common)
     return {"global": asdict(global_), "update": asdict(update), "state": asdict(state)}
 
 

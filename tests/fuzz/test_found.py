@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import struct
 import tempfile
 from pathlib import Path
@@ -181,3 +182,21 @@ def test_the_worker_answers_a_request_whose_refusal_would_outgrow_a_frame_over_i
             service.close()
     # Assert: the worker's own refusal arrives (before: the handler thread's traceback, and no answer)
     assert answer["error"].startswith("unknown request '\\x7f") and len(answer["error"]) <= 2000
+
+
+@pytest.mark.parametrize("kind, field, value, needle", [
+    ("update", "privacy", {"accountant": "prv", "delta": 1e-5}, "privacy 'epsilon'"),  # the round table's KeyError
+    ("update", "privacy", {"accountant": "prv", "delta": 1e-5, "epsilon": "1.2"}, "privacy 'epsilon'"),
+    ("global", "server_privacy_ledger", [[1.0]], "server_privacy_ledger"),  # privacy report's unpacking ValueError
+    ("state", "privacy", {**strategies.valid_manifests()["state"]["privacy"], "history": [[1.1, 0.01, math.inf]]},
+     "privacy 'history'"),  # Ledger.from_dict's OverflowError
+])
+def test_a_privacy_record_its_readers_cannot_use_is_refused_when_the_manifest_is_read(tmp_path, kind, field, value,
+                                                                                        needle):
+    document = json.dumps({**strategies.valid_manifests()[kind], field: value})
+    name, read = {"global": (storage.GLOBAL_MANIFEST, storage.read_global), "update": (storage.UPDATE_MANIFEST,
+                  storage.read_update), "state": ("round-002/" + storage.STATE_MANIFEST, storage.latest_state)}[kind]
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text(document)
+    (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
+    assert needle in refused(lambda: read(tmp_path))
