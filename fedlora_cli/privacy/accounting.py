@@ -45,7 +45,11 @@ def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> 
     if accountant == GAUSSIAN:
         if any(q != 1.0 for _, q, _ in steps):
             raise ValueError("the exact Gaussian composition covers releases without sampling (q = 1) only")
-        return gaussian_epsilon(math.sqrt(sum(n / s**2 for s, _, n in steps)), delta)
+        try:
+            mu = math.sqrt(sum(n / s**2 for s, _, n in steps))
+        except (ZeroDivisionError, OverflowError):  # s**2 underflowed to 0 (a sigma of 1e-300) or overflowed (1e300)
+            mu = math.sqrt(sum(n / s / s for s, _, n in steps))
+        return math.inf if math.isinf(mu) else gaussian_epsilon(mu, delta)
     from opacus.accountants import create_accountant  # imports torch: not for the exact Gaussian (the coordinator)
 
     acc = create_accountant(mechanism=accountant)

@@ -200,3 +200,15 @@ def test_a_privacy_record_its_readers_cannot_use_is_refused_when_the_manifest_is
     (tmp_path / name).write_text(document)
     (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
     assert needle in refused(lambda: read(tmp_path))
+
+
+@pytest.mark.parametrize("sigma, expected", [(1e-300, math.inf), (1e300, 0.0)])
+def test_the_privacy_report_of_a_server_ledger_with_an_absurd_noise_multiplier_is_a_number(tmp_path, sigma, expected):
+    # Prepare: sigma**2 underflowed to 0 (ZeroDivisionError) or overflowed (OverflowError) in the exact composition
+    from fedlora_cli.privacy.report import server_entry
+
+    manifest = {**strategies.valid_manifests()["global"], "server_privacy_ledger": [[sigma, 1.0, 1]]}
+    (tmp_path / storage.GLOBAL_MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
+    # Execute, Assert
+    assert server_entry(tmp_path)["epsilon"] == expected
