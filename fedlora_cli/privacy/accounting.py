@@ -93,7 +93,10 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
         return 0.0
 
     def delta_at(eps: float) -> float:
-        return math.exp(log_ndtr(mu / 2 - eps / mu)) - math.exp(eps + log_ndtr(-mu / 2 - eps / mu))
+        try:
+            return math.exp(log_ndtr(mu / 2 - eps / mu)) - math.exp(eps + log_ndtr(-mu / 2 - eps / mu))
+        except OverflowError:  # the subtracted term past 1e308 (a probe far above the answer, mu in the thousands+)
+            return -math.inf
 
     if delta_at(0.0) <= delta:
         return 0.0

@@ -212,3 +212,11 @@ def test_the_privacy_report_of_a_server_ledger_with_an_absurd_noise_multiplier_i
     (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
     # Execute, Assert
     assert server_entry(tmp_path)["epsilon"] == expected
+
+
+def test_the_exact_composition_of_a_noise_multiplier_of_1e_minus_100_is_about_half_its_inverse_square():
+    # Prepare: probing e^eps Phi(...) past 1e308 raised OverflowError (mu = 1e100); the answer is about mu^2 / 2
+    from fedlora_cli.privacy.accounting import GAUSSIAN, epsilon
+
+    # Execute, Assert
+    assert epsilon([(1e-100, 1.0, 1)], 1e-5, GAUSSIAN) == pytest.approx(5e199, rel=1e-6)
