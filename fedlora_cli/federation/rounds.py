@@ -291,6 +291,7 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
     losses = [u.loss if u.loss is not None else kept_loss(round_, u.client_id) for u in updates]
     total = sum(u.num_examples for u in updates)
     uploaded = sum(u.bytes for u in updates)
+    spent = [u.privacy["epsilon"] for u in updates if u.privacy is not None]
     return {
         "round": round_, "asked": len(asked), "clients": len(updates),
         "left_out": [c for c in asked if c not in m.clients],
@@ -300,7 +301,7 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
         "seconds": sum(u.seconds for u in updates),  # the clients' training time
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
         # DP-SGD: the largest cumulative epsilon any client has spent so far.
-        "epsilon": max(u.privacy["epsilon"] for u in updates) if updates[0].privacy else None,
+        "epsilon": max(spent) if spent else None,
         "server_epsilon": _server_epsilon(g),
     }
 
