@@ -121,7 +121,12 @@ def node_config(client_id: str, data: str | None, state_dir: str, **settings: ob
     check_client_id(client_id)
     pairs: dict[str, object] = {"client-id": client_id}
     if data is not None:
-        pairs["data"] = str(Path(data).resolve()) if Path(data).exists() else data
+        pairs["data"] = data
     pairs["state-dir"] = str(Path(state_dir).resolve())
     pairs.update({key: value for key, value in settings.items() if value is not None})
+    # Paths that exist here are made absolute (a SuperNode runs its apps in another folder); anything else (a Hub
+    # dataset or model name) is kept as given.
+    for key in ("data", "test-data", "base"):
+        if isinstance(pairs.get(key), str) and Path(pairs[key]).exists():
+            pairs[key] = str(Path(pairs[key]).resolve())
     return " ".join(f"{key}={_toml(value)}" for key, value in pairs.items())

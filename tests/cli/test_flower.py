@@ -88,3 +88,15 @@ def test_flower_app_refuses_a_dp_budget_it_cannot_calibrate(tmp_path, tiny_model
     raw["privacy"]["noise_multiplier"] = 1.1
     recipe.write_text(yaml.safe_dump(raw))
     ok(["flower", "app", recipe, "-o", tmp_path / "app2", "--run", tmp_path / "elsewhere"])
+
+
+def test_node_config_makes_every_existing_path_absolute(tmp_path, monkeypatch):
+    for name in ("a.csv", "a-test.csv"):
+        (tmp_path / name).write_text("text,sentiment\n")
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    text = ok(["flower", "node-config", "--client-id", "site-a", "--data", "a.csv", "--test-data", "a-test.csv",
+               "--base-model", "model", "--state-dir", "state"])
+    parsed = tomllib.loads(text.replace('" ', '"\n'))
+    assert parsed["data"] == str(tmp_path / "a.csv") and parsed["test-data"] == str(tmp_path / "a-test.csv")
+    assert parsed["base"] == str(tmp_path / "model") and parsed["state-dir"] == str(tmp_path / "state")
