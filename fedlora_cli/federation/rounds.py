@@ -324,7 +324,13 @@ def _scores(metrics: Mapping[str, Any], partition: Mapping[str, Any] | None) -> 
         "personalised_accuracy": _mean(accuracies),
         "personalised_accuracy_own_mix": _mean(matched),
         "personalised_loss": _mean([p["loss"] for p in personal.values()]),
+        # Flower's client-evaluation: the global as each site scored it on its own data, averaged over the sites.
+        "sites_accuracy": _mean([_site_accuracy(s) for s in (metrics.get("sites") or {}).values()]),
     }
+
+
+def _site_accuracy(scores: Mapping[str, float]) -> float | None:
+    return scores.get("global.accuracy", scores.get("global.exact_match"))
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -325,16 +325,19 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
     def fmt(value: Any, spec: str = ".4f") -> str:
         return "-" if value is None else format(value, spec)
 
-    # Epsilon columns where there is spending: the sites' DP-SGD (the largest any update reports), DP-FedAvg's.
-    spent = [(key, label) for key, label in (("epsilon", "max eps"), ("server_epsilon", "server eps"))
+    # Columns shown only where a round has them: the sites' own scores of the global (client-evaluation), the
+    # largest DP-SGD epsilon a site's update reports, DP-FedAvg's epsilon.
+    extra = [(key, label, spec) for key, label, spec in (("sites_accuracy", "sites acc", ".4f"),
+                                                         ("epsilon", "max eps", ".3f"),
+                                                         ("server_epsilon", "server eps", ".3f"))
              if any(row[key] is not None for row in rows)]
     table = Table("round", "clients", "left out", "train loss", "global acc", "global loss", "upload B", "wire B",
-                  "seconds", *(label for _, label in spent))
+                  "seconds", *(label for _, label, _ in extra))
     for row in rows:
         table.add_row(str(row["round"]), f"{row['clients']}/{row['asked']}", ", ".join(row["left_out"]) or "-",
                       fmt(row["train_loss"]), fmt(row["global_accuracy"]), fmt(row["global_loss"]),
                       str(row["upload_bytes"]), fmt(row["wire_bytes"], "d"), fmt(row["wall_seconds"], ".1f"),
-                      *(fmt(row[key], ".3f") for key, _ in spent))
+                      *(fmt(row[key], spec) for key, _, spec in extra))
     console = Console(file=StringIO(), width=120, color_system=None)
     console.print(table)
     return console.file.getvalue().rstrip()

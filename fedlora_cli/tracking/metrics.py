@@ -19,7 +19,7 @@ from typing import Any
 # as round/<key> (those of --json).
 ROUND_KEYS = (
     "clients", "train_loss", "global_loss", "global_accuracy", "global_macro_f1", "personalised_loss",
-    "personalised_accuracy", "personalised_accuracy_own_mix", "upload_bytes", "upload_bytes_per_client", "wire_bytes",
+    "personalised_accuracy", "personalised_accuracy_own_mix", "sites_accuracy", "upload_bytes", "upload_bytes_per_client", "wire_bytes",
     "seconds", "wall_seconds", "epsilon", "server_epsilon",
 )
 TRAIN_LOSS = "train_loss"

@@ -189,6 +189,23 @@ def test_the_round_table_shows_the_epsilon_the_sites_report(tmp_path, tiny_model
     assert "max eps" in table and f"{spent:.3f}" in table and "server eps" not in table
 
 
+def test_the_sites_scores_of_the_global_reach_the_round_table(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+    grid = FakeGrid(sites(tmp_path, partition_dir, **{"test-data": str(partition_dir / TEST_SHARD)}))
+    config = run_config(tmp_path, raw, partition_dir, **{"client-evaluation": True})
+    del config["test"]  # the coordinator holds no test data of its own: the sites' scores are all there is
+    (tmp_path / "run").mkdir()
+    said = []
+    rows = server_app.Coordinator(grid, server_app.Settings.from_run_config(config),
+                                  lambda level, text: said.append(text)).run()
+    scores = json.loads(RunLayout(tmp_path / "run").metrics(1).read_text())["sites"]
+    assert sorted(scores) == ["client-0", "client-1", "client-2"]
+    assert rows[0]["sites_accuracy"] == pytest.approx(sum(s["global.accuracy"] for s in scores.values()) / 3)
+    table = [t for t in said if t.startswith("round 1 done")][-1]
+    assert "sites acc" in table and f"{rows[0]['sites_accuracy']:.4f}" in table
+
+
 def test_a_site_with_another_base_model_is_refused_before_it_trains(tmp_path, tiny_model_dir, reviews_csv,
                                                                     partition_dir, tmp_path_factory):
     from transformers import BertForSequenceClassification
