@@ -290,3 +290,14 @@ def test_a_client_of_a_lower_rank_encodes_its_difference_from_the_truncated_glob
     aggregate_round(layout.global_checkpoint(1), update_paths(layout, 2), tmp_path / "g2")
     expected, got = global_tensors(layout.global_checkpoint(2)), global_tensors(tmp_path / "g2")
     assert all(np.array_equal(got[n], expected[n]) for n in expected)
+
+
+def test_dp_fedavg_and_a_server_optimiser_take_int8_updates_without_torch(strategy_recipe, federation_copy, tmp_path):
+    from .test_coordinator_imports import DP, aggregate_in_a_fresh_process
+
+    layout = federation_copy(strategy_recipe(update_encoding="int8", server_optimizer="fedadam"))
+
+    result = aggregate_in_a_fresh_process(layout, tmp_path / "g1", *DP)
+
+    manifest = json.loads((tmp_path / "g1" / storage.GLOBAL_MANIFEST).read_text())
+    assert result["round"] == 1 and result["server_epsilon"] > 0 and manifest["server_state_digests"]
