@@ -300,7 +300,8 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
         "upload_bytes": uploaded, "upload_bytes_per_client": uploaded // len(updates), "wire_bytes": wire_bytes,
         "seconds": sum(u.seconds for u in updates),  # the clients' training time
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
-        # DP-SGD: the largest cumulative epsilon any client has spent so far.
+        # DP-SGD: the largest cumulative epsilon among the clients of this round (under sampling a client that sat
+        # the round out may have spent more: see fedlora privacy report).
         "epsilon": max(spent) if spent else None,
         "server_epsilon": _server_epsilon(g),
     }

@@ -193,7 +193,7 @@ class FlowerSites:
             if reply.has_error():
                 self.say(WARNING, f"node {node}: no answer to who it is ({_flower_error(reply)}); asked again next round")
                 continue
-            self.admit(node, reply.content.get(messages.REPLY) or ConfigRecord(), g)
+            self.admit(node, reply.content.get(messages.REPLY) or ConfigRecord(), g, online)
         for node in sorted(set(new) - set(answered)):
             self.say(WARNING, f"node {node}: no answer to who it is within {self.settings.query_timeout:g} s; "
                               "asked again next round")
@@ -209,9 +209,15 @@ class FlowerSites:
         return {key_of[r.metadata.reply_to_message_id]: r for r in replies
                 if r.metadata.reply_to_message_id in key_of}
 
-    def admit(self, node: int, answer: ConfigRecord, g: Global) -> None:
-        """Take a node's answer to who it is: its client id, or a refusal for the whole run."""
+    def admit(self, node: int, answer: ConfigRecord, g: Global, online: set[int]) -> None:
+        """Take a node's answer to who it is: its client id, or a refusal for the whole run. A site that restarts
+        without SuperNode authentication comes back as a new node: while the node that had its id is offline, the
+        new one takes the id over."""
         cid = str(answer.get(CLIENT_ID, ""))
+        gone = [n for n, c in self.clients.items() if c == cid and n not in online]
+        for old in gone:
+            del self.clients[old]
+            self.say(INFO, f"site '{cid}' is back as node {node} (node {old} is gone)")
         refusal = None
         if messages.ERROR_KEY in answer:
             refusal = str(answer[messages.ERROR_KEY])

@@ -206,6 +206,23 @@ def test_the_sites_scores_of_the_global_reach_the_round_table(tmp_path, tiny_mod
     assert "sites acc" in table and f"{rows[0]['sites_accuracy']:.4f}" in table
 
 
+def test_a_site_back_as_a_new_node_takes_its_id_over(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"].update(rounds=1, min_clients=3)
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    said = []
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(run_config(tmp_path, raw, partition_dir)),
+                                         lambda level, text: said.append(text))
+    # client-2 was node 99, which restarted without SuperNode authentication and came back as node 103.
+    coordinator.clients = {101: "client-0", 102: "client-1", 99: "client-2"}
+    # Execute
+    rows = coordinator.run()
+    # Assert
+    assert coordinator.clients == {101: "client-0", 102: "client-1", 103: "client-2"}
+    assert "site 'client-2' is back as node 103 (node 99 is gone)" in said
+    assert rows[0]["clients"] == 3 and grid.trained() == [101, 102, 103]
+
+
 def test_a_site_with_another_base_model_is_refused_before_it_trains(tmp_path, tiny_model_dir, reviews_csv,
                                                                     partition_dir, tmp_path_factory):
     from transformers import BertForSequenceClassification
