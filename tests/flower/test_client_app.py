@@ -12,19 +12,10 @@ import pytest
 pytest.importorskip("flwr")
 
 from flwr.app import ConfigRecord, Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.flower import client_app
 from fedlora_cli.flower.site import SiteConfig
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def test_the_node_config_is_checked():

@@ -17,7 +17,6 @@ pytest.importorskip("flwr")
 import yaml
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora_cli import federation, storage
 from fedlora_cli.data.partition import TEST_SHARD, shard_name
@@ -28,15 +27,6 @@ from fedlora_cli.storage.run_layout import RunLayout
 from conftest import private_recipe, recipe_dict
 
 SUPERLINK_NODE = 0
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """A Message built outside a Flower run needs the task identity a ServerApp process is given."""
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 class FakeGrid:

@@ -19,7 +19,6 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora_cli import storage
 from fedlora_cli.data.partition import TEST_SHARD
@@ -33,14 +32,6 @@ from flower.test_server_app import FakeGrid, run_config, serve, sites
 
 SECRET = 20261207  # the DP-SGD secret seed, fixed here only (a site draws it from the OS)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture

@@ -30,19 +30,10 @@ from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
 
-from .flower_deploy import Deployment, wait_until
+from .flower_deploy import wait_until
 
 pytestmark = pytest.mark.integration
 SITES = ("site-a", "site-b")
-
-
-@pytest.fixture
-def deployment(tmp_path):
-    d = Deployment(tmp_path)
-    try:
-        yield d
-    finally:
-        d.end()
 
 
 def two_site_recipe(tmp_path: Path, tiny_model_dir: Path, reviews_csv: Path, **federation_keys) -> Path:

@@ -43,15 +43,6 @@ pytestmark = pytest.mark.integration
 README = ROOT / "README.md"
 
 
-@pytest.fixture
-def deployment(tmp_path):
-    d = Deployment(tmp_path)
-    try:
-        yield d
-    finally:
-        d.end()
-
-
 # -- the README's TLS and authentication commands -------------------------------------------------------------------
 def readme_tls_steps() -> dict[int, list[str]]:
     """The commands of the README's TLS block (the bash block with ssh-keygen) by step: a '# N. ...' comment starts
