@@ -202,10 +202,13 @@ def _write_round(
         recipe_digest=manifest.recipe_digest, tensor_digests=digests(kept),
         privacy=spending, loss=result.loss,
     )
-    # The state (with the ledger that records this round's spending) is written before the update: if the
-    # update's write fails the ledger over-counts one round, never under-counts a release.
-    state = storage.write_state(state_dir, state_manifest, kept)
-    return ClientRound(storage.write_update(out, update_manifest, sent, overwrite=overwrite), state)
+    # The update is written in full first (where a full disk fails, leaving nothing), then the state with the
+    # ledger that records this round's spending, then the update is renamed into place: the ledger never counts an
+    # update that was not written, and only a crash between the last two steps leaves it counting one (an
+    # over-count, never an under-count).
+    with storage.staged_update(out, update_manifest, sent, overwrite=overwrite) as update:
+        state = storage.write_state(state_dir, state_manifest, kept)
+    return ClientRound(update, state)
 
 
 def _residuals(state: storage.ClientState | None) -> dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ client updates and client state (:mod:`.checkpoints`), and the folder tree of a 
 from fedlora_cli.storage.checkpoints import (
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, CORRECTION_TENSORS, GLOBAL_MANIFEST, SERVER_STATE_TENSORS, STATE_MANIFEST,
     STATE_TENSORS, UPDATE_MANIFEST, UPDATE_TENSORS, ClientState, ClientUpdate, GlobalCheckpoint, check_client_id,
-    latest_state, prune_states, read_global, read_update, round_dirname, state_rounds, valid_client_id,
-    write_global, write_state, write_update,
+    latest_state, prune_states, read_global, read_update, round_dirname, staged_update, state_rounds,
+    valid_client_id, write_global, write_state, write_update,
 )
 from fedlora_cli.storage.files import (
     DIGEST_ALGORITHM, as_arrays, as_tensors, atomic_dir, atomic_file, check_digest, combined_digest, digest_algorithm,
@@ -25,6 +25,6 @@ __all__ = [
     "UPDATES_DIR", "UPDATE_MANIFEST", "UPDATE_TENSORS", "UpdateManifest", "as_arrays", "as_tensors", "atomic_dir",
     "atomic_file", "check_client_id", "check_digest", "combined_digest", "digest_algorithm", "digest_matches", "global_digest", "latest_state",
     "is_arrays", "prune_states", "load_tensors", "load_verified", "read_global",
-    "read_json", "read_tensor", "read_update", "round_dirname", "state_rounds", "save_tensors", "tensor_digest", "tensor_header",
+    "read_json", "read_tensor", "read_update", "round_dirname", "staged_update", "state_rounds", "save_tensors", "tensor_digest", "tensor_header",
     "valid_client_id", "write_global", "write_json", "write_state", "write_update"
 ]

@@ -20,8 +20,9 @@ the complete folder or nothing.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,10 +152,21 @@ def read_update(path: Path) -> ClientUpdate:
 def write_update(
     final: Path, manifest: UpdateManifest, tensors: Mapping[str, torch.Tensor], overwrite: bool = False
 ) -> ClientUpdate:
+    with staged_update(final, manifest, tensors, overwrite) as update:
+        return update
+
+
+@contextlib.contextmanager
+def staged_update(
+    final: Path, manifest: UpdateManifest, tensors: Mapping[str, torch.Tensor], overwrite: bool = False
+) -> Iterator[ClientUpdate]:
+    """Write a client update in full beside ``final`` and yield it; it is renamed to ``final`` when the block
+    succeeds, and removed when it fails. A client writes its state (the privacy ledger) inside the block: so a
+    write that fails (a full disk) leaves neither, never a ledger that counts an update nobody can send."""
     with atomic_dir(final, overwrite=overwrite) as tmp:
         manifest.bytes = save_tensors(tmp / UPDATE_TENSORS, tensors)
         write_json(tmp / UPDATE_MANIFEST, asdict(manifest))
-    return ClientUpdate(Path(final), manifest)
+        yield ClientUpdate(Path(final), manifest)
 
 
 @dataclass

@@ -24,6 +24,7 @@ changes once written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -53,8 +54,9 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _refuse_if_no_room(exc, final)
         raise
     if final.exists():
         trash = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -74,9 +76,26 @@ def atomic_file(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _refuse_if_no_room(exc, final)
         raise
+
+
+# A write that failed for want of room: the disk full, a quota, a file-size limit (RLIMIT_FSIZE).
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _refuse_if_no_room(exc: BaseException, final: Path) -> None:
+    """Turn a failed write for want of room into one line (the partial output is already removed); safetensors'
+    writer reports it as a SafetensorError whose message ends '(os error N)' rather than as an OSError."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and exc.__class__.__name__ == "SafetensorError":
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found[1]) if found else None
+    if code in _NO_ROOM:
+        raise FedloraError(f"could not write {final}: {os.strerror(code)} (the disk is full or a file-size or quota "
+                           "limit was reached); nothing written: free some space and run it again") from None
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

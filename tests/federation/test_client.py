@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from fedlora_cli import federation, recipe as recipes, storage
 from fedlora_cli.adapters.roles import ROLE_HEAD, ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, role_of
 from fedlora_cli.cli import app
+from fedlora_cli.errors import FedloraError
 
 CLIENTS = ["client-0", "client-1", "client-2"]
 
@@ -177,20 +178,36 @@ def test_training_is_reproducible(make_recipe, cached_federation, run_federation
 runner = CliRunner()
 
 
-def test_the_ledger_records_a_round_even_if_its_update_is_never_written(tmp_path, tiny_model_dir, reviews_csv, partition_dir, monkeypatch):
+@pytest.mark.parametrize("failing", [storage.UPDATE_TENSORS, storage.STATE_TENSORS])
+def test_a_round_whose_update_or_state_cannot_be_written_leaves_neither_and_no_ledger_entry(
+        failing, tmp_path, tiny_model_dir, reviews_csv, partition_dir, monkeypatch):
+    """The disk full while the update or the state is written: nothing was sent, so no ledger counts the round, and
+    the same call succeeds afterwards with one entry (before, the state was written first and counted a round
+    whose update never existed, and the rerun was refused as 'already trained')."""
+    import errno
+
+    from fedlora_cli.storage import checkpoints
+
     raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
-    r = recipes.from_dict(raw)
-    federation.init(r, tmp_path / "g0", partition=json.loads((partition_dir / "partition.json").read_text()))
+    federation.init(recipes.from_dict(raw), tmp_path / "g0",
+                    partition=json.loads((partition_dir / "partition.json").read_text()))
+    save = checkpoints.save_tensors
 
-    def broken_write(*args, **kwargs):
-        raise OSError("disk full")
+    def full_disk(path, tensors):
+        if Path(path).name == failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(path, tensors)
 
-    monkeypatch.setattr(storage, "write_update", broken_write)
-    with pytest.raises(OSError):
-        federation.train_client(tmp_path / "g0", partition_dir / "client-0.parquet", tmp_path / "state",
-                                tmp_path / "u", "client-0")
-    assert not (tmp_path / "u").exists()
-    ledger = storage.latest_state(tmp_path / "state", 10**6).manifest.privacy
+    monkeypatch.setattr(checkpoints, "save_tensors", full_disk)
+    train = (tmp_path / "g0", partition_dir / "client-0.parquet", tmp_path / "state", tmp_path / "u", "client-0")
+    with pytest.raises(FedloraError, match="could not write .*: No space left on device .*nothing written"):
+        federation.train_client(*train)
+    assert not (tmp_path / "u").exists() and storage.state_rounds(tmp_path / "state") == []
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no temporary folder left
+
+    monkeypatch.setattr(checkpoints, "save_tensors", save)
+    federation.train_client(*train)
+    ledger = storage.latest_state(tmp_path / "state").manifest.privacy
     assert len(ledger["history"]) == 1 and ledger["epsilon"] > 0
 
 
