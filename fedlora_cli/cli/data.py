@@ -34,6 +34,11 @@ def partition_cmd(
     text_column: Annotated[Optional[str], typer.Option(help="Text column.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Label column.")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated label values to keep, in id order.")] = None,
+    data_format: Annotated[
+        Optional[str],
+        typer.Option("--format", help="causal-lm: auto, prompt-response, messages, prompt-completion or alpaca."),
+    ] = None,
+    messages_column: Annotated[Optional[str], typer.Option(help="causal-lm: column of role/content turns.")] = None,
     prompt_column: Annotated[Optional[str], typer.Option(help="causal-lm: prompt column.")] = None,
     response_column: Annotated[Optional[str], typer.Option(help="causal-lm: response column.")] = None,
     answer_column: Annotated[Optional[str], typer.Option(help="causal-lm: final-answer column (kept in the shards).")] = None,
@@ -44,11 +49,14 @@ def partition_cmd(
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Split a dataset across clients and hold out a test split: labelled texts, or prompt/response pairs.
+    """Split a dataset across clients and hold out a test split: labelled texts, or instruction data (prompt/response
+    pairs, TRL's messages or prompt/completion, Alpaca's instruction/input/output).
 
     Example: [cyan]fedlora partition reviews.csv --label-column sentiment -n 4 --strategy dirichlet --alpha 0.5 -o data[/]
 
     Example: [cyan]fedlora partition gsm.jsonl --task causal-lm --prompt-column question -n 3 --strategy size --sizes 0.6,0.3,0.1[/]
+
+    Example: [cyan]fedlora partition chats.jsonl --task causal-lm --format messages -n 20 -o data[/]
     """
     from fedlora_cli.cli import ui
     from fedlora_cli.data import partition as partitions
@@ -56,6 +64,7 @@ def partition_cmd(
     overrides = {
         "data.source": source, "data.strategy": strategy, "data.alpha": alpha, "data.by": by, "data.sizes": sizes,
         "data.text_column": text_column, "data.label_column": label_column, "data.labels": labels,
+        "data.format": data_format, "data.messages_column": messages_column,
         "data.prompt_column": prompt_column, "data.response_column": response_column,
         "data.answer_column": answer_column, "data.test_fraction": test_fraction, "data.seed": seed, "data.split": split,
     }
@@ -97,7 +106,8 @@ def _partition_table(m: dict):
     from fedlora_cli.cli import ui
 
     names = [str(x) for x in m["label_names"]]
-    title = f"{m['strategy']} partition of {m['source']} (seed {m['seed']})"
+    layout = f", {m['format']} rows" if m.get("format") else ""
+    title = f"{m['strategy']} partition of {m['source']}{layout} (seed {m['seed']})"
     if len(names) <= MAX_COUNT_COLUMNS:
         rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
         rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])

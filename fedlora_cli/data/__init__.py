@@ -3,11 +3,11 @@ encoding (:mod:`.examples`), partitioning a dataset across clients (:mod:`.parti
 (:mod:`.assets`)."""
 
 from fedlora_cli.data.examples import (
-    IGNORE_INDEX, Examples, PromptResponses, batch_schedule, encode, encode_causal, encode_prompts, fit, prompt_ids,
-    read_examples, read_prompt_responses, read_shard, response_ids, steps_for,
+    IGNORE_INDEX, CausalExamples, Examples, PromptResponses, batch_schedule, encode, encode_causal, encode_prompts, fit,
+    prompt_ids, read_examples, read_prompt_responses, read_shard, response_ids, steps_for,
 )
 
 __all__ = [
-    "Examples", "IGNORE_INDEX", "PromptResponses", "batch_schedule", "encode", "encode_causal", "encode_prompts",
-    "fit", "prompt_ids", "read_examples", "read_prompt_responses", "read_shard", "response_ids", "steps_for"
+    "CausalExamples", "Examples", "IGNORE_INDEX", "PromptResponses", "batch_schedule", "encode", "encode_causal",
+    "encode_prompts", "fit", "prompt_ids", "read_examples", "read_prompt_responses", "read_shard", "response_ids", "steps_for"
 ]

@@ -2,9 +2,11 @@
 token batches, for each task.
 
 Shards are Parquet files written by ``fedlora partition``. For ``sequence-classification`` they hold a text
-column and an integer label column (:class:`Examples`); for ``causal-lm`` a prompt column, a response column
-and optionally an answer column (:class:`PromptResponses`). :func:`read_examples` reads either, as the
-recipe's task says; :func:`encode` turns rows of either into a batch.
+column and an integer label column (:class:`Examples`); for ``causal-lm`` the columns of the data's layout
+(``data.format``, :mod:`fedlora_cli.data.formats`: prompt/response pairs, TRL's messages or prompt/completion,
+Alpaca) and optionally an answer column, read as :class:`~fedlora_cli.data.causal.CausalExamples`
+(:class:`PromptResponses`, or multi-turn :class:`~fedlora_cli.data.conversations.Conversations`).
+:func:`read_examples` reads either task's, as the recipe says; :func:`encode` turns rows of either into a batch.
 
 A site may instead give its own data, from any source partition reads (:mod:`fedlora_cli.data.sources`: a
 CSV/TSV/JSON/JSONL/Parquet file, optionally compressed, a save_to_disk folder, a Hub dataset), with the
@@ -18,7 +20,9 @@ batch is the prompt tokens followed by the response tokens and the EOS token, pa
 carries a loss. The prompt and the response are tokenised separately (the boundary between them is exact),
 the prompt through the tokenizer's chat template when ``data.chat_template`` is on. When the two do not fit
 in ``max_length`` the response loses its end; a prompt that leaves no room for even one response token loses
-its beginning (the question at its end is what the response follows).
+its beginning (the question at its end is what the response follows). A conversation is encoded the same way
+from its pieces (:func:`fit_pieces`): labels on its assistant turns only, cut like a prompt before its first
+assistant turn and like a response from there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# prompt_ids and response_ids are read from here too: this module is where a site's examples come from.
+from fedlora_cli.data.causal import CausalExamples, PromptResponses, prompt_ids, response_ids  # noqa: F401
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.text import listed
 
@@ -47,30 +53,13 @@ class Examples:
         return len(self.texts)
 
 
-@dataclass
-class PromptResponses:
-    """Causal-LM examples: the model learns to continue each prompt with its response."""
-
-    prompts: list[str]
-    responses: list[str]
-    answers: list[str] | None = None  # the checkable final answers (answer_column), if the data has them
-    chat_template: bool = False
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def texts(self) -> list[str]:
-        return self.prompts
-
-
 IGNORE_INDEX = -100  # the label of a token without a loss (PyTorch's cross-entropy ignore_index)
 
 
 def read_examples(
     source: Path | str, data: DataSection, task: str, num_labels: int | None, label_names: list[str] | None = None,
     split: str | None = None,
-) -> Examples | PromptResponses:
+) -> Examples | CausalExamples:
     """A site's examples of the recipe's task, from a shard or any source ``fedlora partition`` reads: labelled
     texts, or prompt/response pairs, in the recipe's columns. ``split`` (of a Hub dataset or a DatasetDict folder)
     defaults to the recipe's ``data.split``; ``label_names`` are the federation's, in id order (see
@@ -79,9 +68,7 @@ def read_examples(
 
     split = data.split if split is None else split
     if task == TASK_CAUSAL_LM:
-        return read_prompt_responses(
-            source, data.prompt_column, data.response_column, data.answer_column, data.chat_template, split
-        )
+        return read_causal(source, data, split)
     if num_labels is None:
         raise FedloraError("the number of labels is unknown for a sequence-classification shard")
     return read_shard(source, data.text_column, data.label_column, num_labels, label_names, split)
@@ -100,6 +87,19 @@ def read_prompt_responses(
     )
 
 
+def read_causal(source: Path | str, data: DataSection, split: str) -> CausalExamples:
+    """A site's causal-LM examples in the layout ``data.format`` names, or the one its columns show (``auto``):
+    see :mod:`fedlora_cli.data.formats`."""
+    from fedlora_cli.data import formats
+    from fedlora_cli.data.sources import read_source
+
+    frame = read_source(str(source), split)
+    layout = formats.resolve(frame.columns, data, str(source))
+    required, optional = layout.columns(data)
+    frame = _checked_frame(frame, source, required + ([data.answer_column] if data.answer_column else []), optional)
+    return layout.read(frame, data, str(source))
+
+
 def read_shard(
     source: Path | str, text_column: str, label_column: str, num_labels: int, label_names: list[str] | None = None,
     split: str = "train",
@@ -113,12 +113,20 @@ def _read_frame(source: Path | str, columns: list[str], split: str) -> Any:
     """The source's rows, refused in one line if it lacks one of ``columns``, has no rows or an empty value."""
     from fedlora_cli.data.sources import read_source
 
-    frame = read_source(str(source), split)
+    return _checked_frame(read_source(str(source), split), source, columns)
+
+
+def _checked_frame(frame: Any, source: Path | str, columns: list[str], optional: Sequence[str] = ()) -> Any:
+    """``frame`` refused in one line if it lacks one of ``columns``, has no rows or an empty value in one; an
+    ``optional`` column may be missing or hold empty values (read as empty text)."""
     if len(frame) == 0:
         raise FedloraError(f"{source} is empty")
     for column in columns:
         if column not in frame.columns:
             raise FedloraError(f"{source} has no column '{column}' (its columns: {listed(frame.columns)})")
+    frame = frame.copy() if optional else frame
+    for column in optional:
+        frame[column] = frame[column].fillna("") if column in frame.columns else ""
     for column in columns:
         empty = frame[column].isna().to_numpy()
         if empty.any():
@@ -173,37 +181,18 @@ def label_ids(values: Any, num_labels: int, label_names: list[str] | None, where
 
 
 def encode(
-    tokenizer: Any, examples: Examples | PromptResponses, rows: Any, max_length: int
+    tokenizer: Any, examples: Examples | CausalExamples, rows: Any, max_length: int
 ) -> dict[str, torch.Tensor]:
     """A padded batch of ``rows``: input_ids, attention_mask and labels (class ids, or per-token targets)."""
     import torch
 
-    if isinstance(examples, PromptResponses):
+    if isinstance(examples, CausalExamples):
         return encode_causal(tokenizer, examples, rows, max_length)
     batch = tokenizer(
         [examples.texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
     )
     batch["labels"] = torch.as_tensor(examples.labels[rows], dtype=torch.long)
     return dict(batch)
-
-
-def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
-    """The token ids of a prompt as the model sees it before its response (or before generating)."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise FedloraError("data.chat_template is on but the base model's tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        # The template writes the special tokens (BOS, turn markers) itself.
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def response_ids(tokenizer: Any, response: str) -> list[int]:
-    """The token ids of a response, ended by EOS so that the model learns where to stop."""
-    ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is None:
-        raise FedloraError("the base model's tokenizer has no EOS token: a causal-lm response could not end")
-    return ids + [tokenizer.eos_token_id]
 
 
 def fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -213,33 +202,40 @@ def fit(prompt: list[int], response: list[int], max_length: int) -> tuple[list[i
     return prompt, response[: max_length - len(prompt)]
 
 
-def encode_causal(tokenizer: Any, examples: PromptResponses, rows: Any, max_length: int) -> dict[str, torch.Tensor]:
+def fit_pieces(pieces: list[tuple[list[int], bool]], max_length: int) -> tuple[list[int], list[int]]:
+    """An example's token ids and labels (the id where a piece carries a loss, else :data:`IGNORE_INDEX`), cut
+    to ``max_length`` as :func:`fit` cuts a prompt and response: the prompt is everything before the first token
+    with a loss, the response everything from it (later turns, with or without a loss, included)."""
+    ids = [t for piece, _ in pieces for t in piece]
+    labels = [t if trained else IGNORE_INDEX for piece, trained in pieces for t in piece]
+    first = next((k for k, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+    prompt, response = fit(ids[:first], ids[first:], max_length)
+    start = first - len(prompt)
+    return prompt + response, labels[start : start + len(prompt) + len(response)]
+
+
+def encode_causal(tokenizer: Any, examples: CausalExamples, rows: Any, max_length: int) -> dict[str, torch.Tensor]:
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    pairs = [
-        fit(prompt_ids(tokenizer, examples.prompts[i], examples.chat_template),
-            response_ids(tokenizer, examples.responses[i]), max_length)
-        for i in rows
-    ]
-    width = max(len(p) + len(r) for p, r in pairs)
-    input_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(pairs), width), dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-    for k, (p, r) in enumerate(pairs):
-        n = len(p) + len(r)
-        input_ids[k, :n] = torch.as_tensor(p + r)
-        attention[k, :n] = 1
-        labels[k, len(p):n] = torch.as_tensor(r)
+    encoded = [fit_pieces(examples.pieces(tokenizer, int(i)), max_length) for i in rows]
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for k, (ids, targets) in enumerate(encoded):
+        input_ids[k, : len(ids)] = torch.as_tensor(ids)
+        attention[k, : len(ids)] = 1
+        labels[k, : len(ids)] = torch.as_tensor(targets)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def encode_prompts(tokenizer: Any, examples: PromptResponses, rows: Any, max_length: int) -> dict[str, torch.Tensor]:
+def encode_prompts(tokenizer: Any, examples: CausalExamples, rows: Any, max_length: int) -> dict[str, torch.Tensor]:
     """Prompts alone, padded on the left (generation continues every row from its last column)."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts = [prompt_ids(tokenizer, examples.prompts[i], examples.chat_template)[-(max_length - 1):] for i in rows]
+    prompts = [examples.prompt_ids(tokenizer, int(i))[-(max_length - 1):] for i in rows]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -284,11 +280,11 @@ def batch_schedule(
     return [np.asarray(b) for b in batches[:steps]]
 
 
-def lengths_of(examples: Examples | PromptResponses) -> list[int]:
-    """Each example's length in characters (prompt plus response for causal-lm): the tokens' proxy that length
+def lengths_of(examples: Examples | CausalExamples) -> list[int]:
+    """Each example's length in characters (prompt plus responses for causal-lm): the tokens' proxy that length
     grouping and length-sorted evaluation sort by, without tokenising the shard first."""
-    if isinstance(examples, PromptResponses):
-        return [len(p) + len(r) for p, r in zip(examples.prompts, examples.responses)]
+    if isinstance(examples, CausalExamples):
+        return examples.lengths()
     return [len(text) for text in examples.texts]
 
 

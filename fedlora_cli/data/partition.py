@@ -20,7 +20,8 @@ Output folder::
 
     partition.json      task, strategy, seed, source, columns, per-client and test counts
     client-0.parquet    one shard per client: for sequence-classification the text column and an integer
-    ...                 label column; for causal-lm the prompt, response (and answer, category) columns
+    ...                 label column; for causal-lm the columns of the data's layout (data.format: prompt
+    ...                 and response, messages, prompt and completion, or Alpaca's), answer and category
     test.parquet        the held-out test split, shared by every evaluation
 
 The manifest and the table are the same for both tasks: ``label_column`` names the column whose values are
@@ -169,7 +170,7 @@ def partition(
     out = Path(out)
     _check_request(spec, clients, out, overwrite, task)
     labelled = task != TASK_CAUSAL_LM
-    frame, counted = _complete_rows(spec, labelled)
+    frame, counted, layout = _complete_rows(spec, labelled)
     frame, labels, label_names = _numbered(frame, spec, labelled, counted)
     rng = np.random.default_rng(spec.seed)
     train_idx, test_idx = split_test(len(frame), spec.test_fraction, rng)
@@ -179,7 +180,7 @@ def partition(
         return np.bincount(labels[idx], minlength=len(label_names)).tolist() if label_names else []
 
     manifest = _manifest(spec, task, counted, label_names, {"file": TEST_SHARD, "examples": len(test_idx),
-                                                             "label_counts": counts(test_idx)})
+                                                             "label_counts": counts(test_idx)}, layout)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         frame.iloc[test_idx].to_parquet(tmp / TEST_SHARD, index=False)
         for k, (client_id, part) in enumerate(zip(ids, parts)):
@@ -206,22 +207,34 @@ def _check_request(spec: DataSection, clients: int, out: Path, overwrite: bool, 
         raise FedloraError("strategy 'natural' needs the column that defines the clients (--by)")
 
 
-def _complete_rows(spec: DataSection, labelled: bool) -> tuple[pd.DataFrame, str | None]:
-    """The source's rows with every needed column present, and the column whose values are counted per client."""
+def _complete_rows(spec: DataSection, labelled: bool) -> tuple[pd.DataFrame, str | None, str | None]:
+    """The source's rows with every needed column present, the column whose values are counted per client, and
+    (causal-lm) the data's layout.
+    Causal-lm rows keep their layout's columns (:mod:`fedlora_cli.data.formats`), checked as a site would read
+    them, so that a bad conversation is refused here rather than in a client's round."""
+    from fedlora_cli.data import formats
+
     frame = read_source(spec.source, spec.split)
+    optional: list[str] = []
     if labelled:
         counted = spec.label_column
         needed = [spec.text_column, spec.label_column] + ([spec.by] if spec.strategy == "natural" and spec.by else [])
     else:
         counted = spec.by
-        needed = [spec.prompt_column, spec.response_column] + [c for c in (spec.answer_column, spec.by) if c]
+        layout = formats.resolve(frame.columns, spec, spec.source)
+        needed, optional = layout.columns(spec)
+        needed = needed + [c for c in (spec.answer_column, spec.by) if c]
     for column in needed:
         if column not in frame.columns:
             raise FedloraError(f"column '{column}' not in the dataset (columns: {', '.join(map(str, frame.columns))})")
-    frame = frame[list(dict.fromkeys(needed))].dropna()
+    frame = frame.assign(**{c: frame[c].fillna("") if c in frame.columns else "" for c in optional})
+    frame = frame[list(dict.fromkeys(needed + optional))].dropna()
     if len(frame) == 0:
         raise FedloraError(f"{spec.source} has no complete rows in columns {', '.join(dict.fromkeys(needed))}")
-    return frame, counted
+    if labelled:
+        return frame, counted, None
+    layout.read(frame, spec, spec.source)
+    return frame, counted, layout.name
 
 
 def _numbered(
@@ -276,13 +289,14 @@ def _split(
 
 
 def _manifest(
-    spec: DataSection, task: str, counted: str | None, label_names: list[str], test: dict[str, Any]
+    spec: DataSection, task: str, counted: str | None, label_names: list[str], test: dict[str, Any],
+    layout: str | None = None,
 ) -> dict[str, Any]:
     labelled = task != TASK_CAUSAL_LM
     columns = (
         {"text_column": spec.text_column} if labelled
-        else {"prompt_column": spec.prompt_column, "response_column": spec.response_column,
-              "answer_column": spec.answer_column}
+        else {"format": layout, "prompt_column": spec.prompt_column, "response_column": spec.response_column,
+              "messages_column": spec.messages_column, "answer_column": spec.answer_column}
     )
     drawn = spec.strategy == "dirichlet" or (spec.strategy == "size" and spec.sizes is None)
     return {

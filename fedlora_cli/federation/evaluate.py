@@ -15,7 +15,7 @@ from fedlora_cli.model.workbench import Workbench
 from fedlora_cli.storage.manifests import GlobalManifest
 
 if TYPE_CHECKING:
-    from fedlora_cli.data.examples import Examples, PromptResponses
+    from fedlora_cli.data.examples import CausalExamples, Examples
 
 
 def load_for_evaluation(
@@ -53,7 +53,7 @@ def evaluate(
     client_id: str | None = None,
     base_override: str | None = None,
     bench: Workbench | None = None,
-    examples: Examples | PromptResponses | None = None,
+    examples: Examples | CausalExamples | None = None,
     progress: Callable[[int, int], None] | None = None,
     settings: recipes.EvaluationSection | None = None,
     site: Mapping[str, Any] | None = None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
-from fedlora_cli.data.examples import Examples, PromptResponses, encode_prompts
+from fedlora_cli.data.examples import CausalExamples, Examples, encode_prompts
 from fedlora_cli.model.site import to_device
 from fedlora_cli.model.workbench import Workbench
 
@@ -47,10 +47,10 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> fl
 
 
 def evaluate(
-    bench: Workbench, examples: Examples | PromptResponses, progress: Callable[[int, int], None] | None = None
+    bench: Workbench, examples: Examples | CausalExamples, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
     """The task's metrics (see the module docstring); ``progress(done, total)`` after every batch."""
-    if isinstance(examples, PromptResponses):
+    if isinstance(examples, CausalExamples):
         return evaluate_causal(bench, examples, progress)
     return evaluate_classification(bench, examples, progress)
 
@@ -180,7 +180,7 @@ class Generation:
 
 def generate(
     bench: Workbench,
-    examples: PromptResponses,
+    examples: CausalExamples,
     rows: Any,
     max_new_tokens: int,
     progress: Callable[[int], None] | None = None,
@@ -195,7 +195,8 @@ def generate(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     size = bench.recipe.training.eval_batch_size
-    order = rows[np.argsort([len(examples.prompts[i]) for i in rows], kind="stable")]
+    prompt_lengths = examples.prompt_lengths()
+    order = rows[np.argsort([prompt_lengths[i] for i in rows], kind="stable")]
     results: dict[int, Generation] = {}
     model.eval()
     with torch.no_grad():
@@ -218,7 +219,7 @@ def generate(
 
 
 def evaluate_causal(
-    bench: Workbench, examples: PromptResponses, progress: Callable[[int, int], None] | None = None
+    bench: Workbench, examples: CausalExamples, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -227,7 +228,7 @@ def evaluate_causal(
 
     settings = bench.recipe.evaluation
     size = bench.recipe.training.eval_batch_size
-    order = np.argsort([len(p) + len(r) for p, r in zip(examples.prompts, examples.responses)], kind="stable")
+    order = np.argsort(examples.lengths(), kind="stable")
     starts = list(range(0, len(examples), size))
     generate_rows = np.arange(0)
     if settings.answer != "none":
@@ -271,12 +272,12 @@ def evaluate_causal(
 
 
 def _exact_match(
-    examples: PromptResponses, rows: Sequence[int], generations: Sequence[Generation], extract: Callable[[str], str | None]
+    examples: CausalExamples, rows: Sequence[int], generations: Sequence[Generation], extract: Callable[[str], str | None]
 ) -> dict[str, Any]:
     """Exact match of the extracted answers over the examples whose gold answer can be extracted (``scored``)."""
     correct = scored = 0
     for i, g in zip(rows, generations):
-        gold = examples.answers[i] if examples.answers is not None else examples.responses[i]
+        gold = examples.answers[i] if examples.answers is not None else examples.reference(i)
         expected = canonical_number(gold.strip()) if examples.answers is not None else None
         expected = expected if expected is not None else extract(gold)
         if expected is None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora_cli.adapters.methods import Plan
-from fedlora_cli.data.examples import Examples, PromptResponses, batch_schedule, lengths_of, steps_for
+from fedlora_cli.data.examples import CausalExamples, Examples, batch_schedule, lengths_of, steps_for
 from fedlora_cli.model.site import chunks
 from fedlora_cli.model.workbench import Workbench, seeded
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
@@ -114,7 +114,7 @@ def make_optimizer(bench: Workbench, params: list):
 def local_train(
     bench: Workbench,
     plan: Plan,
-    examples: Examples | PromptResponses,
+    examples: Examples | CausalExamples,
     seed: int,
     progress: Progress | None = None,
     dp: DPSettings | None = None,
@@ -143,7 +143,7 @@ def local_train(
 
 
 def _run_steps(
-    bench: Workbench, optimizer: Any, params: list, examples: Examples | PromptResponses, batches: list, *,
+    bench: Workbench, optimizer: Any, params: list, examples: Examples | CausalExamples, batches: list, *,
     engine: Any, anchor: list[tuple[Any, Any]] | None, progress: Progress | None,
 ) -> list[float]:
     """Every step of the round in train mode; the losses of the steps that had examples."""
@@ -173,7 +173,7 @@ def _run_steps(
     return losses
 
 
-def _schedule(bench: Workbench, optimizer: Any, examples: Examples | PromptResponses, *, steps: int, seed: int,
+def _schedule(bench: Workbench, optimizer: Any, examples: Examples | CausalExamples, *, steps: int, seed: int,
               dp: DPSettings | None) -> tuple[list, Any]:
     """Each step's rows, and the DP-SGD engine around the model and optimizer (None without privacy)."""
     import numpy as np
@@ -211,7 +211,7 @@ def _proximal_anchor(bench: Workbench, plan: Plan) -> list[tuple[Any, Any]]:
     return [(p, p.detach().clone()) for name, p in bench.model.named_parameters() if p.requires_grad and plan.sends(name)]
 
 
-def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: Examples | PromptResponses,
+def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: Examples | CausalExamples,
           rows: Any, anchor: list[tuple[Any, Any]] | None = None, private: bool = False, scaler: Any = None,
           lengths: Any = None) -> float:
     """One optimizer step on the logical batch ``rows``, in micro-batches of the site's size (cut from ``rows``

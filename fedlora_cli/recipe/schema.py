@@ -57,6 +57,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 ANSWER_EXTRACTORS = ("none", "number")
+# data.format: how causal-lm rows are laid out (fedlora_cli.data.formats.FORMATS; 'auto' picks one by the columns)
+DATA_FORMATS = ("auto", "prompt-response", "messages", "prompt-completion", "alpaca")
 OPTIMIZERS = ("sgd", "adamw")
 # data.strategy: how a dataset is split across clients (the partitioners of fedlora_cli.data.partition). In code
 # "strategy" alone means the aggregation strategy; the recipe key keeps its name, which is part of the format.
@@ -125,6 +127,16 @@ class DataSection:
         "value, sorted.",
         None,
     )
+    format: str = _help(
+        "causal-lm: how the rows are laid out. 'prompt-response' (prompt_column -> response_column); 'messages' "
+        "(a column of role/content turns, TRL's conversational format, multi-turn: the loss is on every assistant "
+        "turn, rendered by the tokenizer's chat template); 'prompt-completion' (TRL's prompt/completion columns, "
+        "strings or lists of turns; the loss is on the completion); 'alpaca' (instruction, optional input, output). "
+        "'auto' picks the first whose columns the data has, in the order messages, prompt-response, "
+        "prompt-completion, alpaca.",
+        "auto",
+    )
+    messages_column: str = _help("causal-lm, format 'messages': column holding each row's list of turns.", "messages")
     prompt_column: str = _help("causal-lm: column holding the prompt (the instruction or question).", "prompt")
     response_column: str = _help(
         "causal-lm: column holding the response the model learns to produce (the only tokens with a loss).",
@@ -138,7 +150,8 @@ class DataSection:
     chat_template: bool = _help(
         "causal-lm: wrap the prompt as a user turn with the tokenizer's chat template (generation prompt "
         "included); the response is the assistant turn, ended by the EOS token. Off: prompt and response tokens "
-        "are simply concatenated.",
+        "are simply concatenated (Alpaca rows: Alpaca's own prompt). Turns (format 'messages', conversational "
+        "prompt-completion) always go through the chat template.",
         False,
     )
     strategy: str = _help(
@@ -397,6 +410,9 @@ class Recipe:
             content[setting.section].pop(setting.field)
         if content["federation"]["update_encoding"] == "float32":  # the default leaves digests as they were
             content["federation"].pop("update_encoding")
+        for key, default in (("format", "auto"), ("messages_column", "messages")):  # same for the chat formats' keys
+            if content["data"][key] == default:
+                content["data"].pop(key)
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

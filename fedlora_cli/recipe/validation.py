@@ -14,8 +14,8 @@ from fedlora_cli.adapters import ADAPTER_KINDS, METHODS, adapter_kind
 from fedlora_cli.aggregation import STRATEGIES, make_strategy
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import (
-    ACCOUNTANTS, ADAPTER_KIND_NAMES, AGGREGATIONS, ANSWER_EXTRACTORS, HEAD_POLICY_NAMES, METHOD_NAMES,
-    NORM_BOUND_ACTIONS, OPTIMIZERS, PARTITIONERS, POOLINGS, SAMPLINGS, SERVER_OPTIMIZER_NAMES, TASK_CAUSAL_LM, TASKS,
+    ACCOUNTANTS, ADAPTER_KIND_NAMES, AGGREGATIONS, ANSWER_EXTRACTORS, DATA_FORMATS, HEAD_POLICY_NAMES,
+    METHOD_NAMES, NORM_BOUND_ACTIONS, OPTIMIZERS, PARTITIONERS, POOLINGS, SAMPLINGS, SERVER_OPTIMIZER_NAMES, TASK_CAUSAL_LM, TASKS,
     TRACKERS, VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection,
     ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
 )
@@ -97,7 +97,9 @@ def _task(c: _Check, recipe: Recipe) -> None:
     if m.task != TASK_CAUSAL_LM:
         c.require(recipe.evaluation.answer == "none", "evaluation.answer", "applies only to model.task 'causal-lm'")
         c.require(not d.chat_template, "data.chat_template", "applies only to model.task 'causal-lm'")
+        c.require(d.format == "auto", "data.format", "applies only to model.task 'causal-lm'")
         return
+    c.one_of(d.format, "data.format", DATA_FORMATS)
     c.require(m.num_labels is None, "model.num_labels", "does not apply to model.task 'causal-lm' (a causal LM has no classes)")
     c.require(m.pooling == "default", "model.pooling", "does not apply to model.task 'causal-lm' (it has no task head)")
     c.require(d.labels is None, "data.labels", "does not apply to model.task 'causal-lm' (its data has no labels)")
@@ -112,7 +114,8 @@ def _task(c: _Check, recipe: Recipe) -> None:
         f"must be 'frozen' for model.task 'causal-lm': a causal LM has no task head (its LM head is part of the "
         f"frozen base model); got {f.head!r}",
     )
-    c.require(d.prompt_column != d.response_column, "data.response_column", "must differ from data.prompt_column")
+    c.require(d.format not in ("auto", "prompt-response") or d.prompt_column != d.response_column,
+              "data.response_column", "must differ from data.prompt_column")
 
 
 def _evaluation(c: _Check, e: EvaluationSection) -> None:

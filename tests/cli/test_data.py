@@ -36,7 +36,7 @@ def test_partition_cli_for_unlabelled_data(tmp_path, math_jsonl):
     assert "mul" in table
     refused(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question", "--strategy", "dirichlet",
            "--out", tmp_path / "x"], "data.by")
-    refused(["partition", math_jsonl, "--task", "causal-lm", "--out", tmp_path / "y"], "column 'prompt' not in the dataset")
+    refused(["partition", math_jsonl, "--task", "causal-lm", "--out", tmp_path / "y"], "match no causal-lm data format (messages: messages; prompt-response: prompt, response")
 
 
 def test_the_partition_table_falls_back_to_a_summary_when_a_column_per_label_is_too_wide(tmp_path):

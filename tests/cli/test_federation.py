@@ -103,6 +103,40 @@ def test_a_causal_federation_round_by_hand(method, tmp_path, tiny_causal_dir, ma
     refused(["evaluate", tmp_path / "g1", "--data", data, "--max-new-tokens", "0"], "--max-new-tokens must be at least 1")
 
 
+def test_a_federation_over_multi_turn_messages_by_hand_is_the_simulated_one(tmp_path, tiny_causal_dir):
+    from conftest import make_math
+
+    chats = tmp_path / "chats.jsonl"
+    rows = make_math(60, seed=5)
+    pd_rows = [{"messages": [{"role": "user", "content": r.question}, {"role": "assistant", "content": r.response},
+                             {"role": "user", "content": "The number alone?"}, {"role": "assistant", "content": r.answer}],
+                "answer": r.answer, "category": r.category} for r in rows.itertuples()]
+    chats.write_text("".join(json.dumps(row) + "\n" for row in pd_rows))
+    raw = causal_recipe_dict(tiny_causal_dir, chats, "fedsa")
+    for key in ("prompt_column", "response_column", "chat_template"):
+        raw["data"].pop(key)  # the messages column is found (data.format auto) and always templated
+    raw["federation"]["rounds"] = 1
+    raw["evaluation"]["generate_examples"] = 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    ok(["simulate", recipe, "--out", tmp_path / "run"])
+    data = tmp_path / "data"
+    assert "messages rows" in ok(["partition", "--recipe", recipe, "--out", data])
+    ok(["init", recipe, "--data", data, "--out", tmp_path / "g0"])
+    updates = []
+    for k in range(3):
+        updates.append(tmp_path / f"u{k}")
+        ok(["train-client", tmp_path / "g0", "--data", data / f"client-{k}.parquet", "--state", tmp_path / f"client-{k}",
+            "--out", updates[-1]])
+    ok(["aggregate", tmp_path / "g0", *updates, "--out", tmp_path / "g1"])
+    by_hand = storage.read_global(tmp_path / "g1").tensors()
+    simulated = storage.read_global(storage.RunLayout(tmp_path / "run").global_checkpoint(1)).tensors()
+    assert set(by_hand) == set(simulated) and all(torch.equal(by_hand[n], simulated[n]) for n in by_hand)
+    g = json.loads(ok(["evaluate", tmp_path / "g1", "--data", data, "--json"]))
+    logged = json.loads(storage.RunLayout(tmp_path / "run").metrics(1).read_text())["global"]
+    assert g["generated"] == 2 and g["loss"] == pytest.approx(logged["loss"]) and g["response_tokens"] > 0
+
+
 # --------------------------------------------------------------------------------------------------------
 # Bad input
 

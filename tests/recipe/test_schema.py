@@ -10,6 +10,7 @@ import pytest
 
 from fedlora_cli import adapters, aggregation, recipe as recipes, tracking
 from fedlora_cli.aggregation import norm_bound
+from fedlora_cli.data import formats
 from fedlora_cli.recipe import catalog, schema, site_settings
 
 
@@ -22,6 +23,14 @@ def test_digest_changes_with_any_value():
     b = recipes.from_dict({**base(), "training": {"lr": 0.001}})
     assert a.digest() == recipes.from_dict(base()).digest()
     assert a.digest() != b.digest()
+
+
+def test_a_data_format_changes_the_digest_and_its_defaults_leave_the_digests_as_they_were():
+    causal = {"model": {"base": "some/model", "task": "causal-lm"}}
+    named = recipes.from_dict({**causal, "data": {"format": "messages"}})
+    assert named.digest() != recipes.from_dict(causal).digest()
+    default = recipes.from_dict(causal).to_dict()
+    assert default["data"]["format"] == "auto" and default["data"]["messages_column"] == "messages"
 
 
 def test_the_tracking_section_lists_the_trackers_and_stays_out_of_the_digest():
@@ -42,6 +51,7 @@ def test_the_tracking_section_lists_the_trackers_and_stays_out_of_the_digest():
         (recipes.NORM_BOUND_ACTIONS, norm_bound.ACTIONS),
         (recipes.SERVER_OPTIMIZER_NAMES[1:], aggregation.SERVER_OPTIMIZERS),
         (recipes.TRACKERS, tracking.BACKENDS),
+        (recipes.DATA_FORMATS[1:], formats.FORMATS),  # 'auto' picks one of them
     ],
 )
 def test_each_choice_list_names_its_registry_in_order(choices, registry):

@@ -50,6 +50,7 @@ def base() -> dict:
         ({"model": {"base": "m", "task": "translation"}}, "model.task"),
         ({"federation": {"rounds": True}}, "federation.rounds"),
         ({"model": {"base": "m", "pooling": "max"}}, "model.pooling"),
+        ({"data": {"format": "messages"}}, "data.format"),  # sequence-classification reads text and labels
     ],
 )
 def test_bad_values_name_the_key(patch, key):
@@ -86,6 +87,7 @@ def test_the_combinations_that_mean_something_validate(kind, method, aggregation
         ({"data": {"strategy": "size", "sizes": [1, 2]}}, "data.sizes"),
         ({"data": {"response_column": "question"}}, "data.response_column"),
         ({"model": {"pooling": "mean"}}, "model.pooling"),
+        ({"data": {"format": "sharegpt"}}, "data.format"),
     ],
 )
 def test_causal_recipe_errors_name_the_key(patch, key, tiny_causal_dir, math_jsonl):
