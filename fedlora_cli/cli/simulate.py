@@ -109,7 +109,7 @@ def _rounds_table(r, plan, rows: list[dict], run_dir: Path):
     columns = ["round", "train\nloss", *(h for h, _ in shown), "upload", "train\ns"]
     table_rows = [
         [row["round"], ui.fmt(row["train_loss"]), *(ui.fmt(row[key]) for _, key in shown),
-         ui.fmt_bytes(row["upload_bytes_per_client"], compact=True), f"{row['seconds']:.0f}"]
+         ui.fmt_bytes(row["upload_bytes_per_client"], compact=True), "-" if row["seconds"] is None else f"{row['seconds']:.0f}"]
         for row in rows
     ]
     if rows and rows[-1]["epsilon"] is not None:

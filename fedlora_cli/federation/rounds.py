@@ -35,7 +35,8 @@ from fedlora_cli.federation.common import Global
 from fedlora_cli.federation.evaluate import evaluate as evaluate_checkpoint
 from fedlora_cli.federation.init import init
 from fedlora_cli.federation.sampling import asked as sampled_clients, require_enough
-from fedlora_cli.federation.server import aggregate_round
+from fedlora_cli.federation.secure import MANIFEST_KEY, SecureSum
+from fedlora_cli.federation.server import aggregate_round, aggregate_secure, check_update
 from fedlora_cli.storage.checkpoints import round_dirname
 from fedlora_cli.storage.files import read_json, write_json
 from fedlora_cli.storage.run_layout import RECIPE_FILE, RunLayout
@@ -53,6 +54,12 @@ class Collected:
 
     updates: dict[str, Path]  # client id -> its update folder: in the run folder already, or staged
     wire_bytes: int | None = None  # bytes the updates took on the network (None in process)
+    # Secure aggregation: no update at all, only the unmasked weighted mean, who took part and their weights.
+    secure: SecureSum | None = None
+
+    @property
+    def clients(self) -> list[str]:
+        return list(self.updates) + (self.secure.clients if self.secure is not None else [])
 
 
 class Sites(Protocol):
@@ -195,7 +202,7 @@ class Federation:
         staging = self.layout.root / STAGING_DIR / round_dirname(r)
         try:
             collected = self.sites.train(parent, reachable, staging) if reachable else Collected({})
-            got = [c for c in asked if c in done or c in collected.updates]
+            got = [c for c in asked if c in done or c in collected.clients]
             require_enough(f, r, len(got), asked=len(asked), stage="collected")
             for cid, path in collected.updates.items():
                 _place(path, self.layout.update(r, cid))
@@ -203,8 +210,12 @@ class Federation:
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):
                 staging.parent.rmdir()  # gone when no other round is staging
+        target = self.layout.global_checkpoint(r)
+        if collected.secure is not None:
+            self.reporter.stage(f"round {r}: the securely aggregated sum of {len(got)} client(s): {', '.join(got)}")
+            return aggregate_secure(parent, collected.secure, target).checkpoint, collected.wire_bytes
         self.reporter.stage(f"round {r}: aggregating {len(got)} client update(s): {', '.join(got)}")
-        result = aggregate_round(parent, [self.layout.update(r, c) for c in got], self.layout.global_checkpoint(r))
+        result = aggregate_round(parent, [self.layout.update(r, c) for c in got], target)
         return result.checkpoint, collected.wire_bytes
 
     def evaluate(self, g: Global) -> dict[str, Any]:
@@ -251,11 +262,17 @@ class InProcessSites:
         from fedlora_cli.data.partition import shard_name
 
         r = g.manifest.round + 1
+        # Under secure aggregation an update never reaches the run folder: each is made in staging, turned into
+        # the site's vector, and gone with the staging folder once the round has its emulated sum.
+        secure = g.recipe.federation.secure_aggregation is not None
+        out = {cid: (staging / cid) if secure else self.layout.update(r, cid) for cid in clients}
         for cid in clients:
-            site_round(g, self.layout.data / shard_name(cid), self.layout.state(cid), self.layout.update(r, cid), cid,
+            site_round(g, self.layout.data / shard_name(cid), self.layout.state(cid), out[cid], cid,
                        bench=self.benches.get(cid), progress=self.reporter.training(r, cid))
             self.reporter.done_training()
-        return Collected({cid: self.layout.update(r, cid) for cid in clients})
+        if secure:
+            return Collected({}, secure=emulated_sum(g, out))
+        return Collected(out)
 
     def evaluate(self, g: Global) -> dict[str, Any]:
         """Each client's personalised model (the global at its rank plus its own state) on the test data, when the
@@ -275,6 +292,19 @@ class InProcessSites:
         return read_json(path, "client state manifest").get("loss") if path.is_file() else None
 
 
+def emulated_sum(g: Global, updates: Mapping[str, Path]) -> SecureSum:
+    """simulate's stand-in for SecAgg+: each site's vector (:func:`.secure.site_vector`), weighted, quantised and
+    summed as integers without masks. It shows what the quantisation costs and provides no security."""
+    from fedlora_cli.federation import secure
+
+    arith = secure.Arithmetic.of(g.recipe)
+    vectors = {cid: secure.site_vector(g, check_update(g, path), cid) for cid, path in updates.items()}
+    names = next(iter(vectors.values())).names
+    seed = g.recipe.training.seed * 1_000_003 + g.manifest.round + 1
+    mean = secure.emulate(vectors, arith, seed)
+    return secure.SecureSum.of(names, mean, {cid: v.weight for cid, v in vectors.items()}, arith, emulated=True)
+
+
 def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partition: Mapping[str, Any] | None, *,
               kept_loss: Callable[[int, str], float | None], wire_bytes: int | None = None,
               wall_seconds: float | None = None) -> dict[str, Any]:
@@ -282,6 +312,8 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
     metrics: the same whether the round ran now or before a restart (``wire_bytes`` and ``wall_seconds`` are only
     known for a round run now)."""
     m, round_ = g.manifest, g.manifest.round
+    if MANIFEST_KEY in m.aggregation:
+        return _secure_row(g, metrics, partition, wire_bytes, wall_seconds)
     updates = [storage.read_update(layout.update(round_, cid)).manifest for cid in m.clients]
     # Who the round asked: the recipe's population or its seeded sample, whoever was online (the manifest records it
     # only under sampling).
@@ -304,6 +336,22 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
         # the round out may have spent more: see fedlora privacy report).
         "epsilon": max(spent) if spent else None,
         "server_epsilon": _server_epsilon(g),
+    }
+
+
+def _secure_row(g: Global, metrics: Mapping[str, Any], partition: Mapping[str, Any] | None, wire_bytes: int | None,
+                wall_seconds: float | None) -> dict[str, Any]:
+    """The row of a securely aggregated round: the coordinator holds no update, so no per-client loss, bytes,
+    training time or DP-SGD epsilon (each site keeps its own); who took part is in the manifest."""
+    m, round_ = g.manifest, g.manifest.round
+    asked = sampled_clients(g.recipe.federation, g.recipe.training.seed, round_)
+    return {
+        "round": round_, "asked": len(asked), "clients": len(m.clients),
+        "left_out": [c for c in asked if c not in m.clients], "train_loss": None, **_scores(metrics, partition),
+        "upload_bytes": wire_bytes, "upload_bytes_per_client": None if wire_bytes is None else wire_bytes // len(m.clients),
+        "wire_bytes": wire_bytes, "seconds": None,
+        "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
+        "epsilon": None, "server_epsilon": _server_epsilon(g),
     }
 
 

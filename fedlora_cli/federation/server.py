@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack
+from typing import Any, TypedDict, Unpack
 
 from fedlora_cli import aggregation, recipe as recipes, storage
 from fedlora_cli.adapters.roles import ROLE_PROJECTION, role_of
@@ -29,6 +29,7 @@ from fedlora_cli.aggregation import (
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation import numpy_round
+from fedlora_cli.federation.secure import MANIFEST_KEY, SecureSum, site_bound
 from fedlora_cli.federation.common import (
     Global, digests, frozen_digest, frozen_labels, next_digests, received_tensors,
 )
@@ -39,8 +40,7 @@ from fedlora_cli.storage import encoding as encodings
 from fedlora_cli.storage.manifests import GlobalManifest
 from fedlora_cli.storage.mapped import Layout, narrow, read_layout, widen
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
 
 @dataclass
@@ -129,13 +129,62 @@ def aggregate_round(
     strategy.check_round(len(updates))
     screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress, len(updates))
     result = strategy.aggregate(_RoundContributions(screen, updates, weights), _round_spec(g, screen))
-    manifest, tensors, correction = _next_global(g, recipe, result, strategy, screen, updates)
+    return _write_next(g, recipe, result, strategy, out, overwrite, _report(strategy, screen, result),
+                       [u.manifest.client_id for u in updates], screen.rows)
+
+
+def aggregate_secure(global_checkpoint: Path | Global, secure: SecureSum, out: Path, *, noise_seed: int | None = None,
+                     server_ledger: Path | None = None) -> AggregateResult:
+    """Round t from the unmasked weighted mean of the sites' differences (:mod:`.secure`): the coordinator never
+    held one update. The sum is checked (:meth:`SecureSum.check`), then goes through the same steps as
+    :func:`aggregate_round`'s mean: DP-FedAvg's noise (the sites clipped; the sum of their differences is divided
+    by the fixed m), the server optimiser, the next manifest, the coordinator's ledger."""
+    g = Global.of(global_checkpoint)
+    out = Path(out)
+    if out.exists():
+        raise FedloraError(f"{out} already exists; nothing written")
+    recipe = g.recipe
+    f, round_ = recipe.federation, g.manifest.round + 1
+    require_enough(f, round_, len(secure.weights), stage="given")
+    for cid in secure.clients:
+        require_asked(f, recipe.training.seed, round_, cid, "of the secure sum")
+    sent = sorted(name for name in g.header if g.plan.sends(name))
+    secure.check(g, site_bound(recipe, sum(secure.mean[n].size for n in sent)))
+    strategy = round_strategy(recipe, g, out, server_ledger, noise_seed)
+    strategy.check_round(len(secure.weights))
+    reference = {name: widen(g.verified_arrays[name]) for name in sent}
+    # One contribution: the global moved by the mean (or, under DP-FedAvg, by the sum the fixed m divides).
+    moved = secure.delta_sum() if recipe.server_privacy is not None else secure.mean
+    summed = {n: (reference[n].astype(np.float64) + moved[n]).astype(reference[n].dtype) for n in sent}
+    contributions = Contributions([(_Summed(summed), True)])
+    a = recipe.adapter
+    result = strategy.aggregate(contributions, RoundSpec(sent, g.plan.kind, a.alpha, a.r, a.rank_for, reference))
+    report = {**strategy.describe(), MANIFEST_KEY: secure.describe()}
+    return _write_next(g, recipe, result, strategy, out, False, report, secure.clients, [])
+
+
+@dataclass
+class _Summed:
+    """The secure round's one contribution: the global moved by what the sites sent, summed."""
+
+    tensors: Mapping[str, np.ndarray] | None
+    weight: float = 1.0
+    client_id: str = "secure-sum"
+
+    def get(self, name: str) -> np.ndarray:
+        raise FedloraError("a securely aggregated round has no single update to read back")
+
+
+def _write_next(g: Global, recipe: recipes.Recipe, result: Aggregate, strategy: Strategy, out: Path, overwrite: bool,
+                report: dict[str, Any], clients: list[str], rows: list[ClientRow]) -> AggregateResult:
+    """Build the next global manifest, commit the strategy's release, write the global checkpoint."""
+    manifest, tensors, correction = _next_global(g, recipe, result, strategy, report, clients)
     adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
     strategy.commit()
     written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction,
                                    server_state=result.server_state)
     release = strategy.privacy
-    return AggregateResult(Global.written(written, g.recipe, tensors, correction, result.server_state), screen.rows,
+    return AggregateResult(Global.written(written, g.recipe, tensors, correction, result.server_state), rows,
                            None if release is None else release.epsilon, None if release is None else release.ledger,
                            manifest.aggregation["strategy"], result.layers)
 
@@ -168,7 +217,8 @@ def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: 
         seed = noise_seed if noise_seed is not None else secrets.randbits(63)
         q = sample_rate(f)
         strategy = DPFedAvg(inner=strategy, settings=sp, ledger=ledger, num_clients=f.clients_per_round or f.clients,
-                            seed=seed, release=release, sample_rate=q, population=f.clients)
+                            seed=seed, release=release, sample_rate=q, population=f.clients,
+                            clipped_at_sites=f.secure_aggregation is not None)
     if f.server_optimizer in SERVER_OPTIMIZERS:
         strategy = SERVER_OPTIMIZERS[f.server_optimizer].around(strategy, f, g.verified_server_state)
     return strategy
@@ -426,8 +476,8 @@ def _round_spec(g: Global, screen: _Screen) -> RoundSpec:
 
 
 def _next_global(
-    g: Global, recipe: recipes.Recipe, result: Aggregate, strategy: Strategy, screen: _Screen,
-    updates: Sequence[storage.ClientUpdate],
+    g: Global, recipe: recipes.Recipe, result: Aggregate, strategy: Strategy, report: dict[str, Any],
+    clients: list[str],
 ) -> tuple[GlobalManifest, dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The next global checkpoint's manifest, tensors (rounded to the global's dtypes) and base-weight
     correction."""
@@ -455,10 +505,10 @@ def _next_global(
         asked=None if f.clients_per_round is None else sampled_clients(f, recipe.training.seed, g.manifest.round + 1),
         digest=storage.global_digest(tensor_digests, correction_digests, state_digests),
         frozen_digest=frozen_digest(g.plan, tensor_digests),
-        clients=[u.manifest.client_id for u in updates],
+        clients=list(clients),
         server_privacy_ledger=[list(e) for e in (g.manifest.server_privacy_ledger if release is None else release.history)],
         server_privacy_delta=g.manifest.server_privacy_delta if release is None else release.delta,
-        aggregation=_report(strategy, screen, result),
+        aggregation=report,
         created=time.time(),
     )
     if manifest.frozen_digest != g.manifest.frozen_digest:

@@ -41,6 +41,10 @@ def simulate(
     benches = Benches(recipe, num_labels)
     test = TestData(layout.data / partitions.TEST_SHARD, recipe, num_labels)
     sites = InProcessSites(layout, clients, benches, test, reporter)
+    if recipe.federation.secure_aggregation is not None:
+        reporter.warn("federation.secure_aggregation: simulate emulates SecAgg+'s arithmetic (clip, quantise, "
+                      "weighted integer sum, dequantise) to show its cost; it provides no security itself (one "
+                      "process sees every update). Secure aggregation runs on Flower: fedlora flower app")
     rows = []
     for row in Federation(recipe, layout, sites, reporter, benches=benches, test=test, partition=part).rounds():
         if keep_state_rounds is not None:

@@ -18,6 +18,8 @@ from fedlora_cli.storage.files import atomic_dir
 PYPROJECT = "pyproject.toml"
 SERVER_APP = "fedlora_cli.flower.server_app:app"
 CLIENT_APP = "fedlora_cli.flower.client_app:app"
+# Under federation.secure_aggregation: the same queries and evaluation, training inside Flower's secaggplus_mod.
+SECURE_CLIENT_APP = "fedlora_cli.flower.client_app:secure_app"
 PUBLISHER = "fedlora"
 
 
@@ -80,7 +82,7 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
         "",
         "[tool.flwr.app.components]",
         f"serverapp = {_toml(SERVER_APP)}",
-        f"clientapp = {_toml(CLIENT_APP)}",
+        f"clientapp = {_toml(CLIENT_APP if recipe.federation.secure_aggregation is None else SECURE_CLIENT_APP)}",
         "",
         "[tool.flwr.app.config]",
         *(f"{key} = {_toml(value)}" for key, value in config.items()),

@@ -136,6 +136,46 @@ def _evaluate(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict
     return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id}), METRICS: MetricRecord(metrics)}
 
 
+def _train_secure(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
+    """The training message of SecAgg+'s third stage: train (or resend) as :func:`_train` does, then hand
+    ``secaggplus_mod`` this site's vector, made and checked here (:func:`fedlora_cli.federation.secure.site_vector`);
+    the update itself stays in the site's state folder."""
+    from fedlora_cli.federation import secure
+    from fedlora_cli.federation.server import check_update
+    from fedlora_cli.flower.secure import site_reply
+
+    g = _received(site, msg)
+    r = g.manifest.round + 1
+    if relay is None:
+        sites.train(site, g)
+    else:
+        relay.ask({"op": "train", "round": g.manifest.round, "digest": g.manifest.digest}, f"training round {r}")
+    vector = secure.site_vector(g, check_update(g, site.update(r)), site.client_id)
+    return dict(site_reply(vector).items())
+
+
+def secure_train(msg: Message, context: Context) -> Message:
+    """A site's refusal cannot travel as a reply here (SecAgg+'s mod needs a FitRes), so it is raised: Flower turns
+    it into an error reply, the workflow counts the site as dropped, and the server logs its one line."""
+    reply = _answer(msg, context, _train_secure)
+    answer = reply.content.config_records.get(REPLY)
+    if answer is not None and ERROR_KEY in answer:
+        raise FedloraError(str(answer[ERROR_KEY]))
+    return reply
+
+
+def _secure_app() -> ClientApp:
+    """The ClientApp of a federation under secure aggregation: the same query and evaluate, training inside
+    Flower's ``secaggplus_mod``."""
+    from flwr.client.mod import secaggplus_mod
+
+    secure_app = ClientApp()
+    secure_app.query()(query)
+    secure_app.evaluate()(evaluate)
+    secure_app.train(mods=[secaggplus_mod])(secure_train)
+    return secure_app
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     return _answer(msg, context, _query)
@@ -149,3 +189,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return _answer(msg, context, _evaluate)
+
+
+secure_app = _secure_app()

@@ -241,6 +241,8 @@ class FlowerSites:
         r = g.manifest.round + 1
         node_of = {cid: node for node, cid in self.clients.items()}
         records = transport.pack(g.path, messages.GLOBAL)
+        if self.recipe.federation.secure_aggregation is not None:
+            return self.train_secure(g, {cid: node_of[cid] for cid in clients}, records)
         sent = [Message(RecordDict(dict(records)), node_of[cid], MessageType.TRAIN, group_id=f"round-{r}",
                         ttl=self.settings.round_timeout) for cid in clients]
         self.say(INFO, f"round {r}: sending the global checkpoint to {', '.join(clients)} "
@@ -254,6 +256,18 @@ class FlowerSites:
                 self.say(WARNING, f"round {r}: client '{cid}' sent no reply within {self.settings.round_timeout:g} s; "
                                   "left out")
         return collected
+
+    def train_secure(self, g: Global, node_of: dict[str, int], records: Mapping[str, Any]) -> Collected:
+        """The round through SecAgg+ (:mod:`.secure`): no update reaches this side, only the unmasked weighted
+        mean, who took part and their weights; the bytes every reply of the four stages took."""
+        from fedlora_cli.flower import secure
+
+        r = g.manifest.round + 1
+        self.say(INFO, f"round {r}: secure aggregation (SecAgg+) with {', '.join(node_of)}; sending the global "
+                       f"checkpoint ({transport.wire_bytes(RecordDict(dict(records)), messages.GLOBAL)} bytes each)")
+        grid = secure.Counting(self.grid)
+        summed = secure.secure_round(grid, g, node_of, records, self.settings.round_timeout, self.say)
+        return Collected({}, grid.received, secure=summed)
 
     def receive(self, g: Global, cid: str, reply: Message, folder: Path, collected: Collected) -> None:
         """One client's reply: its update unpacked into ``folder`` and checked in full, or left out by name."""
@@ -342,7 +356,7 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         table.add_row(str(row["round"]), f"{row['clients']}/{row['asked']}", ", ".join(row["left_out"]) or "-",
                       fmt(row["train_loss"]), fmt(row["global_accuracy"]), fmt(row["global_loss"]),
-                      str(row["upload_bytes"]), fmt(row["wire_bytes"], "d"), fmt(row["wall_seconds"], ".1f"),
+                      fmt(row["upload_bytes"], "d"), fmt(row["wire_bytes"], "d"), fmt(row["wall_seconds"], ".1f"),
                       *(fmt(row[key], spec) for key, _, spec in extra))
     console = Console(file=StringIO(), width=120, color_system=None)
     console.print(table)

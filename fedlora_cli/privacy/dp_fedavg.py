@@ -63,6 +63,9 @@ class DPFedAvg(Strategy):
     release: dict[str, Any]  # what the ledger records of this release beside (sigma, q, steps)
     sample_rate: float = 1.0
     population: int | None = None  # default: num_clients
+    # Secure aggregation: each site clipped its own difference and the one contribution is their sum, so it is
+    # not clipped again (the server cannot clip what it cannot see); noise and denominator m are unchanged.
+    clipped_at_sites: bool = False
     history: list[list[float]] = field(init=False)
     epsilon: float = field(init=False, default=0.0)
 
@@ -101,7 +104,7 @@ class DPFedAvg(Strategy):
         updates = ((c.tensors, c.weight) for c in contributions)
         sp = self.settings
         return Aggregate(dp_fedavg(updates, spec.reference, sp.clip_norm, sp.noise_multiplier, self.num_clients,
-                                   self.seed, average))
+                                   self.seed, average, clipped_at_sites=self.clipped_at_sites))
 
     def commit(self) -> None:
         # Ledger first: if writing the checkpoint fails after this, the release is over-counted, never forgotten.
@@ -126,6 +129,8 @@ def dp_fedavg(
     num_clients: int,
     seed: int,
     average: Callable[[Iterable[tuple[dict[str, np.ndarray], float]]], dict[str, np.ndarray]] | None = None,
+    *,
+    clipped_at_sites: bool = False,
 ) -> dict[str, np.ndarray]:
     """DP-FedAvg around :func:`aggregation.weighted_mean`: clip each update's delta, average equally, add noise.
 
@@ -133,11 +138,16 @@ def dp_fedavg(
     ``num_clients`` is the fixed denominator m (the federation's size); when fewer updates arrive, their sum is
     still divided by m, which keeps the sensitivity at C / m. ``average`` (default
     :func:`aggregation.weighted_mean`) sums the weighted clipped deltas: the wrapped strategy's linear mean.
+    ``clipped_at_sites``: the updates' deltas were clipped where they were made (secure aggregation, where one
+    update is the sum of the sites' clipped deltas) and are taken as they are.
     """
 
     def clipped_deltas() -> Iterator[tuple[dict[str, np.ndarray], float]]:
         for tensors, _ in updates:
-            yield aggregation.clipped_delta(tensors, reference, clip), 1.0 / num_clients
+            if clipped_at_sites:
+                yield {n: np.subtract(t, reference[n], dtype=np.float32) for n, t in tensors.items()}, 1.0 / num_clients
+            else:
+                yield aggregation.clipped_delta(tensors, reference, clip), 1.0 / num_clients
 
     # The mean is taken over the deltas, so that with fewer than m updates the reference is not shrunk with them.
     mean_delta = (average or aggregation.weighted_mean)(clipped_deltas())

@@ -51,6 +51,10 @@ def _coerce(key: str, value: Any, annotation: Any, subject: str) -> Any:
             if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
                 return [str(v) for v in value]
             continue
+        if dataclasses.is_dataclass(option):
+            if isinstance(value, dict):
+                return _build_section(key, option, value, {})
+            continue
         if option is bool:
             if isinstance(value, bool):
                 return value
@@ -72,6 +76,7 @@ def _coerce(key: str, value: Any, annotation: Any, subject: str) -> Any:
     names = " or ".join(
         (
             "list of numbers" if get_args(o) == (float,) else
+            "a mapping" if dataclasses.is_dataclass(o) else
             {list: "list", dict: "a mapping of names to integers"}.get(get_origin(o), getattr(o, "__name__", str(o)))
         )
         for o in options

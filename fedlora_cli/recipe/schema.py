@@ -70,6 +70,8 @@ UPDATE_ENCODINGS = ("float32", "bfloat16", "int8")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
 POOLINGS = ("default", "mean")
+# federation.secure_aggregation.protocol: the protocols fedlora runs (Flower's SecAgg+, fedlora_cli.secure)
+SECURE_PROTOCOLS = ("secagg+",)
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -213,6 +215,21 @@ class AdapterSection:
 
 
 @dataclass
+class SecureAggregationSection:
+    """Secure aggregation (:mod:`fedlora_cli.secure`): the coordinator learns only the weighted sum of the updates."""
+
+    protocol: str = _help("'secagg+' (Flower's SecAgg+, Bell et al. CCS 2020).", "secagg+")
+    num_shares: int = _help("Shares each client's secret keys are split into (its neighbours, itself included); > 2.", 3)
+    reconstruction_threshold: int = _help(
+        "Shares needed to rebuild a secret: a round completes while every client keeps at least this many of its "
+        "neighbours; below num_shares, at least 2.", 2)
+    clipping_range: float = _help(
+        "Every value a site sends (its weighted difference from the received global) is clamped to "
+        "+-clipping_range and quantised to 2^22 levels over that range: the quantisation step is "
+        "2 x clipping_range / 2^22.", 8.0)
+
+
+@dataclass
 class FederationSection:
     method: str = _help(
         "'fedavg' (share A and B), 'ffa' (freeze A, share B) or 'fedsa' (share A, keep B local).", "fedavg"
@@ -294,6 +311,14 @@ class FederationSection:
         "about a quarter), with the rounding error kept in the client state and added to the next round's "
         "difference (error feedback). Under DP-SGD the noised update is encoded: post-processing.",
         "float32",
+    )
+    secure_aggregation: SecureAggregationSection | None = _help(
+        "Secure aggregation on Flower ({protocol, num_shares, reconstruction_threshold, clipping_range}): each "
+        "site sends its difference from the received global masked, the coordinator unmasks only the weighted "
+        "sum. Rules out per-update strategies (median, trimmed-mean, svd, exact), norm_bound_action 'reject' and "
+        "update encodings; federation.norm_bound clips at the sites. simulate emulates the arithmetic only. "
+        "Default: off.",
+        None,
     )
 
 
@@ -413,6 +438,8 @@ class Recipe:
         for key, default in (("format", "auto"), ("messages_column", "messages")):  # same for the chat formats' keys
             if content["data"][key] == default:
                 content["data"].pop(key)
+        if content["federation"]["secure_aggregation"] is None:  # off by default: digests stay as they were
+            content["federation"].pop("secure_aggregation")
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

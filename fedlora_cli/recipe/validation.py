@@ -8,6 +8,7 @@ message speaks of the option, not of a key the user never typed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from fedlora_cli.adapters import ADAPTER_KINDS, METHODS, adapter_kind
@@ -19,7 +20,7 @@ from fedlora_cli.recipe.schema import (
     TRACKERS, VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection,
     ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
 )
-from fedlora_cli.recipe.schema import UPDATE_ENCODINGS
+from fedlora_cli.recipe.schema import SECURE_PROTOCOLS, UPDATE_ENCODINGS
 from fedlora_cli.recipe.site_settings import DEVICE, SITE_SETTINGS
 from fedlora_cli.storage.checkpoints import valid_client_id
 
@@ -68,6 +69,8 @@ def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_cl
         _server_privacy(c, recipe.server_privacy, recipe.federation)
     if recipe.tracking is not None:
         _tracking(c, recipe.tracking)
+    if recipe.federation.secure_aggregation is not None:
+        _secure_aggregation(c, recipe)
     return recipe
 
 
@@ -339,6 +342,48 @@ def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -
     c.require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")
     c.require(0 < sp.delta < 1, "server_privacy.delta", "must be between 0 and 1")
     c.require(sp.target_epsilon is None or sp.target_epsilon > 0, "server_privacy.target_epsilon", "must be > 0")
+
+
+# What a coordinator that sees only the sum of the updates cannot do, each with the reason given when refused.
+_SECURE_RULES_OUT = {
+    "median": "needs every update's value of each coordinate",
+    "trimmed-mean": "needs every update's value of each coordinate",
+    "svd": "re-factorises each update's product B_k A_k",
+    "exact": "needs each update's product B_k A_k",
+}
+# Under SecAgg+ at most modulus / quantisation range - 1 clients may be summed without overflow (2^32 / 2^22).
+SECURE_MAX_CLIENTS = 2**32 // 2**22 - 1
+
+
+def _secure_aggregation(c: _Check, recipe: Recipe) -> None:
+    """Secure aggregation: the coordinator unmasks only the weighted sum, so whatever needs one update is refused
+    by name, and the integer arithmetic's limits are checked."""
+    f, key = recipe.federation, "federation.secure_aggregation"
+    s = f.secure_aggregation
+    c.one_of(s.protocol, f"{key}.protocol", SECURE_PROTOCOLS)
+    c.require(s.num_shares > 2, f"{key}.num_shares", f"must be greater than 2; got {s.num_shares}")
+    c.require(2 <= s.reconstruction_threshold < s.num_shares, f"{key}.reconstruction_threshold",
+              f"must be at least 2 and below num_shares ({s.num_shares}); got {s.reconstruction_threshold}")
+    c.require(s.clipping_range > 0 and math.isfinite(s.clipping_range), f"{key}.clipping_range",
+              f"must be a positive number; got {s.clipping_range:g}")
+    label = c.subject(key)
+    if f.aggregation in _SECURE_RULES_OUT:
+        raise FedloraError(f"{label} rules out {c.name('federation.aggregation')} '{f.aggregation}': it "
+                           f"{_SECURE_RULES_OUT[f.aggregation]}, and the coordinator sees only their sum; use 'mean'")
+    if f.norm_bound is not None and f.norm_bound_action == "reject":
+        raise FedloraError(f"{label} rules out {c.name('federation.norm_bound_action')} 'reject' (a server-side "
+                           "norm bound): the coordinator never sees one update; 'clip' clips at each site")
+    if f.update_encoding != "float32":
+        raise FedloraError(f"{label} rules out {c.name('federation.update_encoding')} '{f.update_encoding}': "
+                           "SecAgg+ quantises the difference itself")
+    if f.weighting == "shard" or (f.weighting == "examples" and (recipe.privacy is not None or
+                                                                 recipe.training.local_steps is None)):
+        raise FedloraError(f"{label} with {c.name('federation.weighting')} '{f.weighting}' needs a bound on each "
+                           "weight before training (training.local_steps x batch_size, without DP-SGD); use "
+                           "'uniform', or 'examples' with training.local_steps")
+    asked = f.clients_per_round or f.clients
+    c.require(asked <= SECURE_MAX_CLIENTS, key,
+              f"sums at most {SECURE_MAX_CLIENTS} clients a round (2^32 / 2^22 - 1); the federation asks {asked}")
 
 
 def _tracking(c: _Check, t: TrackingSection) -> None:

@@ -61,13 +61,15 @@ class FakeGrid:
                 reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE
                 replies.append(reply)
                 continue
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                              run_config={})
-            reply = client_app.app(msg, context)
+            reply = self.answer(msg, node)
             if node in self.tamper:
                 self.tamper[node](reply)
             replies.append(reply)
         return replies
+
+    def answer(self, msg, node):
+        context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config={})
+        return client_app.app(msg, context)
 
     def trained(self) -> list[int]:
         return [node for kind, node in self.sent if kind == "train"]

@@ -1,0 +1,167 @@
+"""Secure aggregation's arithmetic and the coordinator's side of it: the emulated SecAgg+ sum within its derived
+bound, simulate writing no client update, the refusals, and DP-FedAvg on the unmasked sum."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from conftest import recipe_dict
+from secure_check import assert_global_is_the_weighted_mean
+
+from fedlora_cli import recipe as recipes, storage
+from fedlora_cli.federation import rounds, secure, simulate
+from fedlora_cli.federation.init import init
+from fedlora_cli.federation.server import aggregate_secure
+from fedlora_cli.privacy.accounting import server_epsilon
+from tests.cli.helpers import fails
+
+SECURE = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 1.0}
+
+
+def secure_raw(tiny_model_dir, reviews_csv, method="ffa", **federation):
+    raw = recipe_dict(tiny_model_dir, reviews_csv, method)
+    raw["federation"].update(secure_aggregation=dict(SECURE), **federation)
+    return raw
+
+
+def vector(values, weight):
+    return secure.SiteVector(["t"], [np.asarray(values, dtype=np.float64)], weight)
+
+
+def test_the_emulated_sum_is_the_ratio_weighted_mean_within_k_steps_over_the_ratio_sum():
+    # Prepare: three sites, unequal weights, values across the clamp-free range
+    arith = secure.Arithmetic(clipping_range=0.5, max_weight=40)
+    rng = np.random.default_rng(0)
+    vectors = {f"c{i}": vector(rng.uniform(-0.4, 0.4, 10_000), w) for i, w in enumerate((40, 13, 7))}
+    # Execute
+    (got,) = secure.emulate(vectors, arith, seed=1)
+    # Assert
+    ratios = {c: arith.ratio(v.weight) for c, v in vectors.items()}
+    exact = sum(ratios[c] * v.arrays[0] for c, v in vectors.items()) / sum(ratios.values())
+    bound = arith.bound([40, 13, 7])
+    assert bound == pytest.approx(3 * (1.0 / 2**22) / (1 + 13 / 40 + 7 / 40), rel=1e-6)
+    err = np.abs(got - exact)
+    assert err.max() <= bound
+    assert err.max() > bound / 10  # the quantisation is really there: not an exact float mean
+    assert abs(float(np.mean(got - exact))) < bound / 10  # stochastic rounding is unbiased
+
+
+def test_values_beyond_the_clipping_range_are_clamped_as_secagg_clamps_them():
+    arith = secure.Arithmetic(clipping_range=0.5, max_weight=1)
+    (got,) = secure.emulate({"a": vector([2.0, -2.0, 0.25], 1), "b": vector([0.0, 0.0, 0.25], 1)}, arith, seed=0)
+    np.testing.assert_allclose(got, [0.25, -0.25, 0.25], atol=arith.bound([1, 1]))
+
+
+def test_the_integer_sum_wraps_modulo_2_32_and_still_comes_back():
+    # 1023 sites at the top of the range: the integer sum passes 2^31 but stays below 2^32 (the validation's limit)
+    arith = secure.Arithmetic(clipping_range=1.0, max_weight=1)
+    vectors = {f"c{i:04d}": vector([1.0, -1.0], 1) for i in range(1023)}
+    (got,) = secure.emulate(vectors, arith, seed=0)
+    np.testing.assert_allclose(got, [1.0, -1.0], atol=arith.bound([1] * 1023))
+
+
+def test_simulate_emulates_secure_aggregation_and_keeps_no_client_update(tmp_path, tiny_model_dir, reviews_csv,
+                                                                         monkeypatch):
+    # Prepare: keep a copy of each round's staged updates (simulate drops them) to compare against
+    kept = {}
+    real = rounds.emulated_sum
+
+    def spy(g, updates):
+        r = g.manifest.round + 1
+        kept[r] = {cid: shutil.copytree(path, tmp_path / "kept" / str(r) / cid) for cid, path in updates.items()}
+        return real(g, updates)
+
+    monkeypatch.setattr(rounds, "emulated_sum", spy)
+    recipe = recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv))
+    warned = []
+
+    class Reporter:
+        stage = round_done = done_training = staticmethod(lambda *a: None)
+        training = staticmethod(lambda *a: None)
+        warn = staticmethod(warned.append)
+
+    # Execute
+    simulate.simulate(recipe, tmp_path / "run", Reporter())
+    # Assert
+    layout = simulate.RunLayout(tmp_path / "run")
+    for r in (1, 2):
+        assert_global_is_the_weighted_mean(layout.global_checkpoint(r - 1), layout.global_checkpoint(r), kept[r])
+        assert storage.read_global(layout.global_checkpoint(r)).manifest.aggregation["secure_aggregation"]["emulated"]
+    assert not (layout.root / "updates").exists() and not (layout.root / ".staging").exists()
+    assert any("provides no security" in w for w in warned)
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("aggregation", "median", "rules out federation.aggregation 'median'"),
+    ("aggregation", "trimmed-mean", "rules out federation.aggregation 'trimmed-mean'"),
+    ("aggregation", "svd", "rules out federation.aggregation 'svd'"),
+    ("aggregation", "exact", "rules out federation.aggregation 'exact'"),
+    ("norm_bound_action", "reject", "rules out federation.norm_bound_action 'reject' (a server-side norm bound)"),
+    ("update_encoding", "int8", "rules out federation.update_encoding 'int8'"),
+])
+def test_what_secure_aggregation_rules_out_is_refused_by_name(key, value, needle, tmp_path, tiny_model_dir,
+                                                               reviews_csv):
+    raw = secure_raw(tiny_model_dir, reviews_csv, "fedavg", **{key: value})
+    if key == "norm_bound_action":
+        raw["federation"]["norm_bound"] = 1.0
+    if value == "trimmed-mean":
+        raw["federation"]["trim_fraction"] = 0.4  # one trimmed each side of 3, so only secure aggregation refuses
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    fails(["simulate", path, "--out", tmp_path / "run"], needle)
+    assert not (tmp_path / "run").exists()
+
+
+def dp_global(tmp_path, tiny_model_dir, reviews_csv, noise=1.0, clip=0.5):
+    raw = secure_raw(tiny_model_dir, reviews_csv, weighting="uniform")
+    raw["server_privacy"] = {"clip_norm": clip, "noise_multiplier": noise}
+    raw["data"]["labels"] = ["neg", "pos"]
+    return init(recipes.from_dict(raw), tmp_path / "round-000")
+
+
+def test_dp_fedavg_on_the_unmasked_sum_adds_sigma_c_over_m_and_spends_what_the_plain_round_spends(
+        tmp_path, tiny_model_dir, reviews_csv):
+    # Prepare: every site sent a zero difference
+    g = dp_global(tmp_path, tiny_model_dir, reviews_csv, noise=1.0, clip=0.5)
+    sent = sorted(n for n in g.header if g.plan.sends(n))
+    arith = secure.Arithmetic.of(g.recipe)
+    zero = secure.SecureSum.of(sent, [np.zeros(g.header[n][1]) for n in sent], {f"client-{i}": 1 for i in range(3)},
+                               arith)
+    # Execute: two rounds
+    g1 = aggregate_secure(g, zero, tmp_path / "round-001", noise_seed=3).checkpoint
+    g2 = aggregate_secure(g1, zero, tmp_path / "round-002", noise_seed=4).checkpoint
+    # Assert: the noise's standard deviation over every sent coordinate is sigma * C / m
+    before, after = g.verified_arrays, g1.verified_arrays
+    noise = np.concatenate([(after[n].astype(np.float64) - before[n]).ravel() for n in sent])
+    assert noise.size > 500  # the std estimate is within about 3% (1 / sqrt(2 n)); 0.12 is four of those
+    assert float(np.std(noise)) == pytest.approx(1.0 * 0.5 / 3, rel=0.12)
+    # The same ledger and epsilon as the plain DP-FedAvg rounds: two Gaussian releases at sigma 1
+    assert g2.manifest.server_privacy_ledger == [[1.0, 1.0, 1], [1.0, 1.0, 1]]
+    row = rounds.round_row(rounds.RunLayout(tmp_path), g2, {}, None, kept_loss=lambda *a: None)
+    assert row["server_epsilon"] == server_epsilon([(1.0, 1.0, 1), (1.0, 1.0, 1)], 1e-5)
+    assert row["train_loss"] is None and row["clients"] == 3
+
+
+def test_under_dp_fedavg_a_site_clips_below_c_by_the_quantisations_worst_case(tmp_path, tiny_model_dir, reviews_csv):
+    g = dp_global(tmp_path, tiny_model_dir, reviews_csv, clip=0.5)
+    d = 10_000
+    step = 2 * SECURE["clipping_range"] / 2**22
+    assert secure.site_bound(g.recipe, d) == pytest.approx(0.5 - step * math.sqrt(d))
+
+
+def test_the_coordinator_refuses_a_sum_beyond_what_the_sites_could_send(tmp_path, tiny_model_dir, reviews_csv):
+    g = dp_global(tmp_path, tiny_model_dir, reviews_csv, clip=0.5)
+    sent = sorted(n for n in g.header if g.plan.sends(n))
+    arith = secure.Arithmetic.of(g.recipe)
+    big = secure.SecureSum.of(sent, [np.full(g.header[n][1], 0.1) for n in sent], {"client-0": 1, "client-1": 1},
+                              arith)
+    with pytest.raises(Exception, match=r"the unmasked mean has norm .* beyond the sites' bound .*; nothing written"):
+        aggregate_secure(g, big, tmp_path / "round-001")
+    bad_weight = secure.SecureSum.of(sent, [np.zeros(g.header[n][1]) for n in sent], {"client-0": 7}, arith)
+    with pytest.raises(Exception, match=r"client 'client-0' took part with weight 7, outside 1..1"):
+        aggregate_secure(g, bad_weight, tmp_path / "round-001")
+    assert not (tmp_path / "round-001").exists()

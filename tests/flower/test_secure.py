@@ -1,0 +1,105 @@
+"""Secure aggregation through Flower's real SecAgg+ (workflow and client mod), in process: a fake Grid routes each
+message to the secure client app, each node keeping its Flower state across messages as a SuperNode does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, RecordDict
+
+from fedlora_cli import storage
+from fedlora_cli.errors import FedloraError
+from fedlora_cli.flower import client_app
+from fedlora_cli.flower.site import SiteConfig
+from fedlora_cli.storage.run_layout import RunLayout
+from conftest import recipe_dict
+from secure_check import assert_global_is_the_weighted_mean
+from .test_server_app import FakeGrid, run_config, serve, sites
+
+SECURE = {"num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 1.0}
+
+
+class SecureGrid(FakeGrid):
+    """The fake Grid with each node's Context kept between messages (SecAgg+'s mod keeps its keys there), the
+    secure client app answering, and ``drop_after`` nodes gone from the given training message on (1: after
+    the setup stage, 2: after key sharing)."""
+
+    def __init__(self, node_configs, drop_after=None):
+        super().__init__(node_configs)
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
+                         for node, cfg in node_configs.items()}
+        self.drop_after = drop_after or {}
+        self.train_messages = dict.fromkeys(node_configs, 0)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == "train":
+                self.train_messages[node] += 1
+                if self.train_messages[node] > self.drop_after.get(node, 99):
+                    self.gone.add(node)
+        return super().send_and_receive(messages, timeout=timeout)
+
+    def answer(self, msg, node):
+        # A real message reaches each node as its own copy (SecAgg+'s mod edits what it receives).
+        return client_app.secure_app(copy.deepcopy(msg), self.contexts[node])
+
+
+def secure_recipe(tiny_model_dir, reviews_csv, method="ffa", **federation):
+    raw = recipe_dict(tiny_model_dir, reviews_csv, method)
+    raw["federation"].update(secure_aggregation=dict(SECURE), **federation)
+    return raw
+
+
+def site_updates(node_configs, round_):
+    return {cfg["client-id"]: SiteConfig.from_node_config(cfg).update(round_) for cfg in node_configs.values()}
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsa"])
+def test_each_secure_global_is_the_weighted_mean_of_the_sites_updates(method, tmp_path, tiny_model_dir, reviews_csv,
+                                                                     partition_dir):
+    # Prepare
+    nodes = sites(tmp_path, partition_dir)
+    grid = SecureGrid(nodes)
+    config = run_config(tmp_path, secure_recipe(tiny_model_dir, reviews_csv, method), partition_dir)
+    # Execute
+    serve(grid, config)
+    # Assert: within the quantisation bound of the plain weighted mean, and no update on the coordinator's side
+    layout = RunLayout(tmp_path / "run")
+    for round_ in (1, 2):
+        assert_global_is_the_weighted_mean(layout.global_checkpoint(round_ - 1), layout.global_checkpoint(round_),
+                                           site_updates(nodes, round_))
+        record = storage.read_global(layout.global_checkpoint(round_)).manifest.aggregation["secure_aggregation"]
+        assert record["emulated"] is False and record["clients"] == ["client-0", "client-1", "client-2"]
+        assert record["quantisation_step"] == 2 * SECURE["clipping_range"] / 2**22
+    assert not (layout.root / "updates").exists() and not list(layout.root.rglob("*.staging*"))
+    assert grid.trained() == [101, 102, 103] * 8  # four SecAgg+ stages a round
+
+
+def test_a_site_lost_after_key_sharing_is_recovered_from_the_others_shares(tmp_path, tiny_model_dir, reviews_csv,
+                                                                          partition_dir):
+    nodes = sites(tmp_path, partition_dir)
+    grid = SecureGrid(nodes, drop_after={103: 2})
+    config = run_config(tmp_path, secure_recipe(tiny_model_dir, reviews_csv, rounds=1), partition_dir)
+    serve(grid, config)
+    layout = RunLayout(tmp_path / "run")
+    updates = site_updates(nodes, 1)
+    del updates["client-2"]
+    assert_global_is_the_weighted_mean(layout.global_checkpoint(0), layout.global_checkpoint(1), updates)
+
+
+def test_below_the_threshold_the_round_fails_in_one_line_and_writes_nothing(tmp_path, tiny_model_dir, reviews_csv,
+                                                                           partition_dir):
+    nodes = sites(tmp_path, partition_dir)
+    grid = SecureGrid(nodes, drop_after={102: 2, 103: 2})
+    config = run_config(tmp_path, secure_recipe(tiny_model_dir, reviews_csv, rounds=1), partition_dir)
+    with pytest.raises(FedloraError, match=r"^round 1: secure aggregation halted at its '.+' stage") as caught:
+        serve(grid, config)
+    assert "\n" not in str(caught.value)
+    layout = RunLayout(tmp_path / "run")
+    assert [p.name for p in layout.global_checkpoints()] == ["round-000"]
+    assert not (layout.root / ".staging").exists()

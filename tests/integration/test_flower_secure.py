@@ -1,0 +1,138 @@
+"""Secure aggregation on a real Flower deployment on 127.0.0.1 (tests/integration/flower_deploy.py): 3 SuperNodes,
+SecAgg+ with num_shares 3 and reconstruction_threshold 2.
+
+- FFA-LoRA and FedSA-LoRA, 2 rounds: each global checkpoint is the plain weighted mean of the same sites' updates
+  (which each site keeps in its own folder) within the quantisation bound (tests/secure_check.py), the manifest
+  says it was securely aggregated, and the coordinator's run folder holds no client update.
+- A SuperNode killed after key sharing (once it has received the round's training message): the round completes
+  from the two survivors; two killed: the run fails with one line and writes no global checkpoint.
+
+Every process started here (and every child it started) is ended by its PID when the test ends, passed or not.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import recipe_dict
+from secure_check import assert_global_is_the_weighted_mean
+
+pytest.importorskip("flwr")
+pytest.importorskip("psutil")
+
+from fedlora_cli import storage
+from fedlora_cli.data.partition import shard_name
+from fedlora_cli.flower.app_folder import node_config, write_app
+from fedlora_cli.flower.site import SiteConfig
+from fedlora_cli.storage.run_layout import RunLayout
+
+from .flower_deploy import wait_until
+
+pytestmark = pytest.mark.integration
+CLIENTS = ["client-0", "client-1", "client-2"]
+
+
+def start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, method="ffa", rounds=2,
+          round_timeout=240.0):
+    """The recipe under SecAgg+, its app folder, the SuperLink and three SuperNodes; returns (app, configs, nodes)."""
+    raw = recipe_dict(tiny_model_dir, reviews_csv, method)
+    raw["federation"].update(rounds=rounds, secure_aggregation={"num_shares": 3, "reconstruction_threshold": 2,
+                                                                "clipping_range": 1.0})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    app = write_app(recipe, tmp_path / "app", tmp_path / "run", round_timeout=round_timeout).parent
+    assert "client_app:secure_app" in (app / "pyproject.toml").read_text()
+    configs = {cid: node_config(cid, str(partition_dir / shard_name(cid)), str(tmp_path / "sites" / cid),
+                                worker="off") for cid in CLIENTS}
+    deployment.superlink()
+    nodes = {cid: deployment.supernode(configs[cid], cid) for cid in CLIENTS}
+    return app, configs, nodes
+
+
+def site_update(tmp_path, cid, round_):
+    """Where a site keeps its own update of a round (in its state folder, as the site itself finds it)."""
+    return SiteConfig.from_node_config({"client-id": cid, "state-dir": str(tmp_path / "sites" / cid)}).update(round_)
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsa"])
+def test_each_round_is_the_weighted_mean_of_the_sites_updates_within_the_quantisation_bound(
+        method, deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    started = time.monotonic()
+    app, configs, _ = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, method)
+    log = deployment.run(app)
+    statuses = deployment.statuses()
+    deployment.end()
+    seconds = time.monotonic() - started
+
+    layout = RunLayout(tmp_path / "run")
+    assert statuses == ["finished:completed"], log[-3000:]
+    assert [p.name for p in layout.global_checkpoints()] == ["round-000", "round-001", "round-002"], log[-3000:]
+    worst = 0.0
+    for n in (1, 2):
+        worst = max(worst, assert_global_is_the_weighted_mean(
+            layout.global_checkpoint(n - 1), layout.global_checkpoint(n),
+            {cid: site_update(tmp_path, cid, n) for cid in CLIENTS}))
+        record = storage.read_global(layout.global_checkpoint(n)).manifest.aggregation["secure_aggregation"]
+        assert record["emulated"] is False and record["clients"] == CLIENTS
+    # No client update, staged or placed, on the coordinator's side; the server's log names no update's values.
+    assert not (layout.root / "updates").exists() and not (layout.root / ".staging").exists()
+    assert not list(layout.root.rglob("update.safetensors"))
+    assert "SecAgg+ unmasked the weighted sum of 3 site(s)" in log
+    assert deployment.all_ended()
+    print(f"flower secure aggregation, {method}, 3 sites, 2 rounds: {seconds:.1f} s; largest error {worst:.2f} of "
+          "the bound")
+
+
+def kill_after_key_sharing(deployment, tmp_path, nodes, victims):
+    """Kill each victim's SuperNode once it has the round-1 training message (SecAgg+'s third stage): its keys
+    are shared, its masked vector is not sent."""
+    for cid in victims:
+        received = site_update(tmp_path, cid, 1).parent.parent / "global" / "round-000"
+        wait_until(received.is_dir, 300, f"{cid} never received the round's training message")
+        deployment.kill(nodes[cid])
+
+
+def test_a_site_killed_after_key_sharing_leaves_the_round_to_the_survivors(deployment, tmp_path, tiny_model_dir,
+                                                                          reviews_csv, partition_dir):
+    import threading
+
+    app, configs, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
+                                round_timeout=150.0)
+    killer = threading.Thread(target=kill_after_key_sharing, args=(deployment, tmp_path, nodes, ["client-2"]))
+    killer.start()
+    log = deployment.run(app, timeout=600)
+    killer.join()
+    statuses = deployment.statuses()
+    deployment.end()
+
+    layout = RunLayout(tmp_path / "run")
+    assert statuses == ["finished:completed"], log[-3000:]
+    assert_global_is_the_weighted_mean(layout.global_checkpoint(0), layout.global_checkpoint(1),
+                                       {cid: site_update(tmp_path, cid, 1) for cid in CLIENTS[:2]})
+    assert deployment.all_ended()
+
+
+def test_two_sites_killed_after_key_sharing_fail_the_run_in_one_line_and_write_nothing(
+        deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    import threading
+
+    app, configs, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
+                                round_timeout=150.0)
+    killer = threading.Thread(target=kill_after_key_sharing,
+                              args=(deployment, tmp_path, nodes, ["client-1", "client-2"]))
+    killer.start()
+    log = deployment.run(app, timeout=600)
+    killer.join()
+    statuses = deployment.statuses()
+    deployment.end()
+
+    layout = RunLayout(tmp_path / "run")
+    assert statuses == ["finished:failed"], log[-3000:]
+    lines = [line for line in log.splitlines() if "secure aggregation halted" in line]
+    assert lines and "nothing written" in lines[0], log[-3000:]
+    assert [p.name for p in layout.global_checkpoints()] == ["round-000"]
+    assert not (layout.root / ".staging").exists()
+    assert deployment.all_ended()
