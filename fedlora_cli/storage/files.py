@@ -43,12 +43,14 @@ if TYPE_CHECKING:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``; on success rename it to ``final``, on failure remove it."""
+    """Yield a temporary sibling of ``final``; on success rename it to ``final``, on failure remove it. A temporary
+    sibling that a process killed mid-write left (its PID no longer runs here) is removed first."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise FedloraError(f"{final} already exists (pass --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    _remove_abandoned(final.parent, f".{final.name}.tmp-", "")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -73,6 +75,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     failure remove it. Readers see the old file or the new one, never half of one."""
     final = Path(final)
     tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
+    _remove_abandoned(final.parent, f".{final.stem}.tmp-", final.suffix)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -80,6 +83,33 @@ def atomic_file(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         _refuse_if_no_room(exc, final)
         raise
+
+
+def _remove_abandoned(folder: Path, prefix: str, suffix: str) -> None:
+    """Remove the temporary siblings (``PREFIX<pid>SUFFIX``) that a process killed mid-write left in ``folder``: those
+    whose process no longer runs. A writer that still runs (another process writing the same output) is left alone."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(suffix)):
+            continue
+        pid = name[len(prefix):len(name) - len(suffix)]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True
 
 
 # A write that failed for want of room: the disk full, a quota, a file-size limit (RLIMIT_FSIZE).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,9 +90,11 @@ class Deployment:
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.link}"\n{how}\n'
         )
 
-    def start(self, name: str, *args: str, home: Path | None = None) -> subprocess.Popen:
-        """Start ``args`` (a program of this venv), logging to logs/NAME.log; ``home``: its own FLWR_HOME."""
-        env = self.env if home is None else {**self.env, "FLWR_HOME": str(home)}
+    def start(self, name: str, *args: str, home: Path | None = None, env: dict[str, str] | None = None
+              ) -> subprocess.Popen:
+        """Start ``args`` (a program of this venv), logging to logs/NAME.log; ``home``: its own FLWR_HOME; ``env``:
+        variables set for it (and the processes it starts) beside the deployment's."""
+        env = {**self.env, **(env or {}), **({} if home is None else {"FLWR_HOME": str(home)})}
         with open(self.logs / f"{name}.log", "w") as out:  # the child writes to its own copy
             p = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=out, stderr=subprocess.STDOUT,
                                  cwd=self.tmp)
@@ -116,13 +119,15 @@ class Deployment:
                     self.seen[child.pid] = child
                     stack.append(child.pid)
 
-    def superlink(self, *security: str, name: str = "superlink") -> subprocess.Popen:
-        """The SuperLink, ``security`` its TLS and authentication options (default ``--insecure``); started again
-        after a restart, it listens on the same port (the health check on a new one)."""
+    def superlink(self, *security: str, name: str = "superlink", env: dict[str, str] | None = None
+                  ) -> subprocess.Popen:
+        """The SuperLink, ``security`` its TLS and authentication options (default ``--insecure``), ``env`` variables
+        for it and its ServerApp processes; started again after a restart, it listens on the same port (the health
+        check on a new one)."""
         self.health = free_port()
         p = self.start(name, "flower-superlink", *(security or INSECURE), "--host", "127.0.0.1", "--port",
                        str(self.link), "--disable-runtime-dependency-installation", "--health-server-address",
-                       f"127.0.0.1:{self.health}")
+                       f"127.0.0.1:{self.health}", env=env)
         wait_until(lambda: listening(self.link) and listening(self.health), 60, "the SuperLink was not listening")
         return p
 
@@ -132,9 +137,9 @@ class Deployment:
         return self.start(name, "flower-supernode", *(security or INSECURE), "--superlink", f"127.0.0.1:{self.link}",
                           "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config, home=home)
 
-    def workers(self, sites: dict[str, tuple[str, Path]]) -> None:
+    def workers(self, sites: dict[str, tuple[str, Path]]) -> dict[str, subprocess.Popen]:
         """A resident worker (``fedlora flower worker``) for each site, name -> (node config, state folder), started
-        together; returns once each listens on its socket."""
+        together; returns them, by name, once each listens on its socket."""
         from fedlora_cli.flower.channel import socket_path
 
         started = {name: self.start(f"{name}-worker", "fedlora", "flower", "worker", "--node-config", config)
@@ -143,6 +148,7 @@ class Deployment:
             p, sock = started[name], socket_path(state_dir)
             wait_until(lambda: sock.exists() or p.poll() is not None, 120, f"{name}'s worker never listened at {sock}")
             assert p.poll() is None, (self.logs / f"{name}-worker.log").read_text()[-2000:]
+        return started
 
     def flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], env=self.env, cwd=self.tmp, check=False,
@@ -157,12 +163,17 @@ class Deployment:
     def statuses(self) -> list[str]:
         """Each run's status as ``flwr list --format json`` gives it (``flwr run`` exits 0 even when the ServerApp
         fails)."""
+        return list(self.status_by_run().values())
+
+    def status_by_run(self) -> dict[str, str]:
+        """Run id -> its status (``flwr list --format json``)."""
         listed = self.flwr("list", "local", "--format", "json", timeout=60)
         try:
             runs = json.loads(listed.stdout)["runs"]
-        except (ValueError, KeyError) as exc:
+            return {str(run["run-id"]): str(run["status"]).replace(" ", "") for run in runs}
+        except (ValueError, KeyError, TypeError) as exc:
             raise AssertionError(f"flwr list gave no runs ({exc}): {listed.stdout} {listed.stderr}") from None
-        return [str(run["status"]).replace(" ", "") for run in runs]
+
 
     def stop(self, p: subprocess.Popen) -> None:
         """SIGTERM one process started here, by its PID, and wait for it (its children are left to :meth:`end`)."""
@@ -199,3 +210,10 @@ class Deployment:
 
     def all_ended(self) -> bool:
         return not any(running(proc) for proc in self.seen.values())
+
+
+def run_id(output: str) -> str:
+    """The run id ``flwr run`` printed ('Successfully started run N')."""
+    found = re.search(r"Successfully started run (\d+)", output)
+    assert found, output[-2000:]
+    return found[1]

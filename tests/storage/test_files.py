@@ -4,6 +4,7 @@ safetensors files read and checked against them."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 import pytest
@@ -230,3 +231,26 @@ def test_arrays_and_tensors_are_views_of_each_other():
 
     assert all(arrays[n].ctypes.data == t.data_ptr() == back[n].data_ptr() for n, t in tensors.items())
     assert storage.as_tensors({}) == {}
+
+
+def test_a_temporary_folder_left_by_a_killed_writer_is_removed_and_a_running_writers_is_not(tmp_path):
+    """A process killed mid-write (a ServerApp SIGKILLed while it aggregates) leaves `.NAME.tmp-PID`; the next write
+    of NAME removes it once PID no longer runs, and leaves a running writer's alone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    final = tmp_path / "round-001"
+    abandoned = tmp_path / f".round-001.tmp-{int(gone.stdout)}"
+    abandoned.mkdir()
+    (abandoned / "adapter_model.safetensors").write_bytes(b"half")
+    busy = tmp_path / f".round-001.tmp-{os.getppid()}"  # a process that runs: the one that started this test
+    busy.mkdir()
+    left_file = tmp_path / f".metrics.tmp-{int(gone.stdout)}.json"
+    left_file.write_text("{")
+    with storage.atomic_dir(final) as tmp:
+        (tmp / "x").write_text("whole")
+    with storage.atomic_file(tmp_path / "metrics.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([busy.name, "metrics.json", "round-001"])
