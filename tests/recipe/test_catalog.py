@@ -31,3 +31,14 @@ def test_shipped_recipe_validates(name):
     r = recipes.load(recipes_catalog.find(name))
     assert r.name
     assert recipes_catalog.summary(recipes_catalog.find(name)), "first line comment describes the recipe"
+
+
+def test_the_flowertune_recipes_have_flowertunes_shape_and_differ_only_in_the_method():
+    fedavg, ffa = (recipes.load(recipes_catalog.find(f"flowertune-{m}")) for m in ("fedavg", "ffa"))
+    for r in (fedavg, ffa):
+        assert (r.model.quantization, r.model.quant_type, r.adapter.r, r.adapter.alpha) == ("4bit", "nf4", 32, 64)
+        assert (r.federation.clients, r.federation.clients_per_round, r.data.format) == (20, 2, "alpaca")
+        assert r.training.gradient_checkpointing and r.model.task == "causal-lm"
+    assert (fedavg.federation.method, ffa.federation.method) == ("fedavg", "ffa")
+    same = {**ffa.to_dict(), "name": fedavg.name, "federation": {**ffa.to_dict()["federation"], "method": "fedavg"}}
+    assert same == fedavg.to_dict()
