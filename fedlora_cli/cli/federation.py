@@ -253,12 +253,35 @@ def _print_aggregate_json(result) -> None:
                    "clients": [asdict(r) for r in result.clients]})
 
 
+# evaluate's lm-eval options.
+_LmEvalOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--lm-eval", help="causal-lm: lm-evaluation-harness tasks to score: lm-eval's names (arc_easy, mmlu, "
+                 "'mmlu_*'; their data comes from the Hub), task YAML files, or tasks of --lm-eval-include folders. "
+                 "Repeat it or separate with commas."),
+]
+_LmEvalIncludeOpt = Annotated[
+    Optional[list[Path]],
+    typer.Option("--lm-eval-include", help="A folder of lm-eval task YAML files (their data may be local files, "
+                 "for offline use), indexed beside lm-eval's own; repeatable."),
+]
+_LmEvalLimitOpt = Annotated[
+    Optional[int], typer.Option("--lm-eval-limit", help="Score the first N documents of each task only (a quick look, "
+                                "not a score to report).")
+]
+_LmEvalFewshotOpt = Annotated[
+    Optional[int], typer.Option("--lm-eval-fewshot", help="Few-shot examples per prompt; default: each task's own (0 "
+                                "where it sets none).")
+]
+
+
 @command(app, "evaluate")
 def evaluate_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder.")],
     data: Annotated[
-        str, typer.Option("--data", "-d", help=f"Test data: a partition folder (its test split), a shard, or {SITE_DATA}.")
-    ],
+        Optional[str],
+        typer.Option("--data", "-d", help=f"Test data: a partition folder (its test split), a shard, or {SITE_DATA}."),
+    ] = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="Evaluate personalised: this client's state folder.")] = None,
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id of --state (checked).")] = None,
     max_new_tokens: Annotated[
@@ -270,6 +293,10 @@ def evaluate_cmd(
     answer: Annotated[
         Optional[str], typer.Option(help="causal-lm: 'number' (exact match on the final number) or 'none' (loss only).")
     ] = None,
+    lm_eval: _LmEvalOpt = None,
+    lm_eval_include: _LmEvalIncludeOpt = None,
+    lm_eval_limit: _LmEvalLimitOpt = None,
+    lm_eval_fewshot: _LmEvalFewshotOpt = None,
     split: SplitOpt = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,
@@ -279,16 +306,24 @@ def evaluate_cmd(
     tracking_dir: TrackingDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Metrics of the global model, or personalised for one client (global + its state).
+    """Metrics of the global model, or personalised for one client (global + its state, no merge).
 
-    sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and perplexity per response token,
-    and with an answer extractor, exact match of greedy generations. --report-to logs them at the checkpoint's
-    round, under simulate's names (round/global_accuracy, ...): in the global checkpoints' run, or with --state
-    in the client's.
+    With --data, the recipe's metrics. sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and
+    perplexity per response token, and with an answer extractor, exact match of greedy generations. With --lm-eval
+    (causal-lm, 'pip install fedlora[lmeval]'), lm-evaluation-harness's scores on its tasks, as lm-eval's own
+    CLI computes them; both at once load the model once. --report-to logs them at the checkpoint's round, under
+    simulate's names (round/global_accuracy, round/global_lm_eval/TASK/METRIC, ...): in the global checkpoints'
+    run, or with --state in the client's.
+
+    Example: [cyan]fedlora evaluate global/round-003 --lm-eval arc_easy,hellaswag --lm-eval-limit 100[/]
+    Offline: [cyan]fedlora evaluate global/round-003 --lm-eval my_task --lm-eval-include my-tasks/[/]
     """
     from fedlora_cli import federation, tracking
     from fedlora_cli.cli import ui
 
+    request = _harness_request(lm_eval, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
+    if data is None and request is None:
+        raise FedloraError("nothing to evaluate on: give --data (test data), --lm-eval (lm-eval tasks) or both")
     g = federation.Global.of(global_checkpoint)
     trackers = tracking.resolve(report_to, g.recipe)
     settings = _evaluation_settings(g.recipe, max_new_tokens, generate_examples, answer)
@@ -296,7 +331,7 @@ def evaluate_cmd(
         metrics = federation.evaluate(
             g, data, state_dir=state, client_id=client_id, base_override=base_model,
             progress=lambda done, total: progress(done, total), settings=settings, split=split,
-            site=site_settings(device=device, dtype=dtype, quantization=quantization),
+            site=site_settings(device=device, dtype=dtype, quantization=quantization), lm_eval=request,
         )
     home = state if state is not None else tracking.coordinator_home(global_checkpoint)
     with tracking.open_run(trackers, home, g.recipe.name, tracking_dir) as tracked:
@@ -321,12 +356,23 @@ def _evaluation_settings(recipe, max_new_tokens: int | None, generate_examples: 
 
 
 def _show_evaluation(metrics: dict, global_checkpoint: Path, state: Path | None) -> None:
-    """evaluate's one-row table (the paths in its title, so the cells stay short) and where it ran."""
-    from fedlora_cli import recipe as recipes
+    """evaluate's one-row table of the recipe's metrics and lm-eval's table (the paths in their titles, so the cells
+    stay short), and where it ran."""
     from fedlora_cli.cli import ui
 
     who = "personalised" if state else "global"
-    title = f"evaluation of {global_checkpoint} (round {metrics['round']})" + (f" with the state {state}" if state else "")
+    of = f"{global_checkpoint} (round {metrics['round']})" + (f" with the state {state}" if state else "")
+    if "examples" in metrics:
+        _show_metrics(metrics, f"evaluation of {of}", who)
+    if "lm_eval" in metrics:
+        _show_harness(metrics["lm_eval"], f"lm-eval {metrics['lm_eval']['version']} scores of the {who} model {of}")
+    ui.out.print(f"ran on: {Site(**metrics['site']).describe()}")
+
+
+def _show_metrics(metrics: dict, title: str, who: str) -> None:
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.cli import ui
+
     if metrics["task"] == recipes.TASK_CAUSAL_LM:
         generated = metrics["generated"]
         rows = [[who, metrics["examples"], ui.fmt(metrics["loss"]), ui.fmt(metrics["perplexity"], 2),
@@ -338,7 +384,37 @@ def _show_evaluation(metrics: dict, global_checkpoint: Path, state: Path | None)
                  ui.fmt(metrics["loss"])]]
         columns = ["model", "examples", "accuracy", "macro-F1", "loss"]
     ui.out.print(ui.table(title, columns, rows))
-    ui.out.print(f"ran on: {Site(**metrics['site']).describe()}")
+
+
+def _show_harness(scores: dict, title: str) -> None:
+    """One row per task (or group) and metric, as lm-eval's own table: value, standard error, documents scored."""
+    from fedlora_cli.cli import ui
+
+    rows = []
+    for kind, entries in (("", scores["tasks"]), (" (group)", scores["groups"])):
+        for name, entry in entries.items():
+            for metric, value in entry["metrics"].items():
+                err = entry["stderr"].get(metric)
+                rows.append([name + kind, entry["n_shot"], metric, ui.fmt(value),
+                             "-" if err is None else ui.fmt(err), entry["samples"] if entry["samples"] is not None else "-"])
+    if scores["limit"] is not None:
+        title += f"; first {scores['limit']} documents of each task only"
+    ui.out.print(ui.table(title, ["task", "shots", "metric", "value", "stderr", "documents"], rows))
+
+
+def _harness_request(tasks, include, limit, fewshot):
+    """evaluate's --lm-eval options as one request, or None without --lm-eval (then none of the others may be given)."""
+    from fedlora_cli.model import harness
+
+    if not tasks:
+        given = [flag for flag, value in (("--lm-eval-include", include), ("--lm-eval-limit", limit),
+                                          ("--lm-eval-fewshot", fewshot)) if value not in (None, [])]
+        if given:
+            raise FedloraError(f"{given[0]} goes with --lm-eval")
+        return None
+    return harness.Request.of(tasks, include or (), limit, fewshot)
+
+
 
 
 # How evaluate's options name the evaluation keys they override, in messages.

@@ -11,6 +11,7 @@ from fedlora_cli import recipe as recipes, storage
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation.client import check_state
 from fedlora_cli.federation.common import Global, bench_for, load_client_model
+from fedlora_cli.model import harness
 from fedlora_cli.model.workbench import Workbench
 from fedlora_cli.storage.manifests import GlobalManifest
 
@@ -58,28 +59,40 @@ def evaluate(
     settings: recipes.EvaluationSection | None = None,
     site: Mapping[str, Any] | None = None,
     split: str | None = None,
+    lm_eval: harness.Request | None = None,
 ) -> dict[str, Any]:
     """The task's metrics (:mod:`fedlora_cli.model.evaluation`) of the global model, or of one client's personalised
-    model. ``settings`` replaces the recipe's evaluation section (e.g. another ``max_new_tokens``).
+    model, on ``test`` data; and with ``lm_eval``, lm-evaluation-harness's scores of the same model on its tasks
+    (:mod:`fedlora_cli.model.harness`, under the key ``lm_eval``). ``settings`` replaces the recipe's evaluation
+    section (e.g. another ``max_new_tokens``).
 
     ``test`` is a partition folder (its test split), a shard, or the site's own data as :func:`train_client` takes
-    it; it is read before the model is loaded, so bad data fails at once.
+    it. It is read, and the lm-eval tasks loaded with their data, before the model is loaded, so bad data or a bad
+    task name fails at once. The model is loaded once for both.
     """
     from fedlora_cli.data.examples import read_examples
     from fedlora_cli.model import evaluation
 
     g = Global.of(global_checkpoint)
-    if examples is None:
-        if test is None:
-            raise FedloraError("no test data given")
+    if examples is None and test is not None:
         examples = read_examples(test_path(test), g.recipe.data, g.recipe.model.task, g.manifest.num_labels,
                                  g.label_names, split)
+    if examples is None and lm_eval is None:
+        raise FedloraError("no test data given, and no lm-eval task")
+    tasks = None
+    if lm_eval is not None:
+        harness.check_task(g.recipe.model.task)
+        tasks = harness.load(lm_eval)
     bench, manifest = load_for_evaluation(g, state_dir, client_id, base_override, bench, site)
     if settings is not None:
         bench = bench.for_recipe(dataclasses.replace(bench.recipe, evaluation=settings))
-    metrics = evaluation.evaluate(bench, examples, progress)
-    return {"round": manifest.round, "personalised": state_dir is not None, "task": bench.recipe.model.task, **metrics,
-            "site": bench.site.to_dict()}
+    result: dict[str, Any] = {"round": manifest.round, "personalised": state_dir is not None,
+                              "task": bench.recipe.model.task}
+    if examples is not None:
+        result.update(evaluation.evaluate(bench, examples, progress))
+    if tasks is not None:
+        result["lm_eval"] = harness.run(bench, tasks)
+    return {**result, "site": bench.site.to_dict()}
 
 
 def test_path(source: Path | str) -> Path | str:

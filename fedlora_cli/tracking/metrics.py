@@ -87,7 +87,18 @@ def evaluation_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     (``global_accuracy`` is exact match for a causal LM, as in simulate's rows)."""
     who = "personalised" if metrics.get("personalised") else "global"
     accuracy = metrics["accuracy"] if "accuracy" in metrics else metrics.get("exact_match")
-    return _present({
+    logged = {
         f"round/{who}_accuracy": accuracy, f"round/{who}_loss": metrics.get("loss"),
         f"round/{who}_macro_f1": metrics.get("macro_f1"), f"round/{who}_perplexity": metrics.get("perplexity"),
-    })
+    }
+    return _present({**logged, **harness_metrics(metrics.get("lm_eval"), who)})
+
+
+def harness_metrics(scores: Mapping[str, Any] | None, who: str) -> dict[str, Any]:
+    """evaluate --lm-eval: each task's (and group's) metrics as ``round/<who>_lm_eval/<task>/<metric>``, the path of
+    the score in --json (``lm_eval.tasks.<task>.metrics.<metric>``); standard errors are not logged."""
+    if not scores:
+        return {}
+    entries = {**scores["tasks"], **scores["groups"]}
+    return {f"round/{who}_lm_eval/{name}/{metric}": value
+            for name, entry in entries.items() for metric, value in entry["metrics"].items()}

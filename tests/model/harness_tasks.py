@@ -1,0 +1,109 @@
+"""Tiny lm-eval tasks with local data, written into a folder, and the scores they must give computed by hand with one
+plain forward pass per text (what tests/model/test_harness.py, tests/cli/test_lm_eval.py and the SmolLM2 integration
+test share)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Multiple choice: a question, three choices and the correct one's index. The tiny Llama is random and picks
+# nearly at random, so accuracy says little here; the Brier score (of the softmax over the choices' log-likelihoods)
+# checks every choice's log-likelihood.
+QUESTIONS = [
+    ("Sam has 3 apples and the rule is add 4. How many apples?", ["12", "7", "1"], 1),
+    ("Sam has 10 apples and the rule is sub 2. How many apples?", ["8", "12", "20"], 0),
+    ("Sam has 6 apples and the rule is mul 3. How many apples?", ["9", "18", "3"], 1),
+    ("Sam has 25 apples and the rule is add 30. How many apples?", ["45", "5", "55"], 2),
+    ("Sam has 9 apples and the rule is sub 9. How many apples?", ["0", "18", "81"], 0),
+    ("Sam has 4 apples and the rule is mul 12. How many apples?", ["16", "48", "8"], 1),
+    ("Sam has 7 apples and the rule is add 7. How many apples?", ["49", "0", "14"], 2),
+    ("Sam has 30 apples and the rule is sub 12. How many apples?", ["18", "42", "2"], 0),
+]
+TEXTS = ["Sam has 12 apples and the rule is add 5.", "12 * 2 = 24\n#### 24", "How many apples?"]
+
+MC_TASK = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+  - metric: brier_score
+"""
+
+TEXT_TASK = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+"""
+
+
+def write_tasks(folder: Path, questions=None, texts=None) -> Path:
+    """A folder of two lm-eval tasks over JSONL files beside them: tiny_mc (multiple choice over ``questions``,
+    default QUESTIONS) and tiny_text (the log-likelihood of each of ``texts``, default TEXTS)."""
+    questions, texts = questions or QUESTIONS, texts or TEXTS
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "mc.jsonl", "w") as f:
+        for q, choices, gold in questions:
+            f.write(json.dumps({"question": q, "choices": choices, "label": gold}) + "\n")
+    with open(folder / "text.jsonl", "w") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    (folder / "tiny_mc.yaml").write_text(MC_TASK.format(name="tiny_mc", data=folder / "mc.jsonl"))
+    (folder / "tiny_text.yaml").write_text(TEXT_TASK.format(name="tiny_text", data=folder / "text.jsonl"))
+    return folder
+
+
+def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context), encoded as lm-eval encodes a pair (the whole, split after the context's
+    tokens), scored with one forward pass."""
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([whole])).logits.float().log_softmax(-1)[0]
+    return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+
+
+def hand_scores(model, tokenizer, questions=None) -> dict[str, float]:
+    """acc, acc_norm (log-likelihood per character of the choice) and the Brier score over ``questions`` (QUESTIONS)."""
+    hits, hits_norm, brier = [], [], []
+    for q, choices, gold in questions or QUESTIONS:
+        lls = np.array([loglikelihood(model, tokenizer, f"Question: {q}\nAnswer:", " " + c) for c in choices])
+        hits.append(int(np.argmax(lls)) == gold)
+        hits_norm.append(int(np.argmax(lls / np.array([len(c) for c in choices]))) == gold)
+        probabilities = np.exp(lls - lls.max()) / np.exp(lls - lls.max()).sum()
+        brier.append(float(np.sum((probabilities - np.eye(len(choices))[gold]) ** 2)))
+    return {"acc": float(np.mean(hits)), "acc_norm": float(np.mean(hits_norm)), "brier_score": float(np.mean(brier))}
+
+
+def hand_bits_per_byte(model, tokenizer, texts=None) -> float:
+    """Every token of every text (``texts``, default TEXTS) scored after the BOS token (EOS without one), as lm-eval
+    scores a text whole: the sum in nats, over the texts' UTF-8 bytes, in bits."""
+    texts = texts or TEXTS
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    total = 0.0
+    for text in texts:
+        ids = [prefix, *tokenizer.encode(text)]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+        total += sum(float(logp[i - 1, ids[i]]) for i in range(1, len(ids)))
+    return -total / sum(len(t.encode()) for t in texts) / math.log(2)
