@@ -114,6 +114,10 @@ def aggregate_round(
     """
     g = Global.of(global_checkpoint)
     out = Path(out)
+    if g.recipe.federation.secure_aggregation is not None:
+        raise FedloraError("the federation's recipe sets federation.secure_aggregation: its rounds are summed by "
+                           "SecAgg+ on Flower (simulate emulates it), never from client updates in the clear; "
+                           "nothing written")
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
     if not update_dirs:

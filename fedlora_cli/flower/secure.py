@@ -131,23 +131,12 @@ def secure_round(grid: Grid, g: Global, node_of: Mapping[str, int], records: Map
     r, recipe = g.manifest.round + 1, g.recipe
     s = recipe.federation.secure_aggregation
     arith = secure.Arithmetic.of(recipe)
-    capture = _Capture(sorted(node_of.values()), grid)
-    workflow = _Workflow(records, num_shares=s.num_shares, reconstruction_threshold=s.reconstruction_threshold,
-                         max_weight=arith.max_weight, clipping_range=arith.clipping_range,
-                         quantization_range=arith.quantization_range, modulus_range=secure.MODULUS_RANGE,
-                         timeout=timeout)
-    state = RecordDict()
-    state[MAIN_CONFIGS_RECORD] = _config(r)
-    from flwr.app import ArrayRecord
-
-    state[MAIN_PARAMS_RECORD] = ArrayRecord()
-    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
-                            strategy=capture, client_manager=SimpleClientManager())
-    workflow(grid, context)
+    capture, halted = run_secagg(grid, r, sorted(node_of.values()), records, arith, s.num_shares,
+                                 s.reconstruction_threshold, timeout)
     for failure in capture.failures:
         say(WARNING, f"round {r}: a site dropped out of secure aggregation ({failure})")
-    if workflow.halted is not None or capture.result is None:
-        where = f"at its '{workflow.halted}' stage" if workflow.halted else "with no vector summed"
+    if halted is not None or capture.result is None:
+        where = f"at its '{halted}' stage" if halted else "with no vector summed"
         raise FedloraError(
             f"round {r}: secure aggregation halted {where}: fewer than reconstruction_threshold = "
             f"{s.reconstruction_threshold} sites took part or answered; nothing written")
@@ -157,6 +146,26 @@ def secure_round(grid: Grid, g: Global, node_of: Mapping[str, int], records: Map
     say(INFO, f"round {r}: SecAgg+ unmasked the weighted sum of {len(weights)} site(s): {', '.join(sorted(weights))}")
     names = sorted(n for n in g.header if g.plan.sends(n))
     return secure.SecureSum.of(names, arrays, weights, arith)
+
+
+def run_secagg(grid: Grid, round_: int, nodes: list[int], records: Mapping[str, Any], arith: secure.Arithmetic,
+               num_shares: int, threshold: int, timeout: float | None) -> tuple[_Capture, str | None]:
+    """Flower's SecAgg+ workflow over ``nodes`` for one round, with ``records`` added to each training message;
+    what the legacy strategy captured, and the stage the protocol halted at (None: it completed)."""
+    from flwr.app import ArrayRecord
+
+    capture = _Capture(nodes, grid)
+    workflow = _Workflow(records, num_shares=num_shares, reconstruction_threshold=threshold,
+                         max_weight=arith.max_weight, clipping_range=arith.clipping_range,
+                         quantization_range=arith.quantization_range, modulus_range=secure.MODULUS_RANGE,
+                         timeout=timeout)
+    state = RecordDict()
+    state[MAIN_CONFIGS_RECORD] = _config(round_)
+    state[MAIN_PARAMS_RECORD] = ArrayRecord()
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
+                            strategy=capture, client_manager=SimpleClientManager())
+    workflow(grid, context)
+    return capture, workflow.halted
 
 
 def _config(round_: int) -> Any:

@@ -165,3 +165,10 @@ def test_the_coordinator_refuses_a_sum_beyond_what_the_sites_could_send(tmp_path
     with pytest.raises(Exception, match=r"client 'client-0' took part with weight 7, outside 1..1"):
         aggregate_secure(g, bad_weight, tmp_path / "round-001")
     assert not (tmp_path / "round-001").exists()
+
+
+def test_aggregate_refuses_to_sum_a_secure_federations_updates_in_the_clear(tmp_path, tiny_model_dir, reviews_csv):
+    g = dp_global(tmp_path, tiny_model_dir, reviews_csv)
+    fails(["aggregate", g.path, g.path, "--out", tmp_path / "round-001"], "sets federation.secure_aggregation",
+          "never from client updates in the clear")
+    assert not (tmp_path / "round-001").exists()
