@@ -172,3 +172,38 @@ def test_aggregate_refuses_to_sum_a_secure_federations_updates_in_the_clear(tmp_
     fails(["aggregate", g.path, g.path, "--out", tmp_path / "round-001"], "sets federation.secure_aggregation",
           "never from client updates in the clear")
     assert not (tmp_path / "round-001").exists()
+
+
+def test_each_site_clips_its_difference_to_the_norm_bound_before_the_sum(tmp_path, tiny_model_dir, reviews_csv,
+                                                                         monkeypatch):
+    # Prepare: a bound far below what 3 steps of AdamW move B (and the head) by
+    bound = 1e-3
+    recipe = recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv, norm_bound=bound, rounds=1))
+    norms = []
+    real = secure.site_vector
+
+    def spy(g, update, client_id):
+        v = real(g, update, client_id)
+        raw = storage.load_verified(update.tensors_path, update.manifest.tensor_digests, "u", framework="numpy")
+        ref = g.verified_arrays
+        norms.append((math.sqrt(sum(float(np.sum((raw[n].astype(np.float64) - ref[n]) ** 2)) for n in raw)),
+                      math.sqrt(sum(float(np.sum(a * a)) for a in v.arrays)), v.clipped))
+        return v
+
+    monkeypatch.setattr(secure, "site_vector", spy)
+    # Execute
+    simulate.simulate(recipe, tmp_path / "run", _Quiet())
+    # Assert: every site moved further than the bound, sent exactly the bound, and the mean stays within it
+    assert len(norms) == 3 and all(raw > 10 * bound and sent == pytest.approx(bound) and clipped
+                                   for raw, sent, clipped in norms)
+    layout = simulate.RunLayout(tmp_path / "run")
+    g0, g1 = storage.read_global(layout.global_checkpoint(0)), storage.read_global(layout.global_checkpoint(1))
+    t0 = storage.load_verified(g0.path / storage.ADAPTER_WEIGHTS, g0.manifest.tensor_digests, "g0", framework="numpy")
+    t1 = storage.load_verified(g1.path / storage.ADAPTER_WEIGHTS, g1.manifest.tensor_digests, "g1", framework="numpy")
+    moved = math.sqrt(sum(float(np.sum((t1[n].astype(np.float64) - t0[n]) ** 2)) for n in t0))
+    assert 0 < moved <= bound * (1 + 1e-3)
+
+
+class _Quiet:
+    stage = warn = round_done = done_training = staticmethod(lambda *a: None)
+    training = staticmethod(lambda *a: None)
