@@ -269,6 +269,10 @@ _LmEvalLimitOpt = Annotated[
     Optional[int], typer.Option("--lm-eval-limit", help="Score the first N documents of each task only (a quick look, "
                                 "not a score to report).")
 ]
+_LmEvalChatOpt = Annotated[
+    bool, typer.Option("--lm-eval-chat-template", help="Prompts through the tokenizer's chat template (few-shot examples "
+                       "as earlier turns), as lm-eval's --apply_chat_template; for instruct models.")
+]
 _LmEvalFewshotOpt = Annotated[
     Optional[int], typer.Option("--lm-eval-fewshot", help="Few-shot examples per prompt; default: each task's own (0 "
                                 "where it sets none).")
@@ -297,6 +301,7 @@ def evaluate_cmd(
     lm_eval_include: _LmEvalIncludeOpt = None,
     lm_eval_limit: _LmEvalLimitOpt = None,
     lm_eval_fewshot: _LmEvalFewshotOpt = None,
+    lm_eval_chat_template: _LmEvalChatOpt = False,
     split: SplitOpt = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,
@@ -321,7 +326,7 @@ def evaluate_cmd(
     from fedlora_cli import federation, tracking
     from fedlora_cli.cli import ui
 
-    request = _harness_request(lm_eval, lm_eval_include, lm_eval_limit, lm_eval_fewshot)
+    request = _harness_request(lm_eval, lm_eval_include, lm_eval_limit, lm_eval_fewshot, lm_eval_chat_template)
     if data is None and request is None:
         raise FedloraError("nothing to evaluate on: give --data (test data), --lm-eval (lm-eval tasks) or both")
     g = federation.Global.of(global_checkpoint)
@@ -395,24 +400,28 @@ def _show_harness(scores: dict, title: str) -> None:
         for name, entry in entries.items():
             for metric, value in entry["metrics"].items():
                 err = entry["stderr"].get(metric)
-                rows.append([name + kind, entry["n_shot"], metric, ui.fmt(value),
-                             "-" if err is None else ui.fmt(err), entry["samples"] if entry["samples"] is not None else "-"])
+                documents = entry["samples"] if entry["samples"] is not None else "-"
+                rows.append([name + kind, entry["n_shot"], metric, ui.fmt(value), "-" if err is None else ui.fmt(err),
+                             documents])
     if scores["limit"] is not None:
         title += f"; first {scores['limit']} documents of each task only"
+    if scores["chat_template"]:
+        title += "; prompts through the chat template"
     ui.out.print(ui.table(title, ["task", "shots", "metric", "value", "stderr", "documents"], rows))
 
 
-def _harness_request(tasks, include, limit, fewshot):
+def _harness_request(tasks, include, limit, fewshot, chat_template: bool):
     """evaluate's --lm-eval options as one request, or None without --lm-eval (then none of the others may be given)."""
     from fedlora_cli.model import harness
 
     if not tasks:
-        given = [flag for flag, value in (("--lm-eval-include", include), ("--lm-eval-limit", limit),
-                                          ("--lm-eval-fewshot", fewshot)) if value not in (None, [])]
+        options = (("--lm-eval-include", include), ("--lm-eval-limit", limit), ("--lm-eval-fewshot", fewshot),
+                   ("--lm-eval-chat-template", chat_template or None))
+        given = [flag for flag, value in options if value not in (None, [])]
         if given:
             raise FedloraError(f"{given[0]} goes with --lm-eval")
         return None
-    return harness.Request.of(tasks, include or (), limit, fewshot)
+    return harness.Request.of(tasks, include or (), limit, fewshot, chat_template)
 
 
 

@@ -9,8 +9,10 @@ so that they run offline. Tasks are loaded, and their data read, before any mode
 The run is lm-eval's own: :class:`lm_eval.models.huggingface.HFLM` around the already-built model and tokenizer,
 and :func:`lm_eval.evaluator.evaluate` with the settings ``simple_evaluate`` (lm-eval's CLI) uses by default: the
 tasks' own few-shot counts (0 where a task sets none), the few-shot seed 1234, the random seeds 0 / 1234 / 1234
-(python / numpy / torch, set for the run and restored after it) and 100,000 bootstrap iterations for the standard
-errors of metrics that need them; so the scores are those ``lm_eval --model hf`` prints for the same model.
+(python / numpy / torch, set before the tasks are loaded, as lm-eval's CLI sets them; the process's own generators
+are restored after each step), 100,000 bootstrap iterations for the standard errors of metrics that need them, and
+few-shot examples as earlier turns when the chat template is asked for; so the scores are those
+``lm_eval --model hf`` prints for the same model (checked on SmolLM2 with ``peft=`` a global checkpoint).
 fedlora calls ``evaluate`` rather than ``simple_evaluate``, which also records the git commit of the working
 directory (a ``git`` subprocess that prints "fatal: not a git repository" outside one) and the machine's
 environment, neither of which belongs in fedlora's result.
@@ -41,17 +43,20 @@ BOOTSTRAP_ITERS = 100_000
 class Request:
     """What to run: ``tasks`` (names, globs or YAML files; comma-separated lists are split), ``include`` (folders of
     task YAML files indexed beside lm-eval's own), ``limit`` (the first N documents of each task, lm-eval's
-    ``--limit``: for a quick look, not for a score to report) and ``num_fewshot`` (overrides the tasks' own, except
-    where a task fixes 0)."""
+    ``--limit``: for a quick look, not for a score to report), ``num_fewshot`` (overrides the tasks' own, except
+    where a task fixes 0) and ``chat_template`` (lm-eval's ``--apply_chat_template``: each prompt, few-shot
+    examples as earlier turns, through the tokenizer's chat template, as an instruct model was tuned to read it;
+    default off, as in lm-eval)."""
 
     tasks: tuple[str, ...]
     include: tuple[Path, ...] = ()
     limit: int | None = None
     num_fewshot: int | None = None
+    chat_template: bool = False
 
     @classmethod
     def of(cls, tasks: Sequence[str], include: Sequence[Path] = (), limit: int | None = None,
-           num_fewshot: int | None = None) -> Request:
+           num_fewshot: int | None = None, chat_template: bool = False) -> Request:
         names = tuple(dict.fromkeys(t.strip() for spec in tasks for t in spec.split(",") if t.strip()))
         if not names:
             raise FedloraError("--lm-eval names no task")
@@ -62,7 +67,7 @@ class Request:
             raise FedloraError(f"--lm-eval-limit must be at least 1, got {limit}")
         if num_fewshot is not None and num_fewshot < 0:
             raise FedloraError(f"--lm-eval-fewshot must be at least 0, got {num_fewshot}")
-        return cls(names, tuple(Path(f) for f in include), limit, num_fewshot)
+        return cls(names, tuple(Path(f) for f in include), limit, num_fewshot, chat_template)
 
 
 @dataclass
@@ -139,7 +144,8 @@ def _expand(manager: Any, spec: str) -> list[str]:
     names = _names(manager, spec)
     if names:
         return names
-    where = " or in --lm-eval-include folders" if manager.include_path else " (--lm-eval-include adds folders of task YAML files)"
+    where = (" or in --lm-eval-include folders" if manager.include_path
+             else " (--lm-eval-include adds folders of task YAML files)")
     raise FedloraError(f"lm-eval task '{spec}' not found: no task, group or tag of that name in lm-eval{where}, "
                        "and no such YAML file")
 
@@ -161,6 +167,7 @@ def run(bench: Any, loaded: Loaded) -> dict[str, Any]:
             results = evaluate(
                 lm=lm, task_dict={"tasks": loaded.tasks, "groups": loaded.groups, "group_map": loaded.group_map},
                 limit=request.limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False,
+                apply_chat_template=request.chat_template, fewshot_as_multiturn=True,
             )
         except ValueError as exc:  # lm-eval's refusals: a task marked unsafe (code execution), a multimodal task
             raise FedloraError(f"lm-eval: {first_line(exc)}") from None
@@ -188,7 +195,8 @@ def summary(results: dict[str, Any], request: Request) -> dict[str, Any]:
         metrics: dict[str, float] = {}
         stderr: dict[str, float | None] = {}
         for key, value in row.items():
-            if "," not in key or "_stderr," in key:
+            # Scores are "metric,filter" keys; "alias", "sample_len" and the like are not, nor are their stderrs.
+            if "," not in key or "_stderr," in key or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             metric, filter_ = key.split(",", 1)
             label = metric if filter_ == "none" else f"{metric}/{filter_}"
@@ -201,6 +209,7 @@ def summary(results: dict[str, Any], request: Request) -> dict[str, Any]:
     groups = results.get("groups", {})
     return {
         "version": version("lm_eval"), "limit": request.limit, "num_fewshot": request.num_fewshot,
+        "chat_template": request.chat_template,
         "tasks": {name: scores(name, row) for name, row in results["results"].items() if name not in groups},
         "groups": {name: scores(name, row) for name, row in groups.items()},
     }

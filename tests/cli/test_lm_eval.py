@@ -26,8 +26,8 @@ def test_evaluate_prints_lm_eval_scores_in_json_and_in_a_table(fedsa_recipe, cac
     layout = cached_federation(fedsa_recipe)
     tasks = write_tasks(tmp_path / "tasks")
     g = layout.global_checkpoint(1)
-    printed = json.loads(ok(["evaluate", g, "--lm-eval", "tiny_mc", "--lm-eval", "tiny_text", "--lm-eval-include", tasks,
-                             "--json"]))
+    printed = json.loads(ok(["evaluate", g, "--lm-eval", "tiny_mc", "--lm-eval", "tiny_text",
+                             "--lm-eval-include", tasks, "--json"]))
     expected = federation.evaluate(g, lm_eval=harness.Request.of(["tiny_mc", "tiny_text"], [tasks]))
     assert printed == json.loads(json.dumps(expected))
     assert set(printed) == {"round", "personalised", "task", "lm_eval", "site"}  # no --data, no recipe metrics
@@ -35,7 +35,8 @@ def test_evaluate_prints_lm_eval_scores_in_json_and_in_a_table(fedsa_recipe, cac
     table = ok(["evaluate", g, "--data", layout.data, "--lm-eval", "tiny_mc", "--lm-eval-include", tasks])
     acc = printed["lm_eval"]["tasks"]["tiny_mc"]["metrics"]["acc_norm"]
     assert "perplexity" in table  # the recipe's metrics on --data ...
-    assert "lm-eval 0.4.13 scores of the global model" in table and "acc_norm" in table and f"{acc:.4f}" in table  # ... and lm-eval's
+    # ... and lm-eval's
+    assert "lm-eval 0.4.13 scores of the global model" in table and "acc_norm" in table and f"{acc:.4f}" in table
     assert "ran on:" in table
 
 
@@ -58,6 +59,7 @@ def test_lm_eval_mistakes_are_one_error_line(fedsa_recipe, make_recipe, cached_f
     tasks = write_tasks(tmp_path / "tasks")
     fails(["evaluate", g], "nothing to evaluate on: give --data (test data), --lm-eval (lm-eval tasks) or both")
     fails(["evaluate", g, "--data", "x.csv", "--lm-eval-limit", "3"], "--lm-eval-limit goes with --lm-eval")
+    fails(["evaluate", g, "--data", "x.csv", "--lm-eval-chat-template"], "--lm-eval-chat-template goes with --lm-eval")
     fails(["evaluate", g, "--lm-eval", "tiny_mc", "--lm-eval-include", tmp_path / "nowhere"],
           "--lm-eval-include: no folder")
     fails(["evaluate", g, "--lm-eval", "tiny_mc", "--lm-eval-include", tasks, "--lm-eval-limit", "0"],

@@ -75,19 +75,29 @@ def write_tasks(folder: Path, questions=None, texts=None) -> Path:
 
 
 def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
-    """log p(continuation | context), encoded as lm-eval encodes a pair (the whole, split after the context's
-    tokens), scored with one forward pass."""
+    """log p(continuation | context), encoded as lm-eval encodes a pair (the context's trailing whitespace moved to
+    the continuation; the whole, split after the context's tokens), scored with one forward pass."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
     with torch.no_grad():
         logp = model(input_ids=torch.tensor([whole])).logits.float().log_softmax(-1)[0]
     return sum(float(logp[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
 
 
-def hand_scores(model, tokenizer, questions=None) -> dict[str, float]:
-    """acc, acc_norm (log-likelihood per character of the choice) and the Brier score over ``questions`` (QUESTIONS)."""
+def hand_scores(model, tokenizer, questions=None, chat: bool = False) -> dict[str, float]:
+    """acc, acc_norm (log-likelihood per character of the choice) and the Brier score over ``questions`` (QUESTIONS).
+    With ``chat``, the prompt is a user turn through the tokenizer's chat template, followed by the assistant turn's
+    header, and each choice follows it with no space (lm-eval's --apply_chat_template)."""
     hits, hits_norm, brier = [], [], []
     for q, choices, gold in questions or QUESTIONS:
-        lls = np.array([loglikelihood(model, tokenizer, f"Question: {q}\nAnswer:", " " + c) for c in choices])
+        prompt, delimiter = f"Question: {q}\nAnswer:", " "
+        if chat:
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True)
+            delimiter = ""
+        lls = np.array([loglikelihood(model, tokenizer, prompt, delimiter + c) for c in choices])
         hits.append(int(np.argmax(lls)) == gold)
         hits_norm.append(int(np.argmax(lls / np.array([len(c) for c in choices]))) == gold)
         probabilities = np.exp(lls - lls.max()) / np.exp(lls - lls.max()).sum()
