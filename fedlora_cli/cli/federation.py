@@ -315,7 +315,7 @@ def evaluate_cmd(
 
     With --data, the recipe's metrics. sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and
     perplexity per response token, and with an answer extractor, exact match of greedy generations. With --lm-eval
-    (causal-lm, 'pip install fedlora[lmeval]'), lm-evaluation-harness's scores on its tasks, as lm-eval's own
+    (causal-lm, 'pip install fedlora\\[lmeval]'), lm-evaluation-harness's scores on its tasks, as lm-eval's own
     CLI computes them; both at once load the model once. --report-to logs them at the checkpoint's round, under
     simulate's names (round/global_accuracy, round/global_lm_eval/TASK/METRIC, ...): in the global checkpoints'
     run, or with --state in the client's.
