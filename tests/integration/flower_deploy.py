@@ -137,16 +137,17 @@ class Deployment:
         return self.start(name, "flower-supernode", *(security or INSECURE), "--superlink", f"127.0.0.1:{self.link}",
                           "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config, home=home)
 
-    def workers(self, sites: dict[str, tuple[str, Path]]) -> dict[str, subprocess.Popen]:
+    def workers(self, sites: dict[str, tuple[str, Path]], seconds: float = 120) -> dict[str, subprocess.Popen]:
         """A resident worker (``fedlora flower worker``) for each site, name -> (node config, state folder), started
-        together; returns them, by name, once each listens on its socket."""
+        together; returns them, by name, once each listens on its socket (each given ``seconds`` to)."""
         from fedlora_cli.flower.channel import socket_path
 
         started = {name: self.start(f"{name}-worker", "fedlora", "flower", "worker", "--node-config", config)
                    for name, (config, _) in sites.items()}
         for name, (_, state_dir) in sites.items():
             p, sock = started[name], socket_path(state_dir)
-            wait_until(lambda: sock.exists() or p.poll() is not None, 120, f"{name}'s worker never listened at {sock}")
+            wait_until(lambda: sock.exists() or p.poll() is not None, seconds,
+                       f"{name}'s worker never listened at {sock}")
             assert p.poll() is None, (self.logs / f"{name}-worker.log").read_text()[-2000:]
         return started
 

@@ -87,7 +87,8 @@ def test_the_superlink_killed_mid_round_resumes_on_its_database_and_no_ledger_co
     first = submit(deployment, app)
     layout = RunLayout(run)
     # Mid-round: round 1 done, and a site has trained round 2 (its state says so), its update not yet aggregated.
-    wait_until(lambda: any(2 in storage.state_rounds(s) for s in states.values()), 300, "no site trained round 2")
+    wait_until(lambda: any(2 in storage.state_rounds(s) for s in states.values()), 300, "no site trained round 2",
+               every=0.1)
     send(deployment.seen[link.pid], signal.SIGKILL)
     link.wait(timeout=10)
     assert not layout.global_checkpoint(2).exists(), "killed too late: round 2 was aggregated already"

@@ -1,0 +1,315 @@
+"""Load held across real processes: a Flower deployment on this machine (127.0.0.1) with many SuperNodes, each with
+its resident worker, a seeded half of the sites asked each round, and one asked site killed each round while its
+update is in flight.
+
+    python benchmarks/federation_load.py [--sites 20] [--rounds 3] [--steps 2] [--json FILE]
+
+The model is a tiny BERT built from a config (2 layers, 32 wide) on synthetic reviews, split iid: the load is the
+processes and messages, not the model. Every process is started and ended by PID through the integration tests'
+deployment (tests/integration/flower_deploy.py): a SuperLink, then a worker (``fedlora flower worker``) and a
+SuperNode per site; the run is ``flwr run`` of ``fedlora flower app``'s folder, its rounds those of the ServerApp.
+
+The kill: in each round, the first asked site still alive is SIGKILLed (its SuperNode, the ClientApp working on the
+message, and its worker: the site's host gone) as soon as it has received the round's global checkpoint, so its
+update is in flight; it stays dead, and a later round that asks it goes on without it. Measured, while the run goes:
+each round's seconds (between the global checkpoints' writes), and the peak resident memory of the coordinator (the
+``flwr-serverapp`` process) and of the SuperLink in each round, from RSS sampled every 0.2 s.
+
+Checked (``nothing lost``): the run completes with every round; each round's global aggregates exactly the asked
+sites that were alive (the killed ones and only they are left out); every update in the run folder is in its global.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SAMPLE_SECONDS = 0.2
+
+
+def tiny_federation(folder: Path, sites: int, rounds: int, steps: int) -> tuple[Path, Path]:
+    """A tiny BERT, synthetic reviews partitioned iid over ``sites`` clients, and the recipe (half the sites asked a
+    round); the recipe file and the partition folder."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    import yaml
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.data import partition
+
+    good, bad = ["good", "great", "fine", "lovely"], ["bad", "awful", "dull", "boring"]
+    filler = ["the", "movie", "film", "plot", "was", "a", "and", "story"]
+    model = folder / "tiny-bert"
+    model.mkdir(parents=True)
+    (model / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *good, *bad, *filler]))
+    BertTokenizerFast(vocab_file=str(model / "vocab.txt")).save_pretrained(model)
+    torch.manual_seed(1234)
+    BertForSequenceClassification(BertConfig(vocab_size=21, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, max_position_embeddings=64)).save_pretrained(model)
+    rng = np.random.default_rng(7)
+    rows = []
+    for _ in range(40 * sites):
+        label = int(rng.integers(2))
+        rows.append({"text": " ".join([*rng.choice(filler, size=4), *rng.choice(good if label else bad, size=2)]),
+                     "sentiment": "pos" if label else "neg"})
+    pd.DataFrame(rows).to_csv(folder / "reviews.csv", index=False)
+    raw = {
+        "name": f"load-{sites}", "model": {"base": str(model)},
+        "data": {"source": str(folder / "reviews.csv"), "text_column": "text", "label_column": "sentiment",
+                 "labels": ["neg", "pos"], "strategy": "iid", "test_fraction": 0.2, "seed": 0, "max_length": 16},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
+        "federation": {"method": "fedavg", "rounds": rounds, "clients": sites, "clients_per_round": sites // 2},
+        "training": {"optimizer": "adamw", "lr": 0.01, "local_steps": steps, "batch_size": 8, "seed": 0},
+    }
+    recipe_file = folder / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw))
+    partition.partition(recipes.load(recipe_file).data, sites, folder / "data")
+    return recipe_file, folder / "data"
+
+
+@dataclass
+class Watch:
+    """What the watcher thread sees while the run goes: round boundaries, peak RSS per round, the kills."""
+
+    run: Path
+    sites: dict[str, Path]  # client id -> state folder
+    asked: dict[int, list[str]]  # round -> the clients it asks
+    kill: object  # callable(client id): SIGKILL the site's processes
+    round_started: dict[int, float] = field(default_factory=dict)
+    coordinator_peak: dict[int, int] = field(default_factory=dict)  # round -> bytes
+    superlink_peak: dict[int, int] = field(default_factory=dict)
+    killed: dict[int, str] = field(default_factory=dict)  # round -> client id
+    killed_with_update_written: dict[int, bool] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def current_round(self) -> int:
+        """The round being trained: one past the newest global checkpoint."""
+        from fedlora_cli.storage.run_layout import RunLayout
+
+        return len(RunLayout(self.run).global_checkpoints())
+
+    def loop(self, coordinator_of, superlink) -> None:
+        while not self.stop.wait(SAMPLE_SECONDS):
+            r = self.current_round()
+            self.round_started.setdefault(r, time.monotonic())
+            for peaks, proc in ((self.coordinator_peak, coordinator_of()), (self.superlink_peak, superlink)):
+                rss = _rss(proc)
+                if rss:
+                    peaks[r] = max(peaks.get(r, 0), rss)
+            if r >= 1 and r in self.asked and r not in self.killed:
+                self.maybe_kill(r)
+
+    def maybe_kill(self, r: int) -> None:
+        """Kill the first asked site still alive once it holds the round's global (its update is then in flight)."""
+        from fedlora_cli.storage.checkpoints import round_dirname
+
+        dead = set(self.killed.values())
+        alive = [c for c in self.asked[r] if c not in dead]
+        if not alive:
+            return
+        victim = alive[0]
+        work = self.sites[victim] / "flower"
+        if (work / "global" / round_dirname(r - 1)).is_dir():
+            self.kill(victim)
+            self.killed[r] = victim
+            self.killed_with_update_written[r] = (work / "updates" / round_dirname(r)).is_dir()
+
+
+def _rss(proc) -> int:
+    import psutil
+
+    try:
+        return proc.memory_info().rss if proc is not None else 0
+    except psutil.Error:
+        return 0
+
+
+def run_load(folder: Path, sites: int, rounds: int, steps: int = 2, round_timeout: float = 300.0,
+             say=lambda text: print(text, file=sys.stderr)) -> dict:
+    """Start the deployment, run the federation with one asked site killed per round, end every process; the
+    measurements and what the run folder holds (see :func:`check`)."""
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.data.partition import shard_name
+    from fedlora_cli.federation import sampling
+    from fedlora_cli.flower.app_folder import node_config, write_app
+    from tests.integration.flower_deploy import Deployment, wait_until
+
+    recipe_file, data = tiny_federation(folder, sites, rounds, steps)
+    recipe = recipes.load(recipe_file)
+    clients = [f"client-{i}" for i in range(sites)]
+    states = {cid: folder / "sites" / cid for cid in clients}
+    run = folder / "run"
+    app = write_app(recipe_file, folder / "app", run, round_timeout=round_timeout).parent
+    (folder / "deployment").mkdir()
+    deployment = Deployment(folder / "deployment")
+    try:
+        started = time.monotonic()
+        link = deployment.superlink()
+        configs = {cid: node_config(cid, str(data / shard_name(cid)), str(states[cid]), worker="required")
+                   for cid in clients}
+        # Many workers import torch at once on a shared machine: minutes, not seconds.
+        workers = deployment.workers({cid: (configs[cid], states[cid]) for cid in clients}, seconds=900)
+        nodes = {cid: deployment.supernode(configs[cid], cid) for cid in clients}
+        # Each look is a `flwr` process (a second of imports): every 3 s, not to slow the start it waits for.
+        wait_until(lambda: online(deployment) == sites, 600, f"{sites} SuperNodes were not online", every=3)
+        startup = time.monotonic() - started
+        say(f"{sites} sites up (workers and SuperNodes) in {startup:.1f} s")
+
+        def kill(cid: str) -> None:
+            deployment.kill(nodes[cid])
+            send_kill(deployment, workers[cid])
+            say(f"killed {cid}")
+
+        asked = {r: sampling.asked(recipe.federation, recipe.training.seed, r) for r in range(1, rounds + 1)}
+        watch = Watch(run, states, asked, kill)
+        watcher = threading.Thread(target=watch.loop, args=(lambda: coordinator(deployment), deployment.seen[link.pid]),
+                                   daemon=True)
+        watcher.start()
+        ran = time.monotonic()
+        log = deployment.run(app, timeout=rounds * round_timeout + 600)
+        statuses = deployment.statuses()
+        watch.stop.set()
+        watcher.join(timeout=10)
+        total = time.monotonic() - ran
+    finally:
+        deployment.end()
+    ended = deployment.all_ended()
+    result = {"sites": sites, "rounds": rounds, "asked_per_round": recipe.federation.clients_per_round,
+              "local_steps": steps, "startup_seconds": round(startup, 1), "run_seconds": round(total, 1),
+              "statuses": statuses, "all_processes_ended": ended, "killed": watch.killed,
+              "killed_with_update_written": watch.killed_with_update_written}
+    result["rounds_table"] = rounds_of(run, watch, asked)
+    result["lost"] = check(run, watch, asked, rounds)
+    if result["lost"] or statuses != ["finished:completed"]:
+        (folder / "flwr-run.log").write_text(log)
+    return result
+
+
+def online(deployment) -> int:
+    """How many SuperNodes the SuperLink counts online (0 while it cannot say: a slow answer on a loaded machine)."""
+    try:
+        listed = deployment.flwr("supernode", "list", "local", "--format", "json", timeout=120)
+        return sum(node["status"] == "online" for node in json.loads(listed.stdout)["nodes"])
+    except (subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return 0
+
+
+def coordinator(deployment):
+    """The ServerApp process (``flwr-serverapp``) among the deployment's processes, once it runs."""
+    from tests.integration.flower_deploy import running
+
+    for proc in list(deployment.seen.values()):
+        try:
+            if running(proc) and any("flwr-serverapp" in part for part in proc.cmdline()):
+                return proc
+        except Exception:  # gone meanwhile
+            continue
+    return None
+
+
+def send_kill(deployment, p: subprocess.Popen) -> None:
+    from tests.integration.flower_deploy import send
+
+    send(deployment.seen[p.pid], signal.SIGKILL)
+    p.wait(timeout=10)
+
+
+def rounds_of(run: Path, watch: Watch, asked: dict[int, list[str]]) -> list[dict]:
+    """Per round: asked, aggregated, left out, killed, seconds, peak RSS (MB) of the coordinator and SuperLink."""
+    from fedlora_cli import storage
+    from fedlora_cli.storage.run_layout import RunLayout
+
+    layout, rows = RunLayout(run), []
+    for r in sorted(asked):
+        path = layout.global_checkpoint(r)
+        if not path.is_dir():
+            break
+        m = storage.read_global(path).manifest
+        end = watch.round_started.get(r + 1)
+        rows.append({"round": r, "asked": len(asked[r]), "aggregated": len(m.clients),
+                     "left_out": sorted(set(asked[r]) - set(m.clients)), "killed": watch.killed.get(r),
+                     "seconds": None if end is None or r not in watch.round_started
+                     else round(end - watch.round_started[r], 1),
+                     "coordinator_peak_mb": round(watch.coordinator_peak.get(r, 0) / 2**20, 1),
+                     "superlink_peak_mb": round(watch.superlink_peak.get(r, 0) / 2**20, 1)})
+    return rows
+
+
+def check(run: Path, watch: Watch, asked: dict[int, list[str]], rounds: int) -> list[str]:
+    """What was lost: a round missing, a live asked site's update not aggregated, a killed site's aggregated, an
+    update in the run folder that its global leaves out. Empty when nothing was."""
+    from fedlora_cli import storage
+    from fedlora_cli.storage.run_layout import RunLayout
+
+    layout, lost = RunLayout(run), []
+    for r in range(1, rounds + 1):
+        path = layout.global_checkpoint(r)
+        if not path.is_dir():
+            lost.append(f"round {r} has no global checkpoint")
+            continue
+        dead = {cid for k, cid in watch.killed.items() if k <= r}
+        expected = sorted(c for c in asked[r] if c not in dead)
+        got = sorted(storage.read_global(path).manifest.clients)
+        if got != expected:
+            lost.append(f"round {r} aggregated {got}, expected the live asked sites {expected}")
+        folder = layout.update(r, "x").parent
+        stored = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        if stored != got:
+            lost.append(f"round {r}: updates in the run folder {stored}, in the global {got}")
+    if (run / ".staging").exists():
+        lost.append("a staging folder was left")
+    return lost
+
+
+def table(result: dict) -> str:
+    lines = ["| round | asked | aggregated | killed (in flight) | left out | seconds | coordinator peak RSS MB | "
+             "SuperLink peak RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for row in result["rounds_table"]:
+        lines.append(f"| {row['round']} | {row['asked']} | {row['aggregated']} | {row['killed'] or '-'} | "
+                     f"{', '.join(row['left_out']) or '-'} | {row['seconds'] if row['seconds'] is not None else '-'} | "
+                     f"{row['coordinator_peak_mb']} | {row['superlink_peak_mb']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="local steps a round (batch 8)")
+    parser.add_argument("--round-timeout", type=float, default=300.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="load-", dir="/tmp") as tmp:
+        result = run_load(Path(tmp), args.sites, args.rounds, args.steps, args.round_timeout)
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}",
+              "load_average_before": [round(x, 2) for x in load_before], "uptime_after": uptime, **result}
+    print(table(result))
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if result["lost"] or result["statuses"] != ["finished:completed"]:
+        sys.exit(f"lost: {result['lost']}; statuses {result['statuses']}")
+
+
+if __name__ == "__main__":
+    main()
