@@ -64,7 +64,8 @@ def app_cmd(
 @command(flower_app, "node-config")
 def node_config_cmd(
     client_id: Annotated[str, typer.Option("--client-id", help="This site's client id in the federation.")],
-    state_dir: Annotated[Path, typer.Option("--state-dir", help="This site's client state folder (kept at home).")],
+    state_dir: Annotated[Path, typer.Option("--state-dir", help="This site's folder, kept at home: each federation's client state "
+                                          "(STATE-DIR/<recipe name>-<digest>) and the worker's socket.")],
     data: Annotated[Optional[str], typer.Option(help="This site's training data (any source partition reads).")] = None,
     test_data: Annotated[Optional[str], typer.Option(help="This site's test data, for evaluate messages.")] = None,
     base_model: BaseModelOpt = None,

@@ -59,7 +59,18 @@ def label_distribution(manifest: dict[str, Any], png: Path) -> None:
 # The per-round figures of fedlora simulate (its rows), as (row key, legend label).
 _LOSSES = (("train_loss", "train (clients)"), ("global_loss", "test, global"), ("personalised_loss", "test, personalised"))
 _SCORES = (("global_accuracy", "global"), ("personalised_accuracy", "personalised"),
-           ("personalised_accuracy_own_mix", "personalised, own label mix"))
+           ("personalised_accuracy_own_mix", "personalised, own label mix"),
+           ("sites_accuracy", "global, at the sites (their test data)"))
+
+
+def run_curves(rows: list[dict[str, Any]], png: Path, recipe: Any) -> None:
+    """The learning curves of a federation's run folder (RUN/metrics/rounds.png), drawn the same by ``simulate``
+    and by the Flower server app."""
+    from fedlora_cli.recipe import TASK_CAUSAL_LM
+
+    score = "exact match" if recipe.model.task == TASK_CAUSAL_LM else "test accuracy"
+    f = recipe.federation
+    round_curves(rows, png, f"{recipe.name}: {f.method}, {f.clients} clients", score)
 
 
 def round_curves(rows: list[dict[str, Any]], png: Path, title: str, score_name: str = "accuracy") -> None:

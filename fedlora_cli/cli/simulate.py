@@ -44,7 +44,7 @@ def simulate_cmd(
     With --report-to, each round's scores, upload and epsilon, and each client's training loss per step (not
     under DP-SGD: that stays with the client), go to the trackers; a resumed run continues the same tracker run.
     """
-    from fedlora_cli import adapters, recipe as recipes, storage, tracking
+    from fedlora_cli import adapters, storage, tracking
     from fedlora_cli.cli import plots, ui
     from fedlora_cli.federation import simulate as sim
 
@@ -62,8 +62,9 @@ def simulate_cmd(
         reporter = tracking.SimulationTracker(reporter, tracked, private=r.privacy is not None)
         rows = sim.simulate(r, run_dir, reporter, overwrite=overwrite, keep_state_rounds=keep_state_rounds)
     png = plot or storage.RunLayout(run_dir).curves
-    score = "exact match" if r.model.task == recipes.TASK_CAUSAL_LM else "test accuracy"
-    plots.round_curves(rows, png, f"{r.name}: {r.federation.method}, {r.federation.clients} clients", score)
+    plots.run_curves(rows, png, r)
+    with storage.atomic_file(storage.RunLayout(run_dir).rounds) as tmp:
+        storage.write_json(tmp, rows)
     if as_json:
         ui.print_json({"run": str(run_dir), "rounds": rows, "plot": str(png)})
         return

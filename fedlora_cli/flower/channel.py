@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 from fedlora_cli.errors import FedloraError
 
 SOCKET_NAME = "worker.sock"
-PROTOCOL = 1
+PROTOCOL = 2  # 2: train and evaluate requests name the federation's folder
 # A request is a few kB (a manifest with its recipe); an answer a few metrics. Anything larger is not ours.
 MAX_BYTES = 1 << 20
 # AF_UNIX paths are at most 108 bytes with the terminating NUL (Linux).

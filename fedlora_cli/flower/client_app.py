@@ -94,7 +94,7 @@ def _received(site: sites.SiteConfig, msg: Message):
     from fedlora_cli import storage
 
     manifest = sites.manifest_of(transport.text_of(msg.content, GLOBAL, storage.GLOBAL_MANIFEST))
-    folder = site.received(manifest.round)
+    folder = site.received(sites.federation_folder(manifest), manifest.round)
     existing = folder / storage.GLOBAL_MANIFEST
     if not existing.is_file() or sites.manifest_of(existing.read_text()).digest != manifest.digest:
         transport.unpack(msg.content, GLOBAL, folder, overwrite=True)
@@ -116,10 +116,11 @@ def _train(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[st
         done = sites.train(site, g)
         resent, update = done.resent, Path(done.update.path)
     else:
-        answer = relay.ask({"op": "train", "round": g.manifest.round, "digest": g.manifest.digest},
-                           f"training round {r}")
+        federation = sites.federation_folder(g.manifest)
+        answer = relay.ask({"op": "train", "federation": federation, "round": g.manifest.round,
+                            "digest": g.manifest.digest}, f"training round {r}")
         # The worker reads the same node config (it checked), so the update is where this site keeps it.
-        resent, update = bool(answer.get(RESENT_KEY)), site.update(r)
+        resent, update = bool(answer.get(RESENT_KEY)), site.update(federation, r)
     return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id, RESENT_KEY: resent}),
             **transport.pack(update, UPDATE)}
 
@@ -129,7 +130,8 @@ def _evaluate(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict
     if relay is None:
         metrics = sites.evaluate(site, g)
     else:
-        answer = relay.ask({"op": "evaluate", "round": g.manifest.round, "digest": g.manifest.digest},
+        answer = relay.ask({"op": "evaluate", "federation": sites.federation_folder(g.manifest),
+                            "round": g.manifest.round, "digest": g.manifest.digest},
                            f"evaluating round {g.manifest.round}")
         found = answer.get("metrics")
         metrics = {str(k): float(v) for k, v in (found if isinstance(found, dict) else {}).items()}

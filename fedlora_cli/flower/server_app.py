@@ -150,6 +150,18 @@ class Coordinator:
         self.rows.append(row)
         self.trackers.log_round(row["round"], tracking.round_metrics(row, private=self.recipe.privacy is not None))
         self.say(INFO, f"round {row['round']} done\n{rounds_table(self.rows)}")
+        self.keep_rows()
+
+    def keep_rows(self) -> None:
+        """The rounds so far in the run folder, as ``simulate`` leaves them: RUN/metrics/rounds.json (the rows) and
+        RUN/metrics/rounds.png (the learning curves), rewritten as each round ends."""
+        from fedlora_cli import storage
+        from fedlora_cli.cli import plots
+
+        self.layout.rounds.parent.mkdir(parents=True, exist_ok=True)
+        with storage.atomic_file(self.layout.rounds) as tmp:
+            storage.write_json(tmp, self.rows)
+        plots.run_curves(self.rows, self.layout.curves, self.recipe)
 
 
 def federation_labels(recipe: recipes.Recipe, partition: Mapping[str, Any] | None) -> int | None:

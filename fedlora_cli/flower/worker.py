@@ -153,12 +153,13 @@ class Worker:
         """The global checkpoint the relay unpacked into the site's work folder, checked to be the one it says."""
         from fedlora_cli.federation.common import Global
 
-        round_, digest = request.get("round"), request.get("digest")
+        round_, digest, federation = request.get("round"), request.get("digest"), request.get("federation")
         if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0 or not isinstance(digest, str):
             raise FedloraError("a train or evaluate request needs the received global's round and digest")
-        g = Global.of(self.site.received(round_))
-        if g.manifest.digest != digest or g.manifest.round != round_:
-            raise FedloraError(f"the global checkpoint in {self.site.received(round_)} is not the one relayed")
+        folder = self.site.received(sites.check_federation(federation), round_)
+        g = Global.of(folder)
+        if (g.manifest.digest, g.manifest.round, sites.federation_folder(g.manifest)) != (digest, round_, federation):
+            raise FedloraError(f"the global checkpoint in {folder} is not the one relayed")
         return g
 
     def bench(self, recipe: recipes.Recipe, num_labels: int | None, rank: int) -> Workbench:
@@ -167,9 +168,12 @@ class Worker:
     def query(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         manifest = sites.manifest_of(str(request.get("manifest", "")))
         recipe = recipes.from_dict(manifest.recipe)
-        # Built at the rank this client trains, so the first round reuses the model the query loaded.
-        bench = self.bench(recipe, manifest.num_labels, recipe.adapter.rank_for(self.site.client_id))
-        return sites.describe(self.site, manifest, bench), f"said who it is ({recipe.name})"
+        # The base's files are fingerprinted without loading it (a site can be refused for its base, and need not
+        # hold a model it will not train). A base that must be loaded to be identified is built at the rank this
+        # client trains, so its first round reuses it.
+        rank = recipe.adapter.rank_for(self.site.client_id)
+        answer = sites.describe(self.site, manifest, lambda: self.bench(recipe, manifest.num_labels, rank))
+        return answer, f"said who it is ({recipe.name})"
 
     def train(self, request: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
         g = self._received(request)

@@ -8,6 +8,7 @@
       updates/round-001/client-0/     client updates of round 1
       clients/client-0/round-001/     client state (never sent)
       metrics/round-001.json          evaluation of each round
+      metrics/rounds.json, rounds.png the table of rounds (each round's row) and its learning curves
       tracking/                       experiment trackers' files (simulate --report-to; see fedlora_cli.tracking)
 
 One class answers where each thing lives, for simulate, export and the privacy report alike.
@@ -27,6 +28,7 @@ UPDATES_DIR = "updates"
 CLIENTS_DIR = "clients"
 METRICS_DIR = "metrics"
 CURVES_PNG = "rounds.png"
+ROUNDS_JSON = "rounds.json"
 # Experiment trackers' files: in a run folder, and in a client's state folder for train-client's own tracking.
 TRACKING_DIR = "tracking"
 
@@ -87,5 +89,12 @@ class RunLayout:
 
     @property
     def curves(self) -> Path:
-        """The learning curves fedlora simulate draws after every run (PNG)."""
+        """The learning curves fedlora simulate draws after every run, and the Flower server app after every round
+        (PNG)."""
         return self.root / METRICS_DIR / CURVES_PNG
+
+    @property
+    def rounds(self) -> Path:
+        """Every round's row (the table of rounds, as ``simulate --json`` prints it), written as each run or round
+        ends."""
+        return self.root / METRICS_DIR / ROUNDS_JSON

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.flower import client_app
-from fedlora_cli.flower.site import SiteConfig
+from fedlora_cli.flower.site import SiteConfig, federation_folder, manifest_of
 
 
 def test_the_node_config_is_checked():
@@ -154,6 +154,7 @@ for i, msg in enumerate((query, train)):
     msg.metadata.__dict__["_message_id"] = f"m{i}"
     replies.append(client_app.app(msg, context))
 print(json.dumps({"ops": [r["op"] for r in seen], "node-config": seen[1]["node-config"],
+                  "federation": seen[1]["federation"],
                   "answer": dict(replies[0].content[client_app.REPLY]), "train": sorted(replies[1].content.keys()),
                   "heavy": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))}))
 '''
@@ -168,13 +169,15 @@ def test_the_relay_imports_no_torch_and_sends_the_update_the_worker_wrote(short_
     layout = federation_of("fedavg")
     node = {"client-id": "client-0", "state-dir": str(short_tmp / "s"), "data": "/d/a.csv"}
     # What the worker would have written for round 1, where the site keeps it.
-    shutil.copytree(layout.update(1, "client-0"), SiteConfig.from_node_config(node).update(1))
+    g0 = manifest_of((layout.global_checkpoint(0) / "fedlora.json").read_text())
+    shutil.copytree(layout.update(1, "client-0"), SiteConfig.from_node_config(node).update(federation_folder(g0), 1))
     done = subprocess.run([sys.executable, "-c", RELAY, json.dumps(node), str(layout.global_checkpoint(0))],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["heavy"] == []
     assert out["ops"] == ["query", "train"] and out["node-config"] == node
+    assert out["federation"] == federation_folder(g0)
     assert out["answer"] == {"client-id": "client-0", "base-fingerprint": "f" * 16, "site": "cpu"}
     assert out["train"] == ["fedlora.reply", "update.files", "update.text"]
 

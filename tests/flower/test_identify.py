@@ -92,3 +92,37 @@ def test_identifying_a_site_imports_no_torch(g0, tmp_path):
     answer, torch_imported = json.loads(done.stdout.splitlines()[-1])
     assert not torch_imported
     assert answer["base-fingerprint"] == _manifest(g0).base_fingerprint
+
+
+def test_a_resident_worker_says_who_it_is_from_the_base_files_without_loading_the_model(g0, tmp_path, monkeypatch):
+    from fedlora_cli.flower import channel, worker as workers
+
+    monkeypatch.setattr(sites, "build_for_site", _no_load)
+    monkeypatch.setattr("fedlora_cli.federation.common.build_for_site", _no_load)
+    node = {"client-id": "client-0", "state-dir": str(tmp_path / "s")}
+    worker = workers.Worker(SiteConfig.from_node_config(node), log=lambda line: None)
+    answer = worker.handle({"protocol": channel.PROTOCOL, "op": "query", "node-config": node,
+                            "manifest": (g0 / storage.GLOBAL_MANIFEST).read_text()})
+    assert answer == {"ok": {"client-id": "client-0", "base-fingerprint": _manifest(g0).base_fingerprint,
+                             "site": "auto · base float32"}}  # as given: resolved when it trains
+    assert worker.benches.loads == 0 and len(worker.benches) == 0
+
+
+def test_a_resident_worker_loads_a_base_without_safetensors_once_for_who_it_is_and_its_first_round(
+        g0, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedlora_cli.flower import channel, worker as workers
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "bin"))
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    node = {"client-id": "client-0", "state-dir": str(tmp_path / "s"), "base": str(folder)}
+    worker = workers.Worker(SiteConfig.from_node_config(node), log=lambda line: None)
+    manifest = _manifest(g0)
+    answer = worker.handle({"protocol": channel.PROTOCOL, "op": "query", "node-config": node,
+                            "manifest": (g0 / storage.GLOBAL_MANIFEST).read_text()})
+    assert answer["ok"]["base-fingerprint"] != manifest.base_fingerprint  # a .bin base: the loaded model's
+    recipe = sites.recipes.from_dict(manifest.recipe)
+    assert worker.bench(recipe, manifest.num_labels, recipe.adapter.r) is worker.benches.held()[0]
+    assert worker.benches.loads == 1

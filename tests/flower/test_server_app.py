@@ -6,6 +6,7 @@ by name."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from uuid import uuid4
@@ -91,6 +92,14 @@ def run_config(tmp_path: Path, raw: dict, partition_dir: Path, **extra) -> dict:
             "round-timeout": 30.0, "query-timeout": 30.0, **extra}
 
 
+def state_of(tmp_path: Path, client: str) -> Path:
+    """The client state folder of site ``client`` (of :func:`sites`) in the federation of the run ``tmp_path/run``."""
+    from fedlora_cli.flower.site import federation_folder, manifest_of
+
+    g0 = RunLayout(tmp_path / "run").global_checkpoint(0) / storage.GLOBAL_MANIFEST
+    return tmp_path / "sites" / client / federation_folder(manifest_of(g0.read_text()))
+
+
 def serve(grid: FakeGrid, config: dict) -> None:
     server_app.app(grid, Context(run_id=1, node_id=SUPERLINK_NODE, node_config={}, state=RecordDict(),
                                  run_config=config))
@@ -115,8 +124,13 @@ def test_each_round_is_what_fedlora_aggregate_writes_from_the_same_updates(tmp_p
         assert json.loads(layout.metrics(round_).read_text())["global"]["accuracy"] is not None
     assert grid.trained() == [101, 102, 103] * 2
     assert grid.timeouts == [30.0, 30.0, 30.0]  # one query, then a deadline on each round
+    # The run folder has simulate's table of rounds and learning curves.
+    rows = json.loads(layout.rounds.read_text())
+    assert [(row["round"], row["clients"]) for row in rows] == [(1, 3), (2, 3)]
+    assert rows[1]["global_accuracy"] == json.loads(layout.metrics(2).read_text())["global"]["accuracy"]
+    assert layout.curves.read_bytes().startswith(b"\x89PNG")
     # Each site kept its own state under its own id, and Flower's node id appears nowhere in the run.
-    assert storage.state_rounds(tmp_path / "sites" / "client-1") == [1, 2]
+    assert storage.state_rounds(state_of(tmp_path, "client-1")) == [1, 2]
     assert not any("101" in p.name for p in layout.root.rglob("*"))
 
 
@@ -135,7 +149,7 @@ def test_a_restarted_server_redoes_no_round_and_no_update(tmp_path, tiny_model_d
     serve(grid, config)
     # Assert: only the two missing updates were asked for; the sites sent the ones they had made, untrained
     assert grid.trained() == [101, 103]
-    assert storage.state_rounds(tmp_path / "sites" / "client-0") == [1, 2]
+    assert storage.state_rounds(state_of(tmp_path, "client-0")) == [1, 2]
     assert storage.read_global(layout.global_checkpoint(2)).manifest.digest == round_2
     grid.sent.clear()
     serve(grid, config)
@@ -151,7 +165,7 @@ def test_a_resent_round_spends_no_privacy_budget_and_no_reply_carries_the_loss(t
     grid.tamper = {101: replies.append}
     config = run_config(tmp_path, raw, partition_dir)
     serve(grid, config)
-    state = tmp_path / "sites" / "client-0"
+    state = state_of(tmp_path, "client-0")
     spent = storage.latest_state(state).manifest.privacy
     # No reply names a loss: not the update's manifest, not Flower's records.
     (reply,) = [r for r in replies if "update.text" in r.content]
@@ -175,7 +189,7 @@ def test_the_round_table_shows_the_epsilon_the_sites_report(tmp_path, tiny_model
     said = []
     rows = server_app.Coordinator(FakeGrid(sites(tmp_path, partition_dir)), server_app.Settings.from_run_config(
         run_config(tmp_path, raw, partition_dir)), lambda level, text: said.append(text)).run()
-    spent = max(storage.latest_state(tmp_path / "sites" / f"client-{i}").manifest.privacy["epsilon"] for i in range(3))
+    spent = max(storage.latest_state(state_of(tmp_path, f"client-{i}")).manifest.privacy["epsilon"] for i in range(3))
     assert rows[0]["epsilon"] == pytest.approx(spent)
     table = [t for t in said if t.startswith("round 1 done")][-1]
     assert "max eps" in table and f"{spent:.3f}" in table and "server eps" not in table
@@ -395,5 +409,85 @@ def test_int8_updates_travel_through_flower_and_aggregate_as_by_hand(tmp_path, t
         assert {storage.read_update(u).manifest.encoding for u in updates} == {"int8"}
         again = federation.aggregate_round(layout.global_checkpoint(round_ - 1), updates, tmp_path / f"again-{round_}")
         assert storage.read_global(layout.global_checkpoint(round_)).manifest.digest == again.checkpoint.manifest.digest
-    kept = storage.latest_state(tmp_path / "sites" / "client-1").tensors()
+    kept = storage.latest_state(state_of(tmp_path, "client-1")).tensors()
     assert any(name.endswith("::residual") for name in kept)
+
+
+def test_two_federations_on_the_same_sites_keep_their_client_state_apart(tmp_path, tiny_model_dir, reviews_csv,
+                                                                         partition_dir):
+    """The same SuperNodes (the same state-dir) serve federation A, then B (another recipe): each has its own state
+    folder at each site (STATE-DIR/<recipe name>-<digest>), and B is not refused for A's state."""
+    from fedlora_cli.flower.site import federation_folder, manifest_of
+
+    # Prepare
+    node_configs = sites(tmp_path, partition_dir)
+    runs = {}
+    for name, lr in (("a", 0.01), ("b", 0.02)):
+        raw = recipe_dict(tiny_model_dir, reviews_csv)
+        raw["name"], raw["training"]["lr"] = f"federation-{name}", lr
+        (tmp_path / name).mkdir()
+        # Execute
+        serve(FakeGrid(node_configs), run_config(tmp_path / name, raw, partition_dir))
+        runs[name] = RunLayout(tmp_path / name / "run")
+    # Assert
+    for name, layout in runs.items():
+        assert [p.name for p in layout.global_checkpoints()] == ["round-000", "round-001", "round-002"]
+        assert storage.read_global(layout.global_checkpoint(2)).manifest.clients == ["client-0", "client-1", "client-2"]
+    federations = {name: federation_folder(manifest_of(
+        (layout.global_checkpoint(0) / storage.GLOBAL_MANIFEST).read_text())) for name, layout in runs.items()}
+    for i in range(3):
+        site = tmp_path / "sites" / f"client-{i}"
+        assert sorted(p.name for p in site.iterdir() if p.name != "flower") == sorted(federations.values())
+        for name in runs:
+            assert storage.state_rounds(site / federations[name]) == [1, 2]
+
+
+def test_a_site_that_ran_the_recipe_before_is_refused_when_identified_and_no_site_trains_a_doomed_round(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    """Every client must take part (min_clients 3). client-0 already ran this very recipe to round 2 in another run
+    folder and kept its state, not the updates it sent; a fresh run of the recipe asks it to start over from round
+    0. client-0 is refused when it says who it is, so the round is short of clients before anyone trains: client-1
+    and client-2 spend nothing on it. (Had it kept its round-1 update, made from the same round-0 global, it would
+    send it again: a replayed run.)"""
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["min_clients"] = 3
+    (tmp_path / "first").mkdir()
+    serve(FakeGrid(sites(tmp_path / "first", partition_dir)), run_config(tmp_path / "first", raw, partition_dir))
+    shutil.rmtree(tmp_path / "first" / "sites" / "client-0" / "flower")  # its work folder: received and sent
+    (tmp_path / "second").mkdir()
+    nodes = sites(tmp_path / "second", partition_dir)
+    nodes[101]["state-dir"] = str(tmp_path / "first" / "sites" / "client-0")
+    grid, said = FakeGrid(nodes), []
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(
+        run_config(tmp_path / "second", raw, partition_dir)), lambda level, text: said.append(text))
+    # Execute
+    with pytest.raises(FedloraError, match=r"^round 1: 2 of the 3 client\(s\) asked are online or done, fewer than "
+                                           r"federation.min_clients = 3; nothing written$"):
+        coordinator.run()
+    # Assert
+    ahead = state_of(tmp_path / "first", "client-0")
+    assert (f"site 'client-0' (node 101) refused: client state {ahead} is at round 2, ahead of this federation's "
+            "global checkpoint (round 0), with no update of round 1 from it to send again: this site ran this recipe "
+            "before; resume that run, or give the site a new state-dir; it will not be asked to train") in said
+    assert grid.trained() == []
+    assert not (tmp_path / "second" / "sites" / "client-1").exists()
+    assert storage.state_rounds(ahead) == [1, 2]
+
+
+def test_a_state_dir_holding_one_federations_rounds_directly_is_refused_with_where_to_move_them(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    from fedlora_cli.flower.site import SiteConfig, check_ready, federation_folder, manifest_of
+
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+    serve(FakeGrid(sites(tmp_path, partition_dir)), run_config(tmp_path, raw, partition_dir))
+    own = state_of(tmp_path, "client-0")
+    old = tmp_path / "old-site"
+    shutil.copytree(own, old)  # the layout a site had before: rounds right in the state-dir
+    manifest = manifest_of((RunLayout(tmp_path / "run").global_checkpoint(1) / storage.GLOBAL_MANIFEST).read_text())
+    site = SiteConfig.from_node_config({"client-id": "client-0", "state-dir": str(old)})
+    with pytest.raises(FedloraError, match=rf"^{re.escape(str(old))} holds client state rounds directly, written "
+                                           r"before fedlora kept a folder per federation: move its round-\* folders "
+                                           rf"into {re.escape(str(old))}/<recipe name>-<digest>/ \(this federation's "
+                                           rf"is {federation_folder(manifest)}, if they are of this recipe\)$"):
+        check_ready(site, manifest)

@@ -28,7 +28,7 @@ from fedlora_cli.flower import channel, server_app, worker as workers
 from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
 from conftest import private_recipe, recipe_dict
-from flower.test_server_app import FakeGrid, run_config, serve, sites
+from flower.test_server_app import FakeGrid, run_config, serve, sites, state_of
 
 SECRET = 20261207  # the DP-SGD secret seed, fixed here only (a site draws it from the OS)
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,9 +135,9 @@ def test_a_workers_third_round_is_bit_identical_to_a_fresh_train_client(case, sh
     g = Global.of(layout.global_checkpoint(2))
     unused = build_for_site(g.recipe, g.manifest.num_labels, None, SiteConfig.from_node_config(nodes[101]).settings)
     assert after_training == [residue(unused)] * 3 and residue(used) == residue(unused)
-    state = short_tmp / "sites" / "client-0"
+    state = state_of(short_tmp, "client-0")
     before = short_tmp / "state-before-round-3"
-    shutil.copytree(state, before, ignore=shutil.ignore_patterns("round-003", "flower", "*.sock"))
+    shutil.copytree(state, before, ignore=shutil.ignore_patterns("round-003"))
     fresh = short_tmp / "fresh-update"
     fresh_train_client(layout.global_checkpoint(2), nodes[101], before, fresh,
                        *(["--quantization", "4bit"] if extra else []))
@@ -173,9 +173,9 @@ def test_a_bench_shared_by_two_federations_carries_nothing_from_the_first(short_
     assert storage.read_global(layouts["a"].global_checkpoint(1)).manifest.correction_digests
     assert benches.loads == 1, resident.lines  # B was trained on the model A's corrections went through
     # Execute: B's third round again, on a workbench built afresh
-    state = short_tmp / "b" / "sites" / "client-0"
+    state = state_of(short_tmp / "b", "client-0")
     before = short_tmp / "before"
-    shutil.copytree(state, before, ignore=shutil.ignore_patterns("round-003", "flower", "*.sock"))
+    shutil.copytree(state, before, ignore=shutil.ignore_patterns("round-003"))
     fresh = train_client(layouts["b"].global_checkpoint(2), sites(short_tmp, partition_dir)[101]["data"], before,
                          short_tmp / "fresh", "client-0")
     # Assert
@@ -328,12 +328,17 @@ def test_two_requests_never_run_at_once_the_second_waits_its_turn(short_tmp):
 def test_a_worker_refuses_unknown_requests_and_another_protocol_in_one_line():
     worker = workers.Worker(SiteConfig.from_node_config({"client-id": "a", "state-dir": "/s"}), log=lambda line: None)
     node = {"client-id": "a", "state-dir": "/s"}
-    assert worker.handle({"protocol": 1, "op": "shell", "node-config": node}) == {
+    ours, other = channel.PROTOCOL, channel.PROTOCOL - 1
+    assert worker.handle({"protocol": ours, "op": "shell", "node-config": node}) == {
         "error": "unknown request 'shell' (known: query, train, evaluate)"}
-    assert worker.handle({"protocol": 2, "op": "query", "node-config": node})["error"].startswith(
-        "the relay speaks protocol 2, this worker 1")
-    assert worker.handle({"protocol": 1, "op": "train", "node-config": node, "round": "1"}) == {
+    assert worker.handle({"protocol": other, "op": "query", "node-config": node})["error"].startswith(
+        f"the relay speaks protocol {other}, this worker {ours}")
+    assert worker.handle({"protocol": ours, "op": "train", "node-config": node, "round": "1"}) == {
         "error": "a train or evaluate request needs the received global's round and digest"}
+    # A federation's folder is a plain name: a request cannot point the worker at another folder.
+    assert worker.handle({"protocol": ours, "op": "train", "node-config": node, "round": 1, "digest": "d",
+                          "federation": "../../etc-0123456789abcdef"}) == {
+        "error": "'../../etc-0123456789abcdef' is not a federation's folder name (NAME-<16 hex digits>)"}
 
 
 def test_a_worker_will_not_start_beside_a_live_one_or_over_a_file_that_is_not_a_socket(short_tmp):

@@ -24,6 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 INSECURE = ("--insecure",)
 
 
+def state_of(state_dir: Path, layout) -> Path:
+    """A site's client state folder (``state_dir`` its node config's) in the federation of the run ``layout``."""
+    from fedlora_cli import storage
+    from fedlora_cli.flower.site import federation_folder, manifest_of
+
+    g0 = layout.global_checkpoint(0) / storage.GLOBAL_MANIFEST
+    return Path(state_dir) / federation_folder(manifest_of(g0.read_text()))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,12 +146,14 @@ class Deployment:
         return self.start(name, "flower-supernode", *(security or INSECURE), "--superlink", f"127.0.0.1:{self.link}",
                           "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config, home=home)
 
-    def workers(self, sites: dict[str, tuple[str, Path]], seconds: float = 120) -> dict[str, subprocess.Popen]:
+    def workers(self, sites: dict[str, tuple[str, Path]], seconds: float = 120, env: dict[str, str] | None = None
+                ) -> dict[str, subprocess.Popen]:
         """A resident worker (``fedlora flower worker``) for each site, name -> (node config, state folder), started
-        together; returns them, by name, once each listens on its socket (each given ``seconds`` to)."""
+        together (``env``: variables set for the workers alone); returns them, by name, once each listens on its
+        socket (each given ``seconds`` to)."""
         from fedlora_cli.flower.channel import socket_path
 
-        started = {name: self.start(f"{name}-worker", "fedlora", "flower", "worker", "--node-config", config)
+        started = {name: self.start(f"{name}-worker", "fedlora", "flower", "worker", "--node-config", config, env=env)
                    for name, (config, _) in sites.items()}
         for name, (_, state_dir) in sites.items():
             p, sock = started[name], socket_path(state_dir)

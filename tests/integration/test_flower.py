@@ -30,7 +30,7 @@ from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
 
-from .flower_deploy import wait_until
+from .flower_deploy import state_of, wait_until
 
 pytestmark = pytest.mark.integration
 SITES = ("site-a", "site-b")
@@ -69,7 +69,7 @@ def test_two_rounds_on_a_real_superlink_and_two_supernodes(deployment, tmp_path,
         updates = [layout.update(round_, cid) for cid in SITES]
         again = federation.aggregate_round(layout.global_checkpoint(round_ - 1), updates, tmp_path / f"again-{round_}")
         assert storage.read_global(layout.global_checkpoint(round_)).manifest.digest == again.checkpoint.manifest.digest
-    assert storage.state_rounds(tmp_path / "sites" / "site-a") == [1, 2]
+    assert storage.state_rounds(state_of(tmp_path / "sites" / "site-a", layout)) == [1, 2]
     assert deployment.all_ended()
     print(f"flower deployment, 2 rounds: {seconds:.1f} s")
 
@@ -92,10 +92,12 @@ def test_a_supernode_killed_mid_round(deployment, tmp_path, tiny_model_dir, revi
     started = time.monotonic()
     deployment.superlink()
     nodes = [deployment.supernode(site_config(tmp_path, partition_dir, i), cid) for i, cid in enumerate(SITES)]
-    received = SiteConfig.from_node_config({"client-id": "site-b", "state-dir": str(tmp_path / "sites" / "site-b")}
-                                           ).received(0)
+    work = SiteConfig.from_node_config({"client-id": "site-b", "state-dir": str(tmp_path / "sites" / "site-b")}
+                                       ).work_dir
     flwr = deployment.start("flwr-run", "flwr", "run", str(app), "local", "--stream")  # its log: the ServerApp's
-    wait_until(received.is_dir, 180, "site-b never received round 1's train message", every=0.1)
+    # WORK/<federation>/global/round-000 (the federation's folder is named after the recipe).
+    wait_until(lambda: any(work.glob("*/global/round-000")), 180, "site-b never received round 1's train message",
+               every=0.1)
     deployment.kill(nodes[1])
     killed_at = time.monotonic() - started
     flwr.wait(timeout=300)

@@ -37,7 +37,7 @@ from fedlora_cli.federation import sampling
 from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.storage.run_layout import RunLayout
 
-from .flower_deploy import BIN, ROOT, Deployment, wait_until
+from .flower_deploy import BIN, ROOT, Deployment, state_of, wait_until
 
 pytestmark = pytest.mark.integration
 README = ROOT / "README.md"
@@ -183,7 +183,7 @@ def test_tls_and_supernode_authentication_made_by_the_readmes_commands(deploymen
         again = federation.aggregate_round(layout.global_checkpoint(round_ - 1), updates, tmp_path / f"again-{round_}")
         assert storage.read_global(layout.global_checkpoint(round_)).manifest.digest == again.checkpoint.manifest.digest
     for site in sites:
-        assert storage.state_rounds(tmp_path / "sites" / site) == [1, 2]
+        assert storage.state_rounds(state_of(tmp_path / "sites" / site, layout)) == [1, 2]
     # The stranger: refused at the SuperLink, so never asked who it is, and its SuperNode exits.
     assert stranger not in log
     assert refused.returncode == 1, (refused.returncode, log_of(deployment, stranger)[-2000:])
@@ -299,7 +299,8 @@ def test_two_of_three_sites_sampled_each_round_and_the_sites_evaluate(deployment
                                            tmp_path / f"again-{n}")
         assert manifest.digest == again.checkpoint.manifest.digest
     for cid in clients:
-        assert storage.state_rounds(tmp_path / "sites" / cid) == [n for n in (1, 2) if cid in expected[n]], cid
+        assert storage.state_rounds(state_of(tmp_path / "sites" / cid, layout)) == [n for n in (1, 2)
+                                                                                  if cid in expected[n]], cid
 
     # Every site online evaluates each round's global, asked to train that round or not.
     for n in (1, 2):
