@@ -109,18 +109,21 @@ def _query(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[st
     return {REPLY: ConfigRecord({str(k): str(v) for k, v in answer.items()})}
 
 
-def _train(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
-    g = _received(site, msg)
+def _trained(site: sites.SiteConfig, g, relay: Relay | None) -> tuple[bool, Path]:
+    """The site's update of the round after ``g``, made here or by its worker: (sent again, its folder)."""
     r = g.manifest.round + 1
     if relay is None:
         done = sites.train(site, g)
-        resent, update = done.resent, Path(done.update.path)
-    else:
-        federation = sites.federation_folder(g.manifest)
-        answer = relay.ask({"op": "train", "federation": federation, "round": g.manifest.round,
-                            "digest": g.manifest.digest}, f"training round {r}")
-        # The worker reads the same node config (it checked), so the update is where this site keeps it.
-        resent, update = bool(answer.get(RESENT_KEY)), site.update(federation, r)
+        return done.resent, Path(done.update.path)
+    federation = sites.federation_folder(g.manifest)
+    answer = relay.ask({"op": "train", "federation": federation, "round": g.manifest.round,
+                        "digest": g.manifest.digest}, f"training round {r}")
+    # The worker reads the same node config (it checked), so the update is where this site keeps it.
+    return bool(answer.get(RESENT_KEY)), site.update(federation, r)
+
+
+def _train(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
+    resent, update = _trained(site, _received(site, msg), relay)
     return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id, RESENT_KEY: resent}),
             **transport.pack(update, UPDATE)}
 
@@ -147,12 +150,8 @@ def _train_secure(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> 
     from fedlora_cli.flower.secure import site_reply
 
     g = _received(site, msg)
-    r = g.manifest.round + 1
-    if relay is None:
-        sites.train(site, g)
-    else:
-        relay.ask({"op": "train", "round": g.manifest.round, "digest": g.manifest.digest}, f"training round {r}")
-    vector = secure.site_vector(g, check_update(g, site.update(r)), site.client_id)
+    _, update = _trained(site, g, relay)
+    vector = secure.site_vector(g, check_update(g, update), site.client_id)
     return dict(site_reply(vector).items())
 
 

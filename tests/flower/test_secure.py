@@ -55,8 +55,13 @@ def secure_recipe(tiny_model_dir, reviews_csv, method="ffa", **federation):
     return raw
 
 
-def site_updates(node_configs, round_):
-    return {cfg["client-id"]: SiteConfig.from_node_config(cfg).update(round_) for cfg in node_configs.values()}
+def site_updates(node_configs, round_, run):
+    """Where each site keeps its update of ``round_`` of the federation of the run folder ``run``."""
+    from fedlora_cli.flower.site import federation_folder, manifest_of
+
+    g0 = manifest_of((RunLayout(run).global_checkpoint(0) / storage.GLOBAL_MANIFEST).read_text())
+    return {cfg["client-id"]: SiteConfig.from_node_config(cfg).update(federation_folder(g0), round_)
+            for cfg in node_configs.values()}
 
 
 @pytest.mark.parametrize("method", ["ffa", "fedsa"])
@@ -72,7 +77,7 @@ def test_each_secure_global_is_the_weighted_mean_of_the_sites_updates(method, tm
     layout = RunLayout(tmp_path / "run")
     for round_ in (1, 2):
         assert_global_is_the_weighted_mean(layout.global_checkpoint(round_ - 1), layout.global_checkpoint(round_),
-                                           site_updates(nodes, round_))
+                                           site_updates(nodes, round_, tmp_path / "run"))
         record = storage.read_global(layout.global_checkpoint(round_)).manifest.aggregation["secure_aggregation"]
         assert record["emulated"] is False and record["clients"] == ["client-0", "client-1", "client-2"]
         assert record["quantisation_step"] == 2 * SECURE["clipping_range"] / 2**22
@@ -87,7 +92,7 @@ def test_a_site_lost_after_key_sharing_is_recovered_from_the_others_shares(tmp_p
     config = run_config(tmp_path, secure_recipe(tiny_model_dir, reviews_csv, rounds=1), partition_dir)
     serve(grid, config)
     layout = RunLayout(tmp_path / "run")
-    updates = site_updates(nodes, 1)
+    updates = site_updates(nodes, 1, tmp_path / "run")
     del updates["client-2"]
     assert_global_is_the_weighted_mean(layout.global_checkpoint(0), layout.global_checkpoint(1), updates)
 

@@ -31,7 +31,7 @@ from fedlora_cli.data.partition import shard_name
 from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.storage.run_layout import RunLayout
 
-from .flower_deploy import Deployment, run_id, running, send, wait_until
+from .flower_deploy import Deployment, run_id, running, send, state_of, wait_until
 
 pytestmark = pytest.mark.integration
 CLIENTS = ["client-0", "client-1", "client-2"]
@@ -87,12 +87,13 @@ def test_the_superlink_killed_mid_round_resumes_on_its_database_and_no_ledger_co
     first = submit(deployment, app)
     layout = RunLayout(run)
     # Mid-round: round 1 done, and a site has trained round 2 (its state says so), its update not yet aggregated.
-    wait_until(lambda: any(2 in storage.state_rounds(s) for s in states.values()), 300, "no site trained round 2",
-               every=0.1)
+    wait_until(lambda: layout.global_checkpoint(0).is_dir()
+               and any(2 in storage.state_rounds(state_of(s, layout)) for s in states.values()), 300,
+               "no site trained round 2", every=0.1)
     send(deployment.seen[link.pid], signal.SIGKILL)
     link.wait(timeout=10)
     assert not layout.global_checkpoint(2).exists(), "killed too late: round 2 was aggregated already"
-    trained_before = {cid: storage.state_rounds(s) for cid, s in states.items()}
+    trained_before = {cid: storage.state_rounds(state_of(s, layout)) for cid, s in states.items()}
 
     deployment.superlink("--insecure", "--database", database, name="superlink-again")
     log = deployment.run(app)
@@ -104,7 +105,8 @@ def test_the_superlink_killed_mid_round_resumes_on_its_database_and_no_ledger_co
     assert statuses == {first: "finished:failed", run_id(log): "finished:completed"}, (statuses, log[-3000:])
     assert "resuming" in log and "after round 1" in log, log[-3000:]
     assert [p.name for p in layout.global_checkpoints()] == ["round-000", "round-001", "round-002"]
-    for cid, state in states.items():
+    for cid, site in states.items():
+        state = state_of(site, layout)
         assert storage.state_rounds(state) == [1, 2], cid
         ledger = privacy.Ledger.from_dict(storage.latest_state(state).manifest.privacy)
         assert len(ledger.history) == 2, (cid, ledger.history)  # each round counted once, none twice

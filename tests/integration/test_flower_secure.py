@@ -29,7 +29,7 @@ from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.flower.site import SiteConfig
 from fedlora_cli.storage.run_layout import RunLayout
 
-from .flower_deploy import wait_until
+from .flower_deploy import state_of, wait_until
 
 pytestmark = pytest.mark.integration
 CLIENTS = ["client-0", "client-1", "client-2"]
@@ -53,8 +53,10 @@ def start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, meth
 
 
 def site_update(tmp_path, cid, round_):
-    """Where a site keeps its own update of a round (in its state folder, as the site itself finds it)."""
-    return SiteConfig.from_node_config({"client-id": cid, "state-dir": str(tmp_path / "sites" / cid)}).update(round_)
+    """Where a site keeps its own update of a round (in its work folder, as the site itself finds it)."""
+    federation = state_of(tmp_path / "sites" / cid, RunLayout(tmp_path / "run")).name
+    return SiteConfig.from_node_config({"client-id": cid, "state-dir": str(tmp_path / "sites" / cid)}).update(
+        federation, round_)
 
 
 @pytest.mark.parametrize("method", ["ffa", "fedsa"])
