@@ -124,11 +124,11 @@ class Watch:
         if not alive:
             return
         victim = alive[0]
-        work = self.sites[victim] / "flower"
-        if (work / "global" / round_dirname(r - 1)).is_dir():
+        work = self.sites[victim] / "flower"  # WORK-DIR/<federation>/global and /updates
+        if any(p.is_dir() for p in work.glob(f"*/global/{round_dirname(r - 1)}")):
             self.kill(victim)
             self.killed[r] = victim
-            self.killed_with_update_written[r] = (work / "updates" / round_dirname(r)).is_dir()
+            self.killed_with_update_written[r] = any(p.is_dir() for p in work.glob(f"*/updates/{round_dirname(r)}"))
 
 
 def _rss(proc) -> int:
