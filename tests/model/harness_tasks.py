@@ -117,3 +117,45 @@ def hand_bits_per_byte(model, tokenizer, texts=None) -> float:
             logp = model(input_ids=torch.tensor([ids])).logits.float().log_softmax(-1)[0]
         total += sum(float(logp[i - 1, ids[i]]) for i in range(1, len(ids)))
     return -total / sum(len(t.encode()) for t in texts) / math.log(2)
+
+
+GEN_TASK = """\
+task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: {tokens}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def greedy(model, tokenizer, prompt: str, tokens: int) -> str:
+    """The greedy continuation of ``prompt``, one forward pass per token, up to ``tokens`` tokens or EOS; decoded
+    without special tokens and cut at the first blank line, as lm-eval cuts a generation at its stop sequence."""
+    ids, new = tokenizer.encode(prompt), []
+    with torch.no_grad():
+        for _ in range(tokens):
+            following = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(following)
+            if following == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(new, skip_special_tokens=True).split("\n\n")[0]
+
+
+def write_generation_task(folder: Path, questions: list[str], answers: list[str], tokens: int) -> Path:
+    """tiny_gen: each question's expected answer, scored by exact match of a greedy generation of ``tokens``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "gen.jsonl", "w") as f:
+        for q, a in zip(questions, answers):
+            f.write(json.dumps({"question": q, "answer": a}) + "\n")
+    (folder / "tiny_gen.yaml").write_text(GEN_TASK.format(data=folder / "gen.jsonl", tokens=tokens))
+    return folder

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.harness_tasks import QUESTIONS, hand_bits_per_byte, hand_scores, write_tasks
+from model.harness_tasks import (
+    QUESTIONS, greedy, hand_bits_per_byte, hand_scores, write_generation_task, write_tasks,
+)
 
 from fedlora_cli import federation
 from fedlora_cli.errors import FedloraError
@@ -82,6 +84,24 @@ def test_the_chat_template_puts_each_prompt_in_a_user_turn(fedsa_run, tasks_dir)
     assert scores["lm_eval"]["tasks"]["tiny_mc"]["metrics"] == pytest.approx(expected, rel=1e-5)
     assert scores["lm_eval"]["chat_template"] is True
     assert expected["brier_score"] != pytest.approx(hand_scores(bench.model, bench.tokenizer)["brier_score"], rel=1e-4)
+
+
+def test_a_generation_task_scores_the_models_greedy_continuations(fedsa_run, tmp_path):
+    bench, _ = federation.load_for_evaluation(fedsa_run.global_checkpoint(1))
+    # A random B, so that the tiny model says different things to different prompts (with B = 0 it says ':::').
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in bench.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 2)
+    questions = [q for q, _, _ in QUESTIONS[:4]]
+    said = [greedy(bench.model, bench.tokenizer, f"Question: {q}\nAnswer:", 8) for q in questions]
+    assert len(set(said)) > 1
+    # The first two expected answers are what the model says, the last two are not: exact match 1/2, unless
+    # lm-eval's generations (batched, left-padded, through generate) differ from these token by token ones.
+    folder = write_generation_task(tmp_path, questions, said[:2] + [s + " never" for s in said[2:]], tokens=8)
+    scores = harness.run(bench, harness.load(harness.Request.of(["tiny_gen"], [folder])))
+    assert scores["tasks"]["tiny_gen"]["metrics"] == {"exact_match": 0.5}
 
 
 def test_a_limit_and_a_fewshot_count_reach_lm_eval(fedsa_run, tasks_dir):
