@@ -57,6 +57,9 @@ def run_cell(name: str, overrides: dict, out: Path) -> dict:
         "global": rows[-1]["global_accuracy"], "personalised": rows[-1]["personalised_accuracy"],
         "personalised_own_mix": rows[-1]["personalised_accuracy_own_mix"],
         "by_round": [r["global_accuracy"] for r in rows], "seconds": time.perf_counter() - started,
+        # The validation split's scores (issue 29): settings are chosen on these, the test figures above reported.
+        "validation": rows[-1].get("validation_global_accuracy"),
+        "validation_by_round": [r.get("validation_global_accuracy") for r in rows],
     }
 
 

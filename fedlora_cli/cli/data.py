@@ -43,14 +43,18 @@ def partition_cmd(
     response_column: Annotated[Optional[str], typer.Option(help="causal-lm: response column.")] = None,
     answer_column: Annotated[Optional[str], typer.Option(help="causal-lm: final-answer column (kept in the shards).")] = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Held-out test fraction.")] = None,
+    validation_fraction: Annotated[
+        Optional[float], typer.Option(help="Held-out validation fraction (of all rows; 0: none). Default 0.1.")
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Partition seed.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a Hub dataset or DatasetDict.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the label distribution here.")] = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Split a dataset across clients and hold out a test split: labelled texts, or instruction data (prompt/response
-    pairs, TRL's messages or prompt/completion, Alpaca's instruction/input/output).
+    """Split a dataset across clients and hold out test and validation splits: labelled texts, or instruction data
+    (prompt/response pairs, TRL's messages or prompt/completion, Alpaca's instruction/input/output). Choose settings
+    on the validation split; the test split is then a clean estimate.
 
     Example: [cyan]fedlora partition reviews.csv --label-column sentiment -n 4 --strategy dirichlet --alpha 0.5 -o data[/]
 
@@ -67,6 +71,7 @@ def partition_cmd(
         "data.format": data_format, "data.messages_column": messages_column,
         "data.prompt_column": prompt_column, "data.response_column": response_column,
         "data.answer_column": answer_column, "data.test_fraction": test_fraction, "data.seed": seed, "data.split": split,
+        "data.validation_fraction": validation_fraction,
     }
     spec, n, task = _partition_recipe(recipe, overrides, clients, task, sizes)
     ui.check_plot_path(plot)  # before the partition is written, so a bad path does not fail after the work
@@ -104,13 +109,14 @@ def _partition_recipe(
 def _partition_table(m: dict):
     """Each client's (and the test split's) examples per label, or per-client summaries when there are many."""
     from fedlora_cli.cli import ui
+    from fedlora_cli.data.partition import held_out
 
     names = [str(x) for x in m["label_names"]]
     layout = f", {m['format']} rows" if m.get("format") else ""
     title = f"{m['strategy']} partition of {m['source']}{layout} (seed {m['seed']})"
     if len(names) <= MAX_COUNT_COLUMNS:
         rows = [[c["id"], c["examples"], *c["label_counts"]] for c in m["clients"]]
-        rows.append(["test", m["test"]["examples"], *m["test"]["label_counts"]])
+        rows += [[name, entry["examples"], *entry["label_counts"]] for name, entry in held_out(m)]
         counts = ui.table(title, ["client", "examples", *names], rows)
         if ui.fits(counts):
             return counts
@@ -122,6 +128,6 @@ def _partition_table(m: dict):
         return [sum(1 for c in counts if c), f"{max(counts) / max(entry['examples'], 1):.2f}"]
 
     rows = [[c["id"], c["examples"], *summary(c)] for c in m["clients"]]
-    rows.append(["test", m["test"]["examples"], *summary(m["test"])])
+    rows += [[name, entry["examples"], *summary(entry)] for name, entry in held_out(m)]
     column = m["label_column"]
     return ui.table(title, ["client", "examples", f"{column} values", f"largest {column} share"], rows)

@@ -34,8 +34,12 @@ _TokenOpt = Annotated[
 
 @command(app, "export")
 def export_cmd(
-    global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder to export.")],
+    global_checkpoint: Annotated[Path, typer.Argument(
+        help="Global checkpoint folder to export; with --round, the run folder (or any of its global checkpoints).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the export to.")],
+    round_: Annotated[Optional[str], typer.Option(
+        "--round", help="Which round of the run: 'best' (the best validation score of the model exported: the "
+        "global, or with --client-id/--state that client's personalised one), 'last', or a number.")] = None,
     state: Annotated[
         Optional[Path], typer.Option("--state", help="Export personalised: this client's state folder.")
     ] = None,
@@ -73,10 +77,14 @@ def export_cmd(
     base model is loaded in float32 and unquantised, whatever precision or 4-bit base the sites trained on.
 
     Example: [cyan]fedlora export runs/fedsa/global/round-003 --client-id client-0 --merge -o export/client-0[/]
+
+    Example: [cyan]fedlora export runs/quickstart --round best -o export/quickstart[/]
     """
     from fedlora_cli import export as exports
 
     hub = _hub_target(push_to_hub, private, revision, commit_message, token)
+    if round_ is not None:
+        global_checkpoint = _chosen(global_checkpoint, round_, client_id, state)
 
     def run(progress: Callable[[int, int], None] | None) -> ExportResult:
         return exports.export(
@@ -86,6 +94,21 @@ def export_cmd(
         )
 
     _print_result(_with_feedback(run, eval_data is not None, global_checkpoint), as_json)
+
+
+def _chosen(path: Path, which: str, client_id: str | None, state: Path | None) -> Path:
+    """The global checkpoint --round names (said on stderr with the validation score that chose it)."""
+    from fedlora_cli import storage
+    from fedlora_cli.cli import ui
+    from fedlora_cli.federation.selection import choose_round
+
+    if client_id is None and state is not None and Path(state).is_dir():
+        kept = storage.latest_state(Path(state))
+        client_id = kept.manifest.client_id if kept is not None else None
+    chosen = choose_round(path, which, client_id)
+    why = f": validation {chosen.metric} {chosen.score:.4f}, the best of the run" if chosen.score is not None else ""
+    ui.err.print(f"round {chosen.round} ({chosen.path}){why}", highlight=False)
+    return chosen.path
 
 
 def _hub_target(

@@ -284,7 +284,12 @@ def evaluate_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder.")],
     data: Annotated[
         Optional[str],
-        typer.Option("--data", "-d", help=f"Test data: a partition folder (its test split), a shard, or {SITE_DATA}."),
+        typer.Option("--data", "-d", help=f"Test data: a partition folder (its test split; its validation split is "
+                                          f"scored too), a shard, or {SITE_DATA}."),
+    ] = None,
+    validation_data: Annotated[
+        Optional[str], typer.Option("--validation-data", help="Validation data (this site's own, any data --data "
+                                    "takes); default: the validation split of a --data partition folder.")
     ] = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="Evaluate personalised: this client's state folder.")] = None,
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id of --state (checked).")] = None,
@@ -313,7 +318,8 @@ def evaluate_cmd(
 ) -> None:
     """Metrics of the global model, or personalised for one client (global + its state, no merge).
 
-    With --data, the recipe's metrics. sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and
+    With --data, the recipe's metrics, on the test data and on the validation data (a partition folder's
+    validation split, or --validation-data). sequence-classification: accuracy, macro-F1 and loss. causal-lm: loss and
     perplexity per response token, and with an answer extractor, exact match of greedy generations. With --lm-eval
     (causal-lm, 'pip install fedlora\\[lmeval]'), lm-evaluation-harness's scores on its tasks, as lm-eval's own
     CLI computes them; both at once load the model once. --report-to logs them at the checkpoint's round, under
@@ -333,14 +339,16 @@ def evaluate_cmd(
     trackers = tracking.resolve(report_to, g.recipe)
     settings = _evaluation_settings(g.recipe, max_new_tokens, generate_examples, answer)
     with ui.step_progress("evaluating") as progress:
-        metrics = federation.evaluate(
-            g, data, state_dir=state, client_id=client_id, base_override=base_model,
+        metrics = federation.evaluate_splits(
+            g, data, validation_data, state_dir=state, client_id=client_id, base_override=base_model,
             progress=lambda done, total: progress(done, total), settings=settings, split=split,
             site=site_settings(device=device, dtype=dtype, quantization=quantization), lm_eval=request,
         )
     home = state if state is not None else tracking.coordinator_home(global_checkpoint)
     with tracking.open_run(trackers, home, g.recipe.name, tracking_dir) as tracked:
         tracked.log_metrics(metrics["round"], tracking.evaluation_metrics(metrics))
+        if "validation" in metrics:
+            tracked.log_metrics(metrics["round"], tracking.evaluation_metrics(metrics["validation"], "validation_"))
     if as_json:
         ui.print_json(metrics)
         return
@@ -361,33 +369,32 @@ def _evaluation_settings(recipe, max_new_tokens: int | None, generate_examples: 
 
 
 def _show_evaluation(metrics: dict, global_checkpoint: Path, state: Path | None) -> None:
-    """evaluate's one-row table of the recipe's metrics and lm-eval's table (the paths in their titles, so the cells
-    stay short), and where it ran."""
+    """evaluate's table of the recipe's metrics (a row per split: test, validation) and lm-eval's table (the model
+    and the paths in their titles, so the cells stay short), and where it ran."""
     from fedlora_cli.cli import ui
 
     who = "personalised" if state else "global"
     of = f"{global_checkpoint} (round {metrics['round']})" + (f" with the state {state}" if state else "")
     if "examples" in metrics:
-        _show_metrics(metrics, f"evaluation of {of}", who)
+        _show_metrics(metrics, f"{who} model: evaluation of {of}")
     if "lm_eval" in metrics:
         _show_harness(metrics["lm_eval"], f"lm-eval {metrics['lm_eval']['version']} scores of the {who} model {of}")
     ui.out.print(f"ran on: {Site(**metrics['site']).describe()}")
 
 
-def _show_metrics(metrics: dict, title: str, who: str) -> None:
+def _show_metrics(metrics: dict, title: str) -> None:
     from fedlora_cli import recipe as recipes
     from fedlora_cli.cli import ui
 
+    splits = [("test", metrics)] + ([("validation", metrics["validation"])] if "validation" in metrics else [])
     if metrics["task"] == recipes.TASK_CAUSAL_LM:
-        generated = metrics["generated"]
-        rows = [[who, metrics["examples"], ui.fmt(metrics["loss"]), ui.fmt(metrics["perplexity"], 2),
-                 ui.fmt(metrics["exact_match"]), metrics["scored"] if generated else "-",
-                 metrics["hit_cap"] if generated else "-"]]
-        columns = ["model", "examples", "loss /\ntoken", "perplexity", "exact\nmatch", "scored", "hit\ntoken cap"]
+        rows = [[split, m["examples"], ui.fmt(m["loss"]), ui.fmt(m["perplexity"], 2), ui.fmt(m["exact_match"]),
+                 m["scored"] if m["generated"] else "-", m["hit_cap"] if m["generated"] else "-"] for split, m in splits]
+        columns = ["split", "examples", "loss /\ntoken", "perplexity", "exact\nmatch", "scored", "hit\ntoken cap"]
     else:
-        rows = [[who, metrics["examples"], ui.fmt(metrics["accuracy"]), ui.fmt(metrics["macro_f1"]),
-                 ui.fmt(metrics["loss"])]]
-        columns = ["model", "examples", "accuracy", "macro-F1", "loss"]
+        rows = [[split, m["examples"], ui.fmt(m["accuracy"]), ui.fmt(m["macro_f1"]), ui.fmt(m["loss"])]
+                for split, m in splits]
+        columns = ["split", "examples", "accuracy", "macro-F1", "loss"]
     ui.out.print(ui.table(title, columns, rows))
 
 

@@ -32,6 +32,10 @@ def app_cmd(
     test: Annotated[
         Optional[str], typer.Option(help="Test data on the SuperLink host, to evaluate each round's global.")
     ] = None,
+    validation: Annotated[
+        Optional[str], typer.Option(help="Validation data on the SuperLink host (default RUN/data/validation.parquet "
+                                         "when there is one), to score each round's global for export --round best.")
+    ] = None,
     base_model: BaseModelOpt = None,
     client_evaluation: Annotated[
         bool, typer.Option("--client-evaluation", help="Also ask each site to evaluate on its own test-data.")
@@ -52,7 +56,7 @@ def app_cmd(
 
     require_flwr()
     written = write_app(_recipe_path(recipe), out, run, round_timeout, test, base_model, client_evaluation,
-                        overwrite, report_to)
+                        overwrite, report_to, validation=validation)
     ui.out.print(f"app folder: {written.parent}", highlight=False)
     ui.err.print(
         "next: flower-superlink on the coordinator, flower-supernode --node-config \"$(fedlora flower node-config "
@@ -68,6 +72,9 @@ def node_config_cmd(
                                           "(STATE-DIR/<recipe name>-<digest>) and the worker's socket.")],
     data: Annotated[Optional[str], typer.Option(help="This site's training data (any source partition reads).")] = None,
     test_data: Annotated[Optional[str], typer.Option(help="This site's test data, for evaluate messages.")] = None,
+    validation_data: Annotated[
+        Optional[str], typer.Option(help="This site's own validation data, scored beside its test data.")
+    ] = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -95,7 +102,7 @@ def node_config_cmd(
     site = {"device": device, "dtype": dtype, "quantization": quantization, "mixed_precision": mixed_precision,
             "gradient_checkpointing": gradient_checkpointing, "accumulation_steps": accumulation_steps}
     print(node_config(client_id, data, str(state_dir), **{
-        "test-data": test_data, "base": base_model, **{BY_NAME[name].node_key: value for name, value in site.items()},
+        "test-data": test_data, "validation-data": validation_data, "base": base_model, **{BY_NAME[name].node_key: value for name, value in site.items()},
         "worker": worker,
     }))
 

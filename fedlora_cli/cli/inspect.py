@@ -32,8 +32,18 @@ def inspect_cmd(
     if as_json:
         ui.print_json(data)
         return
-    rows = [[k, _cell(v)] for k, v in data.items() if k != "recipe"]
+    rows = [[k, _cell(v)] for k, v in data.items() if k not in ("recipe", "pooling_source")]
+    if what == "global checkpoint":
+        rows.append(["pooling", _pooling(data)])
     ui.out.print(ui.table(f"{what} {path}", ["field", "value"], rows))
+
+
+def _pooling(manifest: dict) -> str:
+    """What the task head reads, as the global checkpoint's recipe resolved it, and where that came from."""
+    model = manifest.get("recipe", {}).get("model", {}) if isinstance(manifest.get("recipe"), dict) else {}
+    pooling = model.get("pooling", "default") if isinstance(model, dict) else "default"
+    source = manifest.get("pooling_source") or "written before pooling was recorded"
+    return f"{pooling} ({source})"
 
 
 def _cell(value) -> str:

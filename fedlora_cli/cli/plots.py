@@ -30,21 +30,24 @@ def _save(fig: Any, png: Path) -> None:
 
 
 def label_distribution(manifest: dict[str, Any], png: Path) -> None:
-    """Stacked bars from a partition manifest: examples per label for every client, and the test split."""
+    """Stacked bars from a partition manifest: examples per label for every client, and the held-out splits."""
     import numpy as np
 
     plt = _pyplot()
-    names = [c["id"] for c in manifest["clients"]] + ["test"]
+    from fedlora_cli.data.partition import held_out
+
+    splits = held_out(manifest)
+    names = [c["id"] for c in manifest["clients"]] + [name for name, _ in splits]
     label_names = manifest["label_names"] or []
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 2), 3.6))
     if label_names:
-        counts = np.asarray([c["label_counts"] for c in manifest["clients"]] + [manifest["test"]["label_counts"]])
+        counts = np.asarray([c["label_counts"] for c in manifest["clients"]] + [e["label_counts"] for _, e in splits])
         bottom = np.zeros(len(names))
         for j, label in enumerate(label_names):
             ax.bar(names, counts[:, j], bottom=bottom, label=str(label))
             bottom += counts[:, j]
     else:
-        ax.bar(names, [c["examples"] for c in manifest["clients"]] + [manifest["test"]["examples"]])
+        ax.bar(names, [c["examples"] for c in manifest["clients"]] + [e["examples"] for _, e in splits])
     title = manifest["strategy"] + (f" (alpha={manifest['alpha']})" if manifest.get("alpha") else "")
     what = manifest["label_column"] or "size"
     ax.set_title(f"Distribution of {what} per client: {title}, seed {manifest['seed']}")

@@ -82,12 +82,17 @@ def simulate_cmd(
 # test loss (per response token) and exact match instead of accuracy and macro-F1; "own mix" is each personalised
 # model on the test split reweighted to its client's label mix.
 _CAUSAL_SCORES = {
-    "global": (("test\nloss", "global_loss"), ("exact\nmatch", "global_accuracy")),
-    "personalised": (("pers.\nloss", "personalised_loss"), ("pers.\nEM", "personalised_accuracy")),
+    "global": (("test\nloss", "global_loss"), ("exact\nmatch", "global_accuracy"),
+               ("val\nEM", "validation_global_accuracy")),
+    "personalised": (("pers.\nloss", "personalised_loss"), ("pers.\nEM", "personalised_accuracy"),
+                     ("pers.\nval EM", "validation_personalised_accuracy")),
 }
+# The validation split's score ("val": settings and rounds are chosen on it), then the test split's. Macro-F1 is
+# left to --json and RUN/metrics, so that the fullest table still fits 80 columns.
 _CLASSIFICATION_SCORES = {
-    "global": (("global\nacc", "global_accuracy"), ("global\nF1", "global_macro_f1")),
-    "personalised": (("pers.\nacc", "personalised_accuracy"), ("own\nmix", "personalised_accuracy_own_mix")),
+    "global": (("val\nacc", "validation_global_accuracy"), ("test\nacc", "global_accuracy")),
+    "personalised": (("pers.\nval", "validation_personalised_accuracy"), ("pers.\nacc", "personalised_accuracy"),
+                     ("own\nmix", "personalised_accuracy_own_mix")),
 }
 
 
@@ -105,8 +110,10 @@ def _rounds_table(r, plan, rows: list[dict], run_dir: Path):
     causal = r.model.task == recipes.TASK_CAUSAL_LM
     scores = _CAUSAL_SCORES if causal else _CLASSIFICATION_SCORES
     groups = ("global", "personalised") if plan.global_is_model else ("personalised",)
-    # A column nobody filled carries nothing (personalised scores of a federation without client state).
-    shown = [(h, key) for group in groups for h, key in scores[group] if any(row[key] is not None for row in rows)]
+    # A column nobody filled carries nothing; the validation score is shown for the leading group (the model the
+    # federation delivers), so that the fullest table still fits 80 columns (the others' are in --json).
+    shown = [(h, key) for i, group in enumerate(groups) for h, key in scores[group]
+             if any(row.get(key) is not None for row in rows) and (i == 0 or not key.startswith("validation_"))]
     columns = ["round", "train\nloss", *(h for h, _ in shown), "upload", "train\ns"]
     table_rows = [
         [row["round"], ui.fmt(row["train_loss"]), *(ui.fmt(row[key]) for _, key in shown),

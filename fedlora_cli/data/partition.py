@@ -1,4 +1,4 @@
-"""Split a dataset across clients, with a held-out test split for evaluation.
+"""Split a dataset across clients, with held-out test and validation splits for evaluation.
 
 Strategies:
 
@@ -23,6 +23,8 @@ Output folder::
     ...                 label column; for causal-lm the columns of the data's layout (data.format: prompt
     ...                 and response, messages, prompt and completion, or Alpaca's), answer and category
     test.parquet        the held-out test split, shared by every evaluation
+    validation.parquet  the held-out validation split (``data.validation_fraction`` > 0): settings and the round
+                        to export are chosen on it, so the test split stays a clean estimate
 
 The manifest and the table are the same for both tasks: ``label_column`` names the column whose values are
 counted per client (``label_names``, ``label_counts``): the label for sequence-classification; for causal-lm
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
 
 PARTITION_MANIFEST = "partition.json"
 TEST_SHARD = "test.parquet"
+VALIDATION_SHARD = "validation.parquet"
+# The held-out splits a partition folder may hold, by the name evaluation reports them under.
+HELD_OUT = {"test": TEST_SHARD, "validation": VALIDATION_SHARD}
 MIN_EXAMPLES = 10
 
 
@@ -67,6 +72,18 @@ def split_test(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.nd
     order = rng.permutation(n)
     n_test = max(1, int(round(n * fraction)))
     return order[n_test:], order[:n_test]
+
+
+def split_validation(train: np.ndarray, n: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The validation hold-out, ``fraction`` of all ``n`` rows, from the training rows ``split_test`` left in random
+    order: (train indices, validation indices). No further draw, so the test split and the random stream the
+    clients are split with do not depend on it; 0 holds nothing out."""
+    n_validation = int(round(n * fraction)) if fraction > 0 else 0
+    if fraction > 0 and n_validation == 0:
+        n_validation = 1
+    if n_validation >= len(train):
+        raise FedloraError(f"data.validation_fraction {fraction} of {n} rows leaves no row to train on")
+    return train[n_validation:], train[:n_validation]
 
 
 def iid(n: int, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -174,15 +191,20 @@ def partition(
     frame, labels, label_names = _numbered(frame, spec, labelled, counted)
     rng = np.random.default_rng(spec.seed)
     train_idx, test_idx = split_test(len(frame), spec.test_fraction, rng)
+    train_idx, validation_idx = split_validation(train_idx, len(frame), spec.validation_fraction)
     ids, parts, keys = _split(spec, frame, labels[train_idx], len(train_idx), train_idx, clients, rng)
 
     def counts(idx: np.ndarray) -> list[int]:
         return np.bincount(labels[idx], minlength=len(label_names)).tolist() if label_names else []
 
-    manifest = _manifest(spec, task, counted, label_names, {"file": TEST_SHARD, "examples": len(test_idx),
-                                                             "label_counts": counts(test_idx)}, layout)
+    held_out = {"test": (TEST_SHARD, test_idx), "validation": (VALIDATION_SHARD, validation_idx)}
+    manifest = _manifest(spec, task, counted, label_names, {
+        name: {"file": file, "examples": len(idx), "label_counts": counts(idx)} if len(idx) else None
+        for name, (file, idx) in held_out.items()}, layout)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        frame.iloc[test_idx].to_parquet(tmp / TEST_SHARD, index=False)
+        for file, idx in held_out.values():
+            if len(idx):
+                frame.iloc[idx].to_parquet(tmp / file, index=False)
         for k, (client_id, part) in enumerate(zip(ids, parts)):
             rows = train_idx[part]
             frame.iloc[rows].to_parquet(tmp / shard_name(client_id), index=False)
@@ -289,9 +311,10 @@ def _split(
 
 
 def _manifest(
-    spec: DataSection, task: str, counted: str | None, label_names: list[str], test: dict[str, Any],
+    spec: DataSection, task: str, counted: str | None, label_names: list[str], held_out: dict[str, Any],
     layout: str | None = None,
 ) -> dict[str, Any]:
+    """The partition manifest before its clients; ``held_out``: the test and validation entries (None: none)."""
     labelled = task != TASK_CAUSAL_LM
     columns = (
         {"text_column": spec.text_column} if labelled
@@ -313,9 +336,15 @@ def _manifest(
         "sizes": spec.sizes if spec.strategy == "size" else None,
         "seed": spec.seed,
         "test_fraction": spec.test_fraction,
-        "test": test,
+        "validation_fraction": spec.validation_fraction,
+        **held_out,
         "clients": [],
     }
+
+
+def held_out(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The held-out splits a partition manifest records (test; validation when it has one), by name."""
+    return [(name, manifest[name]) for name in HELD_OUT if manifest.get(name)]
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -11,9 +11,10 @@ Two kinds of folder, both written atomically (a temporary sibling renamed into p
                         README.md) that AutoModelForSequenceClassification.from_pretrained(folder) loads with
                         no PEFT. config.id2label / label2id carry the partition's label names.
 
-With ``model.pooling: mean`` either folder also holds ``fedlora_pooling.py`` (fedlora's pooling module): a
-merged folder names it in ``config.auto_map``, so ``from_pretrained(folder, trust_remote_code=True)`` reads the
-mean as fedlora trained it; for an adapter, the base needs ``fedlora_pooling.install(base)`` before PEFT loads
+When the head reads a masked pooling (``model.pooling`` mean, max or cls, ``auto`` as the global checkpoint resolved
+it) either folder also holds ``fedlora_pooling.py`` (fedlora's pooling module): a merged folder names it in
+``config.auto_map``, so ``from_pretrained(folder, trust_remote_code=True)`` reads the pooling as fedlora trained
+it; for an adapter, the base needs ``fedlora_pooling.install(base, mode)`` before PEFT loads
 it (the card's snippet). Loaded without it, the stock class has no trained pooler: a random one, not the model.
 
 Either holds the global model, or the model personalised for one client (``state_dir``): the global adapter
@@ -225,7 +226,7 @@ def _write_adapter(bench: Workbench, folder: Path, *, dtype: str, base_ref: str)
     import torch
     from safetensors.torch import save_file
 
-    # A stock base reads its pooler; a mean-pooled head needs the pooling installed first (card: how to load).
+    # A stock base reads its pooler; a head reading a masked pooling needs it installed first (card: how to load).
     _write_pooling(bench, folder, type(bench.model.get_base_model()).__name__)
     path = folder / storage.ADAPTER_WEIGHTS
     target = getattr(torch, dtype)
@@ -250,18 +251,19 @@ def _write_merged(bench: Workbench, folder: Path, dtype: str, manifest: GlobalMa
         merged.config.label2id = {name: i for i, name in enumerate(names)}
     merged = merged.to(getattr(torch, dtype))
     auto_map = _write_pooling(bench, folder, type(merged).__name__)
-    if auto_map is not None:  # no stock architecture computes the masked mean: it loads as custom code
+    if auto_map is not None:  # no stock architecture computes the masked pooling: it loads as custom code
         merged.config.auto_map = auto_map
     merged.save_pretrained(str(folder))
 
 
 def _write_pooling(bench: Workbench, folder: Path, architecture: str) -> dict[str, str] | None:
-    """With ``model.pooling: mean``, write the pooling module into the export; the ``auto_map`` that loads it."""
-    if bench.recipe.model.pooling != "mean":
-        return None
+    """With a masked pooling (``model.pooling`` mean, max or cls, as the global checkpoint resolved it), write the
+    pooling module into the export; the ``auto_map`` that loads it."""
     from fedlora_cli.model import pooling
 
-    code, auto_map = pooling.remote_code(architecture)
+    if bench.pooling not in pooling.MODES:
+        return None
+    code, auto_map = pooling.remote_code(architecture, bench.pooling)
     (folder / pooling.REMOTE_CODE_FILE).write_text(code)
     return auto_map
 

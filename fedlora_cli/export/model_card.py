@@ -21,6 +21,12 @@ from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, DataSection, PrivacySectio
 from fedlora_cli.text import fmt
 
 MODEL_CARD = "README.md"
+# What the head reads under each masked pooling (fedlora_cli.model.pooling.MODES), in the card's words.
+POOLING_READS = {
+    "mean": "the masked mean of the last hidden states",
+    "max": "the masked element-wise maximum of the last hidden states",
+    "cls": "the first token's last hidden state (no pooler layer)",
+}
 
 
 # The card's layout; model_card() renders what goes into each ${placeholder} from a CardFacts.
@@ -164,9 +170,11 @@ class CardFacts:
         return self.recipe.model.task == TASK_CAUSAL_LM
 
     @property
-    def mean_pooled(self) -> bool:
-        """Whether the head reads the masked mean (``model.pooling``; checkpoints from before it read the default)."""
-        return self.recipe.model.pooling == "mean"
+    def pooled(self) -> str | None:
+        """The masked pooling the head reads (mean, max, cls: the global checkpoint's resolved ``model.pooling``);
+        None when it reads the architecture's own (``default``, and checkpoints from before pooling existed)."""
+        pooling = self.recipe.model.pooling
+        return pooling if pooling in POOLING_READS else None
 
     @property
     def title(self) -> str:
@@ -276,7 +284,7 @@ def _training_rows(facts: CardFacts) -> list[tuple[str, str]]:
     method = METHODS[facts.method]
     aggregated = f" (last round aggregated: {', '.join(facts.aggregated)})" if facts.aggregated else ""
     task = ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model")
-    read = "the masked mean of the last hidden states" if facts.mean_pooled else "the architecture's own pooling"
+    read = POOLING_READS[facts.pooled] if facts.pooled else "the architecture's own pooling"
     head = ("classifier head", f"{facts.head}: {HEAD_POLICIES[facts.head]}; it reads {read}")
     inputs = ("data", f"prompt column '{data.prompt_column}', response column '{data.response_column}'"
               + (", chat template" if data.chat_template else "") + f", max length {data.max_length}")
@@ -385,14 +393,14 @@ def _usage_lines(facts: CardFacts) -> list[str]:
             "",
             f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}", num_labels={facts.num_labels})',
         ]
-        if facts.mean_pooled:
+        if facts.pooled:
             lines[0:0] = ["import sys", ""]
             lines[-1:-1] = ['sys.path.insert(0, "LOCAL_COPY_OF_THIS_FOLDER")  # fedlora_pooling.py ships in it',
                             "from fedlora_pooling import install", ""]
-            lines.append("install(base)  # the head reads the masked mean of the last hidden states, as trained")
+            lines.append(f'install(base, "{facts.pooled}")  # the head reads {POOLING_READS[facts.pooled]}, as trained')
         lines.append('model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER").eval()')
     else:
-        remote = ", trust_remote_code=True" if facts.mean_pooled else ""  # fedlora_pooling.py: the mean the head reads
+        remote = ", trust_remote_code=True" if facts.pooled else ""  # fedlora_pooling.py: the pooling the head reads
         lines = [
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",

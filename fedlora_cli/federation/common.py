@@ -59,7 +59,12 @@ class Global(GlobalCheckpoint):
 
     @cached_property
     def recipe(self) -> recipes.Recipe:
-        return recipes.from_dict(self.manifest.recipe)
+        data = self.manifest.recipe
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict) and "pooling" not in model:
+            # Written before model.pooling existed: the head read the architecture's pooler (not today's 'auto').
+            data = {**data, "model": {**model, "pooling": "default"}}
+        return recipes.from_dict(data)
 
     @cached_property
     def plan(self) -> Plan:

@@ -60,14 +60,15 @@ def evaluate(
     site: Mapping[str, Any] | None = None,
     split: str | None = None,
     lm_eval: harness.Request | None = None,
+    held_out: str = "test",
 ) -> dict[str, Any]:
     """The task's metrics (:mod:`fedlora_cli.model.evaluation`) of the global model, or of one client's personalised
     model, on ``test`` data; and with ``lm_eval``, lm-evaluation-harness's scores of the same model on its tasks
     (:mod:`fedlora_cli.model.harness`, under the key ``lm_eval``). ``settings`` replaces the recipe's evaluation
     section (e.g. another ``max_new_tokens``).
 
-    ``test`` is a partition folder (its test split), a shard, or the site's own data as :func:`train_client` takes
-    it. It is read, and the lm-eval tasks loaded with their data, before the model is loaded, so bad data or a bad
+    ``test`` is a partition folder (its ``held_out`` split: test or validation), a shard, or the site's own data as
+    :func:`train_client` takes it. It is read, and the lm-eval tasks loaded with their data, before the model is loaded, so bad data or a bad
     task name fails at once. The model is loaded once for both.
     """
     from fedlora_cli.data.examples import read_examples
@@ -75,7 +76,7 @@ def evaluate(
 
     g = Global.of(global_checkpoint)
     if examples is None and test is not None:
-        examples = read_examples(test_path(test), g.recipe.data, g.recipe.model.task, g.manifest.num_labels,
+        examples = read_examples(held_out_path(test, held_out), g.recipe.data, g.recipe.model.task, g.manifest.num_labels,
                                  g.label_names, split)
     if examples is None and lm_eval is None:
         raise FedloraError("no test data given, and no lm-eval task")
@@ -95,9 +96,58 @@ def evaluate(
     return {**result, "site": bench.site.to_dict()}
 
 
+def evaluate_splits(
+    global_checkpoint: Path | Global, test: Path | str | None, validation: Path | str | None = None, *,
+    split: str | None = None, **options: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate` on ``test`` (a partition folder's test split, or any data), and on ``validation`` (default:
+    the partition folder's validation split when it has one; a site may name its own data): the test metrics (and
+    lm-eval's, with ``lm_eval``) with the validation ones under ``validation``, absent without validation data.
+    Both are read before the model is loaded, which happens once; ``options`` as :func:`evaluate` takes them."""
+    from fedlora_cli.data.examples import read_examples
+
+    g = Global.of(global_checkpoint)
+    if validation is None and test is not None:
+        validation = validation_of(test)
+    if validation is None:
+        return evaluate(g, test, split=split, **options)
+    if test is None:
+        raise FedloraError("validation data without test data (--data)")
+
+    def read(source: Path | str, held_out: str) -> Any:
+        return read_examples(held_out_path(source, held_out), g.recipe.data, g.recipe.model.task,
+                             g.manifest.num_labels, g.label_names, split)
+
+    examples = {"test": read(test, "test"), "validation": read(validation, "validation")}
+    bench = options.pop("bench", None)
+    if bench is None:
+        keep = {k: options[k] for k in ("state_dir", "client_id", "base_override", "site") if k in options}
+        bench, _ = load_for_evaluation(g, **keep)
+    scores = evaluate(g, examples=examples["test"], bench=bench, **options)
+    options.pop("lm_eval", None)  # lm-eval's tasks have their own data: scored once
+    return {**scores, "validation": evaluate(g, examples=examples["validation"], bench=bench, **options)}
+
+
 def test_path(source: Path | str) -> Path | str:
     """A partition folder's test split; any other source (a file, a save_to_disk folder, a Hub dataset) as given."""
-    from fedlora_cli.data.partition import TEST_SHARD
+    return held_out_path(source, "test")
 
-    shard = Path(source) / TEST_SHARD
-    return shard if shard.is_file() else source
+
+def held_out_path(source: Path | str, split: str) -> Path | str:
+    """A partition folder's held-out split ``split`` (``test`` or ``validation``); any other source as given.
+    FedloraError for a partition folder without that split (one partitioned with no validation fraction)."""
+    from fedlora_cli.data.partition import HELD_OUT, PARTITION_MANIFEST
+
+    folder = Path(source)
+    shard = folder / HELD_OUT[split]
+    if shard.is_file() or not (folder / PARTITION_MANIFEST).is_file():
+        return shard if shard.is_file() else source
+    raise FedloraError(f"partition {folder} has no {split} split (partition it again with a {split} fraction)")
+
+
+def validation_of(source: Path | str) -> Path | None:
+    """A partition folder's validation split, None for a folder without one and for any other source."""
+    from fedlora_cli.data.partition import VALIDATION_SHARD
+
+    shard = Path(source) / VALIDATION_SHARD
+    return shard if shard.is_file() else None

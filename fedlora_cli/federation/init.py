@@ -36,9 +36,14 @@ def init(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
-    recipe = calibrated(recipe, partition)
+    # The pooling is read from the folder the model is loaded from (a given workbench's, or the override's).
+    location = bench.base_location if bench is not None else base_override
+    recipe, pooling_source = with_pooling(calibrated(recipe, partition), location)
     if bench is None:
         bench = build(recipe, num_labels, base_override)
+    if bench.pooling != recipe.model.pooling:
+        raise FedloraError(f"the model was built with pooling '{bench.pooling}', the federation reads "
+                           f"'{recipe.model.pooling}'")
     plan = make_plan(recipe.federation.method, recipe.federation.head, recipe.adapter.kind)
     tensors = bench.adapter_tensors()
     tensor_digests = digests(tensors)
@@ -57,6 +62,7 @@ def init(
         tensor_digests=tensor_digests,
         digest=storage.global_digest(tensor_digests),
         frozen_digest=frozen_digest(plan, tensor_digests),
+        pooling_source=pooling_source,
     )
     written = storage.write_global(out, manifest, tensors, bench.adapter_config(), overwrite=overwrite)
     return Global.written(written, recipe, tensors, {})
@@ -82,6 +88,19 @@ def task_labels(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> tup
     if label_names is not None and len(label_names) != num_labels:
         raise FedloraError(f"model.num_labels is {num_labels} but the partition has {len(label_names)} labels")
     return label_names, num_labels
+
+
+def with_pooling(recipe: recipes.Recipe, base_override: str | None = None) -> tuple[recipes.Recipe, str]:
+    """The recipe with ``model.pooling`` resolved (``auto``: from the base model's own files, see
+    :mod:`fedlora_cli.model.pooling_choice`), and where the choice came from. The round-0 global checkpoint records
+    both: the pooling is part of what the federation computes, so every client reads the model the same way."""
+    import dataclasses
+
+    from fedlora_cli.model.pooling_choice import choose
+    from fedlora_cli.recipe.loading import resolve_location
+
+    choice = choose(recipe.model, resolve_location(base_override or recipe.model.base))
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, pooling=choice.pooling)), choice.source
 
 
 def calibrated(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> recipes.Recipe:

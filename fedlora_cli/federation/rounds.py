@@ -9,8 +9,9 @@ A round t takes global checkpoint t-1 to global checkpoint t, in a run folder (:
 4. the participation rule (:func:`.sampling.require_enough`: at least ``federation.min_clients`` updates);
 5. aggregation (:func:`.server.aggregate_round`: validation, the strategy, DP-FedAvg, server optimisers) into
    the global checkpoint;
-6. evaluation: the global on the test data the coordinator holds, and whatever the sites evaluate (each client's
-   personalised model), into ``RUN/metrics/round-NNN.json``;
+6. evaluation: the global on the test data and the validation data the coordinator holds, and whatever the sites
+   evaluate (each client's personalised model), into ``RUN/metrics/round-NNN.json`` (validation scores under
+   ``validation``, with the same keys);
 7. the round's row (:func:`round_row`), from the files the round wrote, so a resumed round's row is the same.
 
 Everything is written atomically and a re-run skips what is complete: an interrupted federation resumes at the
@@ -44,6 +45,8 @@ from fedlora_cli.storage.run_layout import RECIPE_FILE, RunLayout
 if TYPE_CHECKING:
     from fedlora_cli.model.workbench import Workbench
 
+# The key of a round's metrics (and the prefix of a round row's keys) under which the validation split's scores are.
+VALIDATION = "validation"
 # Where updates that arrived over a network wait until the round has enough of them (RUN/.staging/round-NNN).
 STAGING_DIR = ".staging"
 
@@ -137,20 +140,21 @@ class Benches:
 
 
 class TestData:
-    """The coordinator's test data (a partition's test split or any source ``fedlora evaluate`` reads), read once
-    on first use; None when the coordinator holds none."""
+    """The coordinator's held-out data of one split (``test`` or ``validation``: a partition folder's split of that
+    name, or any source ``fedlora evaluate`` reads), read once on first use; None when the coordinator holds none."""
 
-    def __init__(self, source: Path | str | None, recipe: recipes.Recipe, num_labels: int | None) -> None:
-        self.source, self.recipe, self.num_labels = source, recipe, num_labels
+    def __init__(self, source: Path | str | None, recipe: recipes.Recipe, num_labels: int | None,
+                 split: str = "test") -> None:
+        self.source, self.recipe, self.num_labels, self.split = source, recipe, num_labels, split
         self._examples: Any = None
 
     def examples(self, g: Global) -> Any:
         from fedlora_cli.data.examples import read_examples
-        from fedlora_cli.federation.evaluate import test_path
+        from fedlora_cli.federation.evaluate import held_out_path
 
         if self._examples is None and self.source is not None:
-            self._examples = read_examples(test_path(self.source), self.recipe.data, self.recipe.model.task,
-                                           self.num_labels, g.label_names)
+            self._examples = read_examples(held_out_path(self.source, self.split), self.recipe.data,
+                                           self.recipe.model.task, self.num_labels, g.label_names)
         return self._examples
 
 
@@ -158,9 +162,10 @@ class Federation:
     """A federation's rounds over a run folder, with the clients reached through ``sites``."""
 
     def __init__(self, recipe: recipes.Recipe, layout: RunLayout, sites: Sites, reporter: Reporter, *,
-                 benches: Benches, test: TestData, partition: Mapping[str, Any] | None = None) -> None:
+                 benches: Benches, test: TestData, validation: TestData | None = None,
+                 partition: Mapping[str, Any] | None = None) -> None:
         self.recipe, self.layout, self.sites, self.reporter = recipe, layout, sites, reporter
-        self.benches, self.test, self.partition = benches, test, partition
+        self.benches, self.test, self.validation, self.partition = benches, test, validation, partition
 
     def start(self) -> Global:
         """The round-0 global checkpoint of the run folder, written now if it is not there."""
@@ -230,7 +235,12 @@ class Federation:
         examples = self.test.examples(g)
         if examples is not None:
             metrics["global"] = evaluate_checkpoint(g, bench=self.benches.get(None), examples=examples)
-        metrics.update(self.sites.evaluate(g))
+        validation = self.validation.examples(g) if self.validation is not None else None
+        if validation is not None:
+            metrics[VALIDATION] = {"global": evaluate_checkpoint(g, bench=self.benches.get(None), examples=validation)}
+        for key, value in self.sites.evaluate(g).items():
+            # The sites' validation scores join the coordinator's under the same key.
+            metrics[key] = {**metrics.get(key, {}), **value} if key == VALIDATION else value
         if len(metrics) > 1:
             path.parent.mkdir(parents=True, exist_ok=True)
             with storage.atomic_file(path) as tmp:
@@ -252,8 +262,9 @@ class InProcessSites:
     """Every client trained in this process on its partition shard, its state in the run folder (``simulate``)."""
 
     def __init__(self, layout: RunLayout, clients: list[str], benches: Benches, test: TestData,
-                 reporter: InProcessReporter) -> None:
+                 reporter: InProcessReporter, validation: TestData | None = None) -> None:
         self.layout, self.clients, self.benches, self.test, self.reporter = layout, clients, benches, test, reporter
+        self.validation = validation
 
     def reachable(self, g: Global, clients: list[str]) -> list[str]:
         return clients
@@ -275,17 +286,23 @@ class InProcessSites:
         return Collected(out)
 
     def evaluate(self, g: Global) -> dict[str, Any]:
-        """Each client's personalised model (the global at its rank plus its own state) on the test data, when the
-        method keeps tensors at home or clients train other ranks."""
+        """Each client's personalised model (the global at its rank plus its own state) on the test data (and on
+        the validation data, under ``validation``), when the method keeps tensors at home or clients train other
+        ranks."""
         round_, recipe = g.manifest.round, g.recipe
         if not (g.plan.local or recipe.adapter.client_ranks):
             return {}
-        examples = self.test.examples(g)
-        return {"personalised": {
-            cid: evaluate_checkpoint(g, state_dir=self.layout.state(cid), client_id=cid, bench=self.benches.get(cid),
-                                     examples=examples)
-            for cid in self.clients if storage.latest_state(self.layout.state(cid), round_ + 1) is not None
-        }}
+        held = [c for c in self.clients if storage.latest_state(self.layout.state(c), round_ + 1) is not None]
+
+        def personalised(examples: Any) -> dict[str, Any]:
+            return {cid: evaluate_checkpoint(g, state_dir=self.layout.state(cid), client_id=cid,
+                                             bench=self.benches.get(cid), examples=examples) for cid in held}
+
+        metrics = {"personalised": personalised(self.test.examples(g))}
+        validation = self.validation.examples(g) if self.validation is not None else None
+        if validation is not None:
+            metrics[VALIDATION] = {"personalised": personalised(validation)}
+        return metrics
 
     def kept_loss(self, round_: int, client_id: str) -> float | None:
         path = self.layout.state(client_id) / round_dirname(round_) / storage.STATE_MANIFEST
@@ -329,6 +346,8 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
         "left_out": [c for c in asked if c not in m.clients],
         "train_loss": None if None in losses else sum(loss * u.num_examples for loss, u in zip(losses, updates)) / total,
         **_scores(metrics, partition),
+        **{f"{VALIDATION}_{key}": value for key, value in _scores(metrics.get(VALIDATION) or {}, partition).items()
+           if key in VALIDATION_SCORES},
         "upload_bytes": uploaded, "upload_bytes_per_client": uploaded // len(updates), "wire_bytes": wire_bytes,
         "seconds": sum(u.seconds for u in updates),  # the clients' training time
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
@@ -376,6 +395,11 @@ def _scores(metrics: Mapping[str, Any], partition: Mapping[str, Any] | None) -> 
         # Flower's client-evaluation: the global as each site scored it on its own data, averaged over the sites.
         "sites_accuracy": _mean([_site_accuracy(s) for s in (metrics.get("sites") or {}).values()]),
     }
+
+
+# The scores a round's row carries for the validation split too (as validation_<key>).
+VALIDATION_SCORES = ("global_accuracy", "global_macro_f1", "global_loss", "personalised_accuracy",
+                     "personalised_accuracy_own_mix", "sites_accuracy")
 
 
 def _site_accuracy(scores: Mapping[str, float]) -> float | None:

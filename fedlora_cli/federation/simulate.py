@@ -40,13 +40,18 @@ def simulate(
     reporter.stage(f"loading base model {recipe.model.base} ({Site.of(recipe).describe()})")
     benches = Benches(recipe, num_labels)
     test = TestData(layout.data / partitions.TEST_SHARD, recipe, num_labels)
-    sites = InProcessSites(layout, clients, benches, test, reporter)
+    # A partition made without a validation fraction (or before there was one) has no validation split.
+    validation = layout.data / partitions.VALIDATION_SHARD
+    validation = TestData(validation, recipe, num_labels, "validation") if validation.is_file() else None
+    sites = InProcessSites(layout, clients, benches, test, reporter, validation)
     if recipe.federation.secure_aggregation is not None:
         reporter.warn("federation.secure_aggregation: simulate emulates SecAgg+'s arithmetic (clip, quantise, "
                       "weighted integer sum, dequantise) to show its cost; it provides no security itself (one "
                       "process sees every update). Secure aggregation runs on Flower: fedlora flower app")
+    federation = Federation(recipe, layout, sites, reporter, benches=benches, test=test, validation=validation,
+                            partition=part)
     rows = []
-    for row in Federation(recipe, layout, sites, reporter, benches=benches, test=test, partition=part).rounds():
+    for row in federation.rounds():
         if keep_state_rounds is not None:
             for cid in clients:
                 storage.prune_states(layout.state(cid), keep_state_rounds)

@@ -38,7 +38,7 @@ def app_name(recipe: recipes.Recipe) -> str:
 
 def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float | None = None,
               test: str | None = None, base: str | None = None, client_evaluation: bool = False,
-              overwrite: bool = False, report_to: str | None = None) -> Path:
+              overwrite: bool = False, report_to: str | None = None, validation: str | None = None) -> Path:
     """Write the app folder for the (validated) recipe at ``recipe_file``; returns its pyproject.toml.
 
     Paths are made absolute: the ServerApp runs as a process of the SuperLink host, in another working folder.
@@ -55,8 +55,9 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
         if round_timeout <= 0:
             raise FedloraError(f"--round-timeout must be a positive number of seconds; got {round_timeout:g}")
         config["round-timeout"] = float(round_timeout)
-    if test is not None:
-        config["test"] = Path(test).resolve() if Path(test).exists() else test
+    for key, source in (("test", test), ("validation", validation)):
+        if source is not None:
+            config[key] = Path(source).resolve() if Path(source).exists() else source
     if base is not None:
         config["base"] = Path(base).resolve() if Path(base).exists() else base
     if client_evaluation:
@@ -128,7 +129,7 @@ def node_config(client_id: str, data: str | None, state_dir: str, **settings: ob
     pairs.update({key: value for key, value in settings.items() if value is not None})
     # Paths that exist here are made absolute (a SuperNode runs its apps in another folder); anything else (a Hub
     # dataset or model name) is kept as given.
-    for key in ("data", "test-data", "base"):
+    for key in ("data", "test-data", "validation-data", "base"):
         if isinstance(pairs.get(key), str) and Path(pairs[key]).exists():
             pairs[key] = str(Path(pairs[key]).resolve())
     return " ".join(f"{key}={_toml(value)}" for key, value in pairs.items())

@@ -40,16 +40,17 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora_cli import recipe as recipes, tracking
 from fedlora_cli.errors import FedloraError, first_line
 from fedlora_cli.federation.common import Global
-from fedlora_cli.federation.rounds import Benches, Collected, Federation, TestData, pin_recipe
+from fedlora_cli.federation.rounds import VALIDATION as ROUND_VALIDATION, Benches, Collected, Federation, TestData, pin_recipe
 from fedlora_cli.federation.sampling import population
 from fedlora_cli.federation.server import check_update
 from fedlora_cli.flower import client_app as messages, transport
-from fedlora_cli.flower.site import CLIENT_ID
+from fedlora_cli.flower.site import CLIENT_ID, VALIDATION_PREFIX
 from fedlora_cli.storage.run_layout import RunLayout
 
 # Run config keys ([tool.flwr.app.config]).
-RECIPE, RUN_DIR, ROUND_TIMEOUT, QUERY_TIMEOUT, TEST, BASE, CLIENT_EVALUATION, REPORT_TO = (
-    "recipe", "run-dir", "round-timeout", "query-timeout", "test", "base", "client-evaluation", "report-to",
+RECIPE, RUN_DIR, ROUND_TIMEOUT, QUERY_TIMEOUT, TEST, VALIDATION, BASE, CLIENT_EVALUATION, REPORT_TO = (
+    "recipe", "run-dir", "round-timeout", "query-timeout", "test", "validation", "base", "client-evaluation",
+    "report-to",
 )
 
 
@@ -64,6 +65,8 @@ class Settings:
     # base's files (a base without safetensors weights is loaded to be identified).
     query_timeout: float = 300.0
     test: str | None = None  # [test] test data on this host; default RUN/data/test.parquet when there is one
+    # [validation] validation data on this host; default RUN/data/validation.parquet when there is one
+    validation: str | None = None
     base: str | None = None  # [base] the base model's path on this host (default: the recipe's model.base)
     client_evaluation: bool = False  # [client-evaluation] also ask each site to evaluate on its test-data
     # [report-to] trackers, comma-separated as --report-to ('none': none); default: the recipe's tracking.report_to
@@ -83,6 +86,7 @@ class Settings:
                 timeouts[key.replace("-", "_")] = float(value)
         return cls(recipe=Path(str(config[RECIPE])), run_dir=Path(str(config[RUN_DIR])), **timeouts,
                    test=str(config[TEST]) if config.get(TEST) else None,
+                   validation=str(config[VALIDATION]) if config.get(VALIDATION) else None,
                    base=str(config[BASE]) if config.get(BASE) else None,
                    client_evaluation=bool(config.get(CLIENT_EVALUATION, False)),
                    report_to=str(config[REPORT_TO]) if config.get(REPORT_TO) else None)
@@ -125,12 +129,14 @@ class Coordinator:
         if (self.layout.data / partitions.PARTITION_MANIFEST).is_file():
             part = partitions.read_manifest(self.layout.data)
         num_labels = federation_labels(self.recipe, part)
-        test = self.settings.test
-        if test is None and (self.layout.data / partitions.TEST_SHARD).is_file():
-            test = str(self.layout.data / partitions.TEST_SHARD)
+        held = {}
+        for split, given in (("test", self.settings.test), ("validation", self.settings.validation)):
+            shard = self.layout.data / partitions.HELD_OUT[split]
+            source = given if given is not None else (str(shard) if shard.is_file() else None)
+            held[split] = TestData(source, self.recipe, num_labels, split)
         benches = Benches(self.recipe, num_labels, self.settings.base)
-        rounds = Federation(self.recipe, self.layout, self.sites, self, benches=benches,
-                            test=TestData(test, self.recipe, num_labels), partition=part)
+        rounds = Federation(self.recipe, self.layout, self.sites, self, benches=benches, test=held["test"],
+                            validation=held["validation"], partition=part)
         self.rows = []
         with self.trackers:
             for _ in rounds.rounds():
@@ -305,8 +311,18 @@ class FlowerSites:
             self.say(INFO, f"round {r}: client '{cid}' sent again the update it had made (not trained again)")
 
     def evaluate(self, g: Global) -> dict[str, Any]:
-        """With client-evaluation, each site's own scores of the global (and of its personalised model)."""
-        return {"sites": self.evaluate_at_sites(g)} if self.settings.client_evaluation else {}
+        """With client-evaluation, each site's own scores of the global (and of its personalised model) on its test
+        data, and under ``validation`` on its own validation data when it names one."""
+        if not self.settings.client_evaluation:
+            return {}
+        scores = self.evaluate_at_sites(g)
+        prefix = VALIDATION_PREFIX
+        metrics: dict[str, Any] = {"sites": {cid: {k: v for k, v in s.items() if not k.startswith(prefix)}
+                                             for cid, s in scores.items()}}
+        validation = {cid: {k[len(prefix):]: v for k, v in s.items() if k.startswith(prefix)} for cid, s in scores.items()}
+        if any(validation.values()):
+            metrics[ROUND_VALIDATION] = {"sites": {cid: s for cid, s in validation.items() if s}}
+        return metrics
 
     def evaluate_at_sites(self, g: Global) -> dict[str, dict[str, float]]:
         from flwr.app import MetricRecord
@@ -358,9 +374,12 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
     def fmt(value: Any, spec: str = ".4f") -> str:
         return "-" if value is None else format(value, spec)
 
-    # Columns shown only where a round has them: the sites' own scores of the global (client-evaluation), the
+    # Columns shown only where a round has them: the global's validation accuracy, the sites' own scores of the
+    # global (client-evaluation) on their test and validation data, the
     # largest DP-SGD epsilon a site's update reports, DP-FedAvg's epsilon.
-    extra = [(key, label, spec) for key, label, spec in (("sites_accuracy", "sites acc", ".4f"),
+    extra = [(key, label, spec) for key, label, spec in (("validation_global_accuracy", "val acc", ".4f"),
+                                                         ("sites_accuracy", "sites acc", ".4f"),
+                                                         ("validation_sites_accuracy", "sites val acc", ".4f"),
                                                          ("epsilon", "max eps", ".3f"),
                                                          ("server_epsilon", "server eps", ".3f"))
              if any(row[key] is not None for row in rows)]

@@ -9,6 +9,7 @@ A site is configured once, by its SuperNode's ``--node-config`` (TOML values; st
     work-dir="/var/fedlora/a-in"  optional: where received globals and sent updates are kept, per federation too
                                   (default STATE-DIR/flower)
     test-data="/data/a-test.csv"  optional: the site's test data, for evaluate messages
+    validation-data="/data/a-val.csv"  optional: the site's own validation data, scored beside test-data
     base="/models/minilm"         optional: where this site's copy of the base model is
     split="train"                 optional: the split of a Hub dataset
     device="cuda" dtype="bfloat16" quantization="4bit" mixed-precision="bf16" gradient-checkpointing=true
@@ -48,13 +49,15 @@ from fedlora_cli.model.workbench import Workbench
 from fedlora_cli.storage.checkpoints import round_dirname
 from fedlora_cli.storage.manifests import GlobalManifest, _from_dict
 
-CLIENT_ID, DATA, STATE_DIR, WORK_DIR, TEST_DATA, BASE, SPLIT, WORKER = (
-    "client-id", "data", "state-dir", "work-dir", "test-data", "base", "split", "worker",
+CLIENT_ID, DATA, STATE_DIR, WORK_DIR, TEST_DATA, VALIDATION_DATA, BASE, SPLIT, WORKER = (
+    "client-id", "data", "state-dir", "work-dir", "test-data", "validation-data", "base", "split", "worker",
 )
+# The prefix of a site's scores on its validation data in an evaluate reply (beside global.*, personal.*).
+VALIDATION_PREFIX = "validation."
 WORKER_MODES = ("auto", "required", "off")
 # node-config key -> the recipe's site setting it overrides (fedlora_cli.recipe.site_settings declares both).
 SITE_SETTINGS = {setting.node_key: setting.key for setting in recipes.SITE_SETTINGS}
-_PATHS = (CLIENT_ID, DATA, STATE_DIR, WORK_DIR, TEST_DATA, BASE, SPLIT, WORKER)
+_PATHS = (CLIENT_ID, DATA, STATE_DIR, WORK_DIR, TEST_DATA, VALIDATION_DATA, BASE, SPLIT, WORKER)
 WORK_SUBDIR = "flower"
 
 
@@ -65,6 +68,7 @@ class SiteConfig:
     work_dir: Path
     data: str | None = None
     test_data: str | None = None
+    validation_data: str | None = None
     base: str | None = None
     split: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # recipe site key -> value
@@ -92,7 +96,8 @@ class SiteConfig:
         return cls(
             client_id=client_id, state_dir=state_dir,
             work_dir=Path(node_config.get(WORK_DIR) or state_dir / WORK_SUBDIR),
-            data=node_config.get(DATA), test_data=node_config.get(TEST_DATA), base=node_config.get(BASE),
+            data=node_config.get(DATA), test_data=node_config.get(TEST_DATA),
+            validation_data=node_config.get(VALIDATION_DATA), base=node_config.get(BASE),
             split=node_config.get(SPLIT),
             settings={SITE_SETTINGS[k]: v for k, v in node_config.items() if k in SITE_SETTINGS}, worker=worker,
         )
@@ -218,23 +223,36 @@ def train(site: SiteConfig, g: Global, bench: Workbench | None = None) -> Client
 
 def evaluate(site: SiteConfig, g: Global, bench_of: Callable[[int], Workbench] | None = None) -> dict[str, float]:
     """The global model's metrics on this site's test data, and its personalised model's (``personal.*``) when
-    the method keeps tensors at home (FedSA's B, a local head) or the site trains another rank; numbers only.
+    the method keeps tensors at home (FedSA's B, a local head) or the site trains another rank; the same on the
+    site's own validation data (``validation.global.*``, ``validation.personal.*``) when it names one; numbers only.
     ``bench_of(rank)`` gives the workbench of a rank (a resident worker's); by default one is built here."""
-    from fedlora_cli import federation
-
     if site.test_data is None:
         raise FedloraError(f"site '{site.client_id}' has no test-data=\"...\" in its --node-config; it cannot evaluate")
     recipe = g.recipe
     bench = (bench_of(recipe.adapter.r) if bench_of is not None
              else build_for_site(recipe, g.manifest.num_labels, site.base, site.settings))
+    metrics = _scores_on(site, g, site.test_data, bench, bench_of)
+    if site.validation_data is not None:
+        validation = _scores_on(site, g, site.validation_data, bench, bench_of)
+        metrics.update({f"{VALIDATION_PREFIX}{k}": v for k, v in validation.items()})
+    return metrics
+
+
+def _scores_on(site: SiteConfig, g: Global, data: str, bench: Workbench,
+               bench_of: Callable[[int], Workbench] | None) -> dict[str, float]:
+    """The global's (``global.*``) and, when the site has one, its personalised model's (``personal.*``) metrics on
+    ``data``."""
+    from fedlora_cli import federation
+
+    recipe = g.recipe
     metrics = {f"global.{k}": v for k, v in _numbers(
-        federation.evaluate(g, site.test_data, base_override=site.base, bench=bench, split=site.split)).items()}
+        federation.evaluate(g, data, base_override=site.base, bench=bench, split=site.split)).items()}
     personal = bool(g.plan.local) or bool(recipe.adapter.client_ranks)
     state_dir = site.state(federation_folder(g.manifest))
     if personal and storage.latest_state(state_dir, g.manifest.round + 1) is not None:
         rank = recipe.adapter.rank_for(site.client_id)
         own = bench if rank == bench.rank else (bench_of(rank) if bench_of is not None else None)
-        result = federation.evaluate(g, site.test_data, state_dir=state_dir, client_id=site.client_id,
+        result = federation.evaluate(g, data, state_dir=state_dir, client_id=site.client_id,
                                      base_override=site.base, bench=own, site=site.settings, split=site.split)
         metrics.update({f"personal.{k}": v for k, v in _numbers(result).items()})
     return metrics

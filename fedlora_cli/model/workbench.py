@@ -47,6 +47,8 @@ class Workbench:
     base_location: str
     site: Site
     rank: int = 0
+    # What the task head reads (model.pooling as resolved from the model's files for 'auto'): default, mean, max, cls.
+    pooling: str = "default"
     # The fingerprint as fedlora computed it before it read the stored weights (float32 loads only), so that
     # global checkpoints written then still resume.
     legacy_fingerprint: str | None = None
@@ -62,6 +64,11 @@ class Workbench:
             raise FedloraError(
                 f"a workbench built for a {built[0]} model with a {built[1]} adapter cannot serve a recipe for a "
                 f"{recipe.model.task} model with a {recipe.adapter.kind} adapter"
+            )
+        if recipe.model.pooling not in ("auto", self.pooling):
+            raise FedloraError(
+                f"a workbench built with pooling '{self.pooling}' cannot serve a recipe whose model.pooling is "
+                f"'{recipe.model.pooling}'"
             )
         return dataclasses.replace(self, recipe=recipe)
 
@@ -158,9 +165,10 @@ class Workbench:
 PEFT_TASK_TYPES = {TASK_CLASSIFICATION: "SEQ_CLS", TASK_CAUSAL_LM: "CAUSAL_LM"}
 
 
-def _load_base(recipe: Recipe, location: str, num_labels: int | None, site: Site) -> Any:
-    """The base model class of the recipe's task (a sequence classifier with ``num_labels``, or a causal LM), in
-    the site's precision or quantisation, on the site's device, with gradient checkpointing if asked for."""
+def _load_base(recipe: Recipe, location: str, num_labels: int | None, site: Site, pooling: str) -> Any:
+    """The base model class of the recipe's task (a sequence classifier with ``num_labels`` whose head reads
+    ``pooling``, or a causal LM), in the site's precision or quantisation, on the site's device, with gradient
+    checkpointing if asked for."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     task, kwargs = recipe.model.task, site.load_kwargs(recipe.model.task)
@@ -172,18 +180,7 @@ def _load_base(recipe: Recipe, location: str, num_labels: int | None, site: Site
         model = AutoModelForSequenceClassification.from_pretrained(
             location, num_labels=num_labels, revision=recipe.model.revision, **kwargs
         )
-        from fedlora_cli.model import pooling
-
-        if pooling.is_export(model.config) and recipe.model.pooling != "mean":
-            raise FedloraError(
-                f"model.base '{location}' is a mean-pooled fedlora export (its pooler is not in its weights): set "
-                "model.pooling 'mean'"
-            )
-        if recipe.model.pooling == "mean":
-            try:
-                pooling.install(model)
-            except ValueError as exc:
-                raise FedloraError(f"model.pooling 'mean': {exc}") from None
+        _install_pooling(model, location, pooling)
     # Non-reentrant checkpointing needs no gradient at the (frozen) inputs, and Opacus' hooks see each
     # adapter layer's forward pass once per backward pass.
     checkpointing = {"use_reentrant": False}
@@ -200,6 +197,24 @@ def _load_base(recipe: Recipe, location: str, num_labels: int | None, site: Site
                 raise FedloraError(f"training.gradient_checkpointing: {type(model).__name__} does not support it")
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     return model
+
+
+def _install_pooling(model: Any, location: str, mode: str) -> None:
+    """Make the head read ``mode`` (``default``: the architecture's pooler, left as it is)."""
+    from fedlora_cli.model import pooling
+    from fedlora_cli.model.pooling_choice import exported_mode
+
+    exported = exported_mode(getattr(model.config, "auto_map", None))
+    if exported is not None and mode != exported:
+        raise FedloraError(
+            f"model.base '{location}' is a {exported}-pooled fedlora export (its pooler is not in its weights): set "
+            f"model.pooling '{exported}' or 'auto'"
+        )
+    if mode in pooling.MODES:
+        try:
+            pooling.install(model, mode)
+        except ValueError as exc:
+            raise FedloraError(f"model.pooling '{mode}': {exc}") from None
 
 
 def _float32_heads(model: Any) -> None:
@@ -248,9 +263,12 @@ def _build(recipe: Recipe, num_labels: int | None, location: str, *, rank: int |
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
+    from fedlora_cli.model.pooling_choice import choose
+
+    pooling = choose(recipe.model, location).pooling
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=recipe.model.revision)
-        model = _load_base(recipe, location, num_labels, site)
+        model = _load_base(recipe, location, num_labels, site, pooling)
     except (OSError, ValueError) as exc:
         raise FedloraError(f"cannot load base model '{location}': {first_line(exc)}") from None
     if tokenizer.pad_token is None:
@@ -279,7 +297,7 @@ def _build(recipe: Recipe, num_labels: int | None, location: str, *, rank: int |
     peft_model.eval()  # training switches to train mode for its steps and back
     return Workbench(
         recipe=recipe, model=peft_model, tokenizer=tokenizer, fingerprint=fingerprint, base_location=location,
-        site=site, rank=rank, legacy_fingerprint=legacy,
+        site=site, rank=rank, pooling=pooling, legacy_fingerprint=legacy,
     )
 
 

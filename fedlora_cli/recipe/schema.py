@@ -54,6 +54,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     TASK_CAUSAL_LM: {
         "adapter.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "federation.head": "frozen",
+        "model.pooling": "default",
     },
 }
 ANSWER_EXTRACTORS = ("none", "number")
@@ -69,7 +70,9 @@ SAMPLINGS = ("fixed", "poisson")
 UPDATE_ENCODINGS = ("float32", "bfloat16", "int8")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
-POOLINGS = ("default", "mean")
+# model.pooling: 'auto' (fedlora_cli.model.pooling_choice), the architecture's own, or a masked pooling
+# (fedlora_cli.model.pooling.MODES)
+POOLINGS = ("auto", "default", "mean", "max", "cls")
 # federation.secure_aggregation.protocol: the protocols fedlora runs (Flower's SecAgg+, fedlora_cli.secure)
 SECURE_PROTOCOLS = ("secagg+",)
 
@@ -102,10 +105,13 @@ class ModelSection:
     )
     revision: str | None = _help("Hub revision of the base model (branch, tag or commit).", None)
     pooling: str = _help(
-        "sequence-classification: what the task head reads. 'default' is the architecture's own (BERT: its pooler "
-        "over the first token); 'mean' is the mean of the last hidden states over the real tokens, as "
-        "sentence-embedding checkpoints (all-MiniLM, e5, gte) are trained to be read (BERT-family encoders).",
-        "default",
+        "sequence-classification: what the task head reads. 'auto' reads the model's own sentence-transformers "
+        "files (modules.json, 1_Pooling/config.json: mean, max or cls; other modes refused by name) and takes the "
+        "architecture's pooler for a model without them; the round-0 global checkpoint records the choice. "
+        "'default' is the architecture's own (BERT: its pooler over the first token); 'mean' and 'max' pool the "
+        "last hidden states over the real tokens, 'cls' reads the first token's state without the pooler's dense "
+        "layer (BERT-family encoders).",
+        "auto",
     )
     dtype: str = _site(DTYPE)
     quantization: str = _site(QUANTIZATION)
@@ -175,7 +181,13 @@ class DataSection:
         "Strategy 'size': relative client sizes (normalised; one per client), e.g. [0.5, 0.3, 0.2].", None
     )
     test_fraction: float = _help("Fraction of rows held out as the shared test split.", 0.2)
-    seed: int = _help("Seed of the test split and the partition.", 0)
+    validation_fraction: float = _help(
+        "Fraction of rows held out as the shared validation split, beside the test split: the split to choose "
+        "learning rates, rounds and other settings on (simulate reports both; export --round best picks by it). "
+        "0: no validation split.",
+        0.1,
+    )
+    seed: int = _help("Seed of the test and validation splits and of the partition.", 0)
     max_length: int = _help(
         "Tokens per example after truncation. causal-lm: prompt plus response; a prompt too long to leave room "
         "for one response token loses its beginning, the response its end.",

@@ -90,6 +90,9 @@ def _data(c: _Check, d: DataSection, clients: int) -> None:
         c.require(all(v > 0 for v in d.sizes), "data.sizes", "must all be > 0")
     c.require(d.sizes is None or d.strategy == "size", "data.sizes", f"applies only to data.strategy 'size'; got {d.strategy!r}")
     c.require(0 < d.test_fraction < 1, "data.test_fraction", "must be between 0 and 1")
+    c.require(0 <= d.validation_fraction < 1, "data.validation_fraction", "must be at least 0 and below 1")
+    c.require(d.test_fraction + d.validation_fraction < 1, "data.validation_fraction",
+              f"and data.test_fraction ({d.test_fraction}) must leave rows to train on (sum below 1)")
     c.require(d.max_length >= 2, "data.max_length", "must be at least 2")
     c.require(d.labels is None or len(d.labels) >= 2, "data.labels", "must list at least two labels")
 
@@ -104,7 +107,7 @@ def _task(c: _Check, recipe: Recipe) -> None:
         return
     c.one_of(d.format, "data.format", DATA_FORMATS)
     c.require(m.num_labels is None, "model.num_labels", "does not apply to model.task 'causal-lm' (a causal LM has no classes)")
-    c.require(m.pooling == "default", "model.pooling", "does not apply to model.task 'causal-lm' (it has no task head)")
+    c.require(m.pooling == "default", "model.pooling", "must be 'default' for model.task 'causal-lm' (it has no task head)")
     c.require(d.labels is None, "data.labels", "does not apply to model.task 'causal-lm' (its data has no labels)")
     c.require(
         d.strategy != "dirichlet" or d.by is not None,

@@ -160,6 +160,9 @@ class GlobalManifest:
     # How the round that wrote this checkpoint aggregated: strategy, norm bound, clipped and rejected clients,
     # and for svd/exact the per-layer error plain averaging would have made (see aggregation.LayerReport).
     aggregation: dict[str, Any] | None = None
+    # Where the recipe's model.pooling came from ('recipe', or for 'auto' the model file it was read from or the
+    # fallback taken); None in checkpoints written before pooling was resolved.
+    pooling_source: str | None = None
     created: float = field(default_factory=time.time)
     format_version: int = FORMAT_VERSION
 

@@ -21,6 +21,9 @@ ROUND_KEYS = (
     "clients", "train_loss", "global_loss", "global_accuracy", "global_macro_f1", "personalised_loss",
     "personalised_accuracy", "personalised_accuracy_own_mix", "sites_accuracy", "upload_bytes", "upload_bytes_per_client", "wire_bytes",
     "seconds", "wall_seconds", "epsilon", "server_epsilon",
+    # The validation split's scores (fedlora_cli.federation.rounds.VALIDATION_SCORES).
+    "validation_global_accuracy", "validation_global_macro_f1", "validation_global_loss",
+    "validation_personalised_accuracy", "validation_personalised_accuracy_own_mix", "validation_sites_accuracy",
 )
 TRAIN_LOSS = "train_loss"
 
@@ -82,10 +85,11 @@ def aggregate_metrics(result: Any) -> dict[str, float]:
     return _present(metrics)
 
 
-def evaluation_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+def evaluation_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """evaluate: the global model's scores, or one client's personalised ones, under simulate's names
-    (``global_accuracy`` is exact match for a causal LM, as in simulate's rows)."""
-    who = "personalised" if metrics.get("personalised") else "global"
+    (``global_accuracy`` is exact match for a causal LM, as in simulate's rows; ``prefix`` 'validation_' for the
+    validation split's, as ``validation_global_accuracy``)."""
+    who = prefix + ("personalised" if metrics.get("personalised") else "global")
     accuracy = metrics["accuracy"] if "accuracy" in metrics else metrics.get("exact_match")
     logged = {
         f"round/{who}_accuracy": accuracy, f"round/{who}_loss": metrics.get("loss"),

@@ -29,11 +29,14 @@ def test_partition_missing_file(tmp_path):
 
 def test_partition_cli_for_unlabelled_data(tmp_path, math_jsonl):
     out = json.loads(ok(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question",
-                         "--strategy", "size", "--sizes", "0.5,0.3,0.2", "--out", tmp_path / "p", "--json"]))
-    assert [c["examples"] for c in out["clients"]] == [60, 36, 24]
+                         "--strategy", "size", "--sizes", "0.5,0.3,0.2", "--validation-fraction", "0",
+                         "--out", tmp_path / "p", "--json"]))
+    assert [c["examples"] for c in out["clients"]] == [60, 36, 24] and out["validation"] is None
     table = ok(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question",
                 "--strategy", "dirichlet", "--by", "category", "-n", "2", "--out", tmp_path / "d"])
-    assert "mul" in table
+    assert "mul" in table and "validation" in table and "test" in table
+    refused(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question", "--validation-fraction",
+             "0.9", "--out", tmp_path / "z"], "data.validation_fraction")
     refused(["partition", math_jsonl, "--task", "causal-lm", "--prompt-column", "question", "--strategy", "dirichlet",
            "--out", tmp_path / "x"], "data.by")
     refused(["partition", math_jsonl, "--task", "causal-lm", "--out", tmp_path / "y"], "match no causal-lm data format (messages: messages; prompt-response: prompt, response")

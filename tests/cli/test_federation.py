@@ -74,6 +74,7 @@ def test_a_federation_by_hand(tmp_path, tiny_model_dir, reviews_csv):
     shown = ok(["inspect", tmp_path / "g2"])
     digest = storage.read_global(tmp_path / "g2").manifest.digest
     assert "global checkpoint" in shown and f"{digest[:16]}…" in shown and digest not in shown  # fits 80 columns
+    assert "pooling" in shown and "default (no modules.json" in shown  # the tiny model has no sentence-transformers files
 
 
 @pytest.mark.parametrize("method", ["ffa", "fedsa"])
@@ -97,8 +98,9 @@ def test_a_causal_federation_round_by_hand(method, tmp_path, tiny_causal_dir, ma
     assert {"loss", "perplexity", "exact_match", "hit_cap"} <= set(g)
     table = ok(["evaluate", tmp_path / "g1", "--data", data, "--state", tmp_path / "client-0",
                 "--max-new-tokens", "4", "--generate-examples", "3"])
-    row = next(line for line in table.splitlines() if "personalised" in line)
-    assert "exact" in table and row.split("│")[6].strip() == "3"  # 3 generations scored
+    row = next(line for line in table.splitlines() if "│ test" in line)
+    assert "personalised" in table and "exact" in table and row.split("│")[6].strip() == "3"  # 3 generations scored
+    assert "│ validation" in table  # the partition's validation split, scored beside its test split
     refused(["evaluate", tmp_path / "g1", "--data", data, "--answer", "regex"], "--answer must be one of none, number")
     refused(["evaluate", tmp_path / "g1", "--data", data, "--max-new-tokens", "0"], "--max-new-tokens must be at least 1")
 
@@ -488,6 +490,7 @@ def test_evaluate_on_a_csv_gives_the_test_shards_metrics(run, tmp_path):
     own = own_copy(run.data / "test.parquet", tmp_path / "test.csv", names)
     on_shard = json.loads(ok(["evaluate", run.global_checkpoint(2), "--data", run.data, "--json"]))
     on_csv = json.loads(ok(["evaluate", run.global_checkpoint(2), "--data", own, "--json"]))
+    on_shard.pop("validation")  # a partition folder's validation split is scored too; a file is test data only
     assert on_csv == on_shard and on_csv["examples"] == 80
 
 
@@ -502,6 +505,7 @@ def test_a_global_without_label_names_numbers_names_by_the_recipe_or_takes_ids(r
     manifest = json.loads(path.read_text())
     path.write_text(json.dumps({**manifest, "label_names": None}))
     expected = json.loads(ok(["evaluate", run.global_checkpoint(2), "--data", run.data, "--json"]))
+    expected.pop("validation")  # scored from a partition folder only
     assert json.loads(ok(["evaluate", g, "--data", own, "--json"])) == expected
     manifest["recipe"]["data"]["labels"] = None
     path.write_text(json.dumps({**manifest, "label_names": None}))

@@ -85,9 +85,11 @@ def test_a_quickstart_shaped_round_table_fits_80_columns(make_recipe, cached_fed
     assert len(body) == len(rows)  # no cell wrapped
     assert max(len(line) for line in lines) <= 80
     assert [cell.strip() for cell in body[0].split("│")[1:-1]] == [
-        "1", f"{rows[0]['train_loss']:.4f}", f"{rows[0]['global_accuracy']:.4f}", f"{rows[0]['global_macro_f1']:.4f}",
-        "227KB", "412",
+        "1", f"{rows[0]['train_loss']:.4f}", f"{rows[0]['validation_global_accuracy']:.4f}",
+        f"{rows[0]['global_accuracy']:.4f}", "227KB", "412",
     ]
+    header = "\n".join(lines[: lines.index(next(line for line in lines if line.startswith("┡")))])
+    assert "val" in header and "test" in header
     # FFA-LoRA keeps nothing at home: no personalised column (it would be empty), no note.
     assert "pers." not in "\n".join(lines) and _partial_global_note(recipe, adapters.plan("ffa", "shared"), rows) is None
     # Wider, the same table: nothing is cut off or spread out.
@@ -95,16 +97,18 @@ def test_a_quickstart_shaped_round_table_fits_80_columns(make_recipe, cached_fed
 
 
 def test_the_fullest_round_table_fits_80_columns(strategy_recipe):
-    # Global and personalised scores (clients of lower rank), DP-SGD's epsilon, three-digit seconds: nine columns.
+    # Global scores on validation and test, personalised ones on test (clients of lower rank), DP-SGD's epsilon,
+    # three-digit seconds: nine columns.
     recipe = strategy_recipe("fedavg", client_ranks={"client-0": 2}, aggregation="svd")
     row = {"train_loss": 0.6931, "global_accuracy": 0.8123, "global_macro_f1": 0.8011, "global_loss": 0.41,
            "personalised_accuracy": 0.8523, "personalised_accuracy_own_mix": 0.8611, "personalised_loss": 0.38,
+           "validation_global_accuracy": 0.8101, "validation_personalised_accuracy": 0.8402,
            "upload_bytes_per_client": 99_949, "seconds": 1234.0, "epsilon": 12.345}
     rows = [{**row, "round": k} for k in range(1, 11)]
     lines, body = table_of(recipe, rows)
     assert len(body) == 10 and max(len(line) for line in lines) <= 80
     assert [cell.strip() for cell in body[-1].split("│")[1:-1]] == [
-        "10", "0.6931", "0.8123", "0.8011", "0.8523", "0.8611", "99.9KB", "1234", "12.35"
+        "10", "0.6931", "0.8101", "0.8123", "0.8523", "0.8611", "99.9KB", "1234", "12.35"
     ]
 
 
@@ -114,8 +118,9 @@ def test_a_fedsa_round_table_leads_with_the_personalised_scores_and_says_why(mak
     lines, body = table_of(recipe, rows)
     header = "\n".join(lines[: lines.index(next(line for line in lines if line.startswith("┡")))])
     assert "pers." in header and "own" in header and "global" not in header
-    assert [cell.strip() for cell in body[0].split("│")[1:-1]][2:4] == [
-        f"{rows[0]['personalised_accuracy']:.4f}", f"{rows[0]['personalised_accuracy_own_mix']:.4f}"
+    assert [cell.strip() for cell in body[0].split("│")[1:-1]][2:5] == [
+        f"{rows[0]['validation_personalised_accuracy']:.4f}", f"{rows[0]['personalised_accuracy']:.4f}",
+        f"{rows[0]['personalised_accuracy_own_mix']:.4f}"
     ]
     note = _partial_global_note(recipe, adapters.plan("fedsa", "shared"), rows)
     assert "the global B stays 0" in note and "no model on its own" in note

@@ -62,16 +62,41 @@ def test_partition_writes_shards_and_manifest(tmp_path, reviews_csv):
     m = result.manifest
     assert m["label_names"] == ["neg", "pos"]
     assert m["strategy"] == "dirichlet" and m["alpha"] == 0.5 and m["seed"] == 0
-    total = m["test"]["examples"] + sum(c["examples"] for c in m["clients"])
+    total = m["test"]["examples"] + m["validation"]["examples"] + sum(c["examples"] for c in m["clients"])
     assert total == 400
-    assert m["test"]["examples"] == 80
+    assert m["test"]["examples"] == 80 and m["validation"]["examples"] == 40  # the default fractions 0.2, 0.1
     for c in m["clients"]:
         shard = pd.read_parquet(tmp_path / "p" / c["file"])
         assert len(shard) == c["examples"]
         assert np.bincount(shard["sentiment"], minlength=2).tolist() == c["label_counts"]
     test = pd.read_parquet(tmp_path / "p" / partition.TEST_SHARD)
+    validation = pd.read_parquet(tmp_path / "p" / partition.VALIDATION_SHARD)
     shards = pd.concat([pd.read_parquet(tmp_path / "p" / c["file"]) for c in m["clients"]])
-    assert len(test) + len(shards) == 400
+    assert len(test) + len(validation) + len(shards) == 400
+    assert np.bincount(validation["sentiment"], minlength=2).tolist() == m["validation"]["label_counts"]
+
+
+def test_the_validation_split_is_disjoint_from_test_and_clients_and_leaves_the_test_split_as_it_was(tmp_path,
+                                                                                                  reviews_csv):
+    with_validation = partition.partition(spec(reviews_csv, strategy="iid", validation_fraction=0.25), 3, tmp_path / "v")
+    without = partition.partition(spec(reviews_csv, strategy="iid", validation_fraction=0), 3, tmp_path / "n")
+    texts = {name: set(pd.read_parquet(tmp_path / "v" / f"{name}.parquet")["text"]) for name in ("test", "validation")}
+    clients = set(pd.concat([pd.read_parquet(tmp_path / "v" / c["file"]) for c in with_validation.manifest["clients"]])["text"])
+    assert not texts["test"] & texts["validation"] and not clients & (texts["test"] | texts["validation"])
+    assert with_validation.manifest["validation"]["examples"] == 100 and without.manifest["validation"] is None
+    assert not (tmp_path / "n" / partition.VALIDATION_SHARD).exists()
+    # The validation rows come out of the training rows: the same seed holds out the same test split either way.
+    assert pd.read_parquet(tmp_path / "v" / "test.parquet").equals(pd.read_parquet(tmp_path / "n" / "test.parquet"))
+
+
+@pytest.mark.parametrize("fractions, message", [
+    ({"validation_fraction": -0.1}, r"data\.validation_fraction.*at least 0"),
+    ({"validation_fraction": 1.0}, r"data\.validation_fraction.*below 1"),
+    ({"validation_fraction": 0.5, "test_fraction": 0.5}, r"data\.validation_fraction.*sum below 1"),
+])
+def test_a_validation_fraction_that_leaves_nothing_to_train_on_is_refused(reviews_csv, fractions, message):
+    with pytest.raises(FedloraError, match=message):
+        spec(reviews_csv, **fractions)
 
 
 def test_partition_is_reproducible(tmp_path, reviews_csv):
@@ -111,7 +136,7 @@ def test_other_sources(tmp_path, reviews_csv, suffix):
         source = tmp_path / "saved"
         datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(str(source))
     m = partition.partition(spec(source), 2, tmp_path / "p").manifest
-    assert sum(c["examples"] for c in m["clients"]) + m["test"]["examples"] == 400
+    assert sum(c["examples"] for c in m["clients"]) + m["test"]["examples"] + m["validation"]["examples"] == 400
 
 
 def test_partitions_without_labels(make_causal_recipe, tmp_path):
@@ -120,15 +145,15 @@ def test_partitions_without_labels(make_causal_recipe, tmp_path):
     plain = dataclasses.replace(data, strategy="iid", by=None)
     iid = partition.partition(plain, 3, tmp_path / "iid", task="causal-lm")
     assert iid.manifest["task"] == "causal-lm" and iid.manifest["label_names"] == [] and iid.manifest["label_column"] is None
-    assert sum(c["examples"] for c in iid.manifest["clients"]) == 120
+    assert sum(c["examples"] for c in iid.manifest["clients"]) + iid.manifest["validation"]["examples"] == 120
     # With a category column, any strategy counts its values per client, as labels are counted.
     counted = partition.partition(dataclasses.replace(data, strategy="iid"), 3, tmp_path / "iid2", task="causal-lm")
     assert counted.manifest["label_names"] == ["add", "mul", "sub"] and counted.manifest["label_column"] == "category"
     natural = partition.partition(dataclasses.replace(data, strategy="natural"), 3, tmp_path / "nat", task="causal-lm")
     assert [c["value"] for c in natural.manifest["clients"]] == ["add", "mul", "sub"]
     assert all(sum(1 for n in c["label_counts"] if n) == 1 for c in natural.manifest["clients"])
-    sized = partition.partition(dataclasses.replace(data, strategy="size", sizes=[0.6, 0.3, 0.1]), 3,
-                                tmp_path / "size", task="causal-lm")
+    sized = partition.partition(dataclasses.replace(data, strategy="size", sizes=[0.6, 0.3, 0.1],
+                                                    validation_fraction=0), 3, tmp_path / "size", task="causal-lm")
     assert [c["examples"] for c in sized.manifest["clients"]] == [72, 36, 12]
     drawn = partition.partition(dataclasses.replace(data, strategy="size", alpha=1.0), 3, tmp_path / "drawn",
                                 task="causal-lm")

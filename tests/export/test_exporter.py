@@ -321,7 +321,7 @@ def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federat
     assert (tmp_path / "adapter" / pooling.REMOTE_CODE_FILE).read_text() == (
         tmp_path / "merged" / pooling.REMOTE_CODE_FILE).read_text()
     _, body, table = card_of(tmp_path / "adapter")
-    assert "install(base)" in body and "masked mean" in table["classifier head"]
+    assert 'install(base, "mean")' in body and "masked mean" in table["classifier head"]
     assert "trust_remote_code=True" in card_of(tmp_path / "merged")[1]
     sys.path.insert(0, str(tmp_path / "adapter"))
     try:
@@ -333,7 +333,7 @@ def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federat
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"], num_labels=2)
-    install(base)
+    install(base, "mean")
     adapter = PeftModel.from_pretrained(base, tmp_path / "adapter")
     torch.testing.assert_close(logits(adapter, tokenizer), expected, atol=1e-5, rtol=0)
 
@@ -344,8 +344,11 @@ def test_a_mean_pooled_export_loads_with_the_pooling_it_was_trained_with(federat
     from fedlora_cli.model.workbench import build
 
     raw = recipe_dict(tmp_path / "merged", reviews_csv, "ffa")
-    with pytest.raises(FedloraError, match=r"mean-pooled fedlora export .* set model\.pooling 'mean'"):
+    raw["model"]["pooling"] = "default"
+    with pytest.raises(FedloraError, match=r"mean-pooled fedlora export .* set model\.pooling 'mean' or 'auto'"):
         build(recipes.from_dict(raw), num_labels=2)
-    raw["model"]["pooling"] = "mean"
-    rebuilt = build(recipes.from_dict(raw), num_labels=2)
-    torch.testing.assert_close(logits(rebuilt.model, tokenizer), expected, atol=1e-4, rtol=0)
+    for choice in ("mean", "auto"):  # auto reads the pooling from the export's config.auto_map
+        raw["model"]["pooling"] = choice
+        rebuilt = build(recipes.from_dict(raw), num_labels=2)
+        assert rebuilt.pooling == "mean"
+        torch.testing.assert_close(logits(rebuilt.model, tokenizer), expected, atol=1e-4, rtol=0)

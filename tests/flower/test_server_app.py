@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedlora_cli import federation, storage
-from fedlora_cli.data.partition import TEST_SHARD, shard_name
+from fedlora_cli.data.partition import TEST_SHARD, VALIDATION_SHARD, shard_name
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation import rounds
 from fedlora_cli.flower import client_app, server_app
@@ -210,6 +210,34 @@ def test_the_sites_scores_of_the_global_reach_the_round_table(tmp_path, tiny_mod
     assert rows[0]["sites_accuracy"] == pytest.approx(sum(s["global.accuracy"] for s in scores.values()) / 3)
     table = [t for t in said if t.startswith("round 1 done")][-1]
     assert "sites acc" in table and f"{rows[0]['sites_accuracy']:.4f}" in table
+
+
+def test_the_global_and_the_sites_are_scored_on_validation_as_simulate_scores_them(tmp_path, tiny_model_dir,
+                                                                                reviews_csv, partition_dir):
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+    # Each site names its own validation data (here: its own training shard, to tell it from the coordinator's).
+    nodes = sites(tmp_path, partition_dir, **{"test-data": str(partition_dir / TEST_SHARD)})
+    for config in nodes.values():
+        config["validation-data"] = config["data"]
+    grid = FakeGrid(nodes)
+    config = run_config(tmp_path, raw, partition_dir, **{"client-evaluation": True,
+                                                         "validation": str(partition_dir / VALIDATION_SHARD)})
+    (tmp_path / "run").mkdir()
+    said = []
+    rows = server_app.Coordinator(grid, server_app.Settings.from_run_config(config),
+                                  lambda level, text: said.append(text)).run()
+    metrics = json.loads(RunLayout(tmp_path / "run").metrics(1).read_text())
+    g1 = RunLayout(tmp_path / "run").global_checkpoint(1)
+    by_hand = federation.evaluate(g1, partition_dir, held_out="validation")
+    assert metrics["validation"]["global"]["accuracy"] == pytest.approx(by_hand["accuracy"])
+    assert rows[0]["validation_global_accuracy"] == pytest.approx(by_hand["accuracy"])
+    own = {cid: federation.evaluate(g1, partition_dir / shard_name(cid))["accuracy"] for cid in metrics["sites"]}
+    assert {cid: s["global.accuracy"] for cid, s in metrics["validation"]["sites"].items()} == pytest.approx(own)
+    assert not any(k.startswith("validation.") for s in metrics["sites"].values() for k in s)
+    assert rows[0]["validation_sites_accuracy"] == pytest.approx(sum(own.values()) / 3)
+    table = [t for t in said if t.startswith("round 1 done")][-1]
+    assert "val acc" in table and f"{rows[0]['validation_global_accuracy']:.4f}" in table
 
 
 def test_a_site_back_as_a_new_node_takes_its_id_over(tmp_path, tiny_model_dir, reviews_csv, partition_dir):

@@ -71,9 +71,29 @@ def test_real_global_checkpoint_loads_in_vanilla_peft(real_run):
     recipe, layout, _ = real_run
     base_path = recipes.resolve_location(recipe.model.base)
     base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    # The head reads what the round-0 global recorded (MiniLM's own files: the mean), installed as the card says.
+    from fedlora_cli.model import pooling
+
+    pooling.install(base, federation.Global.of(layout.global_checkpoint(1)).recipe.model.pooling)
     model = PeftModel.from_pretrained(base, str(layout.global_checkpoint(1))).eval()
     bench, _ = federation.load_for_evaluation(layout.global_checkpoint(1))
     tok = AutoTokenizer.from_pretrained(base_path)
     batch = tok(["A warm, funny, moving film.", "Tedious and badly acted."], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, bench.model(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_auto_pooling_reads_minilms_own_files_and_the_global_records_it(real_run):
+    from typer.testing import CliRunner
+
+    from fedlora_cli.cli.app import app
+
+    recipe, layout, _ = real_run
+    assert recipe.model.pooling == "auto"
+    for round_ in (0, 1):
+        g = federation.Global.of(layout.global_checkpoint(round_))
+        assert (g.recipe.model.pooling, g.manifest.pooling_source) == ("mean", "1_Pooling/config.json")
+    bench, _ = federation.load_for_evaluation(layout.global_checkpoint(1))
+    assert bench.pooling == "mean" and type(bench.model.get_base_model().bert.pooler).__name__ == "MaskedPooler"
+    shown = CliRunner().invoke(app, ["inspect", str(layout.global_checkpoint(1))], env={"COLUMNS": "200"}).output
+    assert "mean (1_Pooling/config.json)" in shown

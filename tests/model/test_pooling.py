@@ -115,3 +115,24 @@ def test_an_albert_pooler_fed_only_the_first_token_is_not_replaced():
                           num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
     with pytest.raises(ValueError, match="no BERT-style pooler"):
         pooling.install(AlbertForSequenceClassification(config))
+
+
+def test_max_and_cls_pooling_read_the_masked_maximum_and_the_first_token():
+    ids = torch.tensor([[2, 7, 9, 11, 3], [2, 8, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    for mode in ("max", "cls"):
+        model = tiny_bert()
+        pooling.install(model, mode)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        if mode == "max":
+            expected = torch.stack([hidden[0].amax(dim=0), hidden[1, :3].amax(dim=0)])
+        else:
+            expected = hidden[:, 0]
+        assert torch.allclose(logits, model.classifier(expected), atol=1e-6), mode
+
+
+def test_an_unknown_pooling_mode_is_refused():
+    with pytest.raises(ValueError, match="'sum' is not one of mean, max, cls"):
+        pooling.install(tiny_bert(), "sum")

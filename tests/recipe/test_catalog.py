@@ -42,3 +42,10 @@ def test_the_flowertune_recipes_have_flowertunes_shape_and_differ_only_in_the_me
     assert (fedavg.federation.method, ffa.federation.method) == ("fedavg", "ffa")
     same = {**ffa.to_dict(), "name": fedavg.name, "federation": {**ffa.to_dict()["federation"], "method": "fedavg"}}
     assert same == fedavg.to_dict()
+
+
+def test_every_shipped_encoder_recipe_reads_the_pooling_its_model_declares():
+    loaded = [recipes.load(recipes_catalog.find(name)) for name in SHIPPED]
+    encoders = [r for r in loaded if r.model.task == recipes.TASK_CLASSIFICATION]
+    assert encoders and all(r.model.pooling == "auto" for r in encoders), [r.name for r in encoders]
+    assert all(r.model.pooling == "default" for r in loaded if r not in encoders)

@@ -49,7 +49,7 @@ def base() -> dict:
         ({"adapter": {"kind": "vera"}, "privacy": {"target_epsilon": 1.0}}, "privacy"),
         ({"model": {"base": "m", "task": "translation"}}, "model.task"),
         ({"federation": {"rounds": True}}, "federation.rounds"),
-        ({"model": {"base": "m", "pooling": "max"}}, "model.pooling"),
+        ({"model": {"base": "m", "pooling": "median"}}, "model.pooling"),
         ({"data": {"format": "messages"}}, "data.format"),  # sequence-classification reads text and labels
     ],
 )
