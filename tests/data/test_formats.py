@@ -205,7 +205,7 @@ def test_partition_keeps_the_conversations_and_a_shard_reads_back_as_its_rows(ki
     assert result.manifest["format"] == "messages" and result.manifest["label_names"] == ["long", "short"]
     expected = {json.dumps(m) for m in frame["messages"]}
     seen = set()
-    for shard in ["client-0.parquet", "client-1.parquet", "test.parquet"]:
+    for shard in ["client-0.parquet", "client-1.parquet", "test.parquet", "validation.parquet"]:
         examples = read_examples(tmp_path / "data" / shard, spec, "causal-lm", None)
         assert isinstance(examples, Conversations)
         seen |= {json.dumps(m) for m in examples.messages}
