@@ -73,7 +73,7 @@ QUANTIZATION = SiteSetting(
     "quantization", "model.quantization", "none",
     "Site setting: a quantised frozen base (QLoRA, bitsandbytes: pip install 'fedlora[quantization]'): "
     "'none', '4bit' or '8bit'. The task head is never quantised; export --merge reloads the base unquantised.",
-    QUANTIZATIONS, "Quantised base (QLoRA): none, 4bit or 8bit (needs fedlora[quantization]).", "none",
+    QUANTIZATIONS, "Quantised base (QLoRA): none, 4bit or 8bit (needs fedlora's quantization extra).", "none",
 )
 QUANT_TYPE = SiteSetting(
     "quant_type", "model.quant_type", "nf4", "Site setting, 4bit: 'nf4' (QLoRA's NormalFloat) or 'fp4'.", QUANT_TYPES,
