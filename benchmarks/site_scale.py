@@ -40,6 +40,7 @@ MODES = {
     "bf16": {"model.dtype": "bfloat16"},
     "bf16-ckpt": {"model.dtype": "bfloat16", "training.gradient_checkpointing": True},
     "4bit": {"model.quantization": "4bit"},
+    "4bit-ckpt": {"model.quantization": "4bit", "training.gradient_checkpointing": True},  # llm_rehearsal.py's
     "8bit": {"model.quantization": "8bit"},
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -210,7 +211,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default="fp32,bf16,bf16-ckpt,4bit,8bit")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)

@@ -286,8 +286,7 @@ def _training_rows(facts: CardFacts) -> list[tuple[str, str]]:
     task = ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model")
     read = POOLING_READS[facts.pooled] if facts.pooled else "the architecture's own pooling"
     head = ("classifier head", f"{facts.head}: {HEAD_POLICIES[facts.head]}; it reads {read}")
-    inputs = ("data", f"prompt column '{data.prompt_column}', response column '{data.response_column}'"
-              + (", chat template" if data.chat_template else "") + f", max length {data.max_length}")
+    inputs = ("data", _causal_data(data) + f", max length {data.max_length}")
     labels = ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(facts.label_names)))
     where = f" ({facts.checkpoint_name})" if facts.checkpoint_name is not None else ""
     return [
@@ -381,11 +380,23 @@ def _evaluation_lines(evaluation: Sequence[Mapping[str, Any]], causal: bool) -> 
     return lines
 
 
+def _causal_data(data: Any) -> str:
+    """The data's layout as the recipe names it (``auto`` is resolved by the data's columns, which the card
+    does not see)."""
+    if data.format == "messages":
+        return f"conversations in column '{data.messages_column}' (loss on the assistant turns), chat template"
+    if data.format in ("prompt-completion", "alpaca"):
+        return f"{data.format} rows" + (", chat template" if data.chat_template else "")
+    return (f"prompt column '{data.prompt_column}', response column '{data.response_column}'"
+            + (", chat template" if data.chat_template else ""))
+
+
 def _usage_lines(facts: CardFacts) -> list[str]:
     """The Python snippet that loads this export, without its closing fence."""
     kind, base_model = facts.kind, facts.base_model
     if facts.causal:
-        return _causal_usage(kind, base_model, chat_template=facts.recipe.data.chat_template)
+        data = facts.recipe.data
+        return _causal_usage(kind, base_model, chat_template=data.chat_template or data.format == "messages")
     if kind == "adapter":
         lines = [
             "from peft import PeftModel",

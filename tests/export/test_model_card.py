@@ -146,3 +146,18 @@ def test_front_matter_reads_back_through_huggingface_hubs_model_card(federation_
         "datasets:\n- org/reviews\ntags:\n- fedlora\n- federated-learning\n- lora\n- ffa-lora\n- text-classification\n"
         "- personalized\n---\n\n# tiny-ffa"
     )
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ({"format": "messages"}, "conversations in column 'messages' (loss on the assistant turns), chat template"),
+        ({"format": "alpaca"}, "alpaca rows"),
+        ({"prompt_column": "q", "response_column": "a", "chat_template": True}, "prompt column 'q', response column 'a', chat template"),
+    ],
+)
+def test_a_causal_cards_data_line_names_the_recipes_layout(data, says):
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.export.model_card import _causal_data
+
+    assert _causal_data(recipes.DataSection(**data)) == says
