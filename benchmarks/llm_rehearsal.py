@@ -200,6 +200,15 @@ def main() -> None:
         return
     run([sys.executable, __file__, "--build", "--folder", str(args.folder)])  # its own process: its memory goes
     results: dict[str, dict] = {}
+    resident = None
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "shape": SHAPE, "steps": args.steps, "batch": args.batch, "length": args.length}
+
+    def save() -> None:  # after every process: a run stopped later keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "resident": resident},
+                                                  indent=2) + "\n")
+
     for mode in args.modes.split(","):
         results[mode] = {}
         for loop in ("plain", "fedlora"):
@@ -208,18 +217,14 @@ def main() -> None:
                                        str(args.length), "--device", "cpu"])
             print(f"{mode:10s} {loop:8s} {results[mode][loop]['seconds_per_step']:.1f} s/step "
                   f"{results[mode][loop]['peak_mb']:.0f} MB (load {results[mode][loop]['load']})", flush=True)
-    resident = None
+            save()
     if args.resident_mode != "none":
         resident = run([sys.executable, __file__, "--resident", "--resident-mode", args.resident_mode, "--rounds",
                         str(args.rounds), "--steps", str(args.steps), "--batch", str(args.batch), "--length",
                         str(args.length), "--folder", str(args.folder)])
+        save()
     print(table(results, resident))
     print("\n".join(verdicts(results)))
-    if args.json:
-        meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "shape": SHAPE, "steps": args.steps, "batch": args.batch, "length": args.length}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "resident": resident,
-                                               "verdicts": verdicts(results)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
