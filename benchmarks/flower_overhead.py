@@ -101,7 +101,7 @@ def run_simulate(recipe_file: Path, data: Path, run: Path) -> dict:
                           env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"simulate failed: {done.stderr[-3000:]}")
+        raise RuntimeError(f"simulate exited with status {done.returncode}: {done.stderr[-3000:]}")
     return {"total_seconds": round(seconds, 1), "base_loads": None}
 
 
@@ -266,21 +266,26 @@ def main() -> None:
     if args.site_threads is None:
         args.site_threads = max(1, (os.cpu_count() or 1) // args.sites)
     before = uptime()
-    results = []
+    results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fo-", dir="/tmp") as tmp:  # short: Unix socket paths
         raw = make_recipe(Path(tmp), args.rows, args.sites, args.rounds, args.steps)
         for encoding in args.encodings.split(","):
             results.append(one_encoding(raw, encoding, Path(tmp), args.sites, args.site_threads))
             print(table(results[-1:]), file=sys.stderr)
+            write_report(args, before, results)  # after each encoding: a later failure keeps what was measured
+    print(table(results))
+    print(json.dumps(write_report(args, before, results), indent=1))
+
+
+def write_report(args: argparse.Namespace, before: str, results: list[dict]) -> dict:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}",
               "load_before": before, "load_after": uptime(),
               "settings": {k: v for k, v in vars(args).items() if k != "json"}, "targets": targets(results),
               "results": results}
-    print(table(results))
-    print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 if __name__ == "__main__":
