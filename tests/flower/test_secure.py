@@ -108,3 +108,44 @@ def test_below_the_threshold_the_round_fails_in_one_line_and_writes_nothing(tmp_
     layout = RunLayout(tmp_path / "run")
     assert [p.name for p in layout.global_checkpoints()] == ["round-000"]
     assert not (layout.root / ".staging").exists()
+
+
+def test_dp_fedavg_under_secagg_adds_the_sum_of_the_sites_clipped_differences_over_m(tmp_path, tiny_model_dir,
+                                                                                      reviews_csv, partition_dir):
+    # Prepare: DP-FedAvg with no noise, so the global is exactly what the sites sent, summed, over m = 3; one site
+    # is lost after key sharing, so the sum of two is divided by 3 (DP-FedAvg's fixed m), not averaged
+    import math
+
+    import numpy as np
+
+    from fedlora_cli.federation import secure
+    from fedlora_cli.federation.common import Global
+
+    nodes = sites(tmp_path, partition_dir)
+    raw = secure_recipe(tiny_model_dir, reviews_csv, rounds=1)
+    raw["server_privacy"] = {"clip_norm": 0.01, "noise_multiplier": 0.0}
+    # Execute
+    serve(SecureGrid(nodes, drop_after={103: 2}), run_config(tmp_path, raw, partition_dir))
+    # Assert
+    layout = RunLayout(tmp_path / "run")
+    g0, g1 = Global.of(layout.global_checkpoint(0)), Global.of(layout.global_checkpoint(1))
+    sent = sorted(n for n in g0.header if g0.plan.sends(n))
+    bound = secure.site_bound(g0.recipe, sum(int(np.prod(g0.header[n][1])) for n in sent))
+    expected = {n: np.zeros(g0.header[n][1]) for n in sent}
+    survivors = site_updates(nodes, 1)
+    del survivors["client-2"]
+    for path in survivors.values():
+        u = storage.read_update(path)
+        t = storage.load_verified(u.tensors_path, u.manifest.tensor_digests, "u", framework="numpy")
+        d = {n: t[n].astype(np.float64) - g0.verified_arrays[n] for n in sent}
+        norm = math.sqrt(sum(float(np.sum(x * x)) for x in d.values()))
+        assert norm > bound  # every site's difference was clipped
+        for n in sent:
+            expected[n] += d[n] * (bound / norm) / 3
+    step = 2 * SECURE["clipping_range"] / 2**22
+    for n in sent:
+        got = g1.verified_arrays[n].astype(np.float64) - g0.verified_arrays[n]
+        ulp = np.spacing(np.abs(g1.verified_arrays[n]).astype(np.float32)).astype(np.float64)
+        assert np.all(np.abs(got - expected[n]) <= step + 2 * ulp), n
+    assert g1.manifest.server_privacy_ledger == [[0.0, 1.0, 1]]
+    assert g1.manifest.aggregation["strategy"] == "dp-fedavg" and g1.manifest.clients == ["client-0", "client-1"]
