@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def run_load(folder: Path, sites: int, rounds: int, steps: int = 2, round_timeou
     from fedlora_cli.data.partition import shard_name
     from fedlora_cli.federation import sampling
     from fedlora_cli.flower.app_folder import node_config, write_app
+    from fedlora_cli.storage.run_layout import RunLayout
     from tests.integration.flower_deploy import Deployment, wait_until
 
     recipe_file, data = tiny_federation(folder, sites, rounds, steps)
@@ -182,8 +184,7 @@ def run_load(folder: Path, sites: int, rounds: int, steps: int = 2, round_timeou
                                    daemon=True)
         watcher.start()
         ran = time.monotonic()
-        log = deployment.run(app, timeout=rounds * round_timeout + 600)
-        statuses = deployment.statuses()
+        statuses = finish(deployment, app, RunLayout(run), rounds, rounds * round_timeout + 600)
         watch.stop.set()
         watcher.join(timeout=10)
         total = time.monotonic() - ran
@@ -196,9 +197,36 @@ def run_load(folder: Path, sites: int, rounds: int, steps: int = 2, round_timeou
               "killed_with_update_written": watch.killed_with_update_written}
     result["rounds_table"] = rounds_of(run, watch, asked)
     result["lost"] = check(run, watch, asked, rounds)
-    if result["lost"] or statuses != ["finished:completed"]:
-        (folder / "flwr-run.log").write_text(log)
     return result
+
+
+def finish(deployment, app: Path, layout, rounds: int, seconds: float) -> list[str]:
+    """Submit the run (``flwr run`` without --stream: a log stream breaks on a loaded machine) and wait for its last
+    global checkpoint, or for the run to end without it; the runs' statuses once it has ended."""
+    from tests.integration.flower_deploy import run_id, wait_until
+
+    done = deployment.flwr("run", str(app), "local", timeout=600)
+    ours = run_id(done.stdout + done.stderr)
+    looked = [0.0]
+
+    def ended() -> bool:
+        if layout.global_checkpoint(rounds).is_dir():
+            return True
+        if time.monotonic() - looked[0] < 60:  # `flwr list` is a process of its own: once a minute
+            return False
+        looked[0] = time.monotonic()
+        return status_of(deployment, ours).startswith("finished")
+
+    wait_until(ended, seconds, "the run never ended", every=2)
+    wait_until(lambda: status_of(deployment, ours).startswith("finished"), 600, "the run was never finished", every=5)
+    return [status_of(deployment, ours)]
+
+
+def status_of(deployment, run: str) -> str:
+    try:
+        return deployment.status_by_run().get(run, "")
+    except (AssertionError, subprocess.TimeoutExpired):  # no answer in time on a loaded machine
+        return ""
 
 
 def online(deployment) -> int:
@@ -297,8 +325,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="load-", dir="/tmp") as tmp:
-        result = run_load(Path(tmp), args.sites, args.rounds, args.steps, args.round_timeout)
+    tmp = Path(tempfile.mkdtemp(prefix="load-", dir="/tmp"))  # kept when the run fails, for its logs
+    result = run_load(tmp, args.sites, args.rounds, args.steps, args.round_timeout)
+    if not result["lost"] and result["statuses"] == ["finished:completed"]:
+        shutil.rmtree(tmp)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}",
