@@ -10,7 +10,8 @@ in a fresh process, measured side by side over the same files:
     fedlora    `fedlora aggregate GLOBAL UPDATES... --out NEXT --json` end to end (the CLI's own entry point, run
                in the worker process): validation, digests, streaming mean, the per-client table, writing.
                The default strategy, so fedlora's numpy round (fedlora_cli/federation/numpy_round.py): it
-               never imports torch, maps each update and visits each tensor once (norm, add, digest)
+               never imports torch, reads each update's tensors one at a time (pread: a mapping SIGBUSes when another
+               process truncates the file, issue 28) and visits each once (norm, add, digest)
     limit      read each file's bytes into memory and add them into one float32 sum with numpy, one pass
     floor      the same sum over memory-mapped files (no copy out of the page cache): what this machine can
                do at best, and the fair bar for a loader that maps files, as safetensors does
@@ -131,11 +132,11 @@ def run_reader(files: list[str], kind: str) -> None:
     from safetensors import safe_open
 
     from fedlora_cli import storage
-    from fedlora_cli.storage.mapped import map_tensors
+    from fedlora_cli.storage.mapped import read_tensors
 
     for f in files:
         if kind == "mapped":
-            for t in map_tensors(Path(f), "client update tensors").values():
+            for t in read_tensors(Path(f), "client update tensors").values():
                 storage.tensor_digest(t)
         else:
             with safe_open(f, framework="numpy") as handle:

@@ -74,10 +74,17 @@ def sample_cmd(
     f, round_ = g.recipe.federation, g.manifest.round + 1
     asked = sampling.asked(f, g.recipe.training.seed, round_)
     how = "every client" if f.clients_per_round is None else f"{f.sampling}, {f.clients_per_round} of {f.clients}"
+    need = sampling.needed(f, len(asked), g.recipe.server_privacy is not None)
+    outcome = "trained" if need else "skipped" if need is None else "noise-only"
     if as_json:
-        ui.print_json({"round": round_, "sampling": how, "sample_rate": sampling.sample_rate(f), "asked": asked})
+        ui.print_json({"round": round_, "sampling": how, "sample_rate": sampling.sample_rate(f), "asked": asked,
+                       "round_is": outcome})
         return
     ui.out.print(ui.table(f"round {round_} asks ({how})", ["client"], [[c] for c in asked]))
+    if outcome != "trained":
+        what = "skipped: the global is carried forward" if need is None else "a noise-only DP-FedAvg release"
+        ui.err.print(f"round {round_} asks fewer than federation.min_clients = {f.min_clients}, so it is {what} "
+                     f"(fedlora aggregate {global_checkpoint} --out NEXT, with no client updates)")
 
 
 @command(app, "train-client")
@@ -191,8 +198,9 @@ _ServerLedgerOpt = Annotated[
 @command(app, "aggregate")
 def aggregate_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="The global checkpoint the clients trained from.")],
-    updates: Annotated[list[Path], typer.Argument(help="Client update folders of this round.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the next global checkpoint.")],
+    updates: Annotated[Optional[list[Path]], typer.Argument(
+        help="Client update folders of this round (none for a round its sample skips: see fedlora sample).")] = None,
     weighting: _WeightingOpt = None,
     strategy: _StrategyOpt = None,
     trim_fraction: _TrimFractionOpt = None,
@@ -229,7 +237,7 @@ def aggregate_cmd(
     trackers = tracking.resolve(report_to, g.recipe)
     with ui.err.status("aggregating"):
         result = federation.aggregate_round(
-            g, updates, out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
+            g, updates or [], out, weighting=weighting, server_privacy=server_privacy, overwrite=overwrite,
             strategy=strategy, norm_bound=norm_bound, norm_bound_action=norm_bound_action, trim_fraction=trim_fraction,
             server_ledger=server_ledger,
         )

@@ -30,6 +30,11 @@ def privacy_report(
         budget = f", budget {entry['budget']:g}" if entry.get("budget") is not None else ""
         title = f"{entry['who']}: epsilon {entry['epsilon']:.3f} at delta {entry['delta']:g}{budget} ({entry['accountant']})"
         ui.out.print(ui.table(title, ["entry", "noise", "sample rate", "steps", "epsilon after"], rows))
+        if entry.get("not_aggregated"):
+            rounds = ", ".join(str(r) for r in entry["not_aggregated"])
+            ui.out.print(f"note: this epsilon counts round(s) {rounds}, whose global checkpoint did not aggregate the "
+                         "client's update (it came after the round's deadline, or was refused): an over-count, "
+                         "which is safe")
 
 
 # What the plans' noise/signal ratio leaves out (benchmarks/dp_signal.py, on ffa-lora-dp).

@@ -142,6 +142,8 @@ class SimulationReporter:
         if self.quiet:
             return
         parts = [f"train loss {fmt(row['train_loss'])}"]
+        if row.get("skipped"):
+            parts.insert(0, "skipped (its sample asked fewer than min_clients; the global carried forward)")
         if row["personalised_accuracy"] is not None:
             parts.insert(0, f"personalised accuracy {row['personalised_accuracy']:.4f}")
         if self.global_is_model:

@@ -123,7 +123,7 @@ def train_client(
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
     examples = read_examples(shard, recipe.data, recipe.model.task, g.manifest.num_labels, g.label_names, split)
     # An update the coordinator would refuse is not trained: under DP-SGD it would spend budget for nothing.
-    why = not_asked(recipe.federation, recipe.training.seed, round_, client_id)
+    why = not_asked(recipe.federation, recipe.training.seed, round_, client_id, recipe.server_privacy is not None)
     if why is not None:
         raise FedloraError(f"refusing to train client '{client_id}', which {why}: the coordinator would refuse its "
                            "update; nothing written")

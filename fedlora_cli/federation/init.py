@@ -104,10 +104,15 @@ def with_pooling(recipe: recipes.Recipe, base_override: str | None = None) -> tu
 
 
 def calibrated(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> recipes.Recipe:
-    """The recipe with ``privacy.noise_multiplier`` filled in from ``privacy.target_epsilon`` when unset."""
+    """The recipe with ``privacy.noise_multiplier`` filled in from ``privacy.target_epsilon`` when unset; with a
+    partition, ``privacy.delta`` checked below 1/n for every client's n examples either way."""
     import dataclasses
 
     p = recipe.privacy
+    if p is not None and partition is not None:
+        # Known here, before any training: a client with delta >= 1/n would be refused only at train-client.
+        for c in partition["clients"]:
+            privacy.check_delta(p.delta, c["examples"], f"client '{c.get('id', '?')}'")
     if p is None or p.noise_multiplier is not None:
         return recipe
     if partition is None:

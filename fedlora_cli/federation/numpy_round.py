@@ -7,9 +7,10 @@ also under a server optimiser) gets there in the fewest passes over the bytes, w
 strategies' reading makes:
 
 - the manifests and tensor headers are validated up front, by the same code (``read_updates``);
-- each update is memory-mapped (:func:`fedlora_cli.storage.mapped.map_tensors`), not copied out, and its
-  mapped header must still be the one validated; bfloat16 and float16 tensors are widened to float32 exactly
-  (:func:`fedlora_cli.storage.mapped.widen`), one tensor at a time;
+- each update's header is read again and must still be the one validated; its tensors are read one at a time
+  as they are visited (not memory-mapped: a file truncated under a mapping kills the process with SIGBUS, a
+  short read is one line); bfloat16 and float16 tensors are widened to float32 exactly
+  (:func:`fedlora_cli.storage.mapped.widen`);
 - each tensor is visited once while its bytes are in the CPU's cache: its difference from what the client
   received and the squared norm of that (finite exactly when the tensor is: the NaN/Inf check), its weighted add
   into the running sum, then its digest against the manifest. The digest comes *after* the tensor's last use,
@@ -27,8 +28,8 @@ strategies' reading makes:
   :func:`fedlora_cli.aggregation.weighted_mean` over the same updates (:mod:`fedlora_cli.aggregation.arrays`).
   When several updates are bad, the first one is named.
 
-Memory: the global's tensors, the running sum, and the pages of the group being averaged (the next group is
-mapped meanwhile, its pages touched only in its turn): flat in the number of clients.
+Memory: the global's tensors, the running sum, and one tensor name of each update of the group being averaged
+(an int8 or bfloat16 update is held whole, decoded): flat in the number of clients.
 """
 
 from __future__ import annotations
@@ -83,11 +84,11 @@ def weighted_mean(
             # both visits check the digests: the norm is judged on checked bytes, and so is what is then added.
             measured = visit([_Visit(m, measure=True, add=None if bounded else (sums, w, 1.0), check=True)
                               for m, (_, w) in zip(ready, group)])
-            # The next group is mapped (and its headers checked) while this one is visited.
+            # The next group's headers are read and checked while this one is visited.
             following = [_Mapped.of(u, expected, reference) for u, _ in groups[i + 1]] if i + 1 < len(groups) else []
             squared = measured()
             if len(ready) < len(mapped):
-                raise mapped[len(ready)]  # refused when mapped, in its turn
+                raise mapped[len(ready)]  # refused when its header was read, in its turn
             # Summed in name order, as functions.update_norm sums them: both paths judge the same norm.
             verdicts = [bound.verdict(sum(sq[n] for n in names) ** 0.5) for sq in squared]
             if bounded:
@@ -99,7 +100,9 @@ def weighted_mean(
                     rejected = True
                 else:
                     kept.append(weight)
-            del mapped, ready  # unmapped now: only the next group is still mapped
+            for m in ready:
+                m.close()
+            del mapped, ready
     if rejected and sums.tensors:
         sums.divide(sum(kept))  # summed as Mean sums the accepted weights (sum() is compensated from Python 3.12)
     return sums.tensors
@@ -153,32 +156,42 @@ def _visit(names: Sequence[str], buffers: dict[Any, np.ndarray],
 
 
 class _Mapped:
-    """One client update, memory-mapped, its tensors visited (measured, added, checked) by name."""
+    """One client update, its tensors visited (measured, added, checked) by name, each read from the file as it
+    is visited (an encoded update's parts read whole and decoded at once). Read, not memory-mapped: a file that
+    another process truncates under a mapping kills the reader with SIGBUS (issue 28); a short read is one line."""
 
     def __init__(self, update: storage.ClientUpdate, expected: Mapping[str, tuple[str, tuple[int, ...]]],
                  reference: Mapping[str, np.ndarray]) -> None:
         from fedlora_cli.storage.encoding import RAW, decode_update, stored_header
-        from fedlora_cli.storage.mapped import map_tensors, numpy_dtype
+        from fedlora_cli.storage.mapped import read_layout
 
         self.update, self.reference, self.encoding = update, reference, update.manifest.encoding
-        self.stored = map_tensors(update.tensors_path, "client update tensors")
         self._where = f"client update tensors {update.tensors_path}"  # once: a path is slow to join and format
+        self.layout = read_layout(update.tensors_path, "client update tensors")
         stored = stored_header(expected, self.encoding)
-        same = set(self.stored) == set(stored) and all(
-            _same_dtype(self.stored[n].dtype, numpy_dtype(dtype)) and self.stored[n].shape == tuple(shape)
-            for n, (dtype, shape) in stored.items()
+        same = set(self.layout.entries) == set(stored) and all(
+            self.layout.entries[n][:2] == (dtype, tuple(shape)) for n, (dtype, shape) in stored.items()
         )
         if not same:
             raise FedloraError(f"client update {update.path}: its tensor file changed while aggregating")
         # An encoded update is decoded onto the reference (float32, in memory) and visited as any other; its
-        # stored parts stay mapped, and their digests are checked after the decoded tensor's last use.
-        self.arrays = self.stored if self.encoding == RAW else decode_update(self.stored, self.encoding, reference)
+        # stored parts' digests are checked after the decoded tensor's last use.
+        self.stored = None if self.encoding == RAW else self.layout.read_all("client update tensors")
+        self.arrays = None if self.stored is None else decode_update(self.stored, self.encoding, reference)
+        # Held open while the update is visited: one open per update, not per tensor.
+        self._file = open(update.tensors_path, "rb") if self.stored is None else None  # noqa: SIM115
+
+    def close(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
+    __del__ = close  # an update left behind by a refused round closes its file too
 
     @classmethod
     def of(cls, update: storage.ClientUpdate, expected: Mapping[str, tuple[str, tuple[int, ...]]],
            reference: Mapping[str, np.ndarray]) -> _Mapped | FedloraError:
-        """The update mapped, or why it cannot be: mapped ahead of its turn, it is refused in its turn, so a round
-        reports the first bad update first, as the screened path does."""
+        """The update's header read and checked, or why it cannot be: read ahead of its turn, it is refused in its
+        turn, so a round reports the first bad update first, as the screened path does."""
         try:
             return cls(update, expected, reference)
         except FedloraError as exc:
@@ -187,16 +200,17 @@ class _Mapped:
     def visit(self, name: str, buffers: dict[Any, np.ndarray], measure: bool, add: tuple[Any, float, float] | None,
               check: bool) -> float | None:
         """One tensor: its squared distance from the reference if ``measure`` (returned), its weighted add if
-        ``add`` = (sums, weight, clip), then, if ``check``, its digest."""
+        ``add`` = (sums, weight, clip), then, if ``check``, the digest of the very bytes used."""
         from fedlora_cli.aggregation.arrays import squared_distance
         from fedlora_cli.storage.mapped import widen
 
-        t = widen(self.arrays[name])
+        stored = self._stored(name)
+        t = widen(stored[name] if self.arrays is None else self.arrays[name])
         squared = None
         if measure:
             squared = squared_distance(t, self.reference[name], buffers)
             if not math.isfinite(squared):
-                self._check_finite(name)
+                self._check_finite(name, stored, t)
         if add is not None:
             sums, weight, clip = add
             if clip == 1.0:
@@ -204,30 +218,31 @@ class _Mapped:
             else:
                 sums.add_clipped(name, t, self.reference[name], clip, weight, buffers)
         if check:
-            self._check_digest(name)
+            self._check_digest(name, stored)
         return squared
 
-    def _check_digest(self, name: str) -> None:
+    def _stored(self, name: str) -> Mapping[str, np.ndarray]:
+        """The stored parts of tensor ``name``: an encoded update's, held; a float32 update's tensor, read now."""
+        if self.stored is not None:
+            return self.stored
+        t = self.layout.read(name, self._file.fileno())
+        if t is None:
+            raise FedloraError(f"{self._where} was cut short while aggregating (changed by another process)")
+        return {name: t}
+
+    def _check_digest(self, name: str, stored: Mapping[str, np.ndarray]) -> None:
         from fedlora_cli.storage.encoding import parts_of
 
         for part in parts_of(name, self.encoding):
-            storage.check_digest(self.stored[part], self.update.manifest.tensor_digests[part],
+            storage.check_digest(stored[part], self.update.manifest.tensor_digests[part],
                                  f"{self._where}: tensor '{part}'")
 
-    def _check_finite(self, name: str) -> None:
+    def _check_finite(self, name: str, stored: Mapping[str, np.ndarray], t: np.ndarray) -> None:
         """A tensor whose distance is not finite: refused as not matching its digest if it does not (a damaged
         file is that first), else for its NaN or Inf. (An infinite distance between finite tensors is possible
         only in float64, beyond 1e154, and is left to the norm bound.)"""
         import numpy as np
 
-        from fedlora_cli.storage.mapped import widen
-
-        self._check_digest(name)
-        if not np.isfinite(widen(self.arrays[name])).all():
+        self._check_digest(name, stored)
+        if not np.isfinite(t).all():
             raise FedloraError(f"client update {self.update.path}: tensor '{name}' holds NaN or Inf")
-
-
-
-def _same_dtype(a: np.dtype, b: np.dtype) -> bool:
-    """Equal dtypes, bfloat16 told apart from uint16 (numpy's equality ignores the tag)."""
-    return a == b and a.metadata == b.metadata

@@ -6,7 +6,8 @@ A round t takes global checkpoint t-1 to global checkpoint t, in a run folder (:
 2. whose update is already in the run folder, made from this very parent (a resumed round asks nobody twice);
 3. the others are asked through :class:`Sites`, the one thing that differs between deployments: in this process
    (:class:`InProcessSites`, ``fedlora simulate``) or by Flower messages (``fedlora_cli.flower.server_app``);
-4. the participation rule (:func:`.sampling.require_enough`: at least ``federation.min_clients`` updates);
+4. the participation rule (:func:`.sampling.require_enough`: at least ``federation.min_clients`` updates; a
+   Poisson sample short of it is skipped, or under DP-FedAvg released as it is, :func:`.sampling.needed`);
 5. aggregation (:func:`.server.aggregate_round`: validation, the strategy, DP-FedAvg, server optimisers) into
    the global checkpoint;
 6. evaluation: the global on the test data and the validation data the coordinator holds, and whatever the sites
@@ -35,9 +36,9 @@ from fedlora_cli.federation.client import existing_update, site_round
 from fedlora_cli.federation.common import Global
 from fedlora_cli.federation.evaluate import evaluate as evaluate_checkpoint
 from fedlora_cli.federation.init import init
-from fedlora_cli.federation.sampling import asked as sampled_clients, require_enough
+from fedlora_cli.federation.sampling import asked as sampled_clients, needed, require_enough
 from fedlora_cli.federation.secure import MANIFEST_KEY, SecureSum
-from fedlora_cli.federation.server import aggregate_round, aggregate_secure, check_update
+from fedlora_cli.federation.server import SKIPPED, aggregate_round, aggregate_secure, check_update
 from fedlora_cli.storage.checkpoints import round_dirname
 from fedlora_cli.storage.files import read_json, write_json
 from fedlora_cli.storage.run_layout import RECIPE_FILE, RunLayout
@@ -198,17 +199,22 @@ class Federation:
         """One round from ``parent``: the new global checkpoint and the bytes its updates took on the network."""
         r, f = parent.manifest.round + 1, self.recipe.federation
         asked = sampled_clients(f, self.recipe.training.seed, r)
-        require_enough(f, r, len(asked), stage="asked")
+        need = needed(f, len(asked), self.recipe.server_privacy is not None)
+        if not need:  # the sample is short of min_clients: skipped, or (DP-FedAvg, nobody asked) noise alone
+            self.reporter.stage(f"round {r}: its sample asked {len(asked)} client(s), fewer than federation.min_clients "
+                                f"= {f.min_clients}: " + ("skipped, the global carried forward" if need is None else
+                                                          "a noise-only DP-FedAvg release"))
+            return aggregate_round(parent, [], self.layout.global_checkpoint(r)).checkpoint, None
         done = [c for c in asked if existing_update(self.layout.update(r, c), parent, c) is not None]
         if done:
             self.reporter.stage(f"round {r}: updates of {', '.join(done)} already in the run folder; not asked again")
         reachable = self.sites.reachable(parent, [c for c in asked if c not in done])
-        require_enough(f, r, len(done) + len(reachable), asked=len(asked), stage="reachable")
+        require_enough(f, r, len(done) + len(reachable), asked=len(asked), stage="reachable", need=need)
         staging = self.layout.root / STAGING_DIR / round_dirname(r)
         try:
             collected = self.sites.train(parent, reachable, staging) if reachable else Collected({})
             got = [c for c in asked if c in done or c in collected.clients]
-            require_enough(f, r, len(got), asked=len(asked), stage="collected")
+            require_enough(f, r, len(got), asked=len(asked), stage="collected", need=need)
             for cid, path in collected.updates.items():
                 _place(path, self.layout.update(r, cid))
         finally:
@@ -343,12 +349,15 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
     spent = [u.privacy["epsilon"] for u in updates if u.privacy is not None]
     return {
         "round": round_, "asked": len(asked), "clients": len(updates),
+        # A round whose sample asked fewer than min_clients, without DP-FedAvg: its global is its parent's.
+        "skipped": (m.aggregation or {}).get("strategy") == SKIPPED,
         "left_out": [c for c in asked if c not in m.clients],
-        "train_loss": None if None in losses else sum(loss * u.num_examples for loss, u in zip(losses, updates)) / total,
+        "train_loss": None if None in losses or not total else
+        sum(loss * u.num_examples for loss, u in zip(losses, updates)) / total,
         **_scores(metrics, partition),
         **{f"{VALIDATION}_{key}": value for key, value in _scores(metrics.get(VALIDATION) or {}, partition).items()
            if key in VALIDATION_SCORES},
-        "upload_bytes": uploaded, "upload_bytes_per_client": uploaded // len(updates), "wire_bytes": wire_bytes,
+        "upload_bytes": uploaded, "upload_bytes_per_client": uploaded // max(len(updates), 1), "wire_bytes": wire_bytes,
         "seconds": sum(u.seconds for u in updates),  # the clients' training time
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
         # DP-SGD: the largest cumulative epsilon among the clients of this round (under sampling a client that sat

@@ -56,33 +56,60 @@ _SHORT_OF = {
 }
 
 
-def require_enough(federation: Any, round_: int, count: int, asked: int | None = None, *, stage: str) -> None:
-    """Refuse a round with fewer than ``federation.min_clients`` clients at ``stage``: 'asked' (the round's
-    sample), 'reachable' (asked clients online or done), 'collected' (updates that came back), 'given' (the
+def needed(federation: Any, asked: int, private: bool) -> int | None:
+    """How many client updates a round needs when its sample asked ``asked`` clients: ``federation.min_clients``.
+
+    A Poisson sample can ask fewer, even none, and since it is fixed by the seed and the round, waiting cannot
+    help: such a short round is what the literature makes of it. Under DP-FedAvg (``private``) the round releases
+    what the clients it asked send (McMahan et al. 2018: the sum over the sample divided by the fixed expected
+    count q N, whatever the sample's size), all of them needed; an empty sample is a noise-only release, which
+    the accountant counts. Otherwise None: the round is skipped, its global checkpoint the previous one carried
+    forward and recorded as skipped.
+    """
+    if asked >= federation.min_clients:
+        return federation.min_clients
+    return asked if private else None
+
+
+def require_enough(federation: Any, round_: int, count: int, asked: int | None = None, *, stage: str,
+                   need: int | None = None) -> None:
+    """Refuse a round with fewer than ``need`` (default ``federation.min_clients``; see :func:`needed`) clients at
+    ``stage``: 'reachable' (asked clients online or done), 'collected' (updates that came back), 'given' (the
     updates handed to ``fedlora aggregate``)."""
-    need = federation.min_clients
+    need = federation.min_clients if need is None else need
     if count >= need:
         return
-    if stage == "asked":
-        how = "Poisson sampling" if federation.sampling == POISSON else "the round's sample"
-        raise FedloraError(
-            f"round {round_}: {how} asked {count} client(s), fewer than federation.min_clients = {need}; lower "
-            "min_clients or raise clients_per_round"
-        )
     short = _SHORT_OF[stage].format(count=count, asked=asked)
-    raise FedloraError(f"round {round_}: {short}, fewer than federation.min_clients = {need}; nothing written")
+    rule = f"federation.min_clients = {need}" if need == federation.min_clients else \
+        f"the {need} client(s) this round's sample asked (fewer than federation.min_clients, so all of them)"
+    raise FedloraError(f"round {round_}: {short}, fewer than {rule}; nothing written")
 
 
-def not_asked(federation: Any, seed: int, round_: int, client_id: str) -> str | None:
-    """Why ``client_id`` has no part in round ``round_`` (to follow "which ..."), or None: when the federation
-    samples its clients, a client the round's sample left out."""
-    if federation.clients_per_round is not None and client_id not in asked(federation, seed, round_):
+def not_asked(federation: Any, seed: int, round_: int, client_id: str, private: bool = False) -> str | None:
+    """Why ``client_id`` has no part in round ``round_`` (to follow "which ..."), or None: a client outside the
+    federation's population, or, when the federation samples its clients, one the round's sample left out or a
+    round the sample skips (:func:`needed`; ``private``: under DP-FedAvg, which skips none)."""
+    if client_id not in population(federation):
+        return f"is not one of the federation's clients ({_population_named(federation)})"
+    if federation.clients_per_round is None:
+        return None
+    sample = asked(federation, seed, round_)
+    if client_id not in sample:
         return f"round {round_} did not ask (see 'fedlora sample')"
+    if needed(federation, len(sample), private) is None:
+        return f"round {round_} skips (its sample asked fewer than federation.min_clients; see 'fedlora sample')"
     return None
 
 
+def _population_named(federation: Any) -> str:
+    if federation.client_ids:
+        return "federation.client_ids"
+    n = federation.clients
+    return f"federation.clients = {n} without client_ids: client-0" + ("" if n == 1 else f"..client-{n - 1}")
+
+
 def require_asked(federation: Any, seed: int, round_: int, client_id: str, where: Any) -> None:
-    """Refuse a client update (at ``where``) from a client the round did not ask, when the federation samples."""
+    """Refuse a client update (at ``where``) from a client outside the federation, or that the round did not ask."""
     why = not_asked(federation, seed, round_, client_id)
     if why is not None:
         raise FedloraError(f"client update {where} is from client '{client_id}', which {why}; nothing written")

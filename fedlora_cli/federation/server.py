@@ -33,7 +33,9 @@ from fedlora_cli.federation.secure import MANIFEST_KEY, SecureSum, site_bound
 from fedlora_cli.federation.common import (
     Global, digests, frozen_digest, frozen_labels, next_digests, received_tensors,
 )
-from fedlora_cli.federation.sampling import asked as sampled_clients, require_asked, require_enough, sample_rate
+from fedlora_cli.federation.sampling import (
+    asked as sampled_clients, needed, require_asked, require_enough, sample_rate,
+)
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
 from fedlora_cli.storage import encoding as encodings
@@ -120,16 +122,20 @@ def aggregate_round(
                            "nothing written")
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
-    if not update_dirs:
-        raise FedloraError("no client updates given")
     recipe = round_recipe(g.recipe, overrides)
+    f, round_ = recipe.federation, g.manifest.round + 1
+    asked = sampled_clients(f, recipe.training.seed, round_)
+    need = needed(f, len(asked), recipe.server_privacy is not None)
+    if need is None:
+        return _skip_round(g, recipe, asked, update_dirs, out, overwrite)
+    if not update_dirs and need > 0:
+        raise FedloraError("no client updates given")
     strategy = round_strategy(recipe, g, out, server_ledger, noise_seed)
     updates = read_updates(g, recipe, update_dirs)
-    _check_participation(g, recipe, updates)
+    _check_participation(g, recipe, updates, need)
     strategy.check_count(len(updates), "trim fraction")
-    f = recipe.federation
     counts = [u.manifest.shard_examples if f.weighting == "shard" else u.manifest.num_examples for u in updates]
-    weights = aggregation.client_weights(counts, uniform=f.weighting == "uniform")
+    weights = aggregation.client_weights(counts, uniform=f.weighting == "uniform") if updates else []
     strategy.check_round(len(updates))
     screen = _Screen(g, recipe, NormBound(f.norm_bound, f.norm_bound_action), progress, len(updates))
     result = strategy.aggregate(_RoundContributions(screen, updates, weights), _round_spec(g, screen))
@@ -149,7 +155,8 @@ def aggregate_secure(global_checkpoint: Path | Global, secure: SecureSum, out: P
         raise FedloraError(f"{out} already exists; nothing written")
     recipe = g.recipe
     f, round_ = recipe.federation, g.manifest.round + 1
-    require_enough(f, round_, len(secure.weights), stage="given")
+    need = needed(f, len(sampled_clients(f, recipe.training.seed, round_)), recipe.server_privacy is not None)
+    require_enough(f, round_, len(secure.weights), stage="given", need=need or 1)
     for cid in secure.clients:
         require_asked(f, recipe.training.seed, round_, cid, "of the secure sum")
     sent = sorted(name for name in g.header if g.plan.sends(name))
@@ -228,11 +235,38 @@ def round_strategy(recipe: recipes.Recipe, g: Global, out: Path, server_ledger: 
     return strategy
 
 
-def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate]) -> None:
-    """The participation rule (:mod:`.sampling`): enough updates, and under sampling only from the clients this
-    round asked."""
+def _skip_round(g: Global, recipe: recipes.Recipe, asked: list[str], update_dirs: Sequence[Path], out: Path,
+                overwrite: bool) -> AggregateResult:
+    """A round whose seeded sample asked fewer than ``federation.min_clients`` (:func:`.sampling.needed`): the
+    parent's tensors, correction and server state carried forward as the round's global checkpoint, recorded as
+    skipped (no client, no release), so the federation goes on at the next round instead of stalling."""
     f, round_ = recipe.federation, g.manifest.round + 1
-    require_enough(f, round_, len(updates), stage="given")
+    if update_dirs:
+        raise FedloraError(
+            f"round {round_} is skipped: its sample asked {len(asked)} client(s), fewer than federation.min_clients "
+            f"= {f.min_clients}; give no client updates to carry the global checkpoint forward; nothing written"
+        )
+    tensors, correction, state = g.verified_arrays, g.verified_correction_arrays, g.verified_server_state
+    manifest = dataclasses.replace(
+        g.manifest, round=round_, clients=[], asked=asked, created=time.time(),
+        aggregation={"strategy": SKIPPED, "asked": len(asked), "min_clients": f.min_clients},
+    )
+    adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
+    written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction,
+                                   server_state=state)
+    return AggregateResult(Global.written(written, g.recipe, tensors, correction, state), [], strategy=SKIPPED)
+
+
+# The aggregation a skipped round records (its global is its parent's, carried forward).
+SKIPPED = "skipped"
+
+
+def _check_participation(g: Global, recipe: recipes.Recipe, updates: Sequence[storage.ClientUpdate],
+                         need: int) -> None:
+    """The participation rule (:mod:`.sampling`): enough updates, and only from clients of the federation that
+    this round asked."""
+    f, round_ = recipe.federation, g.manifest.round + 1
+    require_enough(f, round_, len(updates), stage="given", need=need)
     for update in updates:
         require_asked(f, recipe.training.seed, round_, update.manifest.client_id, update.path)
 
@@ -430,6 +464,8 @@ class _Screen:
 
     def items(self, updates: Sequence[storage.ClientUpdate],
               weights: Sequence[float]) -> Iterator[tuple[_Contribution, bool]]:
+        if not updates:  # a DP-FedAvg round whose sample asked nobody: a noise-only release
+            return
         for update, tensors, weight in _checked_updates(updates, weights, self._received):
             reference = self._received(update)
             verdict = self.bound.judge(tensors, reference)
@@ -448,7 +484,7 @@ class _Screen:
 
     def finish(self) -> None:
         """Refuse a round whose every update the norm bound rejected."""
-        if all(row.bound == REJECTED for row in self.rows):
+        if self.rows and all(row.bound == REJECTED for row in self.rows):
             raise FedloraError(
                 f"all {self.total} client updates exceed the norm bound {self.bound.bound:g} and were rejected; "
                 "nothing written"
@@ -489,7 +525,9 @@ def _next_global(
     aggregated = {name: narrow(t, g.header[name][0]) for name, t in result.tensors.items()}
     bad = aggregation.nonfinite(aggregated)
     if bad is not None:
-        raise FedloraError(f"the aggregate of tensor '{bad}' is not finite (overflow in the client updates); nothing written")
+        cause = "the client updates" if recipe.federation.server_optimizer == "none" else \
+            "the client updates or the server optimiser's step"
+        raise FedloraError(f"the aggregate of tensor '{bad}' is not finite (overflow in {cause}); nothing written")
     correction = dict(parent_correction)
     for layer, residual in result.residuals.items():
         previous = correction.get(layer)

@@ -26,6 +26,7 @@ SuperLink host.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -398,8 +399,24 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
 app = ServerApp()
 
 
+class _OneLine(logging.Filter):
+    """Drops Flower's report of a :class:`FedloraError` the server app raised ("ServerApp raised an exception" and
+    its traceback): fedlora has said what went wrong in one line already. Other exceptions keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], FedloraError))
+
+
+def _quiet_flower_traceback() -> None:
+    from flwr.common.logger import FLOWER_LOGGER
+
+    if not any(isinstance(f, _OneLine) for f in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(_OneLine())
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _quiet_flower_traceback()
     try:
         Coordinator(grid, Settings.from_run_config(context.run_config)).run()
     except FedloraError as exc:

@@ -17,6 +17,7 @@ float32 normals, one tensor name at a time in name order. A given seed reproduce
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -150,7 +151,12 @@ def dp_fedavg(
                 yield aggregation.clipped_delta(tensors, reference, clip), 1.0 / num_clients
 
     # The mean is taken over the deltas, so that with fewer than m updates the reference is not shrunk with them.
-    mean_delta = (average or aggregation.weighted_mean)(clipped_deltas())
+    deltas = clipped_deltas()
+    first = next(deltas, None)
+    if first is None:  # a sample that asked nobody: the release is the noise alone, counted like any other
+        mean_delta = {name: np.zeros(ref.shape, np.float32) for name, ref in reference.items()}
+    else:
+        mean_delta = (average or aggregation.weighted_mean)(itertools.chain([first], deltas))
     generator = np.random.default_rng(seed)
     std = np.float32(noise_multiplier * clip / num_clients)
     result = {}

@@ -1,12 +1,13 @@
 """The coordinator's DP-FedAvg ledger: dp-fedavg-ledger-<recipe digest>.json beside the global checkpoints.
 
 It records every DP-FedAvg release the coordinator has made, including a round aggregated twice, and is
-written before each release. (A client's DP-SGD ledger travels in its client state: :class:`.accounting.Ledger`.)
+written before each release. It is bound to the federation, not to a path the operator gives: a ledger named
+with --server-ledger must count every release the one beside the checkpoints does, and both are written. (A client's DP-SGD ledger travels in its client state: :class:`.accounting.Ledger`.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ class ServerLedger:
 
     path: Path
     releases: list[dict[str, Any]]
+    # Where else the ledger is written: the federation's own ledger beside the global checkpoint, when the
+    # operator named another file (--server-ledger), so that it always holds every release.
+    copies: list[Path] = field(default_factory=list)
 
     def history(self) -> list[list[float]]:
         return [[r["noise_multiplier"], r["sample_rate"], r["steps"]] for r in self.releases]
@@ -61,33 +65,47 @@ def server_ledger_path(ckpt: GlobalCheckpoint) -> Path:
 
 
 def write_server_ledger(ledger: ServerLedger) -> None:
-    """Replace the ledger file in one rename."""
-    try:
-        ledger.path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(ledger.path) as tmp:
-            write_json(tmp, {"format_version": FORMAT_VERSION, "releases": ledger.releases})
-    except OSError as exc:
-        raise FedloraError(f"cannot write the DP-FedAvg ledger {ledger.path}: {exc.strerror}; nothing released") from None
+    """Replace the ledger file (and its copies) each in one rename."""
+    for path in [ledger.path, *ledger.copies]:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                write_json(tmp, {"format_version": FORMAT_VERSION, "releases": ledger.releases})
+        except OSError as exc:
+            raise FedloraError(f"cannot write the DP-FedAvg ledger {path}: {exc.strerror}; nothing released") from None
 
 
 def coordinator_ledger(ckpt: GlobalCheckpoint, path: Path | None = None) -> ServerLedger:
     """The coordinator's DP-FedAvg ledger for the federation ``ckpt`` belongs to.
 
-    Default path: :func:`server_ledger_path`. Where there is no ledger yet, for
-    instance on a new coordinator machine, it starts from the releases the checkpoint's manifest records.
-    A ledger that knows fewer releases than the checkpoint's own history belongs elsewhere and is refused.
+    The federation's own ledger is :func:`server_ledger_path`, beside the checkpoint: it travels with the global
+    checkpoints and always receives every release. Another ``path`` (--server-ledger) may be used as well, but it
+    must count at least the releases the federation's own ledger counts (a fresh path would otherwise start the
+    budget again), and each release is written to both. Where there is no ledger yet, for instance on a new
+    coordinator machine, it starts from the releases the checkpoint's manifest records. A ledger that knows fewer
+    releases than the checkpoint's own history belongs elsewhere and is refused.
     """
     chain = ckpt.manifest.server_privacy_ledger
-    path = Path(path) if path is not None else server_ledger_path(ckpt)
+    bound = server_ledger_path(ckpt)
+    path = Path(path) if path is not None else bound
     ledger = read_server_ledger(path)
     if ledger is None:
-        return ServerLedger(path, [
+        ledger = ServerLedger(path, [
             {"noise_multiplier": s, "sample_rate": q, "steps": n, "from_manifest": str(ckpt.path.resolve())}
             for s, q, n in chain
         ])
-    if len(ledger.releases) < len(chain):
+    elif len(ledger.releases) < len(chain):
         raise FedloraError(
             f"DP-FedAvg ledger {path} records {len(ledger.releases)} release(s) but global checkpoint {ckpt.path} "
             f"has {len(chain)} in its history: the ledger is not this federation's (give the right one with --server-ledger)"
         )
+    if path.resolve() != bound.resolve():
+        own = read_server_ledger(bound)
+        if own is not None and len(own.releases) > len(ledger.releases):
+            raise FedloraError(
+                f"DP-FedAvg ledger {path} records {len(ledger.releases)} release(s), but this federation's ledger "
+                f"beside global checkpoint {ckpt.path} ({bound}) records {len(own.releases)}: the budget counts every "
+                "release of the federation; give that ledger (or leave --server-ledger out); nothing released"
+            )
+        ledger.copies = [bound]
     return ledger

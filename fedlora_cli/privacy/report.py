@@ -24,11 +24,35 @@ def _entry(who: str, ledger: privacy.Ledger) -> dict[str, Any]:
     }
 
 
-def client_entry(state_dir: Path) -> dict[str, Any] | None:
+def client_entry(state_dir: Path, globals_dir: Path | None = None) -> dict[str, Any] | None:
+    """A client's DP-SGD spending from its newest state, and the rounds it counts that the coordinator did not
+    aggregate (``not_aggregated``), as far as the global checkpoints in ``globals_dir`` (default: those a Flower
+    site received, STATE-DIR/flower/<federation>/global) tell."""
     state = storage.latest_state(state_dir)
     if state is None or state.manifest.privacy is None:
         return None
-    return _entry(f"client {state.manifest.client_id} (round {state.manifest.round})", privacy.Ledger.from_dict(state.manifest.privacy))
+    cid = state.manifest.client_id
+    entry = _entry(f"client {cid} (round {state.manifest.round})", privacy.Ledger.from_dict(state.manifest.privacy))
+    if globals_dir is None:  # a Flower site's work folder: beside its federations' state folders, or in the state
+        state = Path(state_dir)
+        found = [state.parent / "flower" / state.name / storage.GLOBAL_DIR, state / "flower" / storage.GLOBAL_DIR]
+        globals_dir = next((p for p in found if p.is_dir()), found[0])
+    return {**entry, "not_aggregated": _not_aggregated(cid, storage.state_rounds(state_dir), globals_dir)}
+
+
+def _not_aggregated(client_id: str, trained: list[int], globals_dir: Path) -> list[int]:
+    """The rounds a client trained (and its ledger counts) whose global checkpoint, where it is at hand, does not
+    list the client: its update came after the round's deadline, or was refused. Its epsilon over-counts them,
+    which is safe; the report says so."""
+    left_out = []
+    for round_ in trained:
+        manifest = Path(globals_dir) / storage.round_dirname(round_) / storage.GLOBAL_MANIFEST
+        if not manifest.is_file():
+            continue
+        clients = storage.read_json(manifest, "global checkpoint manifest").get("clients")
+        if isinstance(clients, list) and client_id not in clients:
+            left_out.append(round_)
+    return left_out
 
 
 def reported_entries(run: storage.RunLayout) -> list[dict[str, Any]]:
@@ -79,7 +103,8 @@ def collect(path: Path) -> list[dict[str, Any]]:
     elif run.is_run():
         states = run.client_states()
         # A Flower run's client states stay at the sites: what each client's update reports is what there is.
-        entries += [client_entry(state_dir) for state_dir in states] if states else reported_entries(run)
+        entries += [client_entry(state_dir, run.root / storage.GLOBAL_DIR) for state_dir in states] if states \
+            else reported_entries(run)
         rounds = run.global_checkpoints()
         if rounds:
             entries.append(server_entry(rounds[-1]))

@@ -296,7 +296,9 @@ class FederationSection:
     )
     min_clients: int = _help(
         "Fewest client updates a round may aggregate: with fewer, 'aggregate' refuses and writes nothing. Any "
-        "of the round's asked clients may be the ones that answer.",
+        "of the round's asked clients may be the ones that answer. A Poisson sample that asks fewer skips the "
+        "round (the global carried forward); under DP-FedAvg it releases what its sample sends (nobody: noise "
+        "only).",
         1,
     )
     server_optimizer: str = _help(

@@ -8,6 +8,7 @@ message speaks of the option, not of a key the user never typed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -54,6 +55,7 @@ def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_cl
     that trims none of them): a round checks them against the client updates that actually arrived.
     """
     c = _Check(labels, planned_clients)
+    _finite(c, recipe)
     _model(c, recipe.model)
     _data(c, recipe.data, recipe.federation.clients)
     _task(c, recipe)
@@ -72,6 +74,25 @@ def validate(recipe: Recipe, labels: Mapping[str, str] | None = None, planned_cl
     if recipe.federation.secure_aggregation is not None:
         _secure_aggregation(c, recipe)
     return recipe
+
+
+def _finite(c: _Check, recipe: Recipe) -> None:
+    """Every number of the recipe finite: YAML's .inf and .nan pass most range rules (inf > 0) and then overflow
+    the arithmetic after the clients trained."""
+    for section in dataclasses.fields(recipe):
+        values = getattr(recipe, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float):
+                c.require(math.isfinite(value), f"{section.name}.{f.name}", f"must be a finite number; got {value}")
+
+
+# The coordinator steps in float32: a value it multiplies by must be a float32, and server_tau's square (the
+# second moment's start) a normal float32, neither overflowing to inf nor vanishing to 0.
+_FLOAT32_MAX = 3.4e38
+_TAU_RANGE = (1e-18, 1e18)
 
 
 def _model(c: _Check, m: ModelSection) -> None:
@@ -219,10 +240,14 @@ def _participation(c: _Check, f: FederationSection) -> None:
 
 def _server_optimizer(c: _Check, f: FederationSection) -> None:
     c.one_of(f.server_optimizer, "federation.server_optimizer", SERVER_OPTIMIZER_NAMES)
-    c.require(f.server_lr is None or f.server_lr > 0, "federation.server_lr", "must be > 0")
+    c.require(f.server_lr is None or 0 < f.server_lr <= _FLOAT32_MAX, "federation.server_lr",
+              f"must be > 0 and at most {_FLOAT32_MAX:g} (a float32); got {f.server_lr}")
     c.require(0 <= f.server_momentum < 1, "federation.server_momentum", "must be in [0, 1)")
     c.require(0 <= f.server_beta2 < 1, "federation.server_beta2", "must be in [0, 1)")
-    c.require(f.server_tau > 0, "federation.server_tau", "must be > 0")
+    low, high = _TAU_RANGE
+    c.require(low <= f.server_tau <= high, "federation.server_tau",
+              f"must lie between {low:g} and {high:g} (its square, the second moment's start, is a float32); "
+              f"got {f.server_tau:g}")
     if f.server_optimizer != "none":
         fitting = [name for name, cls in STRATEGIES.items() if cls.optimisable]
         c.require(
@@ -343,6 +368,8 @@ def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -
     )
     c.require(sp.clip_norm > 0, "server_privacy.clip_norm", "must be > 0")
     c.require(sp.noise_multiplier >= 0, "server_privacy.noise_multiplier", "must be >= 0")
+    c.require(sp.noise_multiplier * sp.clip_norm <= _FLOAT32_MAX, "server_privacy.noise_multiplier",
+              f"times server_privacy.clip_norm (the noise's scale, a float32) must be at most {_FLOAT32_MAX:g}")
     c.require(0 < sp.delta < 1, "server_privacy.delta", "must be between 0 and 1")
     c.require(sp.target_epsilon is None or sp.target_epsilon > 0, "server_privacy.target_epsilon", "must be > 0")
 

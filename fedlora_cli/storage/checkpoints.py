@@ -109,7 +109,37 @@ def read_global(path: Path) -> GlobalCheckpoint:
     manifest = _read_manifest(path, GLOBAL_MANIFEST, GlobalManifest, "global checkpoint")
     if not (path / ADAPTER_CONFIG).is_file():
         raise FedloraError(f"global checkpoint {path} has no {ADAPTER_CONFIG}")
+    _check_identity(path, manifest)
     return GlobalCheckpoint(path, manifest)
+
+
+# Each tensor file of a global checkpoint and the manifest field that lists its tensors' digests.
+_GLOBAL_FILES = {ADAPTER_WEIGHTS: "tensor_digests", CORRECTION_TENSORS: "correction_digests",
+                 SERVER_STATE_TENSORS: "server_state_digests"}
+
+
+def _check_identity(path: Path, manifest: GlobalManifest) -> None:
+    """A checkpoint's identity recomputed from the digests its manifest lists, and its files matched to them.
+
+    The recorded ``digest`` is what client updates name as their parent; recomputing it here means a manifest
+    edited consistently (a server optimiser's state stripped, a correction dropped) no longer passes for the
+    checkpoint it was. A file listed must be there, and a tensor file present must be listed: one left unlisted
+    would be silently ignored (moments restarting from zero)."""
+    from fedlora_cli.storage.files import global_digest
+
+    where = f"global checkpoint {path}"
+    for name, field_name in _GLOBAL_FILES.items():
+        listed, present = bool(getattr(manifest, field_name)), (path / name).is_file()
+        if (listed or name == ADAPTER_WEIGHTS) and not present:
+            raise FedloraError(f"{where} lacks {name}, which its manifest lists")
+        if present and not listed and name != ADAPTER_WEIGHTS:
+            raise FedloraError(f"{where} holds {name}, which its manifest ('{field_name}') does not list")
+    expected = global_digest(manifest.tensor_digests, manifest.correction_digests, manifest.server_state_digests)
+    if manifest.digest != expected:
+        raise FedloraError(
+            f"{where}: its manifest's digest is not the one its listed tensor digests give (the manifest was edited "
+            "since it was written)"
+        )
 
 
 def write_global(

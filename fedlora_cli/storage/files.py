@@ -360,8 +360,8 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
     names, and every tensor bit-identical to the one written, each checked with the algorithm its digest
     names. Each tensor is hashed as it is read, while its bytes are still in the CPU's cache, rather than in a
     second pass over the whole file. ``framework`` is "pt" (torch tensors, the default) or "numpy" (arrays,
-    without torch: copied out of the file's memory map into one allocation, which costs far fewer page faults
-    than one allocation per tensor, as safetensors' numpy reader makes).
+    without torch: read into one allocation, which costs far fewer page faults than one allocation per tensor,
+    as safetensors' numpy reader makes; never memory-mapped, see :func:`.mapped.read_tensors`).
 
     A missing, truncated, corrupted or swapped file is a :class:`FedloraError` that names the tensor.
     """
@@ -372,15 +372,12 @@ def load_verified(path: Path, digests: Mapping[str, str], what: str, framework: 
     for name, d in digests.items():  # an unknown or malformed digest is refused before any data is read
         _parse_digest(d, f"{what} {path}: tensor {name!r}")
     if framework == "numpy":
-        import numpy as np
+        from fedlora_cli.storage.mapped import read_layout
 
-        from fedlora_cli.storage.mapped import empty_like, map_tensors
-
-        mapped = map_tensors(path, what)
-        _check_names(mapped, digests, f"{what} {path}")
-        tensors = empty_like(mapped)
+        layout = read_layout(path, what)
+        _check_names(layout.entries, digests, f"{what} {path}")
+        tensors = layout.read_all(what)
         for name, t in tensors.items():
-            np.copyto(t, mapped[name])
             check_digest(t, digests[name], f"{what} {path}: tensor {name!r}")
         return tensors
     tensors = {}

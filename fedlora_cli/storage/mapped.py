@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,15 +62,47 @@ class Layout:
     start: int  # the first byte of the data, after the header
     entries: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> (dtype code, shape, begin, end) in the data
 
-    def read(self, name: str) -> np.ndarray | None:
-        """One tensor, read (copied) from the file at its offsets: no mapping is held, so no page of the file
-        stays resident in this process. None when the file no longer holds those bytes."""
+    def read(self, name: str, fd: int | None = None) -> np.ndarray | None:
+        """One tensor, read (copied) from the file at its offsets (through ``fd``, an open descriptor of it, if
+        given): no mapping is held, so no page of the file stays resident in this process. None when the file no
+        longer holds those bytes."""
         code, shape, begin, end = self.entries[name]
-        with open(self.path, "rb") as handle:
-            data = os.pread(handle.fileno(), end - begin, self.start + begin)
+        if fd is None:
+            with open(self.path, "rb") as handle:
+                return self.read(name, handle.fileno())
+        data = os.pread(fd, end - begin, self.start + begin)
         if len(data) != end - begin:
             return None
         return np.frombuffer(data, numpy_dtype(code)).reshape(shape)
+
+    def read_into(self, handle: Any, name: str, out: np.ndarray) -> bool:
+        """One tensor read from the open file ``handle`` into ``out`` (of its dtype and shape); False when the file
+        no longer holds its bytes (truncated since the header was read)."""
+        _, _, begin, end = self.entries[name]
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < end - begin:
+            got = os.preadv(handle.fileno(), [view[done:]], self.start + begin + done)
+            if got == 0:
+                return False
+            done += got
+        return True
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """Writable arrays of every tensor's dtype and shape, carved out of one allocation (:func:`empty_arrays`)."""
+        return empty_arrays({name: (numpy_dtype(code), shape) for name, (code, shape, _, _) in self.entries.items()})
+
+    def read_all(self, what: str) -> dict[str, np.ndarray]:
+        """Every tensor, read into memory (one allocation). A file cut short meanwhile (another process truncating
+        it) is a :class:`FedloraError`: read, never mapped, so it cannot kill the process with SIGBUS."""
+        tensors = self.empty()
+        try:
+            with open(self.path, "rb") as handle:
+                complete = all(self.read_into(handle, name, t) for name, t in tensors.items())
+        except OSError as exc:
+            raise FedloraError(f"{what} {self.path} is not readable ({exc.strerror})") from None
+        if not complete:
+            raise FedloraError(f"{what} {self.path} was cut short while it was read (changed by another process)")
+        return tensors
 
 
 def read_layout(path: Path, what: str) -> Layout:
@@ -109,20 +140,14 @@ def _check_tiling(entries: Mapping[str, tuple[str, tuple[int, ...], int, int]], 
         raise _Malformed(f"{data_size - end} bytes after the last tensor")
 
 
-def map_tensors(path: Path, what: str) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, as a read-only numpy array over the file's memory map (unchecked
-    against any digest: that is the caller's job). bfloat16 tensors are :data:`BF16` arrays of their bits; other
-    dtypes numpy does not hold (float8) are refused."""
-    layout = read_layout(path, what)
-    try:
-        with open(layout.path, "rb") as handle:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as exc:
-        raise FedloraError(f"{what} {layout.path} is not a readable safetensors file ({exc})") from None
-    if len(mapped) != layout.start + sum(e[3] - e[2] for e in layout.entries.values()):
-        raise FedloraError(f"{what} {layout.path} changed while it was read")
-    return {name: np.frombuffer(mapped, numpy_dtype(code), math.prod(shape), layout.start + begin).reshape(shape)
-            for name, (code, shape, begin, _) in layout.entries.items()}
+def read_tensors(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as numpy arrays read into memory (unchecked against any digest: that is
+    the caller's job). bfloat16 tensors are :data:`BF16` arrays of their bits; other dtypes numpy does not hold
+    (float8) are refused.
+
+    Read, not memory-mapped: a file another process truncates while a mapping of it is read kills the reader with
+    SIGBUS (issue 28), while a read that comes up short is one line."""
+    return read_layout(path, what).read_all(what)
 
 
 def _entries(raw: bytes) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
@@ -158,16 +183,21 @@ def _natural(value: Any) -> bool:
 
 
 def empty_like(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Uninitialised writable arrays of the same names, dtypes and shapes, carved out of one allocation: large
+    """Uninitialised writable arrays of the same names, dtypes and shapes (:func:`empty_arrays`)."""
+    return empty_arrays({name: (a.dtype, a.shape) for name, a in arrays.items()})
+
+
+def empty_arrays(specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    """Uninitialised writable arrays of these names, dtypes and shapes, carved out of one allocation: large
     enough for the kernel to back it with huge pages, where an allocation per tensor costs more in page faults
     than filling it does."""
     offsets, size = {}, 0
-    for name, a in arrays.items():
+    for name, (dtype, shape) in specs.items():
         offsets[name] = size
-        size += -(-a.nbytes // 64) * 64  # each array starts on a cache line
+        size += -(-math.prod(shape) * dtype.itemsize // 64) * 64  # each array starts on a cache line
     block = np.empty(size, np.uint8)
-    return {name: block[offset:offset + arrays[name].nbytes].view(arrays[name].dtype).reshape(arrays[name].shape)
-            for name, offset in offsets.items()}
+    return {name: block[o:o + math.prod(specs[name][1]) * specs[name][0].itemsize].view(specs[name][0])
+            .reshape(specs[name][1]) for name, o in offsets.items()}
 
 
 def numpy_dtype(code: str) -> np.dtype:

@@ -125,3 +125,32 @@ def test_a_tampered_server_state_is_refused(scaled, tmp_path):
     save_file({k: v + 1 for k, v in state.items()}, str(path))
     with pytest.raises(FedloraError, match=r"server_state.safetensors: tensor .* does not match the digest"):
         federation.aggregate_round(layout.global_checkpoint(1), [layout.update(1, "client-0")], tmp_path / "x")
+
+
+@pytest.mark.parametrize("edit", ["strip", "unlist"])
+def test_a_stripped_server_state_is_refused_by_name_before_anything_is_written(scaled, federation_copy, edit):
+    """Issue 28: the state file deleted and its digests emptied (or only its digests emptied) used to pass, the
+    moments silently restarting from zero. The identity is recomputed from the digests the manifest lists."""
+    import json
+
+    from cli.helpers import fails
+
+    layout = federation_copy(scaled(clients=3, rounds=2, server_optimizer="fedadam"))
+    g1 = layout.global_checkpoint(1)
+    manifest = json.loads((g1 / storage.GLOBAL_MANIFEST).read_text())
+    manifest["server_state_digests"] = {}
+    (g1 / storage.GLOBAL_MANIFEST).write_text(json.dumps(manifest))
+    if edit == "strip":
+        (g1 / storage.SERVER_STATE_TENSORS).unlink()
+    out = layout.root / "again"
+    needle = "digest is not the one its listed tensor digests give" if edit == "strip" else "does not list"
+    fails(["aggregate", g1, *[layout.update(2, c) for c in ("client-0", "client-1", "client-2")], "--out", out],
+          "server_state" if edit == "unlist" else str(g1), needle)
+    assert not out.exists()
+
+
+def test_a_listed_file_that_is_missing_is_refused(scaled, federation_copy):
+    layout = federation_copy(scaled(clients=3, rounds=1, server_optimizer="fedavgm"))
+    (layout.global_checkpoint(1) / storage.SERVER_STATE_TENSORS).unlink()
+    with pytest.raises(FedloraError, match="lacks server_state.safetensors, which its manifest lists"):
+        storage.read_global(layout.global_checkpoint(1))

@@ -324,7 +324,8 @@ def test_client_state_of_another_client(run, tmp_path):
 def test_base_model_that_cannot_be_found(run, tmp_path):
     out = tmp_path / "u"
     fails(["train-client", run.global_checkpoint(2), "--data", run.data / "client-0.parquet",
-           "--state", tmp_path / "s", "--out", out, "--base-model", tmp_path / "no-model"], "cannot load base model")
+           "--state", tmp_path / "client-0", "--out", out, "--base-model", tmp_path / "no-model"],
+          "cannot load base model")
     assert not out.exists()
 
 
@@ -407,7 +408,8 @@ def test_train_client_and_evaluate_run_the_way_this_site_asks_and_say_so(tmp_pat
                                                                          partition_dir):
     ok(["init", write_recipe(tmp_path, tiny_model_dir, reviews_csv), "--data", partition_dir, "--out", tmp_path / "g0"])
     out = ok(["train-client", tmp_path / "g0", "--data", partition_dir / "client-0.parquet", "--state",
-              tmp_path / "state", "--out", tmp_path / "u", "--dtype", "bfloat16", "--accumulation-steps", "2"])
+              tmp_path / "state", "--client-id", "client-0", "--out", tmp_path / "u", "--dtype", "bfloat16",
+              "--accumulation-steps", "2"])
     assert "ran on: cpu · base bfloat16 · 2 micro-batches" in " ".join(out.split())
     assert storage.read_update(tmp_path / "u").manifest.site["dtype"] == "bfloat16"
     out = ok(["evaluate", tmp_path / "g0", "--data", partition_dir, "--quantization", "8bit"])
@@ -427,7 +429,7 @@ def test_a_site_option_this_site_cannot_use_is_one_line_and_writes_nothing(tmp_p
                                                                            partition_dir, options, needle):
     ok(["init", write_recipe(tmp_path, tiny_model_dir, reviews_csv), "--data", partition_dir, "--out", tmp_path / "g0"])
     fails(["train-client", tmp_path / "g0", "--data", partition_dir / "client-0.parquet", "--state", tmp_path / "state",
-           "--out", tmp_path / "u", *options], needle)
+           "--client-id", "client-0", "--out", tmp_path / "u", *options], needle)
     assert not (tmp_path / "u").exists() and not (tmp_path / "state").exists()
 
 
@@ -560,3 +562,20 @@ def test_the_help_of_data_says_what_it_takes(command):
     for needle in ("its shard" if command == "train-client" else "a partition folder", "CSV, TSV, JSON, JSONL or Parquet file",
                    "save_to_disk folder", "Hub dataset", "the recipe's columns", "label names", "--split"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("key, text, needle", [
+    ("server_tau", "1e30", "'federation.server_tau' must lie between 1e-18 and 1e+18"),
+    ("server_tau", "1.0e+200", "'federation.server_tau' must lie between"),
+    ("server_lr", ".inf", "'federation.server_lr' must be a finite number"),
+    ("server_lr", "1.0e+300", "'federation.server_lr' must be > 0 and at most 3.4e+38"),
+])
+def test_init_refuses_a_server_optimiser_number_its_arithmetic_cannot_take(tmp_path, tiny_model_dir, reviews_csv,
+                                                                           partition_dir, key, text, needle):
+    """Issue 28: these passed init, and aggregate then failed after the clients trained (an internal overflow
+    error, or blaming the client updates)."""
+    path = write_recipe(tmp_path, tiny_model_dir, reviews_csv, federation={"server_optimizer": "fedadam"})
+    path.write_text(path.read_text().replace("federation:\n", f"federation:\n  {key}: {text}\n", 1))
+    out = tmp_path / "g0"
+    fails(["init", path, "--data", partition_dir, "--out", out], needle)
+    assert not out.exists()

@@ -216,7 +216,7 @@ def test_round_over_budget_is_refused_and_writes_nothing(tmp_path, tiny_model_di
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(raw))
     assert runner.invoke(app, ["init", str(recipe_path), "--data", str(partition_dir), "--out", str(tmp_path / "g0")]).exit_code == 0
-    state = tmp_path / "state"
+    state = tmp_path / "client-0"
     for round_ in range(1, 20):
         out = tmp_path / f"u{round_}"
         result = runner.invoke(app, ["train-client", str(tmp_path / f"g{round_ - 1}"), "--data",
@@ -237,7 +237,7 @@ def test_ledger_from_another_recipe_is_refused(tmp_path, tiny_model_dir, reviews
         (tmp_path / f"r{k}.yaml").write_text(yaml.safe_dump(raw))
         result = runner.invoke(app, ["init", str(tmp_path / f"r{k}.yaml"), "--data", str(partition_dir), "--out", str(tmp_path / f"g{k}")])
         assert result.exit_code == 0, result.output
-    args = ["--data", str(partition_dir / "client-0.parquet"), "--state", str(tmp_path / "state")]
+    args = ["--data", str(partition_dir / "client-0.parquet"), "--state", str(tmp_path / "client-0")]
     assert runner.invoke(app, ["train-client", str(tmp_path / "g0"), *args, "--out", str(tmp_path / "u0")]).exit_code == 0
     result = runner.invoke(app, ["train-client", str(tmp_path / "g1"), *args, "--out", str(tmp_path / "u1")])
     assert result.exit_code == 1 and "different recipe" in result.output
@@ -249,13 +249,13 @@ def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     assert runner.invoke(app, ["init", str(tmp_path / "r.yaml"), "--data", str(partition_dir), "--out", str(tmp_path / "g0")]).exit_code == 0
     args = ["train-client", str(tmp_path / "g0"), "--data", str(partition_dir / "client-0.parquet"),
-            "--state", str(tmp_path / "state"), "--out", str(tmp_path / "u")]
+            "--state", str(tmp_path / "client-0"), "--out", str(tmp_path / "u")]
     assert runner.invoke(app, args).exit_code == 0
     again = runner.invoke(app, [*args[:-1], str(tmp_path / "u-again")])
     assert again.exit_code == 1 and "already trained round 1" in again.output
     assert not (tmp_path / "u-again").exists()
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
-    ledger = storage.latest_state(tmp_path / "state", 10**6).manifest.privacy
+    ledger = storage.latest_state(tmp_path / "client-0", 10**6).manifest.privacy
     assert len(ledger["history"]) == 2, "the first attempt's spending is still counted"
 
 

@@ -252,3 +252,43 @@ def test_the_grouping_changes_no_bit(group, make_recipe, cached_federation, monk
 
     for a, b in zip(grouped, regrouped):
         assert set(a) == set(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+_TRUNCATING_AGGREGATE = """
+import os, sys
+from fedlora_cli.aggregation import arrays
+from fedlora_cli.cli import app
+
+real, updates = arrays.squared_distance, sys.argv[3:-2]
+
+def truncating(*args, **kwargs):
+    # Another process cuts every update file short once the round has begun reading their tensors.
+    for update in updates:
+        path = os.path.join(update, "update.safetensors")
+        if os.path.getsize(path) > 0:
+            os.truncate(path, 0)
+    return real(*args, **kwargs)
+
+arrays.squared_distance = truncating
+app(sys.argv[1:], prog_name="fedlora")
+"""
+
+
+def test_an_update_file_truncated_by_another_process_mid_round_is_one_line_not_sigbus(make_recipe, federation_copy,
+                                                                                       tmp_path):
+    """Issue 28: the mean round read each update through a memory map, and a file another process truncated under
+    it killed the coordinator with SIGBUS. In a subprocess, since SIGBUS would kill the test run."""
+    import os
+    import subprocess
+    import sys
+
+    layout = federation_copy(make_recipe("fedavg"))
+    out = tmp_path / "g1-again"
+    args = ["aggregate", str(layout.global_checkpoint(0)), *[str(layout.update(1, c)) for c in CLIENTS],
+            "--out", str(out)]
+    done = subprocess.run([sys.executable, "-c", _TRUNCATING_AGGREGATE, *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "COLUMNS": "200"}, cwd=tmp_path)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and "cut short" in lines[0], lines
+    assert not out.exists()

@@ -194,3 +194,92 @@ def test_a_client_the_round_did_not_ask_is_refused_before_training(tiny_model_di
                                            r"'fedlora sample'\): the coordinator would refuse its update; nothing written$"):
         federation.train_client(g0, partition_dir / f"{other}.parquet", tmp_path / "state", tmp_path / "u", other)
     assert not (tmp_path / "u").exists() and not (tmp_path / "state").exists()
+
+
+# Issue 28: a Poisson sample short of min_clients (fixed by seed and round) used to dead-end the federation.
+
+def empty_first_round(tiny_model_dir, reviews_csv, **extra) -> dict:
+    """conftest's recipe (3 clients, 2 rounds) under Poisson sampling of 1 client a round, with the first training
+    seed whose round 1 asks nobody and round 2 somebody."""
+    from conftest import recipe_dict
+
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.federation import sampling
+
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"].update(clients_per_round=1, sampling="poisson")
+    raw.update(extra)
+    for seed in range(200):
+        raw["training"]["seed"] = seed
+        f = recipes.from_dict(raw).federation
+        if not sampling.asked(f, seed, 1) and sampling.asked(f, seed, 2):
+            return raw
+    raise AssertionError("no seed found")
+
+
+def test_a_poisson_round_that_asks_nobody_is_skipped_in_simulate_with_the_global_carried_forward(
+        tiny_model_dir, reviews_csv, tmp_path):
+    from fedlora_cli import recipe as recipes
+
+    recipe = recipes.from_dict(empty_first_round(tiny_model_dir, reviews_csv))
+    layout = storage.RunLayout(tmp_path / "run")
+    rows = simulate.simulate(recipe, layout.root, QuietReporter())
+    g0, g1, g2 = (storage.read_global(layout.global_checkpoint(r)) for r in (0, 1, 2))
+    assert g1.manifest.aggregation["strategy"] == "skipped" and g1.manifest.clients == [] and g1.manifest.asked == []
+    assert g1.manifest.tensor_digests == g0.manifest.tensor_digests  # carried forward, bit for bit
+    assert g2.manifest.clients and g2.manifest.tensor_digests != g1.manifest.tensor_digests
+    assert not layout.update(1, "client-0").exists()
+    assert rows[0]["skipped"] and rows[0]["clients"] == 0 and not rows[1]["skipped"]
+
+
+def test_by_hand_a_skipped_round_is_aggregated_with_no_updates_and_refuses_any(tiny_model_dir, reviews_csv,
+                                                                               partition_dir, tmp_path):
+    import yaml
+
+    from cli.helpers import fails, ok
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(empty_first_round(tiny_model_dir, reviews_csv)))
+    ok(["init", path, "--data", partition_dir, "--out", tmp_path / "g0"])
+    sample = json.loads(ok(["sample", tmp_path / "g0", "--json"]))
+    assert sample["asked"] == [] and sample["round_is"] == "skipped"
+    fails(["train-client", tmp_path / "g0", "--data", partition_dir / "client-0.parquet", "--state",
+           tmp_path / "client-0", "--out", tmp_path / "u0"], "round 1 did not ask")
+    ok(["aggregate", tmp_path / "g0", "--out", tmp_path / "g1"])
+    g1 = storage.read_global(tmp_path / "g1")
+    assert g1.manifest.round == 1 and g1.manifest.aggregation["strategy"] == "skipped"
+    assert g1.manifest.digest == storage.read_global(tmp_path / "g0").manifest.digest
+    # Round 2 asks somebody: it trains from the carried global as any round does.
+    (asked,) = json.loads(ok(["sample", tmp_path / "g1", "--json"]))["asked"]
+    ok(["train-client", tmp_path / "g1", "--data", partition_dir / f"{asked}.parquet", "--state", tmp_path / asked,
+        "--out", tmp_path / "u2"])
+    ok(["aggregate", tmp_path / "g1", tmp_path / "u2", "--out", tmp_path / "g2"])
+    assert storage.read_global(tmp_path / "g2").manifest.clients == [asked]
+
+
+def test_under_dp_fedavg_a_round_that_asks_nobody_is_a_noise_only_release_the_ledger_counts(
+        tiny_model_dir, reviews_csv, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file as load_arrays
+
+    from fedlora_cli import privacy, recipe as recipes
+
+    raw = empty_first_round(tiny_model_dir, reviews_csv,
+                            server_privacy={"clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5})
+    recipe = recipes.from_dict(raw)
+    layout = storage.RunLayout(tmp_path / "run")
+    simulate.simulate(recipe, layout.root, QuietReporter())
+    g1 = storage.read_global(layout.global_checkpoint(1))
+    assert g1.manifest.clients == [] and g1.manifest.aggregation["strategy"] != "skipped"
+    assert len(g1.manifest.server_privacy_ledger) == 1  # counted as a release
+    before = load_arrays(str(layout.global_checkpoint(0) / storage.ADAPTER_WEIGHTS))
+    after = load_arrays(str(layout.global_checkpoint(1) / storage.ADAPTER_WEIGHTS))
+    moved = {n: after[n] - before[n] for n in before if not np.array_equal(after[n], before[n])}
+    assert moved, "the noise moved the global"
+    # Noise alone: std = sigma * C / m with m = q N = 1 expected client.
+    spread = np.concatenate([d.ravel() for d in moved.values()]).std()
+    assert spread == pytest.approx(1.0 * 0.5 / 1, rel=0.2)
+    g2 = storage.read_global(layout.global_checkpoint(2))
+    assert len(g2.manifest.server_privacy_ledger) == 2
+    ledger = privacy.read_server_ledger(privacy.server_ledger_path(g2))
+    assert len(ledger.releases) == 2

@@ -5,6 +5,7 @@ median, trimmed mean and the norm bound against a poisoned client; and round_rec
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_identical_updates_are_a_fixed_point(method, make_recipe, cached_federat
         copy = tmp_path / f"copy-{k}"
         update = storage.read_update(source)
         m = update.manifest
-        m.client_id, m.num_examples, m.shard_examples = f"copy-{k}", n, n
+        m.client_id, m.num_examples, m.shard_examples = f"client-{k}", n, n  # ids of the federation
         storage.write_update(copy, m, load_file(str(source / storage.UPDATE_TENSORS)))
         copies.append(copy)
     out = tmp_path / "agg"
@@ -135,7 +136,7 @@ def test_svd_of_identical_updates_is_a_fixed_point(strategy_recipe, cached_feder
     copies = []
     for k, n in enumerate((5, 50, 500)):
         m = storage.read_update(source).manifest
-        m.client_id, m.num_examples, m.shard_examples = f"copy-{k}", n, n
+        m.client_id, m.num_examples, m.shard_examples = f"client-{k}", n, n  # ids of the federation
         copies.append(storage.write_update(tmp_path / f"copy-{k}", m, sent(layout, 1, "client-0")).path)
     federation.aggregate_round(layout.global_checkpoint(0), copies, tmp_path / "agg")
     want = products(sent(layout, 1, "client-0"), ALPHA / RANK)
@@ -179,12 +180,14 @@ def test_a_later_mean_round_keeps_the_correction(strategy_recipe, cached_federat
     assert result.checkpoint.manifest.digest != storage.read_global(layout.global_checkpoint(2)).manifest.digest
 
 
-def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: float = 1e4) -> Path:
-    """A well-formed update (valid digests) whose difference from the global is ``factor`` times client's."""
+def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: float = 1e4,
+                  compromised: str = "client-2") -> Path:
+    """A well-formed update (valid digests) whose difference from the global is ``factor`` times client's, sent
+    by the ``compromised`` site of the federation (only its clients may send updates)."""
     g0 = weights_of(layout.global_checkpoint(0))
     tensors = {n: g0[n] + (t - g0[n]) * factor for n, t in sent(layout, 1, client).items()}
     m = storage.read_update(layout.update(1, client)).manifest
-    m.client_id = "mallory"
+    m.client_id = compromised
     m.num_examples = m.shard_examples = 10**6  # and it claims a huge share of the data
     m.tensor_digests = federation.digests(tensors)
     return storage.write_update(tmp_path / "mallory", m, tensors).path
@@ -192,13 +195,13 @@ def poisoned_copy(layout, tmp_path: Path, client: str = "client-0", factor: floa
 
 @pytest.mark.parametrize(
     "options",
-    [["--strategy", "median"], ["--strategy", "trimmed-mean", "--trim-fraction", "0.25"],
+    [["--strategy", "median"], ["--strategy", "trimmed-mean", "--trim-fraction", "0.34"],
      ["--norm-bound", "NORM", "--norm-bound-action", "reject"]],
 )
 def test_a_poisoned_client_does_not_move_the_robust_aggregate(options, strategy_recipe, cached_federation, tmp_path):
     layout = cached_federation(strategy_recipe("fedsa"))  # A and the head travel
-    honest = [sent(layout, 1, c) for c in CLIENTS]
-    updates = [layout.update(1, c) for c in CLIENTS] + [poisoned_copy(layout, tmp_path)]
+    honest = [sent(layout, 1, c) for c in CLIENTS[:2]]  # client-2's site is compromised
+    updates = [layout.update(1, c) for c in CLIENTS[:2]] + [poisoned_copy(layout, tmp_path)]
     if "NORM" in options:
         g0 = weights_of(layout.global_checkpoint(0))
         largest = max(aggregation.update_norm(arrays(h), arrays(g0)) for h in honest)
@@ -214,7 +217,7 @@ def test_a_poisoned_client_does_not_move_the_robust_aggregate(options, strategy_
         assert bool(((got[name] >= low - 1e-7) & (got[name] <= high + 1e-7)).all()), name
     report = json.loads(result.stdout)["aggregation"]
     if "reject" in options:
-        assert report["rejected"] == ["mallory"]
+        assert report["rejected"] == ["client-2"]
     # Without the defence the poisoned client drags the mean far outside.
     plain = federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "plain", strategy="mean")
     name = next(n for n in honest[0] if role_of(n) == ROLE_A)
@@ -362,6 +365,28 @@ def test_aggregate_refuses_a_client_the_round_did_not_ask(scaled, tmp_path):
     result = runner.invoke(app, ["aggregate", str(g0.path), str(update.update.path), "--out", str(out)])
     assert result.exit_code == 1 and "did not ask" in result.output and other in result.output
     assert not out.exists()
+
+
+def test_a_client_outside_the_federation_is_refused_by_aggregate_and_train_client(make_recipe, federation_copy,
+                                                                                  partition_dir, tmp_path):
+    """Issue 28: with clients: 3 and no client_ids the federation is client-0..client-2, yet fedlora aggregate took
+    an update from 'site-x' (Flower already refused such a site)."""
+    from cli.helpers import fails
+
+    layout = federation_copy(make_recipe("fedavg"))
+    g0 = layout.global_checkpoint(0)
+    stranger = tmp_path / "site-x"
+    shutil.copytree(layout.update(1, "client-0"), stranger)
+    manifest = json.loads((stranger / storage.UPDATE_MANIFEST).read_text())
+    (stranger / storage.UPDATE_MANIFEST).write_text(json.dumps({**manifest, "client_id": "site-x"}))
+    out = tmp_path / "g1"
+    fails(["aggregate", g0, layout.update(1, "client-1"), stranger, "--out", out],
+          "from client 'site-x', which is not one of the federation's clients",
+          "federation.clients = 3 without client_ids: client-0..client-2")
+    assert not out.exists()
+    fails(["train-client", g0, "--data", partition_dir / "client-0.parquet", "--state", tmp_path / "state",
+           "--client-id", "site-x", "--out", tmp_path / "u"], "refusing to train client 'site-x'")
+    assert not (tmp_path / "u").exists() and not (tmp_path / "state").exists()
 
 
 def test_fewer_updates_than_min_clients_is_one_line_and_writes_nothing(scaled, tmp_path):

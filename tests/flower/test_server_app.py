@@ -44,6 +44,7 @@ class FakeGrid:
         self.tamper: dict[int, callable] = {}
         self.sent: list[tuple[str, int]] = []  # (message type, node)
         self.timeouts: list[float | None] = []
+        self.late: set[int] = set()  # nodes whose next training reply comes after the round's deadline (dropped)
 
     def get_node_ids(self):
         return list(self.node_configs)
@@ -63,6 +64,9 @@ class FakeGrid:
                 replies.append(reply)
                 continue
             reply = self.answer(msg, node)
+            if node in self.late and msg.metadata.message_type == "train":
+                self.late.discard(node)
+                continue
             if node in self.tamper:
                 self.tamper[node](reply)
             replies.append(reply)
@@ -519,3 +523,57 @@ def test_a_state_dir_holding_one_federations_rounds_directly_is_refused_with_whe
                                            rf"into {re.escape(str(old))}/<recipe name>-<digest>/ \(this federation's "
                                            rf"is {federation_folder(manifest)}, if they are of this recipe\)$"):
         check_ready(site, manifest)
+
+
+def test_a_poisson_round_that_asks_nobody_is_skipped_and_the_run_goes_on(tmp_path, tiny_model_dir, reviews_csv,
+                                                                         partition_dir):
+    """Issue 28: the round's seeded sample asked nobody, which used to stop the run for good; it is skipped (the
+    global carried forward, nobody asked to train) and round 2 trains, as simulate and fedlora aggregate do."""
+    from federation.test_rounds import empty_first_round
+
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    serve(grid, run_config(tmp_path, empty_first_round(tiny_model_dir, reviews_csv), partition_dir))
+    layout = RunLayout(tmp_path / "run")
+    g0, g1, g2 = (storage.read_global(layout.global_checkpoint(r)).manifest for r in (0, 1, 2))
+    assert g1.aggregation["strategy"] == "skipped" and g1.tensor_digests == g0.tensor_digests
+    assert len(grid.trained()) == len(g2.clients) == len(g2.asked) >= 1  # only round 2 asked anybody to train
+
+
+def test_a_failing_server_app_leaves_one_line_and_no_flower_traceback(tmp_path, caplog):
+    """Issue 28: Flower's flwr-serverapp logs an exception the ServerApp raises with its traceback, after
+    fedlora's own line. Here its handler is run as flwr-serverapp runs it (run_serverapp.py)."""
+    from logging import ERROR
+
+    from flwr.common.logger import log
+
+    grid = FakeGrid({})
+    try:
+        serve(grid, {"recipe": str(tmp_path / "nowhere.yaml")})
+    except Exception as ex:  # what flwr-serverapp does with it
+        log(ERROR, "%s raised an exception", "ServerApp", exc_info=ex)
+    else:
+        raise AssertionError("the server app did not fail")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["fedlora: the run config lacks 'run-dir' (write the app folder with 'fedlora flower app')"], said
+    assert not any(r.exc_info for r in caplog.records)
+    # Any other exception keeps Flower's report and its traceback.
+    log(ERROR, "%s raised an exception", "ServerApp", exc_info=ValueError("not fedlora's"))
+    assert caplog.records[-1].exc_info is not None
+
+
+def test_the_privacy_report_says_when_a_sites_epsilon_counts_a_round_trained_past_the_deadline(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    """Issue 28: a site that trained past the round's deadline counts the round in its ledger though the coordinator
+    never aggregated its update: safe, and the report now says so."""
+    from cli.helpers import ok
+
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    grid.late = {101}
+    serve(grid, run_config(tmp_path, private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0), partition_dir))
+    layout = RunLayout(tmp_path / "run")
+    assert "client-0" not in storage.read_global(layout.global_checkpoint(1)).manifest.clients
+    state = state_of(tmp_path, "client-0")
+    (entry,) = json.loads(ok(["privacy", "report", state, "--json"]))
+    assert len(entry["history"]) == 2 and entry["not_aggregated"] == [1]
+    said = " ".join(ok(["privacy", "report", state]).split())
+    assert "counts round(s) 1, whose global checkpoint did not aggregate" in said and "over-count" in said

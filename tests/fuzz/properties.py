@@ -119,11 +119,20 @@ def check_manifest_fields(manifest: Any) -> None:
             assert value >= 0, f"accepted a negative {f.name}: {value}"
 
 
+def checkpoint_files(folder: Path) -> None:
+    """The files beside a global checkpoint's manifest that reading it requires (their contents are read only when
+    the tensors are): the adapter config and the adapter weights its tensor digests list."""
+    from fedlora_cli import storage
+
+    (folder / storage.ADAPTER_CONFIG).write_text("{}")
+    (folder / storage.ADAPTER_WEIGHTS).write_bytes(b"")
+
+
 def global_manifest(document: bytes, folder: Path) -> str:
     from fedlora_cli import storage
 
     (folder / storage.GLOBAL_MANIFEST).write_bytes(document)
-    (folder / storage.ADAPTER_CONFIG).write_text("{}")
+    checkpoint_files(folder)
     outcome, value = read_only(folder, lambda: storage.read_global(folder))
     if outcome == "accepted":
         check_manifest_fields(value.manifest)
@@ -177,7 +186,7 @@ def mapped_reader(data: bytes, folder: Path) -> str:
     outcome, layout = read_only(folder, lambda: mapped.read_layout(path, "client update"))
     if outcome == "refused":
         return outcome
-    arrays = read_only(folder, lambda: mapped.map_tensors(path, "client update"))[1]
+    arrays = read_only(folder, lambda: mapped.read_tensors(path, "client update"))[1]
     assert {n: a.shape for n, a in arrays.items()} == {n: e[1] for n, e in layout.entries.items()}
     assert all(layout.read(n) is not None for n in layout.entries)
     header = read_only(folder, lambda: tensor_header(path, "client update"))[1]
@@ -371,7 +380,7 @@ def _worker_requests() -> st.SearchStrategy[dict[str, Any]]:
         "node-config": st.one_of(st.just("own"), st.just("own"), st.just("own"), s.JUNK),
         "manifest": st.one_of(st.just(valid_manifest), manifest, s.JUNK),
         "round": st.one_of(st.integers(-2, 5), s.JUNK),
-        "digest": st.one_of(st.just("cd" * 32), s.JUNK),
+        "digest": st.one_of(st.just(s.valid_manifests()["global"]["digest"]), s.JUNK),
     })
     return st.one_of(base, s.mutated(valid), s.mutated(valid))
 

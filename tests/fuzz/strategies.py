@@ -44,23 +44,24 @@ def valid_recipe() -> dict[str, Any]:
 def valid_manifests() -> dict[str, dict[str, Any]]:
     """A global checkpoint's, a client update's and a client state's manifest, each as its writer writes it."""
     from fedlora_cli import recipe as recipes
+    from fedlora_cli.storage.files import global_digest
     from fedlora_cli.storage.manifests import GlobalManifest, StateManifest, UpdateManifest
 
     recipe = recipes.from_dict(valid_recipe()).to_dict()
     digests = {"base_model.model.layer.0.lora_B.weight": "xxh128:" + "0" * 32}
     common = {"round": 2, "recipe_digest": "ab" * 32, "tensor_digests": digests}
     global_ = GlobalManifest(method="ffa", head="shared", adapter_kind="lora", base_model="pkg:m", base_fingerprint="f" * 64,
-                             recipe=recipe, seed=0, num_labels=2, digest="cd" * 32, frozen_digest=None,
+                             recipe=recipe, seed=0, num_labels=2, digest=global_digest(digests), frozen_digest=None,
                              clients=["client-0"], asked=["client-0", "client-1"], server_privacy_ledger=[[1.1, 1.0, 1]],
                              aggregation={"strategy": "mean", "clipped": [], "norm_bound": None}, **common)
-    update = UpdateManifest(client_id="client-0", parent_digest="cd" * 32, method="ffa", base_fingerprint="f" * 64,
+    update = UpdateManifest(client_id="client-0", parent_digest=global_.digest, method="ffa", base_fingerprint="f" * 64,
                             frozen_digest=None, num_examples=10, shard_examples=12, steps=3, loss=0.5, seconds=1.0,
                             bytes=100, privacy={"accountant": "prv", "epsilon": 1.2, "delta": 1e-5, "budget": 3.0, "remaining": 1.8},
                             site={"device": "cpu", "dtype": "float32", "quantization": None,
                                   "gradient_checkpointing": False, "accumulation_steps": 1}, **common)
     ledger = {"accountant": "prv", "delta": 1e-5, "budget": 3.0, "epsilon": 1.2, "remaining": 1.8,
               "history": [[1.1, 0.01, 5], [1.1, 0.01, 5]]}
-    state = StateManifest(client_id="client-0", parent_digest="cd" * 32, privacy=ledger, loss=0.4, **common)
+    state = StateManifest(client_id="client-0", parent_digest=global_.digest, privacy=ledger, loss=0.4, **common)
     return {"global": asdict(global_), "update": asdict(update), "state": asdict(state)}
 
 

@@ -154,7 +154,7 @@ def test_a_global_manifest_naming_an_adapter_kind_with_a_line_break_is_refused_i
 
     manifest = {**strategies.valid_manifests()["global"], "adapter_kind": "lora\n"}
     (tmp_path / storage.GLOBAL_MANIFEST).write_text(json.dumps(manifest))
-    (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
+    properties.checkpoint_files(tmp_path)
     assert "'lora\\n'" in refused(lambda: Global.of(tmp_path).plan)
 
 
@@ -198,7 +198,7 @@ def test_a_privacy_record_its_readers_cannot_use_is_refused_when_the_manifest_is
                   storage.read_update), "state": ("round-002/" + storage.STATE_MANIFEST, storage.latest_state)}[kind]
     (tmp_path / name).parent.mkdir(exist_ok=True)
     (tmp_path / name).write_text(document)
-    (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
+    properties.checkpoint_files(tmp_path)
     assert needle in refused(lambda: read(tmp_path))
 
 
@@ -209,7 +209,7 @@ def test_the_privacy_report_of_a_server_ledger_with_an_absurd_noise_multiplier_i
 
     manifest = {**strategies.valid_manifests()["global"], "server_privacy_ledger": [[sigma, 1.0, 1]]}
     (tmp_path / storage.GLOBAL_MANIFEST).write_text(json.dumps(manifest))
-    (tmp_path / storage.ADAPTER_CONFIG).write_text("{}")
+    properties.checkpoint_files(tmp_path)
     # Execute, Assert
     assert server_entry(tmp_path)["epsilon"] == expected
 

@@ -105,6 +105,21 @@ def test_delta_too_large_for_the_client(tmp_path, tiny_model_dir, reviews_csv, p
     assert not (tmp_path / "g0").exists()
 
 
+def test_delta_too_large_with_an_explicit_noise_multiplier_is_refused_by_init_which_knows_n(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    """Issue 28: with privacy.noise_multiplier set (nothing to calibrate) init --data passed, and only train-client
+    refused, after the federation had started."""
+    from cli.helpers import fails
+
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0)
+    raw["privacy"]["delta"] = 0.05
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(raw))
+    fails(["init", recipe_path, "--data", partition_dir, "--out", tmp_path / "g0"],
+          "privacy.delta 0.05 must be smaller than 1/n", "client 'client-0'")
+    assert not (tmp_path / "g0").exists()
+
+
 # DP-FedAvg with every client in every round: exact Gaussian composition ---------------------------------------
 
 

@@ -321,18 +321,27 @@ def test_dp_fedavg_checks_the_count_of_the_strategy_it_wraps(tmp_path):
 
 def count_tensor_reads(monkeypatch) -> list[Path]:
     """From now on, list every client update whose tensors are read (all through the coordinator's one reader,
-    screened one at a time or by the mean round)."""
+    :class:`fedlora_cli.storage.mapped.Layout`: screened one at a time or by the mean round)."""
+    from fedlora_cli import storage
     from fedlora_cli.storage import mapped
 
     reads: list[Path] = []
-    real_map = mapped.map_tensors
+    real_read, real_read_all = mapped.Layout.read, mapped.Layout.read_all
 
-    def mapping(path, what):
-        if what == "client update tensors":
-            reads.append(Path(path).parent)
-        return real_map(path, what)
+    def note(layout):
+        if layout.path.name == storage.UPDATE_TENSORS:
+            reads.append(Path(layout.path).parent)
 
-    monkeypatch.setattr(mapped, "map_tensors", mapping)
+    def read(self, name):
+        note(self)
+        return real_read(self, name)
+
+    def read_all(self, what):
+        note(self)
+        return real_read_all(self, what)
+
+    monkeypatch.setattr(mapped.Layout, "read", read)
+    monkeypatch.setattr(mapped.Layout, "read_all", read_all)
     return reads
 
 
@@ -361,14 +370,13 @@ def test_aggregate_round_refuses_more_updates_than_clients_before_reading_any(ma
                                   load_file(str(layout.update(1, "client-0") / storage.UPDATE_TENSORS))).path
     updates = [layout.update(1, c) for c in ("client-0", "client-1", "client-2")] + [fourth]
     reads = count_tensor_reads(monkeypatch)
-    with pytest.raises(FedloraError, match="4 client updates for a federation of federation.clients = 3"):
+    # A fourth update must come from a fourth client, which a federation of 3 does not have (issue 28): refused by
+    # the participation rule before any tensor is read, as DP-FedAvg's own count check would.
+    with pytest.raises(FedloraError, match="'client-3', which is not one of the federation's clients"):
         federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "g",
                                    server_privacy=recipes.ServerPrivacySection(clip_norm=0.5, noise_multiplier=1.0))
     assert reads == [] and not (tmp_path / "g").exists()
     assert not list(layout.global_checkpoint(0).parent.glob("dp-fedavg-ledger-*.json"))
-    # Without DP-FedAvg the four updates aggregate (the fixed denominator is DP-FedAvg's alone).
-    federation.aggregate_round(layout.global_checkpoint(0), updates, tmp_path / "plain")
-    assert len(reads) == 4
 
 
 def test_dp_fedavg_under_poisson_sampling_claims_no_amplification_since_the_sample_is_public(scaled, tmp_path):
