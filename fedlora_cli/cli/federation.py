@@ -120,8 +120,12 @@ def train_client_cmd(
     """
     from fedlora_cli import federation, tracking
     from fedlora_cli.cli import ui
+    from fedlora_cli.federation import secure
 
     g = federation.Global.of(global_checkpoint)
+    # An update made for the by-hand path would travel in the clear (and spend DP-SGD budget for a round no
+    # coordinator may aggregate from it).
+    secure.refuse_in_the_clear(g.recipe, "to train an update for the by-hand path")
     trackers = tracking.resolve(report_to, g.recipe)
     cid = client_id or state.resolve().name
     round_ = g.manifest.round + 1

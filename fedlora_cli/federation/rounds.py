@@ -354,9 +354,7 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
         "left_out": [c for c in asked if c not in m.clients],
         "train_loss": None if None in losses or not total else
         sum(loss * u.num_examples for loss, u in zip(losses, updates)) / total,
-        **_scores(metrics, partition),
-        **{f"{VALIDATION}_{key}": value for key, value in _scores(metrics.get(VALIDATION) or {}, partition).items()
-           if key in VALIDATION_SCORES},
+        **_split_scores(metrics, partition),
         "upload_bytes": uploaded, "upload_bytes_per_client": uploaded // max(len(updates), 1), "wire_bytes": wire_bytes,
         "seconds": sum(u.seconds for u in updates),  # the clients' training time
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
@@ -375,12 +373,21 @@ def _secure_row(g: Global, metrics: Mapping[str, Any], partition: Mapping[str, A
     asked = sampled_clients(g.recipe.federation, g.recipe.training.seed, round_)
     return {
         "round": round_, "asked": len(asked), "clients": len(m.clients),
-        "left_out": [c for c in asked if c not in m.clients], "train_loss": None, **_scores(metrics, partition),
+        "skipped": (m.aggregation or {}).get("strategy") == SKIPPED,
+        "left_out": [c for c in asked if c not in m.clients], "train_loss": None, **_split_scores(metrics, partition),
         "upload_bytes": wire_bytes, "upload_bytes_per_client": None if wire_bytes is None else wire_bytes // len(m.clients),
         "wire_bytes": wire_bytes, "seconds": None,
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
         "epsilon": None, "server_epsilon": _server_epsilon(g),
     }
+
+
+def _split_scores(metrics: Mapping[str, Any], partition: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """A row's scores: on the test split, and on the validation split as ``validation_<key>`` (every row has both
+    sets of keys, a plain round's and a securely aggregated one's alike)."""
+    validation = _scores(metrics.get(VALIDATION) or {}, partition)
+    return {**_scores(metrics, partition),
+            **{f"{VALIDATION}_{key}": value for key, value in validation.items() if key in VALIDATION_SCORES}}
 
 
 def _scores(metrics: Mapping[str, Any], partition: Mapping[str, Any] | None) -> dict[str, float | None]:

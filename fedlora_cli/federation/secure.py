@@ -45,6 +45,15 @@ MODULUS_RANGE = 2**32
 MANIFEST_KEY = "secure_aggregation"
 
 
+def refuse_in_the_clear(recipe: recipes.Recipe, doing: str) -> None:
+    """Under secure aggregation an update reaches the coordinator only through SecAgg+: ``doing`` (training one for
+    the by-hand path, sending one in a plain Flower message, aggregating updates) is refused in one line."""
+    if recipe.federation.secure_aggregation is not None:
+        raise FedloraError(f"the federation's recipe sets federation.secure_aggregation: its rounds are summed by "
+                           f"SecAgg+ on Flower (simulate emulates it), never from client updates in the clear; "
+                           f"refusing {doing}; nothing written")
+
+
 @dataclass(frozen=True)
 class Arithmetic:
     """SecAgg+'s integer arithmetic for a recipe: clamp to +-``clipping_range``, ``Q`` levels, weights up to

@@ -29,7 +29,7 @@ from fedlora_cli.aggregation import (
 from fedlora_cli.aggregation.norm_bound import CLIPPED, REJECTED
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.federation import numpy_round
-from fedlora_cli.federation.secure import MANIFEST_KEY, SecureSum, site_bound
+from fedlora_cli.federation.secure import MANIFEST_KEY, SecureSum, refuse_in_the_clear, site_bound
 from fedlora_cli.federation.common import (
     Global, digests, frozen_digest, frozen_labels, next_digests, received_tensors,
 )
@@ -116,10 +116,8 @@ def aggregate_round(
     """
     g = Global.of(global_checkpoint)
     out = Path(out)
-    if g.recipe.federation.secure_aggregation is not None:
-        raise FedloraError("the federation's recipe sets federation.secure_aggregation: its rounds are summed by "
-                           "SecAgg+ on Flower (simulate emulates it), never from client updates in the clear; "
-                           "nothing written")
+    if update_dirs:  # a skipped round or a noise-only release carries no update, in the clear or otherwise
+        refuse_in_the_clear(g.recipe, "to aggregate them by hand")
     if out.exists() and not overwrite:
         raise FedloraError(f"{out} already exists (pass --overwrite to replace it)")
     recipe = round_recipe(g.recipe, overrides)

@@ -123,7 +123,12 @@ def _trained(site: sites.SiteConfig, g, relay: Relay | None) -> tuple[bool, Path
 
 
 def _train(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> dict[str, Any]:
-    resent, update = _trained(site, _received(site, msg), relay)
+    from fedlora_cli.federation.secure import refuse_in_the_clear
+
+    g = _received(site, msg)
+    # A coordinator that asks a secure federation's site through the plain app never gets its update in the clear.
+    refuse_in_the_clear(g.recipe, "to send this site's update in a plain training message")
+    resent, update = _trained(site, g, relay)
     return {REPLY: ConfigRecord({sites.CLIENT_ID: site.client_id, RESENT_KEY: resent}),
             **transport.pack(update, UPDATE)}
 

@@ -123,7 +123,9 @@ def federation_folder(manifest: GlobalManifest) -> str:
     """The folder of a federation at a site: its recipe's name and the first 16 hex digits of the recipe digest.
     The recipe pins the base model, the method, the clients and the seed (so its round-0 global), and every global
     checkpoint of the federation carries its digest: a site finds the folder from any message."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", str(manifest.recipe.get("name", "")))[:40].strip(".") or "federation"
+    # Runs of dots are collapsed: a name is never '..' or holds it (check_federation refuses both).
+    name = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]", "-", str(manifest.recipe.get("name", ""))))
+    name = name[:40].strip(".") or "federation"
     digest = manifest.recipe_digest.split(":")[-1][:16]
     return check_federation(f"{name}-{digest}")
 

@@ -411,7 +411,8 @@ def _secure_aggregation(c: _Check, recipe: Recipe) -> None:
         raise FedloraError(f"{label} with {c.name('federation.weighting')} '{f.weighting}' needs a bound on each "
                            "weight before training (training.local_steps x batch_size, without DP-SGD); use "
                            "'uniform', or 'examples' with training.local_steps")
-    asked = f.clients_per_round or f.clients
+    # Under Poisson sampling clients_per_round is only the expected count: a round may ask every client.
+    asked = f.clients if f.sampling == "poisson" else (f.clients_per_round or f.clients)
     c.require(asked <= SECURE_MAX_CLIENTS, key,
               f"sums at most {SECURE_MAX_CLIENTS} clients a round (2^32 / 2^22 - 1); the federation asks {asked}")
 

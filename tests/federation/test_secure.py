@@ -56,12 +56,17 @@ def test_values_beyond_the_clipping_range_are_clamped_as_secagg_clamps_them():
     np.testing.assert_allclose(got, [0.25, -0.25, 0.25], atol=arith.bound([1, 1]))
 
 
-def test_the_integer_sum_wraps_modulo_2_32_and_still_comes_back():
+def test_the_integer_sum_is_taken_modulo_2_32_so_1023_sites_come_back_and_1024_would_not():
     # 1023 sites at the top of the range: the integer sum passes 2^31 but stays below 2^32 (the validation's limit)
     arith = secure.Arithmetic(clipping_range=1.0, max_weight=1)
     vectors = {f"c{i:04d}": vector([1.0, -1.0], 1) for i in range(1023)}
     (got,) = secure.emulate(vectors, arith, seed=0)
     np.testing.assert_allclose(got, [1.0, -1.0], atol=arith.bound([1] * 1023))
+    # One more site and the top value's sum reaches 2^32, which SecAgg+'s modulus wraps to 0: +c comes back as -c.
+    # This is why validation refuses more than 1023 clients a round.
+    vectors["c1023"] = vector([1.0, -1.0], 1)
+    (wrapped,) = secure.emulate(vectors, arith, seed=0)
+    assert wrapped[0] == pytest.approx(-1.0, abs=1e-6) and wrapped[1] == pytest.approx(-1.0, abs=1e-6)
 
 
 def test_simulate_emulates_secure_aggregation_and_keeps_no_client_update(tmp_path, tiny_model_dir, reviews_csv,
@@ -174,6 +179,16 @@ def test_aggregate_refuses_to_sum_a_secure_federations_updates_in_the_clear(tmp_
     assert not (tmp_path / "round-001").exists()
 
 
+def test_train_client_refuses_to_make_a_secure_federations_update_for_the_clear(tmp_path, tiny_model_dir,
+                                                                                  reviews_csv):
+    # A by-hand update would travel in the clear and, under DP-SGD, spend budget for a round nobody may aggregate.
+    g = dp_global(tmp_path, tiny_model_dir, reviews_csv)
+    fails(["train-client", g.path, "--data", reviews_csv, "--state", tmp_path / "state", "--out",
+           tmp_path / "update", "--client-id", "client-0"], "sets federation.secure_aggregation",
+          "refusing to train an update for the by-hand path")
+    assert not (tmp_path / "update").exists() and not (tmp_path / "state").exists()
+
+
 def test_each_site_clips_its_difference_to_the_norm_bound_before_the_sum(tmp_path, tiny_model_dir, reviews_csv,
                                                                          monkeypatch):
     # Prepare: a bound far below what 3 steps of AdamW move B (and the head) by
@@ -207,3 +222,20 @@ def test_each_site_clips_its_difference_to_the_norm_bound_before_the_sum(tmp_pat
 class _Quiet:
     stage = warn = round_done = done_training = staticmethod(lambda *a: None)
     training = staticmethod(lambda *a: None)
+
+
+def test_a_secure_round_whose_poisson_sample_is_short_is_skipped_not_refused(tmp_path, tiny_model_dir, reviews_csv):
+    # Prepare: 10 clients, 1 expected a round: round 1's sample (fixed by the seed) is short of min_clients
+    from fedlora_cli.federation.sampling import asked, needed
+    from fedlora_cli.federation.server import SKIPPED, aggregate_round
+
+    raw = secure_raw(tiny_model_dir, reviews_csv, weighting="uniform", clients=10, clients_per_round=1,
+                     sampling="poisson")
+    raw["data"]["labels"] = ["neg", "pos"]
+    g0 = init(recipes.from_dict(raw), tmp_path / "round-000")
+    f = g0.recipe.federation
+    assert needed(f, len(asked(f, g0.recipe.training.seed, 1)), False) is None
+    # Execute
+    g1 = aggregate_round(g0, [], tmp_path / "round-001").checkpoint
+    # Assert: carried forward, recorded as skipped
+    assert g1.manifest.aggregation["strategy"] == SKIPPED and g1.manifest.round == 1

@@ -210,3 +210,11 @@ def test_the_relay_waits_for_the_worker_no_longer_than_the_message_lives(short_t
                         r"saying who the site is \(the message expires; a round asked again is sent the update it "
                         r"makes\)", error), error
     assert 0.8 < waited < 1.5
+
+
+def test_a_recipe_name_with_runs_of_dots_still_names_a_federation_folder():
+    from types import SimpleNamespace
+
+    for name, start in (("quick..start", "quick.start-"), ("..", "federation-"), ("a/../b", "a-.-b-")):
+        manifest = SimpleNamespace(recipe={"name": name}, recipe_digest="sha256:" + "ab" * 32)
+        assert federation_folder(manifest) == start + "ab" * 8

@@ -132,7 +132,7 @@ def test_dp_fedavg_under_secagg_adds_the_sum_of_the_sites_clipped_differences_ov
     sent = sorted(n for n in g0.header if g0.plan.sends(n))
     bound = secure.site_bound(g0.recipe, sum(int(np.prod(g0.header[n][1])) for n in sent))
     expected = {n: np.zeros(g0.header[n][1]) for n in sent}
-    survivors = site_updates(nodes, 1)
+    survivors = site_updates(nodes, 1, tmp_path / "run")
     del survivors["client-2"]
     for path in survivors.values():
         u = storage.read_update(path)
@@ -149,3 +149,29 @@ def test_dp_fedavg_under_secagg_adds_the_sum_of_the_sites_clipped_differences_ov
         assert np.all(np.abs(got - expected[n]) <= step + 2 * ulp), n
     assert g1.manifest.server_privacy_ledger == [[0.0, 1.0, 1]]
     assert g1.manifest.aggregation["strategy"] == "dp-fedavg" and g1.manifest.clients == ["client-0", "client-1"]
+
+
+def test_a_plain_training_message_never_gets_a_secure_federations_update_in_the_clear(tmp_path, tiny_model_dir,
+                                                                                       reviews_csv, partition_dir):
+    # Prepare: a secure federation's round-0 global, sent to a site through the plain app's training message (a
+    # coordinator that names client_app:app, or sends one on purpose)
+    from flwr.app import Message
+
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.federation.init import init
+    from fedlora_cli.flower import transport
+
+    raw = secure_recipe(tiny_model_dir, reviews_csv)
+    raw["data"]["labels"] = ["neg", "pos"]
+    g0 = init(recipes.from_dict(raw), tmp_path / "round-000")
+    node = sites(tmp_path, partition_dir)[101]
+    msg = Message(RecordDict(transport.pack(g0.path, client_app.GLOBAL)), 101, "train")
+    msg.metadata.__dict__["_message_id"] = "m1"
+    # Execute
+    reply = client_app.app(msg, Context(run_id=1, node_id=101, node_config=node, state=RecordDict(), run_config={}))
+    # Assert: fedlora's one line, no update packed, nothing trained
+    answer = reply.content[client_app.REPLY]
+    assert "refusing to send this site's update in a plain training message" in answer[client_app.ERROR_KEY]
+    assert not reply.content.array_records
+    written = [p for p in (tmp_path / "sites").rglob("*") if p.is_file()]
+    assert written and all("global" in p.parts for p in written)  # only the received global checkpoint
