@@ -139,12 +139,13 @@ def test_a_client_id_ending_in_a_line_break_is_refused():
 
 
 def test_a_worker_query_whose_manifest_is_not_json_is_refused_not_failed(tmp_path):
-    from fedlora_cli.flower import site as sites, worker
+    from fedlora_cli.flower import channel, site as sites, worker
 
     lines: list[str] = []
     site = sites.SiteConfig.from_node_config(properties.site_node_config(tmp_path))
     answer = worker.Worker(site, properties.StubBenches(), lines.append).handle(
-        {"protocol": 1, "op": "query", "node-config": properties.site_node_config(tmp_path), "manifest": "None"})
+        {"protocol": channel.PROTOCOL, "op": "query", "node-config": properties.site_node_config(tmp_path),
+         "manifest": "None"})
     assert answer == {"error": "the global checkpoint manifest sent is not valid JSON"}
     assert not any(" failed: " in line for line in lines)
 
@@ -166,7 +167,8 @@ def test_the_worker_answers_a_request_whose_refusal_would_outgrow_a_frame_over_i
 
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         config = properties.site_node_config(Path(tmp))
-        frame = b'{"protocol": 1, "op": "' + b"\x7f" * 300_000 + b'", "node-config": ' + json.dumps(config).encode() + b"}\n"
+        frame = (b'{"protocol": ' + str(channel.PROTOCOL).encode() + b', "op": "' + b"\x7f" * 300_000
+                 + b'", "node-config": ' + json.dumps(config).encode() + b"}\n")
         service = worker.Service(worker.Worker(sites.SiteConfig.from_node_config(config), properties.StubBenches(),
                                                lambda line: None))
         try:
