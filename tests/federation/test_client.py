@@ -212,7 +212,7 @@ def test_a_round_whose_update_or_state_cannot_be_written_leaves_neither_and_no_l
 
 
 def test_round_over_budget_is_refused_and_writes_nothing(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
-    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=0.8, target_epsilon=3.0)
+    raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.6, target_epsilon=3.0)
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(raw))
     assert runner.invoke(app, ["init", str(recipe_path), "--data", str(partition_dir), "--out", str(tmp_path / "g0")]).exit_code == 0
@@ -233,7 +233,7 @@ def test_round_over_budget_is_refused_and_writes_nothing(tmp_path, tiny_model_di
 
 def test_ledger_from_another_recipe_is_refused(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
     for k, eps in enumerate((3.0, 4.0)):
-        raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=1.0, target_epsilon=eps)
+        raw = private_recipe(tiny_model_dir, reviews_csv, noise_multiplier=2.0, target_epsilon=eps)
         (tmp_path / f"r{k}.yaml").write_text(yaml.safe_dump(raw))
         result = runner.invoke(app, ["init", str(tmp_path / f"r{k}.yaml"), "--data", str(partition_dir), "--out", str(tmp_path / f"g{k}")])
         assert result.exit_code == 0, result.output
