@@ -66,7 +66,8 @@ def test_the_recommended_plan_run_in_separate_processes_spends_what_an_independe
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    shard = partition_dir / "client-0.parquet"
+    # The largest shard of the fixture's partition (client-0 holds 13 reviews: too few for any plan).
+    shard = partition_dir / "client-1.parquet"
     n = len(read_shard(shard, "text", "sentiment", 2))
     raw = private_recipe(tiny_model_dir, reviews_csv, target_epsilon=3.0, accountant="prv")
     raw["federation"]["rounds"] = 2
@@ -83,7 +84,7 @@ def test_the_recommended_plan_run_in_separate_processes_spends_what_an_independe
     for round_ in (1, 2):
         # Micro-batches of a quarter of the logical batch: the ledger still counts logical steps.
         info = json.loads(cli("train-client", tmp_path / f"g{round_ - 1}", "--data", shard, "--state",
-                              tmp_path / "client-0", "--out", tmp_path / f"u{round_}", "--accumulation-steps", 4,
+                              tmp_path / "client-1", "--out", tmp_path / f"u{round_}", "--accumulation-steps", 4,
                               "--json"))
         cli("aggregate", tmp_path / f"g{round_ - 1}", tmp_path / f"u{round_}", "--out", tmp_path / f"g{round_}")
     accountant = create_accountant(mechanism="prv")
