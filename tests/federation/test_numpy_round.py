@@ -139,11 +139,11 @@ def test_progress_is_reported_per_update(make_recipe, cached_federation, tmp_pat
     ({"strategy": "svd"}, False),
     ({"server_privacy": "DP"}, False),  # DP-FedAvg streams the clipped deltas into the mean instead
 ])
-def test_the_mean_takes_the_one_pass_round_and_nothing_else_does(options, one_pass, make_recipe, cached_federation,
+def test_the_mean_takes_the_one_pass_round_and_nothing_else_does(options, one_pass, make_recipe, federation_copy,
                                                                  tmp_path, monkeypatch):
     from fedlora_cli import recipe as recipes
 
-    layout = cached_federation(make_recipe("fedavg"))
+    layout = federation_copy(make_recipe("fedavg"))  # DP-FedAvg writes its ledger beside the global checkpoints
     calls = []
     real = numpy_round.weighted_mean
     monkeypatch.setattr(numpy_round, "weighted_mean", lambda *args: calls.append(1) or real(*args))

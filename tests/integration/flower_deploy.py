@@ -140,11 +140,13 @@ class Deployment:
         wait_until(lambda: listening(self.link) and listening(self.health), 60, "the SuperLink was not listening")
         return p
 
-    def supernode(self, config: str, name: str, *security: str, home: Path | None = None) -> subprocess.Popen:
+    def supernode(self, config: str, name: str, *security: str, home: Path | None = None,
+                  env: dict[str, str] | None = None) -> subprocess.Popen:
         """A SuperNode, ``security`` its TLS and authentication options (default ``--insecure``), ``home`` its own
-        FLWR_HOME (default the deployment's)."""
+        FLWR_HOME (default the deployment's), ``env`` variables for it and the ClientApps it starts."""
         return self.start(name, "flower-supernode", *(security or INSECURE), "--superlink", f"127.0.0.1:{self.link}",
-                          "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config, home=home)
+                          "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config, home=home,
+                          env=env)
 
     def workers(self, sites: dict[str, tuple[str, Path]], seconds: float = 120, env: dict[str, str] | None = None
                 ) -> dict[str, subprocess.Popen]:

@@ -12,6 +12,7 @@ Every process started here (and every child it started) is ended by its PID when
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -36,8 +37,10 @@ CLIENTS = ["client-0", "client-1", "client-2"]
 
 
 def start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, method="ffa", rounds=2,
-          round_timeout=240.0):
-    """The recipe under SecAgg+, its app folder, the SuperLink and three SuperNodes; returns (app, configs, nodes)."""
+          round_timeout=240.0, held=()):
+    """The recipe under SecAgg+, its app folder, the SuperLink and three SuperNodes; returns (app, configs, nodes).
+    The ``held`` sites stop in round 1 as their update is complete, before their masked vector leaves
+    (tests/integration/hold_rename): after key sharing, whatever the machine's speed."""
     raw = recipe_dict(tiny_model_dir, reviews_csv, method)
     raw["federation"].update(rounds=rounds, secure_aggregation={"num_shares": 3, "reconstruction_threshold": 2,
                                                                 "clipping_range": 1.0})
@@ -48,8 +51,19 @@ def start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, meth
     configs = {cid: node_config(cid, str(partition_dir / shard_name(cid)), str(tmp_path / "sites" / cid),
                                 worker="off") for cid in CLIENTS}
     deployment.superlink()
-    nodes = {cid: deployment.supernode(configs[cid], cid) for cid in CLIENTS}
+    nodes = {cid: deployment.supernode(configs[cid], cid, env=hold(deployment, tmp_path, cid) if cid in held else None)
+             for cid in CLIENTS}
     return app, configs, nodes
+
+
+HOLD = Path(__file__).parent / "hold_rename"
+
+
+def hold(deployment, tmp_path, cid):
+    """The variables that hold site ``cid``'s processes at the rename of its round-1 update into place."""
+    return {"PYTHONPATH": os.pathsep.join([str(HOLD), deployment.env["PYTHONPATH"]]),
+            "FEDLORA_TEST_HOLD_RENAME": str(tmp_path / "sites" / cid / "flower" / "*" / "updates" / "round-001"),
+            "FEDLORA_TEST_HOLD_MARKER": str(tmp_path / f"held-{cid}")}
 
 
 def site_update(tmp_path, cid, round_):
@@ -89,11 +103,10 @@ def test_each_round_is_the_weighted_mean_of_the_sites_updates_within_the_quantis
 
 
 def kill_after_key_sharing(deployment, tmp_path, nodes, victims):
-    """Kill each victim's SuperNode once it has the round-1 training message (SecAgg+'s third stage): its keys
-    are shared, its masked vector is not sent."""
+    """Kill each victim's SuperNode once it is held with its round-1 update made (SecAgg+'s third stage): its
+    keys are shared, its masked vector is not sent."""
     for cid in victims:
-        received = site_update(tmp_path, cid, 1).parent.parent / "global" / "round-000"
-        wait_until(received.is_dir, 300, f"{cid} never received the round's training message")
+        wait_until((tmp_path / f"held-{cid}").is_file, 300, f"{cid} never made its round-1 update")
         deployment.kill(nodes[cid])
 
 
@@ -102,7 +115,7 @@ def test_a_site_killed_after_key_sharing_leaves_the_round_to_the_survivors(deplo
     import threading
 
     app, configs, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
-                                round_timeout=150.0)
+                                round_timeout=150.0, held=["client-2"])
     killer = threading.Thread(target=kill_after_key_sharing, args=(deployment, tmp_path, nodes, ["client-2"]))
     killer.start()
     log = deployment.run(app, timeout=600)
@@ -122,7 +135,7 @@ def test_two_sites_killed_after_key_sharing_fail_the_run_in_one_line_and_write_n
     import threading
 
     app, configs, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
-                                round_timeout=150.0)
+                                round_timeout=150.0, held=["client-1", "client-2"])
     killer = threading.Thread(target=kill_after_key_sharing,
                               args=(deployment, tmp_path, nodes, ["client-1", "client-2"]))
     killer.start()
