@@ -110,20 +110,25 @@ def kill_after_key_sharing(deployment, tmp_path, nodes, victims):
         deployment.kill(nodes[cid])
 
 
-def test_a_site_killed_after_key_sharing_leaves_the_round_to_the_survivors(deployment, tmp_path, tiny_model_dir,
-                                                                          reviews_csv, partition_dir):
+def run_with_victims(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, victims):
+    """One secure round whose ``victims`` are killed after key sharing; (the run's log, statuses, run layout)."""
     import threading
 
-    app, configs, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
-                                round_timeout=150.0, held=["client-2"])
-    killer = threading.Thread(target=kill_after_key_sharing, args=(deployment, tmp_path, nodes, ["client-2"]))
+    app, _, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
+                          round_timeout=150.0, held=victims)
+    killer = threading.Thread(target=kill_after_key_sharing, args=(deployment, tmp_path, nodes, victims))
     killer.start()
     log = deployment.run(app, timeout=600)
     killer.join()
     statuses = deployment.statuses()
     deployment.end()
+    return log, statuses, RunLayout(tmp_path / "run")
 
-    layout = RunLayout(tmp_path / "run")
+
+def test_a_site_killed_after_key_sharing_leaves_the_round_to_the_survivors(deployment, tmp_path, tiny_model_dir,
+                                                                          reviews_csv, partition_dir):
+    log, statuses, layout = run_with_victims(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir,
+                                             ["client-2"])
     assert statuses == ["finished:completed"], log[-3000:]
     assert_global_is_the_weighted_mean(layout.global_checkpoint(0), layout.global_checkpoint(1),
                                        {cid: site_update(tmp_path, cid, 1) for cid in CLIENTS[:2]})
@@ -132,19 +137,8 @@ def test_a_site_killed_after_key_sharing_leaves_the_round_to_the_survivors(deplo
 
 def test_two_sites_killed_after_key_sharing_fail_the_run_in_one_line_and_write_nothing(
         deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir):
-    import threading
-
-    app, configs, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
-                                round_timeout=150.0, held=["client-1", "client-2"])
-    killer = threading.Thread(target=kill_after_key_sharing,
-                              args=(deployment, tmp_path, nodes, ["client-1", "client-2"]))
-    killer.start()
-    log = deployment.run(app, timeout=600)
-    killer.join()
-    statuses = deployment.statuses()
-    deployment.end()
-
-    layout = RunLayout(tmp_path / "run")
+    log, statuses, layout = run_with_victims(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir,
+                                             ["client-1", "client-2"])
     assert statuses == ["finished:failed"], log[-3000:]
     lines = [line for line in log.splitlines() if "secure aggregation halted" in line]
     assert lines and "nothing written" in lines[0], log[-3000:]
