@@ -110,3 +110,21 @@ def test_fedlora_cli_has_no_import_cycle():
     assert len(graph) > 50 and "fedlora_cli.recipe.schema" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def layer(module: str) -> str:
+    """Which layer a module is in: the CLI (fedlora_cli.cli, and ``python -m fedlora_cli`` that runs it), the optional
+    Flower layer, or the core (the rest)."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] == "__main__":
+        return "cli"
+    return parts[1] if len(parts) > 1 and parts[1] in ("cli", "flower") else "core"
+
+
+def test_the_layers_import_downwards_only_cli_then_flower_then_core():
+    # A module-level cycle is not the only tie: fedlora_cli.cli and fedlora_cli.flower once imported each other
+    # through different modules (the server app drew its curves with the CLI's plots).
+    allowed = {"cli": {"cli", "flower", "core"}, "flower": {"flower", "core"}, "core": {"core"}}
+    graph = import_graph(PACKAGE)
+    upward = sorted(f"{m} -> {i}" for m, imports in graph.items() for i in imports if layer(i) not in allowed[layer(m)])
+    assert upward == []

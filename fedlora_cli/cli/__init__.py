@@ -1,7 +1,7 @@
 """The ``fedlora`` command: :mod:`.app` wires the Typer app and its error handling; one module per command group
 registers its commands on it (:mod:`.data`, :mod:`.federation`, :mod:`.simulate`, :mod:`.flower`, :mod:`.inspect`,
 :mod:`.recipes`, :mod:`.privacy`, :mod:`.export`, :mod:`.assets`). :mod:`.options` holds the option types commands share,
-:mod:`.ui` and :mod:`.plots` what a person sees.
+:mod:`.ui` what a person sees (the pictures are the core's, :mod:`fedlora_cli.plots`).
 
 Commands import the core inside their bodies, so ``fedlora --help`` never loads torch or transformers.
 """

@@ -79,7 +79,7 @@ def partition_cmd(
         result = partitions.partition(spec, n, out, overwrite=overwrite, task=task)
     m = result.manifest
     if plot is not None:
-        from fedlora_cli.cli import plots
+        from fedlora_cli import plots
 
         plots.label_distribution(m, plot)
     if as_json:

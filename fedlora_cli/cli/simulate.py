@@ -44,8 +44,8 @@ def simulate_cmd(
     With --report-to, each round's scores, upload and epsilon, and each client's training loss per step (not
     under DP-SGD: that stays with the client), go to the trackers; a resumed run continues the same tracker run.
     """
-    from fedlora_cli import adapters, storage, tracking
-    from fedlora_cli.cli import plots, ui
+    from fedlora_cli import adapters, plots, storage, tracking
+    from fedlora_cli.cli import ui
     from fedlora_cli.federation import simulate as sim
 
     options = {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method,

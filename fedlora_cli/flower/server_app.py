@@ -162,8 +162,7 @@ class Coordinator:
     def keep_rows(self) -> None:
         """The rounds so far in the run folder, as ``simulate`` leaves them: RUN/metrics/rounds.json (the rows) and
         RUN/metrics/rounds.png (the learning curves), rewritten as each round ends."""
-        from fedlora_cli import storage
-        from fedlora_cli.cli import plots
+        from fedlora_cli import plots, storage
 
         self.layout.rounds.parent.mkdir(parents=True, exist_ok=True)
         with storage.atomic_file(self.layout.rounds) as tmp:

@@ -1,9 +1,9 @@
-"""fedlora_cli.cli.plots: the label distribution plot of a partition."""
+"""fedlora_cli.plots: the label distribution plot of a partition."""
 
 from __future__ import annotations
 
 from fedlora_cli import recipe as recipes
-from fedlora_cli.cli import plots
+from fedlora_cli import plots
 from fedlora_cli.data import partition
 
 
