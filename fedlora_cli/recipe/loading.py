@@ -20,6 +20,10 @@ from fedlora_cli.recipe.site_settings import SITE_KEYS
 from fedlora_cli.recipe.validation import validate
 
 
+# What _coerce_to says of a value that does not fit a type: the union's next type is tried.
+_MISMATCH = object()
+
+
 def _coerce(key: str, value: Any, annotation: Any, subject: str) -> Any:
     """Check a YAML value against a field's type; ints are accepted where floats are expected. ``subject`` names
     the key in messages (``recipe key 'training.lr'``, or the option that set it)."""
@@ -32,57 +36,72 @@ def _coerce(key: str, value: Any, annotation: Any, subject: str) -> Any:
     for option in options:
         if option is type(None):
             continue
-        if get_origin(option) is dict:
-            if isinstance(value, dict) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value.values()
-            ):
-                return {str(k): v for k, v in value.items()}
-            continue
-        if get_origin(option) is list:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if get_args(option) == (float,):
-                try:
-                    if isinstance(value, list) and not any(isinstance(v, bool) for v in value):
-                        return [float(v) for v in value]
-                except (TypeError, ValueError, OverflowError):
-                    pass
-                continue
-            if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
-                return [str(v) for v in value]
-            continue
-        if dataclasses.is_dataclass(option):
-            if isinstance(value, dict):
-                return _build_section(key, option, value, {})
-            continue
-        if option is bool:
-            if isinstance(value, bool):
-                return value
-            continue
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, int) and abs(value) > 2**1023:
-                raise FedloraError(f"{subject} is too large for a float (an integer of {value.bit_length()} bits)")
-            return float(value)
-        if option is float and isinstance(value, str):
-            # YAML 1.1 reads 1e-3 (no dot) as a string; accept what any person means by it.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    names = " or ".join(
-        (
-            "list of numbers" if get_args(o) == (float,) else
-            "a mapping" if dataclasses.is_dataclass(o) else
-            {list: "list", dict: "a mapping of names to integers"}.get(get_origin(o), getattr(o, "__name__", str(o)))
-        )
-        for o in options
-        if o is not type(None)
-    )
+        if get_origin(option) is list and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # --set data.labels=neg,pos
+        coerced = _coerce_to(key, value, option, subject)
+        if coerced is not _MISMATCH:
+            return coerced
+    names = " or ".join(_type_name(o) for o in options if o is not type(None))
     raise FedloraError(f"{subject} must be {names}, got {value!r}")
+
+
+def _coerce_to(key: str, value: Any, option: Any, subject: str) -> Any:
+    """``value`` as one type of a field's union, or _MISMATCH."""
+    if get_origin(option) is dict:
+        if isinstance(value, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+            return {str(k): v for k, v in value.items()}
+        return _MISMATCH
+    if get_origin(option) is list:
+        return _coerce_list(value, get_args(option))
+    if dataclasses.is_dataclass(option):
+        return _build_section(key, option, value, {}) if isinstance(value, dict) else _MISMATCH
+    if option is bool:
+        return value if isinstance(value, bool) else _MISMATCH
+    if option is float:
+        return _coerce_float(value, subject)
+    if option is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _MISMATCH
+
+
+def _coerce_list(value: Any, item_types: tuple) -> Any:
+    """A list of numbers (``item_types`` (float,)) or of names (strings, ints written as strings), or _MISMATCH."""
+    if item_types == (float,):
+        try:
+            if isinstance(value, list) and not any(isinstance(v, bool) for v in value):
+                return [float(v) for v in value]
+        except (TypeError, ValueError, OverflowError):
+            pass
+        return _MISMATCH
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return [str(v) for v in value]
+    return _MISMATCH
+
+
+def _coerce_float(value: Any, subject: str) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > 2**1023:
+            raise FedloraError(f"{subject} is too large for a float (an integer of {value.bit_length()} bits)")
+        return float(value)
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string; accept what any person means by it.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return _MISMATCH
+
+
+def _type_name(option: Any) -> str:
+    """A field's type as a message names it."""
+    if get_args(option) == (float,):
+        return "list of numbers"
+    if dataclasses.is_dataclass(option):
+        return "a mapping"
+    named = {list: "list", dict: "a mapping of names to integers"}
+    return named.get(get_origin(option), getattr(option, "__name__", str(option)))
 
 
 def _build_section(name: str, cls: type, raw: Any, labels: Mapping[str, str]) -> Any:
