@@ -290,30 +290,37 @@ _LmEvalFewshotOpt = Annotated[
                                 "where it sets none).")
 ]
 
+# evaluate's data and causal-lm generation options.
+_TestDataOpt = Annotated[
+    Optional[str],
+    typer.Option("--data", "-d", help=f"Test data: a partition folder (its test split; its validation split is "
+                                      f"scored too), a shard, or {SITE_DATA}."),
+]
+_ValidationDataOpt = Annotated[
+    Optional[str], typer.Option("--validation-data", help="Validation data (this site's own, any data --data "
+                                "takes); default: the validation split of a --data partition folder.")
+]
+_MaxNewTokensOpt = Annotated[
+    Optional[int], typer.Option(help="causal-lm: cap on generated tokens; default: the recipe's evaluation.max_new_tokens.")
+]
+_GenerateExamplesOpt = Annotated[
+    Optional[int], typer.Option(help="causal-lm: generate for the first N test examples only (loss uses all).")
+]
+_AnswerOpt = Annotated[
+    Optional[str], typer.Option(help="causal-lm: 'number' (exact match on the final number) or 'none' (loss only).")
+]
+
 
 @command(app, "evaluate")
 def evaluate_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(help="Global checkpoint folder.")],
-    data: Annotated[
-        Optional[str],
-        typer.Option("--data", "-d", help=f"Test data: a partition folder (its test split; its validation split is "
-                                          f"scored too), a shard, or {SITE_DATA}."),
-    ] = None,
-    validation_data: Annotated[
-        Optional[str], typer.Option("--validation-data", help="Validation data (this site's own, any data --data "
-                                    "takes); default: the validation split of a --data partition folder.")
-    ] = None,
+    data: _TestDataOpt = None,
+    validation_data: _ValidationDataOpt = None,
     state: Annotated[Optional[Path], typer.Option("--state", help="Evaluate personalised: this client's state folder.")] = None,
     client_id: Annotated[Optional[str], typer.Option("--client-id", help="Client id of --state (checked).")] = None,
-    max_new_tokens: Annotated[
-        Optional[int], typer.Option(help="causal-lm: cap on generated tokens; default: the recipe's evaluation.max_new_tokens.")
-    ] = None,
-    generate_examples: Annotated[
-        Optional[int], typer.Option(help="causal-lm: generate for the first N test examples only (loss uses all).")
-    ] = None,
-    answer: Annotated[
-        Optional[str], typer.Option(help="causal-lm: 'number' (exact match on the final number) or 'none' (loss only).")
-    ] = None,
+    max_new_tokens: _MaxNewTokensOpt = None,
+    generate_examples: _GenerateExamplesOpt = None,
+    answer: _AnswerOpt = None,
     lm_eval: _LmEvalOpt = None,
     lm_eval_include: _LmEvalIncludeOpt = None,
     lm_eval_limit: _LmEvalLimitOpt = None,
@@ -356,11 +363,7 @@ def evaluate_cmd(
             progress=lambda done, total: progress(done, total), settings=settings, split=split,
             site=site_settings(device=device, dtype=dtype, quantization=quantization), lm_eval=request,
         )
-    home = state if state is not None else tracking.coordinator_home(global_checkpoint)
-    with tracking.open_run(trackers, home, g.recipe.name, tracking_dir) as tracked:
-        tracked.log_metrics(metrics["round"], tracking.evaluation_metrics(metrics))
-        if "validation" in metrics:
-            tracked.log_metrics(metrics["round"], tracking.evaluation_metrics(metrics["validation"], "validation_"))
+    tracking.log_evaluation(trackers, metrics, global_checkpoint, state, g.recipe.name, tracking_dir)
     if as_json:
         ui.print_json(metrics)
         return

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.storage.run_layout import TRACKING_DIR, RunLayout
 from fedlora_cli.tracking.base import RunIdentity, Tracker, missing_package
+from fedlora_cli.tracking.metrics import evaluation_metrics
 from fedlora_cli.tracking.mlflow import MlflowTracker
 from fedlora_cli.tracking.tensorboard import TensorBoardTracker
 from fedlora_cli.tracking.wandb import WandbTracker
@@ -155,3 +156,17 @@ def open_run(names: Sequence[str], home: Path, experiment: str, directory: Path 
     """The trackers ``names`` (from :func:`resolve`) of the run kept in ``home``, named after ``experiment`` (the
     recipe's name) and the folder ``home``; no names give a fan-out that logs nothing."""
     return Trackers(names, home, experiment, directory)
+
+
+def log_evaluation(
+    names: Sequence[str], metrics: Mapping[str, Any], global_checkpoint: Path, state_dir: Path | None, experiment: str,
+    directory: Path | None = None,
+) -> None:
+    """evaluate's scores (:func:`~fedlora_cli.tracking.metrics.evaluation_metrics`; the validation split's under
+    ``validation_``) at the checkpoint's round: in the client's run with ``state_dir`` (personalised), else in the
+    coordinator's (:func:`coordinator_home`)."""
+    home = state_dir if state_dir is not None else coordinator_home(global_checkpoint)
+    with open_run(names, home, experiment, directory) as tracked:
+        tracked.log_metrics(metrics["round"], evaluation_metrics(metrics))
+        if "validation" in metrics:
+            tracked.log_metrics(metrics["round"], evaluation_metrics(metrics["validation"], "validation_"))

@@ -10,7 +10,7 @@ import pytest
 from fedlora_cli import recipe as recipes
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.tracking import fanout
-from fedlora_cli.tracking.fanout import BACKENDS, Trackers, coordinator_home, resolve
+from fedlora_cli.tracking.fanout import BACKENDS, Trackers, coordinator_home, log_evaluation, resolve
 
 
 class Recorder:
@@ -98,3 +98,18 @@ def test_the_coordinator_tracks_in_the_run_its_global_checkpoints_belong_to(tmp_
     (tmp_path / "by-hand" / "g2").mkdir(parents=True)
     assert coordinator_home(tmp_path / "run" / "global" / "round-002") == tmp_path / "run"
     assert coordinator_home(tmp_path / "by-hand" / "g2") == tmp_path / "by-hand"
+
+
+def test_an_evaluation_is_logged_at_its_round_in_the_coordinators_run_or_the_clients(tmp_path, recorders, monkeypatch):
+    monkeypatch.setattr(Recorder, "close", lambda self: None)
+    checkpoint = tmp_path / "run" / "global" / "round-002"
+    checkpoint.mkdir(parents=True)
+    scores = {"round": 2, "personalised": False, "accuracy": 0.8, "validation": {"personalised": False, "accuracy": 0.7}}
+    log_evaluation(("mlflow",), scores, checkpoint, None, "exp")
+    assert recorders["mlflow"].run.home == tmp_path / "run"
+    assert recorders["mlflow"].logged == [(2, {"round/global_accuracy": 0.8}),
+                                          (2, {"round/validation_global_accuracy": 0.7})]
+    log_evaluation(("mlflow",), {"round": 2, "personalised": True, "loss": 1.5}, checkpoint, tmp_path / "state", "exp",
+                   directory=tmp_path / "elsewhere")
+    assert recorders["mlflow"].run.home == tmp_path / "state" and recorders["mlflow"].directory == tmp_path / "elsewhere"
+    assert recorders["mlflow"].logged == [(2, {"round/personalised_loss": 1.5})]  # no validation data: none logged
