@@ -12,6 +12,7 @@ from fedlora_cli.aggregation.strategy import Aggregate, Contributions, RoundSpec
 
 class Median(Strategy):
     name = "median"
+    needs_each = "every update's value of each coordinate"
 
     def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
         accepted = contributions.drain()

@@ -22,6 +22,7 @@ class ProductStrategy(Strategy):
 
     needs_factors = True
     optimisable = False
+    needs_each = "each update's product B_k A_k"
 
     def aggregate(self, contributions: Contributions, spec: RoundSpec) -> Aggregate:
         accepted = contributions.drain()

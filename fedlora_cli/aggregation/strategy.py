@@ -123,8 +123,12 @@ class Strategy:
     needs_factors: ClassVar[bool] = False
     # Combines clients of different LoRA ranks (adapter.client_ranks).
     mixes_ranks: ClassVar[bool] = False
-    # Linear in the updates with the given weights: what DP-FedAvg's sensitivity bound needs of a strategy it wraps.
+    # Linear in the updates with the given weights: what DP-FedAvg's sensitivity bound needs of a strategy it wraps,
+    # and what secure aggregation needs (the coordinator sees only the weighted sum of the updates).
     linear: ClassVar[bool] = False
+    # What a non-linear strategy needs of each update beyond their sum (said when a rule that needs a linear
+    # strategy refuses it).
+    needs_each: ClassVar[str] = "each update on its own"
     # Its aggregate is the next value of each sent tensor, so aggregate - global is a pseudo-gradient a server
     # optimiser can step along (not so for svd, which re-factorises, or exact, which moves the base weights).
     optimisable: ClassVar[bool] = True

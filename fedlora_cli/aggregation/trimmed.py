@@ -12,6 +12,7 @@ from fedlora_cli.aggregation.strategy import Aggregate, Contributions, RoundSpec
 
 class TrimmedMean(Strategy):
     name = "trimmed-mean"
+    needs_each = "every update's value of each coordinate"
 
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction

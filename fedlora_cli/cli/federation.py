@@ -83,7 +83,7 @@ def sample_cmd(
     ui.out.print(ui.table(f"round {round_} asks ({how})", ["client"], [[c] for c in asked]))
     if outcome != "trained":
         what = "skipped: the global is carried forward" if need is None else "a noise-only DP-FedAvg release"
-        ui.err.print(f"round {round_} asks fewer than federation.min_clients = {f.min_clients}, so it is {what} "
+        ui.err.print(f"round {round_} asks fewer than {sampling.fewest_named(f)}, so it is {what} "
                      f"(fedlora aggregate {global_checkpoint} --out NEXT, with no client updates)")
 
 

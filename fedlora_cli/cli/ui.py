@@ -152,4 +152,6 @@ class SimulationReporter:
                 parts.append(f"global accuracy {row['global_accuracy']:.4f}")
         if row.get("epsilon") is not None:
             parts.append(f"epsilon spent {row['epsilon']:.3f}")
+        if row.get("clamped_values"):
+            parts.append(f"{row['clamped_values']} value(s) clamped by secure aggregation")
         err.print(f"[green]round {row['round']}:[/] " + ", ".join(parts))

@@ -128,11 +128,6 @@ def evaluate_splits(
     return {**scores, "validation": evaluate(g, examples=examples["validation"], bench=bench, **options)}
 
 
-def test_path(source: Path | str) -> Path | str:
-    """A partition folder's test split; any other source (a file, a save_to_disk folder, a Hub dataset) as given."""
-    return held_out_path(source, "test")
-
-
 def held_out_path(source: Path | str, split: str) -> Path | str:
     """A partition folder's held-out split ``split`` (``test`` or ``validation``); any other source as given.
     FedloraError for a partition folder without that split (one partitioned with no validation fraction)."""

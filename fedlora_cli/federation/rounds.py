@@ -6,8 +6,9 @@ A round t takes global checkpoint t-1 to global checkpoint t, in a run folder (:
 2. whose update is already in the run folder, made from this very parent (a resumed round asks nobody twice);
 3. the others are asked through :class:`Sites`, the one thing that differs between deployments: in this process
    (:class:`InProcessSites`, ``fedlora simulate``) or by Flower messages (``fedlora_cli.flower.server_app``);
-4. the participation rule (:func:`.sampling.require_enough`: at least ``federation.min_clients`` updates; a
-   Poisson sample short of it is skipped, or under DP-FedAvg released as it is, :func:`.sampling.needed`);
+4. the participation rule (:func:`.sampling.require_enough`: at least ``federation.min_clients`` updates, under
+   secure aggregation at least its ``reconstruction_threshold``; a Poisson sample short of it is skipped, or under
+   DP-FedAvg released as it is, :func:`.sampling.needed`);
 5. aggregation (:func:`.server.aggregate_round`: validation, the strategy, DP-FedAvg, server optimisers) into
    the global checkpoint;
 6. evaluation: the global on the test data and the validation data the coordinator holds, and whatever the sites
@@ -36,7 +37,7 @@ from fedlora_cli.federation.client import existing_update, site_round
 from fedlora_cli.federation.common import Global
 from fedlora_cli.federation.evaluate import evaluate as evaluate_checkpoint
 from fedlora_cli.federation.init import init
-from fedlora_cli.federation.sampling import asked as sampled_clients, needed, require_enough
+from fedlora_cli.federation.sampling import asked as sampled_clients, fewest_named, needed, require_enough
 from fedlora_cli.federation.secure import MANIFEST_KEY, SecureSum
 from fedlora_cli.federation.server import SKIPPED, aggregate_round, aggregate_secure, check_update
 from fedlora_cli.storage.checkpoints import round_dirname
@@ -201,9 +202,9 @@ class Federation:
         asked = sampled_clients(f, self.recipe.training.seed, r)
         need = needed(f, len(asked), self.recipe.server_privacy is not None)
         if not need:  # the sample is short of min_clients: skipped, or (DP-FedAvg, nobody asked) noise alone
-            self.reporter.stage(f"round {r}: its sample asked {len(asked)} client(s), fewer than federation.min_clients "
-                                f"= {f.min_clients}: " + ("skipped, the global carried forward" if need is None else
-                                                          "a noise-only DP-FedAvg release"))
+            self.reporter.stage(f"round {r}: its sample asked {len(asked)} client(s), fewer than {fewest_named(f)}: "
+                                + ("skipped, the global carried forward" if need is None else
+                                   "a noise-only DP-FedAvg release"))
             return aggregate_round(parent, [], self.layout.global_checkpoint(r)).checkpoint, None
         done = [c for c in asked if existing_update(self.layout.update(r, c), parent, c) is not None]
         if done:
@@ -224,7 +225,11 @@ class Federation:
         target = self.layout.global_checkpoint(r)
         if collected.secure is not None:
             self.reporter.stage(f"round {r}: the securely aggregated sum of {len(got)} client(s): {', '.join(got)}")
-            return aggregate_secure(parent, collected.secure, target).checkpoint, collected.wire_bytes
+            written = aggregate_secure(parent, collected.secure, target).checkpoint
+            clamped = collected.secure.tally.clamped
+            if clamped:
+                self.reporter.warn(clamped_warning(r, clamped, collected.secure.arithmetic.clipping_range))
+            return written, collected.wire_bytes
         self.reporter.stage(f"round {r}: aggregating {len(got)} client update(s): {', '.join(got)}")
         result = aggregate_round(parent, [self.layout.update(r, c) for c in got], target)
         return result.checkpoint, collected.wire_bytes
@@ -315,6 +320,12 @@ class InProcessSites:
         return read_json(path, "client state manifest").get("loss") if path.is_file() else None
 
 
+def clamped_warning(round_: int, clamped: int, clipping_range: float) -> str:
+    """The one line that says a secure round's sum is biased by SecAgg+'s clamp."""
+    return (f"round {round_}: {clamped} value(s) of the sites' differences reached +-{clipping_range:g} and were "
+            "clamped, which biases the sum toward zero; raise federation.secure_aggregation.clipping_range")
+
+
 def emulated_sum(g: Global, updates: Mapping[str, Path]) -> SecureSum:
     """simulate's stand-in for SecAgg+: each site's vector (:func:`.secure.site_vector`), weighted, quantised and
     summed as integers without masks. It shows what the quantisation costs and provides no security."""
@@ -325,7 +336,13 @@ def emulated_sum(g: Global, updates: Mapping[str, Path]) -> SecureSum:
     names = next(iter(vectors.values())).names
     seed = g.recipe.training.seed * 1_000_003 + g.manifest.round + 1
     mean = secure.emulate(vectors, arith, seed)
-    return secure.SecureSum.of(names, mean, {cid: v.weight for cid, v in vectors.items()}, arith, emulated=True)
+    # The counts as the coordinator would receive them from each site, summed the same way.
+    coordinates = sum(int(a.size) for a in mean)
+    tally = secure.Tally()
+    for cid, v in sorted(vectors.items()):
+        tally = tally.add(v.counts(g.recipe), coordinates, cid)
+    return secure.SecureSum.of(names, mean, {cid: v.weight for cid, v in vectors.items()}, arith, emulated=True,
+                               tally=tally)
 
 
 def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partition: Mapping[str, Any] | None, *,
@@ -362,6 +379,9 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
         # the round out may have spent more: see fedlora privacy report).
         "epsilon": max(spent) if spent else None,
         "server_epsilon": _server_epsilon(g),
+        # The norm bound's clips (None without a bound); nothing is clamped outside secure aggregation.
+        "clamped_values": None,
+        "clipped_sites": len(m.aggregation["clipped"]) if (m.aggregation or {}).get("norm_bound") is not None else None,
     }
 
 
@@ -371,6 +391,7 @@ def _secure_row(g: Global, metrics: Mapping[str, Any], partition: Mapping[str, A
     training time or DP-SGD epsilon (each site keeps its own); who took part is in the manifest."""
     m, round_ = g.manifest, g.manifest.round
     asked = sampled_clients(g.recipe.federation, g.recipe.training.seed, round_)
+    record = m.aggregation[MANIFEST_KEY]
     return {
         "round": round_, "asked": len(asked), "clients": len(m.clients),
         "skipped": (m.aggregation or {}).get("strategy") == SKIPPED,
@@ -379,6 +400,8 @@ def _secure_row(g: Global, metrics: Mapping[str, Any], partition: Mapping[str, A
         "wire_bytes": wire_bytes, "seconds": None,
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 2),
         "epsilon": None, "server_epsilon": _server_epsilon(g),
+        # The sites' counts, summed (secure.Tally): None where no site sends them (DP-FedAvg; clipped without a bound).
+        "clamped_values": record.get("clamped_values"), "clipped_sites": record.get("clipped_sites"),
     }
 
 

@@ -56,31 +56,53 @@ _SHORT_OF = {
 }
 
 
+def fewest(federation: Any) -> int:
+    """The fewest client updates a round aggregates: ``federation.min_clients``, and under secure aggregation at
+    least its ``reconstruction_threshold`` (SecAgg+ sums no fewer sites: a seeded sample below it would halt the
+    protocol at every try)."""
+    s = federation.secure_aggregation
+    return federation.min_clients if s is None else max(federation.min_clients, s.reconstruction_threshold)
+
+
+def fewest_named(federation: Any) -> str:
+    """The rule :func:`fewest` applies, as a message names it."""
+    least = fewest(federation)
+    if least == federation.min_clients:
+        return f"federation.min_clients = {least}"
+    return (f"federation.secure_aggregation.reconstruction_threshold = {least} (SecAgg+ sums no fewer sites; "
+            f"federation.min_clients is {federation.min_clients})")
+
+
 def needed(federation: Any, asked: int, private: bool) -> int | None:
-    """How many client updates a round needs when its sample asked ``asked`` clients: ``federation.min_clients``.
+    """How many client updates a round needs when its sample asked ``asked`` clients: :func:`fewest`.
 
     A Poisson sample can ask fewer, even none, and since it is fixed by the seed and the round, waiting cannot
     help: such a short round is what the literature makes of it. Under DP-FedAvg (``private``) the round releases
     what the clients it asked send (McMahan et al. 2018: the sum over the sample divided by the fixed expected
     count q N, whatever the sample's size), all of them needed; an empty sample is a noise-only release, which
-    the accountant counts. Otherwise None: the round is skipped, its global checkpoint the previous one carried
-    forward and recorded as skipped.
+    the accountant counts, and so is, under secure aggregation, a sample too small for SecAgg+ to sum (0: nobody is
+    asked to train). Otherwise None: the round is skipped, its global checkpoint the previous one carried forward
+    and recorded as skipped.
     """
-    if asked >= federation.min_clients:
-        return federation.min_clients
-    return asked if private else None
+    least = fewest(federation)
+    if asked >= least:
+        return least
+    if not private:
+        return None
+    s = federation.secure_aggregation
+    return asked if s is None or asked >= s.reconstruction_threshold else 0
 
 
 def require_enough(federation: Any, round_: int, count: int, asked: int | None = None, *, stage: str,
                    need: int | None = None) -> None:
-    """Refuse a round with fewer than ``need`` (default ``federation.min_clients``; see :func:`needed`) clients at
+    """Refuse a round with fewer than ``need`` (default :func:`fewest`; see :func:`needed`) clients at
     ``stage``: 'reachable' (asked clients online or done), 'collected' (updates that came back), 'given' (the
     updates handed to ``fedlora aggregate``)."""
-    need = federation.min_clients if need is None else need
+    need = fewest(federation) if need is None else need
     if count >= need:
         return
     short = _SHORT_OF[stage].format(count=count, asked=asked)
-    rule = f"federation.min_clients = {need}" if need == federation.min_clients else \
+    rule = fewest_named(federation) if need == fewest(federation) else \
         f"the {need} client(s) this round's sample asked (fewer than federation.min_clients, so all of them)"
     raise FedloraError(f"round {round_}: {short}, fewer than {rule}; nothing written")
 
@@ -97,7 +119,7 @@ def not_asked(federation: Any, seed: int, round_: int, client_id: str, private: 
     if client_id not in sample:
         return f"round {round_} did not ask (see 'fedlora sample')"
     if needed(federation, len(sample), private) is None:
-        return f"round {round_} skips (its sample asked fewer than federation.min_clients; see 'fedlora sample')"
+        return f"round {round_} skips (its sample asked fewer than {fewest_named(federation)}; see 'fedlora sample')"
     return None
 
 

@@ -16,7 +16,9 @@ on every path:
 - :func:`emulate` does that arithmetic without the masks (which cancel exactly modulo 2^32) for ``simulate``: it
   shows what quantisation costs, and gives no security;
 - :class:`SecureSum` is what the coordinator holds afterwards: the weighted mean of the differences, who took
-  part and their weights, and the quantisation; :meth:`SecureSum.check` is all the checking left to it.
+  part and their weights, the quantisation, and the totals of the counts each site sends in the clear (values
+  clamped, clipped to the norm bound: :meth:`SiteVector.counts`, summed by :class:`Tally`);
+  :meth:`SecureSum.check` is all the checking left to it.
 
 The bound (per coordinate, when no value reached the clamp): stochastic rounding moves each z_k by less than one
 step, so the mean differs from sum_k r_k d_k / sum_k r_k by less than K x step / sum_k r_k (:meth:`Arithmetic.bound`).
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -114,6 +116,10 @@ def site_bound(recipe: recipes.Recipe, coordinates: int) -> float | None:
     return recipe.federation.norm_bound
 
 
+# The counts a site sends in the clear beside its masked vector and weight (the legacy FitRes's metrics).
+CLAMPED, CLIPPED = "clamped", "clipped"
+
+
 @dataclass
 class SiteVector:
     """What one site hands to SecAgg+: its difference from the global (sorted by tensor name), and its weight."""
@@ -123,6 +129,19 @@ class SiteVector:
     weight: int
     clipped: bool = False  # scaled down to the site's bound
     clamped: int = 0  # values SecAgg+'s +-clipping_range would have clamped (clamped here, counted for the site)
+
+    def counts(self, recipe: recipes.Recipe) -> dict[str, int]:
+        """What the site tells the coordinator in the clear, beside its weight: how many of its values were
+        clamped at +-clipping_range, and (under ``federation.norm_bound``) whether it clipped to the bound. Counts,
+        not values: what they say of the update is its size against two public thresholds. Under DP-FedAvg nothing:
+        the clip is DP-FedAvg's own (who clipped is a statistic of the updates the accountant does not noise), and
+        validation keeps clipping_range >= the clip norm, so no value can reach the clamp."""
+        if recipe.server_privacy is not None:
+            return {}
+        counts = {CLAMPED: self.clamped}
+        if recipe.federation.norm_bound is not None:
+            counts[CLIPPED] = int(self.clipped)
+        return counts
 
 
 def site_vector(g: Global, update: storage.ClientUpdate, client_id: str) -> SiteVector:
@@ -189,6 +208,33 @@ def unmasked_mean(total: Sequence[np.ndarray], clients: int, ratio_sum: int, ari
     return [(t.astype(np.float64) * step - clients * c) * (arith.quantization_range / ratio_sum) for t in total]
 
 
+@dataclass(frozen=True)
+class Tally:
+    """The sites' counts (:meth:`SiteVector.counts`) summed as they arrive: totals only, nothing per site is kept.
+    None: no site sent that count (under DP-FedAvg neither; ``clipped`` only under ``federation.norm_bound``)."""
+
+    clamped: int | None = None  # values clamped at +-clipping_range, over every site
+    clipped: int | None = None  # sites that clipped their difference to federation.norm_bound
+
+    def add(self, counts: Mapping[str, Any], coordinates: int, client_id: str) -> Tally:
+        """This tally plus one site's counts, each checked (an integer in 0..coordinates, clipped 0 or 1)."""
+        unknown = sorted(set(counts) - {CLAMPED, CLIPPED})
+        if unknown:
+            raise FedloraError(f"client '{client_id}' sent an unknown count '{unknown[0]}' beside its vector; "
+                               "nothing written")
+        totals = {}
+        for key, most in ((CLAMPED, coordinates), (CLIPPED, 1)):
+            value, total = counts.get(key), getattr(self, key)
+            if value is None:
+                totals[key] = total
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+                raise FedloraError(f"client '{client_id}' sent {key} = {value!r} beside its vector, outside "
+                                   f"0..{most}; nothing written")
+            totals[key] = (total or 0) + value
+        return Tally(**totals)
+
+
 @dataclass
 class SecureSum:
     """What the coordinator holds after a securely aggregated round, and all it holds."""
@@ -197,7 +243,7 @@ class SecureSum:
     weights: dict[str, int]  # each participant's weight, sent in the clear (client id -> weight)
     arithmetic: Arithmetic
     emulated: bool = False  # simulate's emulation: no masks, no security
-    extra: dict[str, Any] = field(default_factory=dict)
+    tally: Tally = Tally()  # the sites' counts, summed
 
     @property
     def clients(self) -> list[str]:
@@ -254,4 +300,4 @@ class SecureSum:
                 "weights": dict(sorted(self.weights.items())), "quantisation_step": arith.step,
                 "clipping_range": arith.clipping_range, "quantization_range": arith.quantization_range,
                 "max_weight": arith.max_weight, "error_bound": arith.bound(list(self.weights.values())),
-                **self.extra}
+                "clamped_values": self.tally.clamped, "clipped_sites": self.tally.clipped}

@@ -34,7 +34,7 @@ from fedlora_cli.federation.common import (
     Global, digests, frozen_digest, frozen_labels, next_digests, received_tensors,
 )
 from fedlora_cli.federation.sampling import (
-    asked as sampled_clients, needed, require_asked, require_enough, sample_rate,
+    asked as sampled_clients, fewest, fewest_named, needed, require_asked, require_enough, sample_rate,
 )
 from fedlora_cli.privacy.dp_fedavg import DPFedAvg
 from fedlora_cli.privacy.ledgers import coordinator_ledger
@@ -141,8 +141,8 @@ def aggregate_round(
                        [u.manifest.client_id for u in updates], screen.rows)
 
 
-def aggregate_secure(global_checkpoint: Path | Global, secure: SecureSum, out: Path, *, noise_seed: int | None = None,
-                     server_ledger: Path | None = None) -> AggregateResult:
+def aggregate_secure(global_checkpoint: Path | Global, secure: SecureSum, out: Path, *,
+                     noise_seed: int | None = None) -> AggregateResult:
     """Round t from the unmasked weighted mean of the sites' differences (:mod:`.secure`): the coordinator never
     held one update. The sum is checked (:meth:`SecureSum.check`), then goes through the same steps as
     :func:`aggregate_round`'s mean: DP-FedAvg's noise (the sites clipped; the sum of their differences is divided
@@ -159,7 +159,7 @@ def aggregate_secure(global_checkpoint: Path | Global, secure: SecureSum, out: P
         require_asked(f, recipe.training.seed, round_, cid, "of the secure sum")
     sent = sorted(name for name in g.header if g.plan.sends(name))
     secure.check(g, site_bound(recipe, sum(secure.mean[n].size for n in sent)))
-    strategy = round_strategy(recipe, g, out, server_ledger, noise_seed)
+    strategy = round_strategy(recipe, g, out, None, noise_seed)
     strategy.check_round(len(secure.weights))
     reference = {name: widen(g.verified_arrays[name]) for name in sent}
     # One contribution: the global moved by the mean (or, under DP-FedAvg, by the sum the fixed m divides).
@@ -241,13 +241,13 @@ def _skip_round(g: Global, recipe: recipes.Recipe, asked: list[str], update_dirs
     f, round_ = recipe.federation, g.manifest.round + 1
     if update_dirs:
         raise FedloraError(
-            f"round {round_} is skipped: its sample asked {len(asked)} client(s), fewer than federation.min_clients "
-            f"= {f.min_clients}; give no client updates to carry the global checkpoint forward; nothing written"
+            f"round {round_} is skipped: its sample asked {len(asked)} client(s), fewer than {fewest_named(f)}; "
+            "give no client updates to carry the global checkpoint forward; nothing written"
         )
     tensors, correction, state = g.verified_arrays, g.verified_correction_arrays, g.verified_server_state
     manifest = dataclasses.replace(
         g.manifest, round=round_, clients=[], asked=asked, created=time.time(),
-        aggregation={"strategy": SKIPPED, "asked": len(asked), "min_clients": f.min_clients},
+        aggregation={"strategy": SKIPPED, "asked": len(asked), "min_clients": fewest(f)},
     )
     adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
     written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction,

@@ -157,7 +157,7 @@ def _train_secure(site: sites.SiteConfig, msg: Message, relay: Relay | None) -> 
     g = _received(site, msg)
     _, update = _trained(site, g, relay)
     vector = secure.site_vector(g, check_update(g, update), site.client_id)
-    return dict(site_reply(vector).items())
+    return dict(site_reply(vector, vector.counts(g.recipe)).items())
 
 
 def secure_train(msg: Message, context: Context) -> Message:

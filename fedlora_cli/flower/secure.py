@@ -3,10 +3,11 @@
 SecAgg+ runs only in Flower's legacy workflow, so the coordinator's side is :func:`secure_round`: a
 ``SecAggPlusWorkflow`` over a ``LegacyContext`` whose legacy strategy (:class:`_Capture`) asks exactly the round's
 clients and keeps what the workflow hands it after unmasking: the weighted mean (the only thing unmasked), who took
-part and the weights they sent in the clear. The global checkpoint travels in the round's training message as
-:mod:`.transport` packs it (added to the workflow's FitIns records as it is built, :class:`_Workflow`). The four
-stages (setup, share keys, collect masked vectors, unmask) are four TRAIN messages to each site; the site trains
-in the third, inside ``secaggplus_mod``, and replies the legacy FitRes the mod masks (:func:`site_reply`).
+part, the weights they sent in the clear, and the counts they sent beside them (summed on receipt: only the totals
+are kept). The global checkpoint travels in the round's training message as :mod:`.transport` packs it (added to
+the workflow's FitIns records as it is built, :class:`_Workflow`). The four stages (setup, share keys, collect
+masked vectors, unmask) are four TRAIN messages to each site; the site trains in the third, inside
+``secaggplus_mod``, and replies the legacy FitRes the mod masks (:func:`site_reply`).
 
 A stage that leaves any site with fewer than ``reconstruction_threshold`` live neighbours halts the protocol: the
 round fails in one line and nothing is written. Nothing of one site's update is logged or tracked here; Flower's
@@ -43,7 +44,8 @@ class _Capture(Strategy):
 
     def __init__(self, nodes: list[int], grid: Grid) -> None:
         self.nodes, self.grid = nodes, grid
-        self.result: tuple[list[Any], dict[int, int]] | None = None
+        # The unmasked mean, each node's weight, and each node's counts (summed by secure_round, then dropped).
+        self.result: tuple[list[Any], dict[int, int], dict[int, dict[str, Any]]] | None = None
         self.failures: list[str] = []
 
     def initialize_parameters(self, client_manager: Any) -> Parameters | None:
@@ -57,7 +59,8 @@ class _Capture(Strategy):
         self.failures = [first_line(f if isinstance(f, Exception) else Exception(str(f))) for f in failures]
         if results:
             arrays = parameters_to_ndarrays(results[0][1].parameters)
-            self.result = (arrays, {proxy.node_id: int(res.num_examples) for proxy, res in results})
+            self.result = (arrays, {proxy.node_id: int(res.num_examples) for proxy, res in results},
+                           {proxy.node_id: dict(res.metrics) for proxy, res in results})
         return None, {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
@@ -140,12 +143,17 @@ def secure_round(grid: Grid, g: Global, node_of: Mapping[str, int], records: Map
         raise FedloraError(
             f"round {r}: secure aggregation halted {where}: fewer than reconstruction_threshold = "
             f"{s.reconstruction_threshold} sites took part or answered; nothing written")
-    arrays, by_node = capture.result
+    arrays, by_node, counts = capture.result
     client_of = {node: cid for cid, node in node_of.items()}
     weights = {client_of[node]: w for node, w in by_node.items() if node in client_of}
     say(INFO, f"round {r}: SecAgg+ unmasked the weighted sum of {len(weights)} site(s): {', '.join(sorted(weights))}")
     names = sorted(n for n in g.header if g.plan.sends(n))
-    return secure.SecureSum.of(names, arrays, weights, arith)
+    coordinates = sum(int(a.size) for a in arrays)
+    tally = secure.Tally()
+    for node, sent in counts.items():
+        if node in client_of:
+            tally = tally.add(sent, coordinates, client_of[node])
+    return secure.SecureSum.of(names, arrays, weights, arith, tally=tally)
 
 
 def run_secagg(grid: Grid, round_: int, nodes: list[int], records: Mapping[str, Any], arith: secure.Arithmetic,
@@ -174,10 +182,11 @@ def _config(round_: int) -> Any:
     return ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
 
 
-def site_reply(vector: secure.SiteVector) -> RecordDict:
-    """A site's legacy FitRes for ``secaggplus_mod``: its vector (float64, in tensor-name order) and its weight;
-    the mod weights, quantises and masks it, and clears the arrays before the reply leaves the site."""
+def site_reply(vector: secure.SiteVector, counts: Mapping[str, int]) -> RecordDict:
+    """A site's legacy FitRes for ``secaggplus_mod``: its vector (float64, in tensor-name order), its weight and
+    its counts (:meth:`fedlora_cli.federation.secure.SiteVector.counts`, in the clear as the weight is); the mod
+    weights, quantises and masks the vector, and clears the arrays before the reply leaves the site."""
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector.arrays), vector.weight, {})
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector.arrays), vector.weight, dict(counts))
     return fitres_to_recorddict(fitres, keep_input=False)

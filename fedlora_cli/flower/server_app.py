@@ -376,12 +376,13 @@ def rounds_table(rows: list[dict[str, Any]]) -> str:
 
     # Columns shown only where a round has them: the global's validation accuracy, the sites' own scores of the
     # global (client-evaluation) on their test and validation data, the
-    # largest DP-SGD epsilon a site's update reports, DP-FedAvg's epsilon.
+    # largest DP-SGD epsilon a site's update reports, DP-FedAvg's epsilon, the values SecAgg+ clamped.
     extra = [(key, label, spec) for key, label, spec in (("validation_global_accuracy", "val acc", ".4f"),
                                                          ("sites_accuracy", "sites acc", ".4f"),
                                                          ("validation_sites_accuracy", "sites val acc", ".4f"),
                                                          ("epsilon", "max eps", ".3f"),
-                                                         ("server_epsilon", "server eps", ".3f"))
+                                                         ("server_epsilon", "server eps", ".3f"),
+                                                         ("clamped_values", "clamped", "d"))
              if any(row[key] is not None for row in rows)]
     table = Table("round", "clients", "left out", "train loss", "global acc", "global loss", "upload B", "wire B",
                   "seconds", *(label for _, label, _ in extra))

@@ -234,11 +234,13 @@ class SecureAggregationSection:
     num_shares: int = _help("Shares each client's secret keys are split into (its neighbours, itself included); > 2.", 3)
     reconstruction_threshold: int = _help(
         "Shares needed to rebuild a secret: a round completes while every client keeps at least this many of its "
-        "neighbours; below num_shares, at least 2.", 2)
+        "neighbours; below num_shares, at least 2. Also the fewest sites a round aggregates: a Poisson sample "
+        "that asks fewer is skipped (under DP-FedAvg, released as noise alone).", 2)
     clipping_range: float = _help(
         "Every value a site sends (its weighted difference from the received global) is clamped to "
         "+-clipping_range and quantised to 2^22 levels over that range: the quantisation step is "
-        "2 x clipping_range / 2^22.", 8.0)
+        "2 x clipping_range / 2^22. Each site counts what it clamped; the coordinator reports the total and warns. "
+        "Under DP-FedAvg it must be at least server_privacy.clip_norm.", 8.0)
 
 
 @dataclass

@@ -374,13 +374,6 @@ def _server_privacy(c: _Check, sp: ServerPrivacySection, f: FederationSection) -
     c.require(sp.target_epsilon is None or sp.target_epsilon > 0, "server_privacy.target_epsilon", "must be > 0")
 
 
-# What a coordinator that sees only the sum of the updates cannot do, each with the reason given when refused.
-_SECURE_RULES_OUT = {
-    "median": "needs every update's value of each coordinate",
-    "trimmed-mean": "needs every update's value of each coordinate",
-    "svd": "re-factorises each update's product B_k A_k",
-    "exact": "needs each update's product B_k A_k",
-}
 # Under SecAgg+ at most modulus / quantisation range - 1 clients may be summed without overflow (2^32 / 2^22).
 SECURE_MAX_CLIENTS = 2**32 // 2**22 - 1
 
@@ -397,9 +390,17 @@ def _secure_aggregation(c: _Check, recipe: Recipe) -> None:
     c.require(s.clipping_range > 0 and math.isfinite(s.clipping_range), f"{key}.clipping_range",
               f"must be a positive number; got {s.clipping_range:g}")
     label = c.subject(key)
-    if f.aggregation in _SECURE_RULES_OUT:
-        raise FedloraError(f"{label} rules out {c.name('federation.aggregation')} '{f.aggregation}': it "
-                           f"{_SECURE_RULES_OUT[f.aggregation]}, and the coordinator sees only their sum; use 'mean'")
+    strategy = STRATEGIES[f.aggregation]  # a non-linear strategy, whatever its name, needs more than the sum
+    if not strategy.linear:
+        linear = " or ".join(repr(name) for name, cls in STRATEGIES.items() if cls.linear)
+        raise FedloraError(f"{label} rules out {c.name('federation.aggregation')} '{f.aggregation}': it is not "
+                           f"linear in the updates (it needs {strategy.needs_each}), and the coordinator sees only "
+                           f"their sum; use {linear}")
+    sp = recipe.server_privacy
+    c.require(sp is None or s.clipping_range >= sp.clip_norm, f"{key}.clipping_range",
+              f"must be at least server_privacy.clip_norm ({sp.clip_norm if sp else 0:g}) under DP-FedAvg, so that no "
+              "value of a site's clipped difference reaches the clamp (a clamp would bias the release unseen: under "
+              f"DP-FedAvg a site reports no count); got {s.clipping_range:g}")
     if f.norm_bound is not None and f.norm_bound_action == "reject":
         raise FedloraError(f"{label} rules out {c.name('federation.norm_bound_action')} 'reject' (a server-side "
                            "norm bound): the coordinator never sees one update; 'clip' clips at each site")

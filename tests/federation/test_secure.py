@@ -166,7 +166,8 @@ def test_the_coordinator_refuses_a_sum_beyond_what_the_sites_could_send(tmp_path
                               arith)
     with pytest.raises(Exception, match=r"the unmasked mean has norm .* beyond the sites' bound .*; nothing written"):
         aggregate_secure(g, big, tmp_path / "round-001")
-    bad_weight = secure.SecureSum.of(sent, [np.zeros(g.header[n][1]) for n in sent], {"client-0": 7}, arith)
+    bad_weight = secure.SecureSum.of(sent, [np.zeros(g.header[n][1]) for n in sent], {"client-0": 7, "client-1": 1},
+                                     arith)
     with pytest.raises(Exception, match=r"client 'client-0' took part with weight 7, outside 1..1"):
         aggregate_secure(g, bad_weight, tmp_path / "round-001")
     assert not (tmp_path / "round-001").exists()
@@ -239,3 +240,86 @@ def test_a_secure_round_whose_poisson_sample_is_short_is_skipped_not_refused(tmp
     g1 = aggregate_round(g0, [], tmp_path / "round-001").checkpoint
     # Assert: carried forward, recorded as skipped
     assert g1.manifest.aggregation["strategy"] == SKIPPED and g1.manifest.round == 1
+
+
+def test_simulate_reports_the_values_its_emulation_clamped_as_the_flower_coordinator_does(tmp_path, tiny_model_dir,
+                                                                                         reviews_csv, monkeypatch):
+    # Prepare: a clipping range below what the sites' differences reach; keep each round's staged updates
+    from secure_check import site_counts
+
+    kept = {}
+    real = rounds.emulated_sum
+
+    def spy(g, updates):
+        kept.update({cid: shutil.copytree(path, tmp_path / "kept" / cid) for cid, path in updates.items()})
+        return real(g, updates)
+
+    monkeypatch.setattr(rounds, "emulated_sum", spy)
+    raw = secure_raw(tiny_model_dir, reviews_csv, rounds=1, norm_bound=0.5)
+    raw["federation"]["secure_aggregation"]["clipping_range"] = 0.005
+    warned, rows = [], []
+
+    class Reporter(_Quiet):
+        warn = staticmethod(warned.append)
+        round_done = staticmethod(rows.append)
+
+    # Execute
+    simulate.simulate(recipes.from_dict(raw), tmp_path / "run", Reporter())
+    # Assert: the same totals, in the manifest and the row, and the same one-line warning
+    layout = simulate.RunLayout(tmp_path / "run")
+    counts = [site_counts(layout.global_checkpoint(0), path) for path in kept.values()]
+    clamped, clipped = sum(n for n, _ in counts), sum(c for _, c in counts)
+    assert clamped > 0 and clipped > 0
+    record = storage.read_global(layout.global_checkpoint(1)).manifest.aggregation["secure_aggregation"]
+    assert record["emulated"] and (record["clamped_values"], record["clipped_sites"]) == (clamped, clipped)
+    assert (rows[0]["clamped_values"], rows[0]["clipped_sites"]) == (clamped, clipped)
+    assert [w for w in warned if "were clamped" in w] == [rounds.clamped_warning(1, clamped, 0.005)]
+
+
+def test_under_dp_fedavg_no_count_leaves_a_site_and_the_clipping_range_must_cover_the_clip_norm(
+        tmp_path, tiny_model_dir, reviews_csv):
+    # A site's counts under DP-FedAvg: none (who clipped is a statistic of the updates the accountant does not noise)
+    g = dp_global(tmp_path, tiny_model_dir, reviews_csv, clip=0.5)
+    assert secure.SiteVector(["t"], [np.zeros(3)], 1, clipped=True, clamped=0).counts(g.recipe) == {}
+    # ... and so no value may reach the clamp unseen: clipping_range below the clip norm is refused
+    raw = secure_raw(tiny_model_dir, reviews_csv, weighting="uniform")
+    raw["server_privacy"] = {"clip_norm": 2.0, "noise_multiplier": 1.0}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    fails(["simulate", path, "--out", tmp_path / "run"],
+          "'federation.secure_aggregation.clipping_range' must be at least server_privacy.clip_norm (2)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_site_without_dp_fedavg_counts_what_it_clamped_and_whether_it_clipped_to_the_norm_bound(tiny_model_dir,
+                                                                                                  reviews_csv):
+    v = secure.SiteVector(["t"], [np.zeros(3)], 1, clipped=True, clamped=4)
+    plain = recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv))
+    bounded = recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv, norm_bound=1.0))
+    assert v.counts(plain) == {"clamped": 4}  # no bound: nothing to say about clipping
+    assert v.counts(bounded) == {"clamped": 4, "clipped": 1}
+
+
+def test_any_strategy_that_is_not_linear_is_refused_by_its_own_name_and_any_linear_one_runs(
+        tiny_model_dir, reviews_csv, monkeypatch):
+    # Prepare: two strategies fedlora does not ship, one linear and one not, registered under new names
+    from fedlora_cli import aggregation
+    from fedlora_cli.errors import FedloraError
+    from fedlora_cli.recipe import validation
+
+    class Sketchy(aggregation.Strategy):
+        name = "sketchy-median"
+        needs_each = "each update's sketch"
+
+    class Scaled(aggregation.Mean):
+        name = "scaled-mean"
+
+    for cls in (Sketchy, Scaled):
+        monkeypatch.setitem(aggregation.STRATEGIES, cls.name, cls)
+    monkeypatch.setattr(validation, "AGGREGATIONS", (*validation.AGGREGATIONS, Sketchy.name, Scaled.name))
+    # Execute / Assert
+    with pytest.raises(FedloraError, match=r"rules out federation.aggregation 'sketchy-median': it is not linear in "
+                                           r"the updates \(it needs each update's sketch\)") as caught:
+        recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv, "fedavg", aggregation="sketchy-median"))
+    assert "use 'mean' or 'scaled-mean'" in str(caught.value) and "\n" not in str(caught.value)
+    assert recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv, "fedavg", aggregation="scaled-mean"))

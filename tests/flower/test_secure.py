@@ -4,7 +4,9 @@ message to the secure client app, each node keeping its Flower state across mess
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
@@ -81,6 +83,7 @@ def test_each_secure_global_is_the_weighted_mean_of_the_sites_updates(method, tm
         record = storage.read_global(layout.global_checkpoint(round_)).manifest.aggregation["secure_aggregation"]
         assert record["emulated"] is False and record["clients"] == ["client-0", "client-1", "client-2"]
         assert record["quantisation_step"] == 2 * SECURE["clipping_range"] / 2**22
+        assert record["clamped_values"] == 0 and record["clipped_sites"] is None  # counted; no bound to clip to
     assert not (layout.root / "updates").exists() and not list(layout.root.rglob("*.staging*"))
     assert grid.trained() == [101, 102, 103] * 8  # four SecAgg+ stages a round
 
@@ -149,6 +152,8 @@ def test_dp_fedavg_under_secagg_adds_the_sum_of_the_sites_clipped_differences_ov
         assert np.all(np.abs(got - expected[n]) <= step + 2 * ulp), n
     assert g1.manifest.server_privacy_ledger == [[0.0, 1.0, 1]]
     assert g1.manifest.aggregation["strategy"] == "dp-fedavg" and g1.manifest.clients == ["client-0", "client-1"]
+    record = g1.manifest.aggregation["secure_aggregation"]
+    assert record["clamped_values"] is None and record["clipped_sites"] is None  # no count leaves a site
 
 
 def test_a_plain_training_message_never_gets_a_secure_federations_update_in_the_clear(tmp_path, tiny_model_dir,
@@ -175,3 +180,215 @@ def test_a_plain_training_message_never_gets_a_secure_federations_update_in_the_
     assert not reply.content.array_records
     written = [p for p in (tmp_path / "sites").rglob("*") if p.is_file()]
     assert written and all("global" in p.parts for p in written)  # only the received global checkpoint
+
+
+def test_the_values_sites_clamped_reach_the_manifest_and_the_round_table_as_totals_with_one_warning(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir, caplog):
+    # Prepare: a clipping range below what 3 AdamW steps move B and the head by, and a norm bound that some sites
+    # reach: SecAgg+ clamps values, which biases the sum unless the user is told
+    from secure_check import site_counts
+
+    nodes = sites(tmp_path, partition_dir)
+    raw = secure_recipe(tiny_model_dir, reviews_csv, rounds=1, norm_bound=0.5)
+    raw["federation"]["secure_aggregation"]["clipping_range"] = 0.005
+    # Execute
+    with caplog.at_level("INFO"):
+        serve(SecureGrid(nodes), run_config(tmp_path, raw, partition_dir))
+    # Assert: the manifest and the round's row hold the totals of what each site counted of its own update
+    layout = RunLayout(tmp_path / "run")
+    updates = site_updates(nodes, 1, tmp_path / "run")
+    counts = [site_counts(layout.global_checkpoint(0), path) for path in updates.values()]
+    clamped, clipped = sum(n for n, _ in counts), sum(c for _, c in counts)
+    assert clamped > 0 and 0 < clipped < 3  # both counts are exercised, and the clip count is not all or nothing
+    record = storage.read_global(layout.global_checkpoint(1)).manifest.aggregation["secure_aggregation"]
+    assert (record["clamped_values"], record["clipped_sites"]) == (clamped, clipped)
+    (row,) = json.loads(layout.rounds.read_text())
+    assert (row["clamped_values"], row["clipped_sites"]) == (clamped, clipped)
+    warnings = [r.getMessage() for r in caplog.records if "were clamped" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"round 1: {clamped} value(s)" in warnings[0] and "raise federation.secure_aggregation.clipping_range" \
+        in warnings[0]
+
+
+def test_a_site_count_out_of_range_fails_the_round_in_one_line():
+    from fedlora_cli.federation import secure
+
+    tally = secure.Tally().add({"clamped": 2, "clipped": 1}, 10, "client-0").add({"clamped": 3}, 10, "client-1")
+    assert (tally.clamped, tally.clipped) == (5, 1)
+    assert secure.Tally().add({}, 10, "client-0") == secure.Tally()  # nothing sent: nothing known
+    for sent, needle in (({"clamped": 11}, "clamped = 11 beside its vector, outside 0..10"),
+                         ({"clipped": 2}, "clipped = 2 beside its vector, outside 0..1"),
+                         ({"clamped": True}, "clamped = True"), ({"clamped": -1}, "clamped = -1"),
+                         ({"loss": 0.3}, "an unknown count 'loss'")):
+        with pytest.raises(FedloraError, match=f"^client 'client-0' sent .*{needle}.*; nothing written$"):
+            tally.add(sent, 10, "client-0")
+
+
+def fedavgm_expected(parent, updates, lr, beta, previous=None):
+    """FedAvgM's step from the plain weighted mean, and its error bound: the round's pseudo-gradient Delta is the
+    weighted mean of the differences (plain_mean's bound, plus the float32 rounding of parent + Delta the coordinator
+    steps from), v = beta v + Delta, x += lr v. ``previous``: the last round's (Delta, bound) by tensor name."""
+    from secure_check import plain_mean, ulp
+
+    parent_t = storage.read_global(parent)
+    x = storage.load_verified(parent_t.path / storage.ADAPTER_WEIGHTS, parent_t.manifest.tensor_digests, "x",
+                              framework="numpy")
+    out = {}
+    for name, (delta, bound) in plain_mean(parent, updates).items():
+        base = x[name].astype(np.float64)
+        err = bound + ulp(base + delta)
+        v, v_err = delta, err
+        if previous is not None:
+            v, v_err = beta * previous[name][0] + delta, beta * previous[name][1] + err
+        out[name] = (base + lr * v, lr * v_err, delta, err)
+    return out
+
+
+def test_secure_rounds_under_server_momentum_step_from_the_unmasked_mean_and_carry_the_state(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    # Prepare: FedAvgM (linear, so each global is checkable against the plain weighted means within a bound)
+    from secure_check import ulp
+
+    lr, beta = 1.5, 0.5
+    nodes = sites(tmp_path, partition_dir)
+    raw = secure_recipe(tiny_model_dir, reviews_csv, server_optimizer="fedavgm", server_lr=lr, server_momentum=beta)
+    # Execute
+    serve(SecureGrid(nodes), run_config(tmp_path, raw, partition_dir))
+    # Assert: x1 = x0 + lr D1, x2 = x1 + lr (beta D1 + D2), D_r the sites' weighted mean of round r
+    layout = RunLayout(tmp_path / "run")
+    previous = None
+    for r in (1, 2):
+        expected = fedavgm_expected(layout.global_checkpoint(r - 1), site_updates(nodes, r, tmp_path / "run"), lr,
+                                    beta, previous)
+        g = storage.read_global(layout.global_checkpoint(r))
+        got = storage.load_verified(g.path / storage.ADAPTER_WEIGHTS, g.manifest.tensor_digests, "g", framework="numpy")
+        for name, (x, bound, _, _) in expected.items():
+            value = got[name].astype(np.float64)
+            assert np.all(np.abs(value - x) <= bound + 2 * ulp(value)), (r, name)
+        assert g.manifest.aggregation["server_optimizer"] == "fedavgm"
+        assert "secure_aggregation" in g.manifest.aggregation
+        previous = {name: (delta, err) for name, (_, _, delta, err) in expected.items()}
+    assert storage.read_global(layout.global_checkpoint(2)).manifest.server_state_digests
+
+
+def test_a_secure_round_under_fedadam_takes_adams_step_from_the_unmasked_mean(tmp_path, tiny_model_dir, reviews_csv,
+                                                                              partition_dir):
+    # Prepare: FedAdam's first step lr (1 - b1) D / (sqrt(b2 tau^2 + (1 - b2) D^2) + tau) moves by at most
+    # lr (1 - b1) / ((sqrt(b2) + 1) tau) per unit of D, which turns the mean's bound into the step's
+    from secure_check import plain_mean, ulp
+
+    lr, b1, b2, tau = 0.01, 0.9, 0.99, 1e-3
+    nodes = sites(tmp_path, partition_dir)
+    raw = secure_recipe(tiny_model_dir, reviews_csv, rounds=1, server_optimizer="fedadam", server_lr=lr,
+                        server_momentum=b1, server_beta2=b2, server_tau=tau)
+    # Execute
+    serve(SecureGrid(nodes), run_config(tmp_path, raw, partition_dir))
+    # Assert
+    layout = RunLayout(tmp_path / "run")
+    g0, g1 = (storage.read_global(layout.global_checkpoint(r)) for r in (0, 1))
+    x0 = storage.load_verified(g0.path / storage.ADAPTER_WEIGHTS, g0.manifest.tensor_digests, "x", framework="numpy")
+    x1 = storage.load_verified(g1.path / storage.ADAPTER_WEIGHTS, g1.manifest.tensor_digests, "x", framework="numpy")
+    lipschitz = lr * (1 - b1) / ((np.sqrt(b2) + 1) * tau)
+    means = plain_mean(layout.global_checkpoint(0), site_updates(nodes, 1, tmp_path / "run"))
+    for name, (delta, bound) in means.items():
+        base = x0[name].astype(np.float64)
+        step = lr * (1 - b1) * delta / (np.sqrt(b2 * tau**2 + (1 - b2) * delta**2) + tau)
+        got = x1[name].astype(np.float64)
+        allowed = lipschitz * (bound + ulp(base + delta)) + 4 * ulp(got) + 1e-6 * np.abs(step)
+        assert np.all(np.abs(got - (base + step)) <= allowed), name
+        assert np.max(np.abs(step)) > 100 * np.max(allowed)  # the step is really there, far beyond the tolerance
+    assert g1.manifest.aggregation["server_optimizer"] == "fedadam" and g1.manifest.server_state_digests
+
+
+def test_a_fixed_sample_runs_secagg_among_the_sampled_sites_only(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    # Prepare: 2 of 3 sites a round (fewer than num_shares 3: each site's neighbours are the two of them)
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.federation.sampling import asked
+
+    nodes = sites(tmp_path, partition_dir)
+    raw = secure_recipe(tiny_model_dir, reviews_csv, clients_per_round=2)
+    grid = SecureGrid(nodes)
+    # Execute
+    serve(grid, run_config(tmp_path, raw, partition_dir))
+    # Assert: each global is the weighted mean of the round's sample, and only the sample was asked
+    layout = RunLayout(tmp_path / "run")
+    f, node_of = recipes.from_dict(raw).federation, {cfg["client-id"]: node for node, cfg in nodes.items()}
+    trained = []
+    for r in (1, 2):
+        sample = asked(f, raw["training"]["seed"], r)
+        assert len(sample) == 2
+        updates = {cid: path for cid, path in site_updates(nodes, r, tmp_path / "run").items() if cid in sample}
+        assert_global_is_the_weighted_mean(layout.global_checkpoint(r - 1), layout.global_checkpoint(r), updates)
+        trained += sorted(node_of[cid] for cid in sample) * 4
+    assert sorted(grid.trained()) == sorted(trained)
+
+
+def poisson_recipe(tiny_model_dir, reviews_csv, private):
+    """3 clients, 1 expected a round (Poisson), with the first seed whose round 1 asks exactly one site (too few for
+    SecAgg+ to sum) and round 2 at least two."""
+    from fedlora_cli import recipe as recipes
+    from fedlora_cli.federation import sampling
+
+    raw = secure_recipe(tiny_model_dir, reviews_csv, clients_per_round=1, sampling="poisson")
+    if private:
+        raw["federation"]["weighting"] = "uniform"
+        raw["server_privacy"] = {"clip_norm": 0.01, "noise_multiplier": 0.0}
+    for seed in range(200):
+        raw["training"]["seed"] = seed
+        f = recipes.from_dict(raw).federation
+        if len(sampling.asked(f, seed, 1)) == 1 and len(sampling.asked(f, seed, 2)) >= 2:
+            return raw
+    raise AssertionError("no such seed")
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["skipped", "dp-fedavg-noise-only"])
+def test_a_poisson_sample_too_small_for_secagg_is_skipped_or_under_dp_fedavg_released_as_noise(
+        private, tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    # Prepare: round 1's seeded sample is one site; SecAgg+ sums no fewer than reconstruction_threshold = 2, so
+    # asking it would halt the protocol at every try (the run could never get past round 1)
+    nodes = sites(tmp_path, partition_dir)
+    grid = SecureGrid(nodes)
+    # Execute
+    serve(grid, run_config(tmp_path, poisson_recipe(tiny_model_dir, reviews_csv, private), partition_dir))
+    # Assert: round 1 asked nobody to train; under DP-FedAvg it is a release the ledger counts; round 2 trained
+    layout = RunLayout(tmp_path / "run")
+    g0, g1, g2 = (storage.read_global(layout.global_checkpoint(r)).manifest for r in (0, 1, 2))
+    assert g1.clients == [] and len(g1.asked) == 1
+    if private:
+        assert g1.aggregation["strategy"] == "dp-fedavg" and g1.server_privacy_ledger == [[0.0, 1 / 3, 1]]
+        assert len(g2.server_privacy_ledger) == 2
+    else:
+        assert g1.aggregation["strategy"] == "skipped" and g1.tensor_digests == g0.tensor_digests
+    assert len(g2.clients) >= 2 and "secure_aggregation" in g2.aggregation
+    assert len(grid.trained()) == 4 * len(g2.clients)  # only round 2's sites, four SecAgg+ stages each
+
+
+def test_secure_rounds_through_the_resident_worker_relay_are_the_weighted_mean(tiny_model_dir, reviews_csv,
+                                                                               partition_dir):
+    # Prepare: client-0's SuperNode relays to a resident worker (the app imports no torch); the others train in
+    # the app itself
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .test_worker import InProcessWorker
+
+    root = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp"))  # a Unix socket path is at most 107 bytes
+    try:
+        nodes = sites(root, partition_dir)
+        nodes[101]["worker"] = "required"
+        resident = InProcessWorker(nodes[101])
+        try:
+            # Execute
+            serve(SecureGrid(nodes), run_config(root, secure_recipe(tiny_model_dir, reviews_csv), partition_dir))
+        finally:
+            resident.close()
+        # Assert: the worker trained client-0's two rounds, and each global is the weighted mean
+        assert resident.worker.benches.loads == 1
+        layout = RunLayout(root / "run")
+        for r in (1, 2):
+            assert_global_is_the_weighted_mean(layout.global_checkpoint(r - 1), layout.global_checkpoint(r),
+                                               site_updates(nodes, r, root / "run"))
+        assert not (layout.root / "updates").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
