@@ -85,7 +85,7 @@ def protocol_cell(coordinates: int, clients: int) -> dict:
         from flwr.app import Message
 
         vector = secure.SiteVector(["t"], [vectors[msg.metadata.dst_node_id]], 1)
-        return Message(site_reply(vector), reply_to=msg)
+        return Message(site_reply(vector, {}), reply_to=msg)  # no counts: nothing clamped or clipped here
 
     grid = _Grid(app, list(vectors))
     arith = secure.Arithmetic(SECURE["clipping_range"], 1.0)
