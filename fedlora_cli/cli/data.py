@@ -12,6 +12,24 @@ from fedlora_cli.cli.options import JsonOpt, OverwriteOpt
 
 MAX_COUNT_COLUMNS = 10  # label or category values shown as a column each in the partition table (if it fits)
 
+# partition's options that take more than a line to declare.
+_ByOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Category column: the clients for --strategy natural; the skew for dirichlet on causal-lm data."),
+]
+_SizesOpt = Annotated[
+    Optional[str], typer.Option(help="--strategy size: comma-separated relative client sizes, e.g. 0.5,0.3,0.2.")
+]
+_TaskOpt = Annotated[
+    Optional[str], typer.Option(help="sequence-classification (labelled texts) or causal-lm (prompt/response pairs).")
+]
+_FormatOpt = Annotated[
+    Optional[str], typer.Option("--format", help="causal-lm: auto, prompt-response, messages, prompt-completion or alpaca.")
+]
+_ValidationFractionOpt = Annotated[
+    Optional[float], typer.Option(help="Held-out validation fraction (of all rows; 0: none). Default 0.1.")
+]
+
 
 @command(app, "partition")
 def partition_cmd(
@@ -21,31 +39,19 @@ def partition_cmd(
     clients: Annotated[Optional[int], typer.Option("--clients", "-n", help="Number of clients.")] = None,
     strategy: Annotated[Optional[str], typer.Option(help="iid, dirichlet, natural or size.")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="Dirichlet concentration (0.5 default, 0.1 severe).")] = None,
-    by: Annotated[
-        Optional[str],
-        typer.Option(help="Category column: the clients for --strategy natural; the skew for dirichlet on causal-lm data."),
-    ] = None,
-    sizes: Annotated[
-        Optional[str], typer.Option(help="--strategy size: comma-separated relative client sizes, e.g. 0.5,0.3,0.2.")
-    ] = None,
-    task: Annotated[
-        Optional[str], typer.Option(help="sequence-classification (labelled texts) or causal-lm (prompt/response pairs).")
-    ] = None,
+    by: _ByOpt = None,
+    sizes: _SizesOpt = None,
+    task: _TaskOpt = None,
     text_column: Annotated[Optional[str], typer.Option(help="Text column.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Label column.")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated label values to keep, in id order.")] = None,
-    data_format: Annotated[
-        Optional[str],
-        typer.Option("--format", help="causal-lm: auto, prompt-response, messages, prompt-completion or alpaca."),
-    ] = None,
+    data_format: _FormatOpt = None,
     messages_column: Annotated[Optional[str], typer.Option(help="causal-lm: column of role/content turns.")] = None,
     prompt_column: Annotated[Optional[str], typer.Option(help="causal-lm: prompt column.")] = None,
     response_column: Annotated[Optional[str], typer.Option(help="causal-lm: response column.")] = None,
     answer_column: Annotated[Optional[str], typer.Option(help="causal-lm: final-answer column (kept in the shards).")] = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Held-out test fraction.")] = None,
-    validation_fraction: Annotated[
-        Optional[float], typer.Option(help="Held-out validation fraction (of all rows; 0: none). Default 0.1.")
-    ] = None,
+    validation_fraction: _ValidationFractionOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="Partition seed.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Split of a Hub dataset or DatasetDict.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the label distribution here.")] = None,
@@ -77,16 +83,7 @@ def partition_cmd(
     ui.check_plot_path(plot)  # before the partition is written, so a bad path does not fail after the work
     with ui.err.status("partitioning"):
         result = partitions.partition(spec, n, out, overwrite=overwrite, task=task)
-    m = result.manifest
-    if plot is not None:
-        from fedlora_cli import plots
-
-        plots.label_distribution(m, plot)
-    if as_json:
-        ui.print_json(m)
-        return
-    ui.out.print(_partition_table(m))
-    ui.err.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
+    _show_partition(result.manifest, out, plot, as_json)
 
 
 def _partition_recipe(
@@ -104,6 +101,20 @@ def _partition_recipe(
     raw = {"model": model, "federation": {"clients": n}}
     r = recipes.override(raw, overrides)
     return r.data, n, r.model.task
+
+
+def _show_partition(m: dict, out: Path, plot: Path | None, as_json: bool) -> None:
+    """The label distribution's picture (with --plot), then the manifest as JSON, or the table and what was written."""
+    from fedlora_cli import plots
+    from fedlora_cli.cli import ui
+
+    if plot is not None:
+        plots.label_distribution(m, plot)
+    if as_json:
+        ui.print_json(m)
+        return
+    ui.out.print(_partition_table(m))
+    ui.err.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 
 def _partition_table(m: dict):
