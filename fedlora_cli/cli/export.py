@@ -18,6 +18,25 @@ if TYPE_CHECKING:
     from fedlora_cli.export import ExportResult, HubTarget
 
 
+# What export writes, and from which round and client.
+_RoundOpt = Annotated[Optional[str], typer.Option(
+    "--round", help="Which round of the run: 'best' (the best validation score of the model exported: the "
+    "global, or with --client-id/--state that client's personalised one), 'last', or a number.")]
+_StateOpt = Annotated[Optional[Path], typer.Option("--state", help="Export personalised: this client's state folder.")]
+_ClientIdOpt = Annotated[
+    Optional[str], typer.Option("--client-id", help="Client id of --state (checked); in a simulate run, enough on its own.")
+]
+_MergeOpt = Annotated[
+    bool, typer.Option("--merge", help="Fold the adapter into the base weights: a plain transformers model.")
+]
+_DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="Saved dtype: float32, float16 or bfloat16 (merging is done in float32).")
+]
+_EvalDataOpt = Annotated[Optional[Path], typer.Option(
+    "--eval-data",
+    help="Evaluate on this data for the model card: a partition folder, a shard, or any data evaluate --data takes.",
+)]
+
 # The Hub options of export (with --push-to-hub only).
 _PushToHubOpt = Annotated[
     Optional[str], typer.Option("--push-to-hub", help="Upload the export to this Hub model repo (user/name).")
@@ -37,29 +56,12 @@ def export_cmd(
     global_checkpoint: Annotated[Path, typer.Argument(
         help="Global checkpoint folder to export; with --round, the run folder (or any of its global checkpoints).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the export to.")],
-    round_: Annotated[Optional[str], typer.Option(
-        "--round", help="Which round of the run: 'best' (the best validation score of the model exported: the "
-        "global, or with --client-id/--state that client's personalised one), 'last', or a number.")] = None,
-    state: Annotated[
-        Optional[Path], typer.Option("--state", help="Export personalised: this client's state folder.")
-    ] = None,
-    client_id: Annotated[
-        Optional[str],
-        typer.Option("--client-id", help="Client id of --state (checked); in a simulate run, enough on its own."),
-    ] = None,
-    merge: Annotated[
-        bool, typer.Option("--merge", help="Fold the adapter into the base weights: a plain transformers model.")
-    ] = False,
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="Saved dtype: float32, float16 or bfloat16 (merging is done in float32).")
-    ] = "float32",
-    eval_data: Annotated[
-        Optional[Path],
-        typer.Option(
-            "--eval-data",
-            help="Evaluate on this data for the model card: a partition folder, a shard, or any data evaluate --data takes.",
-        ),
-    ] = None,
+    round_: _RoundOpt = None,
+    state: _StateOpt = None,
+    client_id: _ClientIdOpt = None,
+    merge: _MergeOpt = False,
+    dtype: _DtypeOpt = "float32",
+    eval_data: _EvalDataOpt = None,
     base_model: BaseModelOpt = None,
     device: DeviceOpt = None,
     push_to_hub: _PushToHubOpt = None,
@@ -98,14 +100,10 @@ def export_cmd(
 
 def _chosen(path: Path, which: str, client_id: str | None, state: Path | None) -> Path:
     """The global checkpoint --round names (said on stderr with the validation score that chose it)."""
-    from fedlora_cli import storage
     from fedlora_cli.cli import ui
     from fedlora_cli.federation.selection import choose_round
 
-    if client_id is None and state is not None and Path(state).is_dir():
-        kept = storage.latest_state(Path(state))
-        client_id = kept.manifest.client_id if kept is not None else None
-    chosen = choose_round(path, which, client_id)
+    chosen = choose_round(path, which, client_id, state)
     why = f": validation {chosen.metric} {chosen.score:.4f}, the best of the run" if chosen.score is not None else ""
     ui.err.print(f"round {chosen.round} ({chosen.path}){why}", highlight=False)
     return chosen.path

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.storage.checkpoints import latest_state
 from fedlora_cli.storage.files import read_json
 from fedlora_cli.storage.run_layout import GLOBAL_DIR, RunLayout
 
@@ -30,6 +31,14 @@ class ChosenRound:
     metric: str | None = None  # what the score is: 'accuracy', 'exact_match' or 'loss'
 
 
+def state_client(state_dir: Path) -> str | None:
+    """The client a state folder belongs to (its newest state says), or None when it holds no state yet."""
+    if not Path(state_dir).is_dir():
+        return None
+    kept = latest_state(Path(state_dir))
+    return kept.manifest.client_id if kept is not None else None
+
+
 def run_of(path: Path) -> RunLayout:
     """The run folder ``path`` is, or holds the global checkpoint ``path``; FedloraError for anything else."""
     path = Path(path)
@@ -41,10 +50,12 @@ def run_of(path: Path) -> RunLayout:
     return layout
 
 
-def choose_round(path: Path, which: str, client_id: str | None = None) -> ChosenRound:
+def choose_round(path: Path, which: str, client_id: str | None = None, state_dir: Path | None = None) -> ChosenRound:
     """The global checkpoint of the run at ``path`` that ``which`` names: ``best`` (the highest validation score of
-    the global model, or of ``client_id``'s personalised model; ties go to the earlier round), ``last``, or a round
-    number."""
+    the global model, or of ``client_id``'s personalised model, by default the client whose state folder
+    ``state_dir`` is; ties go to the earlier round), ``last``, or a round number."""
+    if client_id is None and state_dir is not None:
+        client_id = state_client(state_dir)
     layout = run_of(path)
     rounds = {int(p.name[6:]): p for p in layout.global_checkpoints()}
     if not rounds:

@@ -65,9 +65,13 @@ def test_export_round_best_takes_the_round_with_the_best_validation_score(make_r
         metrics = read_json(layout.metrics(r), "round metrics")
         metrics["validation"]["global"]["accuracy"] = value
         metrics["global"]["accuracy"] = 1.0 - value
+        metrics["validation"].setdefault("personalised", {})["client-1"] = {"accuracy": 1.0 - value}  # best: the last
         layout.metrics(r).write_text(json.dumps(metrics))
     chosen = choose_round(layout.root, "best")
     assert (chosen.round, chosen.score, chosen.metric) == (first, 0.99, "accuracy")
+    # A state folder alone says whose personalised model to follow: the client it belongs to.
+    assert choose_round(layout.root, "best", state_dir=layout.state("client-1")).round == last
+    assert choose_round(layout.root, "best", state_dir=tmp_path / "no-state").round == first
     out = json.loads(ok(["export", layout.root, "--round", "best", "--out", tmp_path / "best", "--json"]))
     assert out["round"] == first
     assert json.loads(ok(["export", layout.global_checkpoint(first), "--round", "last", "--out", tmp_path / "last",
