@@ -4,6 +4,7 @@ tiny federations simulated once per session (cached_federation) or copied for a 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,16 @@ def make_math(n: int, seed: int) -> pd.DataFrame:
             "category": op,
         })
     return pd.DataFrame(rows)
+
+
+def write_chats(path: Path, n: int = 60, seed: int = 5) -> Path:
+    """:func:`make_math`'s problems as two-exchange conversations (the question and the worked answer, then 'The
+    number alone?' and the number) in a ``messages`` column, beside ``answer`` and ``category``; JSON Lines."""
+    rows = [{"messages": [{"role": "user", "content": r.question}, {"role": "assistant", "content": r.response},
+                          {"role": "user", "content": "The number alone?"}, {"role": "assistant", "content": r.answer}],
+             "answer": r.answer, "category": r.category} for r in make_math(n, seed).itertuples()]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -349,3 +349,15 @@ def held_out(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     return read_json(Path(path) / PARTITION_MANIFEST, "partition manifest")
+
+
+def recorded_format(folder: Path) -> str | None:
+    """The causal-lm layout the partition in ``folder`` recorded for its rows (what ``data.format`` auto resolved
+    to there); None for a folder holding no readable partition manifest, or one of labelled texts."""
+    if not (Path(folder) / PARTITION_MANIFEST).is_file():
+        return None
+    try:
+        layout = read_manifest(folder).get("format")
+    except FedloraError:
+        return None
+    return layout if isinstance(layout, str) else None

@@ -16,6 +16,7 @@ from typing import Any
 from fedlora_cli import federation
 from fedlora_cli.adapters import HEAD_POLICIES, METHODS, adapter_kind
 from fedlora_cli.adapters.roles import ROLE_HEAD, ROLE_LABELS
+from fedlora_cli.data.formats import AUTO, AUTO_ORDER
 from fedlora_cli.recipe.loading import resolve_location
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, DataSection, PrivacySection, Recipe, TrainingSection
 from fedlora_cli.text import fmt
@@ -143,16 +144,19 @@ class CardFacts:
     license_id: str | None = None
     evaluation: tuple[Mapping[str, Any], ...] = ()
     privacy: PrivacySpent = field(default_factory=PrivacySpent)
+    # causal-lm, recipe data.format 'auto': the layout it resolved to, as a partition recorded it (None: unknown)
+    resolved_format: str | None = None
 
     @classmethod
     def of_export(
         cls, g: federation.Global, *, kind: str = "adapter", dtype: str = "float32", client_id: str | None = None,
         base_model: str | None = None, base_location: str | None = None,
         evaluation: Sequence[Mapping[str, Any]] = (), privacy: PrivacySpent | None = None,
+        resolved_format: str | None = None,
     ) -> CardFacts:
         """The facts of an export of global checkpoint ``g``. ``base_model`` (default the recipe's) is where the
         export says its base is; ``base_location``, the folder the base was loaded from, is where its license is
-        read (none without it)."""
+        read (none without it); ``resolved_format``, what a causal-lm recipe's ``data.format`` auto resolved to."""
         m, recipe = g.manifest, g.recipe
         labels = m.label_names or [f"LABEL_{i}" for i in range(m.num_labels or 0)]
         return cls(
@@ -162,12 +166,19 @@ class CardFacts:
             checkpoint_name=g.path.name, base_model=base_model or recipe.model.base, kind=kind, dtype=dtype,
             client_id=client_id, hub_base_model=hub_id_of(recipe.model.base),
             license_id=base_license(base_location, recipe.model.revision) if base_location else None,
-            evaluation=tuple(evaluation), privacy=privacy or PrivacySpent(),
+            evaluation=tuple(evaluation), privacy=privacy or PrivacySpent(), resolved_format=resolved_format,
         )
 
     @property
     def causal(self) -> bool:
         return self.recipe.model.task == TASK_CAUSAL_LM
+
+    @property
+    def data_format(self) -> str | None:
+        """The layout of the causal-lm rows: the recipe's ``data.format``, or what ``auto`` resolved to (None when
+        that is unknown here)."""
+        data_format = self.recipe.data.format
+        return self.resolved_format if data_format == AUTO else data_format
 
     @property
     def pooled(self) -> str | None:
@@ -286,7 +297,7 @@ def _training_rows(facts: CardFacts) -> list[tuple[str, str]]:
     task = ("task", "causal-lm: the loss is on the response tokens only; the LM head is part of the frozen base model")
     read = POOLING_READS[facts.pooled] if facts.pooled else "the architecture's own pooling"
     head = ("classifier head", f"{facts.head}: {HEAD_POLICIES[facts.head]}; it reads {read}")
-    inputs = ("data", _causal_data(data) + f", max length {data.max_length}")
+    inputs = ("data", _causal_data(data, facts.data_format) + f", max length {data.max_length}")
     labels = ("labels", ", ".join(f"{i}: {name}" for i, name in enumerate(facts.label_names)))
     where = f" ({facts.checkpoint_name})" if facts.checkpoint_name is not None else ""
     return [
@@ -380,15 +391,18 @@ def _evaluation_lines(evaluation: Sequence[Mapping[str, Any]], causal: bool) -> 
     return lines
 
 
-def _causal_data(data: Any) -> str:
-    """The data's layout as the recipe names it (``auto`` is resolved by the data's columns, which the card
-    does not see)."""
-    if data.format == "messages":
-        return f"conversations in column '{data.messages_column}' (loss on the assistant turns), chat template"
-    if data.format in ("prompt-completion", "alpaca"):
-        return f"{data.format} rows" + (", chat template" if data.chat_template else "")
-    return (f"prompt column '{data.prompt_column}', response column '{data.response_column}'"
-            + (", chat template" if data.chat_template else ""))
+def _causal_data(data: Any, layout: str | None) -> str:
+    """The rows' layout (``layout``: the recipe's ``data.format``, what ``auto`` resolved to, or None when that is
+    unknown: each site's columns chose), with its columns."""
+    templated = ", chat template" if data.chat_template else ""
+    said = f"auto, resolved to {layout}: " if data.format == AUTO and layout is not None else ""
+    if layout is None:
+        return f"auto: each site's rows in the first layout their columns match ({', '.join(AUTO_ORDER)})" + templated
+    if layout == "messages":
+        return said + f"conversations in column '{data.messages_column}' (loss on the assistant turns), chat template"
+    if layout in ("prompt-completion", "alpaca"):
+        return said + f"{layout} rows" + templated
+    return said + f"prompt column '{data.prompt_column}', response column '{data.response_column}'" + templated
 
 
 def _usage_lines(facts: CardFacts) -> list[str]:
@@ -396,7 +410,7 @@ def _usage_lines(facts: CardFacts) -> list[str]:
     kind, base_model = facts.kind, facts.base_model
     if facts.causal:
         data = facts.recipe.data
-        return _causal_usage(kind, base_model, chat_template=data.chat_template or data.format == "messages")
+        return _causal_usage(kind, base_model, chat_template=data.chat_template or facts.data_format == "messages")
     if kind == "adapter":
         lines = [
             "from peft import PeftModel",

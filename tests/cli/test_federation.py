@@ -106,15 +106,9 @@ def test_a_causal_federation_round_by_hand(method, tmp_path, tiny_causal_dir, ma
 
 
 def test_a_federation_over_multi_turn_messages_by_hand_is_the_simulated_one(tmp_path, tiny_causal_dir):
-    from conftest import make_math
+    from conftest import write_chats
 
-    chats = tmp_path / "chats.jsonl"
-    rows = make_math(60, seed=5)
-    pd_rows = [{"messages": [{"role": "user", "content": r.question}, {"role": "assistant", "content": r.response},
-                             {"role": "user", "content": "The number alone?"}, {"role": "assistant", "content": r.answer}],
-                "answer": r.answer, "category": r.category} for r in rows.itertuples()]
-    chats.write_text("".join(json.dumps(row) + "\n" for row in pd_rows))
-    raw = causal_recipe_dict(tiny_causal_dir, chats, "fedsa")
+    raw = causal_recipe_dict(tiny_causal_dir, write_chats(tmp_path / "chats.jsonl"), "fedsa")
     for key in ("prompt_column", "response_column", "chat_template"):
         raw["data"].pop(key)  # the messages column is found (data.format auto) and always templated
     raw["federation"]["rounds"] = 1

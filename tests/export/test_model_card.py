@@ -149,15 +149,48 @@ def test_front_matter_reads_back_through_huggingface_hubs_model_card(federation_
 
 
 @pytest.mark.parametrize(
-    ("data", "says"),
+    ("data", "layout", "says"),
     [
-        ({"format": "messages"}, "conversations in column 'messages' (loss on the assistant turns), chat template"),
-        ({"format": "alpaca"}, "alpaca rows"),
-        ({"prompt_column": "q", "response_column": "a", "chat_template": True}, "prompt column 'q', response column 'a', chat template"),
+        ({"format": "messages"}, "messages",
+         "conversations in column 'messages' (loss on the assistant turns), chat template"),
+        ({"format": "alpaca"}, "alpaca", "alpaca rows"),
+        ({"format": "prompt-response", "prompt_column": "q", "response_column": "a", "chat_template": True},
+         "prompt-response", "prompt column 'q', response column 'a', chat template"),
+        ({"format": "auto", "prompt_column": "q"}, "prompt-response",
+         "auto, resolved to prompt-response: prompt column 'q', response column 'response'"),
+        ({"format": "auto"}, "alpaca", "auto, resolved to alpaca: alpaca rows"),
+        ({"format": "auto", "chat_template": True}, None,
+         "auto: each site's rows in the first layout their columns match (messages, prompt-response, "
+         "prompt-completion, alpaca), chat template"),
     ],
 )
-def test_a_causal_cards_data_line_names_the_recipes_layout(data, says):
+def test_a_causal_cards_data_line_names_the_recipes_layout_or_what_auto_resolved_to(data, layout, says):
     from fedlora_cli import recipe as recipes
     from fedlora_cli.export.model_card import _causal_data
 
-    assert _causal_data(recipes.DataSection(**data)) == says
+    assert _causal_data(recipes.DataSection(**data), layout) == says
+
+
+def test_the_card_of_a_federation_over_conversations_under_format_auto_says_messages(run_federation, tiny_causal_dir,
+                                                                                      tmp_path):
+    from conftest import causal_recipe_dict, write_chats
+
+    from fedlora_cli import recipe as recipes
+
+    raw = causal_recipe_dict(tiny_causal_dir, write_chats(tmp_path / "chats.jsonl"), "fedavg")
+    for key in ("prompt_column", "response_column", "chat_template"):
+        raw["data"].pop(key)  # data.format auto finds the messages column
+    raw["federation"]["rounds"] = 1
+    layout = run_federation(recipes.from_dict(raw))
+    messages = "conversations in column 'messages' (loss on the assistant turns), chat template, max length 64"
+    ok([layout.global_checkpoint(1), "--out", tmp_path / "export"])
+    _, body, table = card_of(tmp_path / "export")
+    assert table["data"] == "auto, resolved to messages: " + messages  # as the run's partition recorded it
+    assert "apply_chat_template" in body  # the usage prompts as training did
+    # Out of its run folder nothing says what the sites' columns chose, unless the evaluation data is a partition.
+    alone = tmp_path / "g1"
+    shutil.copytree(layout.global_checkpoint(1), alone)
+    ok([alone, "--out", tmp_path / "alone"])
+    assert card_of(tmp_path / "alone")[2]["data"].startswith("auto: each site's rows in the first layout")
+    ok([alone, "--out", tmp_path / "evaluated", "--eval-data", layout.data / "test.parquet"])
+    assert card_of(tmp_path / "evaluated")[2]["data"] == "auto, resolved to messages: " + messages
