@@ -4,14 +4,18 @@ SecAgg+ with num_shares 3 and reconstruction_threshold 2.
 - FFA-LoRA and FedSA-LoRA, 2 rounds: each global checkpoint is the plain weighted mean of the same sites' updates
   (which each site keeps in its own folder) within the quantisation bound (tests/secure_check.py), the manifest
   says it was securely aggregated, and the coordinator's run folder holds no client update.
-- A SuperNode killed after key sharing (once it has received the round's training message): the round completes
-  from the two survivors; two killed: the run fails with one line and writes no global checkpoint.
+- A SuperNode killed after key sharing (once it has received the round's training message), under DP-FedAvg: the
+  round completes from the two survivors, the global moves by their clipped differences summed over m = 3 plus
+  Gaussian noise of standard deviation sigma x C / m, and the epsilon the ledger records and the server prints is
+  the plain (non-secure) accountant's for the same history; two killed: the run fails with one line and writes no
+  global checkpoint.
 
 Every process started here (and every child it started) is ended by its PID when the test ends, passed or not.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -37,13 +41,15 @@ CLIENTS = ["client-0", "client-1", "client-2"]
 
 
 def start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, method="ffa", rounds=2,
-          round_timeout=240.0, held=()):
-    """The recipe under SecAgg+, its app folder, the SuperLink and three SuperNodes; returns (app, configs, nodes).
-    The ``held`` sites stop in round 1 as their update is complete, before their masked vector leaves
-    (tests/integration/hold_rename): after key sharing, whatever the machine's speed."""
+          round_timeout=240.0, held=(), server_privacy=None):
+    """The recipe under SecAgg+ (and DP-FedAvg with ``server_privacy``), its app folder, the SuperLink and three
+    SuperNodes; returns (app, configs, nodes). The ``held`` sites stop in round 1 as their update is complete, before
+    their masked vector leaves (tests/integration/hold_rename): after key sharing, whatever the machine's speed."""
     raw = recipe_dict(tiny_model_dir, reviews_csv, method)
     raw["federation"].update(rounds=rounds, secure_aggregation={"num_shares": 3, "reconstruction_threshold": 2,
                                                                 "clipping_range": 1.0})
+    if server_privacy is not None:
+        raw["server_privacy"] = dict(server_privacy)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     app = write_app(recipe, tmp_path / "app", tmp_path / "run", round_timeout=round_timeout).parent
@@ -93,6 +99,9 @@ def test_each_round_is_the_weighted_mean_of_the_sites_updates_within_the_quantis
             {cid: site_update(tmp_path, cid, n) for cid in CLIENTS}))
         record = storage.read_global(layout.global_checkpoint(n)).manifest.aggregation["secure_aggregation"]
         assert record["emulated"] is False and record["clients"] == CLIENTS
+        # The sites' counts came through Flower beside the masked vectors (none clamped: c = 1 is far above these
+        # differences); no site clips without a norm bound, so none says whether it did.
+        assert record["clamped_values"] == 0 and record["clipped_sites"] is None
     # No client update, staged or placed, on the coordinator's side; the server's log names no update's values.
     assert not (layout.root / "updates").exists() and not (layout.root / ".staging").exists()
     assert not list(layout.root.rglob("update.safetensors"))
@@ -110,12 +119,12 @@ def kill_after_key_sharing(deployment, tmp_path, nodes, victims):
         deployment.kill(nodes[cid])
 
 
-def run_with_victims(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, victims):
+def run_with_victims(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, victims, server_privacy=None):
     """One secure round whose ``victims`` are killed after key sharing; (the run's log, statuses, run layout)."""
     import threading
 
     app, _, nodes = start(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir, rounds=1,
-                          round_timeout=150.0, held=victims)
+                          round_timeout=150.0, held=victims, server_privacy=server_privacy)
     killer = threading.Thread(target=kill_after_key_sharing, args=(deployment, tmp_path, nodes, victims))
     killer.start()
     log = deployment.run(app, timeout=600)
@@ -125,14 +134,64 @@ def run_with_victims(deployment, tmp_path, tiny_model_dir, reviews_csv, partitio
     return log, statuses, RunLayout(tmp_path / "run")
 
 
-def test_a_site_killed_after_key_sharing_leaves_the_round_to_the_survivors(deployment, tmp_path, tiny_model_dir,
-                                                                          reviews_csv, partition_dir):
+# DP-FedAvg with a clip far below the sites' differences (every site clips) and noise small enough for their sum
+# to be seen under it: sigma 0.02 (epsilon about 1.5e3: a test of the arithmetic, not a useful guarantee).
+DP = {"clip_norm": 0.01, "noise_multiplier": 0.02, "delta": 1e-5}
+
+
+def test_a_site_killed_after_key_sharing_leaves_the_round_to_the_survivors_and_dp_fedavg_releases_their_sum(
+        deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    import numpy as np
+
+    from fedlora_cli.federation.common import Global
+    from fedlora_cli.privacy.accounting import server_epsilon
+
     log, statuses, layout = run_with_victims(deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir,
-                                             ["client-2"])
+                                             ["client-2"], server_privacy=DP)
     assert statuses == ["finished:completed"], log[-3000:]
-    assert_global_is_the_weighted_mean(layout.global_checkpoint(0), layout.global_checkpoint(1),
-                                       {cid: site_update(tmp_path, cid, 1) for cid in CLIENTS[:2]})
     assert deployment.all_ended()
+    g0, g1 = Global.of(layout.global_checkpoint(0)), Global.of(layout.global_checkpoint(1))
+    assert g1.manifest.clients == CLIENTS[:2] and g1.manifest.aggregation["strategy"] == "dp-fedavg"
+    record = g1.manifest.aggregation["secure_aggregation"]
+    assert record["weights"] == {"client-0": 1, "client-1": 1}  # equal weights under DP-FedAvg
+    assert record["clamped_values"] is None and record["clipped_sites"] is None  # no count leaves a site
+    # The release: the survivors' differences, each clipped at its site, summed over the fixed m = 3, plus noise
+    sent = sorted(n for n in g0.header if g0.plan.sends(n))
+    d = {cid: clipped_difference(g0, site_update(tmp_path, cid, 1), sent) for cid in CLIENTS[:2]}
+    moved = np.concatenate([(g1.verified_arrays[n].astype(np.float64) - g0.verified_arrays[n]).ravel() for n in sent])
+    total = sum(d.values())
+    std = DP["noise_multiplier"] * DP["clip_norm"] / 3
+    residual = moved - total / 3
+    assert moved.size > 500  # the std estimate is within about 3% (1 / sqrt(2 n)); 12% is four of those
+    assert float(np.std(residual)) == pytest.approx(std, rel=0.12)
+    assert abs(float(np.mean(residual))) < 4 * std / np.sqrt(moved.size)
+    # The check can tell: the survivors' plain mean (their sum over 2) would leave a sixth of the sum in the
+    # residual (about 1.4 x the noise here, measured in process).
+    assert float(np.std(moved - total / 2)) > 1.2 * std
+    # The epsilon: what the accountant of a plain DP-FedAvg round computes for one release at sigma, q = 1
+    eps = server_epsilon([(DP["noise_multiplier"], 1.0, 1)], DP["delta"])
+    assert g1.manifest.server_privacy_ledger == [[DP["noise_multiplier"], 1.0, 1]]
+    (row,) = json.loads(layout.rounds.read_text())
+    assert row["server_epsilon"] == eps
+    assert "server eps" in log and f"{eps:.3f}" in log, log[-3000:]
+
+
+def clipped_difference(g0, update_dir, sent):
+    """A site's difference from the global as it clipped it under DP-FedAvg (to C less the quantisation's worst
+    case), flattened in tensor-name order; asserted to have been clipped."""
+    import math
+
+    import numpy as np
+
+    from fedlora_cli.federation import secure
+
+    u = storage.read_update(update_dir)
+    t = storage.load_verified(u.tensors_path, u.manifest.tensor_digests, "update", framework="numpy")
+    diff = np.concatenate([(t[n].astype(np.float64) - g0.verified_arrays[n]).ravel() for n in sent])
+    bound = secure.site_bound(g0.recipe, diff.size)
+    norm = math.sqrt(float(diff @ diff))
+    assert norm > bound
+    return diff * (bound / norm)
 
 
 def test_two_sites_killed_after_key_sharing_fail_the_run_in_one_line_and_write_nothing(
