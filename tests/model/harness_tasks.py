@@ -26,13 +26,18 @@ QUESTIONS = [
 ]
 TEXTS = ["Sam has 12 apples and the rule is add 5.", "12 * 2 = 24\n#### 24", "How many apples?"]
 
-MC_TASK = """\
+# Every task here reads its test split from the JSON Lines file beside its YAML. Each template is a format string
+# (``{name}``, ``{data}`` and its own fields): lm-eval's Jinja braces are doubled twice over.
+HEADER = """\
 task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
+"""
+
+MC_TASK = """\
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_choice: "{{{{choices}}}}"
@@ -44,12 +49,6 @@ metric_list:
 """
 
 TEXT_TASK = """\
-task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
@@ -58,19 +57,21 @@ metric_list:
 """
 
 
+def write_task(folder: Path, name: str, rows: list[dict], template: str, **fields) -> None:
+    """lm-eval task ``name`` in ``folder``: ``rows`` as ``<name>.jsonl`` and ``<name>.yaml``, :data:`HEADER` then
+    ``template`` (formatted with ``fields``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / f"{name}.yaml").write_text((HEADER + template).format(name=name, data=data, **fields))
+
+
 def write_tasks(folder: Path, questions=None, texts=None) -> Path:
     """A folder of two lm-eval tasks over JSONL files beside them: tiny_mc (multiple choice over ``questions``,
     default QUESTIONS) and tiny_text (the log-likelihood of each of ``texts``, default TEXTS)."""
-    questions, texts = questions or QUESTIONS, texts or TEXTS
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "mc.jsonl", "w") as f:
-        for q, choices, gold in questions:
-            f.write(json.dumps({"question": q, "choices": choices, "label": gold}) + "\n")
-    with open(folder / "text.jsonl", "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
-    (folder / "tiny_mc.yaml").write_text(MC_TASK.format(name="tiny_mc", data=folder / "mc.jsonl"))
-    (folder / "tiny_text.yaml").write_text(TEXT_TASK.format(name="tiny_text", data=folder / "text.jsonl"))
+    mc = [{"question": q, "choices": choices, "label": gold} for q, choices, gold in questions or QUESTIONS]
+    write_task(folder, "tiny_mc", mc, MC_TASK)
+    write_task(folder, "tiny_text", [{"text": text} for text in texts or TEXTS], TEXT_TASK)
     return folder
 
 
@@ -120,12 +121,6 @@ def hand_bits_per_byte(model, tokenizer, texts=None) -> float:
 
 
 GEN_TASK = """\
-task: tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
 output_type: generate_until
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{answer}}}}"
@@ -153,9 +148,6 @@ def greedy(model, tokenizer, prompt: str, tokens: int) -> str:
 
 def write_generation_task(folder: Path, questions: list[str], answers: list[str], tokens: int) -> Path:
     """tiny_gen: each question's expected answer, scored by exact match of a greedy generation of ``tokens``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "gen.jsonl", "w") as f:
-        for q, a in zip(questions, answers):
-            f.write(json.dumps({"question": q, "answer": a}) + "\n")
-    (folder / "tiny_gen.yaml").write_text(GEN_TASK.format(data=folder / "gen.jsonl", tokens=tokens))
+    write_task(folder, "tiny_gen", [{"question": q, "answer": a} for q, a in zip(questions, answers)], GEN_TASK,
+               tokens=tokens)
     return folder

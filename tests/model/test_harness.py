@@ -120,7 +120,7 @@ def test_task_lists_are_split_on_commas_and_an_empty_one_is_refused():
 
 def test_a_task_whose_data_cannot_be_read_names_the_task(tmp_path):
     write_tasks(tmp_path)
-    (tmp_path / "mc.jsonl").unlink()
+    (tmp_path / "tiny_mc.jsonl").unlink()
     with pytest.raises(FedloraError, match="lm-eval task 'tiny_mc': cannot load it"):
         harness.load(harness.Request.of(["tiny_mc"], [tmp_path]))
 
