@@ -3,6 +3,7 @@ bound, simulate writing no client update, the refusals, and DP-FedAvg on the unm
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -323,3 +324,25 @@ def test_any_strategy_that_is_not_linear_is_refused_by_its_own_name_and_any_line
         recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv, "fedavg", aggregation="sketchy-median"))
     assert "use 'mean' or 'scaled-mean'" in str(caught.value) and "\n" not in str(caught.value)
     assert recipes.from_dict(secure_raw(tiny_model_dir, reviews_csv, "fedavg", aggregation="scaled-mean"))
+
+
+def test_by_hand_a_secure_round_whose_sample_secagg_cannot_sum_is_skipped_and_sample_says_why(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    # Prepare: round 1's seeded Poisson sample is one site, below reconstruction_threshold = 2
+    from cli.helpers import ok
+    from flower.test_secure import poisson_recipe
+    from typer.testing import CliRunner
+
+    from fedlora_cli.cli import app
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(poisson_recipe(tiny_model_dir, reviews_csv, private=False)))
+    ok(["init", path, "--data", partition_dir, "--out", tmp_path / "g0"])
+    # Execute / Assert: fedlora sample says the round is skipped and why; aggregate carries the global forward
+    sample = json.loads(ok(["sample", tmp_path / "g0", "--json"]))
+    assert len(sample["asked"]) == 1 and sample["round_is"] == "skipped"
+    said = " ".join(CliRunner().invoke(app, ["sample", str(tmp_path / "g0")]).output.split())
+    assert "fewer than federation.secure_aggregation.reconstruction_threshold = 2 (SecAgg+ sums no fewer" in said
+    ok(["aggregate", tmp_path / "g0", "--out", tmp_path / "g1"])
+    g1 = storage.read_global(tmp_path / "g1").manifest
+    assert g1.aggregation == {"strategy": "skipped", "asked": 1, "min_clients": 2}
