@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.errors import FedloraError
+from fedlora_cli.privacy.opacus_import import load
 
 if TYPE_CHECKING:
     from fedlora_cli.recipe.schema import PrivacySection
@@ -50,9 +51,8 @@ def epsilon(history: Sequence[Entry], delta: float, accountant: str = "prv") -> 
         except (ZeroDivisionError, OverflowError):  # s**2 underflowed to 0 (a sigma of 1e-300) or overflowed (1e300)
             mu = math.sqrt(sum(n / s / s for s, _, n in steps))
         return math.inf if math.isinf(mu) else gaussian_epsilon(mu, delta)
-    from opacus.accountants import create_accountant  # imports torch: not for the exact Gaussian (the coordinator)
-
-    acc = create_accountant(mechanism=accountant)
+    # Imports torch: not for the exact Gaussian (the coordinator).
+    acc = load("opacus.accountants").create_accountant(mechanism=accountant)
     acc.history = steps
     with _quiet_accountant():
         return float(acc.get_epsilon(delta=delta))
@@ -120,7 +120,7 @@ def _quiet_accountant() -> Iterator[None]:
 
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
     """The smallest noise multiplier whose epsilon after ``steps`` steps at ``sample_rate`` is at most the target."""
-    from opacus.accountants.utils import get_noise_multiplier
+    get_noise_multiplier = load("opacus.accountants.utils").get_noise_multiplier
 
     if not 0 < sample_rate <= 1:
         raise FedloraError(f"sample rate {sample_rate:.4g} must lie in (0, 1]: the batch is larger than the data")

@@ -12,8 +12,11 @@ class DPSGD:
     def __init__(self, model: Any, optimizer: Any, noise_multiplier: float, max_grad_norm: float, expected_batch: int,
                  seed: int, device: str = "cpu") -> None:
         import torch
-        from opacus import GradSampleModule
-        from opacus.optimizers import DPOptimizer
+
+        from fedlora_cli.privacy.opacus_import import load
+
+        GradSampleModule = load("opacus").GradSampleModule
+        DPOptimizer = load("opacus.optimizers").DPOptimizer
 
         # Opacus records activations only in train mode; a model fresh from from_pretrained is in eval mode
         # and would fail with "No activations detected".

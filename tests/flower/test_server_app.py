@@ -136,6 +136,8 @@ def test_each_round_is_what_fedlora_aggregate_writes_from_the_same_updates(tmp_p
     # Each site kept its own state under its own id, and Flower's node id appears nowhere in the run.
     assert storage.state_rounds(state_of(tmp_path, "client-1")) == [1, 2]
     assert not any("101" in p.name for p in layout.root.rglob("*"))
+    # No staging folder is left behind, empty or not (issue 26 found an empty RUN/.flower-staging/).
+    assert not [p for p in layout.root.iterdir() if "staging" in p.name]
 
 
 def test_a_restarted_server_redoes_no_round_and_no_update(tmp_path, tiny_model_dir, reviews_csv, partition_dir):
@@ -342,6 +344,54 @@ def test_a_node_gone_mid_round_is_left_out_with_flowers_reason(tmp_path, tiny_mo
     (line,) = [t for t in said if t.startswith("round 1: client 'client-2'")]
     assert line == f"round 1: client 'client-2' failed (Flower error {ErrorCode.NODE_UNAVAILABLE}: Node is unavailable); left out"
     assert rows[0]["left_out"] == ["client-2"] and rows[0]["clients"] == 2
+
+
+def test_without_sampling_a_round_asks_the_population_not_the_nodes_online(tmp_path, tiny_model_dir, reviews_csv,
+                                                                          partition_dir):
+    """Issue 26 (by hand, on main then): the round after a site died showed 2/2, left out '-', as if the federation
+    were whoever is online. Here client-2's node is known from round 1 and offline in round 2."""
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    grid = FakeGrid(sites(tmp_path, partition_dir))
+    said = []
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(
+        run_config(tmp_path, raw, partition_dir)), lambda level, text: said.append(text))
+    coordinator.clients = {101: "client-0", 102: "client-1", 103: "client-2"}
+    online = grid.get_node_ids
+    grid.get_node_ids = lambda: [n for n in online() if n != 103 or not grid.trained()]  # gone after round 1
+    rows = coordinator.run()
+    assert [(row["clients"], row["asked"], row["left_out"]) for row in rows] == [(3, 3, []), (2, 3, ["client-2"])]
+    assert "round 2: client 'client-2' has no SuperNode online; left out" in said
+    table = [t for t in said if t.startswith("round 2 done")][-1]
+    assert re.search(r"\b2\s+│\s+2/3\s+│\s+client-2\s+│", table), table
+    written = storage.read_global(RunLayout(tmp_path / "run").global_checkpoint(2)).manifest
+    # asked None: every client of the federation was asked (sampled rounds list whom they asked).
+    assert written.clients == ["client-0", "client-1"] and written.asked is None
+
+
+def test_a_node_gone_before_it_says_who_it_is_or_evaluates_is_named_with_flowers_reason(tmp_path, tiny_model_dir,
+                                                                                        reviews_csv, partition_dir):
+    """Flower's NODE_UNAVAILABLE reply comes from the SuperLink, not the node: the query and the evaluate message
+    match it to the message it answers, as training does (issue 26: the reason was dropped)."""
+    raw = recipe_dict(tiny_model_dir, reviews_csv)
+    raw["federation"]["rounds"] = 1
+    reason = f"Flower error {ErrorCode.NODE_UNAVAILABLE}: Node is unavailable"
+    said = []
+    asked = tmp_path / "asked-who"
+    asked.mkdir()
+    grid = FakeGrid(sites(asked, partition_dir))
+    grid.gone = {103}
+    server_app.Coordinator(grid, server_app.Settings.from_run_config(run_config(asked, raw, partition_dir)),
+                           lambda level, text: said.append(text)).run()
+    assert f"node 103: no answer to who it is ({reason}); asked again next round" in said
+    said.clear()
+    grid = FakeGrid(sites(tmp_path, partition_dir, **{"test-data": str(partition_dir / TEST_SHARD)}))
+    coordinator = server_app.Coordinator(grid, server_app.Settings.from_run_config(
+        run_config(tmp_path, raw, partition_dir, **{"client-evaluation": True})), lambda level, text: said.append(text))
+    coordinator.clients = {101: "client-0", 102: "client-1", 103: "client-2"}
+    grid.gone = {103}
+    coordinator.run()
+    assert f"round 1: client 'client-2' failed ({reason}); left out" in said
+    assert f"client 'client-2' failed ({reason})" in said  # its evaluation of round 1's global
 
 
 def test_an_update_failing_validation_is_refused_by_name_and_the_round_goes_on(tmp_path, tiny_model_dir,
