@@ -1,20 +1,25 @@
 """What a federation costs on Flower against ``fedlora simulate``: a real SuperLink and SuperNodes with resident site
 workers on 127.0.0.1, and ``simulate`` of the same recipe on the same partition, back to back, per update encoding.
 
-    python benchmarks/flower_overhead.py [--sites 3] [--rounds 3] [--steps 8] [--rows 2000]
-                                         [--encodings float32,bfloat16,int8] [--json FILE]
+    python benchmarks/flower_overhead.py [--sites 3] [--rounds 3] [--steps 8] [--batch-size 16] [--accumulation 1]
+                                         [--rows 2000] [--threads 0] [--encodings float32,bfloat16,int8] [--json FILE]
 
 The recipe is the quickstart's (offline MiniLM, FFA-LoRA r=8 on query/key/value, Dirichlet(0.5) label skew, shard
 weighting) made smaller so that the six runs take about a quarter of an hour on 2 cores: ``--rows`` reviews of its
 Rotten Tomatoes corpus (a seeded sample; 20% are the test split the coordinator evaluates on each round),
-``--sites`` clients, ``--steps`` local steps of batch 16. Per encoding, with the partition made once and copied into
-both run folders (so both train on the very same shards):
+``--sites`` clients, ``--steps`` local steps of ``--batch-size`` examples in ``--accumulation`` micro-batches
+(the quickstart itself: ``--sites 4 --steps 40 --batch-size 32 --accumulation 4 --rows 20000``). Per encoding,
+with the partition made once and copied into both run folders (so both train on the very same shards):
 
 - ``flower``: ``flower-superlink``, one ``fedlora flower worker`` and one ``flower-supernode`` per site
-  (tests/integration/flower_deploy.py starts them, and ends each by its PID), then ``flwr run``. Each worker gets
-  ``--site-threads`` torch threads (default: the cores shared out among the sites, at least one), as if each site
-  had its own share of the machine; the coordinator (ServerApp) keeps the default.
-- ``simulate``: ``fedlora simulate`` in a fresh process with the default threads.
+  (tests/integration/flower_deploy.py starts them, and ends each by its PID), then ``flwr run``.
+- ``simulate``: ``fedlora simulate`` in a fresh process.
+
+Both train with the recipe's ``training.threads`` (``--threads``; default 0: each process's own count, all the
+cores here): torch adds floats in another order with another thread count, so the globals are bit-identical only
+when both paths compute with the same count (each update records the count it was made with; reported as
+``threads``). With the default both paths use every core, the Flower sites at once (2 x 2 threads on 2 cores), and
+``simulate`` one client after the other.
 
 Reported: seconds per round from each run folder's ``metrics/rounds.json`` (a round's wall time: sending,
 training, collecting, aggregating, evaluating), round 1 apart from the later rounds (round 1 of Flower includes
@@ -54,7 +59,8 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
-def make_recipe(folder: Path, rows: int, sites: int, rounds: int, steps: int) -> dict:
+def make_recipe(folder: Path, rows: int, sites: int, rounds: int, steps: int, threads: int = 0,
+                batch_size: int = 16, accumulation: int = 1) -> dict:
     """The quickstart's recipe on a seeded sample of ``rows`` of its corpus (a CSV in ``folder``), smaller."""
     import yaml
 
@@ -67,7 +73,8 @@ def make_recipe(folder: Path, rows: int, sites: int, rounds: int, steps: int) ->
     sample[[raw["data"]["text_column"], raw["data"]["label_column"]]].to_csv(folder / "reviews.csv", index=False)
     raw["data"]["source"] = str(folder / "reviews.csv")
     raw["federation"].update(rounds=rounds, clients=sites)
-    raw["training"].update(local_steps=steps, batch_size=16, gradient_accumulation_steps=1)
+    raw["training"].update(local_steps=steps, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                           threads=threads)
     return raw
 
 
@@ -105,7 +112,7 @@ def run_simulate(recipe_file: Path, data: Path, run: Path) -> dict:
     return {"total_seconds": round(seconds, 1), "base_loads": None}
 
 
-def run_flower(recipe_file: Path, data: Path, folder: Path, sites: int, threads: int) -> dict:
+def run_flower(recipe_file: Path, data: Path, folder: Path, sites: int) -> dict:
     """A SuperLink, one worker and one SuperNode per site, ``flwr run``; every process ended by its PID."""
     from fedlora_cli.data.partition import shard_name
     from fedlora_cli.flower.app_folder import node_config, write_app
@@ -121,8 +128,7 @@ def run_flower(recipe_file: Path, data: Path, folder: Path, sites: int, threads:
     started = time.perf_counter()
     try:
         deployment.superlink()
-        workers = deployment.workers({cid: (configs[cid], folder / "sites" / cid) for cid in clients},
-                                     env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+        workers = deployment.workers({cid: (configs[cid], folder / "sites" / cid) for cid in clients})
         for cid in clients:
             deployment.supernode(configs[cid], cid)
         log = deployment.run(app, timeout=3600)
@@ -177,6 +183,17 @@ def traffic(run: Path) -> list[dict]:
     return out
 
 
+def threads_of(run: Path) -> list[int]:
+    """The torch thread counts the run's client updates were made with (each update's site record)."""
+    from fedlora_cli import storage
+    from fedlora_cli.storage.run_layout import RunLayout
+
+    layout = RunLayout(run)
+    found = {(storage.read_update(layout.update(storage.read_global(g).manifest.round, cid)).manifest.site or {})
+             .get("threads") for g in layout.global_checkpoints()[1:] for cid in storage.read_global(g).manifest.clients}
+    return sorted(found, key=str)
+
+
 def rounds_of(run: Path) -> list[dict]:
     rows = json.loads((run / "metrics" / "rounds.json").read_text())
     return [{"round": r["round"], "seconds": r["wall_seconds"], "accuracy": r["global_accuracy"],
@@ -196,11 +213,11 @@ def summary(rows: list[dict]) -> dict:
             "final_accuracy": rows[-1]["accuracy"]}
 
 
-def one_encoding(raw: dict, encoding: str, folder: Path, sites: int, threads: int) -> dict:
+def one_encoding(raw: dict, encoding: str, folder: Path, sites: int) -> dict:
     recipe_file = recipe_for(raw, encoding, folder)
     data = partition_once(recipe_file, folder / encoding)
     print(f"{encoding}: flower ({uptime()})", file=sys.stderr)
-    flower = run_flower(recipe_file, data, folder / encoding / "flower", sites, threads)
+    flower = run_flower(recipe_file, data, folder / encoding / "flower", sites)
     print(f"{encoding}: simulate ({uptime()})", file=sys.stderr)
     sim_run = folder / encoding / "simulate"
     sim_run.mkdir()
@@ -208,7 +225,7 @@ def one_encoding(raw: dict, encoding: str, folder: Path, sites: int, threads: in
     result = {"encoding": encoding}
     for name, run, outcome in (("flower", flower.pop("run"), flower), ("simulate", sim_run, simulate)):
         rows = rounds_of(run)
-        result[name] = {**outcome, "rounds": rows, **summary(rows), "traffic": traffic(run)}
+        result[name] = {**outcome, "rounds": rows, **summary(rows), "traffic": traffic(run), "threads": threads_of(run)}
     result["flower_globals_identical_to_simulate"] = digests(flower_run_of(folder, encoding)) == digests(sim_run)
     result["later_rounds_ratio"] = round(result["flower"]["later_round_seconds"]
                                          / result["simulate"]["later_round_seconds"], 3)
@@ -257,20 +274,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="local steps a round (batch 16)")
+    parser.add_argument("--steps", type=int, default=8, help="local steps a round")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples a local step")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches a local step")
     parser.add_argument("--rows", type=int, default=2000, help="reviews sampled from the quickstart's corpus")
     parser.add_argument("--encodings", default="float32,bfloat16,int8")
-    parser.add_argument("--site-threads", type=int, help="torch threads of each worker (default: cores / sites)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the recipe's training.threads, for both paths (0: each process's own count)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.site_threads is None:
-        args.site_threads = max(1, (os.cpu_count() or 1) // args.sites)
     before = uptime()
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fo-", dir="/tmp") as tmp:  # short: Unix socket paths
-        raw = make_recipe(Path(tmp), args.rows, args.sites, args.rounds, args.steps)
+        raw = make_recipe(Path(tmp), args.rows, args.sites, args.rounds, args.steps, args.threads, args.batch_size,
+                          args.accumulation)
         for encoding in args.encodings.split(","):
-            results.append(one_encoding(raw, encoding, Path(tmp), args.sites, args.site_threads))
+            results.append(one_encoding(raw, encoding, Path(tmp), args.sites))
             print(table(results[-1:]), file=sys.stderr)
             write_report(args, before, results)  # after each encoding: a later failure keeps what was measured
     print(table(results))

@@ -10,7 +10,7 @@ import typer
 from fedlora_cli.cli.app import _load_recipe, app, command
 from fedlora_cli.cli.options import (
     SITE_DATA, AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, JsonOpt, MixedPrecisionOpt,
-    OverwriteOpt, QuantizationOpt, ReportToOpt, SetOpt, SplitOpt, TrackingDirOpt, site_settings,
+    OverwriteOpt, QuantizationOpt, ReportToOpt, SetOpt, SplitOpt, ThreadsOpt, TrackingDirOpt, site_settings,
 )
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import Site
@@ -104,6 +104,7 @@ def train_client_cmd(
     mixed_precision: MixedPrecisionOpt = None,
     gradient_checkpointing: CheckpointingOpt = None,
     accumulation_steps: AccumulationOpt = None,
+    threads: ThreadsOpt = None,
     report_to: ReportToOpt = None,
     tracking_dir: TrackingDirOpt = None,
     overwrite: OverwriteOpt = False,
@@ -136,7 +137,8 @@ def train_client_cmd(
             g, data, state, out, cid, resend=not overwrite, overwrite=overwrite, base_override=base_model,
             progress=tracking.step_logger(tracked.log_metrics, cid, round_, progress),
             site=site_settings(device=device, dtype=dtype, quantization=quantization, mixed_precision=mixed_precision,
-                               gradient_checkpointing=gradient_checkpointing, accumulation_steps=accumulation_steps),
+                               gradient_checkpointing=gradient_checkpointing, accumulation_steps=accumulation_steps,
+                               threads=threads),
             split=split,
         )
         # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.

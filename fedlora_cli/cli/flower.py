@@ -11,7 +11,7 @@ import typer
 from fedlora_cli.cli.app import _recipe_path, app, command
 from fedlora_cli.cli.options import (
     AccumulationOpt, BaseModelOpt, CheckpointingOpt, DeviceOpt, DtypeOpt, MixedPrecisionOpt, OverwriteOpt,
-    QuantizationOpt, ReportToOpt,
+    QuantizationOpt, ReportToOpt, ThreadsOpt,
 )
 
 flower_app = typer.Typer(
@@ -82,6 +82,7 @@ def node_config_cmd(
     mixed_precision: MixedPrecisionOpt = None,
     gradient_checkpointing: CheckpointingOpt = None,
     accumulation_steps: AccumulationOpt = None,
+    threads: ThreadsOpt = None,
     worker: Annotated[Optional[str], typer.Option(
         help="When the ClientApp relays to this site's resident worker (fedlora flower worker): auto (default: "
         "when its socket exists), required, off.")] = None,
@@ -100,7 +101,8 @@ def node_config_cmd(
         raise FedloraError(f"--worker must be one of {', '.join(WORKER_MODES)}; got '{worker}'")
 
     site = {"device": device, "dtype": dtype, "quantization": quantization, "mixed_precision": mixed_precision,
-            "gradient_checkpointing": gradient_checkpointing, "accumulation_steps": accumulation_steps}
+            "gradient_checkpointing": gradient_checkpointing, "accumulation_steps": accumulation_steps,
+            "threads": threads}
     print(node_config(client_id, data, str(state_dir), **{
         "test-data": test_data, "validation-data": validation_data, "base": base_model, **{BY_NAME[name].node_key: value for name, value in site.items()},
         "worker": worker,

@@ -38,6 +38,7 @@ QuantizationOpt = Annotated[Optional[str], _site_option(sites.QUANTIZATION)]
 MixedPrecisionOpt = Annotated[Optional[str], _site_option(sites.MIXED_PRECISION)]
 CheckpointingOpt = Annotated[Optional[bool], _site_option(sites.GRADIENT_CHECKPOINTING)]
 AccumulationOpt = Annotated[Optional[int], _site_option(sites.ACCUMULATION_STEPS)]
+ThreadsOpt = Annotated[Optional[int], _site_option(sites.THREADS)]
 
 
 def site_settings(**options: Any) -> dict[str, Any]:

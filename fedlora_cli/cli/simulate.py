@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from fedlora_cli.cli.app import _load_recipe, app, command
-from fedlora_cli.cli.options import DeviceOpt, JsonOpt, ReportToOpt, SetOpt, TrackingDirOpt, site_settings
+from fedlora_cli.cli.options import DeviceOpt, JsonOpt, ReportToOpt, SetOpt, ThreadsOpt, TrackingDirOpt, site_settings
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.site_settings import FLAGS as SITE_FLAGS
 
@@ -34,6 +34,7 @@ def simulate_cmd(
                           "checkpoint and the client updates per round); default: keep all."),
     ] = None,
     device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
     report_to: ReportToOpt = None,
     tracking_dir: TrackingDirOpt = None,
     as_json: JsonOpt = False,
@@ -49,7 +50,7 @@ def simulate_cmd(
     from fedlora_cli.federation import simulate as sim
 
     options = {"federation.rounds": rounds, "federation.clients": clients, "federation.method": method,
-               **site_settings(device=device)}
+               **site_settings(device=device, threads=threads)}
     r = _load_recipe(recipe, sets, options, {**_OPTION_FLAGS, **SITE_FLAGS})
     run_dir = out or Path("runs") / r.name
     ui.check_plot_path(plot)  # before the federation runs, so a bad path does not fail after the work

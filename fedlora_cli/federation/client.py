@@ -137,7 +137,7 @@ def train_client(
         ledger.history.append((dp.noise_multiplier, dp.sample_rate, result.steps))
     return _write_round(g, bench.adapter_tensors(), result, ledger=ledger, shard_size=len(examples),
                         client_id=client_id, state_dir=Path(state_dir), out=out, overwrite=overwrite,
-                        site=bench.site.to_dict(), carried=_residuals(state))
+                        site={**bench.site.to_dict(), "threads": result.threads}, carried=_residuals(state))
 
 
 def _states(

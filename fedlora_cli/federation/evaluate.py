@@ -92,7 +92,8 @@ def evaluate(
     if examples is not None:
         result.update(evaluation.evaluate(bench, examples, progress))
     if tasks is not None:
-        result["lm_eval"] = harness.run(bench, tasks)
+        with bench.site.cpu_threads():
+            result["lm_eval"] = harness.run(bench, tasks)
     return {**result, "site": bench.site.to_dict()}
 
 

@@ -49,10 +49,12 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_labels: int) -> fl
 def evaluate(
     bench: Workbench, examples: Examples | CausalExamples, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
-    """The task's metrics (see the module docstring); ``progress(done, total)`` after every batch."""
-    if isinstance(examples, CausalExamples):
-        return evaluate_causal(bench, examples, progress)
-    return evaluate_classification(bench, examples, progress)
+    """The task's metrics (see the module docstring); ``progress(done, total)`` after every batch; with the site's
+    CPU threads (``training.threads``)."""
+    with bench.site.cpu_threads():
+        if isinstance(examples, CausalExamples):
+            return evaluate_causal(bench, examples, progress)
+        return evaluate_classification(bench, examples, progress)
 
 
 def evaluate_classification(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM, Recipe
-from fedlora_cli.recipe.site_settings import DEVICE, FLAGS, SITE_SETTINGS
+from fedlora_cli.recipe.site_settings import DEVICE, FLAGS, SITE_SETTINGS, THREADS
 
 if TYPE_CHECKING:
     import torch
@@ -48,11 +48,32 @@ class Site:
     mixed_precision: str
     gradient_checkpointing: bool
     accumulation_steps: int
+    # torch's CPU threads while the site computes; 0 only in a record written before updates recorded the count.
+    threads: int = 0
 
     @classmethod
     def of(cls, recipe: Recipe) -> Site:
+        """The site the recipe's settings describe; ``auto`` device and 0 threads resolved to what this process uses."""
+        import torch
+
         values = {setting.name: setting.of(recipe) for setting in SITE_SETTINGS}
-        return cls(**{**values, DEVICE.name: resolve_device(values[DEVICE.name])})
+        return cls(**{**values, DEVICE.name: resolve_device(values[DEVICE.name]),
+                      THREADS.name: values[THREADS.name] or torch.get_num_threads()})
+
+    @contextlib.contextmanager
+    def cpu_threads(self) -> Iterator[None]:
+        """torch computes with this site's thread count inside, and with the process's own again after: a resident
+        worker serves federations of other settings, and a count left behind would change their floats."""
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads and self.threads != before:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
 
     @property
     def quantized(self) -> bool:

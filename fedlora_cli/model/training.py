@@ -50,6 +50,7 @@ class TrainResult:
     loss: float  # mean training loss over the round's steps
     num_examples: int  # distinct examples the client trained on this round
     seconds: float
+    threads: int = 0  # torch's CPU threads while it trained (training.threads, or the process's own count)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,23 +123,25 @@ def local_train(
     """One round of local training; dropout draws from torch's generators seeded with ``seed``, which the process
     gets back as they were (as it gets back its warning filters)."""
     import numpy as np
+    import torch
 
     t = bench.recipe.training
     started = time.perf_counter()
     params = bench.set_trainable(plan)
     optimizer = make_optimizer(bench, params)
     steps = steps_for(len(examples), t.batch_size, t.local_steps, t.local_epochs)
-    with seeded(seed, bench.site.device), warnings.catch_warnings():
+    with bench.site.cpu_threads(), seeded(seed, bench.site.device), warnings.catch_warnings():
         # Opacus' hooks fire on modules whose inputs need no gradient (frozen layers below the adapter): harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         anchor = _proximal_anchor(bench, plan) if t.proximal_mu > 0 else None
         batches, engine = _schedule(bench, optimizer, examples, steps=steps, seed=seed, dp=dp)
         losses = _run_steps(bench, optimizer, params, examples, batches, engine=engine, anchor=anchor,
                             progress=progress)
+        threads = torch.get_num_threads()
     seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
     return TrainResult(
         steps=steps, loss=float(np.mean(losses)) if losses else float("nan"), num_examples=int(seen.size),
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, threads=threads,
     )
 
 

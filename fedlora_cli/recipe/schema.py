@@ -30,7 +30,7 @@ from typing import Any
 
 from fedlora_cli.recipe.site_settings import (
     ACCUMULATION_STEPS, COMPUTE_DTYPE, DEVICE, DOUBLE_QUANT, DTYPE, GRADIENT_CHECKPOINTING, MIXED_PRECISION,
-    QUANT_TYPE, QUANTIZATION, SITE_SETTINGS, SiteSetting,
+    QUANT_TYPE, QUANTIZATION, SITE_SETTINGS, THREADS, SiteSetting,
 )
 
 # The choices of the keys whose values name objects elsewhere, as plain data: the schema imports no runtime code.
@@ -370,6 +370,7 @@ class TrainingSection:
     mixed_precision: str = _site(MIXED_PRECISION)
     gradient_checkpointing: bool = _site(GRADIENT_CHECKPOINTING)
     gradient_accumulation_steps: int = _site(ACCUMULATION_STEPS)
+    threads: int = _site(THREADS)
 
 
 @dataclass

@@ -111,10 +111,18 @@ ACCUMULATION_STEPS = SiteSetting(
     "logical batch is split into micro-batches of ceil(batch_size / steps) and clipped and noised once.",
     flag_help="Micro-batches per logical batch (same step, less memory).",
 )
+THREADS = SiteSetting(
+    "threads", "training.threads", 0,
+    "Site setting: the CPU threads torch computes with while this site trains and evaluates (torch.set_num_threads); "
+    "0: the process's own count (torch's default: the machine's cores, or OMP_NUM_THREADS). Another count adds "
+    "floats in another order, so updates agree to the last bit only between runs that compute with the same count "
+    "(simulate, train-client and a Flower site alike); each update records the count it was made with.",
+    flag_help="CPU threads torch trains and evaluates with; 0: the process's own count.",
+)
 
 SITE_SETTINGS: tuple[SiteSetting, ...] = (
     DTYPE, QUANTIZATION, QUANT_TYPE, DOUBLE_QUANT, COMPUTE_DTYPE, DEVICE, MIXED_PRECISION, GRADIENT_CHECKPOINTING,
-    ACCUMULATION_STEPS,
+    ACCUMULATION_STEPS, THREADS,
 )
 BY_NAME = {s.name: s for s in SITE_SETTINGS}
 BY_KEY = {s.key: s for s in SITE_SETTINGS}

@@ -276,6 +276,7 @@ def _training(c: _Check, t: TrainingSection) -> None:
     c.require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     c.require(t.proximal_mu >= 0, "training.proximal_mu", "must be >= 0")
     c.require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be at least 1")
+    c.require(t.threads >= 0, "training.threads", "must be 0 (the process's own count) or more")
     c.require(
         t.gradient_accumulation_steps <= t.batch_size,
         "training.gradient_accumulation_steps",

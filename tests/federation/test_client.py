@@ -287,3 +287,21 @@ def test_train_client_returns_the_update_and_state_it_wrote(make_recipe, partiti
     assert {role_of(n) for n in sent} == {"lora_A", ROLE_HEAD}
     assert set(sent) == set(result.update.manifest.tensor_digests) and not set(sent) & set(kept)
     assert result.update.manifest.bytes == (out / storage.UPDATE_TENSORS).stat().st_size
+
+
+def test_a_site_trains_with_its_threads_setting_and_the_update_records_the_count(make_recipe, partition_dir, tmp_path):
+    """training.threads (a site setting): torch computes the round with that many CPU threads, the update's site
+    record says how many it computed with, and the process gets its own count back (a worker serves on)."""
+    g0 = federation.init(make_recipe("ffa"), tmp_path / "g0",
+                         partition=json.loads((partition_dir / "partition.json").read_text()))
+    own = torch.get_num_threads()
+    other = 1 if own > 1 else 2
+    seen: list[int] = []
+    result = federation.train_client(g0, partition_dir / "client-0.parquet", tmp_path / "s1", tmp_path / "u1",
+                                     "client-0", site={"training.threads": other},
+                                     progress=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {other}
+    assert result.update.manifest.site["threads"] == other and torch.get_num_threads() == own
+    again = federation.train_client(g0, partition_dir / "client-0.parquet", tmp_path / "s2", tmp_path / "u2",
+                                    "client-0")
+    assert again.update.manifest.site["threads"] == own

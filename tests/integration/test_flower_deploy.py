@@ -20,20 +20,21 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import recipe_dict
+from conftest import QuietReporter, recipe_dict
 
 pytest.importorskip("flwr")
 pytest.importorskip("psutil")
 
 from fedlora_cli import federation, recipe as recipes, storage
 from fedlora_cli.data.partition import shard_name
-from fedlora_cli.federation import sampling
+from fedlora_cli.federation import sampling, simulate
 from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.storage.run_layout import RunLayout
 
@@ -261,9 +262,14 @@ def test_two_of_three_sites_sampled_each_round_and_the_sites_evaluate(deployment
                                                                       reviews_csv, partition_dir):
     """federation.clients_per_round: 2 of 3 (fixed-size sampling; with training.seed 0 each round leaves another
     site out). With --client-evaluation each site evaluates each round's global on its own test data (here its own
-    shard, so that the sites' scores differ), with a worker or without one."""
+    shard, so that the sites' scores differ), with a worker or without one. Each global is bit for bit the one
+    ``simulate`` writes from the same recipe, shards and seeds; every site and simulate trained with the recipe's
+    training.threads (1, whatever count each process would take by itself), as each update records."""
     clients = ["client-0", "client-1", "client-2"]
     recipe = recipe_file(tmp_path, tiny_model_dir, reviews_csv, clients=3, clients_per_round=2)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["training"]["threads"] = 1
+    recipe.write_text(yaml.safe_dump(raw))
     loaded = recipes.load(recipe)
     expected = {n: sampling.asked(loaded.federation, loaded.training.seed, n) for n in (1, 2)}
     assert expected[1] != expected[2], "each round should leave another site out, so that the rounds differ"
@@ -298,6 +304,13 @@ def test_two_of_three_sites_sampled_each_round_and_the_sites_evaluate(deployment
         again = federation.aggregate_round(layout.global_checkpoint(n - 1), [layout.update(n, c) for c in expected[n]],
                                            tmp_path / f"again-{n}")
         assert manifest.digest == again.checkpoint.manifest.digest
+        assert {storage.read_update(layout.update(n, c)).manifest.site["threads"] for c in expected[n]} == {1}
+    # simulate of the same recipe on the same shards (a copy of the partition the sites were given).
+    shutil.copytree(partition_dir, tmp_path / "simulate" / "data")
+    simulate.simulate(loaded, tmp_path / "simulate", QuietReporter())
+    simulated = RunLayout(tmp_path / "simulate")
+    assert [storage.read_global(simulated.global_checkpoint(n)).manifest.digest for n in (0, 1, 2)] == \
+        [storage.read_global(layout.global_checkpoint(n)).manifest.digest for n in (0, 1, 2)]
     for cid in clients:
         assert storage.state_rounds(state_of(tmp_path / "sites" / cid, layout)) == [n for n in (1, 2)
                                                                                   if cid in expected[n]], cid

@@ -38,7 +38,7 @@ def test_the_registry_names_the_keys_the_site_runs_with():
     assert SITE_KEYS == (
         "model.dtype", "model.quantization", "model.quant_type", "model.double_quant", "model.compute_dtype",
         "training.device", "training.mixed_precision", "training.gradient_checkpointing",
-        "training.gradient_accumulation_steps",
+        "training.gradient_accumulation_steps", "training.threads",
     )
     # A Site has one field per setting, by its name, so Site.of reads them all from the registry.
     assert {f.name for f in dataclasses.fields(Site)} == set(BY_NAME)
@@ -51,7 +51,7 @@ def test_a_setting_is_named_alike_in_a_node_config_and_on_the_command_line():
     assert SITE_FLAGS == FLAGS == {
         "model.dtype": "--dtype", "model.quantization": "--quantization", "training.device": "--device",
         "training.mixed_precision": "--mixed-precision", "training.gradient_checkpointing": "--gradient-checkpointing",
-        "training.gradient_accumulation_steps": "--accumulation-steps",
+        "training.gradient_accumulation_steps": "--accumulation-steps", "training.threads": "--threads",
     }
 
 
@@ -78,7 +78,7 @@ def _options(command: str) -> dict[str, click.Option]:
         ("train-client", list(FLAGS.values())),
         ("flower node-config", list(FLAGS.values())),
         ("evaluate", ["--device", "--dtype", "--quantization"]),
-        ("simulate", ["--device"]),
+        ("simulate", ["--device", "--threads"]),
         ("export", ["--device"]),
     ],
 )
@@ -114,6 +114,7 @@ def test_export_loads_plain_full_precision_on_its_device():
         ("model.quant_type", "nf3", "recipe key 'model.quant_type' must be one of nf4, fp4; got 'nf3'"),
         ("training.device", "cuda:x", "must be one of auto, cpu, cuda, mps or 'cuda:N'; got 'cuda:x'"),
         ("training.mixed_precision", "fp8", "must be one of no, bf16, fp16; got 'fp8'"),
+        ("training.threads", -1, r"training.threads' must be 0 \(the process's own count\) or more"),
     ],
 )
 def test_validation_reads_each_settings_choices_from_the_registry(setting, value, message):
@@ -125,7 +126,22 @@ def test_validation_reads_each_settings_choices_from_the_registry(setting, value
 def test_a_site_runs_with_every_setting_the_recipe_gives():
     chosen = {"dtype": "bfloat16", "quantization": "4bit", "quant_type": "fp4", "double_quant": False,
               "compute_dtype": "float16", "device": "cpu", "mixed_precision": "bf16", "gradient_checkpointing": True,
-              "accumulation_steps": 4}
+              "accumulation_steps": 4, "threads": 1}
     assert set(chosen) == set(BY_NAME) and all(chosen[s.name] != s.default for s in SITE_SETTINGS)
     site = Site.of(recipes.with_site(recipes.from_dict(base()), site_keys(**chosen)))
     assert dataclasses.asdict(site) == chosen
+
+
+def test_zero_threads_is_the_process_own_count_and_a_count_holds_only_while_the_site_computes():
+    import torch
+
+    own = torch.get_num_threads()
+    assert Site.of(recipes.from_dict(base())).threads == own
+    other = 1 if own > 1 else 2
+    site = Site.of(recipes.with_site(recipes.from_dict(base()), site_keys(threads=other)))
+    with site.cpu_threads():
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == own
+    with pytest.raises(RuntimeError), site.cpu_threads():
+        raise RuntimeError("a round that fails gives the count back too")
+    assert torch.get_num_threads() == own
