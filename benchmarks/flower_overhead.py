@@ -38,7 +38,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.flower_deploy import BIN, Deployment  # noqa: E402  the deployment the integration tests run
+from tests.integration.flower_deploy import BIN, Deployment, stop_worker  # noqa: E402  the deployment the integration tests run
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 TARGET_LATER_RATIO, TARGET_INT8_UPLOAD = 1.25, 0.3
@@ -134,20 +133,12 @@ def run_flower(recipe_file: Path, data: Path, folder: Path, sites: int) -> dict:
         log = deployment.run(app, timeout=3600)
         statuses = deployment.statuses()
         seconds = time.perf_counter() - started
-        for p in workers.values():
-            deployment.stop(p)  # SIGTERM: the worker's last line counts its base loads
+        loads = {cid: stop_worker(p, deployment.logs / f"{cid}-worker.log") for cid, p in workers.items()}
     finally:
         deployment.end()
     if statuses != ["finished:completed"]:
         raise RuntimeError(f"the Flower run ended {statuses}: {log[-3000:]}")
-    return {"total_seconds": round(seconds, 1), "base_loads": {cid: worker_loads(deployment, cid) for cid in clients},
-            "run": run}
-
-
-def worker_loads(deployment: Deployment, cid: str) -> int | None:
-    """The base loads a worker's last line reports ('stopped (N request(s) served, M base load(s))')."""
-    found = re.findall(r"stopped .*?(\d+) base load\(s\)", (deployment.logs / f"{cid}-worker.log").read_text())
-    return int(found[-1]) if found else None
+    return {"total_seconds": round(seconds, 1), "base_loads": loads, "run": run}
 
 
 def folder_bytes(folder: Path) -> int:

@@ -25,8 +25,6 @@ import datetime
 import json
 import os
 import platform
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.integration.flower_deploy import stop_worker  # noqa: E402  how the integration tests end a worker
 
 # The ClientApp in a fresh process, on one message rebuilt from files (what Flower's SuperNode hands it).
 CHILD = r'''
@@ -202,14 +202,6 @@ def start_worker(node: dict, log: Path) -> tuple[subprocess.Popen, float]:
                 return proc, time.perf_counter() - started
             except OSError:
                 time.sleep(0.1)
-
-
-def stop_worker(proc: subprocess.Popen, log: Path) -> int:
-    """SIGTERM by PID; the base loads its last log line reports."""
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=120)
-    found = re.findall(r"(\d+) base load\(s\)", log.read_text())
-    return int(found[-1]) if found else -1
 
 
 def run_mode(raw: dict, mode: str, sites: int, rounds: int, folder: Path) -> dict:

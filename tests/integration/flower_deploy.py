@@ -72,6 +72,15 @@ def send(proc: psutil.Process, signum: int) -> None:
             pass
 
 
+def stop_worker(p: subprocess.Popen, log: Path, timeout: float = 120) -> int | None:
+    """SIGTERM a site worker (``fedlora flower worker``) by its PID and wait for it; the base-model loads its last
+    log line reports ('stopped (N request(s) served, M base load(s))'), None when it wrote none."""
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=timeout)
+    found = re.findall(r"stopped .*?(\d+) base load\(s\)", Path(log).read_text())
+    return int(found[-1]) if found else None
+
+
 class Deployment:
     """A SuperLink and SuperNodes of one test, on 127.0.0.1, with their logs in TMP/logs; :meth:`end` ends them
     all by PID."""
