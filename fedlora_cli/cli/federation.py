@@ -141,14 +141,11 @@ def train_client_cmd(
                                threads=threads),
             split=split,
         )
-        # The loss as this client saw it: under DP-SGD the update does not carry it, the client's state does.
-        local_loss = written.state.manifest.loss
-        if not written.resent:
-            tracked.log_metrics(round_, tracking.client_round_metrics(written.update.manifest, local_loss))
+        tracking.log_client_round(tracked, round_, written)
     if written.resent:
         ui.err.print(f"{out} already holds client '{cid}''s update of round {round_} from this global checkpoint: "
                      "not trained again (--overwrite trains it again)", soft_wrap=True)
-    _show_update(written.update, local_loss, as_json)
+    _show_update(written.update, written.state.manifest.loss, as_json)
 
 
 def _show_update(update, local_loss: float | None, as_json: bool) -> None:

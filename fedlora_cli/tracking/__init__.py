@@ -16,7 +16,7 @@ tracker run, named after the recipe and the home folder.
 
 from fedlora_cli.tracking.base import RunIdentity, Tracker
 from fedlora_cli.tracking.fanout import (
-    BACKENDS, Backend, Trackers, coordinator_home, log_evaluation, open_run, resolve,
+    BACKENDS, Backend, Trackers, coordinator_home, log_client_round, log_evaluation, open_run, resolve,
 )
 from fedlora_cli.tracking.metrics import (
     aggregate_metrics, client_round_metrics, evaluation_metrics, round_metrics, step_key, step_logger,
@@ -25,6 +25,6 @@ from fedlora_cli.tracking.simulation import SimulationTracker
 
 __all__ = [
     "BACKENDS", "Backend", "RunIdentity", "SimulationTracker", "Tracker", "Trackers", "aggregate_metrics",
-    "client_round_metrics", "coordinator_home", "evaluation_metrics", "log_evaluation", "open_run", "resolve", "round_metrics",
-    "step_key", "step_logger",
+    "client_round_metrics", "coordinator_home", "evaluation_metrics", "log_client_round", "log_evaluation", "open_run",
+    "resolve", "round_metrics", "step_key", "step_logger",
 ]

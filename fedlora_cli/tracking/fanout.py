@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.storage.run_layout import TRACKING_DIR, RunLayout
 from fedlora_cli.tracking.base import RunIdentity, Tracker, missing_package
-from fedlora_cli.tracking.metrics import evaluation_metrics
+from fedlora_cli.tracking.metrics import client_round_metrics, evaluation_metrics
 from fedlora_cli.tracking.mlflow import MlflowTracker
 from fedlora_cli.tracking.tensorboard import TensorBoardTracker
 from fedlora_cli.tracking.wandb import WandbTracker
@@ -156,6 +156,14 @@ def open_run(names: Sequence[str], home: Path, experiment: str, directory: Path 
     """The trackers ``names`` (from :func:`resolve`) of the run kept in ``home``, named after ``experiment`` (the
     recipe's name) and the folder ``home``; no names give a fan-out that logs nothing."""
     return Trackers(names, home, experiment, directory)
+
+
+def log_client_round(trackers: Trackers, round_: int, written: Any) -> None:
+    """train-client's round in the client's own run: its upload and epsilon, and its loss as this client saw it
+    (under DP-SGD the client update does not carry it, the client state does); nothing for an update sent again
+    rather than trained (``written``: what :func:`fedlora_cli.federation.site_round` returned)."""
+    if not written.resent:
+        trackers.log_metrics(round_, client_round_metrics(written.update.manifest, written.state.manifest.loss))
 
 
 def log_evaluation(

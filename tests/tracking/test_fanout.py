@@ -4,13 +4,14 @@ fan-out that opens them at the first metric and logs a round once."""
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 
 from fedlora_cli import recipe as recipes
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.tracking import fanout
-from fedlora_cli.tracking.fanout import BACKENDS, Trackers, coordinator_home, log_evaluation, resolve
+from fedlora_cli.tracking.fanout import BACKENDS, Trackers, coordinator_home, log_client_round, log_evaluation, resolve
 
 
 class Recorder:
@@ -113,3 +114,18 @@ def test_an_evaluation_is_logged_at_its_round_in_the_coordinators_run_or_the_cli
                    directory=tmp_path / "elsewhere")
     assert recorders["mlflow"].run.home == tmp_path / "state" and recorders["mlflow"].directory == tmp_path / "elsewhere"
     assert recorders["mlflow"].logged == [(2, {"round/personalised_loss": 1.5})]  # no validation data: none logged
+
+
+def test_a_client_round_is_logged_with_the_loss_its_state_kept_and_not_when_the_update_was_sent_again(
+        tmp_path, recorders, monkeypatch):
+    monkeypatch.setattr(Recorder, "close", lambda self: None)
+    update = SimpleNamespace(client_id="client-0", bytes=300, num_examples=24, steps=3, seconds=1.5, privacy=None)
+    written = SimpleNamespace(update=SimpleNamespace(manifest=update), state=SimpleNamespace(
+        manifest=SimpleNamespace(loss=0.7)), resent=True)
+    with Trackers(("mlflow",), tmp_path, "exp") as tracked:
+        log_client_round(tracked, 2, written)
+        assert not recorders  # sent again, not trained: nothing new to log
+        log_client_round(tracked, 2, SimpleNamespace(**{**vars(written), "resent": False}))
+    assert recorders["mlflow"].logged == [(2, {
+        "round/client-0/train_loss": 0.7, "round/client-0/upload_bytes": 300.0, "round/client-0/examples": 24.0,
+        "round/client-0/steps": 3.0, "round/client-0/seconds": 1.5})]
