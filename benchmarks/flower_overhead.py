@@ -2,7 +2,8 @@
 workers on 127.0.0.1, and ``simulate`` of the same recipe on the same partition, back to back, per update encoding.
 
     python benchmarks/flower_overhead.py [--sites 3] [--rounds 3] [--steps 8] [--batch-size 16] [--accumulation 1]
-                                         [--rows 2000] [--threads 0] [--encodings float32,bfloat16,int8] [--json FILE]
+                                         [--rows 2000] [--threads 0] [--site-threads N]
+                                         [--encodings float32,bfloat16,int8] [--json FILE]
 
 The recipe is the quickstart's (offline MiniLM, FFA-LoRA r=8 on query/key/value, Dirichlet(0.5) label skew, shard
 weighting) made smaller so that the six runs take about a quarter of an hour on 2 cores: ``--rows`` reviews of its
@@ -18,8 +19,11 @@ with the partition made once and copied into both run folders (so both train on 
 Both train with the recipe's ``training.threads`` (``--threads``; default 0: each process's own count, all the
 cores here): torch adds floats in another order with another thread count, so the globals are bit-identical only
 when both paths compute with the same count (each update records the count it was made with; reported as
-``threads``). With the default both paths use every core, the Flower sites at once (2 x 2 threads on 2 cores), and
-``simulate`` one client after the other.
+``threads``). With the default both paths use every core, the Flower sites at once (sites x cores threads on the
+cores), and ``simulate`` one client after the other. ``--site-threads N`` gives each Flower site its own count instead
+(its node config's ``threads``), as sites sharing a host would, to share the cores out (4 sites of 2 threads on 2
+cores thrash: a quickstart-shaped round took 396 s on Flower); the globals then differ from simulate's in the last
+bits, and the report says so.
 
 Reported: seconds per round from each run folder's ``metrics/rounds.json`` (a round's wall time: sending,
 training, collecting, aggregating, evaluating), round 1 apart from the later rounds (round 1 of Flower includes
@@ -111,7 +115,7 @@ def run_simulate(recipe_file: Path, data: Path, run: Path) -> dict:
     return {"total_seconds": round(seconds, 1), "base_loads": None}
 
 
-def run_flower(recipe_file: Path, data: Path, folder: Path, sites: int) -> dict:
+def run_flower(recipe_file: Path, data: Path, folder: Path, sites: int, site_threads: int | None) -> dict:
     """A SuperLink, one worker and one SuperNode per site, ``flwr run``; every process ended by its PID."""
     from fedlora_cli.data.partition import shard_name
     from fedlora_cli.flower.app_folder import node_config, write_app
@@ -121,8 +125,8 @@ def run_flower(recipe_file: Path, data: Path, folder: Path, sites: int) -> dict:
     shutil.copytree(data, run / "data")
     app = write_app(recipe_file, folder / "app", run, round_timeout=1800).parent
     clients = [f"client-{i}" for i in range(sites)]
-    configs = {cid: node_config(cid, str(data / shard_name(cid)), str(folder / "sites" / cid), worker="required")
-               for cid in clients}
+    configs = {cid: node_config(cid, str(data / shard_name(cid)), str(folder / "sites" / cid), worker="required",
+                                threads=site_threads) for cid in clients}
     deployment = Deployment(folder)
     started = time.perf_counter()
     try:
@@ -204,11 +208,11 @@ def summary(rows: list[dict]) -> dict:
             "final_accuracy": rows[-1]["accuracy"]}
 
 
-def one_encoding(raw: dict, encoding: str, folder: Path, sites: int) -> dict:
+def one_encoding(raw: dict, encoding: str, folder: Path, sites: int, site_threads: int | None) -> dict:
     recipe_file = recipe_for(raw, encoding, folder)
     data = partition_once(recipe_file, folder / encoding)
     print(f"{encoding}: flower ({uptime()})", file=sys.stderr)
-    flower = run_flower(recipe_file, data, folder / encoding / "flower", sites)
+    flower = run_flower(recipe_file, data, folder / encoding / "flower", sites, site_threads)
     print(f"{encoding}: simulate ({uptime()})", file=sys.stderr)
     sim_run = folder / encoding / "simulate"
     sim_run.mkdir()
@@ -272,6 +276,7 @@ def main() -> None:
     parser.add_argument("--encodings", default="float32,bfloat16,int8")
     parser.add_argument("--threads", type=int, default=0,
                         help="the recipe's training.threads, for both paths (0: each process's own count)")
+    parser.add_argument("--site-threads", type=int, help="each Flower site's own threads (its node config)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     before = uptime()
@@ -280,7 +285,7 @@ def main() -> None:
         raw = make_recipe(Path(tmp), args.rows, args.sites, args.rounds, args.steps, args.threads, args.batch_size,
                           args.accumulation)
         for encoding in args.encodings.split(","):
-            results.append(one_encoding(raw, encoding, Path(tmp), args.sites))
+            results.append(one_encoding(raw, encoding, Path(tmp), args.sites, args.site_threads))
             print(table(results[-1:]), file=sys.stderr)
             write_report(args, before, results)  # after each encoding: a later failure keeps what was measured
     print(table(results))
