@@ -79,18 +79,15 @@ def needed(federation: Any, asked: int, private: bool) -> int | None:
     A Poisson sample can ask fewer, even none, and since it is fixed by the seed and the round, waiting cannot
     help: such a short round is what the literature makes of it. Under DP-FedAvg (``private``) the round releases
     what the clients it asked send (McMahan et al. 2018: the sum over the sample divided by the fixed expected
-    count q N, whatever the sample's size), all of them needed; an empty sample is a noise-only release, which
-    the accountant counts, and so is, under secure aggregation, a sample too small for SecAgg+ to sum (0: nobody is
-    asked to train). Otherwise None: the round is skipped, its global checkpoint the previous one carried forward
-    and recorded as skipped.
+    count q N, whatever the sample's size), all of them needed; an empty sample (0) is a noise-only release, which
+    the accountant counts. (Recipe validation refuses a Poisson sample under DP-FedAvg with secure aggregation: a
+    sample too small for SecAgg+ to sum has no exact release.) Otherwise None: the round is skipped, its global
+    checkpoint the previous one carried forward and recorded as skipped.
     """
     least = fewest(federation)
     if asked >= least:
         return least
-    if not private:
-        return None
-    s = federation.secure_aggregation
-    return asked if s is None or asked >= s.reconstruction_threshold else 0
+    return asked if private else None
 
 
 def require_enough(federation: Any, round_: int, count: int, asked: int | None = None, *, stage: str,

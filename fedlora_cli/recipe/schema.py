@@ -234,8 +234,9 @@ class SecureAggregationSection:
     num_shares: int = _help("Shares each client's secret keys are split into (its neighbours, itself included); > 2.", 3)
     reconstruction_threshold: int = _help(
         "Shares needed to rebuild a secret: a round completes while every client keeps at least this many of its "
-        "neighbours; below num_shares, at least 2. Also the fewest sites a round aggregates: a Poisson sample "
-        "that asks fewer is skipped (under DP-FedAvg, released as noise alone).", 2)
+        "neighbours; below num_shares, at least 2. Also the fewest sites a round aggregates: federation.clients, "
+        "and clients_per_round under fixed sampling, must be at least this; a Poisson sample that asks fewer is "
+        "skipped (the global carried forward), so DP-FedAvg under secure aggregation must ask every client.", 2)
     clipping_range: float = _help(
         "Every value a site sends (its weighted difference from the received global) is clamped to "
         "+-clipping_range and quantised to 2^22 levels over that range: the quantisation step is "

@@ -417,6 +417,28 @@ def _secure_aggregation(c: _Check, recipe: Recipe) -> None:
     asked = f.clients if f.sampling == "poisson" else (f.clients_per_round or f.clients)
     c.require(asked <= SECURE_MAX_CLIENTS, key,
               f"sums at most {SECURE_MAX_CLIENTS} clients a round (2^32 / 2^22 - 1); the federation asks {asked}")
+    _secure_sample(c, recipe)
+
+
+def _secure_sample(c: _Check, recipe: Recipe) -> None:
+    """SecAgg+ sums no fewer than reconstruction_threshold sites: a population or fixed sample below it could
+    never run a round, and a Poisson sample below it cannot be released exactly under DP-FedAvg."""
+    f, t = recipe.federation, recipe.federation.secure_aggregation.reconstruction_threshold
+    label = c.name("federation.secure_aggregation.reconstruction_threshold")
+    c.require(f.clients >= t, "federation.clients",
+              f"must be at least {label} ({t}) under secure aggregation: SecAgg+ sums no fewer sites; got {f.clients}")
+    if f.sampling != "poisson":
+        k = f.clients_per_round or f.clients
+        c.require(k >= t, "federation.clients_per_round",
+                  f"must be at least {label} ({t}) under secure aggregation: SecAgg+ sums no fewer sites, so every "
+                  f"round would be skipped; got {k}")
+    elif recipe.server_privacy is not None and f.clients_per_round is not None and f.clients_per_round < f.clients:
+        raise FedloraError(
+            f"{c.subject('server_privacy')} (DP-FedAvg) with {c.name('federation.secure_aggregation')} rules out "
+            f"{c.name('federation.sampling')} 'poisson': a Poisson sample below {label} cannot be summed by SecAgg+, "
+            f"and releasing noise alone for it would let one client move a release by up to {label} x C / m, beyond "
+            "the C / m the accountant counts; ask every client each round (no federation.clients_per_round), or "
+            "drop secure aggregation")
 
 
 def _tracking(c: _Check, t: TrackingSection) -> None:

@@ -336,7 +336,7 @@ def test_by_hand_a_secure_round_whose_sample_secagg_cannot_sum_is_skipped_and_sa
     from fedlora_cli.cli import app
 
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(poisson_recipe(tiny_model_dir, reviews_csv, private=False)))
+    path.write_text(yaml.safe_dump(poisson_recipe(tiny_model_dir, reviews_csv)))
     ok(["init", path, "--data", partition_dir, "--out", tmp_path / "g0"])
     # Execute / Assert: fedlora sample says the round is skipped and why; aggregate carries the global forward
     sample = json.loads(ok(["sample", tmp_path / "g0", "--json"]))
@@ -346,3 +346,39 @@ def test_by_hand_a_secure_round_whose_sample_secagg_cannot_sum_is_skipped_and_sa
     ok(["aggregate", tmp_path / "g0", "--out", tmp_path / "g1"])
     g1 = storage.read_global(tmp_path / "g1").manifest
     assert g1.aggregation == {"strategy": "skipped", "asked": 1, "min_clients": 2}
+
+
+def test_dp_fedavg_under_secure_aggregation_with_a_poisson_sample_is_refused_in_one_line(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir):
+    # A Poisson sample below reconstruction_threshold cannot be summed by SecAgg+; releasing noise alone for it
+    # would let one client move the release by up to t x C / m, beyond the C / m the ledger counts
+    raw = secure_raw(tiny_model_dir, reviews_csv, weighting="uniform", clients_per_round=1, sampling="poisson")
+    raw["server_privacy"] = {"clip_norm": 0.5, "noise_multiplier": 1.0}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    needles = ("(DP-FedAvg) with federation.secure_aggregation rules out federation.sampling 'poisson'",
+               "up to federation.secure_aggregation.reconstruction_threshold x C / m",
+               "ask every client each round")
+    fails(["init", path, "--data", partition_dir, "--out", tmp_path / "g0"], *needles)
+    fails(["simulate", path, "--out", tmp_path / "run"], *needles)
+    assert not (tmp_path / "g0").exists() and not (tmp_path / "run").exists()
+    # ... and with every client asked each round it runs as before
+    del raw["federation"]["clients_per_round"], raw["federation"]["sampling"]
+    assert recipes.from_dict(raw).server_privacy is not None
+
+
+@pytest.mark.parametrize("federation, key, got", [
+    ({"clients_per_round": 1}, "federation.clients_per_round", "got 1"),
+    ({"clients": 1, "min_clients": 1}, "federation.clients", "got 1"),
+], ids=["fixed-sample", "population"])
+def test_a_fixed_sample_or_population_below_the_reconstruction_threshold_is_refused(
+        federation, key, got, tmp_path, tiny_model_dir, reviews_csv):
+    # Before: simulate exited 0 with every round skipped, nothing trained
+    raw = secure_raw(tiny_model_dir, reviews_csv, weighting="uniform", rounds=2)
+    raw["federation"].update(federation)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    fails(["simulate", path, "--out", tmp_path / "run"],
+          f"'{key}' must be at least federation.secure_aggregation.reconstruction_threshold (2) under secure "
+          "aggregation: SecAgg+ sums no fewer sites", got)
+    assert not (tmp_path / "run").exists()
