@@ -338,9 +338,9 @@ def emulated_sum(g: Global, updates: Mapping[str, Path]) -> SecureSum:
     mean = secure.emulate(vectors, arith, seed)
     # The counts as the coordinator would receive them from each site, summed the same way.
     coordinates = sum(int(a.size) for a in mean)
-    tally = secure.Tally()
+    tally, expected = secure.Tally(), secure.expected_counts(g.recipe)
     for cid, v in sorted(vectors.items()):
-        tally = tally.add(v.counts(g.recipe), coordinates, cid)
+        tally, _ = tally.add(v.counts(g.recipe), coordinates, cid, expected)  # the site's own counts: always valid
     return secure.SecureSum.of(names, mean, {cid: v.weight for cid, v in vectors.items()}, arith, emulated=True,
                                tally=tally)
 
@@ -382,6 +382,7 @@ def round_row(layout: RunLayout, g: Global, metrics: Mapping[str, Any], partitio
         # The norm bound's clips (None without a bound); nothing is clamped outside secure aggregation.
         "clamped_values": None,
         "clipped_sites": len(m.aggregation["clipped"]) if (m.aggregation or {}).get("norm_bound") is not None else None,
+        "counted_sites": None,
     }
 
 
@@ -402,6 +403,7 @@ def _secure_row(g: Global, metrics: Mapping[str, Any], partition: Mapping[str, A
         "epsilon": None, "server_epsilon": _server_epsilon(g),
         # The sites' counts, summed (secure.Tally): None where no site sends them (DP-FedAvg; clipped without a bound).
         "clamped_values": record.get("clamped_values"), "clipped_sites": record.get("clipped_sites"),
+        "counted_sites": record.get("counted_sites"),  # the sites those totals cover (a bad count is left out)
     }
 
 

@@ -27,6 +27,7 @@ The weights r_k differ from w_k / M by at most 1 / (2Q).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -133,7 +134,9 @@ class SiteVector:
     def counts(self, recipe: recipes.Recipe) -> dict[str, int]:
         """What the site tells the coordinator in the clear, beside its weight: how many of its values were
         clamped at +-clipping_range, and (under ``federation.norm_bound``) whether it clipped to the bound. Counts,
-        not values: what they say of the update is its size against two public thresholds. Under DP-FedAvg nothing:
+        not values, but not private either: the clamped count is how many coordinates have |r_k d_i| > c (the
+        update's shape, against c / r_k, which depends on the site's weight); clipped, whether the difference's
+        norm exceeded the public norm bound. Under DP-FedAvg nothing:
         the clip is DP-FedAvg's own (who clipped is a statistic of the updates the accountant does not noise), and
         validation keeps clipping_range >= the clip norm, so no value can reach the clamp."""
         if recipe.server_privacy is not None:
@@ -208,31 +211,48 @@ def unmasked_mean(total: Sequence[np.ndarray], clients: int, ratio_sum: int, ari
     return [(t.astype(np.float64) * step - clients * c) * (arith.quantization_range / ratio_sum) for t in total]
 
 
+def expected_counts(recipe: recipes.Recipe) -> tuple[str, ...]:
+    """The counts a site sends beside its vector (:meth:`SiteVector.counts`): none under DP-FedAvg; the clamped
+    count, and the clipped flag under ``federation.norm_bound``."""
+    if recipe.server_privacy is not None:
+        return ()
+    return (CLAMPED, CLIPPED) if recipe.federation.norm_bound is not None else (CLAMPED,)
+
+
 @dataclass(frozen=True)
 class Tally:
     """The sites' counts (:meth:`SiteVector.counts`) summed as they arrive: totals only, nothing per site is kept.
     None: no site sent that count (under DP-FedAvg neither; ``clipped`` only under ``federation.norm_bound``)."""
 
-    clamped: int | None = None  # values clamped at +-clipping_range, over every site
-    clipped: int | None = None  # sites that clipped their difference to federation.norm_bound
+    clamped: int | None = None  # values clamped at +-clipping_range, over the counted sites
+    clipped: int | None = None  # counted sites that clipped their difference to federation.norm_bound
+    counted: int = 0  # the sites whose counts the totals cover
 
-    def add(self, counts: Mapping[str, Any], coordinates: int, client_id: str) -> Tally:
-        """This tally plus one site's counts, each checked (an integer in 0..coordinates, clipped 0 or 1)."""
-        unknown = sorted(set(counts) - {CLAMPED, CLIPPED})
-        if unknown:
-            raise FedloraError(f"client '{client_id}' sent an unknown count '{unknown[0]}' beside its vector; "
-                               "nothing written")
-        totals = {}
-        for key, most in ((CLAMPED, coordinates), (CLIPPED, 1)):
-            value, total = counts.get(key), getattr(self, key)
-            if value is None:
-                totals[key] = total
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
-                raise FedloraError(f"client '{client_id}' sent {key} = {value!r} beside its vector, outside "
-                                   f"0..{most}; nothing written")
-            totals[key] = (total or 0) + value
-        return Tally(**totals)
+    def add(self, counts: Mapping[str, Any], coordinates: int, client_id: str,
+            expected: Sequence[str]) -> tuple[Tally, str | None]:
+        """This tally plus one site's counts when they are the ``expected`` ones, each an integer in range
+        (clamped 0..coordinates, clipped 0 or 1); otherwise this tally unchanged and why, in one line. A bad count
+        must not fail a round whose sum SecAgg+ already unmasked: every retry would fail alike."""
+        why = _bad_counts(counts, coordinates, expected)
+        if why is not None:
+            return self, f"client '{client_id}' {why}; its counts are left out of the round's totals"
+        if not expected:
+            return self, None
+        totals = {key: (getattr(self, key) or 0) + counts[key] for key in expected}
+        return dataclasses.replace(self, **totals, counted=self.counted + 1), None
+
+
+def _bad_counts(counts: Mapping[str, Any], coordinates: int, expected: Sequence[str]) -> str | None:
+    unknown = sorted(set(counts) - set(expected))
+    if unknown:
+        return f"sent an unknown count '{unknown[0]}' beside its vector"
+    for key in expected:
+        value, most = counts.get(key), coordinates if key == CLAMPED else 1
+        if value is None:
+            return f"sent no {key} count beside its vector"
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+            return f"sent {key} = {value!r} beside its vector, outside 0..{most}"
+    return None
 
 
 @dataclass
@@ -300,4 +320,5 @@ class SecureSum:
                 "weights": dict(sorted(self.weights.items())), "quantisation_step": arith.step,
                 "clipping_range": arith.clipping_range, "quantization_range": arith.quantization_range,
                 "max_weight": arith.max_weight, "error_bound": arith.bound(list(self.weights.values())),
-                "clamped_values": self.tally.clamped, "clipped_sites": self.tally.clipped}
+                "clamped_values": self.tally.clamped, "clipped_sites": self.tally.clipped,
+                "counted_sites": self.tally.counted}

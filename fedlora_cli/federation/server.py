@@ -247,7 +247,9 @@ def _skip_round(g: Global, recipe: recipes.Recipe, asked: list[str], update_dirs
     tensors, correction, state = g.verified_arrays, g.verified_correction_arrays, g.verified_server_state
     manifest = dataclasses.replace(
         g.manifest, round=round_, clients=[], asked=asked, created=time.time(),
-        aggregation={"strategy": SKIPPED, "asked": len(asked), "min_clients": fewest(f)},
+        # the recipe's min_clients under its own name; the minimum the round applied (under secure aggregation at
+        # least reconstruction_threshold) under another
+        aggregation={"strategy": SKIPPED, "asked": len(asked), "min_clients": f.min_clients, "fewest": fewest(f)},
     )
     adapter_config = storage.read_json(g.path / storage.ADAPTER_CONFIG, "adapter config")
     written = storage.write_global(out, manifest, tensors, adapter_config, overwrite=overwrite, correction=correction,

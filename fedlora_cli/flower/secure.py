@@ -149,10 +149,11 @@ def secure_round(grid: Grid, g: Global, node_of: Mapping[str, int], records: Map
     say(INFO, f"round {r}: SecAgg+ unmasked the weighted sum of {len(weights)} site(s): {', '.join(sorted(weights))}")
     names = sorted(n for n in g.header if g.plan.sends(n))
     coordinates = sum(int(a.size) for a in arrays)
-    tally = secure.Tally()
-    for node, sent in counts.items():
-        if node in client_of:
-            tally = tally.add(sent, coordinates, client_of[node])
+    tally, expected = secure.Tally(), secure.expected_counts(recipe)
+    for node in sorted(n for n in by_node if n in client_of):  # a summed site that sent no counts is left out too
+        tally, why = tally.add(counts.get(node, {}), coordinates, client_of[node], expected)
+        if why is not None:
+            say(WARNING, f"round {r}: {why}")
     return secure.SecureSum.of(names, arrays, weights, arith, tally=tally)
 
 

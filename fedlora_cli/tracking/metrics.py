@@ -21,6 +21,7 @@ ROUND_KEYS = (
     "clients", "train_loss", "global_loss", "global_accuracy", "global_macro_f1", "personalised_loss",
     "personalised_accuracy", "personalised_accuracy_own_mix", "sites_accuracy", "upload_bytes", "upload_bytes_per_client", "wire_bytes",
     "seconds", "wall_seconds", "epsilon", "server_epsilon", "clamped_values", "clipped_sites",
+    "counted_sites",
     # The validation split's scores (fedlora_cli.federation.rounds.VALIDATION_SCORES).
     "validation_global_accuracy", "validation_global_macro_f1", "validation_global_loss",
     "validation_personalised_accuracy", "validation_personalised_accuracy_own_mix", "validation_sites_accuracy",

@@ -345,7 +345,8 @@ def test_by_hand_a_secure_round_whose_sample_secagg_cannot_sum_is_skipped_and_sa
     assert "fewer than federation.secure_aggregation.reconstruction_threshold = 2 (SecAgg+ sums no fewer" in said
     ok(["aggregate", tmp_path / "g0", "--out", tmp_path / "g1"])
     g1 = storage.read_global(tmp_path / "g1").manifest
-    assert g1.aggregation == {"strategy": "skipped", "asked": 1, "min_clients": 2}
+    # the recipe's min_clients (1) under its name, the minimum the round applied (the threshold) beside it
+    assert g1.aggregation == {"strategy": "skipped", "asked": 1, "min_clients": 1, "fewest": 2}
 
 
 def test_dp_fedavg_under_secure_aggregation_with_a_poisson_sample_is_refused_in_one_line(

@@ -210,18 +210,58 @@ def test_the_values_sites_clamped_reach_the_manifest_and_the_round_table_as_tota
         in warnings[0]
 
 
-def test_a_site_count_out_of_range_fails_the_round_in_one_line():
+def test_a_bad_or_missing_site_count_is_left_out_of_the_totals_with_a_reason_not_a_failed_round():
     from fedlora_cli.federation import secure
 
-    tally = secure.Tally().add({"clamped": 2, "clipped": 1}, 10, "client-0").add({"clamped": 3}, 10, "client-1")
-    assert (tally.clamped, tally.clipped) == (5, 1)
-    assert secure.Tally().add({}, 10, "client-0") == secure.Tally()  # nothing sent: nothing known
-    for sent, needle in (({"clamped": 11}, "clamped = 11 beside its vector, outside 0..10"),
-                         ({"clipped": 2}, "clipped = 2 beside its vector, outside 0..1"),
-                         ({"clamped": True}, "clamped = True"), ({"clamped": -1}, "clamped = -1"),
-                         ({"loss": 0.3}, "an unknown count 'loss'")):
-        with pytest.raises(FedloraError, match=f"^client 'client-0' sent .*{needle}.*; nothing written$"):
-            tally.add(sent, 10, "client-0")
+    both = (secure.CLAMPED, secure.CLIPPED)
+    tally, why = secure.Tally().add({"clamped": 2, "clipped": 1}, 10, "client-0", both)
+    assert why is None
+    tally, _ = tally.add({"clamped": 3, "clipped": 0}, 10, "client-1", both)
+    assert (tally.clamped, tally.clipped, tally.counted) == (5, 1, 2)
+    assert secure.Tally().add({}, 10, "client-0", ()) == (secure.Tally(), None)  # DP-FedAvg: nothing sent or known
+    for sent, needle in (({"clamped": 11, "clipped": 0}, "sent clamped = 11 beside its vector, outside 0..10"),
+                         ({"clamped": 1, "clipped": 2}, "sent clipped = 2 beside its vector, outside 0..1"),
+                         ({"clamped": True, "clipped": 0}, "sent clamped = True"),
+                         ({"clamped": -1, "clipped": 0}, "sent clamped = -1"),
+                         ({"clamped": 1, "clipped": 0, "loss": 0.3}, "sent an unknown count 'loss'"),
+                         ({"clamped": 1}, "sent no clipped count"), ({}, "sent no clamped count")):
+        got, why = tally.add(sent, 10, "client-2", both)
+        assert got == tally and why.startswith(f"client 'client-2' {needle}") and "\n" not in why
+        assert why.endswith("; its counts are left out of the round's totals")
+
+
+def test_a_site_sending_a_bad_count_or_none_keeps_the_round_and_the_totals_say_how_many_sites_they_cover(
+        tmp_path, tiny_model_dir, reviews_csv, partition_dir, caplog, monkeypatch):
+    # Prepare: of the three sites' replies, the first claims more clamped values than it has, the second no counts
+    # (before: the round failed after SecAgg+ had unmasked a valid sum, and every retry the same; or the total of
+    # two sites was recorded as everyone's)
+    from fedlora_cli.flower import secure as app_module
+
+    real, sent = app_module.site_reply, []
+
+    def lying(vector, counts):
+        sent.append(dict(counts))
+        wrong = ({"clamped": 10**12}, {}, dict(counts))[len(sent) - 1]
+        return real(vector, wrong)
+
+    monkeypatch.setattr(app_module, "site_reply", lying)
+    nodes = sites(tmp_path, partition_dir)
+    # Execute
+    with caplog.at_level("INFO"):
+        serve(SecureGrid(nodes), run_config(tmp_path, secure_recipe(tiny_model_dir, reviews_csv, rounds=1),
+                                            partition_dir))
+    # Assert: the round is written from the unmasked sum; the totals cover the one honest site, and say so
+    layout = RunLayout(tmp_path / "run")
+    assert_global_is_the_weighted_mean(layout.global_checkpoint(0), layout.global_checkpoint(1),
+                                       site_updates(nodes, 1, tmp_path / "run"))
+    record = storage.read_global(layout.global_checkpoint(1)).manifest.aggregation["secure_aggregation"]
+    assert (record["clamped_values"], record["counted_sites"]) == (sent[2]["clamped"], 1)
+    (row,) = json.loads(layout.rounds.read_text())
+    assert row["counted_sites"] == 1
+    said = [r.getMessage() for r in caplog.records if "its counts are left out" in r.getMessage()]
+    assert len(said) == 2 and all("\n" not in line and "round 1: client 'client-" in line for line in said)
+    assert sum("sent clamped = 1000000000000" in line for line in said) == 1
+    assert sum("sent no clamped count" in line for line in said) == 1
 
 
 def fedavgm_expected(parent, updates, lr, beta, previous=None):
