@@ -330,6 +330,7 @@ def evaluate_cmd(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantization: QuantizationOpt = None,
+    threads: ThreadsOpt = None,
     report_to: ReportToOpt = None,
     tracking_dir: TrackingDirOpt = None,
     as_json: JsonOpt = False,
@@ -360,7 +361,8 @@ def evaluate_cmd(
         metrics = federation.evaluate_splits(
             g, data, validation_data, state_dir=state, client_id=client_id, base_override=base_model,
             progress=lambda done, total: progress(done, total), settings=settings, split=split,
-            site=site_settings(device=device, dtype=dtype, quantization=quantization), lm_eval=request,
+            site=site_settings(device=device, dtype=dtype, quantization=quantization, threads=threads),
+            lm_eval=request,
         )
     tracking.log_evaluation(trackers, metrics, global_checkpoint, state, g.recipe.name, tracking_dir)
     if as_json:

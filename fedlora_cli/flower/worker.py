@@ -44,19 +44,25 @@ from typing import Any
 from fedlora_cli import recipe as recipes
 from fedlora_cli.errors import FedloraError, first_line
 from fedlora_cli.flower import channel, site as sites
+from fedlora_cli.model.site import SITE_FLAGS, Site
 from fedlora_cli.model.workbench import Workbench
+from fedlora_cli.recipe.site_settings import THREADS
 
 Log = Callable[[str], None]
 
 
-def bench_key(site: sites.SiteConfig, recipe: recipes.Recipe, num_labels: int | None, rank: int) -> str:
-    """What building a workbench for ``recipe`` at this site reads: equal keys build bit-identical workbenches."""
-    from fedlora_cli.model.site import SITE_FLAGS, Site
+def effective_site(site: sites.SiteConfig, recipe: recipes.Recipe) -> Site:
+    """How this site loads and runs ``recipe``: the node config's settings over the recipe's own."""
+    return Site.of(recipes.with_site(recipe, site.settings, SITE_FLAGS))
 
-    effective = Site.of(recipes.with_site(recipe, site.settings, SITE_FLAGS))
+
+def bench_key(site: sites.SiteConfig, recipe: recipes.Recipe, num_labels: int | None, rank: int) -> str:
+    """What building a workbench for ``recipe`` at this site reads: equal keys build bit-identical workbenches.
+    The thread count is left out: it loads nothing, and :meth:`Benches.get` applies each request's own."""
+    loaded = {k: v for k, v in effective_site(site, recipe).to_dict().items() if k != THREADS.name}
     key = {"base": site.base or recipe.model.base, "model": dataclasses.asdict(recipe.model),
            "adapter": dataclasses.asdict(recipe.adapter), "seed": recipe.training.seed, "num_labels": num_labels,
-           "rank": rank, "site": effective.to_dict()}
+           "rank": rank, "site": loaded}
     return json.dumps(key, sort_keys=True, default=str)
 
 
@@ -76,7 +82,7 @@ class Benches:
         key = bench_key(site, recipe, num_labels, rank)
         if key in self._held:
             self._held.move_to_end(key)
-            return self._held[key]
+            return _with_threads(self._held[key], effective_site(site, recipe).threads)
         while len(self._held) >= self.capacity:
             self._held.popitem(last=False)
             _release_memory()  # before the next base model is loaded, not beside it
@@ -91,6 +97,13 @@ class Benches:
     def held(self) -> list[Workbench]:
         """The workbenches held now, least recently used first."""
         return list(self._held.values())
+
+
+def _with_threads(bench: Workbench, threads: int) -> Workbench:
+    """``bench`` computing with ``threads`` CPU threads (its site's thread context): the same loaded model."""
+    if bench.site.threads == threads:
+        return bench
+    return dataclasses.replace(bench, site=dataclasses.replace(bench.site, threads=threads))
 
 
 def _release_memory() -> None:

@@ -25,6 +25,11 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+# The most CPU threads a site may ask torch for. A fixed bound, not this machine's cores: the recipe is checked on
+# the coordinator, whose cores say nothing of a site's, and reproducing a site's floats by hand needs its count
+# even on a smaller machine. 1024 is above the hardware threads of the largest CPU servers (2 x 192 cores x 2),
+# and far below what torch.set_num_threads can take (a C int) or OpenMP could start without exhausting the host.
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from fedlora_cli.recipe.schema import (
     ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
 )
 from fedlora_cli.recipe.schema import SECURE_PROTOCOLS, UPDATE_ENCODINGS
-from fedlora_cli.recipe.site_settings import DEVICE, SITE_SETTINGS
+from fedlora_cli.recipe.site_settings import DEVICE, MAX_THREADS, SITE_SETTINGS
 from fedlora_cli.storage.checkpoints import valid_client_id
 
 
@@ -276,7 +276,8 @@ def _training(c: _Check, t: TrainingSection) -> None:
     c.require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     c.require(t.proximal_mu >= 0, "training.proximal_mu", "must be >= 0")
     c.require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be at least 1")
-    c.require(t.threads >= 0, "training.threads", "must be 0 (the process's own count) or more")
+    c.require(0 <= t.threads <= MAX_THREADS, "training.threads",
+              f"must be 0 (the process's own count) up to {MAX_THREADS}; got {t.threads}")
     c.require(
         t.gradient_accumulation_steps <= t.batch_size,
         "training.gradient_accumulation_steps",

@@ -208,3 +208,12 @@ def test_a_missing_tracker_package_fails_before_any_work(tmp_path, tiny_model_di
           "tracker 'mlflow' needs the mlflow-skinny package", "pip install 'fedlora[mlflow]'")
     fails(["simulate", recipe, "--out", tmp_path / "run", "--report-to", "tensorbored"], "unknown tracker 'tensorbored'")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("threads", [1025, 2**40])
+def test_simulate_refuses_a_thread_count_beyond_the_bound_before_any_work(tmp_path, tiny_model_dir, reviews_csv,
+                                                                          threads):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tiny_model_dir, reviews_csv)))
+    fails(["simulate", recipe, "--out", tmp_path / "run", "--threads", threads], "--threads must be 0", "up to 1024")
+    assert not (tmp_path / "run").exists()

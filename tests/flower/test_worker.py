@@ -373,6 +373,20 @@ def test_at_most_capacity_workbenches_are_kept_least_recently_used_dropped_first
         workers.Benches(capacity=0)
 
 
+def test_federations_differing_only_in_threads_share_one_workbench_each_with_its_own_count(make_recipe):
+    import torch
+
+    site = SiteConfig.from_node_config({"client-id": "a", "state-dir": "/s"})
+    benches = workers.Benches(capacity=1)
+    own = torch.get_num_threads()
+    one, two = (benches.get(site, make_recipe(threads=n), 2, 4) for n in (1, 2))
+    assert benches.loads == 1  # the threads load nothing: the second federation reuses the first one's base
+    assert two.model is one.model and (one.site.threads, two.site.threads) == (1, 2)
+    with two.site.cpu_threads():  # how training and evaluation apply the site's count
+        assert torch.get_num_threads() == 2
+    assert benches.get(site, make_recipe(threads=1), 2, 4) is one and torch.get_num_threads() == own
+
+
 def test_the_worker_command_refuses_a_bad_node_config_in_one_line(tmp_path):
     from cli.helpers import fails
 

@@ -77,7 +77,7 @@ def _options(command: str) -> dict[str, click.Option]:
     [
         ("train-client", list(FLAGS.values())),
         ("flower node-config", list(FLAGS.values())),
-        ("evaluate", ["--device", "--dtype", "--quantization"]),
+        ("evaluate", ["--device", "--dtype", "--quantization", "--threads"]),
         ("simulate", ["--device", "--threads"]),
         ("export", ["--device"]),
     ],
@@ -114,7 +114,9 @@ def test_export_loads_plain_full_precision_on_its_device():
         ("model.quant_type", "nf3", "recipe key 'model.quant_type' must be one of nf4, fp4; got 'nf3'"),
         ("training.device", "cuda:x", "must be one of auto, cpu, cuda, mps or 'cuda:N'; got 'cuda:x'"),
         ("training.mixed_precision", "fp8", "must be one of no, bf16, fp16; got 'fp8'"),
-        ("training.threads", -1, r"training.threads' must be 0 \(the process's own count\) or more"),
+        ("training.threads", -1, r"training.threads' must be 0 \(the process's own count\) up to 1024"),
+        ("training.threads", 1025, r"training.threads' must be 0 \(the process's own count\) up to 1024; got 1025"),
+        ("training.threads", 2**40, r"training.threads' must be 0 .* up to 1024; got 1099511627776"),
     ],
 )
 def test_validation_reads_each_settings_choices_from_the_registry(setting, value, message):
