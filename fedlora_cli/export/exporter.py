@@ -116,7 +116,7 @@ def export(
     facts = CardFacts.of_export(
         g, kind="merged" if merge else "adapter", dtype=dtype, client_id=who, base_model=base_ref,
         base_location=bench.base_location, evaluation=evaluation, privacy=privacy_facts(g, state_dir),
-        resolved_format=resolved_format(g, eval_data),
+        resolved_format=resolved_format(g),
     )
 
     from fedlora_cli.model.workbench import quiet_transformers
@@ -186,20 +186,18 @@ def _evaluation(
     return [_eval_row(metrics, model=model_label(who), data=f"{eval_data} (evaluated at export)")]
 
 
-def resolved_format(g: federation.Global, eval_data: Path | None = None) -> str | None:
-    """What a causal-lm recipe's ``data.format: auto`` resolved to, as a partition recorded it: the run's own
-    (RUN/data, where simulate partitions), else the partition ``eval_data`` is or is a shard of; None for any other
-    recipe, and where no partition says (a coordinator never sees the sites' data)."""
+def resolved_format(g: federation.Global) -> str | None:
+    """What a causal-lm recipe's ``data.format: auto`` resolved to, as the run's own training partition recorded it
+    (RUN/data, where simulate partitions); None for any other recipe, and where the run holds no partition (a
+    coordinator never sees the sites' data). Never the evaluation data's: its columns say nothing of the layout
+    the sites trained on."""
     from fedlora_cli.data.formats import AUTO
     from fedlora_cli.data.partition import recorded_format
 
     if g.recipe.model.task != TASK_CAUSAL_LM or g.recipe.data.format != AUTO:
         return None
     run = storage.RunLayout.of_global(g)
-    folders = [run.data] if run is not None else []
-    if eval_data is not None:
-        folders += [Path(eval_data), Path(eval_data).parent]
-    return next((found for found in map(recorded_format, folders) if found is not None), None)
+    return None if run is None else recorded_format(run.data)
 
 
 def _check_out(out: Path, overwrite: bool, sources: list[Path]) -> bool:
