@@ -408,6 +408,9 @@ def test_train_client_and_evaluate_run_the_way_this_site_asks_and_say_so(tmp_pat
     assert storage.read_update(tmp_path / "u").manifest.site["dtype"] == "bfloat16"
     out = ok(["evaluate", tmp_path / "g0", "--data", partition_dir, "--quantization", "8bit"])
     assert "ran on: cpu · base 8bit" in " ".join(out.split())
+    other = torch.get_num_threads() + 1  # a site's count, not this process's: the by-hand path reproduces its bits
+    metrics = json.loads(ok(["evaluate", tmp_path / "g0", "--data", partition_dir, "--threads", other, "--json"]))
+    assert metrics["site"]["threads"] == other
 
 
 @pytest.mark.parametrize(
