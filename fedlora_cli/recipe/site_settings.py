@@ -119,10 +119,11 @@ ACCUMULATION_STEPS = SiteSetting(
 THREADS = SiteSetting(
     "threads", "training.threads", 0,
     "Site setting: the CPU threads torch computes with while this site trains and evaluates (torch.set_num_threads); "
-    "0: the process's own count (torch's default: the machine's cores, or OMP_NUM_THREADS). Another count adds "
-    "floats in another order, so updates agree to the last bit only between runs that compute with the same count "
+    f"0: the process's own count (torch's default: the machine's cores, or OMP_NUM_THREADS); at most {MAX_THREADS}. "
+    "Another count adds floats in another order, so updates agree to the last bit only between runs that compute "
+    "with the same count "
     "(simulate, train-client and a Flower site alike); each update records the count it was made with.",
-    flag_help="CPU threads torch trains and evaluates with; 0: the process's own count.",
+    flag_help=f"CPU threads torch trains and evaluates with (at most {MAX_THREADS}); 0: the process's own count.",
 )
 
 SITE_SETTINGS: tuple[SiteSetting, ...] = (
