@@ -95,6 +95,9 @@ def main() -> None:
             "epsilon_spent_max": spent, "accuracy_by_round": [r["global_accuracy"] for r in rows],
             "final_accuracy": rows[-1]["global_accuracy"], "final_macro_f1": rows[-1]["global_macro_f1"],
             "final_personalised_accuracy": rows[-1]["personalised_accuracy"],
+            # The validation split's (issue 29): rates, alphas and round counts are chosen on these only.
+            "validation_by_round": [r.get("validation_global_accuracy") for r in rows],
+            "final_validation_personalised": rows[-1].get("validation_personalised_accuracy"),
             "seconds": seconds,
         })
         if args.json:  # after every run, so an interrupted benchmark keeps what it measured
@@ -128,16 +131,21 @@ def summarise(paths: list[str]) -> None:
             return f"{values[0]:.3f} (1 seed)"
         return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
 
+    def validation(rs: list[dict]) -> str:
+        values = [r["validation_by_round"][-1] for r in rs if (r.get("validation_by_round") or [None])[-1] is not None]
+        return spread(values) if values else "- (not recorded)"
+
     order = {"fedavg": 0, "ffa": 1, "fedsa": 2}
-    print("| partition | target eps | method | noise multiplier | global accuracy, mean (min-max) | personalised |")
-    print("|---|---|---|---|---|---|")
+    print("| partition | target eps | method | noise multiplier | global validation | global test, mean (min-max) "
+          "| personalised test |")
+    print("|---|---|---|---|---|---|---|")
     for (strategy, eps, method), rs in sorted(
         cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1e9), order.get(kv[0][2], 9))
     ):
         sigma = rs[0]["noise_multiplier"]
         personal = [r["final_personalised_accuracy"] for r in rs if r.get("final_personalised_accuracy") is not None]
         print(f"| {strategy} | {'none' if eps is None else f'{eps:g}'} | {method} | "
-              f"{'-' if sigma is None else f'{sigma:.3f}'} | {spread([r['final_accuracy'] for r in rs])} | "
+              f"{'-' if sigma is None else f'{sigma:.3f}'} | {validation(rs)} | {spread([r['final_accuracy'] for r in rs])} | "
               f"{spread(personal) if personal and method == 'fedsa' else '-'} |")
 
 
