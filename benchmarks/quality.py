@@ -67,10 +67,28 @@ def run_cell(name: str, overrides: dict, out: Path) -> dict:
         "validation": rows[-1].get("validation_global_accuracy"),
         "validation_by_round": [r.get("validation_global_accuracy") for r in rows],
         "validation_personalised": rows[-1].get("validation_personalised_accuracy"),
+        "validation_personalised_own_mix": rows[-1].get("validation_personalised_accuracy_own_mix"),
         "personalised_by_round": [r["personalised_accuracy"] for r in rows],
         "validation_personalised_by_round": [r.get("validation_personalised_accuracy") for r in rows],
         "overrides": overrides,
+        **global_on_own_mix(out, len(rows)),
     }
+
+
+def global_on_own_mix(out: Path, round_: int) -> dict:
+    """The global model scored as FedSA-LoRA's personalised models are: on the split reweighted to each client's
+    label mix (from its class recalls), averaged over clients; the like-for-like figure beside personalised, own mix."""
+    from fedlora_cli.model.evaluation import accuracy_on_mix
+
+    metrics = json.loads((out / "metrics" / f"round-{round_:03d}.json").read_text())
+    mixes = [c["label_counts"] for c in json.loads((out / "data" / "partition.json").read_text())["clients"]]
+
+    def mean_over_clients(scores: dict) -> float | None:
+        values = [accuracy_on_mix(scores["class_recall"], mix) for mix in mixes]
+        return None if None in values else statistics.fmean(values)
+
+    return {"global_own_mix": mean_over_clients(metrics["global"]),
+            "validation_global_own_mix": mean_over_clients(metrics["validation"]["global"])}
 
 
 def save(path: str | None, seeds: list[int], cells: list[dict]) -> None:
@@ -89,17 +107,18 @@ def summary(values: list[float | None]) -> str:
 
 
 def table(cells: list[dict]) -> None:
-    print("| configuration | partition | epsilon | rate | global: validation | global: test "
+    print("| configuration | partition | epsilon | rate | global: validation | global: test | global, own mix: test "
           "| personalised: validation | personalised: test | personalised, own mix: test |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in cells:
         refused = [r["refused"] for r in c["runs"] if "refused" in r]
         if refused:
-            print(f"| {c['config']} | {c['partition']} | {c['privacy']} | | refused: {refused[0][:80]} | | | | |")
+            print(f"| {c['config']} | {c['partition']} | {c['privacy']} | | refused: {refused[0][:80]} | | | | | |")
             continue
         runs = c["runs"]
         print(f"| {c['config']} | {c['partition']} | {c['privacy']} | {c.get('rate', '-')} "
               f"| {summary([r.get('validation') for r in runs])} | {summary([r['global'] for r in runs])} "
+              f"| {summary([r.get('global_own_mix') for r in runs])} "
               f"| {summary([r.get('validation_personalised') for r in runs])} "
               f"| {summary([r['personalised'] for r in runs])} "
               f"| {summary([r['personalised_own_mix'] for r in runs])} |")
