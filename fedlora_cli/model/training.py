@@ -23,6 +23,16 @@ sequence-classification; for causal-lm the mean over the batch's examples of eac
 cross-entropy over its response tokens. Every example weighs the same, whatever its length, which is also
 what DP-SGD needs: a token mean over the whole batch would make each example's gradient depend on the other
 examples' lengths, and the per-example clipping bound would no longer bound one example's influence.
+
+With ``training.logit_adjustment`` (tau) > 0, a sequence classifier trains on the logit-adjusted loss (Menon et
+al., "Long-tail learning via logit adjustment", ICLR 2021; in federated learning FedLC, Zhang et al., ICML 2022):
+cross-entropy of logits + tau log(pi), where pi is the label distribution of the shard the client trains on this
+round (:func:`label_prior`). Under label skew each client's head and adapter would otherwise learn its own label
+prior, and the average of such models is biased; with the prior added in the loss, the plain logits (which
+evaluation and export read) learn the class-conditional part only. Every example's loss is still the mean
+cross-entropy of its own (adjusted) logits, so micro-batches and length-sorting give the same gradient as one
+batch. The prior is computed in :func:`local_train`, the one place every path (``simulate``, ``train-client``,
+the Flower ClientApp and resident worker) trains a client through.
 """
 
 from __future__ import annotations
@@ -94,10 +104,39 @@ def causal_token_losses(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     return losses, targets != IGNORE_INDEX
 
 
-def batch_loss(model: Any, batch: dict[str, Any], task: str) -> Any:
-    """The training loss of one batch for the recipe's task (see the module docstring)."""
+def label_prior(labels: Any, classes: int) -> Any:
+    """The Laplace-smoothed label distribution of a shard, (count + 1) / (n + classes): a class the shard lacks
+    gets a small probability, so its log (the logit adjustment) is finite."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=classes)
+    return (counts + 1) / (counts.sum() + classes)
+
+
+def logit_offsets(bench: Workbench, examples: Examples | CausalExamples) -> Any:
+    """tau log(pi) over the classes for the shard ``examples`` (a float32 tensor on the site's device), or None
+    when ``training.logit_adjustment`` is 0: the plain cross-entropy, computed exactly as before."""
+    import numpy as np
+    import torch
+
+    tau = bench.recipe.training.logit_adjustment
+    if tau == 0:
+        return None
+    prior = label_prior(examples.labels, bench.model.config.num_labels)
+    return torch.as_tensor(tau * np.log(prior), dtype=torch.float32, device=bench.site.device)
+
+
+def batch_loss(model: Any, batch: dict[str, Any], task: str, offsets: Any = None) -> Any:
+    """The training loss of one batch for the recipe's task (see the module docstring); ``offsets`` (from
+    :func:`logit_offsets`) are added to a classifier's logits before its cross-entropy."""
+    import torch
+
     if task != TASK_CAUSAL_LM:
-        return model(**batch).loss
+        if offsets is None:
+            return model(**batch).loss
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        return torch.nn.functional.cross_entropy(logits + offsets, batch["labels"])
     losses, mask = causal_token_losses(model, batch)
     per_example = (losses * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     return per_example.mean()
@@ -136,7 +175,7 @@ def local_train(
         anchor = _proximal_anchor(bench, plan) if t.proximal_mu > 0 else None
         batches, engine = _schedule(bench, optimizer, examples, steps=steps, seed=seed, dp=dp)
         losses = _run_steps(bench, optimizer, params, examples, batches, engine=engine, anchor=anchor,
-                            progress=progress)
+                            offsets=logit_offsets(bench, examples), progress=progress)
         threads = torch.get_num_threads()
     seen = np.unique(np.concatenate(batches)) if batches else np.empty(0)
     return TrainResult(
@@ -147,7 +186,7 @@ def local_train(
 
 def _run_steps(
     bench: Workbench, optimizer: Any, params: list, examples: Examples | CausalExamples, batches: list, *,
-    engine: Any, anchor: list[tuple[Any, Any]] | None, progress: Progress | None,
+    engine: Any, anchor: list[tuple[Any, Any]] | None, offsets: Any, progress: Progress | None,
 ) -> list[float]:
     """Every step of the round in train mode; the losses of the steps that had examples."""
     import numpy as np
@@ -165,7 +204,7 @@ def _run_steps(
                 loss = float("nan")
             else:
                 loss = _step(bench, model, optimizer, params, examples, rows, anchor, private=engine is not None,
-                             scaler=scaler, lengths=lengths)
+                             scaler=scaler, lengths=lengths, offsets=offsets)
                 losses.append(loss)
             if progress is not None:
                 progress(step, len(batches), loss)
@@ -216,9 +255,10 @@ def _proximal_anchor(bench: Workbench, plan: Plan) -> list[tuple[Any, Any]]:
 
 def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: Examples | CausalExamples,
           rows: Any, anchor: list[tuple[Any, Any]] | None = None, private: bool = False, scaler: Any = None,
-          lengths: Any = None) -> float:
+          lengths: Any = None, offsets: Any = None) -> float:
     """One optimizer step on the logical batch ``rows``, in micro-batches of the site's size (cut from ``rows``
-    sorted by ``lengths`` when given); returns its task loss (without FedProx's proximal term)."""
+    sorted by ``lengths`` when given); returns its task loss (logit-adjusted by ``offsets`` when given; without
+    FedProx's proximal term)."""
     import numpy as np
     import torch
 
@@ -229,7 +269,7 @@ def _step(bench: Workbench, model: Any, optimizer: Any, params: list, examples: 
     for i, piece in enumerate(pieces):
         batch = bench.batch(examples, piece)
         with bench.site.autocast():
-            loss = batch_loss(model, batch, bench.recipe.model.task)
+            loss = batch_loss(model, batch, bench.recipe.model.task, offsets)
         total += float(loss.detach()) * len(piece)
         last = i == len(pieces) - 1
         if private:

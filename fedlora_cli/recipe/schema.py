@@ -367,6 +367,15 @@ class TrainingSection:
         "(not those it keeps); 0 turns it off.",
         0.0,
     )
+    logit_adjustment: float = _help(
+        "Logit-adjusted loss (Menon et al., ICLR 2021; FedLC, Zhang et al., ICML 2022), for label skew: each client "
+        "trains on cross-entropy of logits + tau x log(pi), with pi its own shard's label distribution (Laplace "
+        "smoothed: (count + 1) / (n + classes)), so it learns the class-conditional part and not its label prior; "
+        "evaluation and export read the plain logits. This is tau; 0 (plain cross-entropy) turns it off, 1 is the "
+        "papers' choice. sequence-classification only; refused under DP-SGD (the prior comes from the client's "
+        "labels, so each example's loss would depend on the others').",
+        0.0,
+    )
     device: str = _site(DEVICE)
     mixed_precision: str = _site(MIXED_PRECISION)
     gradient_checkpointing: bool = _site(GRADIENT_CHECKPOINTING)
@@ -458,6 +467,8 @@ class Recipe:
                 content["data"].pop(key)
         if content["federation"]["secure_aggregation"] is None:  # off by default: digests stay as they were
             content["federation"].pop("secure_aggregation")
+        if content["training"]["logit_adjustment"] == 0.0:  # off by default: digests stay as they were
+            content["training"].pop("logit_adjustment")
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

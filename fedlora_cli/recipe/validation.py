@@ -127,6 +127,8 @@ def _task(c: _Check, recipe: Recipe) -> None:
         c.require(d.format == "auto", "data.format", "applies only to model.task 'causal-lm'")
         return
     c.one_of(d.format, "data.format", DATA_FORMATS)
+    c.require(recipe.training.logit_adjustment == 0, "training.logit_adjustment",
+              "applies only to model.task 'sequence-classification' (it offsets class logits by the label prior)")
     c.require(m.num_labels is None, "model.num_labels", "does not apply to model.task 'causal-lm' (a causal LM has no classes)")
     c.require(m.pooling == "default", "model.pooling", "must be 'default' for model.task 'causal-lm' (it has no task head)")
     c.require(d.labels is None, "data.labels", "does not apply to model.task 'causal-lm' (its data has no labels)")
@@ -275,6 +277,7 @@ def _training(c: _Check, t: TrainingSection) -> None:
     c.require(t.eval_batch_size >= 1, "training.eval_batch_size", "must be at least 1")
     c.require(t.max_grad_norm is None or t.max_grad_norm > 0, "training.max_grad_norm", "must be > 0")
     c.require(t.proximal_mu >= 0, "training.proximal_mu", "must be >= 0")
+    c.require(t.logit_adjustment >= 0, "training.logit_adjustment", "must be >= 0")
     c.require(t.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "must be at least 1")
     c.require(0 <= t.threads <= MAX_THREADS, "training.threads",
               f"must be 0 (the process's own count) up to {MAX_THREADS}; got {t.threads}")
@@ -348,6 +351,12 @@ def _privacy(c: _Check, p: PrivacySection, a: AdapterSection, t: TrainingSection
         "training.proximal_mu",
         "must be 0 under privacy: DP-SGD clips and noises per-example gradients, and the proximal term's gradient "
         "is not one of them (it would escape the clipping)",
+    )
+    c.require(
+        t.logit_adjustment == 0,
+        "training.logit_adjustment",
+        "must be 0 under privacy: its label prior is computed from all of the client's labels, so each example's "
+        "loss would depend on the others' and the per-example clipping would no longer bound one example's influence",
     )
 
 

@@ -178,6 +178,25 @@ def test_training_is_reproducible(make_recipe, cached_federation, run_federation
 runner = CliRunner()
 
 
+def test_a_logit_adjusted_update_trained_by_hand_is_the_one_simulate_trained(federation_of, tmp_path):
+    """train-client and simulate reach the client's label prior through the same code: client-0's round-1 update
+    by hand is simulate's, bit for bit; and the adjustment is in it (the plain federation's update differs)."""
+    import numpy as np
+    import pandas as pd
+
+    adjusted, plain = federation_of("ffa", training={"logit_adjustment": 1.0}), federation_of("ffa")
+    labels = pd.read_parquet(adjusted.data / "client-0.parquet")["sentiment"]
+    assert abs(float(np.mean(labels == "pos")) - 0.5) > 0.1, "client-0's shard must be skewed for the test to mean it"
+    result = runner.invoke(app, ["train-client", str(adjusted.global_checkpoint(0)), "--data",
+                                 str(adjusted.data / "client-0.parquet"), "--state", str(tmp_path / "client-0"),
+                                 "--out", str(tmp_path / "u")])
+    assert result.exit_code == 0, result.output
+    by_hand = load_file(str(tmp_path / "u" / storage.UPDATE_TENSORS))
+    simulated, unadjusted = update_tensors(adjusted, 1, "client-0"), update_tensors(plain, 1, "client-0")
+    assert by_hand.keys() == simulated.keys() and all(torch.equal(by_hand[n], simulated[n]) for n in by_hand)
+    assert any(not torch.equal(by_hand[n], unadjusted[n]) for n in by_hand)
+
+
 @pytest.mark.parametrize("failing", [storage.UPDATE_TENSORS, storage.STATE_TENSORS])
 def test_a_round_whose_update_or_state_cannot_be_written_leaves_neither_and_no_ledger_entry(
         failing, tmp_path, tiny_model_dir, reviews_csv, partition_dir, monkeypatch):

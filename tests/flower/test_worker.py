@@ -88,6 +88,7 @@ CASES = {
     "ffa": (lambda m, d: recipe_dict(m, d, "ffa"), {}),
     "fedsa": (lambda m, d: recipe_dict(m, d, "fedsa", head="local"), {}),
     "ffa-dp-sgd": (lambda m, d: private_recipe(m, d, "ffa", noise_multiplier=1.0), {}),
+    "ffa-logit-adjustment": (lambda m, d: recipe_dict(m, d, "ffa", logit_adjustment=1.0), {}),
     "fedavg-4bit": (lambda m, d: recipe_dict(m, d, "fedavg"), {"quantization": "4bit"}),
 }
 

@@ -87,6 +87,21 @@ def test_uneven_micro_batches_weigh_each_example_the_same(still_model_dir, revie
     assert_same_step(one, three)
 
 
+def test_logit_adjusted_micro_batches_sorted_by_length_give_the_step_of_one_batch(still_model_dir, reviews_csv):
+    """A shard of 24 positives and 8 negatives (prior 25/34, 9/34): the adjusted step of micro-batches of 11, 11
+    and 10, cut from the batch sorted by length, is the one batch's; and it is not the plain step."""
+    data = examples(64)
+    rows = np.r_[np.flatnonzero(data.labels == 1)[:24], np.flatnonzero(data.labels == 0)[:8]]
+    assert len(rows) == 32
+    skewed = Examples([data.texts[i] for i in rows], data.labels[rows])
+    adjusted = site_recipe(still_model_dir, reviews_csv, logit_adjustment=1.0)
+    one = one_step(adjusted, data=skewed)
+    three = one_step(recipes.with_site(adjusted, {"training.gradient_accumulation_steps": 3}), data=skewed)
+    assert_same_step(one, three)
+    with pytest.raises(AssertionError, match="relative difference"):
+        assert_same_step(one, one_step(site_recipe(still_model_dir, reviews_csv), data=skewed))
+
+
 def test_micro_batches_are_cut_from_the_logical_batch_sorted_by_length(still_model_dir, reviews_csv, monkeypatch):
     """Each micro-batch pads only to its own longest example: the logical batch's examples (the same ones) are
     sorted by length before it is cut, so the padded width falls from micro-batch to micro-batch."""

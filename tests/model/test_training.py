@@ -1,15 +1,17 @@
 """fedlora_cli.model.training: local training and its loss: the causal-lm loss is the response tokens' mean
-cross-entropy and ignores the prompt; training leaves what the plan freezes bit-identical."""
+cross-entropy and ignores the prompt; the logit-adjusted loss is the cross-entropy of logits + tau log(the client's
+label prior), and tau = 0 is the model's own loss; training leaves what the plan freezes bit-identical."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from conftest import PAIRS
 
 from fedlora_cli.adapters.methods import plan
 from fedlora_cli.adapters.roles import ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, role_of
-from fedlora_cli.data.examples import IGNORE_INDEX, encode, read_shard
-from fedlora_cli.model.training import batch_loss, local_train
+from fedlora_cli.data.examples import IGNORE_INDEX, Examples, encode, read_shard
+from fedlora_cli.model.training import batch_loss, label_prior, local_train, logit_offsets
 from fedlora_cli.model.workbench import build
 
 
@@ -97,3 +99,58 @@ def test_fedprox_leaves_what_the_client_keeps_alone(make_recipe, partition_dir, 
     local_train(bench, plan("fedsa", "shared"), examples, seed=0)
     names = {n for n, p in bench.model.named_parameters() if any(p is a for a, _ in anchors[0])}
     assert names and all("lora_B" not in n for n in names) and any("lora_A" in n for n in names)
+
+
+# Logit adjustment (training.logit_adjustment) ---------------------------------------------------------------------
+
+
+def test_the_adjusted_loss_is_the_cross_entropy_of_the_logits_plus_tau_log_prior(make_recipe):
+    bench = build(make_recipe("fedavg", logit_adjustment=1.5), 2)
+    data = Examples(["good fun film", "bad dull plot", "the story was fine", "awful"], np.array([0, 1, 1, 1]))
+    batch = bench.batch(data, [0, 1, 2, 3])
+    offsets = logit_offsets(bench, data)  # prior (2, 4) / 6: Laplace-smoothed counts (1, 3)
+    with torch.no_grad():
+        got = batch_loss(bench.model, batch, "sequence-classification", offsets)
+        plain = batch_loss(bench.model, batch, "sequence-classification")
+        logits = bench.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    log_prior = torch.log(torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    by_hand = []
+    for z, y in zip(logits + 1.5 * log_prior, [0, 1, 1, 1]):
+        by_hand.append(torch.log(torch.exp(z).sum()) - z[y])  # -log softmax(z)[y]
+    torch.testing.assert_close(got.double(), torch.stack(by_hand).mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(got, plain), "a skewed prior must change the loss"
+
+
+def test_tau_zero_trains_exactly_as_the_models_own_cross_entropy(make_recipe, partition_dir, monkeypatch):
+    from fedlora_cli.model import training
+
+    examples = read_shard(partition_dir / "client-0.parquet", "text", "sentiment", 2)
+
+    def trained(recipe) -> tuple[dict[str, torch.Tensor], float]:
+        bench = build(recipe, 2)
+        result = local_train(bench, plan("fedavg", "shared"), examples, seed=0)
+        return bench.adapter_tensors(), result.loss
+
+    plain, plain_loss = trained(make_recipe("fedavg", logit_adjustment=0.0))
+    adjusted, _ = trained(make_recipe("fedavg", logit_adjustment=1.0))
+    # The loss as it was before logit adjustment existed: the Hugging Face model's own cross-entropy.
+    monkeypatch.setattr(training, "batch_loss", lambda model, batch, task, offsets: model(**batch).loss)
+    before, before_loss = trained(make_recipe("fedavg"))
+    assert plain_loss == before_loss and all(torch.equal(plain[n], before[n]) for n in before)
+    assert any(not torch.equal(adjusted[n], before[n]) for n in before), "tau = 1 must train differently"
+
+
+def test_the_prior_is_the_clients_own_smoothed_label_distribution(make_recipe, monkeypatch):
+    """A client holding one class: tau log((count + 1) / (n + classes)), finite for the class it lacks, in every
+    step's loss."""
+    from fedlora_cli.model import training
+
+    seen = []
+    real = training.batch_loss
+    monkeypatch.setattr(training, "batch_loss", lambda m, b, t, offsets: seen.append(offsets) or real(m, b, t, offsets))
+    assert np.allclose(label_prior(np.full(10, 2), 3), [1 / 13, 1 / 13, 11 / 13])
+    bench = build(make_recipe("fedavg", logit_adjustment=2.0), 2)
+    data = Examples(["good fun film"] * 10, np.full(10, 1))
+    local_train(bench, plan("fedavg", "shared"), data, seed=0)
+    expected = 2.0 * torch.log(torch.tensor([1 / 12, 11 / 12]))
+    assert len(seen) == 3 and all(torch.allclose(o, expected) for o in seen)

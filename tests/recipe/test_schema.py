@@ -33,6 +33,15 @@ def test_a_data_format_changes_the_digest_and_its_defaults_leave_the_digests_as_
     assert default["data"]["format"] == "auto" and default["data"]["messages_column"] == "messages"
 
 
+def test_logit_adjustment_at_its_default_leaves_the_digest_as_it_was_and_any_other_value_changes_it():
+    old = {"name": "old", "model": {"base": "some/model"}, "training": {"lr": 0.001}}
+    zero = recipes.from_dict({**old, "training": {"lr": 0.001, "logit_adjustment": 0}})
+    adjusted = recipes.from_dict({**old, "training": {"lr": 0.001, "logit_adjustment": 1.0}})
+    # The digest pinned before the key existed (see below), with and without the key at its default.
+    assert recipes.from_dict(old).digest() == zero.digest() == OLD_SITE_RECIPE_DIGEST
+    assert adjusted.digest() != zero.digest()
+
+
 def test_the_tracking_section_lists_the_trackers_and_stays_out_of_the_digest():
     assert recipes.TRACKERS == ("tensorboard", "mlflow", "wandb")
     tracked = recipes.from_dict({**base(), "tracking": {"report_to": "tensorboard,wandb"}})

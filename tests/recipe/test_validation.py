@@ -4,8 +4,10 @@ user set them; planned_clients=False leaves the client count to the round."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
+import yaml
 from conftest import causal_recipe_dict, recipe_dict
 
 from fedlora_cli import recipe as recipes
@@ -187,3 +189,26 @@ def test_tracking_names_known_trackers_once():
         recipes.from_dict({**base(), "tracking": {"report_to": ["tb"]}})
     with pytest.raises(FedloraError, match="tracking.report_to' must not name a tracker twice"):
         recipes.from_dict({**base(), "tracking": {"report_to": "mlflow,mlflow"}})
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        ({"training": {"logit_adjustment": -0.5}}, "recipe key 'training.logit_adjustment' must be >= 0"),
+        ({"training": {"logit_adjustment": float("inf")}}, "'training.logit_adjustment' must be a finite number"),
+        ({"training": {"logit_adjustment": float("nan")}}, "'training.logit_adjustment' must be a finite number"),
+        ({"model": {"base": "m", "task": "causal-lm"}, "training": {"logit_adjustment": 1.0}},
+         "'training.logit_adjustment' applies only to model.task 'sequence-classification'"),
+        ({"training": {"logit_adjustment": 1.0}, "privacy": {"target_epsilon": 3.0}},
+         "'training.logit_adjustment' must be 0 under privacy: its label prior is computed from all of the client's "
+         "labels"),
+    ],
+)
+def test_a_logit_adjustment_that_cannot_be_trained_is_refused_in_one_line(patch, needle, tmp_path):
+    from cli.helpers import fails
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**base(), **patch}))
+    with pytest.raises(FedloraError, match=re.escape(needle)):
+        recipes.load(path)
+    fails(["recipes", "validate", path], needle)
