@@ -83,7 +83,9 @@ def global_on_own_mix(out: Path, round_: int) -> dict:
     metrics = json.loads((out / "metrics" / f"round-{round_:03d}.json").read_text())
     mixes = [c["label_counts"] for c in json.loads((out / "data" / "partition.json").read_text())["clients"]]
 
-    def mean_over_clients(scores: dict) -> float | None:
+    def mean_over_clients(scores: dict | None) -> float | None:
+        if scores is None:  # a run without a validation split (--set data.validation_fraction=0)
+            return None
         values = [accuracy_on_mix(scores["class_recall"], mix) for mix in mixes]
         return None if None in values else statistics.fmean(values)
 
@@ -91,7 +93,7 @@ def global_on_own_mix(out: Path, round_: int) -> dict:
     # is high (a client of 1,942 rotten and 5 fresh reviews), so a personalised model is judged against it too.
     majority = statistics.fmean(max(mix) / sum(mix) for mix in mixes)
     return {"global_own_mix": mean_over_clients(metrics["global"]),
-            "validation_global_own_mix": mean_over_clients(metrics["validation"]["global"]),
+            "validation_global_own_mix": mean_over_clients((metrics.get("validation") or {}).get("global")),
             "majority_own_mix": majority}
 
 
