@@ -1,6 +1,7 @@
 """FedAvg-LoRA versus FFA-LoRA under DP-SGD: test accuracy at several privacy budgets, one run, side by side.
 
-    python benchmarks/dp_quality.py [--epsilons none,3,1] [--methods fedavg,ffa] [--lr fedavg=0.001,ffa=0.005]
+    python benchmarks/dp_quality.py [--recipe quickstart] [--epsilons none,3,1] [--methods fedavg,ffa]
+                                    [--lr fedavg=0.001,ffa=0.005]
                                     [--strategies dirichlet,iid] [--seeds 0,1,2]
                                     [--set key=value ...] [--out runs/bench-dp] [--json f]
     python benchmarks/dp_quality.py --summarise a.json b.json ...   # one mean-and-spread table over runs
@@ -9,6 +10,10 @@ Every cell of the grid (partition strategy x epsilon x method x training seed) i
 draws the frozen A and the client-side shuffles (DP-SGD's own noise and Poisson samples always come from the
 operating system's secure source). ``--summarise`` merges the JSON files of several invocations (run in
 parallel, one per core) into one table of the mean and the spread (min-max) over seeds.
+
+With ``--recipe ffa-lora-dp`` every run is that shipped recipe as it is (its shape, optimiser, pooling and data),
+with only the method, rate, partition strategy, epsilon and seed of the cell changed: the table of issue 29 is
+measured so. The default (``--recipe quickstart``) is the shape the earlier sections of RESULTS ran, below.
 
 Every run is ``fedlora simulate`` on the quickstart data (real MiniLM, Rotten Tomatoes, 4 clients,
 Dirichlet(0.5)), 3 rounds of 30 local steps of batch 64 (Poisson-sampled under DP), LoRA r 8 on query and
@@ -27,21 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import summary as spread  # noqa: E402  (one format for mean and range over seeds)
+from variants_quality import Quiet  # noqa: E402
 
 SHAPE = {
     "data.seed": 6, "federation.rounds": 3, "training.optimizer": "adamw", "training.batch_size": 64,
     "training.local_steps": 30, "adapter.target_modules": ["query", "value"],
 }
-
-
-class Quiet:
-    def stage(self, text): pass
-    def warn(self, text): print(f"  warning: {text}", flush=True)
-    def training(self, round_, client_id): return None
-    def done_training(self): pass
-    def round_done(self, row): print(f"  round {row['round']}: global accuracy {row['global_accuracy']:.4f}", flush=True)
 
 
 def main() -> None:
@@ -50,6 +52,8 @@ def main() -> None:
     from fedlora_cli.recipe import catalog as recipes_catalog
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="quickstart",
+                        help="base recipe; the SHAPE below is applied to the quickstart only")
     parser.add_argument("--epsilons", default="none,3,1")
     parser.add_argument("--methods", default="fedavg,ffa")
     parser.add_argument("--lr", default="fedavg=0.001,ffa=0.005", help="learning rate per method")
@@ -64,19 +68,22 @@ def main() -> None:
         summarise(args.summarise)
         return
     lrs = {m: float(v) for m, v in (item.split("=") for item in args.lr.split(","))}
-    shape = dict(SHAPE, **dict(recipes.parse_override(item) for item in args.set))
-    rounds = shape["federation.rounds"]
+    shape = dict(SHAPE if args.recipe == "quickstart" else {}, **dict(recipes.parse_override(item) for item in args.set))
     results = []
     grid = [(strategy, eps, method, seed) for strategy in args.strategies.split(",") for eps in args.epsilons.split(",")
             for method in args.methods.split(",") for seed in args.seeds.split(",")]
     for strategy, eps, method, seed in grid:
         overrides = dict(shape, **{"federation.method": method, "training.lr": lrs[method],
                                    "data.strategy": strategy, "training.seed": int(seed)})
-        if eps != "none":
+        base = recipes.load(recipes_catalog.find(args.recipe)).to_dict()
+        if eps == "none":
+            base.pop("privacy", None)  # a DP base recipe trains without DP-SGD in this cell
+        else:
             overrides.setdefault("privacy.max_grad_norm", 1.0)
             overrides.update({"privacy.target_epsilon": float(eps), "privacy.delta": 1e-5})
-        recipe = recipes.load(recipes_catalog.find("quickstart"), overrides)
-        run = Path(args.out) / f"{strategy}-{method}-eps{eps}-seed{seed}"
+        recipe = recipes.override(base, overrides)
+        rounds = recipe.federation.rounds
+        run = Path(args.out) / f"{strategy}-{method}-lr{lrs[method]:g}-eps{eps}-seed{seed}"
         print(f"{strategy} {method} epsilon={eps} seed={seed} -> {run}", flush=True)
         started = time.perf_counter()
         rows = simulate.simulate(recipe, run, Quiet())
@@ -102,7 +109,7 @@ def main() -> None:
         })
         if args.json:  # after every run, so an interrupted benchmark keeps what it measured
             Path(args.json).write_text(json.dumps(
-                {"date": time.strftime("%Y-%m-%d"), "shape": shape, "results": results}, indent=2))
+                {"date": time.strftime("%Y-%m-%d"), "recipe": args.recipe, "shape": shape, "results": results}, indent=2))
     print(f"\n# DP quality, {time.strftime('%Y-%m-%d')}, {platform.machine()} python {platform.python_version()}; {shape}")
     print("| method | lr | target eps | noise multiplier | eps spent (max client) | accuracy by round | final acc | final F1 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -115,36 +122,29 @@ def main() -> None:
 
 
 def summarise(paths: list[str]) -> None:
-    """Mean and spread over seeds of each (strategy, epsilon, method) cell of several result files."""
-    import statistics
-
+    """Mean and spread over seeds of each (strategy, epsilon, method, rate) cell of several result files."""
     cells: dict[tuple, list[dict]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         for r in data["results"]:
             strategy = r.get("strategy") or data["shape"].get("data.strategy", "dirichlet")
-            key = (strategy, r["target_epsilon"], r["method"])
+            key = (strategy, r["target_epsilon"], r["method"], r["lr"])
             cells.setdefault(key, []).append(r)
-
-    def spread(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.3f} (1 seed)"
-        return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
 
     def validation(rs: list[dict]) -> str:
         values = [r["validation_by_round"][-1] for r in rs if (r.get("validation_by_round") or [None])[-1] is not None]
         return spread(values) if values else "- (not recorded)"
 
     order = {"fedavg": 0, "ffa": 1, "fedsa": 2}
-    print("| partition | target eps | method | noise multiplier | global validation | global test, mean (min-max) "
+    print("| partition | target eps | method | rate | noise multiplier | global validation | global test, mean (min-max) "
           "| personalised test |")
-    print("|---|---|---|---|---|---|---|")
-    for (strategy, eps, method), rs in sorted(
-        cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1e9), order.get(kv[0][2], 9))
+    print("|---|---|---|---|---|---|---|---|")
+    for (strategy, eps, method, lr), rs in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1e9), order.get(kv[0][2], 9), kv[0][3])
     ):
         sigma = rs[0]["noise_multiplier"]
         personal = [r["final_personalised_accuracy"] for r in rs if r.get("final_personalised_accuracy") is not None]
-        print(f"| {strategy} | {'none' if eps is None else f'{eps:g}'} | {method} | "
+        print(f"| {strategy} | {'none' if eps is None else f'{eps:g}'} | {method} | {lr:g} | "
               f"{'-' if sigma is None else f'{sigma:.3f}'} | {validation(rs)} | {spread([r['final_accuracy'] for r in rs])} | "
               f"{spread(personal) if personal and method == 'fedsa' else '-'} |")
 

@@ -109,7 +109,9 @@ def summary(values: list[float | None]) -> str:
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
+    if len(values) == 1:
+        return f"{mean:.3f} (1 seed)"
+    return f"{mean:.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
 
 
 def table(cells: list[dict]) -> None:

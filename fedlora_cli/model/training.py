@@ -46,6 +46,7 @@ from typing import Any
 
 from fedlora_cli.adapters.methods import Plan
 from fedlora_cli.data.examples import CausalExamples, Examples, batch_schedule, lengths_of, steps_for
+from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.site import chunks
 from fedlora_cli.model.workbench import Workbench, seeded
 from fedlora_cli.recipe.schema import TASK_CAUSAL_LM
@@ -122,6 +123,9 @@ def logit_offsets(bench: Workbench, examples: Examples | CausalExamples) -> Any:
     tau = bench.recipe.training.logit_adjustment
     if tau == 0:
         return None
+    if bench.recipe.privacy is not None:  # validation refuses this recipe; a recipe built past it still may not
+        raise FedloraError("training.logit_adjustment cannot be used with DP-SGD: the shard's label prior would "
+                           "make each example's loss depend on the others' labels")
     prior = label_prior(examples.labels, bench.model.config.num_labels)
     return torch.as_tensor(tau * np.log(prior), dtype=torch.float32, device=bench.site.device)
 

@@ -5,12 +5,14 @@ label prior), and tau = 0 is the model's own loss; training leaves what the plan
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import PAIRS
 
 from fedlora_cli.adapters.methods import plan
 from fedlora_cli.adapters.roles import ROLE_LAMBDA_B, ROLE_LAMBDA_D, ROLE_PROJECTION, role_of
 from fedlora_cli.data.examples import IGNORE_INDEX, Examples, encode, read_shard
+from fedlora_cli.errors import FedloraError
 from fedlora_cli.model.training import batch_loss, label_prior, local_train, logit_offsets
 from fedlora_cli.model.workbench import build
 
@@ -154,3 +156,16 @@ def test_the_prior_is_the_clients_own_smoothed_label_distribution(make_recipe, m
     local_train(bench, plan("fedavg", "shared"), data, seed=0)
     expected = 2.0 * torch.log(torch.tensor([1 / 12, 11 / 12]))
     assert len(seen) == 3 and all(torch.allclose(o, expected) for o in seen)
+
+
+def test_the_adjusted_loss_is_refused_under_dp_sgd_even_for_a_recipe_built_past_validation(make_recipe):
+    import dataclasses
+
+    from fedlora_cli.recipe.schema import PrivacySection
+
+    bench = build(make_recipe("fedavg", logit_adjustment=1.0), 2)
+    data = Examples(["good fun film", "dull"], np.array([1, 0]))
+    assert logit_offsets(bench, data) is not None
+    private = dataclasses.replace(bench.recipe, privacy=PrivacySection(noise_multiplier=1.0, max_grad_norm=1.0))
+    with pytest.raises(FedloraError, match="logit_adjustment cannot be used with DP-SGD"):
+        logit_offsets(dataclasses.replace(bench, recipe=private), data)
