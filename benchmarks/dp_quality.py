@@ -135,10 +135,20 @@ def summarise(paths: list[str]) -> None:
         values = [r["validation_by_round"][-1] for r in rs if (r.get("validation_by_round") or [None])[-1] is not None]
         return spread(values) if values else "- (not recorded)"
 
+    def at_best_round(rs: list[dict]) -> str:
+        """Test accuracy at the round whose validation accuracy is highest (what ``export --round best`` exports):
+        the privacy is spent for every round whichever is kept, so keeping an earlier one costs nothing more."""
+        values = []
+        for r in rs:
+            val = r.get("validation_by_round") or []
+            if val and None not in val:
+                values.append(r["accuracy_by_round"][max(range(len(val)), key=val.__getitem__)])
+        return spread(values) if values else "-"
+
     order = {"fedavg": 0, "ffa": 1, "fedsa": 2}
     print("| partition | target eps | method | rate | noise multiplier | global validation | global test, mean (min-max) "
-          "| personalised test |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| global test at the best validation round | personalised test |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (strategy, eps, method, lr), rs in sorted(
         cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1e9), order.get(kv[0][2], 9), kv[0][3])
     ):
@@ -146,6 +156,7 @@ def summarise(paths: list[str]) -> None:
         personal = [r["final_personalised_accuracy"] for r in rs if r.get("final_personalised_accuracy") is not None]
         print(f"| {strategy} | {'none' if eps is None else f'{eps:g}'} | {method} | {lr:g} | "
               f"{'-' if sigma is None else f'{sigma:.3f}'} | {validation(rs)} | {spread([r['final_accuracy'] for r in rs])} | "
+              f"{at_best_round(rs)} | "
               f"{spread(personal) if personal and method == 'fedsa' else '-'} |")
 
 
