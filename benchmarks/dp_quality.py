@@ -90,6 +90,12 @@ def main() -> None:
         seconds = time.perf_counter() - started
         manifest = storage.read_global(run / "global" / "round-000").manifest
         sigma = (manifest.recipe.get("privacy") or {}).get("noise_multiplier")
+        # Each client's sigma as its ledger records it (they differ under privacy.calibration 'client').
+        sigmas = {}
+        for state_dir in storage.RunLayout(run).client_states():
+            state = storage.latest_state(state_dir)
+            if state is not None and state.manifest.privacy is not None:
+                sigmas[state.manifest.client_id] = state.manifest.privacy["history"][-1][0]
         spent = None
         if eps != "none":
             spent = max(
@@ -99,7 +105,7 @@ def main() -> None:
         results.append({
             "strategy": strategy, "seed": int(seed), "method": method, "lr": lrs[method],
             "target_epsilon": None if eps == "none" else float(eps), "noise_multiplier": sigma,
-            "epsilon_spent_max": spent, "accuracy_by_round": [r["global_accuracy"] for r in rows],
+            "client_noise_multipliers": sigmas, "epsilon_spent_max": spent, "accuracy_by_round": [r["global_accuracy"] for r in rows],
             "final_accuracy": rows[-1]["global_accuracy"], "final_macro_f1": rows[-1]["global_macro_f1"],
             "final_personalised_accuracy": rows[-1]["personalised_accuracy"],
             # The validation split's (issue 29): rates, alphas and round counts are chosen on these only.
@@ -116,7 +122,7 @@ def main() -> None:
     for r in results:
         by_round = " / ".join(f"{a:.3f}" for a in r["accuracy_by_round"])
         eps = "none" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
-        sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
+        sigma = noise(r)
         spent = "-" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.3f}"
         print(f"| {r['method']} | {r['lr']:g} | {eps} | {sigma} | {spent} | {by_round} | {r['final_accuracy']:.4f} | {r['final_macro_f1']:.4f} |")
 
@@ -152,12 +158,21 @@ def summarise(paths: list[str]) -> None:
     for (strategy, eps, method, lr), rs in sorted(
         cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1e9), order.get(kv[0][2], 9), kv[0][3])
     ):
-        sigma = rs[0]["noise_multiplier"]
         personal = [r["final_personalised_accuracy"] for r in rs if r.get("final_personalised_accuracy") is not None]
         print(f"| {strategy} | {'none' if eps is None else f'{eps:g}'} | {method} | {lr:g} | "
-              f"{'-' if sigma is None else f'{sigma:.3f}'} | {validation(rs)} | {spread([r['final_accuracy'] for r in rs])} | "
+              f"{noise(rs[0])} | {validation(rs)} | {spread([r['final_accuracy'] for r in rs])} | "
               f"{at_best_round(rs)} | "
               f"{spread(personal) if personal and method == 'fedsa' else '-'} |")
+
+
+def noise(result: dict) -> str:
+    """The run's noise multiplier: the federation's one, or the clients' range when each calibrated its own."""
+    if result["noise_multiplier"] is not None:
+        return f"{result['noise_multiplier']:.3f}"
+    sigmas = list((result.get("client_noise_multipliers") or {}).values())
+    if not sigmas:
+        return "-"
+    return f"{min(sigmas):.3f}-{max(sigmas):.3f} (per client)" if min(sigmas) != max(sigmas) else f"{sigmas[0]:.3f}"
 
 
 if __name__ == "__main__":

@@ -352,11 +352,11 @@ def _privacy_section(facts: CardFacts) -> list[str]:
 
 def _dp_sgd_lines(dp: PrivacySection, spent: Mapping[str, float]) -> list[str]:
     budget = f", budget ε = {dp.target_epsilon:g} per client" if dp.target_epsilon is not None else ""
+    noise = ("a Gaussian noise multiplier each client calibrated to its own dataset size (in its ledger)"
+             if dp.calibration == "client" else f"Gaussian noise multiplier {fmt(dp.noise_multiplier, 4)}")
     lines = [(
         "Sample-level DP-SGD at every client: per-example gradients clipped to norm "
-        f"{fmt(dp.max_grad_norm, 3)}, "
-        f"Gaussian noise multiplier {fmt(dp.noise_multiplier, 4)}, δ = {dp.delta:g}, "
-        f"{dp.accountant} accountant{budget}."
+        f"{fmt(dp.max_grad_norm, 3)}, {noise}, δ = {dp.delta:g}, {dp.accountant} accountant{budget}."
     )]
     if not spent:
         return lines + [

@@ -8,11 +8,11 @@ A round ``t`` takes global checkpoint ``t-1`` to client updates of round ``t`` t
 from fedlora_cli.federation.client import ClientRound, existing_update, site_round, train_client
 from fedlora_cli.federation.common import Global, digests, frozen_digest, frozen_labels, plan_of, received_tensors
 from fedlora_cli.federation.evaluate import evaluate, evaluate_splits, load_for_evaluation
-from fedlora_cli.federation.init import CALIBRATION_MARGIN, calibrated, init, task_labels
+from fedlora_cli.federation.init import calibrated, init, task_labels
 from fedlora_cli.federation.server import AggregateResult, ClientRow, RoundOverrides, aggregate_round, round_recipe
 
 __all__ = [
-    "CALIBRATION_MARGIN", "AggregateResult", "ClientRound", "ClientRow", "Global", "RoundOverrides", "aggregate_round",
+    "AggregateResult", "ClientRound", "ClientRow", "Global", "RoundOverrides", "aggregate_round",
     "calibrated", "digests", "evaluate", "frozen_digest", "frozen_labels", "init", "load_for_evaluation", "plan_of",
     "received_tensors", "round_recipe", "site_round", "existing_update", "task_labels", "evaluate_splits",
     "train_client",

@@ -255,7 +255,7 @@ def _privacy_for_round(
     p = recipe.privacy
     if p is None:
         return None, None
-    if p.noise_multiplier is None:
+    if p.noise_multiplier is None and p.calibration != "client":
         raise FedloraError("the global checkpoint's recipe has no calibrated privacy.noise_multiplier")
     privacy.check_delta(p.delta, examples, f"client '{client_id}'")
     if state is None:
@@ -266,7 +266,10 @@ def _privacy_for_round(
         ledger = privacy.Ledger.from_dict(state.manifest.privacy)
     t = recipe.training
     plan = privacy.client_plan(examples, t.batch_size, t.local_steps, t.local_epochs)
-    dp = DPSettings(noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm, sample_rate=plan.sample_rate)
+    # Under 'client' calibration this client's own sigma: the one its plan needs for the whole federation.
+    sigma = (privacy.calibrate_noise(p, [plan], recipe.federation.rounds) if p.calibration == "client"
+             else p.noise_multiplier)
+    dp = DPSettings(noise_multiplier=sigma, max_grad_norm=p.max_grad_norm, sample_rate=plan.sample_rate)
     if p.target_epsilon is not None:
         after = ledger.epsilon([(dp.noise_multiplier, dp.sample_rate, plan.steps_per_round)])
         if after > p.target_epsilon:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,6 @@ def with_pooling(recipe: recipes.Recipe, base_override: str | None = None) -> tu
     """The recipe with ``model.pooling`` resolved (``auto``: from the base model's own files, see
     :mod:`fedlora_cli.model.pooling_choice`), and where the choice came from. The round-0 global checkpoint records
     both: the pooling is part of what the federation computes, so every client reads the model the same way."""
-    import dataclasses
-
     from fedlora_cli.model.pooling_choice import choose
     from fedlora_cli.recipe.loading import resolve_location
 
@@ -104,30 +102,25 @@ def with_pooling(recipe: recipes.Recipe, base_override: str | None = None) -> tu
 
 
 def calibrated(recipe: recipes.Recipe, partition: dict[str, Any] | None) -> recipes.Recipe:
-    """The recipe with ``privacy.noise_multiplier`` filled in from ``privacy.target_epsilon`` when unset; with a
-    partition, ``privacy.delta`` checked below 1/n for every client's n examples either way."""
-    import dataclasses
-
+    """The recipe with ``privacy.noise_multiplier`` filled in from ``privacy.target_epsilon`` when unset and the
+    federation shares one sigma (``privacy.calibration: federation``); with a partition, ``privacy.delta`` checked
+    below 1/n for every client's n examples either way. Under ``calibration: client`` the recipe is returned as
+    it is: each client calibrates its own sigma when it trains."""
     p = recipe.privacy
     if p is not None and partition is not None:
         # Known here, before any training: a client with delta >= 1/n would be refused only at train-client.
         for c in partition["clients"]:
             privacy.check_delta(p.delta, c["examples"], f"client '{c.get('id', '?')}'")
-    if p is None or p.noise_multiplier is not None:
+    if p is None or p.noise_multiplier is not None or p.calibration == "client":
         return recipe
     if partition is None:
         raise FedloraError(
-            "privacy.target_epsilon needs the clients' dataset sizes to calibrate the noise: "
-            "pass the partition folder (--data) or set privacy.noise_multiplier"
+            "privacy.target_epsilon needs the clients' dataset sizes to calibrate the noise: pass the partition "
+            "folder (--data), set privacy.noise_multiplier, or let each client calibrate its own "
+            "(privacy.calibration: client)"
         )
     t = recipe.training
     plans = [privacy.client_plan(c["examples"], t.batch_size, t.local_steps, t.local_epochs) for c in partition["clients"]]
-    # Calibrate a hair under the budget so that the per-round ledger, composed round by round, stays within it.
-    target = dataclasses.replace(p, target_epsilon=p.target_epsilon * (1 - CALIBRATION_MARGIN))
-    sigma = privacy.calibrate_federation(target, plans, recipe.federation.rounds)
-    # Rounded up, never down: a smaller sigma than calibrated would spend more than the budget.
-    sigma = math.ceil(sigma * 1e6) / 1e6
+    sigma = privacy.calibrate_noise(p, plans, recipe.federation.rounds)
     return dataclasses.replace(recipe, privacy=dataclasses.replace(p, noise_multiplier=sigma))
 
-
-CALIBRATION_MARGIN = 0.005

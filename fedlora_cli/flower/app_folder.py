@@ -99,8 +99,9 @@ def write_app(recipe_file: Path, out: Path, run_dir: Path, round_timeout: float 
 
 def _check_coordinator_can_start(recipe: recipes.Recipe, run_dir: Path) -> None:
     """Refuse a recipe whose round-0 global checkpoint the server app cannot write without the sites' data: one
-    that does not name its labels, or a DP-SGD budget it cannot turn into a noise multiplier (calibrating needs
-    every site's dataset size, which the coordinator knows only from a partition in the run folder)."""
+    that does not name its labels, or a DP-SGD budget it cannot turn into one noise multiplier for the federation
+    (that needs every site's dataset size, which the coordinator knows only from a partition in the run folder;
+    under ``privacy.calibration: client`` each site calibrates its own)."""
     from fedlora_cli.data.partition import PARTITION_MANIFEST
     from fedlora_cli.storage.run_layout import RunLayout
 
@@ -108,12 +109,14 @@ def _check_coordinator_can_start(recipe: recipes.Recipe, run_dir: Path) -> None:
         raise FedloraError("the coordinator never sees the sites' data: the recipe must name data.labels (or "
                            "model.num_labels) for the round-0 global checkpoint")
     p = recipe.privacy
-    if p is None or p.noise_multiplier is not None or (RunLayout(run_dir).data / PARTITION_MANIFEST).is_file():
+    if (p is None or p.noise_multiplier is not None or p.calibration == "client"
+            or (RunLayout(run_dir).data / PARTITION_MANIFEST).is_file()):
         return
     raise FedloraError(
-        "privacy.target_epsilon needs every site's dataset size to calibrate the DP-SGD noise, and the coordinator "
-        "never sees the sites' data: calibrate for the smallest site with 'fedlora privacy plan --recipe RECIPE "
-        "--examples N --batch-size B --steps S' and set privacy.noise_multiplier in the recipe"
+        "privacy.target_epsilon needs every site's dataset size to calibrate one DP-SGD noise for the federation, "
+        "and the coordinator never sees the sites' data: let each site calibrate its own (privacy.calibration: "
+        "client), or calibrate for the smallest site with 'fedlora privacy plan --recipe RECIPE --examples N "
+        "--batch-size B --steps S' and set privacy.noise_multiplier in the recipe"
     )
 
 

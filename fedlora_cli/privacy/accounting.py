@@ -4,8 +4,11 @@ Client level, sample-level DP-SGD (Abadi et al. 2016, with Opacus): every step s
 client's shard independently with rate q = batch_size / n (Poisson sampling), clips each example's gradient
 to norm C (``privacy.max_grad_norm``) and adds Gaussian noise of standard deviation sigma * C. As in the
 FFA-LoRA experiments, sigma is calibrated once for the whole planned federation (local steps x rounds), with
-the PRV accountant by default, and written into the round-0 global checkpoint's recipe so every client uses
-the same sigma. What each round actually ran is appended to the client's *privacy ledger*
+the PRV accountant by default. Under ``privacy.calibration: federation`` (the default) it is calibrated at init
+for the client that needs the most noise (the smallest) and written into the round-0 global checkpoint's recipe,
+so every client uses the same sigma; under ``client`` each client calibrates its own from its own dataset size
+when it trains (the same function, one plan), so larger clients add less noise and the coordinator needs no
+client's size. What each round actually ran is appended to the client's *privacy ledger*
 (``[sigma, q, steps]`` entries kept in its client state), and the epsilon fedlora reports is the accountant's
 epsilon for the whole ledger: it accumulates across rounds and processes, and a round that would exceed the
 budget is refused before it starts.
@@ -14,6 +17,8 @@ budget is refused before it starts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -118,6 +123,7 @@ def _quiet_accountant() -> Iterator[None]:
         yield
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its arguments, and a few seconds each for PRV
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
     """The smallest noise multiplier whose epsilon after ``steps`` steps at ``sample_rate`` is at most the target."""
     get_noise_multiplier = load("opacus.accountants.utils").get_noise_multiplier
@@ -168,6 +174,20 @@ def calibrate_federation(privacy: PrivacySection, plans: Sequence[ClientPlan], r
         calibrate(privacy.target_epsilon, privacy.delta, p.sample_rate, p.steps_per_round * rounds, privacy.accountant)
         for p in plans
     )
+
+
+# Calibrate a hair under the budget, so that the ledger, composed round by round, stays within it.
+CALIBRATION_MARGIN = 0.005
+
+
+def calibrate_noise(privacy: PrivacySection, plans: Sequence[ClientPlan], rounds: int) -> float:
+    """The noise multiplier that keeps every one of ``plans`` within ``privacy.target_epsilon`` over ``rounds``
+    rounds (all the clients' plans under 'federation' calibration, the one training client's under 'client'):
+    calibrated :data:`CALIBRATION_MARGIN` under the budget and rounded up to 1e-6, never down (a smaller sigma
+    than calibrated would spend more than the budget)."""
+    assert privacy.target_epsilon is not None
+    target = dataclasses.replace(privacy, target_epsilon=privacy.target_epsilon * (1 - CALIBRATION_MARGIN))
+    return math.ceil(calibrate_federation(target, plans, rounds) * 1e6) / 1e6
 
 
 @dataclass

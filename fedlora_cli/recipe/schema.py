@@ -70,6 +70,8 @@ SAMPLINGS = ("fixed", "poisson")
 UPDATE_ENCODINGS = ("float32", "bfloat16", "int8")
 VERA_D_INITIAL = 0.1
 ACCOUNTANTS = ("prv", "rdp")
+# How privacy.target_epsilon becomes DP-SGD noise: one sigma for the federation, or each client its own.
+CALIBRATIONS = ("federation", "client")
 # model.pooling: 'auto' (fedlora_cli.model.pooling_choice), the architecture's own, or a masked pooling
 # (fedlora_cli.model.pooling.MODES)
 POOLINGS = ("auto", "default", "mean", "max", "cls")
@@ -412,6 +414,12 @@ class PrivacySection:
         "Noise standard deviation as a multiple of C; default: calibrated at init from target_epsilon.", None
     )
     accountant: str = _help("Privacy accountant: 'prv' (tight, default) or 'rdp'.", "prv")
+    calibration: str = _help(
+        "How target_epsilon becomes the noise: 'federation' (one sigma for every client, the one the smallest "
+        "client needs, calibrated at init from the partition) or 'client' (each client calibrates its own sigma "
+        "to its own dataset size when it trains: the coordinator needs no sizes, larger clients add less noise).",
+        "federation",
+    )
 
 
 @dataclass

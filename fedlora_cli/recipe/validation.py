@@ -16,7 +16,7 @@ from fedlora_cli.adapters import ADAPTER_KINDS, METHODS, adapter_kind
 from fedlora_cli.aggregation import STRATEGIES, make_strategy
 from fedlora_cli.errors import FedloraError
 from fedlora_cli.recipe.schema import (
-    ACCOUNTANTS, ADAPTER_KIND_NAMES, AGGREGATIONS, ANSWER_EXTRACTORS, DATA_FORMATS, HEAD_POLICY_NAMES,
+    ACCOUNTANTS, ADAPTER_KIND_NAMES, AGGREGATIONS, ANSWER_EXTRACTORS, CALIBRATIONS, DATA_FORMATS, HEAD_POLICY_NAMES,
     METHOD_NAMES, NORM_BOUND_ACTIONS, OPTIMIZERS, PARTITIONERS, POOLINGS, SAMPLINGS, SERVER_OPTIMIZER_NAMES, TASK_CAUSAL_LM, TASKS,
     TRACKERS, VERA_D_INITIAL, WEIGHTINGS, AdapterSection, DataSection, EvaluationSection, FederationSection,
     ModelSection, PrivacySection, Recipe, ServerPrivacySection, TrackingSection, TrainingSection,
@@ -345,6 +345,12 @@ def _privacy(c: _Check, p: PrivacySection, a: AdapterSection, t: TrainingSection
     c.require(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0")
     c.require(p.noise_multiplier is None or p.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
     c.one_of(p.accountant, "privacy.accountant", ACCOUNTANTS)
+    c.one_of(p.calibration, "privacy.calibration", CALIBRATIONS)
+    if p.calibration == "client":
+        c.require(p.target_epsilon is not None, "privacy.calibration",
+                  "'client' needs privacy.target_epsilon: each client calibrates its noise to that budget")
+        c.require(p.noise_multiplier is None, "privacy.noise_multiplier",
+                  "cannot be set with privacy.calibration 'client': each client calibrates its own")
     c.require(t.max_grad_norm is None, "training.max_grad_norm", "must be unset under privacy (DP-SGD clips per example)")
     c.require(
         t.proximal_mu == 0,

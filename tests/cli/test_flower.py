@@ -88,6 +88,10 @@ def test_flower_app_refuses_a_dp_budget_it_cannot_calibrate(tmp_path, tiny_model
     raw["privacy"]["noise_multiplier"] = 1.1
     recipe.write_text(yaml.safe_dump(raw))
     ok(["flower", "app", recipe, "-o", tmp_path / "app2", "--run", tmp_path / "elsewhere"])
+    # Or with each site calibrating its own noise to its own size: the coordinator needs no sizes.
+    raw["privacy"] = {**raw["privacy"], "noise_multiplier": None, "calibration": "client"}
+    recipe.write_text(yaml.safe_dump(raw))
+    ok(["flower", "app", recipe, "-o", tmp_path / "app3", "--run", tmp_path / "elsewhere-too"])
 
 
 def test_node_config_makes_every_existing_path_absolute(tmp_path, monkeypatch):

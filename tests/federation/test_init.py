@@ -16,7 +16,7 @@ def test_calibrated_noise_is_never_rounded_below_the_accountants():
     partition = {"clients": [{"examples": 1000}, {"examples": 3000}]}
     sigma = federation.calibrated(r, partition).privacy.noise_multiplier
     plans = [privacy.client_plan(n, 16, 7, None) for n in (1000, 3000)]
-    target = r.privacy.target_epsilon * (1 - federation.CALIBRATION_MARGIN)
+    target = r.privacy.target_epsilon * (1 - privacy.CALIBRATION_MARGIN)
     raw_sigma = max(privacy.calibrate(target, 1e-5, p.sample_rate, p.steps_per_round * 3) for p in plans)
     assert raw_sigma <= sigma < raw_sigma + 1e-6
 

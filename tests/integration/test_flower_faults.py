@@ -1,10 +1,10 @@
 """Faults across a real Flower deployment on 127.0.0.1 (tests/integration/flower_deploy.py): processes killed
 mid-round, and what the federation's folders hold afterwards.
 
-- The SuperLink SIGKILLed while the sites train round 2 of a DP-SGD federation, restarted on its ``--database``:
-  ``flwr run`` again resumes after round 1's global; every site's ledger counts each round once (a site that had
-  trained round 2 sends that update again), and round 2's global is the one ``fedlora aggregate`` writes from the
-  same updates.
+- The SuperLink SIGKILLed while the sites train round 2 of a DP-SGD federation (each site calibrating its own
+  noise), restarted on its ``--database``: ``flwr run`` again resumes after round 1's global; every site's ledger
+  counts each round once (a site that had trained round 2 sends that update again) at the sigma its own size
+  needs, and round 2's global is the one ``fedlora aggregate`` writes from the same updates.
 - The server app SIGKILLed while it aggregates (held just before it renames the new global into place): no global
   of that round, and the rerun writes the same bytes as ``fedlora aggregate`` from the same updates.
 
@@ -26,7 +26,8 @@ from conftest import private_recipe, recipe_dict
 pytest.importorskip("flwr")
 pytest.importorskip("psutil")
 
-from fedlora_cli import federation, privacy, storage
+from fedlora_cli import federation, privacy, recipe as recipes, storage
+from fedlora_cli.data.examples import read_shard
 from fedlora_cli.data.partition import shard_name
 from fedlora_cli.flower.app_folder import node_config, write_app
 from fedlora_cli.storage.run_layout import RunLayout
@@ -77,7 +78,9 @@ def same_as_by_hand(layout: RunLayout, round_: int, clients: list[str], out: Pat
 
 def test_the_superlink_killed_mid_round_resumes_on_its_database_and_no_ledger_counts_a_round_twice(
         deployment, tmp_path, tiny_model_dir, reviews_csv, partition_dir):
-    raw = private_recipe(tiny_model_dir, reviews_csv, "fedavg", noise_multiplier=1.0)
+    # Each site calibrates its own noise to its own size (the coordinator has no partition to calibrate from).
+    raw = private_recipe(tiny_model_dir, reviews_csv, "fedavg", target_epsilon=8.0, calibration="client")
+    recipe = recipes.from_dict(raw)
     run = tmp_path / "run"
     app = app_of(tmp_path, raw, run)
     database = str(tmp_path / "superlink.db")
@@ -110,6 +113,10 @@ def test_the_superlink_killed_mid_round_resumes_on_its_database_and_no_ledger_co
         assert storage.state_rounds(state) == [1, 2], cid
         ledger = privacy.Ledger.from_dict(storage.latest_state(state).manifest.privacy)
         assert len(ledger.history) == 2, (cid, ledger.history)  # each round counted once, none twice
+        examples = len(read_shard(partition_dir / shard_name(cid), "text", "sentiment", 2))
+        plan = privacy.client_plan(examples, recipe.training.batch_size, recipe.training.local_steps, None)
+        assert [e[0] for e in ledger.history] == [privacy.calibrate_noise(recipe.privacy, [plan], 2)] * 2, cid
+        assert ledger.epsilon() <= 8.0, cid
     resent = [cid for cid, rounds in trained_before.items() if 2 in rounds]
     for cid in resent:
         assert f"client '{cid}' sent again the update it had made" in log, log[-3000:]

@@ -51,6 +51,26 @@ def test_dp_federation_moves_b_keeps_a_and_accumulates_epsilon(tmp_path, tiny_mo
         assert isinstance(state_loss, float) and np.isfinite(state_loss)
 
 
+def test_each_client_calibrated_to_its_own_size_spends_its_whole_budget(tiny_model_dir, reviews_csv, cached_federation):
+    """privacy.calibration 'client': no sigma in the global checkpoint; each client's ledger holds the sigma its own
+    plan needs, so every client (not only the smallest) ends the planned federation at the budget, and the
+    smallest client's sigma is the one a shared calibration would give everyone."""
+    r = recipes.from_dict(private_recipe(tiny_model_dir, reviews_csv, target_epsilon=8.0, calibration="client"))
+    layout = cached_federation(r)
+    assert storage.read_global(layout.global_checkpoint(0)).manifest.recipe["privacy"]["noise_multiplier"] is None
+    sizes = {c["id"]: c["examples"] for c in json.loads((layout.data / "partition.json").read_text())["clients"]}
+    assert len(set(sizes.values())) == len(sizes), "the clients' shards must differ in size for the test to mean it"
+    plans = {cid: privacy.client_plan(n, 8, 3, None) for cid, n in sizes.items()}
+    own = {cid: privacy.calibrate_noise(r.privacy, [plan], 2) for cid, plan in plans.items()}
+    for cid in sizes:
+        ledger = storage.latest_state(layout.state(cid), 10**6).manifest.privacy
+        assert [entry[0] for entry in ledger["history"]] == [own[cid]] * 2, cid
+        assert ledger["epsilon"] == pytest.approx(8.0, rel=0.02) and ledger["epsilon"] <= 8.0, cid
+    smallest, largest = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
+    assert own[smallest] == privacy.calibrate_noise(r.privacy, list(plans.values()), 2)
+    assert own[largest] < own[smallest]
+
+
 def test_dp_with_local_epochs_runs_the_steps_it_calibrated_for(tmp_path, tiny_model_dir, reviews_csv, cached_federation):
     # 1.1 x 50 / 5 is 11.000000000000002 in floating point: calibration and training must both count 11 steps.
     assert privacy.client_plan(50, 5, None, 1.1).steps_per_round == 11

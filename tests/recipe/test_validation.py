@@ -103,7 +103,10 @@ def test_causal_recipe_errors_name_the_key(patch, key, tiny_causal_dir, math_jso
 @pytest.mark.parametrize(
     "section, key",
     [({"target_epsilon": -1.0}, "privacy.target_epsilon"), ({"target_epsilon": 1.0, "delta": 1.5}, "privacy.delta"),
-     ({}, "privacy.target_epsilon"), ({"noise_multiplier": 1.0, "accountant": "gdp"}, "privacy.accountant")],
+     ({}, "privacy.target_epsilon"), ({"noise_multiplier": 1.0, "accountant": "gdp"}, "privacy.accountant"),
+     ({"target_epsilon": 1.0, "calibration": "site"}, "privacy.calibration"),
+     ({"noise_multiplier": 1.0, "calibration": "client"}, "privacy.calibration"),
+     ({"target_epsilon": 1.0, "noise_multiplier": 1.0, "calibration": "client"}, "privacy.noise_multiplier")],
 )
 def test_bad_privacy_settings_name_the_key(section, key):
     raw = {"model": {"base": "m"}, "privacy": section}
