@@ -90,6 +90,16 @@ def test_card_reports_the_privacy_spent(federation_of, tmp_path):
         assert f"- {client}: ε = {eps:.3f}" in body
 
 
+def test_card_says_each_client_calibrated_its_own_noise():
+    from fedlora_cli.export.model_card import _dp_sgd_lines
+    from fedlora_cli.recipe import PrivacySection
+
+    own = " ".join(_dp_sgd_lines(PrivacySection(target_epsilon=3.0, calibration="client"), {"client-0": 2.98}))
+    assert "noise multiplier each client calibrated to its own dataset size" in own and "None" not in own
+    shared = " ".join(_dp_sgd_lines(PrivacySection(target_epsilon=3.0, noise_multiplier=1.25), {}))
+    assert "Gaussian noise multiplier 1.2500" in shared and "its own dataset size" not in shared
+
+
 def test_card_without_privacy_or_metrics(federation_of, tmp_path):
     layout = federation_of("fedavg")
     lone = tmp_path / "lone"
