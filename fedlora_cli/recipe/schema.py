@@ -477,6 +477,8 @@ class Recipe:
             content["federation"].pop("secure_aggregation")
         if content["training"]["logit_adjustment"] == 0.0:  # off by default: digests stay as they were
             content["training"].pop("logit_adjustment")
+        if content.get("privacy") and content["privacy"]["calibration"] == "federation":  # the default: the same
+            content["privacy"].pop("calibration")
         text = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -42,6 +42,16 @@ def test_logit_adjustment_at_its_default_leaves_the_digest_as_it_was_and_any_oth
     assert adjusted.digest() != zero.digest()
 
 
+def test_the_federations_noise_calibration_leaves_a_dp_recipes_digest_as_it_was_and_per_client_changes_it():
+    dp = {"name": "dp", "model": {"base": "some/model"}, "privacy": {"target_epsilon": 3.0}}
+    shared = recipes.from_dict({**dp, "privacy": {"target_epsilon": 3.0, "calibration": "federation"}})
+    own = recipes.from_dict({**dp, "privacy": {"target_epsilon": 3.0, "calibration": "client"}})
+    # Pinned before privacy.calibration existed (2026-12-07).
+    assert recipes.from_dict(dp).digest() == shared.digest() == (
+        "45afcbd5633edfa69393163a4d07f50a65b9364218662487100034e7f688c0cd")
+    assert own.digest() != shared.digest()
+
+
 def test_the_tracking_section_lists_the_trackers_and_stays_out_of_the_digest():
     assert recipes.TRACKERS == ("tensorboard", "mlflow", "wandb")
     tracked = recipes.from_dict({**base(), "tracking": {"report_to": "tensorboard,wandb"}})
