@@ -145,11 +145,12 @@ def train_client_cmd(
     if written.resent:
         ui.err.print(f"{out} already holds client '{cid}''s update of round {round_} from this global checkpoint: "
                      "not trained again (--overwrite trains it again)", soft_wrap=True)
-    _show_update(written.update, written.state.manifest.loss, as_json)
+    _show_update(written.update, written.state.manifest.loss, as_json, written.state.manifest.privacy)
 
 
-def _show_update(update, local_loss: float | None, as_json: bool) -> None:
-    """The client update written: JSON, or a one-row table, where it ran and its privacy spending."""
+def _show_update(update, local_loss: float | None, as_json: bool, ledger: dict | None = None) -> None:
+    """The client update written: JSON, or a one-row table, where it ran and its privacy spending (and, from the
+    client's own ledger, which stays at home, the noise multiplier of the round)."""
     from dataclasses import asdict
 
     from fedlora_cli.cli import ui
@@ -167,7 +168,9 @@ def _show_update(update, local_loss: float | None, as_json: bool) -> None:
     if m.privacy is not None:
         p = m.privacy
         budget = f" of {p['budget']:g} (remaining {p['remaining']:.3f})" if p["budget"] is not None else ""
-        ui.out.print(f"privacy: epsilon {p['epsilon']:.3f}{budget} at delta {p['delta']:g}, {p['accountant']} accountant")
+        sigma = f", noise multiplier {ledger['history'][-1][0]:.4f} this round" if ledger and ledger["history"] else ""
+        ui.out.print(f"privacy: epsilon {p['epsilon']:.3f}{budget} at delta {p['delta']:g}, {p['accountant']} "
+                     f"accountant{sigma}")
 
 
 # aggregate's options: this round's settings over the recipe's.

@@ -269,7 +269,8 @@ def test_retraining_a_round_keeps_its_spending(tmp_path, tiny_model_dir, reviews
     assert runner.invoke(app, ["init", str(tmp_path / "r.yaml"), "--data", str(partition_dir), "--out", str(tmp_path / "g0")]).exit_code == 0
     args = ["train-client", str(tmp_path / "g0"), "--data", str(partition_dir / "client-0.parquet"),
             "--state", str(tmp_path / "client-0"), "--out", str(tmp_path / "u")]
-    assert runner.invoke(app, args).exit_code == 0
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and "noise multiplier 1.0000 this round" in first.output, first.output
     again = runner.invoke(app, [*args[:-1], str(tmp_path / "u-again")])
     assert again.exit_code == 1 and "already trained round 1" in again.output
     assert not (tmp_path / "u-again").exists()
