@@ -105,7 +105,8 @@ def main() -> None:
         results.append({
             "strategy": strategy, "seed": int(seed), "method": method, "lr": lrs[method],
             "target_epsilon": None if eps == "none" else float(eps), "noise_multiplier": sigma,
-            "client_noise_multipliers": sigmas, "epsilon_spent_max": spent, "accuracy_by_round": [r["global_accuracy"] for r in rows],
+            "client_noise_multipliers": sigmas, "epsilon_spent_max": spent,
+            "accuracy_by_round": [r["global_accuracy"] for r in rows],
             "final_accuracy": rows[-1]["global_accuracy"], "final_macro_f1": rows[-1]["global_macro_f1"],
             "final_personalised_accuracy": rows[-1]["personalised_accuracy"],
             # The validation split's (issue 29): rates, alphas and round counts are chosen on these only.
