@@ -103,7 +103,8 @@ def main() -> None:
                 for update in sorted((run / "updates" / storage.round_dirname(rounds)).iterdir())
             )
         results.append({
-            "strategy": strategy, "seed": int(seed), "method": method, "lr": lrs[method],
+            "strategy": strategy, "data_seed": recipe.data.seed, "seed": int(seed), "method": method, "lr": lrs[method],
+            "calibration": recipe.privacy.calibration if recipe.privacy is not None else None,
             "target_epsilon": None if eps == "none" else float(eps), "noise_multiplier": sigma,
             "client_noise_multipliers": sigmas, "epsilon_spent_max": spent,
             "accuracy_by_round": [r["global_accuracy"] for r in rows],
@@ -129,13 +130,17 @@ def main() -> None:
 
 
 def summarise(paths: list[str]) -> None:
-    """Mean and spread over seeds of each (strategy, epsilon, method, rate) cell of several result files."""
+    """Mean and spread over seeds of each (partition, epsilon, method, rate, noise calibration) cell of several result
+    files; a partition is its strategy and, where a result records it, its data seed."""
     cells: dict[tuple, list[dict]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         for r in data["results"]:
             strategy = r.get("strategy") or data["shape"].get("data.strategy", "dirichlet")
-            key = (strategy, r["target_epsilon"], r["method"], r["lr"])
+            if r.get("data_seed") is not None:  # other data seeds are other partitions: never one cell
+                strategy = f"{strategy} (data seed {r['data_seed']})"
+            # One cell per noise calibration as well (a shared sigma, or each client's own).
+            key = (strategy, r["target_epsilon"], r["method"], r["lr"], r.get("calibration") or "federation")
             cells.setdefault(key, []).append(r)
 
     def validation(rs: list[dict]) -> str:
@@ -156,7 +161,7 @@ def summarise(paths: list[str]) -> None:
     print("| partition | target eps | method | rate | noise multiplier | global validation | global test, mean (min-max) "
           "| global test at the best validation round | personalised test |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for (strategy, eps, method, lr), rs in sorted(
+    for (strategy, eps, method, lr, _), rs in sorted(
         cells.items(), key=lambda kv: (kv[0][0], -(kv[0][1] or 1e9), order.get(kv[0][2], 9), kv[0][3])
     ):
         personal = [r["final_personalised_accuracy"] for r in rs if r.get("final_personalised_accuracy") is not None]
