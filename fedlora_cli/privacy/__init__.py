@@ -3,7 +3,7 @@ coordinator (:mod:`.dp_fedavg`), the coordinator's ledger (:mod:`.ledgers`), spe
 choosing a plan that learns (:mod:`.planning`)."""
 
 from fedlora_cli.privacy.accounting import (
-    CALIBRATION_MARGIN, SERVER_ACCOUNTANT, ClientPlan, Entry, Ledger, calibrate, calibrate_federation, calibrate_noise,
+    CALIBRATION_MARGIN, SERVER_ACCOUNTANT, ClientPlan, Entry, Ledger, calibrate, calibrate_noise,
     check_delta, client_plan, epsilon, gaussian_epsilon, server_accounted, server_epsilon,
 )
 from fedlora_cli.privacy.dp_fedavg import dp_fedavg
@@ -14,7 +14,7 @@ from fedlora_cli.privacy.ledgers import (
 
 __all__ = [
     "CALIBRATION_MARGIN", "SERVER_ACCOUNTANT", "ClientPlan", "DPSGD", "Entry", "Ledger", "ServerLedger", "calibrate",
-    "calibrate_federation", "calibrate_noise",
+    "calibrate_noise",
     "check_delta", "client_plan", "coordinator_ledger", "dp_fedavg", "epsilon", "gaussian_epsilon", "poisson_batches",
     "read_server_ledger", "server_accounted", "server_epsilon", "server_ledger_path", "write_server_ledger"
 ]

@@ -17,7 +17,6 @@ budget is refused before it starts.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import warnings
@@ -165,29 +164,22 @@ def client_plan(examples: int, batch_size: int, local_steps: int | None, local_e
     return ClientPlan(examples, q, steps_for(examples, batch_size, local_steps, local_epochs))
 
 
-def calibrate_federation(privacy: PrivacySection, plans: Sequence[ClientPlan], rounds: int) -> float:
-    """One sigma for every client: the largest any client needs to stay within the budget over all rounds."""
-    assert privacy.target_epsilon is not None
-    for k, p in enumerate(plans):
-        check_delta(privacy.delta, p.examples, f"client {k}")
-    return max(
-        calibrate(privacy.target_epsilon, privacy.delta, p.sample_rate, p.steps_per_round * rounds, privacy.accountant)
-        for p in plans
-    )
-
-
 # Calibrate a hair under the budget, so that the ledger, composed round by round, stays within it.
 CALIBRATION_MARGIN = 0.005
 
 
 def calibrate_noise(privacy: PrivacySection, plans: Sequence[ClientPlan], rounds: int) -> float:
     """The noise multiplier that keeps every one of ``plans`` within ``privacy.target_epsilon`` over ``rounds``
-    rounds (all the clients' plans under 'federation' calibration, the one training client's under 'client'):
-    calibrated :data:`CALIBRATION_MARGIN` under the budget and rounded up to 1e-6, never down (a smaller sigma
-    than calibrated would spend more than the budget)."""
+    rounds (all the clients' plans under 'federation' calibration: the largest any of them needs; the one training
+    client's under 'client'): calibrated :data:`CALIBRATION_MARGIN` under the budget and rounded up to 1e-6, never
+    down (a smaller sigma than calibrated would spend more than the budget)."""
     assert privacy.target_epsilon is not None
-    target = dataclasses.replace(privacy, target_epsilon=privacy.target_epsilon * (1 - CALIBRATION_MARGIN))
-    return math.ceil(calibrate_federation(target, plans, rounds) * 1e6) / 1e6
+    target = privacy.target_epsilon * (1 - CALIBRATION_MARGIN)
+    for k, p in enumerate(plans):
+        check_delta(privacy.delta, p.examples, f"client {k}")
+    sigma = max(calibrate(target, privacy.delta, p.sample_rate, p.steps_per_round * rounds, privacy.accountant)
+                for p in plans)
+    return math.ceil(sigma * 1e6) / 1e6
 
 
 @dataclass
